@@ -1,0 +1,3 @@
+from signalprop.cli import run
+
+run()

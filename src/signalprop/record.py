@@ -1,0 +1,331 @@
+"""Step-keyed measurements: the one serialisable object that probes, the batched engine,
+the diagnosis, the reports and the integrations share.
+
+A :class:`Record` holds ``value[step][layer][metric]`` plus an ordered description of the layers.
+Layers are named by their qualified module name (``"layers.3"``) or, for parameters, by the
+parameter's qualified name (``"layers.3.weight"``). Whole-model scalars (loss, total gradient norm)
+live under the pseudo-layer :data:`MODEL`.
+
+Metric names (a contract: reports, JSON and the tidy table use them):
+
+========================  ======================================================================
+``out_mean``/``out_std``  mean / std of a module's output over batch and units
+``out_p05`` .. ``out_p95`` percentiles 5, 15, 50, 85, 95 of the output
+``out_nonfinite``         number of NaN/Inf entries in the output
+``saturated_frac``        activations: fraction of entries with |phi'(z)| below the threshold
+``dead_frac``             rectifiers: fraction of units inactive for the whole batch
+``out_grad_norm``         ||dL/dh|| of the module's output h
+``out_grad_nonfinite``    NaN/Inf entries in dL/dh
+``grad_norm``             parameters: ||dL/dW||
+``grad_nonfinite``        parameters: NaN/Inf entries in dL/dW
+``weight_norm``           parameters: ||W||
+``update_ratio``          parameters: ||W_after - W_before|| / ||W_before|| of an optimiser step
+``loss``                  MODEL: the training loss
+``grad_norm_total``       MODEL: global gradient norm over all parameters
+``accuracy``              MODEL: training accuracy when known
+========================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Pseudo-layer name for whole-model scalars.
+MODEL = "__model__"
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerInfo:
+    """Static description of one recorded layer or parameter.
+
+    Attributes:
+        name: Qualified module or parameter name.
+        type: Module class name (``"Linear"``, ``"Sigmoid"``) or ``"Parameter"``.
+        role: ``"module"`` or ``"param"``.
+        depth: Position in forward-execution order (params inherit their module's depth).
+        activation: Canonical activation kind (``"sigmoid"``, ``"relu"`` ...) or ``None``.
+        module: For params: the owning module's name.
+        shape: Output shape (modules, without batch) or parameter shape.
+    """
+
+    name: str
+    type: str
+    role: str = "module"
+    depth: int = 0
+    activation: str | None = None
+    module: str | None = None
+    shape: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _enc(v: float) -> Any:
+    # JSON has no NaN/Inf; keep them explicit rather than dropping them
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    return v
+
+
+def _dec(v: Any) -> float:
+    if isinstance(v, str):
+        return float({"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}.get(v, v))
+    return float(v)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Atomic text write (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@dataclass
+class Record:
+    """Step-keyed per-layer measurements.
+
+    Attributes:
+        layers: Ordered layer/parameter descriptions (forward order; params after their module).
+        data: ``data[step][layer][metric] = value``.
+        meta: Free-form JSON-serialisable metadata (model summary, optimiser, schedule ...).
+    """
+
+    layers: dict[str, LayerInfo] = field(default_factory=dict)
+    data: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---- writing ---------------------------------------------------------------------------
+    def add_layer(self, info: LayerInfo) -> None:
+        """Declare a layer (first declaration wins; order of declaration is kept)."""
+        self.layers.setdefault(info.name, info)
+
+    def add(self, step: int, layer: str, metric: str, value: float) -> None:
+        """Store one value."""
+        self.data.setdefault(int(step), {}).setdefault(layer, {})[metric] = float(value)
+
+    def add_many(self, step: int, values: Mapping[str, Mapping[str, float]]) -> None:
+        """Store ``values[layer][metric]`` for one step."""
+        row = self.data.setdefault(int(step), {})
+        for layer, metrics in values.items():
+            d = row.setdefault(layer, {})
+            for m, v in metrics.items():
+                d[m] = float(v)
+
+    def add_scalar(self, step: int, metric: str, value: float) -> None:
+        """Store a whole-model scalar (under :data:`MODEL`)."""
+        self.add(step, MODEL, metric, value)
+
+    # ---- reading ---------------------------------------------------------------------------
+    @property
+    def steps(self) -> list[int]:
+        """Recorded steps, ascending."""
+        return sorted(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __bool__(self) -> bool:  # an empty record is still a record
+        return True
+
+    def metrics(self) -> list[str]:
+        """All metric names present anywhere in the record, sorted."""
+        out: set[str] = set()
+        for row in self.data.values():
+            for d in row.values():
+                out.update(d)
+        return sorted(out)
+
+    def has(self, metric: str) -> bool:
+        """Whether ``metric`` was recorded at least once."""
+        return any(metric in d for row in self.data.values() for d in row.values())
+
+    def layer_names(
+        self, role: str | None = None, metric: str | None = None, type_: str | None = None
+    ) -> list[str]:
+        """Layer names in forward order, optionally filtered by role, by having ``metric``,
+        or by module type."""
+        names = [
+            n
+            for n, info in self.layers.items()
+            if (role is None or info.role == role) and (type_ is None or info.type == type_)
+        ]
+        if metric is not None:
+            have = {
+                layer for row in self.data.values() for layer, d in row.items() if metric in d
+            }
+            names = [n for n in names if n in have]
+        return names
+
+    def get(self, step: int, layer: str, metric: str, default: float = math.nan) -> float:
+        """One value, or ``default`` when absent."""
+        return self.data.get(step, {}).get(layer, {}).get(metric, default)
+
+    def series(self, layer: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps [S], values [S])`` of one metric of one layer, over the steps that have it."""
+        steps, vals = [], []
+        for s in self.steps:
+            v = self.data[s].get(layer, {}).get(metric)
+            if v is not None:
+                steps.append(s)
+                vals.append(v)
+        return np.asarray(steps, dtype=np.int64), np.asarray(vals, dtype=np.float64)
+
+    def scalar(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """``series(MODEL, metric)``."""
+        return self.series(MODEL, metric)
+
+    def matrix(
+        self, metric: str, layers: list[str] | None = None
+    ) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Metric as a step x layer matrix.
+
+        Returns:
+            ``(steps [S], layers [L], values [S, L])`` with NaN where a value is missing.
+            Steps without any value of ``metric`` are dropped.
+        """
+        if layers is None:
+            layers = self.layer_names(metric=metric)
+        steps = [
+            s for s in self.steps if any(metric in self.data[s].get(n, {}) for n in layers)
+        ]
+        out = np.full((len(steps), len(layers)), np.nan)
+        for i, s in enumerate(steps):
+            row = self.data[s]
+            for j, n in enumerate(layers):
+                v = row.get(n, {}).get(metric)
+                if v is not None:
+                    out[i, j] = v
+        return np.asarray(steps, dtype=np.int64), list(layers), out
+
+    def at(self, step: int, metric: str) -> dict[str, float]:
+        """``{layer: value}`` of one metric at one step."""
+        return {
+            n: d[metric] for n, d in self.data.get(step, {}).items() if metric in d
+        }
+
+    def merge(self, other: Record) -> None:
+        """Add another record's layers and values into this one (other wins on conflicts)."""
+        for info in other.layers.values():
+            self.add_layer(info)
+        for s, row in other.data.items():
+            self.add_many(s, row)
+        self.meta.update(other.meta)
+
+    # ---- tidy table --------------------------------------------------------------------------
+    def rows(self) -> Iterator[tuple[int, str, str, float]]:
+        """Tidy rows ``(step, layer, metric, value)``: one per step x layer x metric."""
+        order = {n: i for i, n in enumerate(self.layers)}
+        for s in self.steps:
+            row = self.data[s]
+            for layer in sorted(row, key=lambda n: (order.get(n, len(order)), n)):
+                for m, v in row[layer].items():
+                    yield s, layer, m, v
+
+    def to_dataframe(self) -> Any:
+        """Tidy ``pandas.DataFrame`` with columns step, layer, metric, value, type, role, depth."""
+        import pandas as pd
+
+        df = pd.DataFrame(list(self.rows()), columns=["step", "layer", "metric", "value"])
+        info = {n: i for n, i in self.layers.items()}
+        df["type"] = [info[n].type if n in info else "" for n in df["layer"]]
+        df["role"] = [info[n].role if n in info else "model" for n in df["layer"]]
+        df["depth"] = [info[n].depth if n in info else -1 for n in df["layer"]]
+        return df
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """Write the tidy table as CSV (atomically)."""
+        atomic_write_text(path, self.to_dataframe().to_csv(index=False))
+
+    # ---- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dict (non-finite numbers encoded as ``"NaN"``/``"Infinity"``)."""
+        return {
+            "format": "signalprop.record",
+            "version": FORMAT_VERSION,
+            "meta": self.meta,
+            "layers": [i.to_dict() for i in self.layers.values()],
+            "data": {
+                str(s): {
+                    layer: {m: _enc(v) for m, v in d.items()} for layer, d in row.items()
+                }
+                for s, row in sorted(self.data.items())
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Record:
+        """Inverse of :meth:`to_dict`."""
+        if d.get("format") != "signalprop.record":
+            raise ValueError("not a signalprop record (missing format='signalprop.record')")
+        if int(d.get("version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"record format version {d.get('version')} is newer than this signalprop "
+                f"({FORMAT_VERSION}); upgrade signalprop"
+            )
+        rec = cls(meta=dict(d.get("meta", {})))
+        for info in d.get("layers", []):
+            rec.add_layer(LayerInfo(**info))
+        for s, row in d.get("data", {}).items():
+            rec.data[int(s)] = {
+                layer: {m: _dec(v) for m, v in metrics.items()} for layer, metrics in row.items()
+            }
+        return rec
+
+    def to_json(self) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save atomically as JSON (gzip-compressed when the name ends in ``.gz``)."""
+        path = Path(path)
+        data = self.to_json().encode("utf-8")
+        if path.suffix == ".gz":
+            data = gzip.compress(data, mtime=0)
+        atomic_write_bytes(path, data)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Record:
+        """Load a record written by :meth:`save`."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no record at {path}")
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        return cls.from_dict(json.loads(raw.decode("utf-8")))
+
+
+def concat(records: Iterable[Record]) -> Record:
+    """Merge several records into one (e.g. chunks written by different processes)."""
+    out = Record()
+    for r in records:
+        out.merge(r)
+    return out

@@ -1,0 +1,193 @@
+"""Pure tensor -> number kernels shared by the probe, the batched engine and the tests.
+
+Every kernel works on a *batch of layers at once*: the leading dimension of the input indexes
+independent tensors (layers of one shape, or members of a population), so a probe can compute the
+statistics of many layers with a handful of tensor ops instead of a Python loop per layer.
+All kernels return tensors on the input's device; callers move results to the CPU once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+#: Percentiles recorded for every layer output (in percent).
+PERCENTILES: tuple[float, ...] = (5.0, 15.0, 50.0, 85.0, 95.0)
+
+#: A unit is *saturated* when its local derivative |phi'(z)| is below this fraction of the
+#: activation's largest derivative (0.1: sigmoid |z| > 3.64, tanh |z| > 1.82).
+SATURATION_DERIVATIVE_RATIO: float = 0.1
+
+#: Percentiles are estimated from at most this many values per tensor (a fixed strided
+#: subsample; exact when the tensor is smaller). Sorting every element of every layer on every
+#: step would dominate the cost of a probed step.
+MAX_PERCENTILE_SAMPLES: int = 4096
+
+
+def percentile_key(q: float) -> str:
+    """Metric name of a percentile: 5 -> ``out_p05``."""
+    return f"out_p{int(round(q)):02d}"
+
+
+def flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` of shape [G, ...] as [G, N] in float32 (or float64 if already)."""
+    x = x.reshape(x.shape[0], -1)
+    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return x
+
+
+def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) standard deviation of each row of a [G, ...] tensor.
+
+    Non-finite values propagate (a NaN layer has a NaN mean), which is what a diagnosis wants.
+
+    Returns:
+        (mean [G], std [G])
+    """
+    x = flat_rows(x)
+    var, mean = torch.var_mean(x, dim=1, unbiased=False)
+    return mean, var.clamp_min(0).sqrt()
+
+
+def nonfinite_count(x: torch.Tensor) -> torch.Tensor:
+    """Number of NaN/Inf entries in each row of a [G, ...] tensor. Returns [G] (float)."""
+    x = flat_rows(x)
+    return (~torch.isfinite(x)).sum(dim=1).to(x.dtype)
+
+
+def subsample_index(n: int, max_samples: int = MAX_PERCENTILE_SAMPLES) -> slice:
+    """A deterministic strided subsample of ``n`` items with at most ``max_samples`` items."""
+    if n <= max_samples:
+        return slice(None)
+    step = math.ceil(n / max_samples)
+    return slice(0, n, step)
+
+
+def percentiles(
+    x: torch.Tensor,
+    qs: Sequence[float] = PERCENTILES,
+    max_samples: int | None = MAX_PERCENTILE_SAMPLES,
+) -> torch.Tensor:
+    """Percentiles (linear interpolation, as ``numpy.percentile``) of each row of [G, ...].
+
+    Args:
+        x: Tensor [G, ...].
+        qs: Percentiles in [0, 100].
+        max_samples: Estimate from a strided subsample of this many values per row (``None``:
+            all values, exact).
+
+    Returns:
+        Tensor [G, len(qs)]. Rows containing NaN give NaN.
+    """
+    x = flat_rows(x)
+    if max_samples is not None:
+        x = x[:, subsample_index(x.shape[1], max_samples)]
+    q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype, device=x.device)
+    # one sort per group: quantile() would re-sort for every q
+    s, _ = torch.sort(x, dim=1)
+    n = s.shape[1]
+    pos = q * (n - 1)
+    lo = pos.floor().long().clamp(0, n - 1)
+    hi = pos.ceil().long().clamp(0, n - 1)
+    w = (pos - lo.to(pos.dtype)).unsqueeze(0)
+    out = s[:, lo] * (1 - w) + s[:, hi] * w
+    has_nan = torch.isnan(x).any(dim=1, keepdim=True)
+    return torch.where(has_nan, torch.full_like(out, float("nan")), out)
+
+
+# --- activation derivatives -------------------------------------------------------------------
+# |phi'| as a function of the activation's *output* h where that is possible (no recomputation),
+# else of its input z. Each entry: (uses_output, fn, max|phi'|).
+DerivFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _sigmoid_d(h: torch.Tensor) -> torch.Tensor:
+    return h * (1 - h)
+
+
+def _tanh_d(h: torch.Tensor) -> torch.Tensor:
+    return 1 - h * h
+
+
+def _softsign_d(h: torch.Tensor) -> torch.Tensor:
+    # h = z / (1 + |z|)  =>  phi'(z) = 1 / (1 + |z|)^2 = (1 - |h|)^2
+    return (1 - h.abs()) ** 2
+
+
+def _gaussian_d_from_input(z: torch.Tensor) -> torch.Tensor:
+    # phi(z) = exp(-z^2/2), |phi'(z)| = |z| exp(-z^2/2)
+    return z.abs() * torch.exp(-0.5 * z * z)
+
+
+def _hardtanh_d_from_input(z: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
+    return ((z > lo) & (z < hi)).to(z.dtype)
+
+
+#: name -> (uses_output, |phi'| function, max |phi'|)
+SATURATING: dict[str, tuple[bool, DerivFn, float]] = {
+    "sigmoid": (True, _sigmoid_d, 0.25),
+    "tanh": (True, _tanh_d, 1.0),
+    "softsign": (True, _softsign_d, 1.0),
+    "gaussian": (False, _gaussian_d_from_input, math.exp(-0.5)),
+    "hardtanh": (False, _hardtanh_d_from_input, 1.0),
+}
+
+#: Activations whose units can die (zero output and zero derivative for all inputs of a batch).
+RECTIFIERS: frozenset[str] = frozenset({"relu", "relu6"})
+
+
+def saturated_fraction(
+    t: torch.Tensor,
+    kind: str,
+    ratio: float = SATURATION_DERIVATIVE_RATIO,
+) -> torch.Tensor:
+    """Fraction of entries whose |phi'| < ratio * max|phi'|, for each row of [G, ...].
+
+    Args:
+        t: The activation's output h (if ``SATURATING[kind][0]``) or input z, shape [G, ...].
+        kind: A key of :data:`SATURATING`.
+        ratio: Threshold relative to the largest derivative.
+
+    Returns:
+        Tensor [G] in [0, 1].
+    """
+    if kind not in SATURATING:
+        from signalprop._registry import unknown_name_message
+
+        raise ValueError(unknown_name_message("saturating activation", kind, sorted(SATURATING)))
+    _, fn, dmax = SATURATING[kind]
+    d = fn(flat_rows(t))
+    return (d < ratio * dmax).to(d.dtype).mean(dim=1)
+
+
+def dead_fraction(h: torch.Tensor, batch_dim: int = 1) -> torch.Tensor:
+    """Fraction of units that are inactive (output <= 0) for *every* example of the batch.
+
+    Args:
+        h: Rectifier outputs, shape [G, B, units...] (``batch_dim`` = 1) where G indexes layers.
+            Conv feature maps [G, B, C, H, W] count each (channel, position) as a unit.
+        batch_dim: Which dimension is the batch.
+
+    Returns:
+        Tensor [G] in [0, 1].
+    """
+    active = (h > 0).any(dim=batch_dim)
+    active = active.reshape(active.shape[0], -1)
+    return 1.0 - active.float().mean(dim=1)
+
+
+def norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each tensor, computed in one fused call. Returns [len(tensors)] (float32)."""
+    if len(tensors) == 0:
+        return torch.zeros(0)
+    out = torch._foreach_norm(list(tensors))
+    return torch.stack([o.float() for o in out])
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sqrt(sum ||t||^2) over tensors (the norm clip_grad_norm_ uses). Scalar tensor."""
+    n = norms(tensors)
+    return n.square().sum().sqrt() if n.numel() else torch.zeros(())

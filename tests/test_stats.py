@@ -1,0 +1,85 @@
+"""stats kernels against direct NumPy computations."""
+
+import numpy as np
+import pytest
+import torch
+
+from signalprop import stats
+
+
+def test_moments_match_numpy():
+    x = torch.randn(3, 50, 7, dtype=torch.float64)
+    mean, std = stats.moments(x)
+    ref = x.reshape(3, -1).numpy()
+    np.testing.assert_allclose(mean.numpy(), ref.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(std.numpy(), ref.std(1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 1000])
+def test_percentiles_exact_match_numpy(n):
+    x = torch.randn(4, n, dtype=torch.float64)
+    p = stats.percentiles(x, stats.PERCENTILES, max_samples=None)
+    ref = np.percentile(x.numpy(), stats.PERCENTILES, axis=1).T
+    np.testing.assert_allclose(p.numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_percentiles_subsample_close():
+    x = torch.randn(2, 100_000, dtype=torch.float64)
+    p = stats.percentiles(x, (5, 50, 95), max_samples=4096)
+    ref = np.percentile(x.numpy(), (5, 50, 95), axis=1).T
+    np.testing.assert_allclose(p.numpy(), ref, atol=0.08)
+
+
+def test_percentiles_nan_row():
+    x = torch.randn(2, 10)
+    x[1, 3] = float("nan")
+    p = stats.percentiles(x)
+    assert torch.isfinite(p[0]).all() and torch.isnan(p[1]).all()
+
+
+def test_nonfinite_count():
+    x = torch.zeros(2, 5)
+    x[0, 1] = float("inf")
+    x[1, 0] = float("nan")
+    x[1, 4] = -float("inf")
+    assert stats.nonfinite_count(x).tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("kind,fn", [("sigmoid", torch.sigmoid), ("tanh", torch.tanh)])
+def test_saturated_fraction_against_autograd(kind, fn):
+    z = (torch.randn(3, 2000, dtype=torch.float64) * 4).requires_grad_(True)
+    h = fn(z)
+    (d,) = torch.autograd.grad(h.sum(), z)
+    dmax = stats.SATURATING[kind][2]
+    ref = (d.abs() < stats.SATURATION_DERIVATIVE_RATIO * dmax).double().mean(1)
+    got = stats.saturated_fraction(h.detach(), kind)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-12)
+
+
+def test_saturated_fraction_gaussian_from_input():
+    z = torch.randn(2, 3000, dtype=torch.float64) * 3
+    zz = z.clone().requires_grad_(True)
+    (d,) = torch.autograd.grad(torch.exp(-0.5 * zz**2).sum(), zz)
+    ref = (d.abs() < 0.1 * np.exp(-0.5)).double().mean(1)
+    np.testing.assert_allclose(stats.saturated_fraction(z, "gaussian").numpy(), ref.numpy())
+
+
+def test_saturated_fraction_unknown_kind():
+    with pytest.raises(ValueError, match="valid choices"):
+        stats.saturated_fraction(torch.zeros(1, 3), "sigmiod")
+
+
+def test_dead_fraction():
+    h = torch.ones(2, 8, 4)  # [G, B, units]
+    h[0, :, 0] = 0.0  # unit 0 of layer 0 dead for the whole batch
+    h[0, :4, 1] = 0.0  # unit 1 only partly inactive: alive
+    h[1] = 0.0
+    assert stats.dead_fraction(h).tolist() == [0.25, 1.0]
+
+
+def test_norms_and_global_norm():
+    ts = [torch.randn(3, 4), torch.randn(5)]
+    n = stats.norms(ts)
+    np.testing.assert_allclose(n.numpy(), [t.norm().item() for t in ts], rtol=1e-6)
+    g = stats.global_norm(ts)
+    assert g.item() == pytest.approx(torch.cat([t.flatten() for t in ts]).norm().item(), rel=1e-6)
