@@ -23,6 +23,7 @@ Metric names (a contract: reports, JSON and the tidy table use them):
 ``loss``                  MODEL: the training loss
 ``grad_norm_total``       MODEL: global gradient norm over all parameters
 ``accuracy``              MODEL: training accuracy when known
+``input_mean``/``input_std``/``input_absmax``  MODEL: statistics of the model's input batch
 ========================  ======================================================================
 """
 

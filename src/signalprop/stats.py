@@ -136,7 +136,7 @@ SATURATING: dict[str, tuple[bool, DerivFn, float]] = {
 }
 
 #: Activations whose units can die (zero output and zero derivative for all inputs of a batch).
-RECTIFIERS: frozenset[str] = frozenset({"relu", "relu6"})
+RECTIFIERS: frozenset[str] = frozenset({"relu", "relu6", "leaky_relu", "rrelu"})
 
 
 def saturated_fraction(

@@ -1,0 +1,16 @@
+"""Probes: attach to any ``torch.nn.Module`` and record the forward and backward signal."""
+
+from signalprop.probe.core import Probe, probe
+from signalprop.probe.modules import activation_kind, watched_modules
+from signalprop.probe.schedule import as_schedule, at_steps, every, log_spaced
+
+__all__ = [
+    "Probe",
+    "probe",
+    "every",
+    "at_steps",
+    "log_spaced",
+    "as_schedule",
+    "activation_kind",
+    "watched_modules",
+]

@@ -1,0 +1,446 @@
+"""The probe: hooks on a model's modules and optimiser that record the forward and backward
+signal per layer, per step, into a :class:`~signalprop.record.Record`.
+
+Cost model (see shared performance notes): per-module Python work on every step is what makes
+instrumentation slow. Hooks here only *stash references* to tensors that autograd keeps alive
+anyway; all statistics are computed at the end of the step in bulk (layers of one shape stacked
+into one tensor, norms through ``torch._foreach_norm``) and moved to the CPU in one transfer.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from signalprop import stats
+from signalprop.probe.modules import activation_kind, watched_modules
+from signalprop.probe.schedule import Schedule, as_schedule
+from signalprop.record import MODEL, LayerInfo, Record
+
+_Metrics = list[tuple[str, str]]  # (layer, metric) names matching a flat value vector
+
+
+class Probe:
+    """Records per-layer forward/backward statistics of ``model`` on a schedule.
+
+    Usage with an optimiser (steps are finalised by optimiser hooks)::
+
+        probe = Probe(model, optimizer=opt)
+        with probe:
+            for x, y in loader:
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                probe.log(loss=loss)
+                opt.step()
+        record = probe.record
+
+    Without an optimiser, call :meth:`step` after ``backward()`` (no update ratios then).
+
+    Args:
+        model: Any ``nn.Module`` with parameters.
+        optimizer: Optional ``torch.optim.Optimizer``; enables update/weight ratios and automatic
+            stepping through its step pre/post hooks.
+        schedule: Which steps to record: a callable ``step -> bool``, an int ``n`` (every n
+            steps) or a list of steps. Default: every step.
+        forward: Record output statistics (mean, std, percentiles, saturated/dead fractions).
+        backward: Record ||dL/dh|| of every watched module's output.
+        weights: Record parameter gradient norms, weight norms and update ratios.
+        percentiles: Percentiles of each output (in percent).
+        max_percentile_samples: Percentiles are estimated from a strided subsample of at most
+            this many values per layer (``None``: exact).
+        saturation_ratio: A unit counts as saturated when |phi'| < ratio * max|phi'|.
+        modules: Optional filter ``(name, module) -> bool`` on the watched modules.
+        record: An existing record to append to.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        schedule: Schedule | int | Iterable[int] | None = None,
+        forward: bool = True,
+        backward: bool = True,
+        weights: bool = True,
+        percentiles: tuple[float, ...] = stats.PERCENTILES,
+        max_percentile_samples: int | None = stats.MAX_PERCENTILE_SAMPLES,
+        saturation_ratio: float = stats.SATURATION_DERIVATIVE_RATIO,
+        modules: Callable[[str, nn.Module], bool] | None = None,
+        record: Record | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(
+                f"model {type(model).__name__} has no trainable parameters: there are no "
+                "gradients to measure"
+            )
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = as_schedule(schedule)
+        self.forward, self.backward, self.weights = forward, backward, weights
+        self.percentiles = tuple(float(q) for q in percentiles)
+        self.max_percentile_samples = max_percentile_samples
+        self.saturation_ratio = float(saturation_ratio)
+        self.record = record if record is not None else Record()
+        self.step_index = 0
+
+        mods = watched_modules(model)
+        if modules is not None:
+            mods = [(n, m) for n, m in mods if modules(n, m)]
+        self._mods = mods
+        self._kinds = [activation_kind(m) for _, m in mods]
+        self._needs_input = [
+            k is not None and k in stats.SATURATING and not stats.SATURATING[k][0]
+            for k in self._kinds
+        ]
+        self._handles: list[Any] = []
+        self._active = False
+        self._outs: list[list[torch.Tensor]] = [[] for _ in mods]
+        self._ins: list[list[torch.Tensor]] = [[] for _ in mods]
+        self._ograds: list[list[torch.Tensor]] = [[] for _ in mods]
+        self._order: list[int] = []  # module indices in first-firing order
+        self._fired: set[int] = set()
+        self._scalars: dict[str, Any] = {}
+        self._snapshot: list[torch.Tensor] | None = None
+        self._pending: dict[str, dict[str, float]] | None = None
+        self._inputs: list[torch.Tensor] = []
+        self._layers_declared = False
+        self.record.meta.setdefault("model", type(model).__name__)
+        self.record.meta.setdefault("num_parameters", sum(p.numel() for _, p in self.params))
+        self.record.meta.setdefault("schedule", str(self.schedule))
+        self.record.meta.setdefault("percentiles", list(self.percentiles))
+        self.record.meta.setdefault("saturation_ratio", self.saturation_ratio)
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def attach(self) -> Probe:
+        """Register hooks (idempotent). Returns ``self``."""
+        if self._handles:
+            return self
+        ref = weakref.ref(self)
+        if self.forward:
+            self._handles.append(self.model.register_forward_pre_hook(partial(_input_hook, ref)))
+        for i, (_, m) in enumerate(self._mods):
+            self._handles.append(m.register_forward_hook(partial(_fwd_hook, ref, i)))
+        if self.optimizer is not None:
+            self._handles.append(
+                self.optimizer.register_step_pre_hook(lambda *a: _call(ref, "_pre_step"))
+            )
+            self._handles.append(
+                self.optimizer.register_step_post_hook(lambda *a: _call(ref, "_post_step"))
+            )
+        self._active = bool(self.schedule(self.step_index))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and drop stashed tensors (a pending step is finalised first)."""
+        if self._pending is not None:
+            self._commit()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._clear()
+        self._active = False
+
+    def __enter__(self) -> Probe:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current step is being recorded."""
+        return self._active
+
+    # ---- user calls -----------------------------------------------------------------------------
+    def log(self, **scalars: float | torch.Tensor) -> None:
+        """Attach whole-model scalars (``loss=...``, ``accuracy=...``) to the current step.
+
+        Tensors are detached and read at the end of the step together with everything else.
+        """
+        if not self._active:
+            return
+        for k, v in scalars.items():
+            self._scalars[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
+
+    def step(self, loss: float | torch.Tensor | None = None) -> None:
+        """Finalise the current step without an optimiser (call after ``backward()``)."""
+        if self.optimizer is not None:
+            raise RuntimeError(
+                "this probe steps with its optimizer; do not call probe.step() as well"
+            )
+        if loss is not None:
+            self.log(loss=loss)
+        self._pre_step()
+        self._post_step()
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _clear(self) -> None:
+        for lst in (self._outs, self._ins, self._ograds):
+            for x in lst:
+                x.clear()
+        self._inputs = []
+        self._scalars = {}
+        self._snapshot = None
+
+    def _declare_layers(self) -> None:
+        order = self._order + [i for i in range(len(self._mods)) if i not in self._fired]
+        depth_of: dict[str, int] = {}
+        for d, i in enumerate(order):
+            name, m = self._mods[i]
+            depth_of[name] = d
+            self.record.add_layer(
+                LayerInfo(name=name, type=type(m).__name__, depth=d, activation=self._kinds[i])
+            )
+        for pname, p in self.params:
+            owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+            owner = owner or type(self.model).__name__
+            self.record.add_layer(
+                LayerInfo(
+                    name=pname,
+                    type="Parameter",
+                    role="param",
+                    depth=depth_of.get(owner, len(order)),
+                    module=owner,
+                    shape=list(p.shape),
+                )
+            )
+        self._layers_declared = True
+
+    def _pre_step(self) -> None:
+        """Gradients are ready: compute everything except update ratios."""
+        if not self._active:
+            return
+        if not self._layers_declared and self._fired:
+            self._declare_layers()
+        values: list[torch.Tensor] = []
+        names: _Metrics = []
+        if self.forward:
+            self._forward_stats(values, names)
+            self._input_stats(values, names)
+        if self.backward:
+            self._backward_stats(values, names)
+        params = [p for _, p in self.params]
+        if self.weights:
+            with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+            if with_grad:
+                gn = stats.norms([g for _, g in with_grad])
+                values.append(gn)
+                names += [(n, "grad_norm") for n, _ in with_grad]
+                values.append(gn.square().sum().sqrt().reshape(1))
+                names.append((MODEL, "grad_norm_total"))
+            values.append(stats.norms([p.detach() for p in params]))
+            names += [(n, "weight_norm") for n, _ in self.params]
+            if self.optimizer is not None:
+                # one fused copy of all parameters, for ||W_after - W_before|| after the step
+                self._snapshot = torch._foreach_mul([p.detach() for p in params], 1.0)
+        for k, v in self._scalars.items():
+            values.append(torch.as_tensor(v, dtype=torch.float32).reshape(-1)[:1].cpu())
+            names.append((MODEL, k))
+        self._pending = self._to_dict(values, names)
+        self._fix_nonfinite_counts()
+
+    def _post_step(self) -> None:
+        """The optimiser has stepped: update ratios, then move to the next step."""
+        if self._active and self._pending is not None:
+            if self._snapshot is not None:
+                params = [p.detach() for _, p in self.params]
+                diff = torch._foreach_sub(params, self._snapshot)
+                num = stats.norms(diff)
+                den = stats.norms(self._snapshot)
+                ratio = (num / den.clamp_min(1e-30)).tolist()
+                for (n, _), r in zip(self.params, ratio, strict=True):
+                    self._pending.setdefault(n, {})["update_ratio"] = r
+            self._commit()
+        self._clear()
+        self.step_index += 1
+        self._active = bool(self.schedule(self.step_index))
+
+    def _commit(self) -> None:
+        if self._pending is not None:
+            self.record.add_many(self.step_index, self._pending)
+        self._pending = None
+
+    def _forward_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
+        groups: dict[tuple, list[int]] = {}
+        for i in self._order:
+            outs = self._outs[i]
+            if not outs:
+                continue
+            t = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+            self._outs[i] = [t]
+            if self._needs_input[i]:
+                ins = self._ins[i]
+                self._ins[i] = [ins[0] if len(ins) == 1 else torch.cat(ins, 0)]
+            groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
+        for idx in groups.values():
+            x = torch.stack([self._outs[i][0] for i in idx])  # [G, B, ...]
+            mean, std = stats.moments(x)
+            pct = stats.percentiles(x, self.percentiles, self.max_percentile_samples)
+            layer = [self._mods[i][0] for i in idx]
+            values += [mean.float(), std.float(), pct.float().T.reshape(-1)]
+            names += [(n, "out_mean") for n in layer] + [(n, "out_std") for n in layer]
+            for q in self.percentiles:
+                names += [(n, stats.percentile_key(q)) for n in layer]
+            self._activation_stats(idx, x, values, names)
+
+    def _input_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
+        # the model's own input: badly scaled inputs are a common cause of first-layer saturation
+        xs = [x for x in self._inputs if x.is_floating_point()]
+        if not xs:
+            return
+        x = xs[0] if len(xs) == 1 else torch.cat([t.reshape(-1) for t in xs])
+        mean, std = stats.moments(x.reshape(1, -1))
+        finite = x[torch.isfinite(x)]
+        absmax = finite.abs().max().reshape(1) if finite.numel() else torch.zeros(1)
+        values += [mean.float(), std.float(), absmax.float()]
+        names += [(MODEL, "input_mean"), (MODEL, "input_std"), (MODEL, "input_absmax")]
+
+    def _activation_stats(
+        self, idx: list[int], x: torch.Tensor, values: list[torch.Tensor], names: _Metrics
+    ) -> None:
+        by_kind: dict[str, list[int]] = {}
+        for j, i in enumerate(idx):
+            k = self._kinds[i]
+            if k is not None:
+                by_kind.setdefault(k, []).append(j)
+        for kind, js in by_kind.items():
+            layer = [self._mods[idx[j]][0] for j in js]
+            if kind in stats.SATURATING:
+                if stats.SATURATING[kind][0]:
+                    src = x[js]
+                else:
+                    src = torch.stack([self._ins[idx[j]][0] for j in js])
+                values.append(stats.saturated_fraction(src, kind, self.saturation_ratio).float())
+                names += [(n, "saturated_frac") for n in layer]
+            if kind in stats.RECTIFIERS:
+                h = x[js]
+                if h.dim() > 3:  # conv maps [G, B, C, ...]: a unit is a channel
+                    h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], -1).transpose(1, 2)
+                    h = h.reshape(h.shape[0], -1, h.shape[-1])
+                values.append(stats.dead_fraction(h).float())
+                names += [(n, "dead_frac") for n in layer]
+
+    def _backward_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
+        grads, layer = [], []
+        for i in self._order:
+            g = self._ograds[i]
+            if g:
+                # several calls in one step (RNN cells, micro-batches): the norm of all of them
+                grads.append(g[0] if len(g) == 1 else torch.cat([t.reshape(-1) for t in g]))
+                layer.append(self._mods[i][0])
+        if grads:
+            values.append(stats.norms(grads))
+            names += [(n, "out_grad_norm") for n in layer]
+
+    def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
+        flat = (
+            torch.cat([v.detach().reshape(-1).float().cpu() for v in values]).tolist()
+            if values
+            else []
+        )
+        if len(flat) != len(names):  # a bug, never user error
+            raise RuntimeError(f"probe bookkeeping mismatch: {len(flat)} values, {len(names)} names")
+        out: dict[str, dict[str, float]] = {}
+        for (layer, metric), v in zip(names, flat, strict=True):
+            out.setdefault(layer, {})[metric] = v
+        return out
+
+    def _fix_nonfinite_counts(self) -> None:
+        """Count NaN/Inf entries exactly, but only where a norm or moment was non-finite.
+
+        A norm or mean is non-finite whenever any entry is, so healthy steps pay nothing here.
+        Counts are recorded (as 0 or more) for every layer so a NaN is counted, never dropped.
+        """
+        pending = self._pending
+        assert pending is not None
+        pos = {n: i for i, (n, _) in enumerate(self._mods)}
+        pidx = {n: p for n, p in self.params}
+        for layer, d in pending.items():
+            if layer == MODEL:
+                continue
+            if layer in pos:
+                i = pos[layer]
+                if "out_mean" in d:
+                    bad = not (math.isfinite(d["out_mean"]) and math.isfinite(d["out_std"]))
+                    d["out_nonfinite"] = (
+                        float(stats.nonfinite_count(self._outs[i][0].unsqueeze(0))[0])
+                        if bad and self._outs[i]
+                        else 0.0
+                    )
+                if "out_grad_norm" in d:
+                    bad = not math.isfinite(d["out_grad_norm"])
+                    g = self._ograds[i]
+                    d["out_grad_nonfinite"] = (
+                        float(sum(stats.nonfinite_count(t.unsqueeze(0))[0] for t in g))
+                        if bad
+                        else 0.0
+                    )
+            elif layer in pidx and "grad_norm" in d:
+                g = pidx[layer].grad
+                bad = not math.isfinite(d["grad_norm"])
+                d["grad_nonfinite"] = (
+                    float(stats.nonfinite_count(g.unsqueeze(0))[0]) if bad and g is not None else 0.0
+                )
+
+    def __repr__(self) -> str:
+        return (
+            f"Probe({type(self.model).__name__}, modules={len(self._mods)}, "
+            f"params={len(self.params)}, schedule={self.schedule}, step={self.step_index})"
+        )
+
+
+def _call(ref: weakref.ref, method: str) -> None:
+    p = ref()
+    if p is not None:
+        getattr(p, method)()
+
+
+def _input_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
+    p = ref()
+    if p is None or not p._active or not torch.is_grad_enabled():
+        return
+    if args and isinstance(args[0], torch.Tensor):
+        p._inputs.append(args[0].detach())
+
+
+def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any) -> None:
+    # Hot path: runs for every watched module on every forward. Stash references only.
+    p = ref()
+    if p is None or not p._active or not torch.is_grad_enabled():
+        return
+    if isinstance(out, tuple):  # e.g. RNN cells returning (h, c): watch the first
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        return
+    if i not in p._fired:
+        p._fired.add(i)
+        p._order.append(i)
+    if p.forward:
+        p._outs[i].append(out.detach())
+        if p._needs_input[i] and inp and isinstance(inp[0], torch.Tensor):
+            p._ins[i].append(inp[0].detach())
+    if p.backward and out.requires_grad:
+        out.register_hook(p._ograds[i].append)
+
+
+def probe(model: nn.Module, **kwargs: Any) -> Probe:
+    """Create a :class:`Probe` (use as a context manager: ``with probe(model, optimizer=opt) as p``)."""
+    return Probe(model, **kwargs)

@@ -1,0 +1,219 @@
+"""Probe statistics against direct computations (autograd, NumPy), schedules, hook hygiene."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from signalprop import stats
+from signalprop.probe import Probe, at_steps, every, log_spaced
+from signalprop.record import MODEL
+
+
+def _mlp(act=nn.Tanh, depth=3, width=16, d_in=8, d_out=3):
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), act()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, d_out))
+
+
+def _direct(model, x, y, loss_fn=nn.functional.cross_entropy):
+    """Reference: retain every module output and its gradient by hand."""
+    outs, grads = {}, {}
+    h = x
+    for name, m in model.named_children():
+        h = m(h)
+        h.retain_grad()
+        outs[name] = h
+    loss = loss_fn(h, y)
+    loss.backward()
+    for name, h in outs.items():
+        grads[name] = h.grad
+    return outs, grads, loss
+
+
+@pytest.mark.parametrize("act,kind", [(nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid"), (nn.ReLU, "relu")])
+def test_every_statistic_matches_direct_computation(act, kind):
+    torch.manual_seed(1)
+    model = _mlp(act).double()
+    x = torch.randn(32, 8, dtype=torch.float64) * 2
+    y = torch.randint(0, 3, (32,))
+    ref = _mlp(act).double()
+    ref.load_state_dict(model.state_dict())
+    outs, grads, ref_loss = _direct(ref, x, y)
+
+    with Probe(model, max_percentile_samples=None) as p:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        p.step(loss)
+    r = p.record
+    assert r.steps == [0]
+    assert r.get(0, MODEL, "loss") == pytest.approx(ref_loss.item(), rel=1e-6)
+    for name, h in outs.items():
+        hn = h.detach().numpy()
+        assert r.get(0, name, "out_mean") == pytest.approx(hn.mean(), rel=1e-5, abs=1e-7)
+        assert r.get(0, name, "out_std") == pytest.approx(hn.std(), rel=1e-5)
+        for q in stats.PERCENTILES:
+            assert r.get(0, name, stats.percentile_key(q)) == pytest.approx(
+                np.percentile(hn, q), rel=1e-5, abs=1e-6
+            )
+        assert r.get(0, name, "out_grad_norm") == pytest.approx(
+            grads[name].norm().item(), rel=1e-5
+        )
+        assert r.get(0, name, "out_nonfinite") == 0.0
+    for pname, prm in ref.named_parameters():
+        assert r.get(0, pname, "grad_norm") == pytest.approx(prm.grad.norm().item(), rel=1e-5)
+        assert r.get(0, pname, "weight_norm") == pytest.approx(prm.norm().item(), rel=1e-5)
+    # activation-specific statistics, against autograd / the definition
+    for i in range(3):
+        name = str(2 * i + 1)
+        z = outs[str(2 * i)].detach().clone().requires_grad_(True)
+        (d,) = torch.autograd.grad(act()(z).sum(), z)
+        if kind in stats.SATURATING:
+            dmax = stats.SATURATING[kind][2]
+            expect = (d.abs() < stats.SATURATION_DERIVATIVE_RATIO * dmax).double().mean().item()
+            assert r.get(0, name, "saturated_frac") == pytest.approx(expect, abs=1e-12)
+            assert math.isnan(r.get(0, name, "dead_frac"))
+        else:
+            h = outs[name].detach()
+            expect = 1.0 - (h > 0).any(0).double().mean().item()
+            assert r.get(0, name, "dead_frac") == pytest.approx(expect, abs=1e-12)
+            assert math.isnan(r.get(0, name, "saturated_frac"))
+
+
+def test_update_ratio_and_layers_order():
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    with Probe(model, optimizer=opt) as p:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        p.log(loss=loss)
+        opt.step()
+    r = p.record
+    for n, q in model.named_parameters():
+        expect = (q.detach() - before[n]).norm() / before[n].norm()
+        assert r.get(0, n, "update_ratio") == pytest.approx(expect.item(), rel=1e-4)
+    assert r.layer_names(role="module") == [str(i) for i in range(7)]
+    depths = [r.layers[n].depth for n in r.layer_names(role="module")]
+    assert depths == sorted(depths)
+    assert r.layers["0.weight"].module == "0" and r.layers["0.weight"].depth == 0
+    assert r.layers["1"].activation == "tanh"
+
+
+def test_schedule_records_only_scheduled_steps_and_hooks_are_removed():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    p = Probe(model, optimizer=opt, schedule=at_steps([0, 3, 4]))
+    with p:
+        for _ in range(6):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            p.log(loss=loss)
+            opt.step()
+    assert p.record.steps == [0, 3, 4]
+    assert not p.attached
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    # training after detaching records nothing more
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert p.record.steps == [0, 3, 4]
+
+
+def test_schedules():
+    assert [s for s in range(10) if every(3)(s)] == [0, 3, 6, 9]
+    sched = log_spaced(1000, 10)
+    steps = [s for s in range(1000) if sched(s)]
+    assert steps[0] == 0 and steps[-1] == 999 and 8 <= len(steps) <= 12
+    with pytest.raises(ValueError):
+        every(0)
+
+
+def test_nonfinite_values_are_counted_not_dropped():
+    model = _mlp()
+    x = torch.randn(8, 8)
+    x[0, 0] = float("nan")
+    with Probe(model) as p:
+        out = model(x)
+        loss = out.sum()
+        loss.backward()
+        p.step(loss)
+    r = p.record
+    assert r.get(0, "0", "out_nonfinite") == 16.0  # one NaN row of 16 units
+    assert r.get(0, "0.weight", "grad_nonfinite") > 0
+    assert math.isnan(r.get(0, MODEL, "loss"))
+
+
+def test_model_without_parameters_is_refused():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Probe(nn.Sequential(nn.ReLU()))
+    with pytest.raises(TypeError, match="nn.Module"):
+        Probe("not a model")  # type: ignore[arg-type]
+
+
+def test_multiple_calls_per_step_are_pooled():
+    cell = nn.RNNCell(4, 6)
+    with Probe(cell, max_percentile_samples=None) as p:
+        h = torch.zeros(5, 6)
+        hs = []
+        for _ in range(3):
+            h = cell(torch.randn(5, 4), h)
+            hs.append(h)
+        loss = h.pow(2).sum()
+        loss.backward()
+        p.step(loss)
+    pooled = torch.cat([t.detach() for t in hs])
+    assert p.record.get(0, "RNNCell", "out_mean") == pytest.approx(pooled.mean().item(), rel=1e-5)
+
+
+def test_conv_dead_fraction_counts_channels():
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    with torch.no_grad():
+        conv[0].bias[:] = torch.tensor([-100.0, 0.0, 0.0, 0.0])  # channel 0 always dead
+    with Probe(conv) as p:
+        out = conv(torch.randn(2, 1, 6, 6))
+        out.sum().backward()
+        p.step(out.sum())
+    assert p.record.get(0, "1", "dead_frac") == pytest.approx(0.25)
+
+
+def test_train_records_divergence_without_crashing():
+    from signalprop.train import train
+
+    torch.manual_seed(0)
+    model = _mlp(nn.ReLU, depth=4, width=32)
+    x, y = torch.randn(64, 8), torch.randn(64, 3)
+    res = train(model, (x, y), nn.functional.mse_loss, steps=50, lr=1e4, batch_size=64)
+    assert res.diverged and res.diverged_step is not None
+    assert res.steps == res.diverged_step + 1
+    last = res.record.steps[-1]
+    assert last == res.diverged_step
+    assert not math.isfinite(res.record.get(last, MODEL, "loss")) or any(
+        res.record.get(last, n, "grad_nonfinite", 0.0) > 0 for n in res.record.layer_names("param")
+    )
+
+
+def test_train_rejects_non_scalar_loss_and_bad_data():
+    from signalprop.train import train
+
+    model = _mlp()
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with pytest.raises(ValueError, match="scalar"):
+        train(model, (x, y), nn.CrossEntropyLoss(reduction="none"), steps=2)
+    with pytest.raises(ValueError, match="disagree"):
+        train(model, (x, y[:5]), nn.functional.cross_entropy, steps=2)
+    with pytest.raises(TypeError, match="data must be"):
+        train(model, 42, nn.functional.cross_entropy, steps=2)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        train(model, (x, y), nn.functional.cross_entropy, steps=2, optimizer="adamm")
