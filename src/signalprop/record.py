@@ -264,6 +264,13 @@ class Record:
         """Write the tidy table as CSV (atomically)."""
         atomic_write_text(path, self.to_dataframe().to_csv(index=False))
 
+    def to_tensorboard(self, logdir: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Write every value as TensorBoard scalars (see
+        :func:`signalprop.integrations.tensorboard.write_record`)."""
+        from signalprop.integrations.tensorboard import write_record
+
+        return write_record(self, logdir, **kwargs)
+
     # ---- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible dict (non-finite numbers encoded as ``"NaN"``/``"Infinity"``)."""

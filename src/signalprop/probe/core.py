@@ -58,6 +58,8 @@ class Probe:
         saturation_ratio: A unit counts as saturated when |phi'| < ratio * max|phi'|.
         modules: Optional filter ``(name, module) -> bool`` on the watched modules.
         record: An existing record to append to.
+        on_record: Callables ``f(step, values)`` invoked after each recorded step with that
+            step's ``values[layer][metric]`` (live writers: TensorBoard, Lightning loggers).
     """
 
     def __init__(
@@ -74,6 +76,9 @@ class Probe:
         saturation_ratio: float = stats.SATURATION_DERIVATIVE_RATIO,
         modules: Callable[[str, nn.Module], bool] | None = None,
         record: Record | None = None,
+        on_record: Callable[[int, dict[str, dict[str, float]]], None]
+        | Iterable[Callable[[int, dict[str, dict[str, float]]], None]]
+        | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
@@ -96,6 +101,12 @@ class Probe:
         self.saturation_ratio = float(saturation_ratio)
         self.record = record if record is not None else Record()
         self.step_index = 0
+        if on_record is None:
+            self.on_record: list[Callable[[int, dict[str, dict[str, float]]], None]] = []
+        elif callable(on_record):
+            self.on_record = [on_record]
+        else:
+            self.on_record = list(on_record)
 
         mods = watched_modules(model)
         if modules is not None:
@@ -276,6 +287,8 @@ class Probe:
     def _commit(self) -> None:
         if self._pending is not None:
             self.record.add_many(self.step_index, self._pending)
+            for fn in self.on_record:
+                fn(self.step_index, self._pending)
         self._pending = None
 
     def _forward_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
