@@ -1,0 +1,196 @@
+"""The shape every study shares, the conclusion type, and small helpers for caching results.
+
+A study is a module with:
+
+- ``NAME``, ``TITLE``, ``QUESTION`` (what people ask), ``CLAIM`` (the textbook answer it tests),
+  ``SETUP`` (one paragraph: what is trained/measured), ``REFERENCES`` (list of strings);
+- ``get_config(quick: bool) -> dict``: a JSON-serialisable configuration (``quick`` shrinks it);
+- ``run(config, workdir) -> dict``: the measurements (JSON-serialisable). Parts that take time are
+  cached under ``workdir/cache`` (:func:`cached`) so that an interrupted run resumes;
+- ``conclude(data) -> Conclusion``: a verdict *computed from the measurements*;
+- ``figures(data, workdir) -> list[Path]``: PNG files written under ``workdir/figures``.
+
+Verdicts: ``supports`` (the measurements agree with the claim), ``contradicts`` (they disagree;
+the sentence says so), ``inconclusive`` (too close to call, or not enough data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from signalprop.record import atomic_write_text
+
+SUPPORTS = "supports"
+CONTRADICTS = "contradicts"
+INCONCLUSIVE = "inconclusive"
+VERDICTS = (SUPPORTS, CONTRADICTS, INCONCLUSIVE)
+
+
+@dataclass
+class Conclusion:
+    """What a study's measurements say about its claim.
+
+    Attributes:
+        claim: The textbook claim under test (one sentence).
+        sentence: The finding, written from the numbers (mentions the contradiction when there
+            is one).
+        verdict: One of :data:`VERDICTS`.
+        numbers: The measured values the sentence quotes, by name.
+        details: Optional further sentences (one per sub-claim).
+    """
+
+    claim: str
+    sentence: str
+    verdict: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+    details: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {self.verdict!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "claim": self.claim,
+            "sentence": self.sentence,
+            "verdict": self.verdict,
+            "numbers": to_jsonable(self.numbers),
+            "details": list(self.details),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Conclusion:
+        return cls(
+            claim=d["claim"],
+            sentence=d["sentence"],
+            verdict=d["verdict"],
+            numbers=dict(d.get("numbers", {})),
+            details=list(d.get("details", [])),
+        )
+
+
+def combine_verdicts(verdicts: list[str]) -> str:
+    """Overall verdict of several sub-claims: any contradiction wins, then all-support, else
+    inconclusive."""
+    if not verdicts:
+        return INCONCLUSIVE
+    if CONTRADICTS in verdicts:
+        return CONTRADICTS
+    if all(v == SUPPORTS for v in verdicts):
+        return SUPPORTS
+    return INCONCLUSIVE
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively convert numpy/torch scalars and arrays to plain JSON types; non-finite floats
+    become the strings ``"NaN"``/``"Infinity"``/``"-Infinity"`` (JSON has no such numbers)."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np = None  # type: ignore[assignment]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if np is not None and isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if np is not None and isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # torch tensors
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store a {type(obj).__name__} in a study's JSON results")
+
+
+def from_jsonable(obj: Any) -> Any:
+    """Inverse of :func:`to_jsonable` for the non-finite float markers."""
+    if isinstance(obj, dict):
+        return {k: from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    if obj == "NaN":
+        return math.nan
+    if obj == "Infinity":
+        return math.inf
+    if obj == "-Infinity":
+        return -math.inf
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as pretty JSON, atomically."""
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=1, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read JSON written by :func:`write_json` (restores non-finite floats)."""
+    return from_jsonable(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def config_hash(config: Any) -> str:
+    """A short content hash of a JSON-serialisable configuration (key order does not matter)."""
+    raw = json.dumps(to_jsonable(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16]
+
+
+def cached(workdir: str | Path, key: Any, fn: Callable[[], Any], *, tag: str = "part") -> Any:
+    """Return the cached result of ``fn()`` for ``key``, computing and storing it when absent.
+
+    The result is stored atomically as ``workdir/cache/<tag>-<hash(key)>.json``, so a study killed
+    in the middle restarts from the parts it had finished. ``key`` must be JSON-serialisable and
+    describe everything the result depends on.
+    """
+    path = Path(workdir) / "cache" / f"{tag}-{config_hash(key)}.json"
+    if path.exists():
+        try:
+            stored = read_json(path)
+            if stored.get("key") == from_jsonable(to_jsonable(key)):
+                return stored["value"]
+        except (ValueError, KeyError, AttributeError):
+            pass  # a corrupt or foreign file: recompute
+    value = fn()
+    write_json(path, {"key": key, "value": value})
+    return from_jsonable(to_jsonable(value))
+
+
+def finite_or_nan(x: float) -> float:
+    """``float(x)`` with non-finite values mapped to NaN (for summaries)."""
+    x = float(x)
+    return x if math.isfinite(x) else math.nan
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """Format a number for a conclusion sentence: 3 significant digits, scientific when tiny/huge."""
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    a = abs(x)
+    if a >= 1e4 or a < 1e-3:
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
+
+
+def pct(x: float) -> str:
+    """A fraction as a percentage string (``0.123`` -> ``"12.3%"``)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{100 * float(x):.1f}%"

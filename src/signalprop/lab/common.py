@@ -1,0 +1,438 @@
+"""Models, initialisation and a lean training loop shared by the studies.
+
+The studies train many small MLPs on small data sets, so the loop here is kept minimal: mini-batches
+are indexed out of tensors already on the device, the test set is evaluated only at chosen steps,
+and a run that produces a non-finite (or absurdly large) loss stops and says so instead of
+crashing. Everything takes a ``device`` (CPU by default; CUDA when asked for).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from signalprop._registry import check_choice
+from signalprop.data import Dataset, load_dataset
+
+
+# --- activations ------------------------------------------------------------------------------
+class Gaussian(nn.Module):
+    """phi(z) = exp(-z^2 / 2) (fallback when the remedies cabinet is not installed)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-0.5 * z * z)
+
+
+_BUILTIN_ACTS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "softplus": nn.Softplus,
+    "gaussian": Gaussian,
+    "linear": nn.Identity,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """An activation module by name: the remedies cabinet's registry when installed, else a
+    built-in (sigmoid, tanh, relu, leaky_relu, elu, selu, softplus, gaussian, linear)."""
+    if name == "linear":
+        return nn.Identity()
+    try:
+        from signalprop.remedies import ACTIVATIONS  # type: ignore[attr-defined]
+
+        if name in ACTIVATIONS:
+            return ACTIVATIONS.build(name)
+    except (ImportError, AttributeError):
+        pass
+    if name not in _BUILTIN_ACTS:
+        check_choice("activation", name, sorted(_BUILTIN_ACTS))
+    return _BUILTIN_ACTS[name]()
+
+
+# --- the MLP ----------------------------------------------------------------------------------
+NORMS = ("none", "bn", "ln")
+
+
+class Block(nn.Module):
+    """One hidden layer: ``Linear -> [norm] -> activation`` (norm before the activation, as in
+    Ioffe & Szegedy 2015), optionally wrapped in a residual connection ``h + block(h)``."""
+
+    def __init__(
+        self,
+        fan_in: int,
+        fan_out: int,
+        activation: str,
+        norm: str = "none",
+        residual: bool = False,
+        norm_affine: bool = True,
+    ) -> None:
+        super().__init__()
+        check_choice("norm", norm, NORMS)
+        self.linear = nn.Linear(fan_in, fan_out)
+        if norm == "bn":
+            self.norm: nn.Module = nn.BatchNorm1d(fan_out, affine=norm_affine)
+        elif norm == "ln":
+            self.norm = nn.LayerNorm(fan_out, elementwise_affine=norm_affine)
+        else:
+            self.norm = nn.Identity()
+        self.act = make_activation(activation)
+        self.residual = bool(residual) and fan_in == fan_out
+        #: the last pre-activation (input of the activation), kept when ``capture`` is set
+        self.capture = False
+        self.preact: torch.Tensor | None = None
+        self.post: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.norm(self.linear(h))
+        a = self.act(z)
+        if self.capture:
+            self.preact = z.detach()
+            self.post = a.detach()
+        return h + a if self.residual else a
+
+
+class MLP(nn.Module):
+    """``in -> depth x Block(width) -> Linear(out)``.
+
+    Args:
+        in_features, out_features, width: Sizes.
+        depth: Number of hidden layers (>= 1).
+        activation: Activation name (see :func:`make_activation`).
+        norm: ``"none"``, ``"bn"`` (BatchNorm1d before each activation) or ``"ln"``.
+        residual: Residual connections around every hidden layer whose input and output widths
+            agree (all but the first).
+        norm_affine: Whether the norm has learnable gain/shift.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        width: int,
+        depth: int,
+        activation: str = "relu",
+        norm: str = "none",
+        residual: bool = False,
+        norm_affine: bool = True,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        dims = [in_features] + [width] * depth
+        self.blocks = nn.ModuleList(
+            Block(a, b, activation, norm, residual, norm_affine)
+            for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.head = nn.Linear(width, out_features)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+    def linears(self) -> list[nn.Linear]:
+        """All Linear layers in forward order (hidden layers, then the head)."""
+        return [b.linear for b in self.blocks] + [self.head]
+
+    def set_capture(self, on: bool) -> None:
+        for b in self.blocks:
+            b.capture = on
+            if not on:
+                b.preact = b.post = None
+
+
+# --- initialisation ---------------------------------------------------------------------------
+INITS = ("default", "gaussian", "lecun", "xavier", "he", "orthogonal")
+
+
+@torch.no_grad()
+def init_linears_(
+    linears: Sequence[nn.Linear],
+    scheme: str = "default",
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    sigma_b: float = 0.0,
+) -> None:
+    """Initialise Linear layers in place, then multiply every weight matrix by ``scale``.
+
+    Schemes (fan_in/fan_out of each layer):
+      ``default``: PyTorch's own initialisation (left untouched, only scaled).
+      ``gaussian``/``lecun``: W ~ N(0, 1/fan_in) (LeCun et al. 1998).
+      ``xavier``: W ~ N(0, 2/(fan_in + fan_out)) (Glorot & Bengio 2010).
+      ``he``: W ~ N(0, 2/fan_in) (He et al. 2015).
+      ``orthogonal``: a (semi-)orthogonal matrix times sqrt(1) (Saxe et al. 2013); with
+      ``scale`` = sigma_w this is the orthogonal network of Pennington et al. 2017.
+    Biases are set to N(0, sigma_b^2) (zero by default) unless the scheme is ``default``.
+    """
+    check_choice("init scheme", scheme, INITS)
+    for lin in linears:
+        w = lin.weight
+        fan_out, fan_in = w.shape
+        if scheme in ("gaussian", "lecun"):
+            w.copy_(torch.randn(w.shape, generator=generator) / math.sqrt(fan_in))
+        elif scheme == "xavier":
+            w.copy_(torch.randn(w.shape, generator=generator) * math.sqrt(2.0 / (fan_in + fan_out)))
+        elif scheme == "he":
+            w.copy_(torch.randn(w.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+        elif scheme == "orthogonal":
+            w.copy_(orthogonal_matrix(fan_out, fan_in, generator))
+        w.mul_(scale)
+        if lin.bias is not None and scheme != "default":
+            if sigma_b > 0:
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=generator) * sigma_b)
+            else:
+                lin.bias.zero_()
+
+
+def orthogonal_matrix(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Haar-random (semi-)orthogonal [rows, cols] matrix (QR of a Gaussian matrix with the sign
+    correction of Mezzadri 2007, so the distribution is uniform)."""
+    n, m = max(rows, cols), min(rows, cols)
+    a = torch.randn(n, m, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    q = q if rows >= cols else q.T
+    return q.to(torch.float32)
+
+
+# --- data -------------------------------------------------------------------------------------
+def get_data(name: str, device: str = "cpu") -> Dataset:
+    """A built-in data set moved to ``device``."""
+    return load_dataset(name).to(device)
+
+
+# --- optimisers -------------------------------------------------------------------------------
+def make_optimizer(name: str, model: nn.Module, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
+    """An optimiser by name: the shared registry (signalprop.train / remedies) when present, else
+    torch's SGD/Adam/RMSprop/Rprop."""
+    try:
+        from signalprop.train import make_optimizer as _mk
+
+        return _mk(name, model, lr, **kwargs)
+    except ImportError:
+        pass
+    builtin = {
+        "sgd": torch.optim.SGD,
+        "adam": torch.optim.Adam,
+        "rmsprop": torch.optim.RMSprop,
+        "rprop": torch.optim.Rprop,
+    }
+    check_choice("optimizer", name, sorted(builtin))
+    return builtin[name](model.parameters(), lr=lr, **kwargs)
+
+
+# --- training ---------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """One training run.
+
+    Attributes:
+        losses: Mini-batch training loss at the logged steps (``loss_steps``).
+        eval_steps, test_acc, test_loss: Test-set evaluations.
+        final_train_loss: Loss on the whole training set after training (NaN if diverged).
+        final_test_acc: Test accuracy after training (chance-level if diverged: recorded as is).
+        diverged, diverged_step: Whether/when the loss became non-finite or exceeded the bound.
+        grad_ratio_init: ||dL/dW_first|| / ||dL/dW_last|| of the hidden Linear layers at step 0.
+        wall_s: Seconds spent training.
+        extra: Whatever the step callback stored.
+    """
+
+    loss_steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    final_train_loss: float = math.nan
+    final_test_acc: float = math.nan
+    initial_loss: float = math.nan
+    diverged: bool = False
+    diverged_step: int | None = None
+    grad_ratio_init: float = math.nan
+    steps_done: int = 0
+    wall_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``model`` on (x, y), in eval mode."""
+    was = model.training
+    model.eval()
+    tot_loss, correct = 0.0, 0
+    for i in range(0, x.shape[0], chunk):
+        out = model(x[i : i + chunk])
+        tot_loss += float(F.cross_entropy(out, y[i : i + chunk], reduction="sum"))
+        correct += int((out.argmax(1) == y[i : i + chunk]).sum())
+    model.train(was)
+    n = x.shape[0]
+    return tot_loss / n, correct / n
+
+
+def first_last_grad_ratio(linears: Sequence[nn.Linear]) -> float:
+    """||dL/dW|| of the first hidden Linear divided by that of the last hidden Linear (the head
+    excluded): << 1 means vanishing towards the input, >> 1 exploding."""
+    hidden = list(linears[:-1]) if len(linears) > 2 else list(linears)
+    g0, g1 = hidden[0].weight.grad, hidden[-1].weight.grad
+    if g0 is None or g1 is None:
+        return math.nan
+    a, b = float(g0.norm()), float(g1.norm())
+    if b == 0:
+        return math.inf if a > 0 else math.nan
+    return a / b
+
+
+GradTransform = Callable[[nn.Module], None]
+StepCallback = Callable[[int, nn.Module, float, RunResult], None]
+
+
+def train_classifier(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    optimizer: str | Callable[[nn.Module], torch.optim.Optimizer] = "sgd",
+    lr: float = 0.1,
+    opt_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    grad_transform: GradTransform | None = None,
+    eval_every: int | None = None,
+    log_every: int = 1,
+    callback: StepCallback | None = None,
+    diverge_factor: float = 100.0,
+    full_batch: bool = False,
+) -> RunResult:
+    """Train a classifier with cross-entropy; stop (and say so) on divergence.
+
+    Args:
+        model: The network (already on ``data``'s device, already initialised).
+        data: Train/test tensors.
+        steps: Optimiser steps.
+        batch_size: Mini-batch size (sampled without replacement, reshuffled each epoch).
+        optimizer: A registered name or ``f(model) -> Optimizer``.
+        lr, opt_kwargs: Optimiser settings.
+        seed: Shuffling seed.
+        grad_transform: Called after ``backward`` and before ``step`` (clipping, AGC ...).
+        eval_every: Evaluate the test set every this many steps (and at the end).
+        log_every: Keep the mini-batch loss every this many steps.
+        callback: ``f(step, model, loss, result)`` after each optimiser step.
+        diverge_factor: A loss above ``diverge_factor * max(initial_loss, 1)`` counts as divergence
+            (as does a non-finite loss or gradient).
+        full_batch: Use the whole training set every step (Rprop is a full-batch method).
+    """
+    opt = (
+        make_optimizer(optimizer, model, lr, **(opt_kwargs or {}))
+        if isinstance(optimizer, str)
+        else optimizer(model)
+    )
+    res = RunResult()
+    x, y = data.x_train, data.y_train
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).to(x.device)
+    pos = 0
+    linears = model.linears() if hasattr(model, "linears") else []
+    t0 = time.perf_counter()
+    model.train()
+    bound = math.inf
+    for step in range(steps):
+        if full_batch:
+            xb, yb = x, y
+        else:
+            if pos + batch_size > n:
+                perm = torch.randperm(n, generator=g).to(x.device)
+                pos = 0
+            idx = perm[pos : pos + batch_size]
+            pos += batch_size
+            xb, yb = x[idx], y[idx]
+        if eval_every and step % eval_every == 0:
+            tl, ta = evaluate(model, data.x_test, data.y_test)
+            res.eval_steps.append(step)
+            res.test_loss.append(tl)
+            res.test_acc.append(ta)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb), yb)
+        lv = float(loss)
+        if step == 0:
+            res.initial_loss = lv
+            bound = diverge_factor * max(lv, 1.0)
+        if not math.isfinite(lv) or lv > bound:
+            res.diverged, res.diverged_step = True, step
+            res.loss_steps.append(step)
+            res.losses.append(lv)
+            break
+        loss.backward()
+        if step == 0 and linears:
+            res.grad_ratio_init = first_last_grad_ratio(linears)
+        if grad_transform is not None:
+            grad_transform(model)
+        opt.step()
+        if step % log_every == 0:
+            res.loss_steps.append(step)
+            res.losses.append(lv)
+        if callback is not None:
+            callback(step, model, lv, res)
+        res.steps_done = step + 1
+    res.wall_s = time.perf_counter() - t0
+    if not res.diverged:
+        params_ok = all(torch.isfinite(p).all() for p in model.parameters())
+        if not params_ok:
+            res.diverged, res.diverged_step = True, res.steps_done
+    if res.diverged:
+        res.final_train_loss = math.nan
+        _, res.final_test_acc = _safe_eval(model, data.x_test, data.y_test)
+    else:
+        res.final_train_loss, _ = evaluate(model, x, y)
+        tl, ta = evaluate(model, data.x_test, data.y_test)
+        res.final_test_acc = ta
+        if eval_every:
+            res.eval_steps.append(res.steps_done)
+            res.test_loss.append(tl)
+            res.test_acc.append(ta)
+    return res
+
+
+def _safe_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    try:
+        return evaluate(model, x, y)
+    except (RuntimeError, ValueError):
+        return math.nan, math.nan
+
+
+def predictions(model: nn.Module, x: torch.Tensor) -> list[int]:
+    """Predicted classes of ``model`` on ``x`` (eval mode)."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x).argmax(1).tolist()
+    model.train(was)
+    return out
+
+
+def seeded(seed: int) -> torch.Generator:
+    """Seed torch's global RNG (for modules that draw from it) and return a CPU generator."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; other values pass through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_choice("device", device.split(":")[0], ["cpu", "cuda", "mps"])
+    return device

@@ -1,0 +1,226 @@
+"""Run studies into a directory and keep everything the report needs next to the results.
+
+Layout of an output directory ``OUT``::
+
+    OUT/index.html                 the report (see :mod:`signalprop.lab.report`)
+    OUT/<study>/config.json        the configuration used
+    OUT/<study>/results.json       the measurements (``{"config_hash", "data"}``)
+    OUT/<study>/conclusion.json    the computed conclusion
+    OUT/<study>/figures/*.png      the figures
+    OUT/<study>/meta.json          status, timings, environment, error (if any)
+    OUT/<study>/cache/, sweep/     resumable parts
+
+A study whose ``results.json`` matches its configuration is not run again (``force`` re-runs it);
+inside a study, finished parts are cached, so a run killed half-way resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from signalprop._registry import check_choice
+from signalprop.lab.base import Conclusion, config_hash, read_json, write_json
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class StudyOutcome:
+    """What :func:`run_study` did."""
+
+    name: str
+    status: str  # "done" | "cached" | "failed"
+    conclusion: Conclusion | None
+    figures: list[Path]
+    run_s: float
+    total_s: float
+    error: str | None = None
+
+
+def environment() -> dict[str, Any]:
+    """The software/hardware the measurements were taken on."""
+    import numpy as np
+    import torch
+
+    import signalprop
+
+    env: dict[str, Any] = {
+        "signalprop": signalprop.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return env
+
+
+def run_study(
+    name: str,
+    out: str | Path,
+    *,
+    quick: bool = False,
+    executor: str = "local",
+    device: str = "cpu",
+    force: bool = False,
+    overrides: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> StudyOutcome:
+    """Run one study (or reuse its stored results) and write its conclusion and figures.
+
+    Args:
+        name: A registered study name (``ValueError`` listing the valid names otherwise).
+        out: The lab's output directory; the study writes into ``out/<name>``.
+        quick: Use the study's quick configuration.
+        executor: ``"local"`` or ``"ray"`` (passed to sweep-based parts).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        force: Re-run even when stored results match the configuration.
+        overrides: Values replacing keys of the configuration (used by tests to shrink it).
+        log: Called with one-line progress messages.
+
+    Returns:
+        A :class:`StudyOutcome`; a study that raises is recorded as ``failed`` (with the traceback
+        in ``meta.json``) instead of stopping the lab.
+    """
+    from signalprop.lab import get_study
+    from signalprop.lab.common import resolve_device
+
+    check_choice("executor", executor, EXECUTORS)
+    mod = get_study(name)
+    say = log or (lambda s: None)
+    workdir = Path(out) / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = mod.get_config(quick)
+    if overrides:
+        unknown = sorted(set(overrides) - set(config))
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) for study {name!r}: {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(config))}"
+            )
+        config.update(overrides)
+    config["device"] = resolve_device(device if device != "cpu" else config.get("device", "cpu"))
+    config["executor"] = executor
+    # the executor and device do not change the measurements' meaning: keep them out of the hash
+    h = config_hash({k: v for k, v in config.items() if k not in ("executor", "device")})
+    write_json(workdir / "config.json", config)
+    meta: dict[str, Any] = {
+        "name": name,
+        "title": mod.TITLE,
+        "quick": quick,
+        "config_hash": h,
+        "environment": environment(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    t0 = time.perf_counter()
+    results_path = workdir / "results.json"
+    status = "done"
+    run_s = 0.0
+    try:
+        stored = read_json(results_path) if results_path.exists() and not force else None
+        if stored is not None and stored.get("config_hash") == h:
+            data = stored["data"]
+            run_s = float(stored.get("run_s", 0.0))
+            status = "cached"
+            say(f"{name}: results found, not re-running")
+        else:
+            say(f"{name}: running ({'quick' if quick else 'full'} configuration)")
+            t1 = time.perf_counter()
+            data = mod.run(config, workdir)
+            run_s = time.perf_counter() - t1
+            write_json(results_path, {"config_hash": h, "run_s": run_s, "data": data})
+            data = read_json(results_path)["data"]  # conclude from what is on disk
+        conclusion = mod.conclude(data)
+        write_json(workdir / "conclusion.json", conclusion.to_dict())
+        t2 = time.perf_counter()
+        figs = [Path(p) for p in mod.figures(data, workdir)]
+        meta["figures_s"] = time.perf_counter() - t2
+        meta["figures"] = [str(p.relative_to(workdir)) for p in figs]
+        meta.update(status=status, run_s=run_s, total_s=time.perf_counter() - t0)
+        meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_json(workdir / "meta.json", meta)
+        say(f"{name}: {conclusion.verdict}: {conclusion.sentence}")
+        return StudyOutcome(name, status, conclusion, figs, run_s, meta["total_s"])
+    except Exception as e:  # a failing study is reported, the lab carries on
+        tb = traceback.format_exc()
+        meta.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=tb)
+        meta.update(run_s=run_s, total_s=time.perf_counter() - t0)
+        write_json(workdir / "meta.json", meta)
+        say(f"{name}: FAILED: {type(e).__name__}: {e}")
+        return StudyOutcome(name, "failed", None, [], run_s, meta["total_s"], meta["error"])
+
+
+def run_lab(
+    names: Sequence[str],
+    out: str | Path,
+    *,
+    quick: bool = False,
+    executor: str = "local",
+    device: str = "cpu",
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[StudyOutcome]:
+    """Run several studies (``["all"]`` means every registered one) and build the report."""
+    from signalprop.lab import STUDY_NAMES
+    from signalprop.lab.report import build_report
+
+    check_choice("executor", executor, EXECUTORS)
+    wanted = resolve_names(names)
+    outcomes = []
+    for n in wanted:
+        outcomes.append(
+            run_study(n, out, quick=quick, executor=executor, device=device, force=force, log=log)
+        )
+    build_report(out, order=STUDY_NAMES)
+    return outcomes
+
+
+def resolve_names(names: Sequence[str]) -> list[str]:
+    """Expand ``all`` and validate names (unknown ones raise ``ValueError`` with the choices)."""
+    from signalprop.lab import STUDY_NAMES, get_study
+
+    if not names:
+        raise ValueError(f"name at least one study, or 'all'; studies: {', '.join(STUDY_NAMES)}")
+    out: list[str] = []
+    for n in names:
+        if n == "all":
+            out.extend(s for s in STUDY_NAMES if s not in out)
+            continue
+        get_study(n)  # raises with the valid choices
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def load_study(workdir: str | Path) -> dict[str, Any]:
+    """Read a study directory back (meta, config, conclusion, figure paths) for the report."""
+    workdir = Path(workdir)
+    meta = read_json(workdir / "meta.json")
+    d: dict[str, Any] = {"meta": meta, "dir": workdir}
+    d["config"] = read_json(workdir / "config.json") if (workdir / "config.json").exists() else {}
+    cpath = workdir / "conclusion.json"
+    d["conclusion"] = Conclusion.from_dict(read_json(cpath)) if cpath.exists() else None
+    d["figures"] = [workdir / f for f in meta.get("figures", []) if (workdir / f).exists()]
+    return d
+
+
+def is_study_dir(path: Path) -> bool:
+    return (path / "meta.json").exists()
+
+
+def study_module(name: str) -> ModuleType:
+    from signalprop.lab import get_study
+
+    return get_study(name)
