@@ -1,0 +1,324 @@
+"""Activation functions as ``nn.Module`` s, registered by their canonical names.
+
+Canonical names (shared with :mod:`signalprop.theory` and the probe): ``linear, relu, leaky_relu,
+rrelu, elu, selu, gelu, silu, softplus, sigmoid, tanh, softsign, hardtanh, erf, gaussian, sin``.
+Where torch has a class, the registry builds torch's own module (the probe recognises those by
+class); the custom ones below carry a class attribute ``signalprop_activation`` with their name.
+
+Also here:
+
+- :class:`RBF`: a radial-basis-function layer, unit j = exp(-||x - c_j||^2 / (2 s_j^2)), built
+  from a :class:`SquaredDistance` pre-activation, a ``norm`` slot (identity until a normalisation
+  transform puts a batch/layer norm there) and an :class:`RBFKernel` activation.
+- :class:`Scaled`: ``a * phi(z)`` with a fixed or learnable gain; ``a = "nf"`` picks the
+  variance-preserving gain of Brock et al. 2021 (NFNets), 1 / std(phi(z)) for z ~ N(0, 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from signalprop._registry import Registry, unknown_name_message
+
+
+class Identity(nn.Module):
+    """phi(z) = z (the ``linear`` activation: a deep linear network)."""
+
+    signalprop_activation = "linear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Erf(nn.Module):
+    """phi(z) = erf(z) (its Gaussian expectations have closed forms; Williams 1997)."""
+
+    signalprop_activation = "erf"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.erf(x)
+
+
+class Gaussian(nn.Module):
+    """phi(z) = exp(-z^2 / 2), a bump saturating on both sides (|phi'| = |z| exp(-z^2/2))."""
+
+    signalprop_activation = "gaussian"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-0.5 * x * x)
+
+
+class Sin(nn.Module):
+    """phi(z) = sin(z) (periodic; never saturates for good)."""
+
+    signalprop_activation = "sin"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x)
+
+
+class SquaredDistance(nn.Module):
+    """The RBF pre-activation u_j = ||x - c_j||^2 for learnable centres ``c`` [out, in].
+
+    Computed as ||x||^2 - 2 x.c_j + ||c_j||^2 (one matmul, like ``nn.Linear``), clamped at 0
+    against rounding. Input [B, in] -> output [B, out].
+
+    Args:
+        in_features: Input dimension.
+        out_features: Number of centres (units).
+        center_std: Centres are drawn from N(0, center_std^2) (data standardised to unit
+            variance puts them among the data).
+    """
+
+    def __init__(self, in_features: int, out_features: int, center_std: float = 1.0) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.center_std = center_std
+        self.centers = nn.Parameter(torch.empty(out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.centers, 0.0, self.center_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"SquaredDistance expects inputs with {self.in_features} features, got "
+                f"shape {tuple(x.shape)}"
+            )
+        x2 = (x * x).sum(-1, keepdim=True)
+        c2 = (self.centers * self.centers).sum(-1)
+        return (x2 - 2.0 * x @ self.centers.t() + c2).clamp_min(0.0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class RBFKernel(nn.Module):
+    """h_j = exp(-u_j / (2 s_j^2)) with learnable widths s_j = exp(log_width_j) > 0.
+
+    The activation of an :class:`RBF` layer. ``signalprop_activation = "rbf"``: its derivative
+    dh/du = -h / (2 s^2) is proportional to the output, so a unit far from every input (h ~ 0)
+    passes no gradient, like a saturated sigmoid.
+
+    Args:
+        features: Number of units.
+        width: Initial width s (the same for every unit).
+    """
+
+    signalprop_activation = "rbf"
+
+    def __init__(self, features: int, width: float = 1.0) -> None:
+        super().__init__()
+        if width <= 0:
+            raise ValueError(f"RBF width must be > 0, got {width}")
+        self.features = features
+        self.log_width = nn.Parameter(torch.full((features,), math.log(width)))
+
+    @property
+    def width(self) -> torch.Tensor:
+        return self.log_width.exp()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-u * torch.exp(-2.0 * self.log_width) / 2.0)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+class RBF(nn.Module):
+    """Radial-basis-function layer: h_j(x) = exp(-||x - c_j||^2 / (2 s_j^2)).
+
+    Composed of ``distance`` (:class:`SquaredDistance`, the Euclidean-norm pre-activation
+    u = ||x - c||^2), ``norm`` (``nn.Identity`` by default: the slot where
+    :func:`signalprop.remedies.transforms.insert_norm` puts a batch or layer norm on the distance)
+    and ``kernel`` (:class:`RBFKernel`). Input [B, in] -> output [B, out].
+
+    Args:
+        in_features: Input dimension.
+        out_features: Number of units.
+        width: Initial kernel width s. The default sqrt(in_features) keeps u/(2 s^2) of order 1
+            for standardised inputs and centres (E||x - c||^2 = 2 in_features).
+        center_std: Standard deviation of the initial centres.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        width: float | None = None,
+        center_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.distance = SquaredDistance(in_features, out_features, center_std)
+        self.norm: nn.Module = nn.Identity()
+        self.kernel = RBFKernel(out_features, math.sqrt(in_features) if width is None else width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(self.norm(self.distance(x)))
+
+
+def nf_gain(phi: Callable[[torch.Tensor], torch.Tensor], points: int = 101) -> float:
+    """gamma = 1 / std(phi(z)), z ~ N(0, 1): the NFNets gain (Brock, De & Smith 2021, sec. 3).
+
+    Computed with a ``points``-point Gauss-Hermite rule (probabilists' weights) in float64.
+    Raises ``ValueError`` for a constant phi (std 0).
+    """
+    z, w = np.polynomial.hermite_e.hermegauss(points)
+    w = w / w.sum()
+    with torch.no_grad():
+        v = phi(torch.as_tensor(z, dtype=torch.float64)).double().numpy()
+    mean = float(np.dot(w, v))
+    var = float(np.dot(w, (v - mean) ** 2))
+    if not math.isfinite(var) or var <= 1e-30:
+        raise ValueError("activation has zero variance under N(0, 1) inputs: no NF gain exists")
+    return 1.0 / math.sqrt(var)
+
+
+class Scaled(nn.Module):
+    """a * phi(z): a fixed or learnable gain on an activation.
+
+    ``phi`` is kept as a child module, so the probe measures its (unscaled) output with the
+    right saturation rule; ``Scaled`` itself declares no activation kind.
+
+    Args:
+        phi: An activation module or a canonical activation name.
+        a: The gain, or ``"nf"`` for 1/std(phi(z)), z ~ N(0, 1) (Brock et al. 2021).
+        learnable: Make ``a`` a trainable parameter.
+    """
+
+    def __init__(self, phi: nn.Module | str, a: float | str = "nf", learnable: bool = False):
+        super().__init__()
+        self.phi = make_activation(phi) if isinstance(phi, str) else phi
+        if not isinstance(self.phi, nn.Module):
+            raise TypeError(f"phi must be an nn.Module or a name, got {type(phi).__name__}")
+        if isinstance(a, str):
+            if a != "nf":
+                raise ValueError(f"gain a must be a number or 'nf', got {a!r}")
+            # rrelu is random in training mode; its eval mode is the deterministic mean slope
+            was = self.phi.training
+            self.phi.eval()
+            a = nf_gain(self.phi)
+            self.phi.train(was)
+        a_t = torch.tensor(float(a))
+        if learnable:
+            self.a = nn.Parameter(a_t)
+        else:
+            self.register_buffer("a", a_t)
+        self.learnable = learnable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a * self.phi(x)
+
+    def extra_repr(self) -> str:
+        return f"a={float(self.a):.4g}, learnable={self.learnable}"
+
+
+ACTIVATIONS: Registry = Registry("activation")
+ACTIVATIONS.register("linear", Identity, doc="z")
+ACTIVATIONS.register("relu", nn.ReLU, doc="max(0, z)")
+ACTIVATIONS.register("leaky_relu", nn.LeakyReLU, negative_slope=0.01, doc="max(z, 0.01 z)")
+ACTIVATIONS.register(
+    "rrelu", nn.RReLU, lower=1.0 / 8, upper=1.0 / 3, doc="randomised leaky slope (Xu et al. 2015)"
+)
+ACTIVATIONS.register("elu", nn.ELU, alpha=1.0, doc="z>0: z; else alpha (e^z - 1)")
+ACTIVATIONS.register("selu", nn.SELU, doc="self-normalising ELU (Klambauer et al. 2017)")
+ACTIVATIONS.register("gelu", nn.GELU, doc="z Phi(z)")
+ACTIVATIONS.register("silu", nn.SiLU, doc="z sigmoid(z)")
+ACTIVATIONS.register("softplus", nn.Softplus, doc="log(1 + e^z)")
+ACTIVATIONS.register("sigmoid", nn.Sigmoid, doc="1 / (1 + e^-z)")
+ACTIVATIONS.register("tanh", nn.Tanh, doc="tanh z")
+ACTIVATIONS.register("softsign", nn.Softsign, doc="z / (1 + |z|)")
+ACTIVATIONS.register("hardtanh", nn.Hardtanh, doc="clip(z, -1, 1)")
+ACTIVATIONS.register("erf", Erf, doc="erf z")
+ACTIVATIONS.register("gaussian", Gaussian, doc="exp(-z^2/2)")
+ACTIVATIONS.register("sin", Sin, doc="sin z")
+
+
+def make_activation(name: str, **overrides: object) -> nn.Module:
+    """Build the registered activation ``name`` (``ValueError`` listing valid names if unknown)."""
+    return ACTIVATIONS.build(name, **overrides)
+
+
+# torch classes -> canonical names. ReLU6 subclasses Hardtanh, so it is checked first.
+_TORCH_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.ReLU6, "relu6"),
+    (nn.Sigmoid, "sigmoid"),
+    (nn.Tanh, "tanh"),
+    (nn.Softsign, "softsign"),
+    (nn.Hardtanh, "hardtanh"),
+    (nn.ReLU, "relu"),
+    (nn.LeakyReLU, "leaky_relu"),
+    (nn.RReLU, "rrelu"),
+    (nn.ELU, "elu"),
+    (nn.SELU, "selu"),
+    (nn.CELU, "celu"),
+    (nn.GELU, "gelu"),
+    (nn.SiLU, "silu"),
+    (nn.Mish, "mish"),
+    (nn.Softplus, "softplus"),
+    (nn.Hardsigmoid, "hardsigmoid"),
+    (nn.Hardswish, "hardswish"),
+    (nn.LogSigmoid, "logsigmoid"),
+    (nn.Tanhshrink, "tanhshrink"),
+)
+
+
+def activation_kind(module: nn.Module) -> str | None:
+    """Canonical activation name of ``module`` (custom ``signalprop_activation`` first), or None."""
+    custom = getattr(module, "signalprop_activation", None)
+    if isinstance(custom, str):
+        return custom
+    for cls, name in _TORCH_KINDS:
+        if isinstance(module, cls):
+            return name
+    return None
+
+
+def is_activation(module: nn.Module) -> bool:
+    """True for a module this package recognises as an activation (``Scaled`` included)."""
+    return isinstance(module, Scaled) or activation_kind(module) is not None
+
+
+def infer_activation(model: nn.Module) -> str:
+    """The single activation kind used by ``model``'s hidden layers.
+
+    Raises:
+        ValueError: when the model has no recognisable activation module (functional calls such
+            as ``torch.tanh`` inside ``forward`` are invisible), or mixes several kinds.
+    """
+    kinds = []
+    for _, m in model.named_modules():
+        if isinstance(m, Scaled):
+            continue  # its child phi is visited and counted
+        k = activation_kind(m)
+        if k is not None:
+            kinds.append(k)
+    found = sorted(set(kinds))
+    if not found:
+        raise ValueError(
+            f"cannot infer the activation of {type(model).__name__}: it has no activation "
+            "modules (activations called functionally inside forward(), e.g. torch.tanh, are "
+            "invisible; use nn.Tanh() etc. or pass the activation explicitly)"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"cannot infer one activation for {type(model).__name__}: it mixes {found}; "
+            "pass the activation explicitly"
+        )
+    return found[0]
+
+
+def check_activation_name(name: str) -> str:
+    """Validate a canonical activation name against :data:`ACTIVATIONS`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(unknown_name_message("activation", name, ACTIVATIONS.names()))
+    return name.lower()

@@ -1,0 +1,420 @@
+"""Optimisers torch lacks, and the :data:`OPTIMIZERS` registry naming torch's own as well.
+
+- :class:`SMORMS3` (Simon Funk 2015, "RMSprop loses to SMORMS3 - Beware the Epsilon!").
+- :class:`VSGD` (Schaul, Zhang & LeCun 2013, "No More Pesky Learning Rates"; finite-difference
+  curvature from Schaul & LeCun 2013, "Adaptive learning rates and parallelization ...").
+- :class:`LARS` (You, Gitman & Ginsburg 2017): a per-layer trust ratio ||w|| / ||g||.
+- :func:`layerwise` : per-layer parameter groups whose learning rate is scaled by depth.
+
+Registry entries are called as ``fn(params, lr=lr, **defaults)`` (or ``fn(model, lr=...)`` when
+the factory has ``signalprop_takes_model = True``), which is how
+:func:`signalprop.train.make_optimizer` builds them. :data:`DEFAULT_LR` holds a sensible learning
+rate per optimiser for remedies that switch optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from signalprop._registry import Registry
+
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+class SMORMS3(Optimizer):
+    """SMORMS3 (squared mean over root mean squared, cubed), exactly as published by Simon Funk.
+
+    Per element, state mem = 1, g = 0, g2 = 0; each step with gradient ``grad``::
+
+        r   = 1 / (mem + 1)
+        g   = (1 - r) g  + r grad
+        g2  = (1 - r) g2 + r grad^2
+        x   = g^2 / (g2 + eps)
+        w  -= grad * min(lr, x) / (sqrt(g2) + eps)
+        mem = 1 + mem (1 - x)
+
+    The memory ``mem`` shortens when the gradient is consistent (x near 1) and grows when it is
+    noise (x near 0), and min(lr, x) caps the step by the signal-to-noise ratio.
+
+    Args:
+        params: Parameters or parameter groups.
+        lr: Maximum learning rate (default 1e-3).
+        eps: Tiny constant (default 1e-16, as in the original; the point of the post is that a
+            large epsilon hurts).
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, eps: float = 1e-16) -> None:
+        if not lr > 0:
+            raise ValueError(f"SMORMS3 needs lr > 0, got {lr}")
+        if not eps >= 0:
+            raise ValueError(f"SMORMS3 needs eps >= 0, got {eps}")
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps = group["lr"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("SMORMS3 does not support sparse gradients")
+                st = self.state[p]
+                if not st:
+                    st["mem"] = torch.ones_like(p)
+                    st["g"] = torch.zeros_like(p)
+                    st["g2"] = torch.zeros_like(p)
+                mem, g, g2 = st["mem"], st["g"], st["g2"]
+                r = 1.0 / (mem + 1.0)
+                g.mul_(1.0 - r).add_(r * grad)
+                g2.mul_(1.0 - r).add_(r * grad * grad)
+                x = g * g / (g2 + eps)
+                p.sub_(grad * torch.clamp(x, max=lr) / (g2.sqrt() + eps))
+                mem.copy_(1.0 + mem * (1.0 - x))
+        return loss
+
+
+class VSGD(Optimizer):
+    """vSGD: per-parameter learning rates from running estimates (Schaul, Zhang & LeCun 2013).
+
+    The optimal rate of a noisy quadratic, eta* = E[g]^2 / (h E[g^2]), estimated per element with
+    running averages over an adaptive memory tau (their Algorithm 1, "vSGD-l")::
+
+        gbar  <- (1 - 1/tau) gbar  + g / tau          (mean gradient)
+        vbar  <- (1 - 1/tau) vbar  + g^2 / tau        (mean squared gradient)
+        hbar  <- (1 - 1/tau) hbar  + h / tau          (mean curvature)
+        vhbar <- (1 - 1/tau) vhbar + h^2 / tau        (mean squared curvature)
+        eta   = lr * (gbar^2 / vbar) * (hbar / vhbar)
+        tau   <- (1 - gbar^2 / vbar) tau + 1
+        w     <- w - eta * g
+
+    Curvature h (our choice, stated as asked). The paper's bbprop diagonal-Hessian estimate needs
+    a second backward pass through a modified network, which a generic torch model does not
+    offer. We use the bbprop-free finite-difference estimate of Schaul & LeCun 2013 ("vSGD-fd"):
+    h = |g(w) - g(w + delta)| / |delta| elementwise, and, as they do, the ratio hbar / vhbar
+    (= 1/h for a noise-free h, smaller when h is noisy) in place of 1/hbar. Two ways to get the
+    second gradient:
+
+    - ``curvature="secant"`` (default; no closure, one backward per step): the difference along
+      the last *update*, h = |g_t - g_{t-1}| / |w_t - w_{t-1}| (the variant of AdaSecant,
+      Gulcehre et al. 2014). Mini-batch noise in g_t - g_{t-1} inflates h, which only makes
+      steps more cautious. The first step, before any curvature is known, is a plain SGD step of
+      size ``init_lr``.
+    - ``curvature="fd"`` (needs ``step(closure)`` evaluating the *same* mini-batch): the paper's
+      difference along delta = gbar, at the cost of a second forward/backward per step.
+
+    Initial statistics follow the authors' code's "slow start": vbar and vhbar start at
+    ``slow_start`` times the first sample's square (overestimated variance: short steps), tau = 2.
+
+    Args:
+        params: Parameters or groups.
+        lr: Multiplier on the adapted rate (1.0: the paper's hyper-parameter-free rule).
+        curvature: ``"secant"`` or ``"fd"``.
+        init_lr: SGD step size of the first step in secant mode.
+        slow_start: C >= 1, the overestimation factor of the initial variances.
+        eps: Floor added to the second moments.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1.0,
+        curvature: str = "secant",
+        init_lr: float = 1e-3,
+        slow_start: float = 2.0,
+        eps: float = 1e-12,
+    ) -> None:
+        if curvature not in ("secant", "fd"):
+            from signalprop._registry import unknown_name_message
+
+            raise ValueError(unknown_name_message("vSGD curvature", curvature, ["fd", "secant"]))
+        if not lr > 0 or not init_lr > 0 or slow_start < 1 or eps <= 0:
+            raise ValueError(
+                f"vSGD needs lr > 0, init_lr > 0, slow_start >= 1, eps > 0; got lr={lr}, "
+                f"init_lr={init_lr}, slow_start={slow_start}, eps={eps}"
+            )
+        super().__init__(
+            params,
+            {"lr": lr, "curvature": curvature, "init_lr": init_lr, "slow_start": slow_start,
+             "eps": eps},
+        )
+
+    def _params(self) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        return [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def _fd_curvature(self, closure: Callable[[], Any]) -> dict[torch.Tensor, torch.Tensor]:
+        # h = |g(w + delta) - g(w)| / |delta| on the same mini-batch, delta = gbar (first step: g)
+        items = self._params()
+        grads = {p: p.grad.detach().clone() for _, p in items}
+        deltas = {}
+        for group, p in items:
+            st = self.state[p]
+            d = (st["gbar"] if "gbar" in st else grads[p]).clone()
+            # keep |delta| away from 0 without changing its sign
+            d = torch.where(d >= 0, d + group["eps"] ** 0.5, d - group["eps"] ** 0.5)
+            deltas[p] = d
+            p.add_(d)
+            p.grad = None  # the closure's backward must not add to the first gradient
+        with torch.enable_grad():
+            closure()
+        hs = {}
+        for _, p in items:
+            g2 = p.grad if p.grad is not None else torch.zeros_like(p)
+            hs[p] = (g2 - grads[p]).abs() / deltas[p].abs()
+            p.sub_(deltas[p])
+            p.grad = grads[p]
+        return hs
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        fd = any(g["curvature"] == "fd" for g in self.param_groups)
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        elif fd:
+            raise ValueError(
+                "vSGD(curvature='fd') needs step(closure) that re-evaluates the same mini-batch "
+                "(zero_grad, forward, backward, return loss); use curvature='secant' otherwise"
+            )
+        hs = self._fd_curvature(closure) if fd and closure is not None else {}
+        for group, p in self._params():
+            g = p.grad
+            st = self.state[p]
+            eps, c = group["eps"], group["slow_start"]
+            if group["curvature"] == "fd":
+                h = hs[p]
+            elif "prev_p" in st:
+                dp = p - st["prev_p"]
+                ok = dp.abs() > 1e-20
+                h = torch.where(ok, (g - st["prev_g"]).abs() / torch.where(ok, dp.abs(), 1.0),
+                                torch.full_like(g, float("nan")))
+            else:
+                h = None
+            fresh_g = "gbar" not in st
+            if fresh_g:
+                st["gbar"] = g.clone()
+                st["vbar"] = c * (g * g + eps)
+                st["tau"] = torch.full_like(g, 2.0)
+            if h is None:
+                # secant mode, first step: no curvature yet -> a small plain SGD step
+                st["prev_g"], st["prev_p"] = g.clone(), p.clone()
+                p.sub_(group["init_lr"] * g)
+                continue
+            valid = ~torch.isnan(h)
+            hv = torch.nan_to_num(h, nan=0.0)
+            fresh_h = "hbar" not in st
+            if fresh_h:
+                st["hbar"] = hv.clone()
+                st["vhbar"] = c * (hv * hv) + eps
+            f = 1.0 / st["tau"]
+            if not fresh_g:  # a fresh average already holds this sample
+                st["gbar"].mul_(1 - f).add_(f * g)
+                st["vbar"].mul_(1 - f).add_(f * (g * g) + eps)
+            if not fresh_h:
+                st["hbar"].copy_(torch.where(valid, (1 - f) * st["hbar"] + f * hv, st["hbar"]))
+                st["vhbar"].copy_(
+                    torch.where(valid, (1 - f) * st["vhbar"] + f * hv * hv, st["vhbar"])
+                )
+            st["step"] = st.get("step", 0) + 1
+            vpart = st["gbar"] ** 2 / st["vbar"]
+            hpart = st["hbar"] / (st["vhbar"] + eps)
+            rate = group["lr"] * vpart * hpart
+            st["tau"].mul_(1 - vpart).add_(1.0)
+            if group["curvature"] == "secant":
+                st["prev_g"], st["prev_p"] = g.clone(), p.clone()
+            p.sub_(rate * g)
+        return loss
+
+
+class LARS(Optimizer):
+    """Layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017, Algorithm 1).
+
+    Per parameter tensor w with gradient g::
+
+        local_lr = trust * ||w|| / (||g|| + weight_decay ||w||)     (1 when either norm is 0)
+        v <- momentum v + lr * local_lr * (g + weight_decay w)
+        w <- w - v
+
+    Every layer moves by about ``lr * trust`` of its own norm per step whatever the size of its
+    gradient: a vanishing first-layer gradient no longer means a frozen first layer.
+    1-d parameters (biases, norm gains) are not adapted when ``exclude_vectors``.
+
+    Args:
+        params: Parameters or groups.
+        lr: Global rate (default 1.0: each layer moves ~``trust`` of its norm per step).
+        momentum: Heavy-ball momentum (default 0.9).
+        weight_decay: L2 coefficient.
+        trust: The trust coefficient eta (default 0.01).
+        exclude_vectors: Use local_lr = 1 for 1-d parameters (and a plain ``lr * trust`` rate).
+        eps: Guard in the denominator.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust: float = 0.01,
+        exclude_vectors: bool = True,
+        eps: float = 1e-9,
+    ) -> None:
+        if not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0 or not trust > 0:
+            raise ValueError(
+                f"LARS needs lr > 0, 0 <= momentum < 1, weight_decay >= 0, trust > 0; got "
+                f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}, trust={trust}"
+            )
+        super().__init__(
+            params,
+            {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "trust": trust,
+             "exclude_vectors": exclude_vectors, "eps": eps},
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd, mom, trust = group["weight_decay"], group["momentum"], group["trust"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.dim() <= 1 and group["exclude_vectors"]:
+                    local = torch.tensor(trust, device=p.device, dtype=p.dtype)
+                    d = g
+                else:
+                    wn, gn = p.norm(), g.norm()
+                    ratio = trust * wn / (gn + wd * wn + group["eps"])
+                    local = torch.where((wn > 0) & (gn > 0), ratio, torch.ones_like(ratio))
+                    d = g.add(p, alpha=wd) if wd else g
+                upd = group["lr"] * local * d
+                st = self.state[p]
+                if mom:
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = st["momentum_buffer"] = upd.clone()
+                    else:
+                        buf.mul_(mom).add_(upd)
+                    upd = buf
+                p.sub_(upd)
+        return loss
+
+
+def depth_groups(model: nn.Module) -> list[list[torch.nn.Parameter]]:
+    """Trainable parameters grouped by the module owning them, in registration order."""
+    groups = []
+    for m in model.modules():
+        ps = [p for p in m.parameters(recurse=False) if p.requires_grad]
+        if ps:
+            groups.append(ps)
+    return groups
+
+
+def layerwise(
+    model: nn.Module,
+    lr: float = 0.1,
+    base: str = "sgd",
+    first_layer_factor: float = 10.0,
+    **base_kwargs: Any,
+) -> Optimizer:
+    """Per-layer learning rates scaled geometrically with depth.
+
+    Layer l of L (registration order, 0 = input side) gets
+    lr_l = lr * first_layer_factor ** ((L - 1 - l) / (L - 1)): the first layer ``lr *
+    first_layer_factor``, the last ``lr``. Factor > 1 counters gradients that vanish towards the
+    input; < 1 counters ones that explode there.
+
+    Args:
+        model: The model (its parameters are grouped by owning module).
+        lr: Rate of the last layer.
+        base: Registered optimiser name used for the groups (not ``layerwise``/``lars``).
+        first_layer_factor: Ratio of the first layer's rate to the last one's.
+        **base_kwargs: Passed to the base optimiser.
+    """
+    if not first_layer_factor > 0:
+        raise ValueError(f"first_layer_factor must be > 0, got {first_layer_factor}")
+    if base in ("layerwise",):
+        raise ValueError("layerwise cannot be its own base optimiser")
+    groups = depth_groups(model)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    n = len(groups)
+    pg = []
+    for i, ps in enumerate(groups):
+        frac = (n - 1 - i) / (n - 1) if n > 1 else 0.0
+        pg.append({"params": ps, "lr": lr * first_layer_factor**frac, "depth": i})
+    entry = OPTIMIZERS.entry(base)
+    kw = {**entry.defaults, **base_kwargs}
+    return entry.fn(pg, lr=lr, **kw)
+
+
+layerwise.signalprop_takes_model = True  # type: ignore[attr-defined]
+
+OPTIMIZERS: Registry = Registry("optimizer")
+OPTIMIZERS.register("sgd", torch.optim.SGD, doc="plain SGD")
+OPTIMIZERS.register("momentum", torch.optim.SGD, momentum=0.9, doc="SGD with momentum 0.9")
+OPTIMIZERS.register(
+    "nesterov", torch.optim.SGD, momentum=0.9, nesterov=True, doc="Nesterov momentum 0.9"
+)
+OPTIMIZERS.register("adam", torch.optim.Adam, doc="Adam (Kingma & Ba 2015)")
+OPTIMIZERS.register("adamw", torch.optim.AdamW, doc="AdamW (Loshchilov & Hutter 2019)")
+OPTIMIZERS.register("rmsprop", torch.optim.RMSprop, doc="RMSProp (Tieleman & Hinton 2012)")
+OPTIMIZERS.register("rprop", torch.optim.Rprop, doc="iRprop- (Riedmiller & Braun 1993)")
+OPTIMIZERS.register("adagrad", torch.optim.Adagrad, doc="Adagrad (Duchi et al. 2011)")
+OPTIMIZERS.register("smorms3", SMORMS3, eps=1e-16, doc="SMORMS3 (Funk 2015)")
+OPTIMIZERS.register("vsgd", VSGD, curvature="secant", doc="vSGD (Schaul, Zhang & LeCun 2013)")
+OPTIMIZERS.register("lars", LARS, momentum=0.9, trust=0.01, doc="LARS trust ratio (You et al. 2017)")
+OPTIMIZERS.register("layerwise", layerwise, base="sgd", first_layer_factor=10.0,
+                    doc="depth-scaled per-layer rates")
+
+#: A reasonable learning rate for each optimiser, used by remedies that switch optimiser (the
+#: user's SGD rate is rarely right for Adam).
+DEFAULT_LR: dict[str, float] = {
+    "sgd": 0.1,
+    "momentum": 0.01,
+    "nesterov": 0.01,
+    "adam": 1e-3,
+    "adamw": 1e-3,
+    "rmsprop": 1e-3,
+    "rprop": 1e-2,
+    "adagrad": 1e-2,
+    "smorms3": 1e-3,
+    "vsgd": 1.0,
+    "lars": 1.0,
+    "layerwise": 0.1,
+}
+
+
+def make_optimizer(
+    name: str, model_or_params: nn.Module | Params, lr: float | None = None, **overrides: Any
+) -> Optimizer:
+    """Build the registered optimiser ``name`` (``lr`` defaults to :data:`DEFAULT_LR`)."""
+    entry = OPTIMIZERS.entry(name)
+    lr = DEFAULT_LR.get(entry.name, 1e-3) if lr is None else lr
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"learning rate must be a positive number, got {lr}")
+    kw = {**entry.defaults, **overrides}
+    if getattr(entry.fn, "signalprop_takes_model", False):
+        if not isinstance(model_or_params, nn.Module):
+            raise TypeError(f"optimizer {name!r} needs the model, not a parameter list")
+        return entry.fn(model_or_params, lr=lr, **kw)
+    params = (
+        model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
+    )
+    return entry.fn(params, lr=lr, **kw)
