@@ -1,0 +1,157 @@
+"""What the diagnosis knows about the model, read from a record's layer metadata.
+
+Rules number layers the way a reader counts them: "layer k" is the k-th *weight layer*
+(Linear/Conv/... : a module owning a parameter of 2 or more dimensions) in forward order, and an
+activation or norm module belongs to the weight layer that precedes it ("block" k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from signalprop import stats
+from signalprop.record import Record
+
+_BN_TYPES = ("BatchNorm",)
+_OTHER_NORM_TYPES = ("LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "LocalResponseNorm")
+_ADAPTIVE = ("adam", "adamw", "rmsprop", "adagrad", "adadelta", "adamax", "nadam", "radam",
+             "smorms3", "rprop", "vsgd")
+
+
+@dataclass
+class Context:
+    """Model facts the rules and the prescription ranking use.
+
+    Attributes:
+        weight_layers: Module names of weight layers, forward order.
+        weight_params: Weight layer module -> its weight parameter name.
+        block: Any layer or parameter name -> 1-based weight-layer index (0: before the first).
+        activations: Activation module name -> activation kind.
+        has_bn: A BatchNorm module is present.
+        has_other_norm: A LayerNorm/GroupNorm/... module is present.
+        residual: Whether the model has skip connections (from ``record.meta["residual"]``;
+            ``None`` when unknown: leaf-module hooks cannot see additions).
+        optimizer: Lower-case optimiser name from ``record.meta`` or ``None``.
+    """
+
+    weight_layers: list[str] = field(default_factory=list)
+    weight_params: dict[str, str] = field(default_factory=dict)
+    block: dict[str, int] = field(default_factory=dict)
+    activations: dict[str, str] = field(default_factory=dict)
+    has_bn: bool = False
+    has_other_norm: bool = False
+    residual: bool | None = None
+    optimizer: str | None = None
+
+    @property
+    def depth(self) -> int:
+        """Number of weight layers."""
+        return len(self.weight_layers)
+
+    @property
+    def kinds(self) -> set[str]:
+        """Activation kinds present."""
+        return set(self.activations.values())
+
+    @property
+    def saturating(self) -> set[str]:
+        """Saturating activation kinds present (sigmoid, tanh, ...)."""
+        return self.kinds & set(stats.SATURATING)
+
+    @property
+    def rectifiers(self) -> set[str]:
+        """ReLU-family activation kinds present."""
+        return self.kinds & set(stats.RECTIFIERS)
+
+    @property
+    def adaptive_optimizer(self) -> bool:
+        """The run already used a scale-free (adaptive or sign-based) optimiser."""
+        return self.optimizer is not None and self.optimizer in _ADAPTIVE
+
+    def label(self, names: list[str]) -> str:
+        """``"layers 1-27"`` / ``"layer 3"`` / ``"layers 2, 5-7"`` for the given layer names."""
+        idx = sorted({self.block.get(n, 0) for n in names})
+        if not idx:
+            return "no layers"
+        parts, start, prev = [], idx[0], idx[0]
+        for i in idx[1:] + [None]:
+            if i is not None and i == prev + 1:
+                prev = i
+                continue
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            if i is not None:
+                start = prev = i
+        word = "layer" if len(idx) == 1 else "layers"
+        return f"{word} {', '.join(parts)}"
+
+
+def context_of(record: Record) -> Context:
+    """Read a :class:`Context` from ``record.layers`` and ``record.meta``."""
+    ctx = Context()
+    params = [i for i in record.layers.values() if i.role == "param"]
+    modules = [i for i in record.layers.values() if i.role != "param"]
+    # weight layers: owners of >= 2-D parameters, in forward order (params inherit their
+    # module's depth); biases and norm gains are 1-D and do not make a layer
+    seen: dict[str, tuple[int, str]] = {}
+    for p in sorted(params, key=lambda i: i.depth):
+        if p.shape is not None and len(p.shape) >= 2:
+            owner = p.module or p.name
+            if owner not in seen:
+                seen[owner] = (p.depth, p.name)
+    ordered = sorted(seen.items(), key=lambda kv: kv[1][0])
+    ctx.weight_layers = [n for n, _ in ordered]
+    ctx.weight_params = {n: pn for n, (_, pn) in ordered}
+    depths = np.asarray([d for _, (d, _) in ordered], dtype=np.int64)
+    for m in modules:
+        # block = number of weight layers at or before this module's depth
+        ctx.block[m.name] = int(np.searchsorted(depths, m.depth, side="right"))
+        if m.activation is not None:
+            ctx.activations[m.name] = m.activation
+        if any(t in m.type for t in _BN_TYPES):
+            ctx.has_bn = True
+        if any(t in m.type for t in _OTHER_NORM_TYPES):
+            ctx.has_other_norm = True
+    for p in params:
+        owner = p.module or p.name
+        ctx.block[p.name] = ctx.block.get(owner, int(np.searchsorted(depths, p.depth, "right")))
+    for i, n in enumerate(ctx.weight_layers):
+        ctx.block[n] = i + 1
+        ctx.block[ctx.weight_params[n]] = i + 1
+    res = record.meta.get("residual")
+    ctx.residual = bool(res) if res is not None else None
+    opt = record.meta.get("optimizer")
+    if isinstance(opt, str):
+        ctx.optimizer = opt.lower()
+    elif isinstance(opt, dict) and isinstance(opt.get("name"), str):
+        ctx.optimizer = opt["name"].lower()
+    return ctx
+
+
+def finite(values: np.ndarray) -> np.ndarray:
+    """The finite entries of ``values`` (1-D)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    return v[np.isfinite(v)]
+
+
+def fmt(v: float, digits: int = 2) -> str:
+    """``3e-07``, ``0.13``, ``84``: compact numbers for evidence sentences."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "NaN"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 1e4 or a < 1e-2:
+        return f"{v:.{max(digits - 1, 0)}e}".replace("e-0", "e-").replace("e+0", "e+").replace(
+            "e+", "e"
+        )
+    return f"{v:.{digits}g}"
+
+
+def pct(v: float) -> str:
+    """``0.843`` -> ``"84%"``."""
+    return f"{100 * v:.0f}%"

@@ -1,0 +1,497 @@
+"""Diagnosis rules: a :class:`~signalprop.record.Record` in, a list of findings out.
+
+Each rule reads only record metrics (see ``signalprop.record`` for the names) and skips quietly
+when the metrics it needs were not recorded, so a probe configured to record less still gets the
+findings its data supports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from signalprop.diagnosis.context import Context, context_of, finite, fmt, pct
+from signalprop.diagnosis.findings import KINDS, Finding, severity_rank
+from signalprop.diagnosis.prescriptions import (
+    rx_dead,
+    rx_divergence,
+    rx_exploding,
+    rx_nonfinite,
+    rx_saturation,
+    rx_update_ratio,
+    rx_vanishing,
+)
+from signalprop.diagnosis.thresholds import Thresholds
+from signalprop.record import MODEL, Record
+
+
+def _nanmedian(a: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Median over ``axis`` ignoring NaN (all-NaN slices give NaN without a warning)."""
+    a = np.asarray(a, dtype=np.float64)
+    out = np.full(np.delete(a.shape, axis), np.nan)
+    moved = np.moveaxis(a, axis, -1)
+    for idx in np.ndindex(out.shape):
+        v = moved[idx]
+        v = v[~np.isnan(v)]
+        if v.size:
+            out[idx] = np.median(v)
+    return out
+
+
+def _tail(steps: np.ndarray, values: np.ndarray, frac: float) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``frac`` of recorded steps (at least one)."""
+    k = max(1, int(math.ceil(len(steps) * frac)))
+    return steps[-k:], values[-k:]
+
+
+# --- gradients across depth -------------------------------------------------------------------
+def _depth_gradients(record: Record, ctx: Context) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """Backward signal per weight layer: ``(metric, steps [S], G [S, L])``.
+
+    Uses ``out_grad_norm`` (||dL/dh|| at each weight layer's output) when recorded for every
+    weight layer, else the weight gradient ``grad_norm`` (||dL/dW||). Returns ``None`` with fewer
+    than two weight layers or no data.
+    """
+    if ctx.depth < 2:
+        return None
+    mods = ctx.weight_layers
+    have = set(record.layer_names(metric="out_grad_norm"))
+    if all(m in have for m in mods):
+        steps, _, g = record.matrix("out_grad_norm", mods)
+        metric = "out_grad_norm"
+    else:
+        params = [ctx.weight_params[m] for m in mods]
+        have = set(record.layer_names(metric="grad_norm"))
+        if not all(p in have for p in params):
+            return None
+        steps, _, g = record.matrix("grad_norm", params)
+        metric = "grad_norm"
+    if g.size == 0:
+        return None
+    return metric, steps, g
+
+
+def _log_ratios(g: np.ndarray) -> np.ndarray:
+    """log10(G[:, l] / G[:, -1]) per step; NaN where the step is unusable (non-finite, or the
+    reference layer's gradient is 0). A layer with exactly zero gradient gives -inf."""
+    ref = g[:, -1:]
+    ok = np.isfinite(g).all(axis=1, keepdims=True) & (ref > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lr = np.log10(g) - np.log10(ref)
+    return np.where(ok, lr, np.nan)
+
+
+def _median_ratio(log_r: np.ndarray) -> float:
+    """10 ** median of log10 ratios over finite-or-(-inf) entries (NaN skipped)."""
+    v = log_r[~np.isnan(log_r)]
+    if v.size == 0:
+        return math.nan
+    m = float(np.median(v))
+    return 0.0 if m == -math.inf else 10.0**m
+
+
+def _per_layer_factor(g: np.ndarray) -> float:
+    """Geometric per-layer growth of the gradient from input to output side, as 10 ** (median
+    over steps of the least-squares slope of log10 G vs layer index, over layers with G > 0).
+    A value below 1 means each layer *shrinks* the backward signal by that factor."""
+    slopes = []
+    idx = np.arange(g.shape[1], dtype=np.float64)
+    for row in g:
+        m = np.isfinite(row) & (row > 0)
+        if m.sum() >= 2:
+            slopes.append(np.polyfit(idx[m], np.log10(row[m]), 1)[0])
+    if not slopes:
+        return math.nan
+    # the fit runs input -> output; the backward factor per layer is its inverse
+    return float(10.0 ** (-np.median(slopes)))
+
+
+def _weight_grad_ratio(record: Record, ctx: Context) -> float:
+    params = [ctx.weight_params[m] for m in ctx.weight_layers]
+    have = set(record.layer_names(metric="grad_norm"))
+    if len(params) < 2 or not all(p in have for p in params):
+        return math.nan
+    _, _, g = record.matrix("grad_norm", [params[0], params[-1]])
+    return _median_ratio(_log_ratios(g)[:, 0])
+
+
+def _min_grad_rms(record: Record, ctx: Context) -> float:
+    """Smallest median per-element RMS weight gradient ||dL/dW|| / sqrt(numel) over weight
+    layers (0 if some layer's gradient underflowed to exactly zero)."""
+    best = math.inf
+    for m in ctx.weight_layers:
+        p = ctx.weight_params[m]
+        info = record.layers.get(p)
+        _, v = record.series(p, "grad_norm")
+        v = finite(v)
+        if info is None or info.shape is None or v.size == 0:
+            continue
+        best = min(best, float(np.median(v)) / math.sqrt(max(1, int(np.prod(info.shape)))))
+    return best if best < math.inf else math.nan
+
+
+def _forward_growth(record: Record, ctx: Context) -> float:
+    """out_std of the last weight layer's output over that of the first, at the first step."""
+    a = record.layers and ctx.weight_layers
+    if not a or len(ctx.weight_layers) < 2:
+        return math.nan
+    s0 = record.steps[0] if record.steps else None
+    if s0 is None:
+        return math.nan
+    first = record.get(s0, ctx.weight_layers[0], "out_std")
+    last = record.get(s0, ctx.weight_layers[-1], "out_std")
+    if not (math.isfinite(first) and math.isfinite(last)) or first <= 0:
+        return math.nan
+    return last / first
+
+
+def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
+    """Vanishing or exploding gradients across depth, and gradient growth over training."""
+    out: list[Finding] = []
+    dg = _depth_gradients(record, ctx)
+    if dg is not None and ctx.depth >= th.min_layers:
+        metric, steps, g = dg
+        log_r = _log_ratios(g)
+        usable = int((~np.isnan(log_r[:, 0])).sum())
+        if usable:
+            ratio = _median_ratio(log_r[:, 0])
+            with np.errstate(invalid="ignore"):
+                rel = np.array([_median_ratio(log_r[:, j]) for j in range(g.shape[1])])
+            factor = _per_layer_factor(g)
+            zero_layers = int(np.sum(_nanmedian(np.where(np.isfinite(g), g, np.nan)) == 0))
+            dw = _weight_grad_ratio(record, ctx)
+            what = "||dL/dh||" if metric == "out_grad_norm" else "||dL/dW||"
+            first, last = ctx.weight_layers[0], ctx.weight_layers[-1]
+            nums: dict[str, Any] = {
+                "ratio": ratio,
+                "ratio_dW": dw,
+                "per_layer_factor": factor,
+                "n_layers": ctx.depth,
+                "steps_used": usable,
+                "zero_gradient_layers": zero_layers,
+            }
+            if ratio < th.vanishing_ratio:
+                flagged = [ctx.weight_layers[j] for j in range(g.shape[1])
+                           if rel[j] < th.vanishing_ratio]
+                nums["min_grad_rms"] = _min_grad_rms(record, ctx)
+                nums["n_flagged"] = len(flagged)
+                text = (
+                    f"Gradients vanish toward the input: {what} at layer 1 ({first}) is "
+                    f"{fmt(ratio)}x that at layer {ctx.depth} ({last}) (median over {usable} "
+                    f"recorded steps)"
+                )
+                if dw == dw and metric == "out_grad_norm":
+                    text += f"; dL/dW of layer 1 is {fmt(dw)}x that of layer {ctx.depth}"
+                text += "."
+                if factor == factor:
+                    text += (f" Each layer multiplies the backward signal by ~{fmt(factor)}"
+                             f" on average.")
+                text += (f" {ctx.label(flagged).capitalize()} get less than "
+                         f"{fmt(th.vanishing_ratio)}x the last layer's gradient.")
+                if zero_layers:
+                    text += (f" {zero_layers} layer(s) receive exactly zero gradient "
+                             "(underflow or dead paths): they cannot learn at all.")
+                sev = "critical" if ratio < th.vanishing_critical_ratio else "warning"
+                out.append(Finding("vanishing_gradients", flagged, text, sev,
+                                   rx_vanishing(ctx, nums, th), nums))
+            elif ratio > th.exploding_ratio:
+                flagged = [ctx.weight_layers[j] for j in range(g.shape[1])
+                           if rel[j] > th.exploding_ratio]
+                nums["forward_growth"] = _forward_growth(record, ctx)
+                nums["n_flagged"] = len(flagged)
+                text = (
+                    f"Gradients explode toward the input: {what} at layer 1 ({first}) is "
+                    f"{fmt(ratio)}x that at layer {ctx.depth} ({last}) (median over {usable} "
+                    f"recorded steps); each layer multiplies the backward signal by "
+                    f"~{fmt(factor)}."
+                )
+                fg = nums["forward_growth"]
+                if fg == fg and fg > 10:
+                    text += f" Forward activations grow too: out_std x{fmt(fg)} across depth."
+                sev = "critical" if ratio > th.exploding_critical_ratio else "warning"
+                out.append(Finding("exploding_gradients", flagged, text, sev,
+                                   rx_exploding(ctx, nums, th), nums))
+    # growth of the total gradient norm over training (no depth needed)
+    if not any(f.kind == "exploding_gradients" for f in out):
+        steps, v = record.scalar("grad_norm_total")
+        ok = np.isfinite(v) & (v > 0)
+        if ok.sum() >= 2:
+            s, v = steps[ok], v[ok]
+            growth = float(v.max() / v[0])
+            if growth > th.growth_ratio:
+                at = int(s[int(np.argmax(v))])
+                nums = {"growth": growth, "initial": float(v[0]), "peak": float(v.max()),
+                        "peak_step": at, "forward_growth": _forward_growth(record, ctx)}
+                text = (
+                    f"The total gradient norm grew {fmt(growth)}x during training, from "
+                    f"{fmt(float(v[0]))} at step {int(s[0])} to {fmt(float(v.max()))} at step "
+                    f"{at}."
+                )
+                sev = "critical" if growth > th.exploding_critical_ratio else "warning"
+                out.append(Finding("exploding_gradients", list(ctx.weight_layers), text, sev,
+                                   rx_exploding(ctx, nums, th), nums))
+    return out
+
+
+# --- forward: saturation and dead units -------------------------------------------------------
+def _fraction_rule(
+    record: Record,
+    ctx: Context,
+    th: Thresholds,
+    metric: str,
+    limit: float,
+    critical: float,
+) -> tuple[list[str], dict[str, Any], list[str]] | None:
+    """Layers whose median ``metric`` over the tail of training is >= ``limit``."""
+    layers = record.layer_names(metric=metric)
+    if not layers:
+        return None
+    steps, _, m = record.matrix(metric, layers)
+    if m.size == 0:
+        return None
+    ok_rows = np.isfinite(m).any(axis=1)
+    steps, m = steps[ok_rows], m[ok_rows]
+    if len(steps) == 0:
+        return None
+    tsteps, tail = _tail(steps, m, th.tail_fraction)
+    med = _nanmedian(np.where(np.isfinite(tail), tail, np.nan))
+    flagged_idx = [j for j in range(len(layers)) if med[j] == med[j] and med[j] >= limit]
+    if not flagged_idx:
+        return None
+    flagged = [layers[j] for j in flagged_idx]
+    mean = float(np.mean(med[flagged_idx]))
+    initial = m[0, flagged_idx]
+    nums = {
+        "mean_fraction": mean,
+        "max_fraction": float(np.max(med[flagged_idx])),
+        "initial_fraction": float(np.nanmean(initial)) if np.isfinite(initial).any() else 0.0,
+        "n_flagged": len(flagged),
+        "n_layers": len(layers),
+        "tail_steps": len(tsteps),
+        "first_tail_step": int(tsteps[0]),
+    }
+    return flagged, nums, layers
+
+
+def rule_saturation(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
+    """Saturating activations with most units in their flat tails."""
+    r = _fraction_rule(record, ctx, th, "saturated_frac", th.saturated_fraction,
+                       th.saturation_critical_fraction)
+    if r is None:
+        return []
+    flagged, nums, layers = r
+    kinds = sorted({ctx.activations.get(n, "?") for n in flagged})
+    ratio = record.meta.get("saturation_ratio", 0.1)
+    text = (
+        f"{pct(nums['mean_fraction'])} of units in {ctx.label(flagged)} "
+        f"({nums['n_flagged']} of {nums['n_layers']} {'/'.join(kinds)} layers) are saturated "
+        f"(|phi'(z)| < {fmt(float(ratio))} x its maximum; median over the last "
+        f"{nums['tail_steps']} recorded steps, from step {nums['first_tail_step']}); at the "
+        f"first step: {pct(nums['initial_fraction'])}. Saturated units pass almost no gradient."
+    )
+    sev = "critical" if nums["mean_fraction"] >= th.saturation_critical_fraction else "warning"
+    return [Finding("saturation", flagged, text, sev, rx_saturation(ctx, nums, th), nums)]
+
+
+def rule_dead(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
+    """Rectifier units that output zero for every example of a batch."""
+    r = _fraction_rule(record, ctx, th, "dead_frac", th.dead_fraction, th.dead_critical_fraction)
+    if r is None:
+        return []
+    flagged, nums, layers = r
+    text = (
+        f"{pct(nums['mean_fraction'])} of units in {ctx.label(flagged)} ({nums['n_flagged']} "
+        f"of {nums['n_layers']} rectifier layers) are dead: zero output for every example of "
+        f"the batch (median over the last {nums['tail_steps']} recorded steps); at the first "
+        f"step: {pct(nums['initial_fraction'])}. Dead units get no gradient and never recover."
+    )
+    sev = "critical" if nums["mean_fraction"] >= th.dead_critical_fraction else "warning"
+    return [Finding("dead_units", flagged, text, sev, rx_dead(ctx, nums, th), nums)]
+
+
+# --- non-finite values and divergence -----------------------------------------------------------
+_COUNT_METRICS = ("out_nonfinite", "out_grad_nonfinite", "grad_nonfinite")
+_VALUE_METRICS = ("out_mean", "out_std", "out_grad_norm", "grad_norm", "weight_norm")
+
+
+def _bad(d: Mapping[str, float]) -> bool:
+    return any(d.get(m, 0.0) > 0 for m in _COUNT_METRICS) or any(
+        m in d and not math.isfinite(d[m]) for m in _VALUE_METRICS
+    )
+
+
+def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
+    """NaN/Inf in the loss, activations, gradients or weights; where they appeared first."""
+    order = {n: i for i, n in enumerate(record.layers)}
+    first_step: int | None = None
+    bad_steps = 0
+    fwd_layers: list[str] = []
+    any_layers: list[str] = []
+    for s in record.steps:
+        row = record.data[s]
+        loss = row.get(MODEL, {}).get("loss")
+        bad_loss = loss is not None and not math.isfinite(loss)
+        bad = [n for n, d in row.items() if n != MODEL and _bad(d)]
+        if bad_loss or bad:
+            bad_steps += 1
+            if first_step is None:
+                first_step = s
+                bad.sort(key=lambda n: order.get(n, len(order)))
+                any_layers = bad
+                fwd_layers = [
+                    n for n in bad
+                    if row[n].get("out_nonfinite", 0.0) > 0
+                    or not math.isfinite(row[n].get("out_mean", 0.0))
+                ]
+    data_bad = float(record.meta.get("data_nonfinite", 0) or 0)
+    diverged_step = record.meta.get("diverged_step")
+    if first_step is None and not data_bad and diverged_step is None:
+        return []
+    if first_step is None:
+        first_step = int(diverged_step) if diverged_step is not None else -1
+    mods_in_order = [n for n in record.layers if record.layers[n].role != "param"]
+    at_input = bool(fwd_layers) and bool(mods_in_order) and fwd_layers[0] == mods_in_order[0]
+    first_params_ok = True
+    if at_input:
+        # the first module's own weights were finite: the non-finite values came in with x
+        for p, info in record.layers.items():
+            if info.role == "param" and info.module == mods_in_order[0]:
+                w = record.get(first_step, p, "weight_norm")
+                first_params_ok &= not (w == w) or math.isfinite(w)
+        at_input = first_params_ok
+    nums: dict[str, Any] = {
+        "first_step": first_step,
+        "bad_steps": bad_steps,
+        "recorded_steps": len(record.steps),
+        "data_nonfinite": data_bad,
+        "at_input": int(at_input),
+    }
+    steps, v = record.scalar("grad_norm_total")
+    before = v[(steps < first_step) & np.isfinite(v)]
+    if before.size >= 2 and before[0] > 0:
+        nums["grad_growth_before"] = float(before[-1] / before[0])
+    steps, lv = record.scalar("loss")
+    lbefore = lv[(steps < first_step) & np.isfinite(lv)]
+    if lbefore.size:
+        nums["last_finite_loss"] = float(lbefore[-1])
+        nums["initial_loss"] = float(lbefore[0])
+    parts = [f"Non-finite values (NaN/Inf) from step {first_step}"
+             f" ({bad_steps} of {len(record.steps)} recorded steps affected)"]
+    if fwd_layers:
+        parts.append(f"first in the forward pass of {fwd_layers[0]} ({ctx.label(fwd_layers[:1])})")
+    elif any_layers:
+        parts.append(f"first in {any_layers[0]}")
+    text = "; ".join(parts) + "."
+    if data_bad:
+        text += (f" The input data contain {int(data_bad)} NaN/Inf entries: clean or impute "
+                 "them (no training remedy can).")
+    elif at_input:
+        text += (" The very first layer's output is non-finite while its weights are finite: "
+                 "the inputs are the likely source; check the data.")
+    elif "grad_growth_before" in nums:
+        text += (f" The total gradient norm grew {fmt(nums['grad_growth_before'])}x before "
+                 "that, a sign of divergence.")
+    if "last_finite_loss" in nums:
+        text += (f" Loss went from {fmt(nums['initial_loss'])} to {fmt(nums['last_finite_loss'])}"
+                 f" before becoming non-finite.")
+    layers = fwd_layers or any_layers
+    return [Finding("nonfinite", layers, text, "critical", rx_nonfinite(ctx, nums, th), nums)]
+
+
+def rule_divergence(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
+    """A finite loss that ends far above where it started."""
+    steps, v = record.scalar("loss")
+    ok = np.isfinite(v)
+    steps, v = steps[ok], v[ok]
+    if len(v) < 4:
+        return []
+    start = float(np.median(v[:3]))
+    end = float(np.median(v[-3:]))
+    if start <= 0 or end <= th.divergence_loss_ratio * start:
+        return []
+    nums = {"loss_start": start, "loss_end": end, "loss_ratio": end / start,
+            "peak_step": int(steps[int(np.argmax(v))])}
+    text = (f"The training loss diverged: it rose from {fmt(start)} to {fmt(end)} "
+            f"({fmt(end / start)}x; median of the first and last 3 recorded steps).")
+    return [Finding("divergence", [], text, "critical", rx_divergence(ctx, nums, th), nums)]
+
+
+# --- update / weight ratio ---------------------------------------------------------------------
+def rule_update_ratio(
+    record: Record, ctx: Context, th: Thresholds, explained: set[str]
+) -> list[Finding]:
+    """Weight matrices whose relative update per step is far from ~1e-3."""
+    params = [ctx.weight_params[m] for m in ctx.weight_layers]
+    have = set(record.layer_names(metric="update_ratio"))
+    params = [p for p in params if p in have]
+    if not params:
+        return []
+    _, _, m = record.matrix("update_ratio", params)
+    _, _, w = record.matrix("weight_norm", params)
+    if w.shape == m.shape:
+        # a zero weight matrix has an undefined ratio
+        m = np.where(np.isfinite(w) & (w > 0), m, np.nan)
+    med = _nanmedian(np.where(np.isfinite(m), m, np.nan))
+    high = [params[j] for j in range(len(params)) if med[j] > th.update_ratio_high]
+    low = [params[j] for j in range(len(params))
+           if med[j] < th.update_ratio_low and params[j] not in explained
+           and ctx.weight_layers[j] not in explained]
+    if not high and not low:
+        return []
+    fin = med[np.isfinite(med)]
+    nums = {"n_high": len(high), "n_low": len(low),
+            "max_ratio": float(fin.max()) if fin.size else math.nan,
+            "min_ratio": float(fin.min()) if fin.size else math.nan}
+    parts = []
+    if high:
+        parts.append(f"{ctx.label(high).capitalize()} change by more than "
+                     f"{fmt(th.update_ratio_high)} of their norm per step (median up to "
+                     f"{fmt(nums['max_ratio'])}; ~1e-3 is typical of healthy training)")
+    if low:
+        parts.append(f"{ctx.label(low).capitalize()} barely move: median ||dW||/||W|| down to "
+                     f"{fmt(nums['min_ratio'])} per step")
+    sev = "warning" if high else "info"
+    if high and nums["max_ratio"] > 1.0:
+        sev = "critical"
+    mods = [record.layers[p].module or p for p in high + low]
+    return [Finding("update_ratio", mods, "; ".join(parts) + ".", sev,
+                    rx_update_ratio(ctx, nums, th), nums)]
+
+
+def diagnose(
+    record: Record,
+    thresholds: Thresholds | Mapping[str, Any] | None = None,
+) -> list[Finding]:
+    """Turn a record into findings, most severe first.
+
+    Args:
+        record: Measurements from a :class:`~signalprop.probe.Probe` (or built by hand with the
+            metric names of :mod:`signalprop.record`).
+        thresholds: A :class:`Thresholds`, a mapping of fields to override, or ``None``.
+
+    Returns:
+        Findings sorted by severity (critical first), then by kind order :data:`KINDS`. An empty
+        list means no rule fired.
+
+    Raises:
+        TypeError: if ``record`` is not a Record.
+        ValueError: for an unknown threshold name or a non-positive threshold.
+    """
+    if not isinstance(record, Record):
+        raise TypeError(f"diagnose needs a signalprop Record, got {type(record).__name__}")
+    th = Thresholds.coerce(thresholds)
+    ctx = context_of(record)
+    findings: list[Finding] = []
+    findings += rule_nonfinite(record, ctx, th)
+    if not findings:
+        findings += rule_divergence(record, ctx, th)
+    findings += rule_gradients(record, ctx, th)
+    findings += rule_saturation(record, ctx, th)
+    findings += rule_dead(record, ctx, th)
+    explained = {n for f in findings if f.kind == "vanishing_gradients" for n in f.layers}
+    findings += rule_update_ratio(record, ctx, th, explained)
+    findings.sort(key=lambda f: (-severity_rank(f.severity), KINDS.index(f.kind)))
+    return findings
