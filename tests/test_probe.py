@@ -45,7 +45,7 @@ def test_every_statistic_matches_direct_computation(act, kind):
     ref.load_state_dict(model.state_dict())
     outs, grads, ref_loss = _direct(ref, x, y)
 
-    with Probe(model, max_percentile_samples=None) as p:
+    with Probe(model, max_percentile_samples=None, max_forward_samples=None) as p:
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         p.step(loss)
@@ -164,7 +164,7 @@ def test_model_without_parameters_is_refused():
 
 def test_multiple_calls_per_step_are_pooled():
     cell = nn.RNNCell(4, 6)
-    with Probe(cell, max_percentile_samples=None) as p:
+    with Probe(cell, max_percentile_samples=None, max_forward_samples=None) as p:
         h = torch.zeros(5, 6)
         hs = []
         for _ in range(3):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 #: Percentiles recorded for every layer output (in percent).
@@ -22,8 +23,16 @@ SATURATION_DERIVATIVE_RATIO: float = 0.1
 
 #: Percentiles are estimated from at most this many values per tensor (a fixed strided
 #: subsample; exact when the tensor is smaller). Sorting every element of every layer on every
-#: step would dominate the cost of a probed step.
-MAX_PERCENTILE_SAMPLES: int = 4096
+#: step would dominate the cost of a probed step (standard error of the 5th percentile of a
+#: Gaussian from 1024 samples: about 0.07 standard deviations).
+MAX_PERCENTILE_SAMPLES: int = 1024
+
+#: Forward statistics (moments, saturated fraction) are computed on the first rows of the batch
+#: holding at most this many values per layer (all rows when the output is smaller). Examples in
+#: a shuffled mini-batch are exchangeable, so this is an unbiased estimate at a fraction of the
+#: memory traffic. Dead fractions always use the whole batch (one active example keeps a unit
+#: alive).
+MAX_FORWARD_SAMPLES: int = 4096
 
 
 def percentile_key(q: float) -> str:
@@ -42,14 +51,23 @@ def flat_rows(x: torch.Tensor) -> torch.Tensor:
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (population) standard deviation of each row of a [G, ...] tensor.
 
-    Non-finite values propagate (a NaN layer has a NaN mean), which is what a diagnosis wants.
+    Computed from the sum and the sum of squares of values shifted by the row's first value
+    (shifting keeps the one-pass formula accurate when |mean| >> std); on the CPU this is about
+    30x faster than ``torch.var_mean``. Non-finite values propagate (a NaN layer has a NaN mean),
+    which is what a diagnosis wants.
 
     Returns:
         (mean [G], std [G])
     """
     x = flat_rows(x)
-    var, mean = torch.var_mean(x, dim=1, unbiased=False)
-    return mean, var.clamp_min(0).sqrt()
+    n = x.shape[1]
+    shift = x[:, :1]
+    d = x - shift
+    s1 = d.sum(dim=1)
+    s2 = torch.linalg.vector_norm(d, dim=1).square()
+    m = s1 / n
+    var = (s2 / n - m * m).clamp_min(0)
+    return m + shift[:, 0], var.sqrt()
 
 
 def nonfinite_count(x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +104,12 @@ def percentiles(
     if max_samples is not None:
         x = x[:, subsample_index(x.shape[1], max_samples)]
     q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype, device=x.device)
-    # one sort per group: quantile() would re-sort for every q
-    s, _ = torch.sort(x, dim=1)
+    # one sort per group: quantile() would re-sort for every q. On the CPU NumPy's SIMD sort is
+    # ~50x faster than torch.sort for these sizes; NaNs sort last in both.
+    if x.device.type == "cpu":
+        s = torch.from_numpy(np.sort(x.detach().numpy(), axis=1))
+    else:
+        s, _ = torch.sort(x, dim=1)
     n = s.shape[1]
     pos = q * (n - 1)
     lo = pos.floor().long().clamp(0, n - 1)
@@ -159,8 +181,26 @@ def saturated_fraction(
 
         raise ValueError(unknown_name_message("saturating activation", kind, sorted(SATURATING)))
     _, fn, dmax = SATURATING[kind]
-    d = fn(flat_rows(t))
+    t = flat_rows(t)
+    fast = _OUTPUT_THRESHOLDS.get(kind)
+    if fast is not None:
+        # |phi'| < r * max|phi'|  <=>  |h - center| > c(r): one comparison instead of the
+        # derivative (same set of entries; checked against autograd in the tests)
+        center, c = fast(ratio)
+        dev = (t - center).abs() if center else t.abs()
+        return (dev > c).sum(dim=1).to(t.dtype) / t.shape[1]
+    d = fn(t)
     return (d < ratio * dmax).to(d.dtype).mean(dim=1)
+
+
+#: Saturation as a threshold on the output: kind -> ratio -> (center, c).
+#: sigmoid: h(1-h) < r/4 <=> |h - 1/2| > sqrt(1 - r)/2; tanh: 1 - h^2 < r <=> |h| > sqrt(1 - r);
+#: softsign: (1 - |h|)^2 < r <=> |h| > 1 - sqrt(r).
+_OUTPUT_THRESHOLDS: dict[str, Callable[[float], tuple[float, float]]] = {
+    "sigmoid": lambda r: (0.5, 0.5 * math.sqrt(max(1.0 - r, 0.0))),
+    "tanh": lambda r: (0.0, math.sqrt(max(1.0 - r, 0.0))),
+    "softsign": lambda r: (0.0, 1.0 - math.sqrt(max(r, 0.0))),
+}
 
 
 def dead_fraction(h: torch.Tensor, batch_dim: int = 1) -> torch.Tensor:
@@ -184,6 +224,8 @@ def norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(tensors) == 0:
         return torch.zeros(0)
     out = torch._foreach_norm(list(tensors))
+    if all(o.dtype == torch.float32 for o in out):
+        return torch.stack(out)
     return torch.stack([o.float() for o in out])
 
 

@@ -55,6 +55,8 @@ class Probe:
         percentiles: Percentiles of each output (in percent).
         max_percentile_samples: Percentiles are estimated from a strided subsample of at most
             this many values per layer (``None``: exact).
+        max_forward_samples: Moments and saturated fractions are computed on the first batch
+            rows holding at most this many values per layer (``None``: the whole output).
         saturation_ratio: A unit counts as saturated when |phi'| < ratio * max|phi'|.
         modules: Optional filter ``(name, module) -> bool`` on the watched modules.
         record: An existing record to append to.
@@ -73,6 +75,7 @@ class Probe:
         weights: bool = True,
         percentiles: tuple[float, ...] = stats.PERCENTILES,
         max_percentile_samples: int | None = stats.MAX_PERCENTILE_SAMPLES,
+        max_forward_samples: int | None = stats.MAX_FORWARD_SAMPLES,
         saturation_ratio: float = stats.SATURATION_DERIVATIVE_RATIO,
         modules: Callable[[str, nn.Module], bool] | None = None,
         record: Record | None = None,
@@ -98,6 +101,8 @@ class Probe:
         self.forward, self.backward, self.weights = forward, backward, weights
         self.percentiles = tuple(float(q) for q in percentiles)
         self.max_percentile_samples = max_percentile_samples
+        self.max_forward_samples = max_forward_samples
+        self._buffers: list[torch.Tensor] | None = None
         self.saturation_ratio = float(saturation_ratio)
         self.record = record if record is not None else Record()
         self.step_index = 0
@@ -118,6 +123,7 @@ class Probe:
             for k in self._kinds
         ]
         self._handles: list[Any] = []
+        self._fwd_handles: list[Any] = []
         self._active = False
         self._outs: list[list[torch.Tensor]] = [[] for _ in mods]
         self._ins: list[list[torch.Tensor]] = [[] for _ in mods]
@@ -126,6 +132,7 @@ class Probe:
         self._fired: set[int] = set()
         self._scalars: dict[str, Any] = {}
         self._snapshot: list[torch.Tensor] | None = None
+        self._pending_weight_norms = torch.zeros(0)
         self._pending: dict[str, dict[str, float]] | None = None
         self._inputs: list[torch.Tensor] = []
         self._layers_declared = False
@@ -141,10 +148,11 @@ class Probe:
         if self._handles:
             return self
         ref = weakref.ref(self)
-        if self.forward:
-            self._handles.append(self.model.register_forward_pre_hook(partial(_input_hook, ref)))
-        for i, (_, m) in enumerate(self._mods):
-            self._handles.append(m.register_forward_hook(partial(_fwd_hook, ref, i)))
+        self._ref = ref
+        # optimiser hooks live as long as the probe is attached; forward hooks only while a
+        # recorded step is in progress: a module with any hook leaves PyTorch's fast call path,
+        # so unrecorded steps would otherwise pay for hooks that do nothing
+        self._handles.append(_Sentinel())
         if self.optimizer is not None:
             self._handles.append(
                 self.optimizer.register_step_pre_hook(lambda *a: _call(ref, "_pre_step"))
@@ -152,18 +160,33 @@ class Probe:
             self._handles.append(
                 self.optimizer.register_step_post_hook(lambda *a: _call(ref, "_post_step"))
             )
-        self._active = bool(self.schedule(self.step_index))
+        self._set_active(bool(self.schedule(self.step_index)))
         return self
+
+    def _set_active(self, active: bool) -> None:
+        if active and not self._fwd_handles and self._handles:
+            ref = self._ref
+            if self.forward:
+                self._fwd_handles.append(
+                    self.model.register_forward_pre_hook(partial(_input_hook, ref))
+                )
+            for i, (_, m) in enumerate(self._mods):
+                self._fwd_handles.append(m.register_forward_hook(partial(_fwd_hook, ref, i)))
+        elif not active and self._fwd_handles:
+            for h in self._fwd_handles:
+                h.remove()
+            self._fwd_handles.clear()
+        self._active = active
 
     def detach(self) -> None:
         """Remove every hook and drop stashed tensors (a pending step is finalised first)."""
         if self._pending is not None:
             self._commit()
+        self._set_active(False)
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._clear()
-        self._active = False
 
     def __enter__(self) -> Probe:
         return self.attach()
@@ -246,22 +269,43 @@ class Probe:
         if self.forward:
             self._forward_stats(values, names)
             self._input_stats(values, names)
+        # every norm of this step in ONE fused call (output grads, parameter grads, weights)
+        tensors: list[torch.Tensor] = []
+        tnames: _Metrics = []
         if self.backward:
-            self._backward_stats(values, names)
+            self._backward_tensors(tensors, tnames)
         params = [p for _, p in self.params]
+        n_grads = 0
         if self.weights:
             with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
-            if with_grad:
-                gn = stats.norms([g for _, g in with_grad])
-                values.append(gn)
-                names += [(n, "grad_norm") for n, _ in with_grad]
-                values.append(gn.square().sum().sqrt().reshape(1))
-                names.append((MODEL, "grad_norm_total"))
-            values.append(stats.norms([p.detach() for p in params]))
-            names += [(n, "weight_norm") for n, _ in self.params]
+            tensors += [g for _, g in with_grad]
+            tnames += [(n, "grad_norm") for n, _ in with_grad]
+            n_grads = len(with_grad)
+            tensors += [p.detach() for p in params]
+            tnames += [(n, "weight_norm") for n, _ in self.params]
+        if tensors:
+            allnorms = stats.norms(tensors)
+            values.append(allnorms)
+            names += tnames
+            if self.weights:
+                k = len(tensors) - len(params)
+                self._pending_weight_norms = allnorms[k:]
+                if n_grads:
+                    gn = allnorms[k - n_grads : k]
+                    values.append(gn.square().sum().sqrt().reshape(1))
+                    names.append((MODEL, "grad_norm_total"))
+        if self.weights:
             if self.optimizer is not None:
-                # one fused copy of all parameters, for ||W_after - W_before|| after the step
-                self._snapshot = torch._foreach_mul([p.detach() for p in params], 1.0)
+                # one fused copy of all parameters into persistent buffers, for
+                # ||W_after - W_before|| after the step
+                det = [p.detach() for p in params]
+                if self._buffers is None or any(
+                    b.shape != q.shape or b.dtype != q.dtype or b.device != q.device
+                    for b, q in zip(self._buffers, det, strict=True)
+                ):
+                    self._buffers = [torch.empty_like(q) for q in det]
+                torch._foreach_copy_(self._buffers, det)
+                self._snapshot = self._buffers
         for k, v in self._scalars.items():
             values.append(torch.as_tensor(v, dtype=torch.float32).reshape(-1)[:1].cpu())
             names.append((MODEL, k))
@@ -273,16 +317,16 @@ class Probe:
         if self._active and self._pending is not None:
             if self._snapshot is not None:
                 params = [p.detach() for _, p in self.params]
-                diff = torch._foreach_sub(params, self._snapshot)
-                num = stats.norms(diff)
-                den = stats.norms(self._snapshot)
+                den = self._pending_weight_norms
+                torch._foreach_sub_(self._snapshot, params)  # in place: buffer := W_before - W_after
+                num = stats.norms(self._snapshot)
                 ratio = (num / den.clamp_min(1e-30)).tolist()
                 for (n, _), r in zip(self.params, ratio, strict=True):
                     self._pending.setdefault(n, {})["update_ratio"] = r
             self._commit()
         self._clear()
         self.step_index += 1
-        self._active = bool(self.schedule(self.step_index))
+        self._set_active(bool(self.schedule(self.step_index)))
 
     def _commit(self) -> None:
         if self._pending is not None:
@@ -304,7 +348,9 @@ class Probe:
                 self._ins[i] = [ins[0] if len(ins) == 1 else torch.cat(ins, 0)]
             groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
         for idx in groups.values():
-            x = torch.stack([self._outs[i][0] for i in idx])  # [G, B, ...]
+            full = [self._outs[i][0] for i in idx]
+            rows = _rows_for(full[0], self.max_forward_samples)
+            x = torch.stack([t[:rows] for t in full]) if rows else torch.stack(full)  # [G, b, ...]
             mean, std = stats.moments(x)
             pct = stats.percentiles(x, self.percentiles, self.max_percentile_samples)
             layer = [self._mods[i][0] for i in idx]
@@ -312,7 +358,7 @@ class Probe:
             names += [(n, "out_mean") for n in layer] + [(n, "out_std") for n in layer]
             for q in self.percentiles:
                 names += [(n, stats.percentile_key(q)) for n in layer]
-            self._activation_stats(idx, x, values, names)
+            self._activation_stats(idx, x, rows, values, names)
 
     def _input_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
         # the model's own input: badly scaled inputs are a common cause of first-layer saturation
@@ -327,7 +373,12 @@ class Probe:
         names += [(MODEL, "input_mean"), (MODEL, "input_std"), (MODEL, "input_absmax")]
 
     def _activation_stats(
-        self, idx: list[int], x: torch.Tensor, values: list[torch.Tensor], names: _Metrics
+        self,
+        idx: list[int],
+        x: torch.Tensor,
+        rows: int | None,
+        values: list[torch.Tensor],
+        names: _Metrics,
     ) -> None:
         by_kind: dict[str, list[int]] = {}
         for j, i in enumerate(idx):
@@ -340,28 +391,27 @@ class Probe:
                 if stats.SATURATING[kind][0]:
                     src = x[js]
                 else:
-                    src = torch.stack([self._ins[idx[j]][0] for j in js])
+                    src = torch.stack([self._ins[idx[j]][0][:rows] for j in js])
                 values.append(stats.saturated_fraction(src, kind, self.saturation_ratio).float())
                 names += [(n, "saturated_frac") for n in layer]
             if kind in stats.RECTIFIERS:
-                h = x[js]
+                # dead = inactive for the WHOLE batch: use every row, not the subsample
+                h = torch.stack([self._outs[idx[j]][0] for j in js])
                 if h.dim() > 3:  # conv maps [G, B, C, ...]: a unit is a channel
                     h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], -1).transpose(1, 2)
                     h = h.reshape(h.shape[0], -1, h.shape[-1])
                 values.append(stats.dead_fraction(h).float())
                 names += [(n, "dead_frac") for n in layer]
 
-    def _backward_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
-        grads, layer = [], []
+    def _backward_tensors(self, grads: list[torch.Tensor], names: _Metrics) -> None:
+        layer = []
         for i in self._order:
             g = self._ograds[i]
             if g:
                 # several calls in one step (RNN cells, micro-batches): the norm of all of them
                 grads.append(g[0] if len(g) == 1 else torch.cat([t.reshape(-1) for t in g]))
                 layer.append(self._mods[i][0])
-        if grads:
-            values.append(stats.norms(grads))
-            names += [(n, "out_grad_norm") for n in layer]
+        names += [(n, "out_grad_norm") for n in layer]
 
     def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
         flat = (
@@ -418,6 +468,22 @@ class Probe:
             f"Probe({type(self.model).__name__}, modules={len(self._mods)}, "
             f"params={len(self.params)}, schedule={self.schedule}, step={self.step_index})"
         )
+
+
+class _Sentinel:
+    """Marks an attached probe that has no optimiser hooks."""
+
+    def remove(self) -> None:
+        pass
+
+
+def _rows_for(t: torch.Tensor, max_values: int | None) -> int | None:
+    """How many leading batch rows of ``t`` hold at most ``max_values`` values (None: all)."""
+    if max_values is None or t.dim() == 0:
+        return None
+    per_row = max(1, t[0].numel()) if t.dim() > 1 else 1
+    rows = max(1, max_values // per_row)
+    return None if rows >= t.shape[0] else rows
 
 
 def _call(ref: weakref.ref, method: str) -> None:
