@@ -1,0 +1,519 @@
+"""Remedy trials: apply each remedy to fresh copies of a model, train them side by side, measure.
+
+    from signalprop import trial
+    table = trial(make_model, load_dataset("digits"), F.cross_entropy,
+                  remedies=["batchnorm", "adam", "residual"], steps=200, seeds=3)
+    print(table)              # a readable table; table.to_dataframe(), table.to_dict()
+
+Every remedy (and the baseline) is trained ``seeds`` times; seed s builds its model with
+``torch.manual_seed(seed + s)`` before calling the factory, so the baseline and each remedy start
+from the *same* weights for a given seed and see the same data order (a paired comparison).
+A run that diverges (non-finite loss or gradient) is a recorded outcome, never a crash, and so is
+a remedy that cannot be applied to the model (its error is kept in the row).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from signalprop.record import Record
+from signalprop.remedies import Remedy, get_remedy
+
+BASELINE = "baseline"
+
+ModelFactory = Callable[[], nn.Module] | nn.Module
+
+#: Errors from applying a remedy that mean "this remedy does not fit this model" (recorded in the
+#: row), not a bug in the caller's code.
+_APPLY_ERRORS = (ValueError, TypeError, ImportError, NotImplementedError, RuntimeError)
+
+
+@dataclass
+class RunSummary:
+    """One training run (one remedy, one seed).
+
+    Attributes:
+        seed: The seed.
+        final_loss: Mean of the last ``min(10, steps)`` losses (NaN when diverged).
+        init_loss: Loss at the first step.
+        diverged: Non-finite loss/gradient (or above ``diverge_above``).
+        diverged_step: Step at which it diverged.
+        grad_ratio: ||dL/dW_first|| / ||dL/dW_last|| over the weight matrices at the last recorded
+            step (< 1: gradients vanish towards the input; > 1: they explode there).
+        saturated_frac: Mean over saturating activation layers of the saturated fraction.
+        dead_frac: Mean over rectifier layers of the dead-unit fraction.
+        wall_time: Seconds of training.
+        losses: The loss at every step.
+    """
+
+    seed: int
+    final_loss: float
+    init_loss: float
+    diverged: bool
+    diverged_step: int | None
+    grad_ratio: float
+    saturated_frac: float
+    dead_frac: float
+    wall_time: float
+    losses: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class TrialRow:
+    """A remedy's outcome aggregated over seeds.
+
+    Attributes:
+        remedy: Remedy name (``"baseline"`` for the untreated model).
+        description: What the remedy does.
+        seeds: Number of runs.
+        loss_mean, loss_std: Loss after ``steps`` steps over the runs that did not diverge.
+        init_loss: Mean first-step loss.
+        grad_ratio: Geometric mean over runs of the first/last-layer gradient ratio.
+        saturated_frac, dead_frac: Means over runs (NaN when the model has no such layers).
+        diverged: Number of diverged runs; ``diverged_frac`` the fraction.
+        wall_time: Mean seconds per run.
+        delta_loss: loss_mean - baseline loss_mean (NaN for the baseline).
+        rel_change: delta_loss / baseline loss_mean.
+        verdict: ``better`` / ``worse`` / ``no change`` (versus the baseline; see
+            :func:`verdict`), ``diverged`` (every run), ``baseline`` or ``error``.
+        error: Why the remedy could not be applied or trained (else ``None``).
+    """
+
+    remedy: str
+    description: str = ""
+    seeds: int = 0
+    loss_mean: float = math.nan
+    loss_std: float = math.nan
+    init_loss: float = math.nan
+    grad_ratio: float = math.nan
+    saturated_frac: float = math.nan
+    dead_frac: float = math.nan
+    diverged: int = 0
+    diverged_frac: float = 0.0
+    wall_time: float = math.nan
+    delta_loss: float = math.nan
+    rel_change: float = math.nan
+    verdict: str = ""
+    error: str | None = None
+    runs: list[RunSummary] = field(default_factory=list, repr=False)
+
+    def to_dict(self, runs: bool = False) -> dict[str, Any]:
+        """JSON-compatible dict (NaN/Inf as ``None``); per-run details when ``runs``."""
+        d = {k: _json(v) for k, v in asdict(self).items() if k != "runs"}
+        if runs:
+            d["runs"] = [{k: _json(v) for k, v in asdict(r).items()} for r in self.runs]
+        return d
+
+
+def _json(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, list):
+        return [_json(x) for x in v]
+    return v
+
+
+_COLUMNS = [
+    ("remedy", "remedy"),
+    ("loss", "loss after N"),
+    ("delta", "vs baseline"),
+    ("grad_ratio", "grad first/last"),
+    ("saturated", "saturated"),
+    ("dead", "dead"),
+    ("diverged", "diverged"),
+    ("time", "time/run"),
+    ("verdict", "verdict"),
+]
+
+
+def _fmt_num(v: float, spec: str = ".3f") -> str:
+    return "-" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def _cells(r: TrialRow) -> dict[str, str]:
+    if r.error is not None:
+        return {"remedy": r.remedy, "verdict": "error", "loss": "-", "delta": "-",
+                "grad_ratio": "-", "saturated": "-", "dead": "-", "diverged": "-", "time": "-"}
+    loss = _fmt_num(r.loss_mean, ".4f")
+    if r.seeds > 1 and math.isfinite(r.loss_std):
+        loss += f" ± {r.loss_std:.4f}"
+    delta = "" if r.remedy == BASELINE else (
+        "-" if not math.isfinite(r.rel_change) else f"{r.rel_change:+.1%}")
+    return {
+        "remedy": r.remedy,
+        "loss": loss,
+        "delta": delta,
+        "grad_ratio": _fmt_num(r.grad_ratio, ".2e"),
+        "saturated": _fmt_num(r.saturated_frac, ".0%"),
+        "dead": _fmt_num(r.dead_frac, ".0%"),
+        "diverged": f"{r.diverged}/{r.seeds}",
+        "time": _fmt_num(r.wall_time, ".2f") + "s" if math.isfinite(r.wall_time) else "-",
+        "verdict": r.verdict,
+    }
+
+
+@dataclass
+class TrialTable:
+    """The result of :func:`trial`: one :class:`TrialRow` per remedy (baseline first).
+
+    Attributes:
+        rows: The rows.
+        meta: Settings (steps, seeds, optimizer, lr, batch size, device).
+        records: Remedy name -> probe records of each seed (only with ``keep_records=True``).
+    """
+
+    rows: list[TrialRow]
+    meta: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, list[Record]] = field(default_factory=dict, repr=False)
+
+    def __iter__(self) -> Iterator[TrialRow]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, name: str | int) -> TrialRow:
+        if isinstance(name, int):
+            return self.rows[name]
+        for r in self.rows:
+            if r.remedy == name:
+                return r
+        raise KeyError(f"no row {name!r}; rows: {[r.remedy for r in self.rows]}")
+
+    @property
+    def baseline(self) -> TrialRow | None:
+        return next((r for r in self.rows if r.remedy == BASELINE), None)
+
+    def best(self) -> TrialRow | None:
+        """The remedy (not the baseline) with the lowest mean loss among those not all diverged."""
+        ok = [r for r in self.rows if r.remedy != BASELINE and r.error is None
+              and math.isfinite(r.loss_mean)]
+        return min(ok, key=lambda r: r.loss_mean) if ok else None
+
+    def improved(self) -> list[TrialRow]:
+        """Rows whose verdict is ``better``."""
+        return [r for r in self.rows if r.verdict == "better"]
+
+    def to_dict(self, runs: bool = False) -> dict[str, Any]:
+        """``{"meta": ..., "rows": [...]}``, JSON-compatible."""
+        return {"meta": dict(self.meta), "rows": [r.to_dict(runs) for r in self.rows]}
+
+    def to_dataframe(self) -> Any:
+        """One row per remedy (``pandas.DataFrame``; the ``runs`` detail is left out)."""
+        import pandas as pd
+
+        return pd.DataFrame([{k: v for k, v in asdict(r).items() if k != "runs"}
+                             for r in self.rows])
+
+    def __str__(self) -> str:
+        head = [h for _, h in _COLUMNS]
+        body = [[_cells(r)[k] for k, _ in _COLUMNS] for r in self.rows]
+        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+                  for i, h in enumerate(head)]
+        lines = [self._title(), "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
+                 "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+        errs = [r for r in self.rows if r.error]
+        lines += [f"  {r.remedy}: {r.error}" for r in errs]
+        return "\n".join(lines)
+
+    def _title(self) -> str:
+        m = self.meta
+        return (f"remedy trial: {m.get('steps')} steps x {m.get('seeds')} seed(s), "
+                f"{m.get('optimizer')} lr={m.get('lr')}")
+
+    def rich_table(self) -> Any:
+        """A ``rich.table.Table`` of the rows (verdicts coloured)."""
+        from rich.table import Table
+
+        t = Table(title=self._title())
+        for key, h in _COLUMNS:
+            t.add_column(h, justify="left" if key in ("remedy", "verdict") else "right")
+        colour = {"better": "green", "worse": "red", "diverged": "bold red", "error": "yellow"}
+        for r in self.rows:
+            c = _cells(r)
+            cells = [c[k] for k, _ in _COLUMNS]
+            style = colour.get(r.verdict)
+            if style:
+                cells[-1] = f"[{style}]{cells[-1]}[/{style}]"
+            t.add_row(*cells)
+        return t
+
+    def __rich__(self) -> Any:
+        return self.rich_table()
+
+
+def verdict(
+    base: Sequence[float], rem: Sequence[float], rel_tol: float = 0.02
+) -> str:
+    """``better``/``worse``/``no change`` of a remedy's final losses against the baseline's.
+
+    Paired by seed where both runs finished: the mean difference d must exceed both
+    ``rel_tol`` x |baseline mean| and, with >= 2 pairs, twice its standard error.
+    """
+    pairs = [(b, r) for b, r in zip(base, rem, strict=False)
+             if math.isfinite(b) and math.isfinite(r)]
+    if not pairs:
+        return "no change"
+    d = np.array([r - b for b, r in pairs])
+    bmean = float(np.mean([b for b, _ in pairs]))
+    thr = rel_tol * abs(bmean)
+    if len(d) >= 2:
+        thr = max(thr, 2 * float(d.std(ddof=1)) / math.sqrt(len(d)))
+    m = float(d.mean())
+    if m < -thr:
+        return "better"
+    if m > thr:
+        return "worse"
+    return "no change"
+
+
+def _weight_params(rec: Record) -> list[str]:
+    names = rec.layer_names(role="param", metric="grad_norm")
+    return [n for n in names
+            if rec.layers[n].shape is not None and len(rec.layers[n].shape or []) >= 2]
+
+
+def summarise_record(rec: Record) -> dict[str, float]:
+    """grad_ratio, saturated_frac and dead_frac at the record's last step that has gradients."""
+    out = {"grad_ratio": math.nan, "saturated_frac": math.nan, "dead_frac": math.nan}
+    if not rec.steps:
+        return out
+    ws = _weight_params(rec)
+    steps = [s for s in rec.steps if any("grad_norm" in rec.data[s].get(n, {}) for n in ws)]
+    last = steps[-1] if steps else rec.steps[-1]
+    if len(ws) >= 2:
+        # order weights by depth (forward order), then by declaration
+        order = sorted(range(len(ws)), key=lambda i: (rec.layers[ws[i]].depth, i))
+        first, lastw = ws[order[0]], ws[order[-1]]
+        g0, g1 = rec.get(last, first, "grad_norm"), rec.get(last, lastw, "grad_norm")
+        # g0 == 0 with g1 > 0 is a real outcome (the first layer's gradient vanished or
+        # underflowed): ratio 0. Both 0 (or non-finite) says nothing: NaN.
+        if math.isfinite(g0) and math.isfinite(g1) and g1 > 0:
+            out["grad_ratio"] = g0 / g1
+    for metric in ("saturated_frac", "dead_frac"):
+        vals = [v for v in rec.at(last, metric).values() if math.isfinite(v)]
+        if vals:
+            out[metric] = float(np.mean(vals))
+    return out
+
+
+def _example_batch(data: Any, batch_size: int) -> torch.Tensor | None:
+    from signalprop.train import _split_batch, as_batches
+
+    try:
+        src = as_batches(data, batch_size=batch_size, seed=0)
+        x, _ = _split_batch(next(iter(src())))
+    except (StopIteration, TypeError, ValueError):
+        return None
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def _fresh_model(factory: ModelFactory, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if isinstance(factory, nn.Module):
+        return copy.deepcopy(factory)
+    m = factory()
+    if not isinstance(m, nn.Module):
+        raise TypeError(f"model_factory must return an nn.Module, got {type(m).__name__}")
+    return m
+
+
+def _gmean(xs: list[float]) -> float:
+    v = [x for x in xs if math.isfinite(x) and x >= 0]
+    if not v:
+        return math.nan
+    if min(v) == 0:
+        return 0.0
+    return float(np.exp(np.mean(np.log(v))))
+
+
+def _mean(xs: list[float]) -> float:
+    v = [x for x in xs if math.isfinite(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def trial(
+    model_factory: ModelFactory,
+    data: Any,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    remedies: Sequence[str | Remedy] = ("batchnorm", "adam", "residual"),
+    *,
+    steps: int = 200,
+    seeds: int = 3,
+    seed: int = 0,
+    baseline: bool = True,
+    optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
+    lr: float = 0.1,
+    optimizer_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    probe: bool = True,
+    diverge_above: float | None = None,
+    keep_records: bool = False,
+    strict: bool = False,
+    rel_tol: float = 0.02,
+    progress: Callable[[str, int, RunSummary], None] | None = None,
+) -> TrialTable:
+    """Train the model with each remedy (and without) and tabulate what each one did.
+
+    Args:
+        model_factory: ``() -> nn.Module`` building a fresh model (called under
+            ``torch.manual_seed(seed + s)`` for seed s), or a model instance (deep-copied: every
+            run then starts from its current weights).
+        data: A ``Dataset``, an ``(x, y)`` pair, or a DataLoader / iterable of ``(x, y)``.
+        loss_fn: ``loss_fn(output, target)`` -> scalar.
+        remedies: Registered names (``"batchnorm"``, ``"batchnorm+adam"``) or :class:`Remedy`
+            objects.
+        steps: Optimiser steps per run (N).
+        seeds: Runs per remedy.
+        seed: First seed.
+        baseline: Also train the untreated model (row ``"baseline"``, first).
+        optimizer, lr, optimizer_kwargs: The baseline's optimiser; a remedy may switch it
+            (:meth:`Remedy.optimizer_config`).
+        batch_size: Mini-batch size for datasets and tensor pairs.
+        device: Where to train.
+        probe: Probe the first and last steps for the gradient ratio and saturation columns.
+        diverge_above: Also count a run as diverged when its final loss exceeds this.
+        keep_records: Keep each run's probe record in ``table.records``.
+        strict: Re-raise a remedy's application error instead of recording it.
+        rel_tol: Relative loss change below which the verdict is ``no change``.
+        progress: Optional callback ``(remedy, seed, RunSummary)`` after each run.
+
+    Returns:
+        :class:`TrialTable`.
+
+    Raises:
+        ValueError: an unknown remedy name (listing the valid ones), steps/seeds < 1.
+    """
+    from signalprop.train import train
+
+    if steps < 1 or seeds < 1:
+        raise ValueError(f"steps and seeds must be >= 1, got steps={steps}, seeds={seeds}")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "trial needs an optimiser name or factory (each run builds its own optimiser), "
+            "not an optimiser instance"
+        )
+    if isinstance(remedies, str | Remedy):
+        remedies = [remedies]
+    resolved = [get_remedy(r) for r in remedies]  # unknown names fail here, before any training
+    names = [r.name for r in resolved]
+    if len(set(names)) != len(names) or BASELINE in names:
+        raise ValueError(f"remedy names must be unique and not {BASELINE!r}: {names}")
+    plan: list[Remedy | None] = ([None] if baseline else []) + list(resolved)
+    dev = torch.device(device)
+    xb = _example_batch(data, batch_size)
+    if xb is not None:
+        xb = xb.to(dev)
+
+    table = TrialTable(rows=[], meta={
+        "steps": steps, "seeds": seeds, "seed": seed, "optimizer": optimizer if isinstance(
+            optimizer, str) else getattr(optimizer, "__name__", "custom"),
+        "lr": lr, "batch_size": batch_size, "device": str(dev),
+    })
+    for rem in plan:
+        name = BASELINE if rem is None else rem.name
+        row = TrialRow(remedy=name, description="untreated model" if rem is None
+                       else rem.description)
+        opt, rlr, kw = (optimizer, lr, dict(optimizer_kwargs or {})) if rem is None else \
+            rem.optimizer_config(optimizer, lr, optimizer_kwargs)
+        for s in range(seed, seed + seeds):
+            model = _fresh_model(model_factory, s).to(dev)
+            gt = None
+            if rem is not None:
+                try:
+                    model = rem.apply(model, xb).to(dev)
+                    gt = rem.make_grad_transform()
+                except _APPLY_ERRORS as e:
+                    if strict:
+                        raise
+                    row.error = f"{type(e).__name__}: {e}"
+                    break
+            probe_cfg: Any = {"schedule": sorted({0, steps - 1})} if probe else None
+            try:
+                res = train(model, data, loss_fn, steps=steps, optimizer=opt, lr=rlr,
+                            optimizer_kwargs=kw, batch_size=batch_size, probe=probe_cfg,
+                            grad_transform=gt, device=dev, seed=s)
+            except _APPLY_ERRORS as e:
+                if strict or rem is None:
+                    raise  # the baseline itself failing is the caller's error
+                row.error = f"{type(e).__name__}: {e}"
+                break
+            summ = summarise_record(res.record) if probe else {
+                "grad_ratio": math.nan, "saturated_frac": math.nan, "dead_frac": math.nan}
+            diverged = res.diverged
+            final = res.final_loss
+            if not diverged and diverge_above is not None and not final <= diverge_above:
+                diverged = True
+            run = RunSummary(
+                seed=s,
+                final_loss=math.nan if diverged else final,
+                init_loss=res.losses[0] if res.losses else math.nan,
+                diverged=diverged,
+                diverged_step=res.diverged_step if res.diverged else (
+                    len(res.losses) - 1 if diverged else None),
+                grad_ratio=summ["grad_ratio"],
+                saturated_frac=summ["saturated_frac"],
+                dead_frac=summ["dead_frac"],
+                wall_time=res.wall_time,
+                losses=list(res.losses),
+            )
+            row.runs.append(run)
+            if keep_records:
+                table.records.setdefault(name, []).append(res.record)
+            if progress is not None:
+                progress(name, s, run)
+        _aggregate(row)
+        table.rows.append(row)
+    _compare(table, rel_tol)
+    return table
+
+
+def _aggregate(row: TrialRow) -> None:
+    runs = row.runs
+    row.seeds = len(runs)
+    if not runs:
+        return
+    finals = [r.final_loss for r in runs if not r.diverged]
+    row.loss_mean = float(np.mean(finals)) if finals else math.nan
+    row.loss_std = float(np.std(finals, ddof=1)) if len(finals) > 1 else (0.0 if finals else math.nan)
+    row.init_loss = _mean([r.init_loss for r in runs])
+    row.grad_ratio = _gmean([r.grad_ratio for r in runs])
+    row.saturated_frac = _mean([r.saturated_frac for r in runs])
+    row.dead_frac = _mean([r.dead_frac for r in runs])
+    row.diverged = sum(r.diverged for r in runs)
+    row.diverged_frac = row.diverged / len(runs)
+    row.wall_time = _mean([r.wall_time for r in runs])
+
+
+def _compare(table: TrialTable, rel_tol: float) -> None:
+    base = table.baseline
+    for r in table.rows:
+        if r.error is not None:
+            r.verdict = "error"
+        elif r.remedy == BASELINE:
+            r.verdict = "baseline" if r.diverged < r.seeds else "diverged"
+        elif r.seeds and r.diverged == r.seeds:
+            r.verdict = "diverged"
+        elif base is None or base.seeds == 0:
+            r.verdict = ""
+        elif base.diverged == base.seeds:
+            r.verdict = "better"  # it trains where the baseline diverged every time
+        else:
+            b = {x.seed: x.final_loss for x in base.runs}
+            pairs = [(b.get(x.seed, math.nan), x.final_loss) for x in r.runs]
+            r.verdict = verdict([p[0] for p in pairs], [p[1] for p in pairs], rel_tol)
+            if r.diverged and r.verdict == "better":
+                r.verdict = "better (some diverged)"
+        if base is not None and r.remedy != BASELINE and math.isfinite(base.loss_mean):
+            r.delta_loss = r.loss_mean - base.loss_mean
+            r.rel_change = r.delta_loss / base.loss_mean if base.loss_mean else math.nan
