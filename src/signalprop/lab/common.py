@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from signalprop import stats
 from signalprop._registry import check_choice
 from signalprop.data import Dataset, load_dataset
 
@@ -245,6 +246,7 @@ class RunResult:
         final_test_acc: Test accuracy after training (chance-level if diverged: recorded as is).
         diverged, diverged_step: Whether/when the loss became non-finite or exceeded the bound.
         grad_ratio_init: ||dL/dW_first|| / ||dL/dW_last|| of the hidden Linear layers at step 0.
+        grad_norm_init: Global gradient norm over all parameters at step 0.
         wall_s: Seconds spent training.
         extra: Whatever the step callback stored.
     """
@@ -260,6 +262,7 @@ class RunResult:
     diverged: bool = False
     diverged_step: int | None = None
     grad_ratio_init: float = math.nan
+    grad_norm_init: float = math.nan
     steps_done: int = 0
     wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -377,8 +380,11 @@ def train_classifier(
             res.losses.append(lv)
             break
         loss.backward()
-        if step == 0 and linears:
-            res.grad_ratio_init = first_last_grad_ratio(linears)
+        if step == 0:
+            if linears:
+                res.grad_ratio_init = first_last_grad_ratio(linears)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            res.grad_norm_init = float(stats.global_norm(grads)) if grads else math.nan
         if grad_transform is not None:
             grad_transform(model)
         opt.step()

@@ -1,0 +1,401 @@
+"""Does batch norm make initialisation easier?
+
+An init-scale sweep (weights N(0, 1/fan_in) times a scale from 0.25 to 8) x {plain, BN} of a sigmoid
+MLP trained with SGD from several seeds: final loss and its spread across seeds, how often
+differently seeded networks agree in their test predictions, and the gradient norm at
+initialisation vs the scale. Plus Santurkar, Tsipras, Ilyas & Madry (2018)'s landscape
+measurements during training, with and without BN: from the current point, step along the
+gradient with a range of step sizes and record the range of the loss ("loss landscape
+variation"), the largest l2 change of the gradient ("gradient predictiveness"), and the largest
+gradient change per unit distance moved ("effective beta-smoothness").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from signalprop.lab import plotting as P
+from signalprop.lab.base import (
+    CONTRADICTS,
+    INCONCLUSIVE,
+    SUPPORTS,
+    Conclusion,
+    cached,
+    combine_verdicts,
+    fmt,
+    pct,
+)
+from signalprop.lab.common import (
+    MLP,
+    get_data,
+    init_linears_,
+    predictions,
+    seeded,
+    train_classifier,
+)
+
+NAME = "initialisation"
+TITLE = "Batch norm and the initial weight scale"
+QUESTION = "Does batch norm make initialisation easier (less sensitive to the initial scale)?"
+CLAIM = (
+    "With batch norm, training is much less sensitive to the initial weight scale: the final "
+    "loss varies less across scales and seeds, differently seeded networks agree more, and the "
+    "loss landscape is smoother (smaller loss variation, more predictive gradients, smaller "
+    "effective beta-smoothness; Santurkar et al. 2018)."
+)
+SETUP = (
+    "Sigmoid MLP on scikit-learn digits, weights N(0, s^2/fan_in) for s from 0.25 to 8 (all "
+    "layers), zero biases, plain SGD with batch 64, with and without BatchNorm1d before every "
+    "sigmoid, several seeds per cell. Agreement: fraction of test examples on which two "
+    "differently seeded networks of the same cell predict the same class, averaged over pairs. "
+    "Landscape (a ReLU MLP of the same shape with He init, as Santurkar et al. used ReLU "
+    "networks, so that both variants train): every few steps, from the current weights w and mini-batch gradient g, "
+    "the loss and gradient at w - eta g on the same batch for eta in lr x [0.25 .. 4] (BN in "
+    "training mode, running statistics untouched)."
+)
+REFERENCES = [
+    "Ioffe & Szegedy 2015, Batch Normalization",
+    "Santurkar, Tsipras, Ilyas & Madry 2018, How Does Batch Normalization Help Optimization?",
+]
+CAPTIONS = {
+    "init_final_loss": "Final training loss vs initial weight scale (mean over seeds; bars: "
+    "min-max over seeds), with and without batch norm.",
+    "init_agreement": "Left: fraction of test predictions on which differently seeded networks "
+    "agree, vs initial weight scale. Right: gradient norm at initialisation vs scale (log-log).",
+    "init_landscape": "Santurkar et al. (2018) measurements along the gradient direction during "
+    "training: loss range, gradient change (predictiveness) and effective beta-smoothness.",
+}
+
+MARGIN = 0.10
+
+
+def get_config(quick: bool) -> dict[str, Any]:
+    return {
+        "data": "digits",
+        "depth": 6,
+        "width": 64,
+        "steps": 300 if quick else 1500,
+        "batch_size": 64,
+        "lr": 0.5,
+        "scales": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+        "seeds": [0, 1, 2] if quick else [0, 1, 2, 3, 4],
+        "landscape_steps": 300 if quick else 1500,
+        "landscape_every": 15 if quick else 50,
+        "landscape_etas": [0.25, 0.5, 1.0, 2.0, 4.0],
+        # Santurkar et al. used ReLU networks (VGG): a ReLU MLP (He init) trains with and without
+        # BN, so the comparison is between two networks that both learn
+        "landscape_activation": "relu",
+        "landscape_init": "he",
+        "landscape_lr": 0.1,
+        "device": "cpu",
+    }
+
+
+def _one(config: dict[str, Any], variant: str, scale: float, seed: int) -> dict[str, Any]:
+    data = get_data(config["data"], config["device"])
+    g = seeded(seed)
+    model = MLP(data.in_features, data.num_classes, config["width"], config["depth"],
+                activation="sigmoid", norm="bn" if variant == "bn" else "none")
+    init_linears_(model.linears(), "gaussian", scale, generator=g)
+    model.to(config["device"])
+    r = train_classifier(model, data, steps=config["steps"], batch_size=config["batch_size"],
+                         optimizer="sgd", lr=config["lr"], seed=seed, log_every=10)
+    return {
+        "variant": variant, "scale": scale, "seed": seed,
+        "final_train_loss": r.final_train_loss, "final_test_acc": r.final_test_acc,
+        "diverged": r.diverged, "grad_norm_init": r.grad_norm_init,
+        "grad_ratio_init": r.grad_ratio_init,
+        "pred": predictions(model, data.x_test) if not r.diverged else None,
+    }
+
+
+@contextlib.contextmanager
+def _frozen_bn(model: nn.Module) -> Iterator[None]:
+    """Batch statistics in the forward pass, running statistics untouched."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+
+
+def landscape_probe(
+    model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, etas: list[float]
+) -> dict[str, float]:
+    """Santurkar et al. (2018) measurements at the current weights on one batch.
+
+    With g = grad L(w) and w_eta = w - eta g for each eta:
+    ``loss_range`` = max_eta L(w_eta) - min_eta L(w_eta) (including eta = 0);
+    ``grad_change`` = max_eta ||grad L(w_eta) - g|| ("gradient predictiveness": small = predictive);
+    ``beta`` = max_eta ||grad L(w_eta) - g|| / ||eta g|| ("effective beta-smoothness").
+    The weights are restored afterwards.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    with _frozen_bn(model):
+        model.zero_grad(set_to_none=True)
+        loss0 = F.cross_entropy(model(xb), yb)
+        g0 = torch.autograd.grad(loss0, params)
+        gnorm = torch.sqrt(sum((g * g).sum() for g in g0))
+        w0 = [p.detach().clone() for p in params]
+        losses, changes, betas = [float(loss0)], [], []
+        for eta in etas:
+            with torch.no_grad():
+                for p, w, g in zip(params, w0, g0, strict=True):
+                    p.copy_(w - eta * g)
+            loss = F.cross_entropy(model(xb), yb)
+            g1 = torch.autograd.grad(loss, params)
+            diff = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(g1, g0, strict=True)))
+            losses.append(float(loss))
+            changes.append(float(diff))
+            betas.append(float(diff / (eta * gnorm).clamp_min(1e-30)))
+        with torch.no_grad():
+            for p, w in zip(params, w0, strict=True):
+                p.copy_(w)
+    finite = [v for v in losses if math.isfinite(v)]
+    return {
+        "loss_range": (max(finite) - min(finite)) if finite else math.nan,
+        "grad_change": max(changes) if changes else math.nan,
+        "beta": max(betas) if betas else math.nan,
+        "grad_norm": float(gnorm),
+    }
+
+
+def _landscape(config: dict[str, Any], variant: str) -> dict[str, Any]:
+    data = get_data(config["data"], config["device"])
+    g = seeded(0)
+    model = MLP(data.in_features, data.num_classes, config["width"], config["depth"],
+                activation=config["landscape_activation"],
+                norm="bn" if variant == "bn" else "none")
+    init_linears_(model.linears(), config["landscape_init"], 1.0, generator=g)
+    model.to(config["device"])
+    lr = config["landscape_lr"]
+    etas = [lr * e for e in config["landscape_etas"]]
+    gen = torch.Generator().manual_seed(123)
+    n = data.x_train.shape[0]
+    steps, rows = [], []
+
+    def cb(step: int, m: nn.Module, loss: float, res: Any) -> None:
+        if step % config["landscape_every"] == 0:
+            idx = torch.randperm(n, generator=gen)[: config["batch_size"]].to(data.x_train.device)
+            rows.append(landscape_probe(model, data.x_train[idx], data.y_train[idx], etas))
+            steps.append(step)
+
+    r = train_classifier(model, data, steps=config["landscape_steps"],
+                         batch_size=config["batch_size"], optimizer="sgd", lr=lr,
+                         seed=0, callback=cb, log_every=config["landscape_every"])
+    out: dict[str, Any] = {"steps": steps, "variant": variant, "diverged": r.diverged,
+                           "activation": config["landscape_activation"],
+                           "loss_steps": r.loss_steps, "losses": r.losses}
+    for k in ("loss_range", "grad_change", "beta", "grad_norm"):
+        out[k] = [row[k] for row in rows]
+    return out
+
+
+def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
+    base = {k: v for k, v in config.items()
+            if k not in ("scales", "seeds", "executor") and not k.startswith("landscape")}
+    runs = []
+    for variant in ("plain", "bn"):
+        for sc in config["scales"]:
+            for s in config["seeds"]:
+                key = {**base, "variant": variant, "scale": sc, "seed": s}
+                runs.append(cached(workdir, key, lambda v=variant, sc=sc, s=s: _one(
+                    config, v, sc, s), tag="run"))
+    lkey = {k: v for k, v in config.items()
+            if k not in ("scales", "seeds", "executor", "steps", "lr")}
+    land = {v: cached(workdir, {**lkey, "variant": v}, lambda v=v: _landscape(config, v),
+                      tag="land") for v in ("plain", "bn")}
+    return {"runs": runs, "landscape": land, "scales": list(config["scales"])}
+
+
+# --- summaries ---------------------------------------------------------------------------------
+def agreement(preds: list[list[int] | None]) -> float:
+    """Mean over pairs of seeds of the fraction of test examples with the same predicted class
+    (a diverged network, with no predictions, agrees with nothing)."""
+    if len(preds) < 2:
+        return math.nan
+    vals = []
+    for a, b in itertools.combinations(preds, 2):
+        if a is None or b is None:
+            vals.append(0.0)
+        else:
+            vals.append(float(np.mean(np.asarray(a) == np.asarray(b))))
+    return float(np.mean(vals))
+
+
+def summarise(runs: list[dict[str, Any]], scales: list[float]) -> dict[str, dict[str, list]]:
+    """Per variant, per scale: mean/min/max final loss, std over seeds, agreement, grad norm."""
+    out: dict[str, dict[str, list]] = {}
+    for variant in ("plain", "bn"):
+        d: dict[str, list] = {k: [] for k in ("mean", "lo", "hi", "std", "agree", "gnorm",
+                                               "acc", "diverged")}
+        for sc in scales:
+            rs = [r for r in runs if r["variant"] == variant and r["scale"] == sc]
+            # a diverged run counts at the chance-level loss so it cannot look good
+            losses = np.asarray([r["final_train_loss"] if not r["diverged"] else math.log(10)
+                                 for r in rs], dtype=float)
+            losses = np.where(np.isfinite(losses), losses, math.log(10))
+            d["mean"].append(float(losses.mean()) if losses.size else math.nan)
+            d["lo"].append(float(losses.min()) if losses.size else math.nan)
+            d["hi"].append(float(losses.max()) if losses.size else math.nan)
+            d["std"].append(float(losses.std()) if losses.size else math.nan)
+            d["agree"].append(agreement([r["pred"] for r in rs]))
+            d["gnorm"].append(float(np.nanmean([r["grad_norm_init"] for r in rs])))
+            d["acc"].append(float(np.nanmean([r["final_test_acc"] for r in rs])))
+            d["diverged"].append(int(sum(bool(r["diverged"]) for r in rs)))
+        out[variant] = d
+    return out
+
+
+def _lower(better: float, worse: float) -> str:
+    if not (np.isfinite(better) and np.isfinite(worse)):
+        return INCONCLUSIVE
+    if better < worse * (1 - MARGIN):
+        return SUPPORTS
+    if better > worse * (1 + MARGIN):
+        return CONTRADICTS
+    return INCONCLUSIVE
+
+
+def conclude(data: dict[str, Any]) -> Conclusion:
+    scales = data["scales"]
+    s = summarise(data["runs"], scales)
+    p, b = s["plain"], s["bn"]
+    nums: dict[str, Any] = {}
+    details: list[str] = []
+    verdicts: list[str] = []
+    rng_p = float(np.nanmax(p["mean"]) - np.nanmin(p["mean"]))
+    rng_b = float(np.nanmax(b["mean"]) - np.nanmin(b["mean"]))
+    nums["final loss range over scales, plain"] = rng_p
+    nums["final loss range over scales, BN"] = rng_b
+    v1 = _lower(rng_b, rng_p)
+    details.append(
+        f"Final training loss across init scales {fmt(min(scales))}..{fmt(max(scales))}: ranges "
+        f"over {fmt(rng_b)} with BN vs {fmt(rng_p)} without"
+        + (" (BN is NOT less sensitive)." if v1 == CONTRADICTS else ".")
+    )
+    sd_p, sd_b = float(np.nanmean(p["std"])), float(np.nanmean(b["std"]))
+    nums["seed spread of final loss (mean std), plain"] = sd_p
+    nums["seed spread of final loss (mean std), BN"] = sd_b
+    v2 = _lower(sd_b, sd_p)
+    details.append(
+        f"Spread across seeds (std of the final loss, mean over scales): {fmt(sd_b)} with BN vs "
+        f"{fmt(sd_p)} without" + (" (BN does NOT reduce it)." if v2 == CONTRADICTS else ".")
+    )
+    ag_p, ag_b = float(np.nanmean(p["agree"])), float(np.nanmean(b["agree"]))
+    nums["prediction agreement between seeds, plain"] = ag_p
+    nums["prediction agreement between seeds, BN"] = ag_b
+    # agreement: higher is better; compare the disagreement rates
+    v3 = _lower(1 - ag_b, 1 - ag_p) if np.isfinite(ag_b) and np.isfinite(ag_p) else INCONCLUSIVE
+    details.append(
+        f"Differently seeded networks agree on {pct(ag_b)} of test predictions with BN vs "
+        f"{pct(ag_p)} without (mean over scales)"
+        + (" (BN networks agree LESS)." if v3 == CONTRADICTS else ".")
+    )
+    gp, gb = np.asarray(p["gnorm"]), np.asarray(b["gnorm"])
+    if np.all(gp > 0) and np.all(gb > 0):
+        nums["gradient norm at init, max/min over scales, plain"] = float(gp.max() / gp.min())
+        nums["gradient norm at init, max/min over scales, BN"] = float(gb.max() / gb.min())
+        details.append(
+            f"Gradient norm at initialisation varies by a factor {fmt(gp.max() / gp.min())} over "
+            f"the scales without BN and {fmt(gb.max() / gb.min())} with BN (BN's hidden layers "
+            "are scale-invariant: their gradients scale as 1/s)."
+        )
+    verdicts += [v1, v2, v3]
+    # landscape
+    land = data["landscape"]
+    for key, lab in (("loss_range", "loss variation along the gradient"),
+                     ("grad_change", "gradient change (predictiveness)"),
+                     ("beta", "effective beta-smoothness")):
+        mp = float(np.nanmedian(np.asarray(land["plain"][key], dtype=float)))
+        mb = float(np.nanmedian(np.asarray(land["bn"][key], dtype=float)))
+        nums[f"landscape: median {key}, plain"] = mp
+        nums[f"landscape: median {key}, BN"] = mb
+        v = _lower(mb, mp)
+        details.append(
+            f"Landscape: median {lab} {fmt(mb)} with BN vs {fmt(mp)} without"
+            + (" (BN is NOT smoother here)." if v == CONTRADICTS else ".")
+        )
+        verdicts.append(v)
+    verdict = combine_verdicts(verdicts)
+    sentence = (
+        f"Across init scales {fmt(min(scales))}-{fmt(max(scales))}, the final loss ranges over "
+        f"{fmt(rng_b)} with BN vs {fmt(rng_p)} without; seeds agree on {pct(ag_b)} vs "
+        f"{pct(ag_p)} of test predictions; along the gradient, BN's median loss variation is "
+        f"{fmt(nums['landscape: median loss_range, BN'])} vs "
+        f"{fmt(nums['landscape: median loss_range, plain'])} and its beta-smoothness "
+        f"{fmt(nums['landscape: median beta, BN'])} vs {fmt(nums['landscape: median beta, plain'])}."
+    )
+    contra = [d for d in details if "NOT" in d or "LESS" in d]
+    if contra:
+        sentence += " Contradicted: " + " ".join(contra)
+    return Conclusion(CLAIM, sentence, verdict, nums, details)
+
+
+def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
+    d = P.figdir(workdir)
+    scales = data["scales"]
+    s = summarise(data["runs"], scales)
+    out = []
+    labels = {"plain": ("sigmoid", P.PLAIN), "bn": ("BN + sigmoid", P.NORMED)}
+    fig, axes = P.subplots(1, 1, size=(5.0, 3.5))
+    ax = axes[0, 0]
+    for v, (lab, c) in labels.items():
+        m = np.asarray(s[v]["mean"])
+        ax.errorbar(scales, m, yerr=[m - np.asarray(s[v]["lo"]), np.asarray(s[v]["hi"]) - m],
+                    fmt="o-", color=c, capsize=3, label=lab)
+    ax.axhline(math.log(10), color="#555555", ls=":", lw=1, label="chance ln(10)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("initial weight scale s (std = s / sqrt(fan_in))")
+    ax.set_ylabel("final training loss")
+    ax.set_title("Sensitivity to the initial scale")
+    ax.legend(loc="best")
+    out.append(P.save(fig, d / "init_final_loss.png"))
+    fig, axes = P.subplots(1, 2, size=(4.4, 3.4))
+    for v, (lab, c) in labels.items():
+        axes[0, 0].plot(scales, s[v]["agree"], "o-", color=c, label=lab)
+        axes[0, 1].plot(scales, s[v]["gnorm"], "o-", color=c, label=lab)
+    axes[0, 0].set_ylabel("agreement of test predictions between seeds")
+    axes[0, 0].set_ylim(0, 1.02)
+    axes[0, 1].set_ylabel("gradient norm at initialisation")
+    axes[0, 1].set_yscale("log")
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("initial weight scale s")
+        ax.legend(loc="best")
+    axes[0, 0].set_title("Do seeds agree?")
+    axes[0, 1].set_title("Gradient at initialisation")
+    out.append(P.save(fig, d / "init_agreement.png"))
+    land = data["landscape"]
+    act = land["plain"].get("activation", "relu")
+    llabels = {"plain": (act, P.PLAIN), "bn": (f"BN + {act}", P.NORMED)}
+    fig, axes = P.subplots(1, 3, size=(3.7, 3.2))
+    for ax, key, lab in ((axes[0, 0], "loss_range", "loss range along the gradient"),
+                         (axes[0, 1], "grad_change", "max ||g(w - eta g) - g||"),
+                         (axes[0, 2], "beta", "effective beta-smoothness")):
+        for v, (name, c) in llabels.items():
+            ax.plot(land[v]["steps"], land[v][key], color=c, label=name, lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(lab)
+        ax.legend(loc="best")
+    axes[0, 0].set_title("loss landscape variation")
+    axes[0, 1].set_title("gradient predictiveness")
+    axes[0, 2].set_title("beta-smoothness")
+    out.append(P.save(fig, d / "init_landscape.png"))
+    return out
