@@ -1,0 +1,197 @@
+"""The flat run config: one mapping per training run, with defaults and validation.
+
+:data:`SCHEMA` lists every key with its default, its type and (for choice keys) the valid values;
+:func:`validate_config` fills in defaults, checks every value and resolves the optimiser-dependent
+``null`` defaults (``lr``, ``eps``, ``clip_threshold``), so that a normalised config states every
+value a run used. Keys in :data:`PER_RUN` may differ between members of one population; all
+other keys define the architecture group (:func:`group_key`). See docs/sweep.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from signalprop._registry import check_choice, unknown_name_message
+from signalprop.data import DATASETS
+from signalprop.engine.activations import ACTIVATIONS
+from signalprop.engine.optim import OPTIMIZERS
+from signalprop.engine.population import CLIP_DEFAULTS, CLIPS, INITS
+from signalprop.engine.reference import NORM_POSITIONS, NORMS
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key: default, kind (``int float bool str choice mapping``), choices,
+    a bound check, whether ``None`` is allowed, and whether it may vary inside a population."""
+
+    default: Any
+    kind: str
+    choices: Callable[[], list[str]] | None = None
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""
+    nullable: bool = False
+    per_run: bool = False
+
+
+def _pos(v: Any) -> bool:
+    return v > 0
+
+
+def _nonneg(v: Any) -> bool:
+    return v >= 0
+
+
+def _unit(v: Any) -> bool:
+    return 0 <= v < 1
+
+
+SCHEMA: dict[str, Key] = {
+    "data": Key("digits", "choice", DATASETS.names),
+    "data_args": Key({}, "mapping"),
+    "depth": Key(4, "int", check=_pos, rule=">= 1"),
+    "width": Key(64, "int", check=_pos, rule=">= 1"),
+    "activation": Key("tanh", "choice", ACTIVATIONS.names),
+    "act_scale": Key(1.0, "float", check=_pos, rule="> 0", per_run=True),
+    "norm": Key("none", "choice", lambda: list(NORMS)),
+    "norm_position": Key("pre", "choice", lambda: list(NORM_POSITIONS)),
+    "norm_affine": Key(True, "bool"),
+    "residual": Key(False, "bool"),
+    "rbf": Key(0, "int", check=_nonneg, rule=">= 0"),
+    "init": Key("lecun", "choice", lambda: list(INITS), per_run=True),
+    "init_scale": Key(1.0, "float", check=_pos, rule="> 0", per_run=True),
+    "bias_std": Key(0.0, "float", check=_nonneg, rule=">= 0", per_run=True),
+    "optimizer": Key("sgd", "choice", OPTIMIZERS.names),
+    "lr": Key(None, "float", check=_pos, rule="> 0", nullable=True, per_run=True),
+    "momentum": Key(0.0, "float", check=_unit, rule="in [0, 1)", per_run=True),
+    "weight_decay": Key(0.0, "float", check=_nonneg, rule=">= 0", per_run=True),
+    "beta1": Key(0.9, "float", check=_unit, rule="in [0, 1)", per_run=True),
+    "beta2": Key(0.999, "float", check=_unit, rule="in [0, 1)", per_run=True),
+    "alpha": Key(0.99, "float", check=_unit, rule="in [0, 1)", per_run=True),
+    "eps": Key(None, "float", check=_nonneg, rule=">= 0", nullable=True, per_run=True),
+    "eta_minus": Key(0.5, "float", check=lambda v: 0 < v < 1, rule="in (0, 1)", per_run=True),
+    "eta_plus": Key(1.2, "float", check=lambda v: v > 1, rule="> 1", per_run=True),
+    "step_min": Key(1e-6, "float", check=_pos, rule="> 0", per_run=True),
+    "step_max": Key(50.0, "float", check=_pos, rule="> 0", per_run=True),
+    "clip": Key("none", "choice", lambda: list(CLIPS)),
+    "clip_threshold": Key(None, "float", check=_pos, rule="> 0", nullable=True, per_run=True),
+    "steps": Key(200, "int", check=_pos, rule=">= 1"),
+    "batch_size": Key(64, "int", check=_pos, rule=">= 1"),
+    "seed": Key(0, "int", check=_nonneg, rule=">= 0", per_run=True),
+    "record_every": Key(10, "int", check=_nonneg, rule=">= 0"),
+    "dtype": Key("float32", "choice", lambda: list(DTYPES)),
+    "device": Key("cpu", "str"),
+    "tag": Key(None, "str", nullable=True, per_run=True),
+}
+
+#: Keys that may differ between the members of one population.
+PER_RUN: frozenset[str] = frozenset(k for k, v in SCHEMA.items() if v.per_run)
+
+#: Optimiser hyper-parameter keys (the others are ignored by an optimiser that does not use them).
+OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "alpha", "eps",
+                  "eta_minus", "eta_plus", "step_min", "step_max")
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+
+
+def defaults() -> dict[str, Any]:
+    """A fresh copy of every key's default."""
+    return {k: copy.deepcopy(v.default) for k, v in SCHEMA.items()}
+
+
+def _coerce(name: str, key: Key, v: Any) -> Any:
+    if v is None:
+        if key.nullable:
+            return None
+        raise ValueError(f"run config: {name} must not be null")
+    if key.kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            else:
+                raise ValueError(f"run config: {name} must be an integer, got {v!r}")
+    elif key.kind == "float":
+        if isinstance(v, bool):
+            raise ValueError(f"run config: {name} must be a number, got {v!r}")
+        if isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"run config: {name} must be a number, got {v!r}") from None
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"run config: {name} must be a finite number, got {v!r}")
+        v = float(v)
+    elif key.kind == "bool":
+        if not isinstance(v, bool):
+            raise ValueError(f"run config: {name} must be true or false, got {v!r}")
+    elif key.kind == "choice":
+        if not isinstance(v, str):
+            raise ValueError(f"run config: {name} must be a string, got {v!r}")
+        assert key.choices is not None
+        v = check_choice(name, v.lower(), key.choices())
+    elif key.kind == "str":
+        if not isinstance(v, str):
+            raise ValueError(f"run config: {name} must be a string, got {v!r}")
+    elif key.kind == "mapping":
+        if not isinstance(v, Mapping):
+            raise ValueError(f"run config: {name} must be a mapping, got {v!r}")
+        v = json.loads(json.dumps(dict(v), sort_keys=True))  # JSON-able, canonical order
+    if key.check is not None and not key.check(v):
+        raise ValueError(f"run config: {name} must be {key.rule}, got {v!r}")
+    return v
+
+
+def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a run config and return it normalised (every key present, defaults resolved).
+
+    Raises:
+        ValueError: naming an unknown key (with the valid keys), an unknown choice (with the
+            valid choices), a value of the wrong type or out of range, or a bad combination.
+    """
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"a run config must be a mapping, got {type(cfg).__name__}")
+    out = defaults()
+    for name, v in cfg.items():
+        if name not in SCHEMA:
+            raise ValueError(unknown_name_message("run-config key", name, sorted(SCHEMA)))
+        out[name] = _coerce(name, SCHEMA[name], v)
+    if not _DEVICE_RE.match(out["device"]):
+        raise ValueError(f"run config: device must be cpu, cuda or cuda:N, got {out['device']!r}")
+    opt_defaults = OPTIMIZERS.defaults(out["optimizer"])
+    if out["lr"] is None:
+        out["lr"] = float(opt_defaults["lr"])
+    if out["eps"] is None:
+        out["eps"] = float(opt_defaults.get("eps", 1e-8))
+    if out["clip_threshold"] is None:
+        out["clip_threshold"] = float(CLIP_DEFAULTS[out["clip"]])
+    if out["step_min"] > out["step_max"]:
+        raise ValueError("run config: step_min must be <= step_max")
+    if out["norm"] == "batch" and out["batch_size"] < 2:
+        raise ValueError("run config: batch norm needs batch_size >= 2")
+    return out
+
+
+def config_hash(cfg: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
+    """Content hash of a normalised config and its axis labels: the run's id (16 hex chars)."""
+    blob = json.dumps({"config": dict(cfg), "labels": dict(labels or {})}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def group_key(cfg: Mapping[str, Any]) -> str:
+    """The architecture key: runs with equal keys are trained as one population."""
+    shared = {k: v for k, v in cfg.items() if k not in PER_RUN}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def optimizer_hparams(cfg: Mapping[str, Any]) -> dict[str, float]:
+    """The hyper-parameters of the config's optimiser, by the optimiser's names."""
+    names = OPTIMIZERS.defaults(cfg["optimizer"])
+    return {k: float(cfg[k]) for k in names}

@@ -1,0 +1,355 @@
+"""Run a grid: group by architecture, train each group as one population, store the results.
+
+Executors:
+
+- ``local``: groups one after another in this process (``workers=1``), or in ``workers``
+  single-threaded processes (one per core is the fastest split for small models on CPU).
+- ``ray``: each group is a Ray task (``@ray.remote(num_cpus=1)``); results come back to this
+  process, the only one that writes the database. Connects to ``ray_address`` (or
+  ``$RAY_ADDRESS``: a cluster started with ``ray start``), else starts a local instance.
+
+Whatever the executor, a group's results are written in one transaction when it finishes, so a
+sweep killed at any moment resumes where it stopped (:mod:`signalprop.sweep.store`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from signalprop._registry import check_choice
+from signalprop.sweep.config import optimizer_hparams
+from signalprop.sweep.grid import RunSpec, expand_grid, group_runs
+from signalprop.sweep.result import SweepResult
+from signalprop.sweep.store import FINISHED, Store, encode_record
+
+EXECUTORS = ("local", "ray")
+
+#: A group's work item: [(run_id, normalised config)].
+Payload = list[tuple[str, dict[str, Any]]]
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset(name: str, args_json: str):  # noqa: ANN202 - cached per process
+    from signalprop.data import load_dataset
+
+    return load_dataset(name, **json.loads(args_json))
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Where a run ran: versions, host, threads, device."""
+    import signalprop
+
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "signalprop": signalprop.__version__,
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -> list[dict]:
+    """Train one architecture group as a population and return one result per run.
+
+    Never raises for a training error: the runs are returned as ``failed`` with the error, so
+    that remote executors always hand back a result.
+
+    Args:
+        payload: ``[(run_id, config)]`` with normalised configs sharing a :func:`group_key`.
+        callback: Progress, called with the number of steps done.
+
+    Returns:
+        ``[{run_id, status, metrics, record (gzip'd JSON), wall_time, env, error}]``.
+    """
+    from signalprop.engine import Arch, Population
+
+    cfgs = [c for _, c in payload]
+    c0 = cfgs[0]
+    env = environment(c0["device"])
+    try:
+        if c0["device"].startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {c0['device']!r} requested but CUDA is not available")
+        ds = _dataset(c0["data"], json.dumps(c0["data_args"], sort_keys=True))
+        arch = Arch(
+            ds.in_features,
+            ds.out_features,
+            depth=c0["depth"],
+            width=c0["width"],
+            activation=c0["activation"],
+            norm=c0["norm"],
+            norm_position=c0["norm_position"],
+            norm_affine=c0["norm_affine"],
+            residual=c0["residual"],
+            rbf=c0["rbf"],
+            task="classification" if ds.num_classes else "regression",
+        )
+        hps = [optimizer_hparams(c) for c in cfgs]
+        pop = Population(
+            arch,
+            len(cfgs),
+            optimizer=c0["optimizer"],
+            hparams={k: [h[k] for h in hps] for k in hps[0]},
+            clip=c0["clip"],
+            clip_threshold=[c["clip_threshold"] for c in cfgs],
+            act_scale=[c["act_scale"] for c in cfgs],
+            dtype=getattr(torch, c0["dtype"]),
+            device=c0["device"],
+        )
+        seeds = [c["seed"] for c in cfgs]
+        pop.init_(
+            seeds,
+            init=[c["init"] for c in cfgs],
+            init_scale=[c["init_scale"] for c in cfgs],
+            bias_std=[c["bias_std"] for c in cfgs],
+            data_x=ds.x_train,
+        )
+        res = pop.fit(
+            ds, c0["steps"], c0["batch_size"], seeds, c0["record_every"], callback=callback
+        )
+    except Exception as e:  # a bad group must not take the sweep down
+        err = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+        return [
+            {"run_id": r, "status": "failed", "metrics": {}, "record": None, "wall_time": None,
+             "env": env, "error": err}
+            for r, _ in payload
+        ]
+    per = res.wall_time / len(cfgs)
+    out = []
+    for k, (rid, cfg) in enumerate(payload):
+        rec = res.records[k]
+        rec.meta.update({"run_id": rid, "config": cfg})
+        metrics = dict(res.final[k])
+        metrics["population_size"] = len(cfgs)
+        metrics["population_wall_time"] = res.wall_time
+        out.append(
+            {
+                "run_id": rid,
+                "status": "diverged" if res.diverged_step[k] is not None else "done",
+                "metrics": metrics,
+                "record": encode_record(rec),
+                "wall_time": per,
+                "env": env,
+                "error": None,
+            }
+        )
+    return out
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def default_out(specs: list[RunSpec]) -> Path:
+    """``sweeps/<hash of the run ids>``: the same grid resumes in the same place."""
+    h = hashlib.sha256("".join(s.run_id for s in specs).encode()).hexdigest()[:10]
+    return Path("sweeps") / h
+
+
+class _Progress:
+    """A rich progress bar over groups and steps (or nothing)."""
+
+    def __init__(self, enabled: bool, n_groups: int, n_steps: int) -> None:
+        self.p = None
+        if not enabled or n_groups == 0:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.p = Progress(
+            TextColumn("{task.description:>8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        self.p.start()
+        self.g = self.p.add_task("groups", total=n_groups)
+        self.s = self.p.add_task("steps", total=n_steps)
+
+    def steps(self, n: int) -> None:
+        if self.p is not None:
+            self.p.advance(self.s, n)
+
+    def group_done(self) -> None:
+        if self.p is not None:
+            self.p.advance(self.g, 1)
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+
+
+def sweep(
+    grid: Any,
+    out: str | os.PathLike[str] | None = None,
+    executor: str = "local",
+    progress: bool = True,
+    *,
+    workers: int = 1,
+    max_group_size: int | None = None,
+    ray_address: str | None = None,
+    ray_init: dict[str, Any] | None = None,
+) -> SweepResult:
+    """Run every point of a grid; resume if ``out`` already holds some of them.
+
+    Args:
+        grid: A grid mapping (``base``, ``axes``, ``seeds``), a list of run configs, or a path
+            to a YAML file with either (docs/sweep.md).
+        out: The sweep directory (``DIR/sweep.db``); default ``sweeps/<hash of the grid>``.
+        executor: ``local`` or ``ray``.
+        progress: Show a progress bar over groups and steps.
+        workers: ``local``: number of single-threaded worker processes (1: in this process).
+        max_group_size: Split populations larger than this (default: no limit; with several
+            workers, groups are split so that every worker has work).
+        ray_address: Ray cluster address (default ``$RAY_ADDRESS`` or a new local instance).
+        ray_init: Extra keyword arguments of ``ray.init`` for a local instance.
+
+    Returns:
+        A :class:`SweepResult` over the grid's runs.
+    """
+    check_choice("executor", executor, EXECUTORS)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    specs = expand_grid(grid)
+    if not specs:
+        raise ValueError("the grid has no runs")
+    out = Path(out) if out is not None else default_out(specs)
+    with Store(out) as store:
+        store.add_runs((s.run_id, s.index, s.group, s.config, s.labels) for s in specs)
+        store.reset_unfinished()
+        store.set_meta("last_grid", json.dumps(grid if not isinstance(grid, os.PathLike)
+                                               else str(grid), default=str))
+        status = store.statuses([s.run_id for s in specs])
+        todo = [s for s in specs if status.get(s.run_id) not in FINISHED]
+        cap = max_group_size
+        n_par = workers if executor == "local" else 0
+        if executor == "local" and workers > 1 and cap is None:
+            n_groups = len(group_runs(todo))
+            if 0 < n_groups < workers:
+                biggest = max(len(g) for g in group_runs(todo))
+                # split so that every worker gets a share of the populations
+                cap = max(1, math.ceil(biggest / math.ceil(workers / n_groups)))
+        groups = group_runs(todo, cap)
+        bar = _Progress(progress, len(groups), sum(g[0].config["steps"] for g in groups))
+        try:
+            if executor == "ray":
+                _run_ray(store, groups, bar, ray_address, ray_init or {})
+            elif n_par > 1:
+                _run_pool(store, groups, bar, workers)
+            else:
+                _run_local(store, groups, bar)
+        finally:
+            bar.close()
+    return SweepResult(out, [s.run_id for s in specs])
+
+
+def _payload(group: list[RunSpec]) -> Payload:
+    return [(s.run_id, s.config) for s in group]
+
+
+def _run_local(store: Store, groups: list[list[RunSpec]], bar: _Progress) -> None:
+    for g in groups:
+        store.mark_running([s.run_id for s in g])
+        done = [0]
+
+        def cb(n: int, done: list[int] = done) -> None:
+            bar.steps(n - done[0])
+            done[0] = n
+
+        store.finish(run_group(_payload(g), callback=cb))
+        bar.group_done()
+
+
+def _run_pool(store: Store, groups: list[list[RunSpec]], bar: _Progress, workers: int) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads / sqlite
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        futs = {}
+        for g in groups:
+            store.mark_running([s.run_id for s in g])
+            futs[pool.submit(run_group, _payload(g))] = g
+        for f in as_completed(futs):
+            store.finish(f.result())
+            bar.steps(futs[f][0].config["steps"])
+            bar.group_done()
+
+
+def _run_ray(
+    store: Store,
+    groups: list[list[RunSpec]],
+    bar: _Progress,
+    address: str | None,
+    init_kwargs: dict[str, Any],
+) -> None:
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError(
+            "executor='ray' needs Ray: pip install 'signalprop[ray]' (or pip install ray)"
+        ) from e
+    started_here = False
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, **init_kwargs)
+        else:
+            kw = {"include_dashboard": False, "log_to_driver": False}
+            kw.update(init_kwargs)
+            ray.init(**kw)
+        started_here = True
+    try:
+        remote = ray.remote(num_cpus=1)(_ray_task)
+        pending = {}
+        for g in groups:
+            store.mark_running([s.run_id for s in g])
+            pending[remote.remote(_payload(g))] = g
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                g = pending.pop(ref)
+                try:
+                    results = ray.get(ref)
+                except Exception as e:  # the task itself died (worker lost ...)
+                    results = [
+                        {"run_id": s.run_id, "status": "failed", "metrics": {}, "record": None,
+                         "wall_time": None, "env": {}, "error": f"ray task failed: {e}"}
+                        for s in g
+                    ]
+                store.finish(results)
+                bar.steps(g[0].config["steps"])
+                bar.group_done()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _ray_task(payload: Payload) -> list[dict]:
+    torch.set_num_threads(1)
+    return run_group(payload)
