@@ -99,7 +99,7 @@ PER_RUN: frozenset[str] = frozenset(k for k, v in SCHEMA.items() if v.per_run)
 OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "alpha", "eps",
                   "eta_minus", "eta_plus", "step_min", "step_max")
 
-_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 def defaults() -> dict[str, Any]:
@@ -164,7 +164,7 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(unknown_name_message("run-config key", name, sorted(SCHEMA)))
         out[name] = _coerce(name, SCHEMA[name], v)
     if not _DEVICE_RE.match(out["device"]):
-        raise ValueError(f"run config: device must be cpu, cuda or cuda:N, got {out['device']!r}")
+        raise ValueError(f"run config: device must be auto, cpu, cuda or cuda:N, got {out['device']!r}")
     opt_defaults = OPTIMIZERS.defaults(out["optimizer"])
     if out["lr"] is None:
         out["lr"] = float(opt_defaults["lr"])

@@ -83,7 +83,9 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
     from signalprop.engine import Arch, Population
 
     cfgs = [c for _, c in payload]
-    c0 = cfgs[0]
+    c0 = dict(cfgs[0])
+    if c0["device"] == "auto":  # resolved where the group runs (the config, its hash, stay put)
+        c0["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(c0["device"])
     try:
         if c0["device"].startswith("cuda") and not torch.cuda.is_available():
