@@ -37,15 +37,16 @@ def _optimizer_cands(
     if ctx.adaptive_optimizer and ctx.optimizer != "sgd":
         base -= 2  # already tried something of this family
     if rms == rms and rms < th.adaptive_eps_floor:
+        small = "exactly 0 (underflow)" if rms == 0 else fmt(rms)
         out.append((
             "rprop", base + 0.5,
-            f"the smallest per-element gradient is {fmt(rms)}, below Adam's eps (1e-8) "
-            "regime; Rprop's sign-based steps do not depend on the gradient's size at all",
+            f"the smallest per-element gradient is {small}, in the regime where Adam's eps "
+            "(1e-8) dominates; Rprop's sign-based steps do not depend on the gradient's size",
         ))
         out.append((
             "adam", base - 3,
-            f"only partly: with gradients of {fmt(rms)} per element Adam's eps (1e-8) dominates "
-            "sqrt(v) and its steps shrink with the gradient",
+            f"only partly: with per-element gradients down to {small} Adam's eps (1e-8) "
+            "dominates sqrt(v) in the early layers and their steps shrink with the gradient",
         ))
         out.append(("smorms3", base - 1.5,
                     "adaptive like RMSprop but with eps 1e-16, so much smaller gradients still "
@@ -88,8 +89,8 @@ def rx_vanishing(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[P
     if "sigmoid" in sat:
         c.append((
             "relu", 8.0,
-            "sigmoid'(z) <= 1/4 caps the per-layer factor at sigma_w/4 per unit; ReLU's derivative "
-            "is 1 on active units (pair it with He init)",
+            "sigmoid'(z) <= 1/4 shrinks the gradient at least 4x per layer unless the weights "
+            "compensate; ReLU's derivative is 1 on active units (pair it with He init)",
         ))
         c.append(("critical_init", 6.5, "choose sigma_w so that chi_1 = sigma_w^2 E[phi'(z)^2] "
                   "= 1 (Schoenholz et al. 2017): the gradient is then preserved across depth"))
@@ -118,7 +119,7 @@ def rx_vanishing(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[P
                   "linear part (Saxe et al. 2013)"))
     c += _optimizer_cands(ctx, n, th, 6.0)
     c.append(("layerwise_lr", 4.5, "a larger learning rate for the early layers compensates "
-              "their smaller gradients (ratio " + fmt(n.get("ratio", float("nan"))) + ")"))
+              "their smaller gradients (up to a point: it cannot revive an exactly zero one)"))
     if deep:
         c.append(("fewer_layers", 5.5 if not sat else 6.0,
                   f"{ctx.depth} layers multiply the per-layer factor {ctx.depth - 1} times; "

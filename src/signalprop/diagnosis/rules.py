@@ -178,13 +178,27 @@ def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding
                            if rel[j] < th.vanishing_ratio]
                 nums["min_grad_rms"] = _min_grad_rms(record, ctx)
                 nums["n_flagged"] = len(flagged)
-                text = (
-                    f"Gradients vanish toward the input: {what} at layer 1 ({first}) is "
-                    f"{fmt(ratio)}x that at layer {ctx.depth} ({last}) (median over {usable} "
-                    f"recorded steps)"
-                )
+                if ratio > 0:
+                    text = (
+                        f"Gradients vanish toward the input: {what} at layer 1 ({first!r}) is "
+                        f"{fmt(ratio)}x that at layer {ctx.depth} ({last!r}) (median over "
+                        f"{usable} recorded steps)"
+                    )
+                else:
+                    nz = [j for j in range(len(rel)) if rel[j] > 0]
+                    text = (
+                        f"Gradients vanish toward the input: {what} at layer 1 ({first!r}) "
+                        f"is exactly 0 (median over {usable} recorded steps: underflow or a dead path)"
+                    )
+                    if nz and nz[0] < len(rel) - 1:
+                        text += (f"; the first layer with a non-zero gradient, layer {nz[0] + 1}"
+                                 f", gets {fmt(float(rel[nz[0]]))}x the gradient of layer "
+                                 f"{ctx.depth} ({last!r})")
+                        nums["first_nonzero_layer"] = nz[0] + 1
+                        nums["first_nonzero_ratio"] = float(rel[nz[0]])
                 if dw == dw and metric == "out_grad_norm":
-                    text += f"; dL/dW of layer 1 is {fmt(dw)}x that of layer {ctx.depth}"
+                    text += ("; dL/dW of layer 1 is exactly 0" if dw == 0 else
+                             f"; dL/dW of layer 1 is {fmt(dw)}x that of layer {ctx.depth}")
                 text += "."
                 if factor == factor:
                     text += (f" Each layer multiplies the backward signal by ~{fmt(factor)}"
@@ -203,8 +217,8 @@ def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding
                 nums["forward_growth"] = _forward_growth(record, ctx)
                 nums["n_flagged"] = len(flagged)
                 text = (
-                    f"Gradients explode toward the input: {what} at layer 1 ({first}) is "
-                    f"{fmt(ratio)}x that at layer {ctx.depth} ({last}) (median over {usable} "
+                    f"Gradients explode toward the input: {what} at layer 1 ({first!r}) is "
+                    f"{fmt(ratio)}x that at layer {ctx.depth} ({last!r}) (median over {usable} "
                     f"recorded steps); each layer multiplies the backward signal by "
                     f"~{fmt(factor)}."
                 )
@@ -381,9 +395,10 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
     parts = [f"Non-finite values (NaN/Inf) from step {first_step}"
              f" ({bad_steps} of {len(record.steps)} recorded steps affected)"]
     if fwd_layers:
-        parts.append(f"first in the forward pass of {fwd_layers[0]} ({ctx.label(fwd_layers[:1])})")
+        parts.append(f"first in the forward pass of {fwd_layers[0]!r} "
+                     f"({ctx.label(fwd_layers[:1])})")
     elif any_layers:
-        parts.append(f"first in {any_layers[0]}")
+        parts.append(f"first in {any_layers[0]!r}")
     text = "; ".join(parts) + "."
     if data_bad:
         text += (f" The input data contain {int(data_bad)} NaN/Inf entries: clean or impute "
@@ -447,11 +462,13 @@ def rule_update_ratio(
             "min_ratio": float(fin.min()) if fin.size else math.nan}
     parts = []
     if high:
-        parts.append(f"{ctx.label(high).capitalize()} change by more than "
+        verb = "changes" if len(high) == 1 else "change"
+        parts.append(f"{ctx.label(high).capitalize()} {verb} by more than "
                      f"{fmt(th.update_ratio_high)} of their norm per step (median up to "
                      f"{fmt(nums['max_ratio'])}; ~1e-3 is typical of healthy training)")
     if low:
-        parts.append(f"{ctx.label(low).capitalize()} barely move: median ||dW||/||W|| down to "
+        verb = "barely moves" if len(low) == 1 else "barely move"
+        parts.append(f"{ctx.label(low).capitalize()} {verb}: median ||dW||/||W|| down to "
                      f"{fmt(nums['min_ratio'])} per step")
     sev = "warning" if high else "info"
     if high and nums["max_ratio"] > 1.0:

@@ -1,0 +1,412 @@
+"""``signalprop.doctor``: train a copy of a model briefly under a probe, diagnose the record, and
+(optionally) try the prescribed remedies side by side.
+
+    >>> import signalprop
+    >>> report = signalprop.doctor(model, (x, y), torch.nn.CrossEntropyLoss(), steps=200)  # doctest: +SKIP
+    >>> report.findings, report.prescriptions                                            # doctest: +SKIP
+    >>> report.to_html("report.html"); print(report.to_json())                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import json
+import math
+import platform
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from signalprop import __version__
+from signalprop.data import Dataset
+from signalprop.diagnosis import (
+    Finding,
+    Prescription,
+    Thresholds,
+    diagnose,
+    merge_prescriptions,
+)
+from signalprop.diagnosis.findings import SEVERITIES, json_number
+from signalprop.record import Record, atomic_write_text
+
+#: Version of the JSON written by :meth:`Report.to_json`.
+REPORT_SCHEMA = "signalprop.report/1"
+
+#: Probe at most about this many steps (evenly spaced) so that records stay a few MB.
+MAX_RECORDED_STEPS = 300
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _jsonable(obj: Any) -> Any:
+    """Recursively convert to JSON-safe values (non-finite floats -> None)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, (int, float)):
+        return json_number(obj)
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return json_number(float(obj))
+    if hasattr(obj, "to_dict"):
+        return _jsonable(obj.to_dict())
+    if hasattr(obj, "item"):
+        try:
+            return json_number(obj.item())
+        except (TypeError, ValueError):
+            pass
+    return str(obj)
+
+
+@dataclass
+class Report:
+    """What the doctor found.
+
+    Attributes:
+        findings: Findings, most severe first (empty: nothing found).
+        prescriptions: One ranked list of remedies over all findings.
+        record: The probe's record of the training run.
+        trials: Trial results (one dict per remedy) when the doctor ran trials, else ``[]``.
+        meta: Run settings and environment (model, data, optimiser, lr, steps, timings ...).
+        losses: The training loss at every step.
+    """
+
+    findings: list[Finding]
+    prescriptions: list[Prescription]
+    record: Record
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        """No finding at all."""
+        return not self.findings
+
+    @property
+    def kinds(self) -> list[str]:
+        """Finding kinds, in report order."""
+        return [f.kind for f in self.findings]
+
+    def finding(self, kind: str) -> Finding | None:
+        """The first finding of ``kind`` or ``None``."""
+        return next((f for f in self.findings if f.kind == kind), None)
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers: verdict, worst severity, losses, divergence, top remedies."""
+        worst = max((SEVERITIES.index(f.severity) for f in self.findings), default=-1)
+        finite = [v for v in self.losses if math.isfinite(v)]
+        return {
+            "healthy": self.healthy,
+            "n_findings": len(self.findings),
+            "kinds": self.kinds,
+            "worst_severity": SEVERITIES[worst] if worst >= 0 else None,
+            "steps": len(self.losses),
+            "initial_loss": finite[0] if finite else None,
+            "final_loss": (sum(finite[-10:]) / len(finite[-10:])) if finite else None,
+            "diverged": self.meta.get("diverged", False),
+            "diverged_step": self.meta.get("diverged_step"),
+            "prescriptions": [p.to_dict() for p in self.prescriptions],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict with stable keys ``schema, findings, summary, trials, meta``."""
+        return {
+            "schema": REPORT_SCHEMA,
+            "findings": [f.to_dict() for f in self.findings],
+            "summary": _jsonable(self.summary()),
+            "trials": _jsonable(self.trials),
+            "meta": _jsonable(self.meta),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON text (NaN/Inf written as ``null``)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def to_html(self, path: str | Path) -> Path:
+        """Write a self-contained HTML report (figures embedded) to ``path``."""
+        from signalprop.report.doctor_page import render_report
+
+        path = Path(path)
+        atomic_write_text(path, render_report(self))
+        return path
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``report.html``, ``report.json`` and ``record.json.gz`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "html": self.to_html(out / "report.html"),
+            "json": out / "report.json",
+            "record": self.record.save(out / "record.json.gz"),
+        }
+        atomic_write_text(paths["json"], self.to_json())
+        return paths
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{f.kind}({f.severity})" for f in self.findings) or "healthy"
+        return f"Report({kinds}; {len(self.losses)} steps, {len(self.trials)} trials)"
+
+
+# --- input checks --------------------------------------------------------------------------------
+def _check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n == 0:
+        raise ValueError(
+            f"model {type(model).__name__} has no trainable parameters: there is nothing to "
+            "train or diagnose"
+        )
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:  # deepcopy can fail on exotic members (locks, open files)
+        raise TypeError(
+            f"cannot copy model {type(model).__name__} ({e}); the doctor trains a copy so that "
+            "your model is left untouched"
+        ) from e
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+def _count_nonfinite(data: Any) -> int | None:
+    """NaN/Inf entries in the inputs/targets when the data are tensors in memory (cheap);
+    ``None`` for loaders, which would cost a pass over the data."""
+    tensors: list[torch.Tensor] = []
+    if isinstance(data, Dataset):
+        tensors = [data.x_train, data.y_train]
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(
+        isinstance(t, torch.Tensor) for t in data
+    ):
+        tensors = list(data)
+    else:
+        ds = getattr(data, "dataset", None)
+        if isinstance(ds, torch.utils.data.TensorDataset):
+            tensors = list(ds.tensors)
+        else:
+            return None
+    return int(sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point()))
+
+
+def _describe_data(data: Any) -> str:
+    if isinstance(data, Dataset):
+        return f"{data.name} ({data.x_train.shape[0]} x {data.in_features})"
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return f"tensors x{tuple(data[0].shape)} y{tuple(data[1].shape)}"
+    return type(data).__name__
+
+
+def _schedule(steps: int) -> Any:
+    from signalprop.probe import every
+
+    return every(max(1, math.ceil(steps / MAX_RECORDED_STEPS)))
+
+
+class _Progress:
+    """A rich progress bar on stderr driven by ``train``'s ``progress(step, loss)`` callback."""
+
+    def __init__(self, total: int, label: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task = self._p.add_task(label, total=total, loss="-")
+
+    def __enter__(self) -> _Progress:
+        self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._p.stop()
+
+    def __call__(self, step: int, loss: float) -> None:
+        self._p.update(self._task, completed=step + 1, loss=f"{loss:.4g}")
+
+
+def _run_trials(
+    model: nn.Module,
+    data: Any,
+    loss_fn: LossFn,
+    remedies: Sequence[str],
+    settings: dict[str, Any],
+    progress: bool,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Run ``signalprop.trial.trial`` if it is installed; else ``([], why)``."""
+    if importlib.util.find_spec("signalprop.trial") is None:
+        return [], "signalprop.trial is not available in this installation"
+    mod = importlib.import_module("signalprop.trial")
+    fn = getattr(mod, "trial", None)
+    if fn is None:
+        return [], "signalprop.trial has no trial() function"
+    result = fn(model, data, loss_fn, remedies=list(remedies), progress=progress, **settings)
+    if hasattr(result, "to_dicts"):
+        rows = result.to_dicts()
+    elif hasattr(result, "to_dict"):
+        d = result.to_dict()
+        rows = d.get("trials", d) if isinstance(d, dict) else d
+    else:
+        rows = result
+    if isinstance(rows, Mapping):
+        rows = [dict(v, remedy=k) if isinstance(v, Mapping) else {"remedy": k, "value": v}
+                for k, v in rows.items()]
+    return [dict(r) if isinstance(r, Mapping) else _jsonable(r) for r in rows], None
+
+
+def doctor(
+    model: nn.Module,
+    data: Any,
+    loss_fn: LossFn,
+    steps: int = 200,
+    optimizer: str | Any = "sgd",
+    lr: float = 0.1,
+    device: str | torch.device = "cpu",
+    validate: bool = False,
+    trial: bool = False,
+    remedies: Sequence[str] | None = None,
+    progress: bool = True,
+    *,
+    seed: int | None = 0,
+    batch_size: int = 64,
+    thresholds: Thresholds | Mapping[str, Any] | None = None,
+    max_trials: int = 5,
+    name: str | None = None,
+) -> Report:
+    """Train a copy of ``model`` briefly under a probe and diagnose its signal propagation.
+
+    Args:
+        model: Any ``nn.Module`` with trainable parameters (deep-copied; yours is not touched).
+        data: A DataLoader (or iterable of ``(x, y)`` batches), an ``(x, y)`` tensor pair, or a
+            :class:`signalprop.data.Dataset`.
+        loss_fn: ``loss_fn(output, y)`` returning a scalar tensor.
+        steps: Optimiser steps to train (the data are cycled).
+        optimizer: A registered optimiser name (``"sgd"``, ``"adam"``, ...) or a factory
+            ``f(params, lr=...)``.
+        lr: Learning rate.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        validate: Refuse data containing NaN/Inf up front (``ValueError``). Without it, NaN that
+            appears during training becomes a ``nonfinite`` finding.
+        trial: Also train the top prescribed remedies side by side (``signalprop.trial``).
+        remedies: Remedies to trial instead of the top ``max_trials`` prescriptions.
+        progress: Show a progress bar on stderr.
+        seed: Seed for the copy's training (data order); ``None`` leaves the RNG alone.
+        batch_size: Mini-batch size for tensor pairs and ``Dataset``.
+        thresholds: Diagnosis thresholds (see :class:`signalprop.diagnosis.Thresholds`).
+        max_trials: How many prescriptions to trial when ``remedies`` is not given.
+        name: A label for the report (e.g. the example's name).
+
+    Returns:
+        A :class:`Report`.
+
+    Raises:
+        TypeError: model not an ``nn.Module``, loss not callable, data of an unsupported kind.
+        ValueError: model without parameters, non-scalar loss, NaN/Inf data with
+            ``validate=True``, bad ``steps``/``lr``/device, unknown optimiser or remedy names.
+    """
+    from signalprop.train import check_finite_data, train
+
+    work = _check_model(model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    dev = _check_device(device)
+    th = Thresholds.coerce(thresholds)
+    if remedies is not None:
+        from signalprop._registry import check_choice
+        from signalprop.diagnosis import REMEDY_NAMES
+
+        remedies = [check_choice("remedy", r, REMEDY_NAMES) for r in remedies]
+    if validate:
+        check_finite_data(data)
+    data_bad = _count_nonfinite(data)
+
+    t0 = time.perf_counter()
+    settings = dict(steps=steps, optimizer=optimizer, lr=lr, batch_size=batch_size,
+                    device=dev, seed=seed)
+    label = f"doctor: {name or type(model).__name__}"
+    if progress:
+        with _Progress(steps, label) as bar:
+            result = train(work, data, loss_fn, probe={"schedule": _schedule(steps)},
+                           progress=bar, **settings)
+    else:
+        result = train(work, data, loss_fn, probe={"schedule": _schedule(steps)}, **settings)
+    record = result.record
+    opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom")
+    record.meta.update({
+        "optimizer": opt_name,
+        "lr": lr,
+        "data_nonfinite": data_bad or 0,
+        "diverged": result.diverged,
+        "diverged_step": result.diverged_step,
+    })
+    findings = diagnose(record, th)
+    prescriptions = merge_prescriptions(findings)
+    meta: dict[str, Any] = {
+        "name": name or type(model).__name__,
+        "model": type(model).__name__,
+        "num_parameters": sum(p.numel() for p in work.parameters()),
+        "data": _describe_data(data),
+        "data_nonfinite": data_bad,
+        "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),
+        "steps": steps,
+        "steps_run": result.steps,
+        "optimizer": opt_name,
+        "lr": lr,
+        "batch_size": batch_size,
+        "device": str(dev),
+        "seed": seed,
+        "recorded_steps": len(record.steps),
+        "diverged": result.diverged,
+        "diverged_step": result.diverged_step,
+        "train_seconds": result.wall_time,
+        "thresholds": th.to_dict(),
+        "signalprop": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    report = Report(findings, prescriptions, record, [], meta, list(result.losses))
+    if trial:
+        chosen = list(remedies) if remedies is not None else [
+            p.remedy for p in prescriptions[:max_trials]
+        ]
+        if chosen:
+            trials, why = _run_trials(model, data, loss_fn, chosen, settings, progress)
+            report.trials = trials
+            if why is not None:
+                warnings.warn(f"trials skipped: {why}", stacklevel=2)
+                meta["trials_skipped"] = why
+        else:
+            meta["trials_skipped"] = "no prescriptions to try"
+    meta["total_seconds"] = time.perf_counter() - t0
+    return report

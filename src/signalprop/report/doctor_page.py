@@ -1,0 +1,119 @@
+"""The doctor's HTML report: findings and prescriptions, trials, and the figures of the record."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from signalprop.diagnosis.context import context_of
+from signalprop.report import figures as F
+from signalprop.report.html import figure_to_data_uri, render
+
+if TYPE_CHECKING:  # pragma: no cover
+    from signalprop.doctor import Report
+
+TITLES = {
+    "nonfinite": "Non-finite values (NaN/Inf)",
+    "divergence": "Divergence",
+    "exploding_gradients": "Exploding gradients",
+    "vanishing_gradients": "Vanishing gradients",
+    "saturation": "Saturated units",
+    "dead_units": "Dead units",
+    "update_ratio": "Update/weight ratio out of range",
+}
+
+#: figure name -> caption telling the reader what to look for.
+CAPTIONS = {
+    "loss_curve": "Training loss per recorded step (right axis: batch accuracy). A flat loss at "
+    "log(classes) means the net is not learning; red crosses mark non-finite losses.",
+    "gradient_flow": "Gradient norm per layer (log scale) at several steps, input on the left. "
+    "Healthy: roughly flat lines. Vanishing: lines rising steeply toward the output (early "
+    "layers get orders of magnitude less gradient). Exploding: lines falling toward the output. "
+    "Red triangles: layers whose gradient is exactly zero (not drawable on a log axis).",
+    "activation_percentiles": "Distribution of each layer's outputs (5-95% and 15-85% bands, "
+    "median), at the first and last recorded step. Saturation shows as activation bands pinned "
+    "at the activation's limits; collapse as bands shrinking to a line.",
+    "saturation_heatmap": "Fraction of saturated units (|phi'(z)| below 0.1 of its maximum) per "
+    "activation layer (rows, input at top) and step (columns). Bright = saturated.",
+    "dead_heatmap": "Fraction of dead ReLU units (zero for every example of the batch) per layer "
+    "and step. Bright = dead.",
+    "update_ratios": "Relative size of each optimiser step per weight matrix, "
+    "||W_after - W_before|| / ||W_before||; the dashed line marks the usual ~1e-3.",
+}
+
+_FIGURE_ORDER = ("loss_curve", "gradient_flow", "activation_percentiles", "saturation_heatmap",
+                 "dead_heatmap", "update_ratios")
+
+
+def _trial_table(trials: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Columns: remedy first, then every scalar key found in the trial dicts."""
+    cols: list[str] = []
+    for t in trials:
+        for k, v in t.items():
+            if k not in cols and (v is None or isinstance(v, (int, float, str, bool))):
+                cols.append(k)
+    if "remedy" in cols:
+        cols.remove("remedy")
+        cols.insert(0, "remedy")
+    return cols, [[t.get(c) for c in cols] for t in trials]
+
+
+def render_report(report: Report, dpi: int = 100) -> str:
+    """The self-contained HTML text of a doctor report."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # headless; figures below do not use pyplot anyway
+    record = report.record
+    ctx = context_of(record)
+    figs, missing = [], []
+    for name in _FIGURE_ORDER:
+        fn = F.FIGURES.get(name)
+        fig = fn(record)
+        if fig is None:
+            missing.append(fn.title)
+            continue
+        figs.append({"src": figure_to_data_uri(fig, dpi), "title": fn.title,
+                     "caption": CAPTIONS.get(name, "")})
+    if report.trials:
+        fig = F.trial_losses(report.trials)
+        if fig is not None:
+            figs.insert(1, {"src": figure_to_data_uri(fig, dpi), "title": "Trials",
+                            "caption": "Training loss of each remedy trial."})
+    findings = []
+    for f in report.findings:
+        d = f.to_dict()
+        d["title"] = TITLES.get(f.kind, f.kind)
+        names = ", ".join(f.layers[:12]) + (f" … (+{len(f.layers) - 12})" if len(f.layers) > 12
+                                             else "")
+        d["layers_text"] = f"{ctx.label(f.layers)}: {names}"
+        findings.append(d)
+    meta = report.meta
+    verdict = ("healthy" if report.healthy else
+               f"{len(report.findings)} finding(s): " + ", ".join(report.kinds))
+    subtitle = (f"{meta.get('name', '')}: {meta.get('model', '')} on {meta.get('data', '')}, "
+                f"{meta.get('steps_run', '')} steps of {meta.get('optimizer', '')} "
+                f"(lr {meta.get('lr', '')}). Verdict: {verdict}.")
+    cols, rows = _trial_table(report.trials)
+    summary = report.summary()
+    run_keys = ["name", "model", "num_parameters", "data", "data_nonfinite", "loss_fn",
+                "steps", "steps_run", "optimizer", "lr", "batch_size", "device", "seed",
+                "recorded_steps", "diverged", "diverged_step", "train_seconds", "signalprop",
+                "torch", "python", "created"]
+    run = [(k, meta.get(k)) for k in run_keys if k in meta]
+    run.insert(0, ("final loss (mean of last 10)", summary["final_loss"]))
+    run.insert(0, ("initial loss", summary["initial_loss"]))
+    return render(
+        "doctor.html",
+        title=f"signalprop doctor: {meta.get('name', 'model')}",
+        subtitle=subtitle,
+        findings=findings,
+        prescriptions=[p.to_dict() for p in report.prescriptions],
+        trials=report.trials,
+        trial_columns=cols,
+        trial_rows=rows,
+        trials_skipped=meta.get("trials_skipped", ""),
+        figures=figs,
+        missing_figures=missing,
+        run=run,
+        thresholds=meta.get("thresholds", {}),
+        version=meta.get("signalprop", ""),
+    )
