@@ -166,19 +166,25 @@ class RBF(nn.Module):
         return self.kernel(self.norm(self.distance(x)))
 
 
-def nf_gain(phi: Callable[[torch.Tensor], torch.Tensor], points: int = 101) -> float:
+def nf_gain(phi: Callable[[torch.Tensor], torch.Tensor], points: int = 24001) -> float:
     """gamma = 1 / std(phi(z)), z ~ N(0, 1): the NFNets gain (Brock, De & Smith 2021, sec. 3).
 
-    Computed with a ``points``-point Gauss-Hermite rule (probabilists' weights) in float64.
-    Raises ``ValueError`` for a constant phi (std 0).
+    Integrated against the normal density with the trapezoid rule on ``points`` nodes in
+    [-12, 12] in float64. A dense grid rather than Gauss-Hermite: activations with a kink
+    (ReLU, hardtanh) make a Hermite rule converge slowly (0.4% off for ReLU with 101 nodes),
+    while the trapezoid error at a kink is O(h^2) ~ 1e-6. Raises ``ValueError`` for a constant
+    phi (std 0).
     """
-    z, w = np.polynomial.hermite_e.hermegauss(points)
-    w = w / w.sum()
+    z = np.linspace(-12.0, 12.0, points)
+    w = np.exp(-0.5 * z * z)
+    w[0] *= 0.5
+    w[-1] *= 0.5
+    w /= w.sum()
     with torch.no_grad():
         v = phi(torch.as_tensor(z, dtype=torch.float64)).double().numpy()
     mean = float(np.dot(w, v))
     var = float(np.dot(w, (v - mean) ** 2))
-    if not math.isfinite(var) or var <= 1e-30:
+    if not math.isfinite(var) or var <= 1e-20:
         raise ValueError("activation has zero variance under N(0, 1) inputs: no NF gain exists")
     return 1.0 / math.sqrt(var)
 

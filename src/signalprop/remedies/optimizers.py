@@ -198,7 +198,9 @@ class VSGD(Optimizer):
                 h = hs[p]
             elif "prev_p" in st:
                 dp = p - st["prev_p"]
-                ok = dp.abs() > 1e-20
+                # a step below a few ulps of w is mostly rounding (or was absorbed entirely):
+                # no curvature from it; those elements keep their running estimate
+                ok = dp.abs() > torch.clamp(8 * torch.finfo(p.dtype).eps * p.abs(), min=1e-30)
                 h = torch.where(ok, (g - st["prev_g"]).abs() / torch.where(ok, dp.abs(), 1.0),
                                 torch.full_like(g, float("nan")))
             else:
@@ -259,7 +261,6 @@ class LARS(Optimizer):
         weight_decay: L2 coefficient.
         trust: The trust coefficient eta (default 0.01).
         exclude_vectors: Use local_lr = 1 for 1-d parameters (and a plain ``lr * trust`` rate).
-        eps: Guard in the denominator.
     """
 
     def __init__(
@@ -270,7 +271,6 @@ class LARS(Optimizer):
         weight_decay: float = 0.0,
         trust: float = 0.01,
         exclude_vectors: bool = True,
-        eps: float = 1e-9,
     ) -> None:
         if not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0 or not trust > 0:
             raise ValueError(
@@ -280,7 +280,7 @@ class LARS(Optimizer):
         super().__init__(
             params,
             {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "trust": trust,
-             "exclude_vectors": exclude_vectors, "eps": eps},
+             "exclude_vectors": exclude_vectors},
         )
 
     @torch.no_grad()
@@ -300,8 +300,9 @@ class LARS(Optimizer):
                     d = g
                 else:
                     wn, gn = p.norm(), g.norm()
-                    ratio = trust * wn / (gn + wd * wn + group["eps"])
-                    local = torch.where((wn > 0) & (gn > 0), ratio, torch.ones_like(ratio))
+                    ok = (wn > 0) & (gn > 0)
+                    ratio = trust * wn / torch.where(ok, gn + wd * wn, torch.ones_like(gn))
+                    local = torch.where(ok, ratio, torch.ones_like(ratio))
                     d = g.add(p, alpha=wd) if wd else g
                 upd = group["lr"] * local * d
                 st = self.state[p]
