@@ -213,6 +213,8 @@ def test_files_written_at_end(vanishing) -> None:
     assert rec.get(0, MODEL, "loss") == pytest.approx(cb.record.get(0, MODEL, "loss"))
     findings = json.loads((tmp / "out" / "findings.json").read_text())
     assert "vanishing_gradients" in [f["kind"] for f in findings]
+    html = (tmp / "out" / "report.html").read_text()  # the doctor's page, figures inlined
+    assert "<html" in html.lower() and "net.0" in html and "data:image/png;base64" in html
     # histograms went into the TensorBoardLogger's own event file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

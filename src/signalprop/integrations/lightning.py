@@ -386,10 +386,22 @@ class SignalpropCallback(Callback):
         )
         self.written["findings"] = path
         if self.report:
-            html = _report_html(self.record, self.findings)
-            if html is not None:
-                path = out / "report.html"
-                atomic_write_text(path, html)
+            import signalprop
+
+            meta = {
+                "name": type(trainer.lightning_module).__name__,
+                "model": self.record.meta.get("model", ""),
+                "data": "Lightning dataloader",
+                "steps_run": int(trainer.global_step),
+                "optimizer": self.record.meta.get("optimizer", ""),
+                "lr": self.record.meta.get("lr", ""),
+                "recorded_steps": len(self.record),
+                "num_parameters": self.record.meta.get("num_parameters"),
+                "signalprop": signalprop.__version__,
+                "torch": torch.__version__,
+            }
+            path = out / "report.html"
+            if _write_report(path, self.record, self.findings, meta):
                 self.written["report"] = path
 
     def state_dict(self) -> dict[str, Any]:
@@ -406,20 +418,23 @@ class SignalpropCallback(Callback):
         )
 
 
-def _report_html(record: Record, findings: list[Any]) -> str | None:
-    """The doctor's HTML report for ``record`` when the doctor module provides one."""
+def _write_report(path: Path, record: Record, findings: list[Any], meta: dict[str, Any]) -> bool:
+    """Write the doctor's HTML report (figures, findings, prescriptions) for a Lightning run.
+
+    Returns ``False`` when the doctor or its report page is not installed.
+    """
     try:
-        from signalprop import doctor as _doctor
-    except ImportError:
-        return None
-    build = getattr(_doctor, "report_html", None)
-    if callable(build):
-        return str(build(record, findings))
-    report_cls = getattr(_doctor, "Report", None)
-    from_record = getattr(report_cls, "from_record", None)
-    if callable(from_record):
-        rep = from_record(record, findings=findings)
-        to_html = getattr(rep, "html", None) or getattr(rep, "to_html_string", None)
-        if callable(to_html):
-            return str(to_html())
-    return None
+        from signalprop.diagnosis import merge_prescriptions
+        from signalprop.doctor import Report
+    except ImportError:  # pragma: no cover - both ship with signalprop
+        return False
+    _, losses = record.scalar("loss")
+    rep = Report(
+        findings=list(findings),
+        prescriptions=merge_prescriptions(list(findings)),
+        record=record,
+        meta=meta,
+        losses=[float(v) for v in losses],
+    )
+    rep.to_html(path)
+    return True
