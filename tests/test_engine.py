@@ -136,7 +136,7 @@ def test_probe_values_match_autograd(digits):
             assert rec.get(0, n, "weight_norm") == pytest.approx(p.norm().item(), rel=1e-12)
         for n, t in acts.items():
             assert rec.get(0, n, "out_grad_norm") == pytest.approx(float(t.grad.norm()), rel=1e-9)
-            assert rec.get(0, n, "out_mean") == pytest.approx(float(t.mean()), abs=1e-12)
+            assert rec.get(0, n, "out_mean") == pytest.approx(t.mean().item(), abs=1e-12)
         dead = (acts["layers.1.act"] <= 0).all(dim=0).double().mean()
         assert rec.get(0, "layers.1.act", "dead_frac") == pytest.approx(float(dead))
         total = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in m.parameters()))
