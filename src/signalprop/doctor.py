@@ -76,9 +76,12 @@ class Report:
         findings: Findings, most severe first (empty: nothing found).
         prescriptions: One ranked list of remedies over all findings.
         record: The probe's record of the training run.
-        trials: Trial results (one dict per remedy) when the doctor ran trials, else ``[]``.
+        trials: Trial results when the doctor ran trials, else ``[]``: one dict per remedy
+            (baseline first) with the ``signalprop.trial.TrialRow`` fields (loss_mean, verdict,
+            grad_ratio, ...) and ``losses``, the loss curve averaged over seeds.
         meta: Run settings and environment (model, data, optimiser, lr, steps, timings ...).
         losses: The training loss at every step.
+        trial_table: The ``signalprop.trial.TrialTable`` behind ``trials`` (not serialised).
     """
 
     findings: list[Finding]
@@ -87,6 +90,7 @@ class Report:
     trials: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    trial_table: Any = field(default=None, repr=False)
 
     @property
     def healthy(self) -> bool:
@@ -251,33 +255,57 @@ class _Progress:
         self._p.update(self._task, completed=step + 1, loss=f"{loss:.4g}")
 
 
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    """Element-wise mean of loss curves over seeds (up to the shortest: a diverged run stops)."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return []
+    n = min(len(c) for c in curves)
+    return [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+
+
 def _run_trials(
     model: nn.Module,
     data: Any,
     loss_fn: LossFn,
     remedies: Sequence[str],
     settings: dict[str, Any],
+    seeds: int,
     progress: bool,
-) -> tuple[list[dict[str, Any]], str | None]:
-    """Run ``signalprop.trial.trial`` if it is installed; else ``([], why)``."""
+) -> tuple[list[dict[str, Any]], Any, str | None]:
+    """Run ``signalprop.trial.trial`` when it is installed.
+
+    Returns:
+        ``(rows, table, why_skipped)``: one JSON-ready dict per remedy (baseline first) with the
+        mean loss curve under ``"losses"``, the ``TrialTable`` itself, and ``None`` (or why the
+        trials were skipped).
+    """
     if importlib.util.find_spec("signalprop.trial") is None:
-        return [], "signalprop.trial is not available in this installation"
-    mod = importlib.import_module("signalprop.trial")
-    fn = getattr(mod, "trial", None)
+        return [], None, "signalprop.trial is not available in this installation"
+    fn = getattr(importlib.import_module("signalprop.trial"), "trial", None)
     if fn is None:
-        return [], "signalprop.trial has no trial() function"
-    result = fn(model, data, loss_fn, remedies=list(remedies), progress=progress, **settings)
-    if hasattr(result, "to_dicts"):
-        rows = result.to_dicts()
-    elif hasattr(result, "to_dict"):
-        d = result.to_dict()
-        rows = d.get("trials", d) if isinstance(d, dict) else d
+        return [], None, "signalprop.trial has no trial() function"
+    kw = dict(settings)
+    kw["seed"] = kw.get("seed") or 0
+    total = (len(remedies) + 1) * seeds
+    if progress:
+        with _Progress(total, "trials") as bar:
+            done = [0]
+
+            def cb(remedy: str, seed: int, run: Any) -> None:
+                bar(done[0], float(getattr(run, "final_loss", math.nan)))
+                done[0] += 1
+
+            table = fn(model, data, loss_fn, remedies=list(remedies), seeds=seeds, progress=cb,
+                       **kw)
     else:
-        rows = result
-    if isinstance(rows, Mapping):
-        rows = [dict(v, remedy=k) if isinstance(v, Mapping) else {"remedy": k, "value": v}
-                for k, v in rows.items()]
-    return [dict(r) if isinstance(r, Mapping) else _jsonable(r) for r in rows], None
+        table = fn(model, data, loss_fn, remedies=list(remedies), seeds=seeds, **kw)
+    rows = []
+    for row in table:
+        d = row.to_dict()
+        d["losses"] = _mean_curve([list(r.losses) for r in getattr(row, "runs", [])])
+        rows.append(d)
+    return rows, table, None
 
 
 def doctor(
@@ -297,6 +325,7 @@ def doctor(
     batch_size: int = 64,
     thresholds: Thresholds | Mapping[str, Any] | None = None,
     max_trials: int = 5,
+    trial_seeds: int = 2,
     name: str | None = None,
 ) -> Report:
     """Train a copy of ``model`` briefly under a probe and diagnose its signal propagation.
@@ -320,6 +349,7 @@ def doctor(
         batch_size: Mini-batch size for tensor pairs and ``Dataset``.
         thresholds: Diagnosis thresholds (see :class:`signalprop.diagnosis.Thresholds`).
         max_trials: How many prescriptions to trial when ``remedies`` is not given.
+        trial_seeds: Runs per remedy in the trials (paired by seed with the baseline).
         name: A label for the report (e.g. the example's name).
 
     Returns:
@@ -401,8 +431,9 @@ def doctor(
             p.remedy for p in prescriptions[:max_trials]
         ]
         if chosen:
-            trials, why = _run_trials(model, data, loss_fn, chosen, settings, progress)
-            report.trials = trials
+            trials, table, why = _run_trials(model, data, loss_fn, chosen, settings,
+                                             trial_seeds, progress)
+            report.trials, report.trial_table = trials, table
             if why is not None:
                 warnings.warn(f"trials skipped: {why}", stacklevel=2)
                 meta["trials_skipped"] = why

@@ -35,6 +35,9 @@ class Context:
         residual: Whether the model has skip connections (from ``record.meta["residual"]``;
             ``None`` when unknown: leaf-module hooks cannot see additions).
         optimizer: Lower-case optimiser name from ``record.meta`` or ``None``.
+        sigma_w2: Median over the hidden weight layers (all but the last) of the mean-field
+            weight scale sigma_w^2 = fan_in Var(W) ~= ||W||_F^2 / fan_out at the first recorded
+            step (Poole et al. 2016 notation); NaN when weight norms were not recorded.
     """
 
     weight_layers: list[str] = field(default_factory=list)
@@ -45,6 +48,7 @@ class Context:
     has_other_norm: bool = False
     residual: bool | None = None
     optimizer: str | None = None
+    sigma_w2: float = float("nan")
 
     @property
     def depth(self) -> int:
@@ -120,6 +124,7 @@ def context_of(record: Record) -> Context:
     for i, n in enumerate(ctx.weight_layers):
         ctx.block[n] = i + 1
         ctx.block[ctx.weight_params[n]] = i + 1
+    ctx.sigma_w2 = _sigma_w2(record, ctx)
     res = record.meta.get("residual")
     ctx.residual = bool(res) if res is not None else None
     opt = record.meta.get("optimizer")
@@ -128,6 +133,22 @@ def context_of(record: Record) -> Context:
     elif isinstance(opt, dict) and isinstance(opt.get("name"), str):
         ctx.optimizer = opt["name"].lower()
     return ctx
+
+
+def _sigma_w2(record: Record, ctx: Context) -> float:
+    """sigma_w^2 = fan_in Var(W): for W of shape [fan_out, ...] with zero-mean entries,
+    ||W||_F^2 = fan_out * fan_in * Var(W), so sigma_w^2 ~= ||W||_F^2 / fan_out."""
+    if not record.steps or ctx.depth < 2:
+        return math.nan
+    s0 = record.steps[0]
+    vals = []
+    for m in ctx.weight_layers[:-1]:
+        p = ctx.weight_params[m]
+        info = record.layers.get(p)
+        w = record.get(s0, p, "weight_norm")
+        if info is not None and info.shape and math.isfinite(w) and info.shape[0] > 0:
+            vals.append(w * w / info.shape[0])
+    return float(np.median(vals)) if vals else math.nan
 
 
 def finite(values: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ trials then test them on the actual model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 from signalprop.diagnosis.context import Context, fmt
@@ -36,6 +37,15 @@ def _optimizer_cands(
     out: list[Candidate] = []
     if ctx.adaptive_optimizer and ctx.optimizer != "sgd":
         base -= 2  # already tried something of this family
+    zero = int(n.get("zero_gradient_layers", 0) or 0)
+    if zero:
+        # sign(0) = 0 and 0 / (sqrt(0) + eps) = 0: no optimiser moves a weight whose gradient
+        # is exactly zero
+        why = (f"only for the layers with non-zero gradients: {zero} layer(s) get exactly 0, "
+               "and no optimiser can move a weight whose gradient is 0")
+        return [("rprop", base - 2, "sign-based steps ignore gradient size, but " + why),
+                ("adam", base - 3, "normalised steps, but " + why),
+                ("smorms3", base - 3.5, "eps 1e-16 rescues tiny gradients, but " + why)]
     if rms == rms and rms < th.adaptive_eps_floor:
         small = "exactly 0 (underflow)" if rms == 0 else fmt(rms)
         out.append((
@@ -86,12 +96,23 @@ def rx_vanishing(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[P
         ))
         c.append(("highway", 5.0, "gated skips (Srivastava et al. 2015) carry the gradient past "
                   "layers whose own derivative is small"))
+    s2 = ctx.sigma_w2
     if "sigmoid" in sat:
-        c.append((
-            "relu", 8.0,
-            "sigmoid'(z) <= 1/4 shrinks the gradient at least 4x per layer unless the weights "
-            "compensate; ReLU's derivative is 1 on active units (pair it with He init)",
-        ))
+        if s2 == s2 and s2 < 1.5:
+            # ReLU nets keep the gradient only at sigma_w^2 = 2 (He); per layer the backward
+            # factor is sqrt(sigma_w^2 / 2) (Poole et al. 2016 / He et al. 2015)
+            c.append((
+                "relu", 4.5,
+                f"alone it is not enough here: at the current weight scale sigma_w^2 = {fmt(s2)} "
+                f"ReLU would still shrink the gradient ~{fmt(math.sqrt(s2 / 2))}x per layer; "
+                "it needs He init (kaiming_init) as well",
+            ))
+        else:
+            c.append((
+                "relu", 8.0,
+                "sigmoid'(z) <= 1/4 shrinks the gradient at least 4x per layer; ReLU's "
+                "derivative is 1 on active units",
+            ))
         c.append(("critical_init", 6.5, "choose sigma_w so that chi_1 = sigma_w^2 E[phi'(z)^2] "
                   "= 1 (Schoenholz et al. 2017): the gradient is then preserved across depth"))
         c.append(("xavier_init", 5.5, "Glorot & Bengio 2010 scale the weights to keep gradient "

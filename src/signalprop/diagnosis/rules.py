@@ -172,6 +172,7 @@ def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding
                 "n_layers": ctx.depth,
                 "steps_used": usable,
                 "zero_gradient_layers": zero_layers,
+                "sigma_w2": ctx.sigma_w2,
             }
             if ratio < th.vanishing_ratio:
                 flagged = [ctx.weight_layers[j] for j in range(g.shape[1])

@@ -44,16 +44,25 @@ _FIGURE_ORDER = ("loss_curve", "gradient_flow", "activation_percentiles", "satur
                  "dead_heatmap", "update_ratios")
 
 
+#: Trial columns shown first, in this order (others follow as found).
+_TRIAL_COLUMNS = ("remedy", "verdict", "loss_mean", "loss_std", "delta_loss", "rel_change",
+                  "grad_ratio", "saturated_frac", "dead_frac", "diverged", "seeds", "wall_time",
+                  "error")
+_TRIAL_HIDDEN = {"description", "init_loss", "diverged_frac", "losses"}
+
+
 def _trial_table(trials: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Columns: remedy first, then every scalar key found in the trial dicts."""
-    cols: list[str] = []
+    """Columns for a trial table: the known ones in a readable order, then any other scalar
+    field; columns empty in every row are dropped."""
+    found: list[str] = []
     for t in trials:
         for k, v in t.items():
-            if k not in cols and (v is None or isinstance(v, (int, float, str, bool))):
-                cols.append(k)
-    if "remedy" in cols:
-        cols.remove("remedy")
-        cols.insert(0, "remedy")
+            if k not in found and k not in _TRIAL_HIDDEN and (
+                    v is None or isinstance(v, (int, float, str, bool))):
+                found.append(k)
+    cols = [c for c in _TRIAL_COLUMNS if c in found] + [c for c in found
+                                                        if c not in _TRIAL_COLUMNS]
+    cols = [c for c in cols if any(t.get(c) not in (None, "") for t in trials)]
     return cols, [[t.get(c) for c in cols] for t in trials]
 
 

@@ -253,8 +253,8 @@ def activation_percentiles(record: Record, steps: Sequence[int] | None = None) -
                 # show the activation's whole range, tails where |phi'| < 0.1 max shaded
                 lo, hi, sat_lo, sat_hi = _OUTPUT_RANGE[next(iter(kinds))]
                 ax.set_ylim(lo - 0.03 * (hi - lo), hi + 0.03 * (hi - lo))
-                ax.axhspan(lo, sat_lo, color="red", alpha=0.08, label="saturated")
-                ax.axhspan(sat_hi, hi, color="red", alpha=0.08)
+                ax.axhspan(lo, sat_lo, color="red", alpha=0.15, label="saturated")
+                ax.axhspan(sat_hi, hi, color="red", alpha=0.15)
             ax.set_title(f"{title}, step {s}", fontsize=9)
             ax.set_xlabel("layer (input → output)")
             ax.grid(alpha=0.3)

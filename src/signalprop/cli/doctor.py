@@ -1,0 +1,228 @@
+"""``signalprop doctor (--example NAME | path/to/file.py:factory) [--steps N] [--json] [--out DIR]``.
+
+Trains a copy of the model briefly under a probe and prints the diagnosis: a table on the
+terminal by default, JSON on stdout with ``--json`` (nothing else goes to stdout then), and the
+HTML report, the report JSON and the gzipped record under ``--out DIR``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def register(group: click.Group) -> None:
+    """Add the ``doctor`` command to the CLI group."""
+    group.add_command(doctor_cmd)
+
+
+def load_factory(target: str) -> tuple[Any, Any, Any]:
+    """Import ``path/to/file.py:factory`` and call ``factory()``.
+
+    Returns:
+        ``(model, data, loss_fn)`` as returned by the factory.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: malformed target, the module fails to import, or no such function.
+        TypeError: the factory is not callable or returns something other than
+            ``(nn.Module, data, callable)``.
+    """
+    from torch import nn
+
+    path_s, sep, fn_name = target.rpartition(":")
+    if not sep or not path_s or not fn_name or not fn_name.isidentifier():
+        raise ValueError(
+            f"expected TARGET as path/to/file.py:factory, got {target!r} "
+            "(or use --example NAME; see --list-examples)"
+        )
+    path = Path(path_s)
+    if not path.is_file():
+        raise FileNotFoundError(f"factory file {str(path)!r} does not exist")
+    modname = f"_signalprop_factory_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(modname, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"importing {str(path)!r} failed: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, fn_name):
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == modname)
+        raise ValueError(
+            f"{str(path)!r} has no function {fn_name!r}; functions defined there: "
+            f"{', '.join(names) or 'none'}"
+        )
+    fn = getattr(module, fn_name)
+    if not callable(fn):
+        raise TypeError(f"{fn_name!r} in {str(path)!r} is not callable")
+    out = fn()
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(
+            out, (tuple, list)) else "")
+        raise TypeError(f"{fn_name}() must return (model, data, loss_fn), got {got}")
+    model, data, loss_fn = out
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{fn_name}() must return (model, data, loss_fn) with model a torch.nn.Module, got "
+            f"{type(model).__name__}"
+        )
+    if not callable(loss_fn):
+        raise TypeError(
+            f"{fn_name}() must return (model, data, loss_fn) with a callable loss_fn, got "
+            f"{type(loss_fn).__name__}"
+        )
+    return model, data, loss_fn
+
+
+_SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def print_report(report: Any, console: Any, top: int = 6) -> None:
+    """A readable summary: verdict, one row per finding, the top prescriptions."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    meta = report.meta
+    head = (f"[bold]{escape(str(meta.get('name')))}[/]: " + escape(
+        f"{meta.get('model')} on {meta.get('data')}, {meta.get('steps_run')} steps of "
+        f"{meta.get('optimizer')} (lr {meta.get('lr')})"))
+    console.print(head, highlight=False)
+    s = report.summary()
+    if s["initial_loss"] is not None:
+        console.print(f"loss {s['initial_loss']:.4g} -> {s['final_loss']:.4g}"
+                      + (f"  [red]diverged at step {s['diverged_step']}[/]" if s["diverged"]
+                         else ""), highlight=False)
+    if report.healthy:
+        console.print("[bold green]healthy[/]: no finding.")
+    else:
+        t = Table(title=f"{len(report.findings)} finding(s)", show_lines=True, expand=True)
+        t.add_column("severity", no_wrap=True)
+        t.add_column("finding", no_wrap=True)
+        t.add_column("evidence", ratio=1)
+        for f in report.findings:
+            sev = f"[{_SEVERITY_STYLE[f.severity]}]{f.severity}[/]"
+            t.add_row(sev, f.kind, escape(f.evidence))
+        console.print(t)
+        if report.prescriptions:
+            p = Table(title="what to try, best first", expand=True)
+            p.add_column("#", justify="right")
+            p.add_column("remedy", no_wrap=True)
+            p.add_column("why", ratio=1)
+            for pr in report.prescriptions[:top]:
+                p.add_row(str(pr.rank), pr.remedy, escape(pr.reason))
+            console.print(p)
+    if report.trial_table is not None and hasattr(report.trial_table, "rich_table"):
+        console.print(report.trial_table.rich_table())
+    elif report.trials:
+        from signalprop.report.doctor_page import _trial_table
+
+        cols, rows = _trial_table(report.trials)
+        t = Table(title="trials")
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in r])
+        console.print(t)
+
+
+@click.command("doctor")
+@click.argument("target", required=False)
+@click.option("--example", "-e", default=None, help="Run a built-in example (see --list-examples).")
+@click.option("--list-examples", is_flag=True, help="List the built-in examples and exit.")
+@click.option("--steps", type=int, default=None, help="Training steps (default: the example's, "
+              "else 200).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: the example's, "
+              "else 0.1).")
+@click.option("--optimizer", default=None, help="Optimiser name: sgd, momentum, adam, rmsprop, "
+              "rprop, ... (default: the example's, else sgd).")
+@click.option("--batch-size", type=int, default=None, help="Mini-batch size for tensor data.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for model "
+              "construction and data order.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout only.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Write report.html, report.json and record.json.gz into this folder.")
+@click.option("--trial/--no-trial", default=False, show_default=True,
+              help="Also train the top prescriptions side by side.")
+@click.option("--trial-seeds", type=int, default=2, show_default=True,
+              help="Runs per remedy in the trials (paired with the baseline by seed).")
+@click.option("--validate", is_flag=True, help="Refuse data containing NaN/Inf up front.")
+@click.option("--fail-on-findings", is_flag=True, help="Exit with status 1 when anything is found.")
+@click.option("--threads", type=int, default=None,
+              help="torch intra-op threads (default: $SIGNALPROP_THREADS or 1).")
+def doctor_cmd(
+    target: str | None,
+    example: str | None,
+    list_examples: bool,
+    steps: int | None,
+    lr: float | None,
+    optimizer: str | None,
+    batch_size: int | None,
+    device: str,
+    seed: int,
+    as_json: bool,
+    out: str | None,
+    trial: bool,
+    trial_seeds: int,
+    validate: bool,
+    fail_on_findings: bool,
+    threads: int | None,
+) -> int:
+    """Diagnose a model's signal propagation: train a copy briefly under a probe, then report
+    vanishing/exploding gradients, saturation, dead units, NaNs and what to try.
+
+    TARGET is path/to/file.py:factory where factory() returns (model, data, loss_fn); data is a
+    DataLoader, an (x, y) tensor pair or a signalprop Dataset. Or use --example NAME.
+    """
+    import torch
+    from rich.console import Console
+
+    from signalprop.doctor import doctor
+    from signalprop.examples import EXAMPLES, load_example
+
+    if list_examples:
+        for name in EXAMPLES.names():
+            click.echo(f"{name:16s} {EXAMPLES.entry(name).doc}")
+        return 0
+    if (target is None) == (example is None):
+        raise click.UsageError("give exactly one of TARGET (path/to/file.py:factory) or "
+                               "--example NAME")
+    torch.set_num_threads(threads or int(os.environ.get("SIGNALPROP_THREADS", "1")))
+    torch.manual_seed(seed)  # model construction in the factory / example
+    if example is not None:
+        (model, data, loss_fn), settings = load_example(example)
+        name = example
+    else:
+        assert target is not None
+        model, data, loss_fn = load_factory(target)
+        settings, name = {}, target.rpartition(":")[2]
+    for key, val in (("steps", steps), ("lr", lr), ("optimizer", optimizer),
+                     ("batch_size", batch_size)):
+        if val is not None:
+            settings[key] = val
+    report = doctor(
+        model, data, loss_fn, device=device, validate=validate, trial=trial,
+        trial_seeds=trial_seeds, progress=sys.stderr.isatty(), seed=seed, name=name, **settings,
+    )
+    paths = report.save(out) if out else None
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        console = Console(width=max(100, Console().width))
+        print_report(report, console)
+        if paths:
+            console.print(f"report: {paths['html']}\nrecord: {paths['record']}\n"
+                          f"json:   {paths['json']}", highlight=False)
+    return 1 if fail_on_findings and report.findings else 0
