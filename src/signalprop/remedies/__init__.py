@@ -190,13 +190,12 @@ def _init_transform(fn: Callable[..., Any], **kw: Any) -> ModelTransform:
     return t
 
 
-@REMEDIES.register("critical_init", sigma_b=None)
-def _critical_init(sigma_b: float | None = None) -> Remedy:
+@REMEDIES.register("critical_init", sigma_b2=0.0, orthogonal=False)
+def _critical_init(sigma_b2: float = 0.0, orthogonal: bool = False) -> Remedy:
     def t(model: nn.Module, batch: torch.Tensor | None = None) -> nn.Module:
         new = copy.deepcopy(model)
         kind = infer_activation(new)  # a clear error when the activation cannot be inferred
-        kw = {} if sigma_b is None else {"sigma_b": sigma_b}
-        _init.critical_(new, activation=kind, **kw)
+        _init.critical_(new, activation=kind, sigma_b2=sigma_b2, orthogonal=orthogonal)
         return new
 
     return Remedy("critical_init", t, description=(
