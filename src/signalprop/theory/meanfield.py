@@ -1,0 +1,679 @@
+"""Mean-field signal propagation in deep random networks, named after the papers' quantities.
+
+Network: h^l = W^l phi(h^{l-1}) + b^l with W_ij ~ N(0, sigma_w^2 / fan_in), b_i ~ N(0, sigma_b^2),
+in the limit of infinite width (Poole et al. 2016, "Exponential expressivity in deep neural
+networks through transient chaos"; Schoenholz et al. 2017, "Deep Information Propagation").
+z, z1, z2 ~ N(0, 1) independent throughout.
+
+- length map (Poole eq. 3): q^l = sigma_w^2 E[phi(sqrt(q^{l-1}) z)^2] + sigma_b^2, fixed point q*.
+- correlation map (Poole eq. 5): with u1 = sqrt(q*) z1, u2 = sqrt(q*) (c z1 + sqrt(1-c^2) z2),
+  c^l = (sigma_w^2 E[phi(u1) phi(u2)] + sigma_b^2) / q*, fixed point c*.
+- chi_1 = sigma_w^2 E[phi'(sqrt(q*) z)^2] (Poole eq. 7): the slope of the c-map at c = 1 and the
+  per-layer growth factor of the *squared* back-propagated gradient (Schoenholz eq. 10):
+  E[(dL/dh^l)^2] = chi_1 E[(dL/dh^{l+1})^2]. Edge of chaos: chi_1 = 1.
+- chi_c = sigma_w^2 E[phi'(u1) phi'(u2)] at c = c* (Schoenholz eq. 6; chi_c = chi_1 when c* = 1).
+- depth scales (Schoenholz eqs. 4, 6, 11): xi_q = -1/ln|dq-map/dq at q*|, xi_c = -1/ln chi_c,
+  xi_grad = -1/ln chi_1 (positive: gradients vanish as exp(-l/xi); negative: they explode as
+  exp(l/|xi|); infinite on the edge of chaos).
+
+Everything here is NumPy/SciPy; the PyTorch bridge is :mod:`signalprop.theory.torch_adapter`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import optimize
+
+from signalprop.theory.activations import Activation, get_activation
+from signalprop.theory.quadrature import bivariate_gaussian_expectation, gaussian_expectations
+
+ActivationSpec = str | Activation | Callable[..., Any]
+
+#: q above this counts as divergent (q* = inf); below Q_ZERO (with sigma_b = 0) as q* = 0.
+Q_INF = 1e12
+Q_ZERO = 1e-30
+#: The q grid scanned for critical points: sigma_b^2 + t, t log-spaced over these decades, first
+#: up to Q_SCAN_MID (cheap everywhere), extended to Q_SCAN_MAX only when no critical point was
+#: found below (large q needs many nodes for oscillating activations such as sin).
+Q_SCAN_MIN, Q_SCAN_MID, Q_SCAN_MAX = 1e-7, 1e3, 1e6
+_SCAN_PER_DECADE = 8
+
+
+class NoCriticalPoint(ValueError):
+    """No finite (sigma_w, q*) puts this activation on the edge of chaos at this sigma_b^2.
+
+    Attributes:
+        reason: Why, in words and numbers (also the exception message).
+        activation: The activation's name.
+        sigma_b2: The bias variance asked for.
+    """
+
+    def __init__(self, reason: str, activation: str = "", sigma_b2: float = float("nan")):
+        super().__init__(reason)
+        self.reason = reason
+        self.activation = activation
+        self.sigma_b2 = sigma_b2
+
+
+@dataclass(frozen=True)
+class CriticalPoint:
+    """A point on the edge of chaos: chi_1 = 1 at a stable fixed point q* of the length map.
+
+    Attributes:
+        activation: Name of the activation.
+        sigma_b2: Bias variance sigma_b^2.
+        sigma_w2: Critical weight variance sigma_w^2 (weights ~ N(0, sigma_w^2 / fan_in)).
+        sigma_w: sqrt(sigma_w2).
+        q_star: Fixed point of the length map; ``0.0`` when the critical point is the limit
+            q* -> 0 (odd-like activations at sigma_b = 0: tanh, erf, ...); ``nan`` when every q
+            is a fixed point (positively homogeneous activations at sigma_b = 0: relu, linear).
+        chi_1: sigma_w^2 E[phi'(sqrt(q*) z)^2] at the returned point (1 up to solver tolerance).
+        q_slope: Slope of the length map at q* (|q_slope| < 1: stable; 1: marginal).
+        kind: ``"fixed-point"``, ``"limit q*->0"`` or ``"marginal"``.
+        note: Extra information (other critical fixed points, how the limit is reached).
+    """
+
+    activation: str
+    sigma_b2: float
+    sigma_w2: float
+    sigma_w: float
+    q_star: float
+    chi_1: float
+    q_slope: float
+    kind: str = "fixed-point"
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (NaN -> None)."""
+        d = asdict(self)
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class CriticalLine:
+    """The edge of chaos as a function of sigma_b^2 (see :func:`critical_line`).
+
+    Arrays have one entry per requested sigma_b^2; where no critical point exists the entry is
+    NaN and ``reasons[i]`` says why (``None`` where one exists).
+    """
+
+    activation: str
+    sigma_b2: np.ndarray
+    sigma_w2: np.ndarray
+    sigma_w: np.ndarray
+    q_star: np.ndarray
+    reasons: list[str | None] = field(default_factory=list)
+
+
+def _check_sigmas(sigma_w2: float, sigma_b2: float) -> None:
+    if not (math.isfinite(sigma_w2) and sigma_w2 > 0):
+        raise ValueError(f"sigma_w2 must be finite and > 0, got {sigma_w2}")
+    if not (math.isfinite(sigma_b2) and sigma_b2 >= 0):
+        raise ValueError(f"sigma_b2 must be finite and >= 0, got {sigma_b2}")
+
+
+def _stack_moments(act: Activation) -> Callable[[np.ndarray], np.ndarray]:
+    """x -> [phi^2, phi'^2, x phi phi'] (one evaluation of phi and phi' for all three)."""
+
+    def g(x: np.ndarray) -> np.ndarray:
+        p = act.phi(x)
+        d = act.dphi(x)
+        return np.stack([p * p, d * d, x * p * d])
+
+    return g
+
+
+def length_moments(activation: ActivationSpec, q: float | np.ndarray) -> np.ndarray:
+    """[E phi^2, E phi'^2, E x phi phi'] at x = sqrt(q) z, shape [3, *q.shape].
+
+    The third gives the length map's slope without phi'': d/dq E[phi(x)^2] = E[x phi phi'] / q
+    (Gaussian integration by parts, x ~ N(0, q)).
+    """
+    act = get_activation(activation)
+    return gaussian_expectations(_stack_moments(act), q, kinks=act.kinks)
+
+
+def q_map(
+    activation: ActivationSpec, q: float | np.ndarray, sigma_w2: float, sigma_b2: float = 0.0
+) -> np.ndarray:
+    """Length map q -> sigma_w^2 E[phi(sqrt(q) z)^2] + sigma_b^2 (Poole et al. 2016, eq. 3).
+
+    Args:
+        activation: Activation spec (name, :class:`Activation` or callable).
+        q: Pre-activation variance(s) of the previous layer, any shape.
+        sigma_w2, sigma_b2: Weight and bias variances.
+
+    Returns:
+        Array shaped like q.
+    """
+    _check_sigmas(sigma_w2, sigma_b2)
+    act = get_activation(activation)
+    e = gaussian_expectations(lambda x: act.phi(x) ** 2, q, kinks=act.kinks)[0]
+    return sigma_w2 * e + sigma_b2
+
+
+def q_map_slope(
+    activation: ActivationSpec, q: float | np.ndarray, sigma_w2: float, sigma_b2: float = 0.0
+) -> np.ndarray:
+    """d q-map / dq = sigma_w^2 E[x phi(x) phi'(x)] / q, x ~ N(0, q) (= chi_1 + sigma_w^2
+    E[phi phi''], Schoenholz et al. 2017, eq. 4). At q = 0 the limit sigma_w^2 phi'(0)^2."""
+    _check_sigmas(sigma_w2, sigma_b2)
+    act = get_activation(activation)
+    q = np.asarray(q, dtype=np.float64)
+    m = length_moments(act, q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(q > 0, m[2] / np.where(q > 0, q, 1.0), m[1])
+    return sigma_w2 * slope
+
+
+def q_star(
+    activation: ActivationSpec,
+    sigma_w2: float,
+    sigma_b2: float = 0.0,
+    q0: float = 1.0,
+    *,
+    rtol: float = 1e-10,
+    warmup: int = 30,
+) -> float:
+    """The fixed point q* of the length map reached from q^0 = q0.
+
+    Iterates the map ``warmup`` times (to land in q0's basin), then brackets the root of
+    q-map(q) - q in the direction the iteration moves and refines it with Brent's method, so that
+    slow (marginal) convergence, e.g. q^l ~ 1/(2l) for tanh at sigma_w = 1, still gives the limit.
+
+    Returns:
+        q* (``0.0`` when the variance decays to 0, ``inf`` when it grows without bound).
+    """
+    _check_sigmas(sigma_w2, sigma_b2)
+    if not (math.isfinite(q0) and q0 >= 0):
+        raise ValueError(f"q0 must be finite and >= 0, got {q0}")
+    act = get_activation(activation)
+
+    def qmap(q: float) -> float:
+        return float(q_map(act, q, sigma_w2, sigma_b2))
+
+    q = q0
+    for _ in range(warmup):
+        qn = qmap(q)
+        if not math.isfinite(qn) or qn > Q_INF:
+            return math.inf
+        if abs(qn - q) <= rtol * max(qn, 1e-300):
+            return qn
+        q = qn
+        if q < Q_ZERO:
+            return 0.0 if sigma_b2 == 0 else q
+
+    def f(x: float) -> float:
+        return qmap(x) - x
+
+    fq = f(q)
+    if fq == 0:
+        return q
+    step = 2.0 if fq > 0 else 0.5
+    a = q
+    for _ in range(400):
+        b = a * step
+        if b > Q_INF:
+            return math.inf
+        if b < Q_ZERO:
+            return 0.0
+        fb = f(b)
+        if fb == 0:
+            return b
+        if (fb > 0) != (fq > 0):
+            lo, hi = (a, b) if a < b else (b, a)
+            return float(optimize.brentq(f, lo, hi, rtol=rtol, xtol=1e-300))
+        a = b
+    raise RuntimeError("q_star: no bracket found")  # pragma: no cover - 2^400 covers any range
+
+
+def _resolve_q(act: Activation, sigma_w2: float, sigma_b2: float, q: float | None) -> float:
+    if q is None:
+        q = q_star(act, sigma_w2, sigma_b2)
+    if math.isinf(q):
+        q = Q_INF  # the limit q* -> infinity, evaluated at a very large variance
+    if not q >= 0:
+        raise ValueError(f"q must be >= 0, got {q}")
+    return float(q)
+
+
+def chi_1(
+    activation: ActivationSpec, sigma_w2: float, sigma_b2: float = 0.0, q: float | None = None
+) -> float:
+    """chi_1 = sigma_w^2 E[phi'(sqrt(q*) z)^2] (Poole et al. 2016, eq. 7).
+
+    The per-layer growth factor of the squared gradient norm (Schoenholz et al. 2017).
+
+    Args:
+        activation: Activation spec.
+        sigma_w2, sigma_b2: Weight and bias variances.
+        q: Variance to evaluate at (default: q* from :func:`q_star`; if q* diverges, its limit,
+            evaluated at q = 1e12).
+    """
+    _check_sigmas(sigma_w2, sigma_b2)
+    act = get_activation(activation)
+    q = _resolve_q(act, sigma_w2, sigma_b2, q)
+    e = gaussian_expectations(lambda x: act.dphi(x) ** 2, q, kinks=act.kinks)[0]
+    return float(sigma_w2 * e)
+
+
+def gradient_growth(
+    activation: ActivationSpec, sigma_w2: float, sigma_b2: float = 0.0, q: float | None = None
+) -> float:
+    """Predicted per-layer ratio ||dL/dh^l||^2 / ||dL/dh^{l+1}||^2 of squared gradient norms.
+
+    Equal to chi_1 in the mean-field limit (Schoenholz et al. 2017, eq. 10): the squared gradient
+    norm grows (chi_1 > 1) or shrinks (chi_1 < 1) by this factor per layer towards the input.
+    """
+    return chi_1(activation, sigma_w2, sigma_b2, q)
+
+
+def gradient_profile(
+    activation: ActivationSpec,
+    sigma_w2: float,
+    sigma_b2: float,
+    q_in: float | np.ndarray,
+    depth: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-field prediction of a depth-L network's variances and gradient ratios from q_in.
+
+    q^1 = q-map(q_in), q^{l+1} = q-map(q^l); the squared-gradient ratio between layers l and l+1
+    is r^l = sigma_w^2 E[phi'(sqrt(q^l) z)^2] (= chi_1 once q^l = q*). Vectorised over q_in.
+
+    Returns:
+        (q [L, *q_in.shape], r [L-1, *q_in.shape]).
+    """
+    _check_sigmas(sigma_w2, sigma_b2)
+    if depth < 1 or int(depth) != depth:
+        raise ValueError(f"depth must be a positive integer, got {depth}")
+    act = get_activation(activation)
+    q = np.asarray(q_in, dtype=np.float64)
+    qs = []
+    for _ in range(int(depth)):
+        q = np.minimum(q_map(act, q, sigma_w2, sigma_b2), Q_INF)
+        qs.append(q)
+    qarr = np.stack(qs)
+    d2 = gaussian_expectations(lambda x: act.dphi(x) ** 2, qarr[:-1], kinks=act.kinks)[0]
+    return qarr, sigma_w2 * d2
+
+
+def c_map(
+    activation: ActivationSpec,
+    c: float | np.ndarray,
+    sigma_w2: float,
+    sigma_b2: float = 0.0,
+    q: float | None = None,
+    *,
+    order: int = 64,
+) -> np.ndarray:
+    """Correlation map c -> (sigma_w^2 E[phi(u1) phi(u2)] + sigma_b^2) / q (Poole eq. 5).
+
+    u1, u2 have variance q (default q*) and correlation c. Vectorised over c in [-1, 1].
+    """
+    _check_sigmas(sigma_w2, sigma_b2)
+    act = get_activation(activation)
+    q = _resolve_q(act, sigma_w2, sigma_b2, q)
+    if q == 0:
+        return np.ones_like(np.asarray(c, dtype=np.float64))
+    e = bivariate_gaussian_expectation(lambda a, b: act.phi(a) * act.phi(b), q, q, c, order=order)
+    return (sigma_w2 * e + sigma_b2) / q
+
+
+def chi_c(
+    activation: ActivationSpec,
+    sigma_w2: float,
+    sigma_b2: float = 0.0,
+    c: float | None = None,
+    q: float | None = None,
+) -> float:
+    """chi_c = sigma_w^2 E[phi'(u1) phi'(u2)] at correlation c (default c*): the slope of the
+    c-map there (Schoenholz et al. 2017, eq. 6). At c = 1 it equals chi_1."""
+    _check_sigmas(sigma_w2, sigma_b2)
+    act = get_activation(activation)
+    q = _resolve_q(act, sigma_w2, sigma_b2, q)
+    if c is None:
+        c = c_star(act, sigma_w2, sigma_b2, q=q)
+    if c >= 1.0:
+        return chi_1(act, sigma_w2, sigma_b2, q)
+    e = bivariate_gaussian_expectation(lambda a, b: act.dphi(a) * act.dphi(b), q, q, c)
+    return float(sigma_w2 * e)
+
+
+def c_star(
+    activation: ActivationSpec,
+    sigma_w2: float,
+    sigma_b2: float = 0.0,
+    q: float | None = None,
+    c0: float = 0.0,
+    *,
+    tol: float = 1e-10,
+    warmup: int = 50,
+) -> float:
+    """Fixed point c* of the correlation map reached from c^0 = c0 (Poole et al. 2016).
+
+    In the ordered phase (chi_1 < 1) c* = 1: inputs become perfectly correlated. In the chaotic
+    phase c* < 1. Iterates, then brackets and refines like :func:`q_star`.
+    """
+    act = get_activation(activation)
+    q = _resolve_q(act, sigma_w2, sigma_b2, q)
+    if q == 0:
+        return 1.0
+
+    def cmap(c: float) -> float:
+        return float(c_map(act, min(max(c, -1.0), 1.0), sigma_w2, sigma_b2, q))
+
+    c = float(c0)
+    for _ in range(warmup):
+        cn = min(max(cmap(c), -1.0), 1.0)
+        if abs(cn - c) <= tol:
+            return cn
+        c = cn
+    if 1.0 - c < 1e-6:
+        return 1.0
+
+    def f(x: float) -> float:
+        return cmap(x) - x
+
+    fc = f(c)
+    if fc == 0:
+        return c
+    step = 1e-3
+    a = c
+    while True:
+        b = min(a + step, 1.0) if fc > 0 else max(a - step, -1.0)
+        if b >= 1.0:
+            return 1.0
+        fb = f(b)
+        if (fb > 0) != (fc > 0) or fb == 0:
+            lo, hi = (a, b) if a < b else (b, a)
+            return float(optimize.brentq(f, lo, hi, xtol=tol)) if fb != 0 else b
+        if b <= -1.0:
+            return -1.0
+        a, step = b, step * 2
+
+
+def xi_q(activation: ActivationSpec, sigma_w2: float, sigma_b2: float = 0.0) -> float:
+    """Depth scale of the approach of q^l to q*: -1/ln|q-map'(q*)| (Schoenholz eq. 4)."""
+    act = get_activation(activation)
+    q = _resolve_q(act, sigma_w2, sigma_b2, None)
+    s = abs(float(q_map_slope(act, q, sigma_w2, sigma_b2)))
+    return _depth(s)
+
+
+def xi_c(activation: ActivationSpec, sigma_w2: float, sigma_b2: float = 0.0) -> float:
+    """Depth scale of correlations, -1/ln chi_c at c* (Schoenholz et al. 2017, eq. 6).
+
+    Diverges on the edge of chaos: signals stay distinguishable to depth ~ xi_c.
+    """
+    return _depth(abs(chi_c(activation, sigma_w2, sigma_b2)))
+
+
+def xi_grad(activation: ActivationSpec, sigma_w2: float, sigma_b2: float = 0.0) -> float:
+    """Gradient depth scale -1/ln chi_1 (Schoenholz et al. 2017, eq. 11).
+
+    Positive: squared gradients vanish as exp(-l/xi_grad) towards the input; negative: they
+    explode as exp(l/|xi_grad|); ``inf`` at chi_1 = 1.
+    """
+    c1 = chi_1(activation, sigma_w2, sigma_b2)
+    if c1 == 1.0:
+        return math.inf
+    return -1.0 / math.log(c1)
+
+
+def _depth(slope: float) -> float:
+    if slope == 1.0:
+        return math.inf
+    if slope == 0.0:
+        return 0.0
+    return -1.0 / math.log(slope)
+
+
+# ----------------------------------------------------------------------------- critical points
+
+
+def _zero_slope_limit(act: Activation) -> float:
+    """lim_{q->0} E[phi'(sqrt(q) z)^2] = (phi'(0+)^2 + phi'(0-)^2) / 2 (kinks at 0 allowed)."""
+    eps = 1e-9
+    d = act.dphi(np.array([eps, -eps]))
+    return float(0.5 * (d[0] ** 2 + d[1] ** 2))
+
+
+def _scan(act: Activation, sigma_b2: float, lo: float, hi: float) -> dict[str, np.ndarray]:
+    n = max(2, int(round(math.log10(hi / lo) * _SCAN_PER_DECADE)) + 1)
+    t = np.logspace(math.log10(lo), math.log10(hi), n)
+    q = sigma_b2 + t
+    m = length_moments(act, q)
+    s = t / m[0]  # sigma_w^2 that makes q a fixed point: (q - sigma_b^2) / E phi^2
+    return {"q": q, "S": s, "X": s * m[1], "D": s * m[2] / q}
+
+
+def _fixed_point_quantities(act: Activation, q: float, sigma_b2: float) -> tuple[float, float, float]:
+    """(sigma_w^2, chi_1, q-map slope) of the fixed point at q with bias variance sigma_b2."""
+    m = length_moments(act, q)
+    s = (q - sigma_b2) / float(m[0])
+    return s, s * float(m[1]), s * float(m[2]) / q
+
+
+def critical_point(activation: ActivationSpec, sigma_b2: float = 0.0) -> CriticalPoint:
+    """The edge of chaos at bias variance sigma_b^2: sigma_w^2 with chi_1 = 1 at a stable q*.
+
+    Method (the parametrisation of Schoenholz et al. 2017 / deepchaos): every q > sigma_b^2 is
+    the fixed point of the length map for exactly one sigma_w^2(q) = (q - sigma_b^2)/E[phi^2](q);
+    along this curve chi_1(q) = sigma_w^2(q) E[phi'^2](q). We scan q log-uniformly
+    (sigma_b^2 + 1e-7 ... sigma_b^2 + 1e6), find where chi_1(q) crosses 1, refine with Brent's
+    method, and keep crossings where the fixed point is stable (|d q-map/dq| < 1). Special cases:
+
+    - positively homogeneous phi (relu, leaky_relu, linear) at sigma_b = 0: chi_1 does not depend
+      on q and every q is a fixed point at the critical sigma_w^2 = 1/E[phi'^2]: returned with
+      ``q_star = nan``, ``kind = "marginal"``;
+    - phi(0) = 0 at sigma_b = 0 with chi_1 -> 1 as q -> 0 and no crossing (tanh, erf, sin, ...):
+      the critical point is the limit q* -> 0 at sigma_w^2 = 1/phi'(0)^2, valid when q = 0 then
+      attracts the variance (it decays, polynomially); ``q_star = 0.0``, ``kind = "limit q*->0"``.
+
+    Args:
+        activation: Activation spec.
+        sigma_b2: Bias variance >= 0.
+
+    Returns:
+        A :class:`CriticalPoint`.
+
+    Raises:
+        NoCriticalPoint: no finite critical point exists; the message says why (e.g. softplus:
+            chi_1 < 1 at every finite q* and tends to 1 only as q* -> infinity).
+
+    Example:
+        >>> round(critical_point("tanh", 0.05).sigma_w, 3)
+        1.33
+    """
+    if not (math.isfinite(sigma_b2) and sigma_b2 >= 0):
+        raise ValueError(f"sigma_b2 must be finite and >= 0, got {sigma_b2}")
+    act = get_activation(activation)
+    sigma_b2 = float(sigma_b2)
+    name = act.name
+
+    if act.homogeneous and sigma_b2 == 0.0:
+        e1 = float(gaussian_expectations(lambda x: act.dphi(x) ** 2, 1.0, kinks=act.kinks)[0])
+        sw2 = 1.0 / e1
+        return CriticalPoint(
+            name, 0.0, sw2, math.sqrt(sw2), math.nan, 1.0, 1.0, "marginal",
+            "positively homogeneous activation: chi_1 = sigma_w^2 E[phi'^2] does not depend on "
+            "q, and at this sigma_w every q is a fixed point (the variance neither grows nor "
+            "decays)",
+        )
+
+    scans = [_scan(act, sigma_b2, Q_SCAN_MIN, Q_SCAN_MID)]
+    result = _critical_from_scan(act, sigma_b2, scans[0])
+    if isinstance(result, CriticalPoint):
+        return result
+    more = _scan(act, sigma_b2, Q_SCAN_MID, Q_SCAN_MAX)
+    full = {k: np.concatenate([scans[0][k], more[k][1:]]) for k in more}
+    result = _critical_from_scan(act, sigma_b2, full)
+    if isinstance(result, CriticalPoint):
+        return result
+    raise NoCriticalPoint(result, name, sigma_b2)
+
+
+def _critical_from_scan(act: Activation, sigma_b2: float, sc: dict[str, np.ndarray]
+                        ) -> CriticalPoint | str:
+    """A critical point from a scan, or the reason why there is none on it."""
+    q, s, x, d = sc["q"], sc["S"], sc["X"], sc["D"]
+    name = act.name
+    y = x - 1.0
+    stable: list[tuple[float, float, float, float]] = []
+    unstable: list[tuple[float, float, float, float]] = []
+
+    def g(qq: float) -> float:
+        return _fixed_point_quantities(act, qq, sigma_b2)[1] - 1.0
+
+    for i in np.flatnonzero(np.sign(y[:-1]) * np.sign(y[1:]) < 0):
+        qc = float(optimize.brentq(g, q[i], q[i + 1], rtol=1e-12, xtol=1e-300))
+        sw2, c1, slope = _fixed_point_quantities(act, qc, sigma_b2)
+        (stable if abs(slope) < 1.0 else unstable).append((qc, sw2, c1, slope))
+
+    if stable:
+        qc, sw2, c1, slope = stable[0]
+        note = ""
+        if len(stable) > 1:
+            others = ", ".join(f"(q*={p[0]:.4g}, sigma_w={math.sqrt(p[1]):.4g})" for p in stable[1:])
+            note = f"further critical fixed points at larger q*: {others}"
+        return CriticalPoint(name, sigma_b2, sw2, math.sqrt(sw2), qc, c1, slope, "fixed-point",
+                             note)
+
+    phi0 = float(act.phi(np.array([0.0]))[0])
+    if sigma_b2 == 0.0 and abs(phi0) < 1e-12:
+        e0 = _zero_slope_limit(act)
+        if e0 > 0:
+            s0 = 1.0 / e0
+            # q = 0 attracts at sigma_w^2 = s0 iff q-map(q) < q for small q, i.e. S(q) > s0
+            head = slice(0, 8)
+            attracting = bool(np.all(s[head] >= s0 * (1 - 1e-9)))
+            if attracting and abs(x[0] - 1.0) < 1e-3:
+                return CriticalPoint(
+                    name, 0.0, s0, math.sqrt(s0), 0.0, 1.0, 1.0, "limit q*->0",
+                    "phi(0) = 0: q* = 0 is a fixed point whose chi_1 = sigma_w^2 phi'(0)^2 "
+                    "crosses 1 here; for larger sigma_w a q* > 0 appears with chi_1 > 1 "
+                    "(chaos). At this sigma_w the variance decays to 0 only polynomially "
+                    "with depth, so keep the input variance small",
+                )
+            if not attracting:
+                lim0 = (
+                    f"chi_1 -> 1 as q* -> 0 (sigma_w^2 = 1/phi'(0)^2 = {s0:.4g}), but there q = 0 "
+                    "repels the variance (q-map(q) > q for small q > 0), so that limit is not "
+                    "reached"
+                )
+            else:
+                lim0 = ""
+        else:
+            lim0 = "phi'(0) = 0, so chi_1 -> 0 as q* -> 0"
+    else:
+        lim0 = ""
+
+    parts: list[str] = []
+    qmax, xmax_end = q[-1], x[-1]
+    if unstable:
+        desc = ", ".join(
+            f"q*={p[0]:.4g} (sigma_w={math.sqrt(p[1]):.4g}, q-map slope {p[3]:.4g})"
+            for p in unstable[:3]
+        )
+        parts.append(
+            f"chi_1 = 1 only at unstable fixed points of the length map: {desc}; the variance "
+            "drifts away from them with depth, to where chi_1 != 1"
+        )
+    elif np.all(y < 0):
+        tail = x[-_SCAN_PER_DECADE:]
+        if xmax_end > 0.95 and np.all(np.diff(tail) > 0):
+            parts.append(
+                f"chi_1 < 1 at every finite fixed point q* > sigma_b^2 and approaches 1 only as "
+                f"q* -> infinity (chi_1 = {xmax_end:.4f} at q* = {qmax:.3g}, sigma_w^2 -> "
+                f"{s[-1]:.4g}); the network is ordered (gradients vanish) for every finite q*"
+            )
+        else:
+            parts.append(
+                f"chi_1 < 1 at every fixed point (largest {x.max():.4g}, at q* = "
+                f"{q[int(np.argmax(x))]:.4g}): the network is always in the ordered phase"
+            )
+    elif np.all(y > 0):
+        where = (
+            "tending to 1 only as q* -> 0" if abs(x[0] - 1.0) < 1e-3
+            else f"smallest {x.min():.4g}"
+        )
+        if np.all(np.abs(d) > 1.0):
+            parts.append(
+                f"every fixed point q* > 0 has chi_1 > 1 ({where}) and is unstable (q-map slope "
+                f"{np.abs(d).min():.4g} to {np.abs(d).max():.4g}): the variance runs away from "
+                "it, towards 0 or without bound, so no depth-stationary variance sits on the "
+                "edge of chaos"
+            )
+        else:
+            parts.append(
+                f"chi_1 > 1 at every fixed point q* > 0 ({where}): every sigma_w with a finite "
+                "fixed point is chaotic"
+            )
+    if lim0:
+        parts.append(lim0)
+    if not parts:  # pragma: no cover - crossings are either stable or unstable
+        parts.append("no crossing of chi_1 = 1 found")
+    return f"{name} at sigma_b^2 = {sigma_b2:g}: no critical point: " + "; ".join(parts)
+
+
+def critical_line(activation: ActivationSpec, sigma_b2s: Sequence[float] | np.ndarray
+                  ) -> CriticalLine:
+    """The critical sigma_w^2 for each sigma_b^2 (the order-to-chaos transition line).
+
+    Entries without a critical point are NaN, with the reason in ``reasons``.
+    """
+    act = get_activation(activation)
+    sb = np.asarray(sigma_b2s, dtype=np.float64).ravel()
+    sw2 = np.full(sb.shape, np.nan)
+    qs = np.full(sb.shape, np.nan)
+    reasons: list[str | None] = []
+    for i, b in enumerate(sb):
+        try:
+            cp = critical_point(act, float(b))
+        except NoCriticalPoint as e:
+            reasons.append(e.reason)
+            continue
+        sw2[i], qs[i] = cp.sigma_w2, cp.q_star
+        reasons.append(None)
+    return CriticalLine(act.name, sb, sw2, np.sqrt(sw2), qs, reasons)
+
+
+def phase_diagram(
+    activation: ActivationSpec,
+    sigma_w: np.ndarray,
+    sigma_b2: np.ndarray,
+    q0: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """chi_1 and the depth scale xi_c on a grid (Poole et al. 2016 Fig. 2; Schoenholz Fig. 1).
+
+    Args:
+        activation: Activation spec.
+        sigma_w: Weight standard deviations, shape [W].
+        sigma_b2: Bias variances, shape [Bb].
+        q0: Initial variance from which q* is reached.
+
+    Returns:
+        Dict with ``chi_1`` [Bb, W], ``q_star`` [Bb, W] and ``xi`` [Bb, W] = |xi_grad|
+        = 1/|ln chi_1| (the depth over which gradients change by a factor e; equals xi_c
+        in the ordered phase where c* = 1).
+    """
+    act = get_activation(activation)
+    sw = np.asarray(sigma_w, dtype=np.float64).ravel()
+    sb = np.asarray(sigma_b2, dtype=np.float64).ravel()
+    chi = np.empty((sb.size, sw.size))
+    qs = np.empty_like(chi)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i, b in enumerate(sb):
+            for j, w in enumerate(sw):
+                qq = q_star(act, float(w * w), float(b), q0)
+                qs[i, j] = qq
+                chi[i, j] = chi_1(act, float(w * w), float(b), qq)
+        xi = 1.0 / np.abs(np.log(chi))
+    return {"chi_1": chi, "q_star": qs, "xi": xi, "sigma_w": sw, "sigma_b2": sb}
