@@ -128,9 +128,18 @@ def rx_vanishing(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[P
         c.append(("xavier_init", 6.0, "Glorot & Bengio 2010 scale the weights to keep gradient "
                   "variance constant across tanh layers"))
     if ctx.rectifiers:
-        c.append(("kaiming_init", 8.0 if not ctx.has_bn else 5.0,
-                  "He init (Var W = 2/fan_in) makes the per-layer gradient factor 1 for ReLU"
-                  + (f" ({fac})" if fac else "")))
+        off = s2 == s2 and not 1.5 <= s2 <= 2.7
+        if ctx.has_bn:
+            score = 5.0  # BN rescales anyway; the init scale matters little
+        else:
+            score = 9.5 if off else 6.0
+        why = "He init (Var W = 2/fan_in, sigma_w^2 = 2) makes the per-layer gradient factor 1 " \
+              "for ReLU"
+        if off:
+            why += f"; the weights are at sigma_w^2 = {fmt(s2)}"
+        elif s2 == s2:
+            why += f" (the weights are already near it: sigma_w^2 = {fmt(s2)})"
+        c.append(("kaiming_init", score, why))
         c.append(("orthogonal_init", 6.0, "orthogonal weights preserve norms exactly in the "
                   "linear part of each layer"))
     c.append(("lsuv_init", 6.0, "LSUV (Mishkin & Matas 2016) rescales each layer on real data "
