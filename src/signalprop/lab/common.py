@@ -370,7 +370,7 @@ def train_classifier(
             res.test_acc.append(ta)
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xb), yb)
-        lv = float(loss)
+        lv = float(loss.detach())
         if step == 0:
             res.initial_loss = lv
             bound = diverge_factor * max(lv, 1.0)

@@ -360,6 +360,7 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
                     fmt="o-", color=c, capsize=3, label=lab)
     ax.axhline(math.log(10), color="#555555", ls=":", lw=1, label="chance ln(10)")
     ax.set_xscale("log", base=2)
+    P.plain_ticks(ax)
     ax.set_yscale("log")
     ax.set_xlabel("initial weight scale s (std = s / sqrt(fan_in))")
     ax.set_ylabel("final training loss")
@@ -376,6 +377,7 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
     axes[0, 1].set_yscale("log")
     for ax in axes[0]:
         ax.set_xscale("log", base=2)
+        P.plain_ticks(ax)
         ax.set_xlabel("initial weight scale s")
         ax.legend(loc="best")
     axes[0, 0].set_title("Do seeds agree?")

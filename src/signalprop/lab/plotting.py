@@ -127,3 +127,11 @@ def finite(values: Sequence[float]) -> np.ndarray:
     a = np.asarray(values, dtype=float)
     a[~np.isfinite(a)] = np.nan
     return a
+
+
+def plain_ticks(ax: Any, axis: str = "x") -> None:
+    """Label a log axis with plain numbers (4, 8, 16 rather than 2^2, 2^3, 2^4)."""
+    from matplotlib.ticker import FuncFormatter
+
+    f = FuncFormatter(lambda v, _: f"{v:g}")
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(f)
