@@ -146,3 +146,13 @@ def test_summarise_record_orders_layers_by_depth() -> None:
     s = summarise_record(rec)
     assert s["grad_ratio"] == 0.0  # last step, first weight / last weight, bias ignored
     assert s["saturated_frac"] == 0.25 and math.isnan(s["dead_frac"])
+
+
+def test_signalprop_trial_is_callable_in_any_import_order(digits) -> None:
+    import signalprop
+    import signalprop.trial  # binds the module to the package attribute
+
+    t = signalprop.trial(deep_sigmoid(depth=2, width=8), (digits.x_train[:64], digits.y_train[:64]),
+                         nn.functional.cross_entropy, remedies=["adam"], steps=2, seeds=1,
+                         probe=False)
+    assert isinstance(t, TrialTable) and len(t) == 2

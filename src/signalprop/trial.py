@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -517,3 +519,19 @@ def _compare(table: TrialTable, rel_tol: float) -> None:
         if base is not None and r.remedy != BASELINE and math.isfinite(base.loss_mean):
             r.delta_loss = r.loss_mean - base.loss_mean
             r.rel_change = r.delta_loss / base.loss_mean if base.loss_mean else math.nan
+
+
+class _CallableModule(types.ModuleType):
+    """``signalprop.trial`` is both this module and the :func:`trial` function.
+
+    Importing ``signalprop.trial`` (the module) makes Python bind the *module* to the package
+    attribute ``signalprop.trial``, shadowing the lazily exported function; making the module
+    callable keeps ``signalprop.trial(...)`` and ``from signalprop import trial`` working in
+    either import order.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TrialTable:
+        return trial(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -212,7 +212,10 @@ class Scaled(nn.Module):
             # rrelu is random in training mode; its eval mode is the deterministic mean slope
             was = self.phi.training
             self.phi.eval()
-            a = nf_gain(self.phi)
+            # evaluate where phi's own tensors live (a learnable activation may be on a GPU)
+            t = next(iter([*self.phi.parameters(), *self.phi.buffers()]), None)
+            phi = self.phi
+            a = nf_gain(phi if t is None else lambda z: phi(z.to(t.device, t.dtype)).cpu())
             self.phi.train(was)
         a_t = torch.tensor(float(a))
         if learnable:
