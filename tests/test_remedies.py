@@ -254,3 +254,41 @@ def test_fewer_layers_and_weightnorm_and_swaps() -> None:
     assert sum(isinstance(c, Scaled) for c in sc.modules()) == 10
     with pytest.raises(ValueError, match="unknown activation"):
         swap_activation(m, None, "rleu")
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS.names()))
+def test_every_model_transform_builds_a_working_model(name: str) -> None:
+    m = _mlp(nn.Tanh, depth=4)
+    x = torch.randn(16, 8)
+    new = TRANSFORMS.build(name, model=m, example_batch=x)
+    assert new is not m
+    new(x).sum().backward()
+    assert all(p.grad is not None for p in new.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["xavier", "kaiming", "orthogonal", "lsuv", "scale", "critical"])
+def test_every_init_name_runs(name: str) -> None:
+    from signalprop.init import INITS, apply_init
+
+    if name == "critical" and not _theory_available():
+        pytest.skip("signalprop.theory.torch_adapter.critical_ has not landed")
+    assert name in INITS
+    m = _mlp(nn.Tanh, depth=4)
+    x = torch.randn(32, 8)
+    args = (x,) if name == "lsuv" else ()
+    kw = {"activation": "tanh"} if name == "critical" else {}
+    apply_init(name, m, *args, **kw)
+    out = m(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+
+
+def test_every_grad_transform_name_runs() -> None:
+    from signalprop.remedies import GRAD_TRANSFORMS
+
+    for name in GRAD_TRANSFORMS.names():
+        m = _mlp(nn.Tanh, depth=2)
+        m(torch.randn(4, 8)).pow(2).sum().backward()
+        t = GRAD_TRANSFORMS.build(name)
+        t(m)
+        assert set(t.stats()) == {"norm_before", "norm_after"}
