@@ -117,7 +117,9 @@ class Report:
             "worst_severity": SEVERITIES[worst] if worst >= 0 else None,
             "steps": len(self.losses),
             "initial_loss": finite[0] if finite else None,
-            "final_loss": (sum(finite[-10:]) / len(finite[-10:])) if finite else None,
+            # like TrainResult.final_loss: a diverged run has no final loss
+            "final_loss": (sum(finite[-10:]) / len(finite[-10:]))
+            if finite and not self.meta.get("diverged", False) else None,
             "diverged": self.meta.get("diverged", False),
             "diverged_step": self.meta.get("diverged_step"),
             "prescriptions": [p.to_dict() for p in self.prescriptions],

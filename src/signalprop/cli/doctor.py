@@ -101,9 +101,9 @@ def print_report(report: Any, console: Any, top: int = 6) -> None:
     console.print(head, highlight=False)
     s = report.summary()
     if s["initial_loss"] is not None:
-        console.print(f"loss {s['initial_loss']:.4g} -> {s['final_loss']:.4g}"
-                      + (f"  [red]diverged at step {s['diverged_step']}[/]" if s["diverged"]
-                         else ""), highlight=False)
+        end = (f"[red]diverged at step {s['diverged_step']}[/]" if s["diverged"]
+               else f"{s['final_loss']:.4g}")
+        console.print(f"loss {s['initial_loss']:.4g} -> {end}", highlight=False)
     if report.healthy:
         console.print("[bold green]healthy[/]: no finding.")
     else:

@@ -464,8 +464,9 @@ def rule_update_ratio(
     parts = []
     if high:
         verb = "changes" if len(high) == 1 else "change"
+        its = "its" if len(high) == 1 else "their"
         parts.append(f"{ctx.label(high).capitalize()} {verb} by more than "
-                     f"{fmt(th.update_ratio_high)} of their norm per step (median up to "
+                     f"{fmt(th.update_ratio_high)} of {its} norm per step (median up to "
                      f"{fmt(nums['max_ratio'])}; ~1e-3 is typical of healthy training)")
     if low:
         verb = "barely moves" if len(low) == 1 else "barely move"
