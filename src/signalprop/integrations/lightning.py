@@ -210,6 +210,7 @@ class SignalpropCallback(Callback):
         self._tb_writers: list[Any] = []
         self._last_diagnosed: int | None = None
         self._next_diagnosis = 0
+        self._rank_zero = True
 
     # ---- set-up / tear-down --------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -220,6 +221,7 @@ class SignalpropCallback(Callback):
         # a resumed run continues its step count: record step == optimiser steps so far
         self.probe.step_index = int(trainer.global_step)
         self.probe.attach()
+        self._rank_zero = bool(trainer.is_global_zero)
         meta = self.record.meta
         if trainer.optimizers:
             meta.setdefault("optimizer", type(trainer.optimizers[0]).__name__.lower())
@@ -364,7 +366,7 @@ class SignalpropCallback(Callback):
             if key in self.warned:
                 continue
             self.warned.add(key)
-            if self.warn:
+            if self.warn and self._rank_zero:  # one warning per run, not one per process
                 at = step if step is not None else self.record.steps[-1]
                 # stacklevel 2 points at Lightning's hook call; the message carries the facts
                 warnings.warn(format_finding(f, at), SignalpropWarning, stacklevel=2)
