@@ -186,7 +186,7 @@ def test_every_optimizer_builds_through_the_trainer_and_steps(name: str) -> None
         loss = (model(x) - y).pow(2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(math.isfinite(v) for v in losses)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert set(DEFAULT_LR) == set(OPTIMIZERS.names())
