@@ -46,23 +46,40 @@ class Activation:
         forward: ``z -> h`` (any shape).
         backward: ``(dh, z, h) -> dz`` with dz = dh * phi'(z).
         module: Factory of the equivalent ``nn.Module``.
+        fast: Optional faster float32 form ``fast(s * z) == phi(z)``, applied in place to its
+            argument (the engine folds the factor s = ``fast_scale`` into the matmul that
+            produces z, for free).
+        fast_scale: The factor s.
     """
 
     name: str
     forward: Callable[[torch.Tensor], torch.Tensor]
     backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     module: Callable[[], nn.Module]
+    fast: Callable[[torch.Tensor], torch.Tensor] | None = None
+    fast_scale: float = 1.0
 
 
 ACTIVATIONS: Registry = Registry("activation")
 
 
-def _reg(name: str, fwd, bwd, module) -> None:  # noqa: ANN001 - small private helper
-    ACTIVATIONS.register(name, Activation(name, fwd, bwd, module))
+def _reg(name: str, fwd, bwd, module, fast=None, fast_scale=1.0) -> None:  # noqa: ANN001
+    ACTIVATIONS.register(name, Activation(name, fwd, bwd, module, fast, fast_scale))
+
+
+def _tanh_from_2z_(t: torch.Tensor) -> torch.Tensor:
+    """tanh(z) = 2 sigmoid(2z) - 1, in place on t = 2z.
+
+    On CPU torch's sigmoid is ~2-3x cheaper than its tanh (measured: 129 vs 341 us on a
+    [32, 64, 64] float32 tensor, one thread), and tanh is the costliest op of a small tanh MLP's
+    step after the matmuls. Absolute error <= 1.8e-7 in float32 (torch.tanh: 3e-8); used for
+    float32 only.
+    """
+    return t.sigmoid_().mul_(2.0).sub_(1.0)
 
 
 _reg("linear", lambda z: z, lambda dh, z, h: dh, nn.Identity)
-_reg("tanh", torch.tanh, lambda dh, z, h: aten.tanh_backward(dh, h), nn.Tanh)
+_reg("tanh", torch.tanh, lambda dh, z, h: aten.tanh_backward(dh, h), nn.Tanh, _tanh_from_2z_, 2.0)
 _reg("sigmoid", torch.sigmoid, lambda dh, z, h: aten.sigmoid_backward(dh, h), nn.Sigmoid)
 _reg("relu", torch.relu, lambda dh, z, h: aten.threshold_backward(dh, h, 0), nn.ReLU)
 _reg(
