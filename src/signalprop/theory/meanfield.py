@@ -22,7 +22,6 @@ Everything here is NumPy/SciPy; the PyTorch bridge is :mod:`signalprop.theory.to
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -649,31 +648,68 @@ def phase_diagram(
     sigma_w: np.ndarray,
     sigma_b2: np.ndarray,
     q0: float = 1.0,
+    *,
+    max_iter: int = 100,
+    rtol: float = 1e-7,
 ) -> dict[str, np.ndarray]:
-    """chi_1 and the depth scale xi_c on a grid (Poole et al. 2016 Fig. 2; Schoenholz Fig. 1).
+    """chi_1 and its depth scale on a (sigma_b^2, sigma_w) grid: the order-to-chaos phase diagram
+    (Poole et al. 2016, Fig. 2; Schoenholz et al. 2017, Fig. 1).
+
+    q* is found for the whole grid at once by iterating the length map from q0 (vectorised), up to
+    ``max_iter`` layers or until every entry changed by less than ``rtol`` (relative); near the
+    transition convergence is slow and the entry shows the variance after ``max_iter`` layers.
 
     Args:
         activation: Activation spec.
         sigma_w: Weight standard deviations, shape [W].
         sigma_b2: Bias variances, shape [Bb].
-        q0: Initial variance from which q* is reached.
+        q0: Initial variance.
 
     Returns:
-        Dict with ``chi_1`` [Bb, W], ``q_star`` [Bb, W] and ``xi`` [Bb, W] = |xi_grad|
-        = 1/|ln chi_1| (the depth over which gradients change by a factor e; equals xi_c
-        in the ordered phase where c* = 1).
+        Dict with ``chi_1`` [Bb, W], ``q_star`` [Bb, W] (inf where it diverges), ``xi`` [Bb, W]
+        = 1/|ln chi_1| (layers over which the squared gradient changes by a factor e; equal to
+        xi_c in the ordered phase, where c* = 1) and the axes ``sigma_w``, ``sigma_b2``.
     """
     act = get_activation(activation)
     sw = np.asarray(sigma_w, dtype=np.float64).ravel()
     sb = np.asarray(sigma_b2, dtype=np.float64).ravel()
-    chi = np.empty((sb.size, sw.size))
-    qs = np.empty_like(chi)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for i, b in enumerate(sb):
-            for j, w in enumerate(sw):
-                qq = q_star(act, float(w * w), float(b), q0)
-                qs[i, j] = qq
-                chi[i, j] = chi_1(act, float(w * w), float(b), qq)
+    if np.any(sw <= 0) or np.any(sb < 0):
+        raise ValueError("sigma_w must be > 0 and sigma_b2 >= 0")
+    w2 = np.broadcast_to((sw * sw)[None, :], (sb.size, sw.size))
+    b2 = np.broadcast_to(sb[:, None], w2.shape)
+    q = np.full(w2.shape, float(q0))
+    active = np.ones(w2.shape, dtype=bool)
+    for it in range(max_iter):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        qa = q.flat[idx]
+        m = length_moments(act, qa)
+        fa = w2.flat[idx] * m[0] + b2.flat[idx]  # one plain step of the length map
+        qn = fa
+        if it >= 3:
+            # Newton on F(q) = q-map(q) - q once in the basin (q-map'(q) = sigma_w^2 E[x phi
+            # phi'] / q), kept only when it moves the way the plain step does and stays > 0
+            slope = w2.flat[idx] * m[2] / np.maximum(qa, 1e-300)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                newton = qa - (fa - qa) / (slope - 1.0)
+            ok = np.isfinite(newton) & (newton > 0) & ((newton - qa) * (fa - qa) > 0)
+            qn = np.where(ok, newton, fa)
+        else:
+            slope = None
+        qn = np.minimum(qn, Q_INF)
+        if slope is not None:
+            # past 1e6 and still growing with a length-map slope >= 1: it diverges (geometrically
+            # or slower); record it as infinite instead of iterating to 1e12
+            runaway = (qn > 1e6) & (fa > qa) & (slope >= 1.0)
+            qn = np.where(runaway, Q_INF, qn)
+        q.flat[idx] = qn
+        done = (np.abs(qn - qa) <= rtol * np.maximum(qn, 1e-300)) | (qn >= Q_INF) | (qn < Q_ZERO)
+        active.flat[idx[done]] = False
+    q = np.where(q < Q_ZERO, 0.0, q)
+    d2 = gaussian_expectations(lambda x: act.dphi(x) ** 2, np.minimum(q, Q_INF), kinks=act.kinks)
+    chi = w2 * d2[0]
+    with np.errstate(divide="ignore"):
         xi = 1.0 / np.abs(np.log(chi))
-    return {"chi_1": chi, "q_star": qs, "xi": xi, "sigma_w": sw, "sigma_b2": sb}
+    return {"chi_1": chi, "q_star": np.where(q >= Q_INF, np.inf, q), "xi": xi, "sigma_w": sw,
+            "sigma_b2": sb}
