@@ -277,3 +277,11 @@ def test_unknown_example_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match="deep-sigmoid.*healthy"):
         load_example("deep-sigmod")
     assert {"deep-sigmoid", "healthy"} <= set(EXAMPLES.names())
+
+
+def test_signalprop_doctor_is_callable_whatever_the_import_order() -> None:
+    # this module imported signalprop.doctor (the module) first, which binds the module to the
+    # package attribute; it must still be callable as the function
+    report = signalprop.doctor(nn.Linear(4, 2), XY, nn.CrossEntropyLoss(), steps=2,
+                               progress=False)
+    assert isinstance(report, Report) and len(report.losses) == 2

@@ -15,7 +15,9 @@ import importlib.util
 import json
 import math
 import platform
+import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -443,3 +445,18 @@ def doctor(
             meta["trials_skipped"] = "no prescriptions to try"
     meta["total_seconds"] = time.perf_counter() - t0
     return report
+
+
+class _CallableModule(types.ModuleType):
+    """``signalprop.doctor`` is both this module and the :func:`doctor` function.
+
+    ``import signalprop.doctor`` binds the *module* to the package attribute, shadowing the lazily
+    exported function; a callable module keeps ``signalprop.doctor(...)`` working in either
+    import order (the same device as ``signalprop.trial``).
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Report:
+        return doctor(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
