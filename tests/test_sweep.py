@@ -246,3 +246,12 @@ def test_ray_executor(tmp_path):
     envs = [r["env"] for r in res.runs]
     assert all(e["pid"] != os.getpid() for e in envs)  # trained in Ray workers
     assert json.loads(json.dumps(res.record(df.run_id[0]).to_dict()))["data"]
+
+
+def test_signalprop_sweep_is_callable_even_after_importing_the_package(tmp_path):
+    import signalprop
+    import signalprop.sweep
+
+    res = signalprop.sweep({"base": SMALL}, out=tmp_path, progress=False)
+    assert res.status_counts() == {"done": 1}
+    assert len(signalprop.sweep.load(tmp_path)) == 1
