@@ -285,3 +285,15 @@ def test_flops_counts_the_matmuls():
     a = Arch(64, 10, depth=2, width=32)
     # layer 0: fwd + weight grad; layer 1, head: fwd + weight grad + input grad
     assert a.flops_per_step(8) == 2 * 8 * (64 * 32 * 2 + 32 * 32 * 3 + 32 * 10 * 3)
+
+
+def test_agc_on_rbf_centres_is_per_centre(digits):
+    ds = digits
+    arch = Arch(ds.in_features, ds.out_features, depth=1, width=8, rbf=6)
+    pop = Population(arch, 1, hparams={"lr": 0.0}, clip="agc", clip_threshold=0.01,
+                     dtype=torch.float64)
+    pop.init_([0])
+    x, y = ds.x_train[:32].double(), ds.y_train[:32]
+    pop.train_step(x.unsqueeze(0), y.unsqueeze(0))
+    g, c = pop.grads["rbf.centres"][0], pop.params["rbf.centres"][0]  # [units, in]
+    assert float((g.norm(dim=1) / c.norm(dim=1)).max()) <= 0.01 * (1 + 1e-9)

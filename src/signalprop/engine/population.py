@@ -620,8 +620,13 @@ class Population:
                 if s.module == "head":
                     continue
                 g, w = self.grads[s.name], self.params[s.name]
-                # weights: one unit per output column (reduce over fan-in); vectors: whole vector
-                dims = (1,) if s.shape[0] > 1 else (1, 2)
+                # weights [K, fan_in, fan_out]: one unit per output column (reduce over fan-in);
+                # RBF centres [K, units, in]: one unit per row; vectors: the whole vector (as the
+                # NFNets code's unitwise_norm does for biases and gains)
+                if s.name == "rbf.centres":
+                    dims: tuple[int, ...] = (2,)
+                else:
+                    dims = (1,) if s.shape[0] > 1 else (1, 2)
                 wn = torch.linalg.vector_norm(w, dim=dims, keepdim=True).clamp_min(AGC_EPS)
                 gn = torch.linalg.vector_norm(g, dim=dims, keepdim=True)
                 lam = thr.view(self.K, 1, 1)
@@ -860,7 +865,19 @@ class Population:
         infos = self.layer_infos()
         recs = []
         for k in range(self.K):
-            r = Record(meta={"engine": "signalprop.engine", "member": k})
+            r = Record(
+                meta={
+                    "engine": "signalprop.engine",
+                    "member": k,
+                    "arch": dict(self.arch.__dict__),
+                    "optimizer": self.optimizer_name,
+                    "hparams": {n: float(v[k]) for n, v in self.hparams.items()},
+                    "clip": self.clip,
+                    "clip_threshold": float(self.clip_threshold[k]),
+                    "act_scale": float(self.act_scale[k]),
+                    "dtype": str(self.dtype).replace("torch.", ""),
+                }
+            )
             for info in infos:
                 r.add_layer(info)
             recs.append(r)
