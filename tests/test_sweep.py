@@ -255,3 +255,14 @@ def test_signalprop_sweep_is_callable_even_after_importing_the_package(tmp_path)
     res = signalprop.sweep({"base": SMALL}, out=tmp_path, progress=False)
     assert res.status_counts() == {"done": 1}
     assert len(signalprop.sweep.load(tmp_path)) == 1
+
+
+def test_one_sweep_process_per_directory(tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running sweep would hold it
+        with pytest.raises(RuntimeError, match="another sweep is running"):
+            sweep({"base": SMALL}, out=tmp_path, progress=False)
+    assert sweep({"base": SMALL}, out=tmp_path, progress=False).status_counts() == {"done": 1}

@@ -40,7 +40,10 @@ def sweep_cmd(config: str, out: str | None, executor: str, workers: int, threads
     n_groups = len({s.group for s in specs})
     click.echo(f"signalprop sweep: {len(specs)} runs in {n_groups} populations -> {out_dir}",
                err=True)
-    res = sweep(grid, out=out_dir, executor=executor, progress=progress, workers=workers)
+    try:
+        res = sweep(grid, out=out_dir, executor=executor, progress=progress, workers=workers)
+    except RuntimeError as e:  # another sweep holds the directory
+        raise click.ClickException(str(e)) from e
     csv = res.to_csv(out_dir / "results.csv")
     counts = res.status_counts()
     click.echo(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))

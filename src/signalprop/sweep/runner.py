@@ -14,6 +14,7 @@ sweep killed at any moment resumes where it stopped (:mod:`signalprop.sweep.stor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,7 +24,7 @@ import platform
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +242,8 @@ def sweep(
     if not specs:
         raise ValueError("the grid has no runs")
     out = Path(out) if out is not None else default_out(specs)
-    with Store(out) as store:
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out), Store(out) as store:
         store.add_runs((s.run_id, s.index, s.group, s.config, s.labels) for s in specs)
         store.reset_unfinished()
         store.set_meta("last_grid", json.dumps(grid if not isinstance(grid, os.PathLike)
@@ -268,6 +270,28 @@ def sweep(
         finally:
             bar.close()
     return SweepResult(out, [s.run_id for s in specs])
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One sweep process per directory: it alone may reset runs left ``running``. The lock
+    (``flock`` on ``DIR/.lock``) dies with its process, so a killed sweep leaves none behind."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another sweep is running on {out} (one process per sweep directory)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _payload(group: list[RunSpec]) -> Payload:
