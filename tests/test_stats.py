@@ -83,3 +83,25 @@ def test_norms_and_global_norm():
     np.testing.assert_allclose(n.numpy(), [t.norm().item() for t in ts], rtol=1e-6)
     g = stats.global_norm(ts)
     assert g.item() == pytest.approx(torch.cat([t.flatten() for t in ts]).norm().item(), rel=1e-6)
+
+
+def test_norms_survive_float32_underflow_and_overflow():
+    tiny = torch.full((64, 64), 3e-26)  # squares underflow in float32
+    huge = torch.full((8,), 3e20)  # squares overflow in float32
+    n = stats.norms([tiny, huge, torch.zeros(3), torch.ones(4)])
+    assert n[0].item() == pytest.approx(3e-26 * 64, rel=1e-6)
+    assert n[1].item() == pytest.approx(3e20 * 8**0.5, rel=1e-6)
+    assert n[2].item() == 0.0 and n[3].item() == pytest.approx(2.0)
+
+
+def test_rbf_saturation_is_output_below_ratio():
+    h = torch.tensor([[1.0, 0.5, 0.05, 0.0]])
+    assert stats.saturated_fraction(h, "rbf").item() == pytest.approx(0.5)
+
+
+def test_probe_module_is_callable_after_import():
+    import signalprop
+    import signalprop.probe
+
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(signalprop.probe(model), signalprop.Probe)

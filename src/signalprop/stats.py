@@ -155,6 +155,9 @@ SATURATING: dict[str, tuple[bool, DerivFn, float]] = {
     "softsign": (True, _softsign_d, 1.0),
     "gaussian": (False, _gaussian_d_from_input, math.exp(-0.5)),
     "hardtanh": (False, _hardtanh_d_from_input, 1.0),
+    # RBF unit h = exp(-u / (2 s^2)) of the squared distance u: dh/du = -h / (2 s^2), so the
+    # derivative relative to its maximum (at u = 0) is h itself
+    "rbf": (True, lambda h: h.abs(), 1.0),
 }
 
 #: Activations whose units can die (zero output and zero derivative for all inputs of a batch).
@@ -220,13 +223,30 @@ def dead_fraction(h: torch.Tensor, batch_dim: int = 1) -> torch.Tensor:
 
 
 def norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each tensor, computed in one fused call. Returns [len(tensors)] (float32)."""
+    """L2 norm of each tensor, computed in one fused call. Returns [len(tensors)] (float64).
+
+    ``torch._foreach_norm`` squares in the tensor's dtype, so a float32 gradient with entries
+    around 1e-26 (a 30-layer sigmoid net's first layer) gets norm 0, and entries above ~1e19 get
+    norm inf. Those are exactly the numbers a vanishing/exploding diagnosis needs, so norms that
+    come out zero, subnormal or infinite are recomputed in float64 (a rare path: healthy layers
+    pay nothing). The result is float64 so that tiny norms survive.
+    """
     if len(tensors) == 0:
-        return torch.zeros(0)
-    out = torch._foreach_norm(list(tensors))
-    if all(o.dtype == torch.float32 for o in out):
-        return torch.stack(out)
-    return torch.stack([o.float() for o in out])
+        return torch.zeros(0, dtype=torch.float64)
+    tensors = list(tensors)
+    out = torch.stack([o.to(torch.float64) for o in torch._foreach_norm(tensors)])
+    suspect = (out < _RECHECK_BELOW) | torch.isinf(out)
+    if bool(suspect.any()):
+        for i in torch.nonzero(suspect).flatten().tolist():
+            t = tensors[i]
+            if t.dtype != torch.float64 and t.is_floating_point():
+                out[i] = torch.linalg.vector_norm(t.to(torch.float64))
+    return out
+
+
+#: float32 norms below this (around the square root of the smallest normal float32) may have
+#: lost precision or underflowed while squaring.
+_RECHECK_BELOW = 1e-18
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from signalprop._callable import make_module_callable
 from signalprop.record import Record
 from signalprop.remedies import Remedy, get_remedy
 
@@ -521,17 +520,5 @@ def _compare(table: TrialTable, rel_tol: float) -> None:
             r.rel_change = r.delta_loss / base.loss_mean if base.loss_mean else math.nan
 
 
-class _CallableModule(types.ModuleType):
-    """``signalprop.trial`` is both this module and the :func:`trial` function.
-
-    Importing ``signalprop.trial`` (the module) makes Python bind the *module* to the package
-    attribute ``signalprop.trial``, shadowing the lazily exported function; making the module
-    callable keeps ``signalprop.trial(...)`` and ``from signalprop import trial`` working in
-    either import order.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TrialTable:
-        return trial(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# ``signalprop.trial`` is both this module and the trial() function (see signalprop._callable)
+make_module_callable(__name__, "trial")

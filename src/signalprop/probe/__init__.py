@@ -14,3 +14,7 @@ __all__ = [
     "activation_kind",
     "watched_modules",
 ]
+
+from signalprop._callable import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, "probe")

@@ -415,7 +415,7 @@ class Probe:
 
     def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
         flat = (
-            torch.cat([v.detach().reshape(-1).float().cpu() for v in values]).tolist()
+            torch.cat([v.detach().reshape(-1).double().cpu() for v in values]).tolist()
             if values
             else []
         )
