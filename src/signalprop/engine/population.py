@@ -11,7 +11,7 @@ block), with the gradients in a second buffer of the same layout. One training s
 - clipping and the optimiser update: a few element-wise ops over the *whole* flat buffer
   (:mod:`signalprop.engine.optim`), whatever the depth;
 - per-member bookkeeping: the loss of every member, and divergence (a member whose loss is
-  non-finite is frozen at its last finite parameters and marked with that step).
+  non-finite is frozen, never updated again, and marked with that step).
 
 Per-member hyper-parameters (learning rate, momentum, weight decay, optimiser constants, clip
 threshold, activation gain) are tensors over the members, expanded once to the flat layout.
@@ -653,6 +653,8 @@ class Population:
         Returns:
             (loss [K] before the step, probe values {(layer, metric): [K]} or None).
         """
+        # batch-norm running statistics are frozen with the member's parameters
+        saved_running = {n: v.clone() for n, v in self.running.items()}
         cache = self._forward(x, train=True, keep=probe)
         loss, dout = self._loss(cache["out"], y)
         pr: dict | None = {} if probe else None
@@ -664,6 +666,9 @@ class Population:
             self.active &= finite
         frozen = ~self.active
         any_frozen = bool(frozen.any())
+        if any_frozen:
+            for n, v in self.running.items():
+                v.copy_(torch.where(frozen.view(-1, 1, 1), saved_running[n], v))
         if pr is not None:
             self._probe_forward(cache, loss, y, pr)
         self._backward(cache, dout, pr)
