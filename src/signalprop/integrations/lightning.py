@@ -14,7 +14,8 @@ The callback therefore finalises a probe step from Lightning's own hooks:
    the accumulation window (AMP's loss scale is divided out).
 2. ``on_before_optimizer_step``: gradients are fully accumulated (and unscaled under AMP) but not
    yet clipped. All per-layer statistics are computed here, including ``grad_norm`` and the global
-   ``grad_norm_total`` *before* clipping; forward statistics cover every micro-batch of the window.
+   ``grad_norm_total`` *before* clipping; forward statistics see every micro-batch of the window
+   (concatenated, before the probe's row subsample).
 3. Lightning clips (``gradient_clip_val``), the optimiser updates the weights.
 4. ``on_train_batch_end``: the gradients now hold the clipped values, so the global norm *after*
    clipping is recorded as ``grad_norm_total_clipped``; update ratios ``||dW|| / ||W||`` are
