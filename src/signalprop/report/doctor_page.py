@@ -93,7 +93,7 @@ def render_report(report: Report, dpi: int = 100) -> str:
         d["title"] = TITLES.get(f.kind, f.kind)
         names = ", ".join(f.layers[:12]) + (f" … (+{len(f.layers) - 12})" if len(f.layers) > 12
                                              else "")
-        d["layers_text"] = f"{ctx.label(f.layers)}: {names}"
+        d["layers_text"] = f"{ctx.label(f.layers)} (modules {names})"
         findings.append(d)
     meta = report.meta
     verdict = ("healthy" if report.healthy else

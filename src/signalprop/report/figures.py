@@ -117,6 +117,18 @@ def _positive(v: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(v) & (v > 0), v, np.nan)
 
 
+def _mark_zeros(ax: Any, x: np.ndarray, m: np.ndarray) -> None:
+    """Red triangles at the bottom for layers whose value is exactly 0 at some step (a log axis
+    cannot show them, and an invisible point would read as 'not measured')."""
+    pos = _positive(m)
+    if not np.isfinite(pos).any():
+        return
+    zeros = (np.isfinite(m) & (m == 0)).any(axis=0)
+    if zeros.any():
+        ax.scatter(x[zeros], np.full(int(zeros.sum()), np.nanmin(pos)), marker="v", color="red",
+                   s=18, label="exactly 0", zorder=3)
+
+
 def _step_colors(n: int) -> list[Any]:
     from matplotlib import colormaps
 
@@ -199,12 +211,8 @@ def gradient_flow(record: Record, steps: Sequence[int] | None = None, n_steps: i
         ax.set_ylabel("norm (log)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        lo = np.nanmin(_positive(m)) if np.isfinite(_positive(m)).any() else None
-        if lo is not None:
-            zeros = (np.isfinite(m) & (m == 0)).any(axis=0)
-            if zeros.any():
-                ax.scatter(x[zeros], np.full(zeros.sum(), lo), marker="v", color="red", s=18,
-                           label="exactly 0", zorder=3)
+        _mark_zeros(ax, x, m)
+        ax.set_xlim(0.5, len(layers) + 0.5)
         ax.legend(fontsize=7, loc="best")
     return fig
 
@@ -317,6 +325,8 @@ def update_ratios(record: Record, n_steps: int = 5) -> Figure | None:
         row = m[np.nonzero(st == s)[0][0]]
         ax.plot(x, _positive(row), "-o", ms=2.5, lw=1.2, color=c, label=f"step {s}")
     ax.axhline(1e-3, color="gray", ls="--", lw=0.8)
+    _mark_zeros(ax, x, m)
+    ax.set_xlim(0.5, len(wp) + 0.5)
     ax.set_yscale("log")
     ax.set_xlabel("weight matrix (input → output)")
     ax.set_ylabel("||ΔW|| / ||W||")
