@@ -16,6 +16,7 @@ closed form (see :mod:`signalprop.theory.closed_forms`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,17 +223,21 @@ def activation_names() -> list[str]:
 
 
 def _is_torch_callable(fn: Callable[..., Any]) -> bool:
-    """True when ``fn`` accepts a float64 torch tensor and returns a same-shaped tensor."""
+    """True when ``fn`` maps a float64 torch tensor to a same-shaped tensor *differentiably*
+    (a NumPy ufunc such as ``np.tanh`` also returns a tensor, but outside autograd)."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency
         return False
     try:
-        x = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64)
-        y = fn(x)
+        x = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.enable_grad():
+                y = fn(x)
     except Exception:
         return False
-    return isinstance(y, torch.Tensor) and tuple(y.shape) == (5,)
+    return isinstance(y, torch.Tensor) and tuple(y.shape) == (5,) and y.requires_grad
 
 
 def _from_torch(fn: Callable[..., Any], name: str) -> Activation:

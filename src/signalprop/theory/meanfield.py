@@ -223,6 +223,11 @@ def q_star(
         if b < Q_ZERO:
             return 0.0
         fb = f(b)
+        if sigma_b2 == 0.0 and step < 1 and abs(fb) <= 1e-12 * b:
+            # q-map(q) - q is below rounding: a flat approach to q* = 0 (e.g. tanh at sigma_w = 1,
+            # where it is -2q^2); keep descending rather than accept a spurious root
+            a = b
+            continue
         if fb == 0:
             return b
         if (fb > 0) != (fq > 0):
@@ -309,7 +314,7 @@ def c_map(
     sigma_b2: float = 0.0,
     q: float | None = None,
     *,
-    order: int = 64,
+    order: int = 16,
 ) -> np.ndarray:
     """Correlation map c -> (sigma_w^2 E[phi(u1) phi(u2)] + sigma_b^2) / q (Poole eq. 5).
 
@@ -371,7 +376,8 @@ def c_star(
     for _ in range(warmup):
         cn = min(max(cmap(c), -1.0), 1.0)
         if abs(cn - c) <= tol:
-            return cn
+            # the ordered phase approaches c* = 1 geometrically; report it as exactly 1
+            return 1.0 if 1.0 - cn < 1e-7 else cn
         c = cn
     if 1.0 - c < 1e-6:
         return 1.0

@@ -162,7 +162,7 @@ def gaussian_expectations(
     x2, w2 = hermite_rule(2 * order)
     i1 = _as_stack(f, sq[:, None] * x1) @ w1  # [k, nq]
     i2 = _as_stack(f, sq[:, None] * x2) @ w2
-    if not np.all(np.isfinite(i2)):
+    if not (np.all(np.isfinite(i1)) and np.all(np.isfinite(i2))):
         raise ValueError("the integrand is not finite at some quadrature nodes")
     err = np.abs(i2 - i1)
     bad = np.any(err > atol + rtol * np.abs(i2), axis=0)
@@ -212,6 +212,8 @@ def gaussian_expectations(
                 QuadratureWarning,
                 stacklevel=2,
             )
+    if not np.all(np.isfinite(out)):
+        raise ValueError("the integrand is not finite at some quadrature nodes")
     out = out.reshape((out.shape[0],) + shape)
     if return_error:
         return out, err.reshape(out.shape)
@@ -254,29 +256,52 @@ def bivariate_gaussian_expectation(
     q2: float,
     c: float | np.ndarray,
     *,
-    order: int = 64,
+    order: int = 16,
 ) -> np.ndarray:
     """E[f(u1, u2)] for (u1, u2) jointly Gaussian, variances q1, q2, correlation c.
 
-    u1 = sqrt(q1) z1, u2 = sqrt(q2) (c z1 + sqrt(1 - c^2) z2) with z1, z2 iid N(0, 1), by a
-    tensor-product Gauss-Hermite rule (``order`` nodes per axis), vectorised over c. Used for the
-    correlation map (Poole et al. 2016, eq. 5). Accurate for smooth f; for kinked f (ReLU) the
-    error is algebraic (~1e-5 at order 64), enough for c* and chi_c; closed forms exist for relu
-    and erf (see :mod:`signalprop.theory.closed_forms`).
+    u1 = sqrt(q1) z1, u2 = sqrt(q2) (c z1 + sqrt(1 - c^2) z2), z1, z2 iid N(0, 1); used for the
+    correlation map (Poole et al. 2016, eq. 5). Computed in polar coordinates z = r (cos t, sin t),
+    where u1 = sqrt(q1) r cos t and u2 = sqrt(q2) r cos(t - t0) with cos t0 = c: the angle is
+    split where u1 or u2 changes sign (so kinks at 0, as in the ReLU family, sit on panel edges),
+    and the radius (density r e^{-r^2/2} on [0, 12]) is split on both natural scales like the 1-D
+    rule. ``order`` Gauss-Legendre nodes per panel. Vectorised over c. Accuracy: ~1e-9 relative
+    for smooth or ReLU-like f at moderate q; ~1e-5 for steep f at large q (sigmoid at q ~ 50, which
+    varies on an angle ~1/(r sqrt(q)) next to the cuts) and for kinks away from 0 (hardtanh) --
+    ample for c* and chi_c.
 
     Returns:
         Array shaped like ``c``.
     """
     c = np.asarray(c, dtype=np.float64)
-    if np.any(np.abs(c) > 1 + 1e-12):
+    if np.any(np.abs(c) > 1 + 1e-12) or not np.all(np.isfinite(c)):
         raise ValueError(f"correlation must lie in [-1, 1], got {c}")
-    c = np.clip(c, -1.0, 1.0)
-    x, w = hermite_rule(order)
-    z1 = x[:, None]
-    z2 = x[None, :]
-    ww = w[:, None] * w[None, :]
-    cc = c.reshape(-1, 1, 1)
-    u1 = math.sqrt(q1) * z1
-    u2 = math.sqrt(q2) * (cc * z1 + np.sqrt(1.0 - cc * cc) * z2)
-    vals = f(np.broadcast_to(u1, u2.shape), u2)
-    return np.einsum("cij,ij->c", vals, ww).reshape(c.shape)
+    if not (q1 >= 0 and q2 >= 0):
+        raise ValueError(f"variances must be >= 0, got {q1}, {q2}")
+    cf = np.clip(c, -1.0, 1.0).ravel()
+    g, gw = _legendre_rule(order)
+    # radial panels: z-scale and x-scale (2^k / sqrt(q)) edges, clipped to [0, Z_MAX]
+    edges = [0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, Z_MAX]
+    for q in (q1, q2):
+        if q > 0:
+            edges += list(2.0 ** np.arange(-2, 7) / math.sqrt(q))
+    re = np.unique(np.clip(edges, 0.0, Z_MAX))
+    a, b = re[:-1], re[1:]
+    r = (0.5 * (a + b))[:, None] + (0.5 * (b - a))[:, None] * g  # [P, m]
+    wr = (0.5 * (b - a))[:, None] * gw * r * np.exp(-0.5 * r * r)  # includes the r dr density
+    r, wr = r.ravel(), wr.ravel()
+    out = np.empty(cf.size)
+    s1, s2 = math.sqrt(q1), math.sqrt(q2)
+    for i, ci in enumerate(cf):
+        t0 = math.acos(ci)
+        cuts = np.sort(np.mod([math.pi / 2, 3 * math.pi / 2, t0 + math.pi / 2, t0 - math.pi / 2],
+                              2 * math.pi))
+        cuts = np.concatenate([[0.0], cuts, [2 * math.pi]])
+        lo, hi = cuts[:-1], cuts[1:]
+        t = (0.5 * (lo + hi))[:, None] + (0.5 * (hi - lo))[:, None] * g
+        wt = ((0.5 * (hi - lo))[:, None] * gw).ravel() / (2 * math.pi)
+        t = t.ravel()
+        u1 = s1 * r[:, None] * np.cos(t)[None, :]
+        u2 = s2 * r[:, None] * np.cos(t - t0)[None, :]
+        out[i] = float(wr @ f(u1, u2) @ wt)
+    return out.reshape(c.shape)
