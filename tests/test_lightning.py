@@ -122,6 +122,7 @@ def _trainer(tmp_path, cb, loggers, **kw) -> pl.Trainer:
 
 @pytest.fixture(scope="module")
 def vanishing(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("tensorboard")  # for the TensorBoardLogger
     tmp = tmp_path_factory.mktemp("lightning")
     torch.manual_seed(0)
     model = MLP(depth=20, act=nn.Sigmoid)  # PyTorch's default init: chi_1 << 1

@@ -8,23 +8,15 @@ Needs the ``[tensorboard]`` extra (``pip install tensorboard``); events are writ
 
 What is written at each recorded step (``prefix`` defaults to ``"signalprop"``):
 
-=========================================  ====================================================
-``<prefix>/<metric>/<layer>``              every recorded value of every layer (scalars; a NaN
-                                           or Inf value is written as it is)
-``<prefix>/<metric>``                      whole-model scalars (``loss``, ``grad_norm_total``)
-``<prefix>/nonfinite_layers/<metric>``     number of layers whose ``metric`` is NaN/Inf at this
-                                           step (0 on healthy steps): non-finite values are
-                                           counted, never silently dropped
-``<prefix>/depth/log10_grad_norm``         histogram over parameters of log10 ||dL/dW||: the
-                                           spread of gradient scales across depth (vanishing
-                                           gradients show as a distribution many decades wide)
-``<prefix>/depth/log10_out_grad_norm``     the same for ||dL/dh|| of every module output
-``<prefix>/depth_excluded/<name>``         how many layers the histogram above left out
-                                           because the norm was 0, NaN or Inf
-``<prefix>/out_dist/<layer>``              the output distribution of a layer between its 5th
-                                           and 95th percentile, as a histogram whose buckets
-                                           are the recorded percentiles (mass 10/35/35/10 %)
-=========================================  ====================================================
+| tag | kind | meaning |
+| --- | --- | --- |
+| ``<prefix>/<metric>/<layer>`` | scalar | every recorded value of every layer (NaN/Inf written as is) |
+| ``<prefix>/<metric>`` | scalar | whole-model values (``loss``, ``grad_norm_total``) |
+| ``<prefix>/nonfinite_layers/<metric>`` | scalar | layers whose ``metric`` is NaN/Inf at this step (0 when healthy): non-finite values are counted, never silently dropped |
+| ``<prefix>/depth/log10_grad_norm`` | histogram | log10 of the norm of dL/dW over all parameters: the spread of gradient scales across depth (vanishing gradients span many decades) |
+| ``<prefix>/depth/log10_out_grad_norm`` | histogram | the same for the norm of dL/dh at every module output |
+| ``<prefix>/depth_excluded/<name>`` | scalar | layers a depth histogram left out because the norm was 0, NaN or Inf |
+| ``<prefix>/out_dist/<layer>`` | histogram | the layer's output between its 5th and 95th percentile; the buckets are the recorded percentiles (mass 10/35/35/10 %) |
 
 Tags keep the layer's qualified module name (``layers.3.weight``), so TensorBoard's tag filter
 (``grad_norm/layers\\.1\\b``) selects a layer or a metric across layers.
