@@ -115,12 +115,15 @@ def print_report(report: Any, console: Any, top: int = 6) -> None:
             sev = f"[{_SEVERITY_STYLE[f.severity]}]{f.severity}[/]"
             t.add_row(sev, f.kind, escape(f.evidence))
         console.print(t)
-        if report.prescriptions:
+        # one finding: its own list (the merged one only adds "[kind]" prefixes)
+        rx = report.findings[0].prescriptions if len(report.findings) == 1 else \
+            report.prescriptions
+        if rx:
             p = Table(title="what to try, best first", expand=True)
             p.add_column("#", justify="right")
             p.add_column("remedy", no_wrap=True)
             p.add_column("why", ratio=1)
-            for pr in report.prescriptions[:top]:
+            for pr in rx[:top]:
                 p.add_row(str(pr.rank), pr.remedy, escape(pr.reason))
             console.print(p)
     if report.trial_table is not None and hasattr(report.trial_table, "rich_table"):
