@@ -15,9 +15,7 @@ import importlib.util
 import json
 import math
 import platform
-import sys
 import time
-import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from signalprop import __version__
+from signalprop._callable import make_module_callable
 from signalprop.data import Dataset
 from signalprop.diagnosis import (
     Finding,
@@ -447,16 +446,6 @@ def doctor(
     return report
 
 
-class _CallableModule(types.ModuleType):
-    """``signalprop.doctor`` is both this module and the :func:`doctor` function.
 
-    ``import signalprop.doctor`` binds the *module* to the package attribute, shadowing the lazily
-    exported function; a callable module keeps ``signalprop.doctor(...)`` working in either
-    import order (the same device as ``signalprop.trial``).
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Report:
-        return doctor(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# ``signalprop.doctor`` is both this module and the doctor() function (see signalprop._callable)
+make_module_callable(__name__, "doctor")
