@@ -38,11 +38,14 @@ def lab_list() -> None:
               show_default=True, help="Where sweep-based parts run.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--force", is_flag=True, help="Re-run studies whose results are already stored.")
+@click.option("--workers", type=int, default=None,
+              help="Worker processes for sweep-based parts (default: 2 on machines with at "
+              "least 2 cores, else 1).")
 @click.option("--threads", type=int, default=None,
               help="torch intra-op threads (default: 1; small models run faster that way).")
 def lab_run(
     names: tuple[str, ...], quick: bool, out: str, executor: str, device: str, force: bool,
-    threads: int | None,
+    workers: int | None, threads: int | None,
 ) -> int:
     """Run studies NAME... (or 'all') and build OUT/index.html."""
     import torch
@@ -53,8 +56,10 @@ def lab_run(
     # small models: one intra-op thread is faster than two and leaves a core to the rest
     torch.set_num_threads(threads or int(os.environ.get("SIGNALPROP_THREADS", "1")))
     t0 = time.perf_counter()
+    if workers is None:
+        workers = 2 if (os.cpu_count() or 1) >= 2 else 1
     outcomes = run_lab(wanted, out, quick=quick, executor=executor, device=device, force=force,
-                       log=_say)
+                       workers=workers, log=_say)
     total = time.perf_counter() - t0
     click.echo("")
     for o in outcomes:

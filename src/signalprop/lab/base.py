@@ -153,6 +153,8 @@ def cached(workdir: str | Path, key: Any, fn: Callable[[], Any], *, tag: str = "
     in the middle restarts from the parts it had finished. ``key`` must be JSON-serialisable and
     describe everything the result depends on.
     """
+    if isinstance(key, dict):  # how a study is executed does not change its parts' results
+        key = {k: v for k, v in key.items() if k not in ("executor", "workers")}
     path = Path(workdir) / "cache" / f"{tag}-{config_hash(key)}.json"
     if path.exists():
         try:

@@ -29,7 +29,7 @@ from signalprop.lab.base import (
     fmt,
     pct,
 )
-from signalprop.lab.grid import run_grid
+from signalprop.lab.grid import grid_options, run_grid
 
 NAME = "bn-depth"
 TITLE = "Batch norm's gradient explosion with depth"
@@ -117,7 +117,7 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
         "axes": {"depth": list(config["train_depths"]), "residual": [False, True]},
         "seeds": config["train_seeds"],
     }
-    rows = run_grid(grid, workdir, "training", executor=config.get("executor", "local"))
+    rows = run_grid(grid, workdir, "training", **grid_options(config))
     train = [{k: r.get(k) for k in ("depth", "residual", "seed", "status", "test_accuracy",
                                      "train_loss", "grad_ratio_init")} for r in rows]
     return {"profiles": profiles, "train": train, "activations": config["activations"],

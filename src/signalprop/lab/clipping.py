@@ -29,7 +29,7 @@ from signalprop.lab.base import (
     fmt,
     pct,
 )
-from signalprop.lab.grid import run_grid
+from signalprop.lab.grid import grid_options, run_grid
 
 NAME = "clipping"
 TITLE = "Gradient clipping against exploding gradients"
@@ -95,7 +95,7 @@ def _mlp(config: dict[str, Any], workdir: str | Path) -> list[dict[str, Any]]:
         "axes": {"method": variants},
         "seeds": config["mlp_seeds"],
     }
-    rows = run_grid(grid, workdir, "mlp", executor=config.get("executor", "local"))
+    rows = run_grid(grid, workdir, "mlp", **grid_options(config))
     return [{"method": r["method"], "seed": r["seed"], "status": r["status"],
              "final_loss": r["train_loss"], "test_accuracy": r["test_accuracy"]} for r in rows]
 

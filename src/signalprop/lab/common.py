@@ -247,6 +247,8 @@ class RunResult:
         diverged, diverged_step: Whether/when the loss became non-finite or exceeded the bound.
         grad_ratio_init: ||dL/dW_first|| / ||dL/dW_last|| of the hidden Linear layers at step 0.
         grad_norm_init: Global gradient norm over all parameters at step 0.
+        grad_ratio_io_init: ||dL/dW|| of the first weight matrix over that of the last one (the
+            output layer), at step 0: the sweep runner's ``grad_ratio_init``.
         wall_s: Seconds spent training.
         extra: Whatever the step callback stored.
     """
@@ -263,6 +265,7 @@ class RunResult:
     diverged_step: int | None = None
     grad_ratio_init: float = math.nan
     grad_norm_init: float = math.nan
+    grad_ratio_io_init: float = math.nan
     steps_done: int = 0
     wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -294,6 +297,18 @@ def first_last_grad_ratio(linears: Sequence[nn.Linear]) -> float:
     if g0 is None or g1 is None:
         return math.nan
     a, b = float(g0.norm()), float(g1.norm())
+    if b == 0:
+        return math.inf if a > 0 else math.nan
+    return a / b
+
+
+def first_output_grad_ratio(model: nn.Module) -> float:
+    """||grad|| of the first parameter with >= 2 dims over that of the last such parameter (the
+    output layer's weight), as the sweep runner reports ``grad_ratio_init``."""
+    mats = [p for p in model.parameters() if p.dim() >= 2 and p.grad is not None]
+    if len(mats) < 2:
+        return math.nan
+    a, b = float(mats[0].grad.norm()), float(mats[-1].grad.norm())
     if b == 0:
         return math.inf if a > 0 else math.nan
     return a / b
@@ -385,6 +400,7 @@ def train_classifier(
                 res.grad_ratio_init = first_last_grad_ratio(linears)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             res.grad_norm_init = float(stats.global_norm(grads)) if grads else math.nan
+            res.grad_ratio_io_init = first_output_grad_ratio(model)
         if grad_transform is not None:
             grad_transform(model)
         opt.step()

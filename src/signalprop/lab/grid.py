@@ -50,6 +50,7 @@ def run_grid(
     part: str,
     *,
     executor: str = "local",
+    workers: int = 1,
     curves: tuple[str, ...] = (),
     layer_curves: tuple[tuple[str, str], ...] = (),
 ) -> list[dict[str, Any]]:
@@ -60,6 +61,7 @@ def run_grid(
         workdir: The study's directory; the sweep lives in ``workdir/sweep/<part>``.
         part: Name of this part of the study (a folder name).
         executor: ``"local"`` or ``"ray"``.
+        workers: ``local``: number of worker processes (populations run in parallel).
         curves: Model-level metrics (e.g. ``"loss"``, ``"accuracy"``) to copy from each run's
             record as ``{"curves": {metric: {"steps": [...], "values": [...]}}}``.
         layer_curves: ``(metric, role)`` pairs: per-layer metric matrices copied as
@@ -71,7 +73,8 @@ def run_grid(
     from signalprop.sweep import sweep
 
     out = Path(workdir) / "sweep" / part
-    res = sweep(from_jsonable(to_jsonable(grid)), out=out, executor=executor, progress=False)
+    res = sweep(from_jsonable(to_jsonable(grid)), out=out, executor=executor, progress=False,
+                workers=workers if executor == "local" else 1)
     df = res.to_dataframe()
     rows = []
     for rec in df.to_dict("records"):
@@ -91,6 +94,11 @@ def run_grid(
                 }
         rows.append(row)
     return rows
+
+
+def grid_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The executor settings a study's config carries (set by the runner, not hashed)."""
+    return {"executor": config.get("executor", "local"), "workers": int(config.get("workers", 1))}
 
 
 def select(rows: list[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:

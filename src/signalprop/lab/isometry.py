@@ -28,7 +28,7 @@ from signalprop.lab.base import (
     combine_verdicts,
     fmt,
 )
-from signalprop.lab.grid import run_grid
+from signalprop.lab.grid import grid_options, run_grid
 
 NAME = "isometry"
 TITLE = "Dynamical isometry: orthogonal vs Gaussian, tanh vs ReLU"
@@ -136,7 +136,7 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
         "axes": {"kind": variants},
         "seeds": config["train_seeds"],
     }
-    rows = run_grid(grid, workdir, "training", executor=config.get("executor", "local"),
+    rows = run_grid(grid, workdir, "training", **grid_options(config),
                     curves=("loss",))
     train = [{"kind": r["kind"], "seed": r["seed"], "status": r["status"],
               "train_loss": r["train_loss"], "test_accuracy": r["test_accuracy"],

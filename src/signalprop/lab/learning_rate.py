@@ -37,7 +37,7 @@ from signalprop.lab.base import (
     fmt,
 )
 from signalprop.lab.common import MLP, get_data, init_linears_, seeded, train_classifier
-from signalprop.lab.grid import run_grid
+from signalprop.lab.grid import grid_options, run_grid
 
 NAME = "learning-rate"
 TITLE = "Batch norm and the learning rate"
@@ -118,7 +118,7 @@ def _sweep(config: dict[str, Any], workdir: str | Path) -> list[dict[str, Any]]:
         "axes": {"arch": ARCHS, "lr": list(config["lrs"])},
         "seeds": config["seeds"],
     }
-    rows = run_grid(grid, workdir, "lr-sweep", executor=config.get("executor", "local"))
+    rows = run_grid(grid, workdir, "lr-sweep", **grid_options(config))
     keep = ("arch", "lr", "seed", "status", "final_loss", "train_loss", "test_accuracy",
             "diverged_step")
     return [{k: r.get(k) for k in keep} for r in rows]

@@ -79,7 +79,8 @@ def heatmap(
     log: bool = False,
     cbar_label: str = "",
 ) -> Any:
-    """Annotated heat map; NaN cells are grey and marked "n/a"."""
+    """Annotated heat map; NaN cells are grey and marked "n/a" (with ``log``, zeros are grey and
+    marked "0")."""
     from matplotlib.colors import LogNorm
 
     v = np.asarray(values, dtype=float)
@@ -105,6 +106,9 @@ def heatmap(
     for i in range(v.shape[0]):
         for j in range(v.shape[1]):
             val = v[i, j]
+            if log and val == 0:
+                ax.text(j, i, "0", ha="center", va="center", fontsize=6, color="#555555")
+                continue
             if not np.isfinite(val):
                 ax.text(j, i, "n/a", ha="center", va="center", fontsize=6, color="#555555")
                 continue

@@ -31,6 +31,8 @@ from signalprop._registry import check_choice
 from signalprop.lab.base import Conclusion, config_hash, read_json, write_json
 
 EXECUTORS = ("local", "ray")
+#: Config keys that say where/how a study runs, not what it measures (excluded from the hash).
+RUN_KEYS = ("executor", "device", "workers")
 
 
 @dataclass
@@ -75,6 +77,7 @@ def run_study(
     executor: str = "local",
     device: str = "cpu",
     force: bool = False,
+    workers: int = 1,
     overrides: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> StudyOutcome:
@@ -87,6 +90,7 @@ def run_study(
         executor: ``"local"`` or ``"ray"`` (passed to sweep-based parts).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         force: Re-run even when stored results match the configuration.
+        workers: Worker processes for sweep-based parts (local executor).
         overrides: Values replacing keys of the configuration (used by tests to shrink it).
         log: Called with one-line progress messages.
 
@@ -113,8 +117,11 @@ def run_study(
         config.update(overrides)
     config["device"] = resolve_device(device if device != "cpu" else config.get("device", "cpu"))
     config["executor"] = executor
-    # the executor and device do not change the measurements' meaning: keep them out of the hash
-    h = config_hash({k: v for k, v in config.items() if k not in ("executor", "device")})
+    config["workers"] = int(workers)
+    # where and how it runs does not change the measurements' meaning: keep it out of the hash
+    # a study's VERSION changes when its measurements change meaning (stored results go stale)
+    h = config_hash({**{k: v for k, v in config.items() if k not in RUN_KEYS},
+                     "__version__": getattr(mod, "VERSION", 1)})
     write_json(workdir / "config.json", config)
     meta: dict[str, Any] = {
         "name": name,
@@ -170,6 +177,7 @@ def run_lab(
     executor: str = "local",
     device: str = "cpu",
     force: bool = False,
+    workers: int = 1,
     log: Callable[[str], None] | None = None,
 ) -> list[StudyOutcome]:
     """Run several studies (``["all"]`` means every registered one) and build the report."""
@@ -181,7 +189,8 @@ def run_lab(
     outcomes = []
     for n in wanted:
         outcomes.append(
-            run_study(n, out, quick=quick, executor=executor, device=device, force=force, log=log)
+            run_study(n, out, quick=quick, executor=executor, device=device, force=force,
+                      workers=workers, log=log)
         )
     build_report(out, order=STUDY_NAMES)
     return outcomes
