@@ -228,11 +228,12 @@ def test_files_written_at_end(vanishing) -> None:
     assert h.max - h.min > 6
 
 
-def test_healthy_model_gives_no_gradient_warning(tmp_path) -> None:
+def test_healthy_model_gives_no_gradient_warning_bf16(tmp_path) -> None:
     torch.manual_seed(0)
     model = MLP(depth=3, act=nn.ReLU, he=True)
     cb = SignalpropCallback(every=2, diagnose_every=2, save=False, log_metrics=None)
-    trainer = _trainer(tmp_path, cb, False, max_steps=5)
+    # bf16 autocast: a different precision plugin, bf16 activations reach the probe
+    trainer = _trainer(tmp_path, cb, False, max_steps=5, precision="bf16-mixed")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, _loader(BATCH * 5))
@@ -240,6 +241,9 @@ def test_healthy_model_gives_no_gradient_warning(tmp_path) -> None:
     sp = [str(w.message) for w in caught if issubclass(w.category, SignalpropWarning)]
     assert not any("vanishing" in m or "exploding" in m for m in sp), sp
     assert not (tmp_path / "signalprop").exists()  # save=False
+    loss = [cb.record.get(s, MODEL, "loss") for s in cb.record.steps]
+    assert loss == pytest.approx([model.step_losses[s] for s in cb.record.steps], rel=1e-5)
+    assert 0.0 <= cb.record.get(0, "net.1", "dead_frac") <= 1.0
     # without clipping the clipped norm equals the raw one
     for s in cb.record.steps:
         assert cb.record.get(s, MODEL, CLIPPED_NORM) == pytest.approx(
