@@ -285,3 +285,12 @@ def test_signalprop_doctor_is_callable_whatever_the_import_order() -> None:
     report = signalprop.doctor(nn.Linear(4, 2), XY, nn.CrossEntropyLoss(), steps=2,
                                progress=False)
     assert isinstance(report, Report) and len(report.losses) == 2
+
+
+def test_deep_sigmoid_example_shows_vanishing_and_saturation():
+    """The demo's example, at its registered defaults (Adam lr 1e-2, 300 steps), must show both
+    findings the issue names; computed from a real run, not asserted into the report."""
+    torch.manual_seed(0)
+    rep = run_example("deep-sigmoid")
+    kinds = {f.kind for f in rep.findings}
+    assert {"vanishing_gradients", "saturation"} <= kinds
