@@ -8,23 +8,24 @@ live under the pseudo-layer :data:`MODEL`.
 
 Metric names (a contract: reports, JSON and the tidy table use them):
 
-========================  ======================================================================
-``out_mean``/``out_std``  mean / std of a module's output over batch and units
-``out_p05`` .. ``out_p95`` percentiles 5, 15, 50, 85, 95 of the output
-``out_nonfinite``         number of NaN/Inf entries in the output
-``saturated_frac``        activations: fraction of entries with |phi'(z)| below the threshold
-``dead_frac``             rectifiers: fraction of units inactive for the whole batch
-``out_grad_norm``         ||dL/dh|| of the module's output h
-``out_grad_nonfinite``    NaN/Inf entries in dL/dh
-``grad_norm``             parameters: ||dL/dW||
-``grad_nonfinite``        parameters: NaN/Inf entries in dL/dW
-``weight_norm``           parameters: ||W||
-``update_ratio``          parameters: ||W_after - W_before|| / ||W_before|| of an optimiser step
-``loss``                  MODEL: the training loss
-``grad_norm_total``       MODEL: global gradient norm over all parameters
-``accuracy``              MODEL: training accuracy when known
-``input_mean``/``input_std``/``input_absmax``  MODEL: statistics of the model's input batch
-========================  ======================================================================
+| metric | meaning |
+| --- | --- |
+| `out_mean`, `out_std` | mean / std of a module's output over batch and units |
+| `out_p05` ... `out_p95` | percentiles 5, 15, 50, 85, 95 of the output |
+| `out_nonfinite` | number of NaN/Inf entries in the output |
+| `saturated_frac` | activations: fraction of entries with abs(phi'(z)) below the threshold |
+| `dead_frac` | rectifiers: fraction of units inactive for the whole batch |
+| `out_grad_norm` | norm of dL/dh, h the module's output |
+| `out_grad_nonfinite` | NaN/Inf entries in dL/dh |
+| `grad_norm` | parameters: norm of dL/dW |
+| `grad_nonfinite` | parameters: NaN/Inf entries in dL/dW |
+| `weight_norm` | parameters: norm of W |
+| `update_ratio` | parameters: norm(W_after - W_before) / norm(W_before) over one optimiser step |
+| `loss` | MODEL: the training loss |
+| `grad_norm_total` | MODEL: global gradient norm over all parameters |
+| `grad_norm_total_clipped` | MODEL: the same after gradient clipping (Lightning callback) |
+| `accuracy` | MODEL: training accuracy when known |
+| `input_mean`, `input_std`, `input_absmax` | MODEL: statistics of the model's input batch |
 """
 
 from __future__ import annotations

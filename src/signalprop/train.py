@@ -274,9 +274,8 @@ def train(
                 diverged, diverged_step = True, step
                 if p is not None:
                     # finalise this step's statistics (NaNs counted) without stepping weights
-                    p._pre_step()
-                    p._snapshot = None
-                    p._post_step()
+                    p.gradients_ready()
+                    p.stepped(update_ratios=False)
                 break
             if grad_transform is not None:
                 grad_transform(model)

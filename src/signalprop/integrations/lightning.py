@@ -299,11 +299,11 @@ class SignalpropCallback(Callback):
             return
         if self._loss_sum is not None:
             p.log(loss=self._loss_sum)
-        p._pre_step()  # gradients ready: every statistic except update ratios
+        p.gradients_ready()  # every statistic except update ratios
         if p.weights:
             # a copy of the weights for ||W_after - W_before|| (the probe takes this itself when
             # it owns the optimiser's hooks; here Lightning owns the step)
-            p._snapshot = torch._foreach_mul([q.detach() for _, q in p.params], 1.0)
+            p.snapshot_weights()
 
     def on_train_batch_end(
         self,
@@ -322,14 +322,14 @@ class SignalpropCallback(Callback):
         self._stepped = False
         self._loss_sum = None
         step = p.step_index
-        pending = p._pending
+        pending = p.pending()
         if p.recording and pending is not None and p.weights:
             # after clipping and the update, before the next zero_grad: the clipped gradients
             grads = [q.grad for _, q in p.params if q.grad is not None]
             if grads:
                 pending.setdefault(MODEL, {})[CLIPPED_NORM] = float(stats.global_norm(grads))
         committed = pending is not None
-        p._post_step()  # update ratios, commit to the record, advance the step counter
+        p.stepped()  # update ratios, commit to the record, advance the step counter
         if not committed or step not in self.record.data:
             return
         values = self.record.data[step]

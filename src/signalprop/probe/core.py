@@ -225,6 +225,32 @@ class Probe:
         self._pre_step()
         self._post_step()
 
+    def gradients_ready(self) -> None:
+        """Step boundary for training loops that drive the probe themselves (Lightning, custom
+        loops with closures): gradients of the current step are final; compute every statistic
+        except update ratios, and snapshot the weights when an optimiser is bound."""
+        self._pre_step()
+
+    def stepped(self, *, update_ratios: bool = True) -> None:
+        """Step boundary: the optimiser has (or, with ``update_ratios=False``, has not) changed
+        the weights; finish the step's record and advance the step counter."""
+        if not update_ratios:
+            self._snapshot = None
+        self._post_step()
+
+    def pending(self) -> dict[str, dict[str, float]] | None:
+        """Values of the current step computed by :meth:`gradients_ready`, not yet committed
+        (``pending()[layer][metric]``; add to it to record extra values with this step)."""
+        return self._pending
+
+    def snapshot_weights(self) -> None:
+        """Copy the current weights now (for update ratios when the optimiser is not bound to
+        the probe, or the gradients were modified after :meth:`gradients_ready`)."""
+        det = [p.detach() for _, p in self.params]
+        self._buffers = [torch.empty_like(q) for q in det] if self._buffers is None else self._buffers
+        torch._foreach_copy_(self._buffers, det)
+        self._snapshot = self._buffers
+
     # ---- internals ------------------------------------------------------------------------------
     def _clear(self) -> None:
         for lst in (self._outs, self._ins, self._ograds):
