@@ -252,6 +252,9 @@ def test_callables_match_registered_names() -> None:
     fd = get_activation(np.tanh)
     assert fd.derivative == "finite-difference"
     np.testing.assert_allclose(fd.dphi(x), 1 / np.cosh(x) ** 2, rtol=1e-8, atol=1e-10)
+    # finite-difference noise (~1e-10) must not fake a crossing where chi_1 - 1 = O(q^2)
+    cp0 = critical_point(fd, 0.0)
+    assert cp0.kind == "limit q*->0" and cp0.sigma_w == pytest.approx(1.0, abs=1e-6)
 
 
 def test_custom_activation_without_a_name() -> None:

@@ -536,8 +536,12 @@ def _critical_from_scan(act: Activation, sigma_b2: float, sc: dict[str, np.ndarr
     def g(qq: float) -> float:
         return _fixed_point_quantities(act, qq, sigma_b2)[1] - 1.0
 
-    for i in np.flatnonzero(np.sign(y[:-1]) * np.sign(y[1:]) < 0):
-        qc = float(optimize.brentq(g, q[i], q[i + 1], rtol=1e-12, xtol=1e-300))
+    # sign changes between *significant* values only: near q -> 0, chi_1 - 1 can be O(q^2) ~
+    # 1e-14, where the rounding of phi' (finite differences: ~1e-10) would fake crossings
+    sig = np.flatnonzero(np.abs(y) > 1e-8)
+    pairs = [(i, j) for i, j in zip(sig[:-1], sig[1:], strict=True) if y[i] * y[j] < 0]
+    for i, j in pairs:
+        qc = float(optimize.brentq(g, q[i], q[j], rtol=1e-12, xtol=1e-300))
         sw2, c1, slope = _fixed_point_quantities(act, qc, sigma_b2)
         (stable if abs(slope) < 1.0 else unstable).append((qc, sw2, c1, slope))
 
