@@ -26,6 +26,7 @@ from signalprop.lab.base import (
     Conclusion,
     cached,
     combine_verdicts,
+    conclusion,
     pct,
 )
 from signalprop.lab.common import get_data, make_activation, seeded, train_classifier
@@ -80,6 +81,12 @@ RBF_NA = {"xavier", "orthogonal", "critical", "lsuv", "scaled"}
 DEFAULT_SCALE = 1 / math.sqrt(3)  # PyTorch's default Linear init has Var W = 1/(3 fan_in)
 SUCCESS_FRACTION = 0.8
 
+
+#: Overrides that shrink the study to a few seconds (used by the test suite).
+SMOKE: dict[str, Any] = {"depths": [3], "width": 16, "steps": 30,
+                         "activations": ["tanh", "rbf"],
+                         "remedies": ["none", "critical", "bn", "adam", "layerwise"],
+                         "baseline_remedies": ["none"]}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
@@ -354,7 +361,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
             details.append(f"{k.split('|')[0]}: no critical initialisation ({reason[:160]}).")
     verdict = combine_verdicts(verdicts)
     sentence = " ".join(details[:2])
-    return Conclusion(CLAIM, sentence, verdict, nums, details)
+    return conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:

@@ -75,6 +75,19 @@ class Conclusion:
         )
 
 
+def conclusion(
+    claim: str,
+    sentence: str,
+    verdict: str,
+    numbers: dict[str, Any] | None = None,
+    details: list[str] | None = None,
+) -> Conclusion:
+    """Build a :class:`Conclusion`, making sure a contradicting one says so in its sentence."""
+    if verdict == CONTRADICTS and "contradict" not in sentence.lower():
+        sentence = "The measurements contradict the claim: " + sentence
+    return Conclusion(claim, sentence, verdict, dict(numbers or {}), list(details or []))
+
+
 def combine_verdicts(verdicts: list[str]) -> str:
     """Overall verdict of several sub-claims: any contradiction wins, then all-support, else
     inconclusive."""

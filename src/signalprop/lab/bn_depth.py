@@ -26,6 +26,7 @@ from signalprop.lab.base import (
     Conclusion,
     cached,
     combine_verdicts,
+    conclusion,
     fmt,
     pct,
 )
@@ -73,6 +74,15 @@ CAPTIONS = {
 RATE_TOLERANCE = 0.10
 MARGIN = 0.05
 
+
+#: Overrides that shrink the study to a few seconds (used by the test suite).
+SMOKE: dict[str, Any] = {
+    "activations": ["relu", "linear"], "batch_sizes": [8, 32], "profile_depth": 12,
+    "profile_width": 64, "profile_seeds": [0],
+    "train": {"data": "digits", "width": 32, "activation": "relu", "norm": "batch",
+              "init": "kaiming", "optimizer": "sgd", "lr": 0.1, "steps": 30, "batch_size": 64},
+    "train_depths": [2, 6], "train_seeds": 1,
+}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
@@ -230,7 +240,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     contra = [d for d in details[:-1] if "NOT" in d or "NO " in d]
     if contra:
         sentence += " Contradicted: " + " ".join(contra)
-    return Conclusion(CLAIM, sentence, verdict, nums, details)
+    return conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:

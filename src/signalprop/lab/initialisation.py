@@ -32,6 +32,7 @@ from signalprop.lab.base import (
     Conclusion,
     cached,
     combine_verdicts,
+    conclusion,
     fmt,
     pct,
 )
@@ -78,6 +79,10 @@ CAPTIONS = {
 
 MARGIN = 0.10
 
+
+#: Overrides that shrink the study to a few seconds (used by the test suite).
+SMOKE: dict[str, Any] = {"depth": 3, "width": 32, "steps": 40, "scales": [0.5, 4.0],
+                         "seeds": [0, 1], "landscape_steps": 30, "landscape_every": 10}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
@@ -151,7 +156,7 @@ def landscape_probe(
         g0 = torch.autograd.grad(loss0, params)
         gnorm = torch.sqrt(sum((g * g).sum() for g in g0))
         w0 = [p.detach().clone() for p in params]
-        losses, changes, betas = [float(loss0)], [], []
+        losses, changes, betas = [float(loss0.detach())], [], []
         for eta in etas:
             with torch.no_grad():
                 for p, w, g in zip(params, w0, g0, strict=True):
@@ -159,7 +164,7 @@ def landscape_probe(
             loss = F.cross_entropy(model(xb), yb)
             g1 = torch.autograd.grad(loss, params)
             diff = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(g1, g0, strict=True)))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             changes.append(float(diff))
             betas.append(float(diff / (eta * gnorm).clamp_min(1e-30)))
         with torch.no_grad():
@@ -343,7 +348,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     contra = [d for d in details if "NOT" in d or "LESS" in d]
     if contra:
         sentence += " Contradicted: " + " ".join(contra)
-    return Conclusion(CLAIM, sentence, verdict, nums, details)
+    return conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:

@@ -26,6 +26,7 @@ from signalprop.lab.base import (
     Conclusion,
     cached,
     combine_verdicts,
+    conclusion,
     fmt,
 )
 from signalprop.lab.grid import grid_options, run_grid
@@ -71,6 +72,14 @@ KINDS = [("tanh", True), ("tanh", False), ("relu", True), ("relu", False)]
 def _kind_name(act: str, orth: bool) -> str:
     return f"{act}, {'orthogonal' if orth else 'Gaussian'}"
 
+
+#: Overrides that shrink the study to a few seconds (used by the test suite).
+SMOKE: dict[str, Any] = {
+    "spectrum_depth": 6, "spectrum_width": 32, "spectrum_seeds": [0],
+    "train": {"data": "digits", "width": 32, "optimizer": "sgd", "lr": 0.01, "steps": 40,
+              "batch_size": 64},
+    "train_depth": 4, "train_seeds": 1, "record_every": 10,
+}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
@@ -226,7 +235,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     sentence = " ".join(details)
     if verdict == CONTRADICTS:
         sentence = "The measurements contradict part of the claim. " + sentence
-    return Conclusion(CLAIM, sentence, verdict, nums, details)
+    return conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:

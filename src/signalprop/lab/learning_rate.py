@@ -34,6 +34,7 @@ from signalprop.lab.base import (
     Conclusion,
     cached,
     combine_verdicts,
+    conclusion,
     fmt,
 )
 from signalprop.lab.common import MLP, get_data, init_linears_, seeded, train_classifier
@@ -87,6 +88,10 @@ ARCHS = {
     "relu+BN": {"activation": "relu", "norm": "batch", "init": "kaiming"},
 }
 
+
+#: Overrides that shrink the study to a few seconds (used by the test suite).
+SMOKE: dict[str, Any] = {"depth": 3, "width": 32, "steps": 40, "lrs": [0.01, 0.3, 10.0],
+                         "chain_scales": [0.5, 1.0, 2.0], "step_steps": 40, "step_depth": 2}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
@@ -361,7 +366,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     contra = [d for d in details if "NOT" in d]
     if contra:
         sentence += " Contradicted: " + " ".join(contra)
-    return Conclusion(CLAIM, sentence, verdict, nums, details)
+    return conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 # --- figures ---------------------------------------------------------------------------------

@@ -16,7 +16,16 @@ import numpy as np
 
 from signalprop.data import load_dataset
 from signalprop.lab import plotting as P
-from signalprop.lab.base import CONTRADICTS, INCONCLUSIVE, SUPPORTS, Conclusion, cached, fmt, pct
+from signalprop.lab.base import (
+    CONTRADICTS,
+    INCONCLUSIVE,
+    SUPPORTS,
+    Conclusion,
+    cached,
+    conclusion,
+    fmt,
+    pct,
+)
 from signalprop.lab.common import MLP, seeded, train_classifier
 
 NAME = "mnist1d-baseline"
@@ -45,6 +54,9 @@ PAPER = {"logistic": 0.32, "mlp": 0.68, "cnn": 0.94, "gru": 0.91}
 #: Our measurement counts as reproducing the paper's MLP within this many accuracy points.
 TOLERANCE = 0.05
 
+
+#: Overrides that shrink the study to a few seconds (used by the test suite).
+SMOKE: dict[str, Any] = {"steps": 300, "eval_every": 100}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
@@ -103,7 +115,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         "difference (points)": 100 * diff,
     }
     if not np.isfinite(mean):
-        return Conclusion(CLAIM, "No finished run to compare with the paper.", INCONCLUSIVE, nums)
+        return conclusion(CLAIM, "No finished run to compare with the paper.", INCONCLUSIVE, nums)
     if abs(diff) <= TOLERANCE:
         verdict, how = SUPPORTS, "reproduces"
     elif diff > 0:
@@ -117,7 +129,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         f"steps (n={accs.size} seed(s), spread {pct(sd)}), which {how} the paper's {pct(paper)} "
         f"(difference {fmt(100 * diff)} points; tolerance {100 * TOLERANCE:.0f})."
     )
-    return Conclusion(CLAIM, sentence, verdict, nums)
+    return conclusion(CLAIM, sentence, verdict, nums)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:

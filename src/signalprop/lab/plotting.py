@@ -86,7 +86,7 @@ def heatmap(
     v = np.asarray(values, dtype=float)
     masked = np.ma.masked_invalid(v)
     cm = matplotlib.colormaps[cmap].copy()
-    cm.set_bad("#dddddd")
+    cm = cm.with_extremes(bad="#dddddd")
     norm = None
     if log:
         pos = v[np.isfinite(v) & (v > 0)]

@@ -22,6 +22,7 @@ from signalprop.lab.base import (
     INCONCLUSIVE,
     SUPPORTS,
     Conclusion,
+    conclusion,
     fmt,
     pct,
 )
@@ -76,6 +77,15 @@ TEXTBOOK: dict[str, dict[str, bool]] = {
 }
 HELP_MARGIN = 0.10
 
+
+#: Overrides that shrink the study to a few seconds (used by the test suite).
+SMOKE: dict[str, Any] = {
+    "steps": 30, "seeds": 1, "width": 32,
+    "vanishing": {"activation": "sigmoid", "depth": 4, "init": "lecun",
+                  "init_scale": 1 / math.sqrt(3), "lr": 0.1},
+    "exploding": {"activation": "relu", "depth": 4, "init": "kaiming", "init_scale": 1.5,
+                  "lr": 0.1},
+}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
@@ -211,7 +221,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     if mismatches:
         sentence += " Contradicted: " + "; ".join(mismatches) + "."
         details += mismatches
-    return Conclusion(CLAIM, sentence, verdict, nums, details)
+    return conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:

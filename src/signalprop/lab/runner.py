@@ -233,3 +233,21 @@ def study_module(name: str) -> ModuleType:
     from signalprop.lab import get_study
 
     return get_study(name)
+
+
+def run_smoke(
+    out: str | Path, names: Sequence[str] | None = None, *, force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[StudyOutcome]:
+    """Run studies in their smoke configuration (each module's ``SMOKE`` overrides on top of the
+    quick configuration: seconds per study) and build the report; used by the test suite."""
+    from signalprop.lab import STUDY_NAMES, get_study
+    from signalprop.lab.report import build_report
+
+    wanted = resolve_names(list(names) if names else ["all"])
+    outcomes = [
+        run_study(n, out, quick=True, force=force, overrides=dict(get_study(n).SMOKE), log=log)
+        for n in wanted
+    ]
+    build_report(out, order=STUDY_NAMES)
+    return outcomes

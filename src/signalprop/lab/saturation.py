@@ -27,6 +27,7 @@ from signalprop.lab.base import (
     Conclusion,
     cached,
     combine_verdicts,
+    conclusion,
     fmt,
     pct,
 )
@@ -71,6 +72,10 @@ CAPTIONS = {
 #: Claims are decided with these margins (relative differences below them are "too close").
 MARGIN = 0.10
 
+
+#: Overrides that shrink the study to a few seconds (used by the test suite).
+SMOKE: dict[str, Any] = {"steps": 120, "relu_steps": 60, "record_every": 20, "seeds": [0],
+                         "width": 32, "probe_batch": 128}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
@@ -321,7 +326,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     contra = [d for d in details if "NOT" in d or "MORE" in d or "contrary" in d]
     if contra:
         sentence += " Contradicted: " + " ".join(contra)
-    return Conclusion(CLAIM, sentence, verdict, nums, details)
+    return conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def _band(ax: Any, runs: list[dict[str, Any]], key_x: str, key_y: str, color: str, label: str):
