@@ -405,14 +405,13 @@ def measure_gradient_profile(
     net.train()
     fn = torch_activation(activation)
 
-    if batch_norm:
-        x0 = torch.randn(batch_size, width, generator=gen, dtype=torch.float64)
-    else:
-        x0 = fn(math.sqrt(q_in) * torch.randn(batch_size, width, generator=gen,
-                                              dtype=torch.float64))
+    # inputs are drawn on the CPU (reproducible for a seed on any device), then moved
+    h0 = torch.randn(batch_size, width, generator=gen, dtype=torch.float64)
     v = torch.randn(batch_size, width, generator=gen, dtype=torch.float64)
-    x0 = x0.to(device=device, dtype=dtype)
+    h0 = h0.to(device=device, dtype=dtype)
     v = v.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        x0 = h0 if batch_norm else fn(math.sqrt(q_in) * h0)
 
     hs: list[torch.Tensor] = []
     x = x0
