@@ -50,10 +50,11 @@ def test_tanh_gradient_rate_around_criticality(factor: float) -> None:
 # gradient norm of a 50-layer MLP of width 512 changes between the first and the last layer by
 # less than a factor 2 (geometric mean over seeds) -- or there is none and NoCriticalPoint says
 # why (the reasons are checked in test_theory_meanfield.py). Single seeds scatter by a factor
-# ~1.2-2 (ReLU nets also drift ~20% low in the geometric mean: Hanin & Rolnick 2018); the logistic sigmoid scatters much more (log-std ~0.86 at width 512, 0.47 at 2048,
-# no systematic offset): its mean 1/2 gives every unit a frozen offset (1/2) sum_j W_ij with
-# variance sigma_w^2/4 ~ 26, shared by all inputs, so only the few units whose offset sits in
-# phi''s narrow window carry the gradient. It gets 12 seeds instead of 3.
+# ~1.2-2 (ReLU nets also drift ~20% low in the geometric mean: Hanin & Rolnick 2018). The
+# logistic sigmoid scatters much more (log-std ~0.86 at width 512, 0.47 at 2048, no systematic
+# offset): its mean 1/2 gives every unit a frozen offset (1/2) sum_j W_ij with variance
+# sigma_w^2/4 ~ 26, shared by all inputs, so only the few units whose offset sits in phi''s
+# narrow window carry the gradient. It gets 12 seeds instead of 3.
 FLAT_FACTOR = 2.0
 
 
