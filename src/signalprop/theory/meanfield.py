@@ -494,7 +494,7 @@ def critical_point(activation: ActivationSpec, sigma_b2: float = 0.0) -> Critica
 
     Example:
         >>> round(critical_point("tanh", 0.05).sigma_w, 3)
-        1.33
+        1.327
     """
     if not (math.isfinite(sigma_b2) and sigma_b2 >= 0):
         raise ValueError(f"sigma_b2 must be finite and >= 0, got {sigma_b2}")
