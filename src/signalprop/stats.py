@@ -234,7 +234,11 @@ def norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(tensors) == 0:
         return torch.zeros(0, dtype=torch.float64)
     tensors = list(tensors)
-    out = torch.stack([o.to(torch.float64) for o in torch._foreach_norm(tensors)])
+    raw = torch._foreach_norm(tensors)
+    if all(o.dtype == raw[0].dtype for o in raw):
+        out = torch.stack(raw).to(torch.float64)  # one op instead of one per tensor
+    else:
+        out = torch.stack([o.to(torch.float64) for o in raw])
     suspect = (out < _RECHECK_BELOW) | torch.isinf(out)
     if bool(suspect.any()):
         for i in torch.nonzero(suspect).flatten().tolist():

@@ -136,6 +136,7 @@ class Probe:
         self._pending: dict[str, dict[str, float]] | None = None
         self._inputs: list[torch.Tensor] = []
         self._layers_declared = False
+        self._name_cache: dict[tuple[int, ...], _Metrics] = {}
         self.record.meta.setdefault("model", type(model).__name__)
         self.record.meta.setdefault("num_parameters", sum(p.numel() for _, p in self.params))
         self.record.meta.setdefault("schedule", str(self.schedule))
@@ -253,9 +254,10 @@ class Probe:
 
     # ---- internals ------------------------------------------------------------------------------
     def _clear(self) -> None:
-        for lst in (self._outs, self._ins, self._ograds):
-            for x in lst:
-                x.clear()
+        for i in self._order:
+            self._outs[i].clear()
+            self._ins[i].clear()
+            self._ograds[i].clear()
         self._inputs = []
         self._scalars = {}
         self._snapshot = None
@@ -379,12 +381,22 @@ class Probe:
             x = torch.stack([t[:rows] for t in full]) if rows else torch.stack(full)  # [G, b, ...]
             mean, std = stats.moments(x)
             pct = stats.percentiles(x, self.percentiles, self.max_percentile_samples)
-            layer = [self._mods[i][0] for i in idx]
-            values += [mean.float(), std.float(), pct.float().T.reshape(-1)]
-            names += [(n, "out_mean") for n in layer] + [(n, "out_std") for n in layer]
-            for q in self.percentiles:
-                names += [(n, stats.percentile_key(q)) for n in layer]
+            values += [mean, std, pct.T.reshape(-1)]
+            names += self._group_names(tuple(idx))
             self._activation_stats(idx, x, rows, values, names)
+
+    def _group_names(self, idx: tuple[int, ...]) -> _Metrics:
+        # the (layer, metric) labels of a group's moments and percentiles; cached because the
+        # same groups recur every step and building ~10 labels per layer is measurable
+        cached = self._name_cache.get(idx)
+        if cached is None:
+            layer = [self._mods[i][0] for i in idx]
+            cached = [(n, "out_mean") for n in layer] + [(n, "out_std") for n in layer]
+            for q in self.percentiles:
+                key = stats.percentile_key(q)
+                cached += [(n, key) for n in layer]
+            self._name_cache[idx] = cached
+        return cached
 
     def _input_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
         # the model's own input: badly scaled inputs are a common cause of first-layer saturation
@@ -392,10 +404,10 @@ class Probe:
         if not xs:
             return
         x = xs[0] if len(xs) == 1 else torch.cat([t.reshape(-1) for t in xs])
-        mean, std = stats.moments(x.reshape(1, -1))
-        finite = x[torch.isfinite(x)]
-        absmax = finite.abs().max().reshape(1) if finite.numel() else torch.zeros(1)
-        values += [mean.float(), std.float(), absmax.float()]
+        x = x.reshape(1, -1)  # three cheap passes over the whole input; NaN propagates
+        mean, std = stats.moments(x)
+        absmax = x.abs().amax(dim=1)
+        values += [mean, std, absmax]
         names += [(MODEL, "input_mean"), (MODEL, "input_std"), (MODEL, "input_absmax")]
 
     def _activation_stats(
@@ -441,7 +453,7 @@ class Probe:
 
     def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
         flat = (
-            torch.cat([v.detach().reshape(-1).double().cpu() for v in values]).tolist()
+            torch.cat([v.detach().reshape(-1).to("cpu", torch.float64) for v in values]).tolist()
             if values
             else []
         )
