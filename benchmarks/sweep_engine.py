@@ -16,10 +16,10 @@ population is cut in two halves), timed from a warm pool.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -29,6 +29,12 @@ from signalprop.engine import Arch, Population
 
 K, STEPS, BATCH = 32, 200, 64
 SHAPES = [(50, 32), (20, 64)]
+
+
+def set_size(k: int, steps: int) -> None:
+    """Change K and the number of steps (for a quick smoke run of this script)."""
+    global K, STEPS
+    K, STEPS = k, steps
 
 
 def lrs() -> list[float]:
@@ -50,10 +56,21 @@ def make_sequential(depth: int, width: int, d_in: int, d_out: int) -> nn.Sequent
     return nn.Sequential(*layers)
 
 
+class Clock:
+    """Wall-clock and CPU time of this process (the CPU time is what survives a machine shared
+    with other jobs: it does not count the time other processes held the cores)."""
+
+    def __init__(self) -> None:
+        self.w, self.c = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.w, time.process_time() - self.c
+
+
 def per_config_loop(depth: int, width: int, x: torch.Tensor, y: torch.Tensor,
-                    idx: torch.Tensor) -> float:
+                    idx: torch.Tensor) -> tuple[float, float]:
     """What users write: one nn.Sequential + torch.optim.SGD per config, one after another."""
-    t0 = time.perf_counter()
+    clock = Clock()
     loss_fn = nn.CrossEntropyLoss()
     for lr in lrs():
         torch.manual_seed(0)
@@ -64,14 +81,15 @@ def per_config_loop(depth: int, width: int, x: torch.Tensor, y: torch.Tensor,
             loss = loss_fn(model(x[idx[t]]), y[idx[t]])
             loss.backward()
             opt.step()
-    return time.perf_counter() - t0
+    return clock.read()
 
 
-def vmapped(depth: int, width: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> float:
+def vmapped(depth: int, width: int, x: torch.Tensor, y: torch.Tensor,
+            idx: torch.Tensor) -> tuple[float, float]:
     """torch.func: stack the K models' parameters, vmap(grad(loss)) over them, SGD by hand."""
     from torch.func import functional_call, grad, stack_module_state, vmap
 
-    t0 = time.perf_counter()
+    clock = Clock()
     torch.manual_seed(0)
     models = [make_sequential(depth, width, x.shape[1], 10) for _ in range(K)]
     params, _ = stack_module_state(models)
@@ -89,46 +107,46 @@ def vmapped(depth: int, width: int, x: torch.Tensor, y: torch.Tensor, idx: torch
         g = g_all(params, x[idx[t]], y[idx[t]])
         for n in names:
             params[n].sub_(lr_views[n] * g[n])
-    return time.perf_counter() - t0
+    return clock.read()
 
 
 def engine(depth: int, width: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-           members: list[float] | None = None) -> float:
+           members: list[float] | None = None) -> tuple[float, float]:
     """The batched engine: the whole population in one computation."""
-    t0 = time.perf_counter()
+    clock = Clock()
     lr = members if members is not None else lrs()
     pop = Population(Arch(x.shape[1], 10, depth, width, "tanh"), len(lr), hparams={"lr": lr})
     pop.init_(list(range(len(lr))))
     n = len(lr)
-    for t in range(STEPS):
-        b = idx[t]
-        pop.train_step(x[b].expand(n, *x[b].shape), y[b].expand(n, BATCH))
-    return time.perf_counter() - t0
+    for b in idx:
+        pop.train_step(x[b].expand(n, *x[b].shape), y[b].expand(n, len(b)))
+    return clock.read()
 
 
-def matmul_peak(repeats: int = 5) -> float:
-    """float32 GFLOP/s of a large square matmul (best of ``repeats``)."""
+def matmul_peak(repeats: int = 3) -> tuple[float, float]:
+    """float32 GFLOP/s of a large square matmul, best of ``repeats``: (by wall, by CPU time)."""
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     c = torch.empty(n, n)
     torch.mm(a, b, out=c)
-    best = float("inf")
+    best_w = best_c = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        clock = Clock()
         for _ in range(3):
             torch.mm(a, b, out=c)
-        best = min(best, (time.perf_counter() - t0) / 3)
-    return 2 * n**3 / best / 1e9
+        w, cpu = clock.read()
+        best_w, best_c = min(best_w, w / 3), min(best_c, cpu / 3)
+    return 2 * n**3 / best_w / 1e9, 2 * n**3 / best_c / 1e9
 
 
-def _half(args: tuple) -> float:
+def _half(args: tuple) -> tuple[float, float]:
     torch.set_num_threads(1)
     depth, width, x, y, idx, members = args
     return engine(depth, width, x, y, idx, members)
 
 
-def timed(fn: Callable[[], float], repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
+def med(xs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(x[0] for x in xs), statistics.median(x[1] for x in xs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,48 +157,64 @@ def main(argv: list[str] | None = None) -> int:
                     help="repeats of the (slow) per-config loop")
     ap.add_argument("--procs", type=int, default=1, help="also time the engine over N processes")
     ap.add_argument("--skip-vmap", action="store_true")
+    ap.add_argument("--steps", type=int, default=STEPS, help="(smoke tests only)")
+    ap.add_argument("--k", type=int, default=K, help="(smoke tests only)")
     args = ap.parse_args(argv)
+    set_size(args.k, args.steps)
     torch.set_num_threads(args.threads)
     ds = load_dataset("digits")
     x, y = ds.x_train, ds.y_train
     idx = batches(x.shape[0])
+    load0 = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {args.threads} thread(s); K={K}, {STEPS} SGD steps, "
-          f"batch {BATCH}, tanh; median of {args.repeats} (loop: {args.loop_repeats})")
-    peak = matmul_peak()
-    print(f"float32 matmul peak (2048^3, {args.threads} thread(s)): {peak:.1f} GFLOP/s")
+          f"batch {BATCH}, tanh; medians of {args.repeats} interleaved repeats (loop: "
+          f"{args.loop_repeats}); load average {load0:.1f} on {os.cpu_count()} cores")
     pool = None
     if args.procs > 1:
         import multiprocessing as mp
 
         pool = mp.get_context("spawn").Pool(args.procs)
-        pool.map(_half, [(1, 8, x, y, idx[:, :2], [0.1])] * args.procs)  # warm the workers
+        pool.map(_half, [(1, 8, x, y, idx[:5], [0.1])] * args.procs)  # warm the workers
     for depth, width in SHAPES:
         flops = K * STEPS * Arch(x.shape[1], 10, depth, width).flops_per_step(BATCH)
-        t_loop = timed(lambda d=depth, w=width: per_config_loop(d, w, x, y, idx),
-                       args.loop_repeats)
-        t_vmap = (float("nan") if args.skip_vmap else
-                  timed(lambda d=depth, w=width: vmapped(d, w, x, y, idx), args.repeats))
-        t_eng = timed(lambda d=depth, w=width: engine(d, w, x, y, idx), args.repeats)
-        print(f"\ndepth {depth}, width {width}  ({flops / 1e9:.1f} GFLOP of matmuls)")
-        print(f"  per-config loop   {t_loop:7.2f} s   1.00x")
-        print(f"  torch.func vmap   {t_vmap:7.2f} s   {t_loop / t_vmap:5.2f}x")
-        print(f"  engine            {t_eng:7.2f} s   {t_loop / t_eng:5.2f}x   "
-              f"{flops / t_eng / 1e9:6.1f} GFLOP/s = {flops / t_eng / 1e9 / peak:5.1%} of peak")
-        if pool is not None:
-            lr = lrs()
-            parts = [lr[i :: args.procs] for i in range(args.procs)]
+        t: dict[str, list[tuple[float, float]]] = {"loop": [], "vmap": [], "engine": [],
+                                                   "peak": [], "par": []}
+        lr = lrs()
+        parts = [lr[i :: args.procs] for i in range(args.procs)]
+        for r in range(args.repeats):
+            if r < args.loop_repeats:
+                t["loop"].append(per_config_loop(depth, width, x, y, idx))
+            if not args.skip_vmap:
+                t["vmap"].append(vmapped(depth, width, x, y, idx))
+            t["peak"].append(matmul_peak())
+            t["engine"].append(engine(depth, width, x, y, idx))
+            if pool is not None:
+                clock = Clock()
+                pool.map(_half, [(depth, width, x, y, idx, p) for p in parts])
+                t["par"].append((clock.read()[0], float("nan")))
+        loop, peak, eng = med(t["loop"]), med(t["peak"]), med(t["engine"])
+        print(f"\ndepth {depth}, width {width}  ({flops / 1e9:.1f} GFLOP of matmuls; "
+              f"matmul peak {peak[0]:.1f} GFLOP/s by wall time, {peak[1]:.1f} by CPU time)")
+        print("                     wall s  speed-up |  CPU s  speed-up")
 
-            def par(d: int = depth, w: int = width, parts: list = parts) -> float:
-                t0 = time.perf_counter()
-                pool.map(_half, [(d, w, x, y, idx, p) for p in parts])
-                return time.perf_counter() - t0
+        def line(name: str, v: tuple[float, float], loop: tuple[float, float] = loop) -> None:
+            print(f"  {name:17s} {v[0]:7.2f}  {loop[0] / v[0]:6.2f}x  | {v[1]:6.2f}  "
+                  f"{loop[1] / v[1]:6.2f}x")
 
-            t_par = timed(par, args.repeats)
-            print(f"  engine {args.procs} procs    {t_par:7.2f} s   {t_loop / t_par:5.2f}x   "
-                  f"{flops / t_par / 1e9:6.1f} GFLOP/s (peak with {args.procs} threads: see above "
-                  f"x{args.procs})")
+        line("per-config loop", loop)
+        if t["vmap"]:
+            line("torch.func vmap", med(t["vmap"]))
+        line("engine", eng)
+        print(f"  engine: {flops / eng[0] / 1e9:.1f} GFLOP/s = {flops / eng[0] / 1e9 / peak[0]:.0%} "
+              f"of the matmul peak by wall time; {flops / eng[1] / 1e9:.1f} GFLOP/s = "
+              f"{flops / eng[1] / 1e9 / peak[1]:.0%} by CPU time")
+        if t["par"]:
+            par = med(t["par"])
+            print(f"  engine, {args.procs} single-threaded processes (warm pool): {par[0]:.2f} s "
+                  f"wall, {loop[0] / par[0]:.2f}x the loop, {flops / par[0] / 1e9:.1f} GFLOP/s")
     if pool is not None:
         pool.close()
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 
