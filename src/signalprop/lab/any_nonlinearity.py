@@ -42,7 +42,7 @@ CLAIM = (
     "Deep networks with saturating or bump-shaped non-linearities fail to train with a default "
     "set-up, but each can be made trainable at depth by a suitable remedy other than ReLU/BN "
     "(critical or orthogonal initialisation, LSUV, a scaled activation, layer norm, residual "
-    "connections, or a scale-free optimiser), reaching accuracy comparable to a ReLU network."
+    "connections, or a scale-free optimiser)."
 )
 SETUP = (
     "MLPs of width 32 on scikit-learn digits, at two depths, trained for a fixed budget of SGD "
@@ -54,9 +54,9 @@ SETUP = (
     "and ln (before the activation), residual (h + block(h)), and the optimisers RMSProp (1e-3), "
     "Rprop (1e-2), SMORMS3 (1e-3), Adam (1e-3) and layer-wise rates (LARS trust ratio, "
     "signalprop.remedies 'layerwise_lr'). The RBF row stacks RBF layers (norms act on the "
-    "distance pre-activation); dot-product initialisations do not apply to it (n/a). Success "
-    "means test accuracy of at least 80% of the ReLU baseline's (ReLU with He initialisation) "
-    "at the same depth."
+    "distance pre-activation); dot-product initialisations do not apply to it (n/a). "
+    "'Trainable' means at least 80% test accuracy after the step budget; a ReLU network with He "
+    "initialisation is shown as the reference."
 )
 REFERENCES = [
     "Schoenholz et al. 2017 (critical initialisation); Saxe et al. 2013 (orthogonal)",
@@ -79,7 +79,10 @@ OPT_LR = {"rmsprop": 1e-3, "rprop": 1e-2, "smorms3": 1e-3, "adam": 1e-3}
 #: remedies that do not apply to a stack of RBF layers (they initialise dot-product weights)
 RBF_NA = {"xavier", "orthogonal", "critical", "lsuv", "scaled"}
 DEFAULT_SCALE = 1 / math.sqrt(3)  # PyTorch's default Linear init has Var W = 1/(3 fan_in)
-SUCCESS_FRACTION = 0.8
+#: "Trainable": test accuracy of at least this much after the step budget (a well-trained MLP
+#: reaches ~95% on digits; chance is 10%). An absolute bar, because the ReLU reference itself can
+#: fail at depth within a fixed budget.
+SUCCESS_ACCURACY = 0.8
 
 
 #: Overrides that shrink the study to a few seconds (used by the test suite).
@@ -309,8 +312,8 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     rows, acc = cell_table(data, "test_accuracy", deep)
     rems = data["remedies"]
     relu_acc = acc[rows.index("relu"), rems.index("none")] if "none" in rems else math.nan
-    nums[f"ReLU baseline test accuracy, depth {deep}"] = relu_acc
-    bar = SUCCESS_FRACTION * relu_acc if np.isfinite(relu_acc) else 0.8
+    nums[f"ReLU (He init) reference test accuracy, depth {deep}"] = relu_acc
+    bar = SUCCESS_ACCURACY
     failing_default, rescued, unrescued = [], [], []
     for i, a in enumerate(rows[:-1]):
         none = acc[i, rems.index("none")] if "none" in rems else math.nan
@@ -328,7 +331,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
             unrescued.append(a)
     details.append(
         f"Depth {deep}: with no remedy, {len(failing_default)}/{len(rows) - 1} activations stay "
-        f"below {pct(bar)} test accuracy (80% of ReLU's {pct(relu_acc)}): "
+        f"below {pct(bar)} test accuracy (ReLU with He init: {pct(relu_acc)}): "
         f"{', '.join(failing_default) or 'none'}."
     )
     details.append(

@@ -75,8 +75,8 @@ CAPTIONS = {
     "values below 1e-18 are drawn at 1e-18).",
     "lr_scale_invariance": "BN scale invariance in float64: output difference and relative error "
     "of a * dBN((aW)u)/d(aW) vs dBN(Wu)/dW, as a function of the weight scale a.",
-    "lr_effective_step": "Training a BN-sigmoid MLP with SGD: weight norm of the hidden layers "
-    "grows and the relative update ||dW||/||W|| (the effective step) shrinks.",
+    "lr_effective_step": "Training a BN-sigmoid MLP with plain SGD: weight norm of the hidden "
+    "layers (left) and the relative update ||dW||/||W||, the effective step (right).",
 }
 
 CHANCE_FRACTION = 0.9  # "trains": final loss < 0.9 * ln(num_classes)
@@ -419,6 +419,8 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
                 label="normalised hidden units")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks([0.25, 0.5, 1, 2, 4])
+        P.plain_ticks(ax)
         ax.set_xlabel("scale s of the other weights")
         ax.set_ylabel(f"{title}, RMS over the batch")
         ax.set_title(f"y = x a b c d e: {title}")
@@ -439,7 +441,7 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
     ax.set_yscale("log")
     ax.set_xlabel("weight scale a")
     ax.set_ylabel("difference / ratio")
-    ax.set_title("Batch norm is invariant to the weight scale")
+    ax.set_title("Batch norm under a rescaling W -> aW")
     ax.legend(loc="best", fontsize=7)
     out.append(P.save(fig, d / "lr_scale_invariance.png"))
     # effective step
@@ -456,11 +458,11 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
             axes[0, 1].plot(st[k - 1:], sm, label=f"hidden layer {li + 1}")
         axes[0, 0].set_xlabel("training step")
         axes[0, 0].set_ylabel("||W||")
-        axes[0, 0].set_title("weight norm grows")
+        axes[0, 0].set_title("weight norm of the BN-normalised layers")
         axes[0, 1].set_xlabel("training step")
         axes[0, 1].set_ylabel("||dW|| / ||W|| (moving average)")
         axes[0, 1].set_yscale("log")
-        axes[0, 1].set_title("effective step shrinks")
+        axes[0, 1].set_title("relative update (effective step)")
         axes[0, 0].legend(loc="best")
         out.append(P.save(fig, d / "lr_effective_step.png"))
     return out

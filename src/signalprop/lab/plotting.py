@@ -135,7 +135,8 @@ def finite(values: Sequence[float]) -> np.ndarray:
 
 def plain_ticks(ax: Any, axis: str = "x") -> None:
     """Label a log axis with plain numbers (4, 8, 16 rather than 2^2, 2^3, 2^4)."""
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    f = FuncFormatter(lambda v, _: f"{v:g}")
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(f)
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_formatter(NullFormatter())
