@@ -363,7 +363,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         if k.endswith("|critical"):
             details.append(f"{k.split('|')[0]}: no critical initialisation ({reason[:160]}).")
     verdict = combine_verdicts(verdicts)
-    sentence = " ".join(details[:2])
+    sentence = " ".join([details[1], details[0]])
     return conclusion(CLAIM, sentence, verdict, nums, details)
 
 

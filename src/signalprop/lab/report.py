@@ -4,7 +4,7 @@ no external resources) that opens offline.
 The page starts with an index (one line per study: verdict and finding), then one section per
 study: the question, the claim tested, the set-up, the figures, the conclusion with its numbers,
 the configuration, timings and the environment. Every string that came from a configuration or a
-result is HTML-escaped (Jinja2 autoescape).
+result is HTML-escaped (Jinja2 autoescape, through :mod:`signalprop.report.html`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from signalprop.lab.base import fmt, to_jsonable
-from signalprop.record import atomic_write_text
 
 _TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
@@ -46,6 +43,7 @@ figure { margin: 0.8em 0; } figure img { max-width: 100%; height: auto; border: 
 figcaption { font-size: 0.85em; color: #555; }
 pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; font-size: 0.82em; }
 details { margin: 0.4em 0; } .muted { color: #666; font-size: 0.9em; }
+.nowrap { white-space: nowrap; }
 </style>
 </head>
 <body>
@@ -60,7 +58,7 @@ Each conclusion below is computed from the study's own measurements.</p>
 {% for s in studies %}
 <tr><td><a href="#{{ s.anchor }}">{{ s.name }}</a></td>
 <td><span class="verdict {{ s.verdict_class }}">{{ s.verdict }}</span></td>
-<td>{{ s.sentence }}</td><td>{{ s.time }}</td></tr>
+<td>{{ s.summary }}</td><td class="nowrap">{{ s.time }}</td></tr>
 {% endfor %}
 </table>
 
@@ -158,10 +156,15 @@ def build_report(
         )
     rank = {n: i for i, n in enumerate(order or [])}
     dirs.sort(key=lambda p: (rank.get(p.name, len(rank)), p.name))
+    for p in dirs:
+        _reconclude(p)
     studies = [_study_view(load_study(p)) for p in dirs]
     modes = sorted({s["mode"] for s in studies})
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    page = env.from_string(_TEMPLATE).render(
+    # the doctor's page helpers: the same Jinja2 environment (autoescape, strict undefined)
+    from signalprop.report.html import render_string, write_page
+
+    page = render_string(
+        _TEMPLATE,
         title=title,
         built=time.strftime("%Y-%m-%d %H:%M"),
         out_dir=str(out),
@@ -169,9 +172,24 @@ def build_report(
         modes=", ".join(modes),
         studies=studies,
     )
-    path = out / "index.html"
-    atomic_write_text(path, page)
-    return path
+    return write_page(out / "index.html", page)
+
+
+def _reconclude(workdir: Path) -> None:
+    """Recompute a study's conclusion from its stored measurements (cheap, and the report then
+    reflects the current conclusion code); failed or foreign directories are left alone."""
+    from signalprop.lab import STUDY_NAMES, get_study
+    from signalprop.lab.base import read_json, write_json
+
+    meta = read_json(workdir / "meta.json")
+    name = str(meta.get("name", workdir.name))
+    results = workdir / "results.json"
+    if meta.get("status") == "failed" or name not in STUDY_NAMES or not results.exists():
+        return
+    stored = read_json(results)
+    if stored.get("config_hash") != meta.get("config_hash"):
+        return  # results of another configuration: do not mix them with this one's figures
+    write_json(workdir / "conclusion.json", get_study(name).conclude(stored["data"]).to_dict())
 
 
 def _study_view(d: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +238,7 @@ def _study_view(d: dict[str, Any]) -> dict[str, Any]:
         "verdict_class": verdict if verdict in ("supports", "contradicts", "inconclusive", "failed")
         else "inconclusive",
         "sentence": concl.sentence if concl else (meta.get("error") or ""),
+        "summary": first_sentence(concl.sentence) if concl else (meta.get("error") or ""),
         "numbers": [(k, _fmt_value(v)) for k, v in (concl.numbers.items() if concl else [])],
         "figures": figs,
         "error": meta.get("error") if failed else None,
@@ -230,6 +249,15 @@ def _study_view(d: dict[str, Any]) -> dict[str, Any]:
         "time": _fmt_s(meta.get("run_s")),
         "mode": "quick" if meta.get("quick") else "full",
     }
+
+
+def first_sentence(text: str, limit: int = 300) -> str:
+    """The first sentence of ``text`` (for the one-line index), shortened to ``limit`` chars."""
+    import re
+
+    m = re.search(r"(?<=[.;:])\s+(?=[A-Z])", text)
+    head = text[: m.start()] if m else text
+    return head if len(head) <= limit else head[: limit - 1].rstrip() + "…"
 
 
 def escape(s: str) -> str:
