@@ -96,7 +96,7 @@ def get_config(quick: bool) -> dict[str, Any]:
         "data": "digits",
         "width": 32,
         "depths": [10, 30] if quick else [20, 50],
-        "steps": 250 if quick else 1000,
+        "steps": 250 if quick else 600,
         "batch_size": 64,
         "lr": 0.1,
         "seeds": 1 if quick else 2,

@@ -80,16 +80,16 @@ def get_config(quick: bool) -> dict[str, Any]:
     return {
         "mlp": {
             "data": "digits", "depth": 10, "width": 64, "activation": "relu",
-            "init": "kaiming", "init_scale": 1.5, "lr": 0.1, "steps": 300 if quick else 1500,
+            "init": "kaiming", "init_scale": 1.5, "lr": 0.1, "steps": 300 if quick else 1000,
             "batch_size": 64,
         },
-        "mlp_seeds": 4 if quick else 10,
+        "mlp_seeds": 4 if quick else 8,
         "thresholds": {"norm": 1.0, "value": 0.1, "agc": 0.01},
         "rnn": {
-            "hidden": 32, "length": 30 if quick else 100, "gain": 1.5, "lr": 0.05,
-            "steps": 300 if quick else 2000, "batch_size": 32, "test_size": 1000,
+            "hidden": 32, "length": 30 if quick else 60, "gain": 1.5, "lr": 0.05,
+            "steps": 300 if quick else 1000, "batch_size": 32, "test_size": 1000,
         },
-        "rnn_seeds": [0, 1, 2] if quick else list(range(8)),
+        "rnn_seeds": [0, 1, 2] if quick else list(range(6)),
         "device": "cpu",
     }
 

@@ -85,15 +85,15 @@ SMOKE: dict[str, Any] = {
 def get_config(quick: bool) -> dict[str, Any]:
     return {
         "tanh_sigma_b2": 1e-3,
-        "spectrum_depth": 32 if quick else 128,
+        "spectrum_depth": 32 if quick else 64,
         "spectrum_width": 200 if quick else 400,
         "spectrum_seeds": [0, 1, 2, 3] if quick else list(range(8)),
         "train": {
             "data": "digits", "width": 64, "optimizer": "sgd", "lr": 0.01,
-            "steps": 400 if quick else 2000, "batch_size": 64,
+            "steps": 400 if quick else 1500, "batch_size": 64,
         },
         "train_depth": 32 if quick else 64,
-        "train_seeds": 2 if quick else 4,
+        "train_seeds": 2 if quick else 3,
         "record_every": 10,
         "target_loss": 0.5,
         "device": "cpu",

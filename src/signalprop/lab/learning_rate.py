@@ -98,7 +98,7 @@ def get_config(quick: bool) -> dict[str, Any]:
         "data": "digits",
         "depth": 8 if quick else 10,
         "width": 64,
-        "steps": 300 if quick else 1500,
+        "steps": 300 if quick else 1000,
         "batch_size": 64,
         "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
         "seeds": 1 if quick else 3,

@@ -82,7 +82,7 @@ def get_config(quick: bool) -> dict[str, Any]:
         "datasets": ["digits"] if quick else ["digits", "mnist1d"],
         "width": 100,
         "depth": 3,
-        "steps": 1500 if quick else 8000,
+        "steps": 1500 if quick else 6000,
         "batch_size": 60,
         "lr": 0.5,
         "init_scale": 1.0,
