@@ -87,3 +87,19 @@ def test_sweep_based_study_resumes_from_its_database(
     o = run_study("clipping", tmp_path, quick=True, overrides=dict(clipping.SMOKE))
     assert o.status == "done", o.error
     assert o.conclusion.to_dict()["sentence"] == before["sentence"]
+
+
+@pytest.mark.slow
+def test_sweep_parts_run_on_ray(lab: Path, tmp_path: Path) -> None:
+    """``--executor ray``: the sweep-based part runs as Ray tasks on a local instance and gives
+    the same conclusion as the local executor (same seeds, same populations)."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    mod = get_study("bn-depth")
+    o = run_study("bn-depth", tmp_path, quick=True, executor="ray", overrides=dict(mod.SMOKE))
+    assert o.status == "done", o.error
+    local = read_json(lab / "bn-depth" / "results.json")["data"]["train"]
+    remote = read_json(tmp_path / "bn-depth" / "results.json")["data"]["train"]
+    key = lambda r: (r["depth"], r["residual"], r["seed"])  # noqa: E731
+    for a, b in zip(sorted(local, key=key), sorted(remote, key=key), strict=True):
+        assert key(a) == key(b) and a["status"] == b["status"]
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=0.02)

@@ -32,6 +32,8 @@ from signalprop.lab.base import (
 from signalprop.lab.common import get_data, make_activation, seeded, train_classifier
 from signalprop.lab.grid import grid_options, run_grid
 
+#: Bumped when the measurements change meaning (stored results then go stale).
+VERSION = 1
 NAME = "any-nonlinearity"
 TITLE = "Any non-linearity can be trained at depth"
 QUESTION = (

@@ -32,6 +32,8 @@ from signalprop.lab.base import (
 )
 from signalprop.lab.grid import grid_options, run_grid
 
+#: Bumped when the measurements change meaning (stored results then go stale).
+VERSION = 1
 NAME = "clipping"
 TITLE = "Gradient clipping against exploding gradients"
 QUESTION = "Does gradient clipping stop exploding gradients from wrecking training?"

@@ -45,6 +45,8 @@ from signalprop.lab.common import (
     train_classifier,
 )
 
+#: Bumped when the measurements change meaning (stored results then go stale).
+VERSION = 1
 NAME = "initialisation"
 TITLE = "Batch norm and the initial weight scale"
 QUESTION = "Does batch norm make initialisation easier (less sensitive to the initial scale)?"

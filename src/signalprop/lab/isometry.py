@@ -31,6 +31,8 @@ from signalprop.lab.base import (
 )
 from signalprop.lab.grid import grid_options, run_grid
 
+#: Bumped when the measurements change meaning (stored results then go stale).
+VERSION = 1
 NAME = "isometry"
 TITLE = "Dynamical isometry: orthogonal vs Gaussian, tanh vs ReLU"
 QUESTION = (

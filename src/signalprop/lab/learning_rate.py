@@ -40,6 +40,8 @@ from signalprop.lab.base import (
 from signalprop.lab.common import MLP, get_data, init_linears_, seeded, train_classifier
 from signalprop.lab.grid import grid_options, run_grid
 
+#: Bumped when the measurements change meaning (stored results then go stale).
+VERSION = 1
 NAME = "learning-rate"
 TITLE = "Batch norm and the learning rate"
 QUESTION = "How does batch norm allow larger learning rates?"

@@ -28,6 +28,8 @@ from signalprop.lab.base import (
 )
 from signalprop.lab.common import MLP, seeded, train_classifier
 
+#: Bumped when the measurements change meaning (stored results then go stale).
+VERSION = 1
 NAME = "mnist1d-baseline"
 TITLE = "MNIST-1D reference point: the paper's residual MLP"
 QUESTION = (

@@ -28,6 +28,8 @@ from signalprop.lab.base import (
 )
 from signalprop.lab.grid import grid_options, run_grid
 
+#: Bumped when the measurements change meaning (stored results then go stale).
+VERSION = 1
 NAME = "remedies"
 TITLE = "The usual remedies, ranked by measurement"
 QUESTION = (

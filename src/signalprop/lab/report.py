@@ -189,7 +189,11 @@ def _reconclude(workdir: Path) -> None:
     stored = read_json(results)
     if stored.get("config_hash") != meta.get("config_hash"):
         return  # results of another configuration: do not mix them with this one's figures
-    write_json(workdir / "conclusion.json", get_study(name).conclude(stored["data"]).to_dict())
+    try:
+        concl = get_study(name).conclude(stored["data"])
+    except Exception:  # noqa: BLE001 - keep the stored conclusion rather than lose the page
+        return
+    write_json(workdir / "conclusion.json", concl.to_dict())
 
 
 def _study_view(d: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from signalprop.lab.base import (
 )
 from signalprop.lab.common import MLP, get_data, init_linears_, seeded, train_classifier
 
+#: Bumped when the measurements change meaning (stored results then go stale).
+VERSION = 1
 NAME = "saturation"
 TITLE = "Batch norm and sigmoid saturation"
 QUESTION = (
