@@ -56,14 +56,46 @@ class BatchedOptimizer:
     #: Hyper-parameters used by this rule (the run-config keys).
     keys: tuple[str, ...] = ()
 
-    def __init__(self, p: torch.Tensor, hp: dict[str, Hyper]) -> None:
+    def __init__(
+        self,
+        p: torch.Tensor,
+        hp: dict[str, Hyper],
+        layout: tuple[int, list[tuple[int, int]]] | None = None,
+    ) -> None:
         missing = [k for k in self.keys if k not in hp]
         if missing:
             raise ValueError(f"{self.name}: missing hyper-parameters {missing}")
         self.hp = {k: hp[k] for k in self.keys}
         self.t = 0
         self.state: dict[str, torch.Tensor] = {}
+        # (K, [(offset, numel)]): the buffer is a sequence of [K, n] blocks, one per parameter.
+        # With it, y += a*x for a per-member a reads a as [K, 1] per block instead of as a
+        # buffer-sized tensor: one stream less (measured: 0.48 vs 1.0 ms for 2.6M floats).
+        self.layout = layout
+        self._member: dict[str, torch.Tensor] = {}
+        if layout is not None:
+            K, blocks = layout
+            for k, v in self.hp.items():
+                if isinstance(v, torch.Tensor):
+                    # the value of member m sits at the start of its row in every block
+                    self._member[k] = v[blocks[0][0] : blocks[0][0] + blocks[0][1]].view(K, -1)[
+                        :, :1
+                    ].clone()
         self._init_state(p)
+
+    def _blocks(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        assert self.layout is not None
+        K, blocks = self.layout
+        return [buf[o : o + n].view(K, -1) for o, n in blocks]
+
+    def axpy_(self, y: torch.Tensor, name: str, x: torch.Tensor, sign: float = 1.0) -> None:
+        """y += sign * hp[name] * x, using the block layout for a per-member hyper-parameter."""
+        if name in self._member:
+            m = self._member[name]
+            yb, xb = self._blocks(y), self._blocks(x)
+            torch._foreach_addcmul_(yb, [m] * len(yb), xb, value=sign)
+        else:
+            _axpy_(y, self.hp[name], x, sign)
 
     def _init_state(self, p: torch.Tensor) -> None:
         pass
@@ -72,7 +104,7 @@ class BatchedOptimizer:
         wd = self.hp.get("weight_decay", 0.0)
         if isinstance(wd, torch.Tensor) or wd != 0.0:
             g = g.clone()
-            _axpy_(g, wd, p)
+            self.axpy_(g, "weight_decay", p)
         return g
 
     def step(self, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -106,7 +138,7 @@ class SGD(BatchedOptimizer):
             # torch starts the buffer at g; mu*0 + g is the same value exactly
             buf.mul_(self.hp["momentum"]).add_(g)
             g = buf
-        _axpy_(p, self.hp["lr"], g, -1.0)
+        self.axpy_(p, "lr", g, -1.0)
 
 
 @OPTIMIZERS.register("rmsprop", lr=0.01, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0)
@@ -131,7 +163,7 @@ class RMSProp(BatchedOptimizer):
         if "buf" in self.state:
             buf = self.state["buf"]
             buf.mul_(self.hp["momentum"]).addcdiv_(g, avg)
-            _axpy_(p, self.hp["lr"], buf, -1.0)
+            self.axpy_(p, "lr", buf, -1.0)
         elif isinstance(self.hp["lr"], torch.Tensor):
             p.addcmul_(self.hp["lr"], g / avg, value=-1.0)
         else:
@@ -226,7 +258,13 @@ def optimizer_defaults(name: str) -> dict[str, float]:
     return OPTIMIZERS.defaults(name)
 
 
-def make_optimizer(name: str, p: torch.Tensor, hp: dict[str, Hyper]) -> BatchedOptimizer:
-    """Build the batched optimiser ``name`` over the flat buffer ``p``."""
+def make_optimizer(
+    name: str,
+    p: torch.Tensor,
+    hp: dict[str, Hyper],
+    layout: tuple[int, list[tuple[int, int]]] | None = None,
+) -> BatchedOptimizer:
+    """Build the batched optimiser ``name`` over the flat buffer ``p`` (``layout``: see
+    :class:`BatchedOptimizer`)."""
     cls = OPTIMIZERS.get(name)
-    return cls(p, hp)
+    return cls(p, hp, layout)

@@ -641,7 +641,8 @@ class Population:
     def _optimizer(self):
         if self._opt is None:
             hp = {k: self._hp(k, v) for k, v in self.hparams.items()}
-            self._opt = make_optimizer(self.optimizer_name, self.flat, hp)
+            layout = (self.K, [(s.offset, s.numel) for s in self.specs])
+            self._opt = make_optimizer(self.optimizer_name, self.flat, hp, layout)
         return self._opt
 
     # ---- training ------------------------------------------------------------------------
