@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/signalprop doctor --example deep-sigmoid --out $(DEMO_OUT)
+	$(BIN)/signalprop doctor --example deep-sigmoid --trial --out $(DEMO_OUT)
 	@echo
 	@echo "Report: $(DEMO_OUT)/report.html"
 	@echo "Next: run the lab with '$(BIN)/signalprop lab run all --quick --out lab-out' (about 10 minutes)."
