@@ -257,39 +257,9 @@ def make_activation(name: str, **overrides: object) -> nn.Module:
     return ACTIVATIONS.build(name, **overrides)
 
 
-# torch classes -> canonical names. ReLU6 subclasses Hardtanh, so it is checked first.
-_TORCH_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.ReLU6, "relu6"),
-    (nn.Sigmoid, "sigmoid"),
-    (nn.Tanh, "tanh"),
-    (nn.Softsign, "softsign"),
-    (nn.Hardtanh, "hardtanh"),
-    (nn.ReLU, "relu"),
-    (nn.LeakyReLU, "leaky_relu"),
-    (nn.RReLU, "rrelu"),
-    (nn.ELU, "elu"),
-    (nn.SELU, "selu"),
-    (nn.CELU, "celu"),
-    (nn.GELU, "gelu"),
-    (nn.SiLU, "silu"),
-    (nn.Mish, "mish"),
-    (nn.Softplus, "softplus"),
-    (nn.Hardsigmoid, "hardsigmoid"),
-    (nn.Hardswish, "hardswish"),
-    (nn.LogSigmoid, "logsigmoid"),
-    (nn.Tanhshrink, "tanhshrink"),
-)
-
-
-def activation_kind(module: nn.Module) -> str | None:
-    """Canonical activation name of ``module`` (custom ``signalprop_activation`` first), or None."""
-    custom = getattr(module, "signalprop_activation", None)
-    if isinstance(custom, str):
-        return custom
-    for cls, name in _TORCH_KINDS:
-        if isinstance(module, cls):
-            return name
-    return None
+# the canonical name of a module (torch classes and custom ``signalprop_activation``) is defined
+# once, next to the probe that reads it
+from signalprop.probe.modules import activation_kind  # noqa: E402
 
 
 def is_activation(module: nn.Module) -> bool:
