@@ -306,6 +306,18 @@ class Population:
         self.grad = torch.zeros(off, **kw)
         self.params = {s.name: self._view(self.flat, s) for s in specs}
         self.grads = {s.name: self._view(self.grad, s) for s in specs}
+        # per hidden layer (bias, weight, weight^T, weight grad, bias grad): views made once (the
+        # buffers are only ever updated in place), not looked up and transposed every step
+        self._lin = [
+            (
+                self.params[f"layers.{i}.linear.bias"],
+                self.params[f"layers.{i}.linear.weight"],
+                self.params[f"layers.{i}.linear.weight"].transpose(1, 2),
+                self.grads[f"layers.{i}.linear.weight"],
+                self.grads[f"layers.{i}.linear.bias"],
+            )
+            for i in range(a.depth)
+        ]
         # per (param, member) segment lengths: per-member norms of every parameter in one op
         self._seg_len = torch.tensor(
             [s.numel // self.K for s in specs for _ in range(self.K)], device=self.device
@@ -496,7 +508,7 @@ class Population:
         for i in range(a.depth):
             c: dict[str, Any] = {"a": h}
             pre = a.norm != "none" and a.norm_position == "pre"
-            bias, weight = P[f"layers.{i}.linear.bias"], P[f"layers.{i}.linear.weight"]
+            bias, weight = self._lin[i][0], self._lin[i][1]
             if self.fast is not None and not pre:
                 # fold the fast form's input scale into the matmul: s*z = baddbmm(.., s, s)
                 s = self.act.fast_scale
@@ -576,11 +588,11 @@ class Population:
                 du = self._norm_bwd(du, i, c["norm"])
             if probe is not None:
                 probe[(f"layers.{i}.linear", "out_grad_norm")] = _knorm(du)
-            m = f"layers.{i}.linear"
-            torch.bmm(c["a"].transpose(1, 2), du, out=G[f"{m}.weight"])
-            torch.sum(du, dim=1, keepdim=True, out=G[f"{m}.bias"])
+            _, _, weight_t, g_weight, g_bias = self._lin[i]
+            torch.bmm(c["a"].transpose(1, 2), du, out=g_weight)
+            torch.sum(du, dim=1, keepdim=True, out=g_bias)
             if i > 0 or a.rbf:
-                nda = torch.bmm(du, P[f"{m}.weight"].transpose(1, 2))
+                nda = torch.bmm(du, weight_t)
                 if a.residual and i > 0:
                     nda.add_(da)
                 da = nda
