@@ -338,6 +338,16 @@ def conclude(data: dict[str, Any]) -> Conclusion:
             + (" (BN is NOT smoother here)." if v == CONTRADICTS else ".")
         )
         verdicts.append(v)
+    lp = [x for x in land["plain"].get("losses", []) if math.isfinite(x)]
+    lb = [x for x in land["bn"].get("losses", []) if math.isfinite(x)]
+    if lp and lb:
+        nums["landscape: median training loss, plain"] = float(np.median(lp))
+        nums["landscape: median training loss, BN"] = float(np.median(lb))
+        details.append(
+            f"Context: the median training loss at those points was {fmt(float(np.median(lb)))} "
+            f"with BN vs {fmt(float(np.median(lp)))} without (the loss variation scales with the "
+            "loss itself, so a network that fits faster also looks smoother)."
+        )
     verdict = combine_verdicts(verdicts)
     sentence = (
         f"Across init scales {fmt(min(scales))}-{fmt(max(scales))}, the final loss ranges over "
