@@ -123,6 +123,28 @@ def engine(depth: int, width: int, x: torch.Tensor, y: torch.Tensor, idx: torch.
     return clock.read()
 
 
+def matmuls_only(depth: int, width: int, d_in: int) -> tuple[float, float]:
+    """The engine's matmuls alone (same shapes, same order, 200 steps, no element-wise work):
+    the bound on what fusing the rest could reach at these sizes."""
+    g = torch.Generator().manual_seed(0)
+    dims = [d_in] + [width] * depth + [10]
+    ws = [torch.randn(K, a, b, generator=g) / a**0.5 for a, b in zip(dims[:-1], dims[1:], strict=True)]
+    bs = [torch.zeros(K, 1, b) for b in dims[1:]]
+    gs = [torch.empty_like(w) for w in ws]
+    x = torch.randn(K, BATCH, d_in, generator=g)
+    clock = Clock()
+    for _ in range(STEPS):
+        acts = [x]
+        for w, b in zip(ws, bs, strict=True):
+            acts.append(torch.baddbmm(b, acts[-1], w))
+        d = acts[-1]
+        for i in reversed(range(len(ws))):
+            torch.bmm(acts[i].transpose(1, 2), d, out=gs[i])
+            if i > 0:
+                d = torch.bmm(d, ws[i].transpose(1, 2))
+    return clock.read()
+
+
 def matmul_peak(repeats: int = 3) -> tuple[float, float]:
     """float32 GFLOP/s of a large square matmul, best of ``repeats``: (by wall, by CPU time)."""
     n = 2048
@@ -178,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for depth, width in SHAPES:
         flops = K * STEPS * Arch(x.shape[1], 10, depth, width).flops_per_step(BATCH)
         t: dict[str, list[tuple[float, float]]] = {"loop": [], "vmap": [], "engine": [],
-                                                   "peak": [], "par": []}
+                                                   "peak": [], "par": [], "mm": []}
         lr = lrs()
         parts = [lr[i :: args.procs] for i in range(args.procs)]
         for r in range(args.repeats):
@@ -188,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 t["vmap"].append(vmapped(depth, width, x, y, idx))
             t["peak"].append(matmul_peak())
             t["engine"].append(engine(depth, width, x, y, idx))
+            t["mm"].append(matmuls_only(depth, width, x.shape[1]))
             if pool is not None:
                 clock = Clock()
                 pool.map(_half, [(depth, width, x, y, idx, p) for p in parts])
@@ -208,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  engine: {flops / eng[0] / 1e9:.1f} GFLOP/s = {flops / eng[0] / 1e9 / peak[0]:.0%} "
               f"of the matmul peak by wall time; {flops / eng[1] / 1e9:.1f} GFLOP/s = "
               f"{flops / eng[1] / 1e9 / peak[1]:.0%} by CPU time")
+        mm = med(t["mm"])
+        print(f"  the engine's matmuls alone: {mm[0]:.2f} s = {flops / mm[0] / 1e9:.1f} GFLOP/s = "
+              f"{flops / mm[0] / 1e9 / peak[0]:.0%} of the peak (the bound for this step)")
         if t["par"]:
             par = med(t["par"])
             print(f"  engine, {args.procs} single-threaded processes (warm pool): {par[0]:.2f} s "
