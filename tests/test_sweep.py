@@ -218,9 +218,13 @@ def test_cli_sweep(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
 
 
-def test_example_config_is_valid():
-    specs = expand_grid(Path(__file__).parents[1] / "examples" / "sweep.yaml")
+def test_example_config_runs(tmp_path, capsys):
+    example = Path(__file__).parents[1] / "examples" / "sweep.yaml"
+    specs = expand_grid(example)
     assert len(specs) == 12 and len(group_runs(specs)) == 2
+    assert main(["sweep", str(example), "--out", str(tmp_path), "--no-progress"]) == 0
+    df = load(tmp_path).to_dataframe()
+    assert len(df) == 12 and set(df.status) <= {"done", "diverged"}
 
 
 def test_process_and_ray_executors_match_local(tmp_path):
