@@ -298,3 +298,14 @@ def test_agc_on_rbf_centres_is_per_centre(digits):
     pop.train_step(x.unsqueeze(0), y.unsqueeze(0))
     g, c = pop.grads["rbf.centres"][0], pop.params["rbf.centres"][0]  # [units, in]
     assert float((g.norm(dim=1) / c.norm(dim=1)).max()) <= 0.01 * (1 + 1e-9)
+
+
+def test_record_schedule(digits):
+    ds = digits
+    pop = Population(Arch(ds.in_features, ds.out_features, depth=1, width=8), 2)
+    pop.init_([0, 1])
+    res = pop.fit(ds, 20, 16, [0, 1], record_every=7, evaluate=False)
+    assert res.records[0].steps == [0, 7, 14, 19]
+    res = pop.fit(ds, 20, 16, [0, 1], record_steps=[1, 2, 4, 8, 16], evaluate=False)
+    assert res.records[1].steps == [0, 1, 2, 4, 8, 16, 19]
+    assert math.isnan(res.final[0]["test_accuracy"])  # evaluate=False

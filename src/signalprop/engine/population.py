@@ -771,6 +771,7 @@ class Population:
         record_every: int = 10,
         callback: Callable[[int], None] | None = None,
         evaluate: bool = True,
+        record_steps: Sequence[int] | None = None,
     ) -> FitResult:
         """Train all members for ``steps`` steps; members that diverge are frozen.
 
@@ -781,6 +782,8 @@ class Population:
             record_every: Probe every n steps, plus the first and last (0: those two only).
             callback: Called with the number of steps done, every ~1% of the run.
             evaluate: Compute loss/accuracy on the whole train and test splits at the end.
+            record_steps: Probe exactly these steps (plus the first and last) instead of every
+                ``record_every`` (e.g. log-spaced steps for a long run).
 
         Returns:
             :class:`FitResult`; ``final[k]`` has ``final_loss`` (mean mini-batch loss of the last
@@ -792,6 +795,7 @@ class Population:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if record_every < 0:
             raise ValueError(f"record_every must be >= 0, got {record_every}")
+        wanted = None if record_steps is None else {int(s) for s in record_steps}
         K = self.K
         xtr = data.x_train.to(self.device, self.dtype)
         ytr = data.y_train.to(self.device)
@@ -806,7 +810,9 @@ class Population:
         every = max(1, steps // 100)
         t0 = time.perf_counter()
         for t in range(steps):
-            probe = t == 0 or t == steps - 1 or (record_every > 0 and t % record_every == 0)
+            probe = t == 0 or t == steps - 1 or (
+                t in wanted if wanted is not None else (record_every > 0 and t % record_every == 0)
+            )
             idx = sampler.next()
             was_active = self.active.clone()
             loss, pr = self.train_step(xtr[idx], ytr[idx], probe=probe)
