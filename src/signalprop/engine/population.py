@@ -216,8 +216,7 @@ class Population:
         act_scale: Gain a of the scaled activation a*phi: a float or K values.
         dtype: ``torch.float32`` or ``torch.float64``. device: where everything lives.
         fast_math: Use an activation's faster float32 form where it has one (tanh as
-            2 sigmoid(2z) - 1, absolute error <= 1.8e-7). Default: on for float32, off for
-            float64.
+            2 sigmoid(2z) - 1, absolute error <= 1.8e-7). Default: on for float32 on the CPU.
 
     Example:
         >>> pop = Population(Arch(64, 10, depth=3, width=32), 4, hparams={"lr": [0.01, 0.1, 0.3, 1]})
@@ -247,8 +246,8 @@ class Population:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
         self.act = get_activation(arch.activation)
-        if fast_math is None:
-            fast_math = dtype == torch.float32
+        if fast_math is None:  # a CPU-only win (torch's CPU tanh is the slow one)
+            fast_math = dtype == torch.float32 and self.device.type == "cpu"
         self.fast = self.act.fast if fast_math else None
         self.optimizer_name = OPTIMIZERS.entry(optimizer).name
         self.clip = check_choice("clip", clip, CLIPS)
