@@ -317,7 +317,7 @@ class Population:
             )
             for i in range(a.depth)
         ]
-        # per (param, member) segment lengths: per-member norms of every parameter in one op
+        # per (param, member) segment lengths: per-member values -> the flat layout in one op
         self._seg_len = torch.tensor(
             [s.numel // self.K for s in specs for _ in range(self.K)], device=self.device
         )
