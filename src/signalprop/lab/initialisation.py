@@ -397,6 +397,7 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
         P.plain_ticks(ax)
         ax.set_xlabel("initial weight scale s")
         ax.legend(loc="best")
+    P.nice_log_ticks(axes[0, 1], "y")
     axes[0, 0].set_title("Do seeds agree?")
     axes[0, 1].set_title("Gradient at initialisation")
     out.append(P.save(fig, d / "init_agreement.png"))

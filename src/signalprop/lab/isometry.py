@@ -286,6 +286,7 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
     ax.set_xticklabels(names, rotation=15)
     ax.set_yscale("log")
     ax.set_ylabel("variance of squared singular values")
+    P.nice_log_ticks(ax, "y")
     ax.set_title("Measured vs predicted spectrum variance")
     ax.legend(loc="best")
     out.append(P.save(fig, d / "isometry_moments.png"))

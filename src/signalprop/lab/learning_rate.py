@@ -436,9 +436,11 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
     for key, lab, c in (("out_max_abs_diff", "max |BN((aW)u) - BN(Wu)|", P.PLAIN),
                         ("grad_w_rel_err", "rel. err. of a dBN/d(aW) = dBN/dW", P.NORMED),
                         ("grad_u_rel_err", "rel. err. of dBN/du (aW vs W)", P.THIRD)):
-        ax.plot(a, np.maximum([r[key] for r in inv], 1e-17), "o-", color=c, label=lab)
-    ax.plot(a, [r["grad_w_norm_ratio"] for r in inv], "k--", lw=1,
-            label="||dBN/d(aW)|| / ||dBN/dW|| (theory: 1/a)")
+        # at a = 1 both sides are the same computation (difference exactly 0): left out
+        vals = [r[key] if r[key] > 0 else np.nan for r in inv]
+        ax.plot(a, vals, "o-", color=c, label=lab)
+    ax.plot(a, [r["grad_w_norm_ratio"] for r in inv], "k^", label="||dBN/d(aW)|| / ||dBN/dW||")
+    ax.plot(a, [1.0 / x for x in a], "k:", lw=1, label="theory: 1/a")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("weight scale a")
@@ -464,6 +466,7 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
         axes[0, 1].set_xlabel("training step")
         axes[0, 1].set_ylabel("||dW|| / ||W|| (moving average)")
         axes[0, 1].set_yscale("log")
+        P.nice_log_ticks(axes[0, 1], "y")
         axes[0, 1].set_title("relative update (effective step)")
         axes[0, 0].legend(loc="best")
         out.append(P.save(fig, d / "lr_effective_step.png"))

@@ -140,3 +140,17 @@ def plain_ticks(ax: Any, axis: str = "x") -> None:
     a = ax.xaxis if axis == "x" else ax.yaxis
     a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     a.set_minor_formatter(NullFormatter())
+
+
+def nice_log_ticks(ax: Any, axis: str = "y") -> None:
+    """On a log axis spanning less than ~3 decades, tick at 1, 2, 5 x 10^k with plain labels
+    (matplotlib would otherwise label crowded minor ticks like "6 x 10^-1")."""
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if not (lo > 0 and hi > lo) or np.log10(hi / lo) > 3:
+        return
+    ticks = [m * 10.0**k for k in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+             for m in (1, 2, 5) if lo <= m * 10.0**k <= hi]
+    if len(ticks) < 2:
+        return
+    (ax.set_yticks if axis == "y" else ax.set_xticks)(ticks)
+    plain_ticks(ax, axis)

@@ -221,7 +221,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         f"{matched} of {total} textbook expectations hold ({pct(frac)}). " + " ".join(details)
     )
     if mismatches:
-        sentence += " Contradicted: " + "; ".join(mismatches) + "."
+        sentence += " Against the textbook: " + "; ".join(mismatches) + "."
         details += mismatches
     return conclusion(CLAIM, sentence, verdict, nums, details)
 
