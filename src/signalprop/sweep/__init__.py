@@ -6,10 +6,8 @@
 - :class:`SweepResult`: ``to_dataframe()``, ``to_csv()``, ``record(run_id)``.
 """
 
-import sys
-import types
-from typing import Any
 
+from signalprop._callable import make_module_callable
 from signalprop.sweep.config import PER_RUN, SCHEMA, config_hash, group_key, validate_config
 from signalprop.sweep.grid import RunSpec, expand_grid, group_runs, load_grid_file
 from signalprop.sweep.result import METRICS, SweepResult, load
@@ -37,13 +35,5 @@ __all__ = [
 ]
 
 
-class _CallableModule(types.ModuleType):
-    """``signalprop.sweep`` is both this package and the function :func:`sweep`: once the
-    package is imported (``from signalprop.sweep import ...``), the attribute ``signalprop.sweep``
-    is the module, so the module itself must be callable for ``signalprop.sweep(grid)`` to work."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> SweepResult:
-        return sweep(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# ``signalprop.sweep`` is both this package and the sweep() function (see signalprop._callable)
+make_module_callable(__name__, "sweep")
