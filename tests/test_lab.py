@@ -137,12 +137,19 @@ def test_report_escapes_user_strings(tmp_path: Path) -> None:
     cfg = read_json(d / "config.json")
     cfg["note"] = "<script>alert('x')</script>"
     write_json(d / "config.json", cfg)
-    concl = read_json(d / "conclusion.json")
-    concl["sentence"] = "<img src=x onerror=alert(1)> & done"
-    write_json(d / "conclusion.json", concl)
+    meta = read_json(d / "meta.json")
+    meta["environment"]["platform"] = "<b onmouseover=alert(2)>linux</b>"
+    write_json(d / "meta.json", meta)
+    # a failed study shows its error message in the index
+    bad = tmp_path / "isometry"
+    bad.mkdir()
+    write_json(bad / "meta.json", {"name": "isometry", "status": "failed", "quick": True,
+                                   "error": "<img src=x onerror=alert(1)> & done",
+                                   "traceback": "Traceback <tb>"})
     page = build_report(tmp_path).read_text()
-    assert "<script>" not in page and "<img src=x" not in page
+    assert "<script>" not in page and "<img src=x" not in page and "<b onmouseover" not in page
     assert "&lt;script&gt;" in page and "&lt;img src=x onerror=alert(1)&gt; &amp; done" in page
+    assert "&lt;b onmouseover=alert(2)&gt;" in page and "Traceback &lt;tb&gt;" in page
     # self-contained: no external resources, every figure embedded as a PNG data URI
     assert not re.search(r"(src|href)=\"(https?:|//)", page)
     imgs = re.findall(r"<img src=\"([^\"]+)\"", page)
@@ -172,6 +179,9 @@ def test_cli_list_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_cli_report_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_study("mnist1d-baseline", tmp_path, quick=True, overrides={"steps": 10, "eval_every": 5})
     (tmp_path / "index.html").unlink(missing_ok=True)
+    (tmp_path / "mnist1d-baseline" / "conclusion.json").unlink()
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "index.html").exists()
+    # the conclusion is recomputed from the stored measurements, nothing is trained
+    assert read_json(tmp_path / "mnist1d-baseline" / "conclusion.json")["verdict"]
     assert str(tmp_path / "index.html") in capsys.readouterr().out

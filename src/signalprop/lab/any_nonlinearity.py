@@ -384,7 +384,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
             nums[f"{a}: first/output gradient ratio at init, no remedy, depth {deep}"] = v
     for k, reason in data.get("not_applicable", {}).items():
         if k.endswith("|critical"):
-            details.append(f"{k.split('|')[0]}: no critical initialisation ({reason[:160]}).")
+            details.append(f"{k.split('|')[0]}: no critical initialisation: {reason}")
     verdict = combine_verdicts(verdicts)
     sentence = " ".join([details[1], details[0]])
     return conclusion(CLAIM, sentence, verdict, nums, details)
