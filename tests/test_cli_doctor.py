@@ -98,7 +98,7 @@ def test_list_examples(capsys: Any) -> None:
     ("args", "message"),
     [
         (["--example", "deep-sigmod"], "unknown example 'deep-sigmod'; did you mean"),
-        (["{f}:nope"], "has no function 'nope'; functions defined there: factory"),
+        (["{f}:nope"], "has no factory 'nope'; callables defined there: factory"),
         (["{f}:two_things"], "must return (model, data, loss_fn), got a tuple of length 2"),
         (["{f}:NOT_CALLABLE"], "is not callable"),
         (["{f}:no_params"], "no trainable parameters"),

@@ -65,7 +65,7 @@ def test_critical_user_callable_by_import_path(
     t = run_json(capsys, "theory", "critical", "-a", "torch:tanh", "--json")
     assert t["sigma_w"] == pytest.approx(1.0, abs=1e-6)
     # errors: one line, exit 2, no evaluation of strings
-    for bad, msg in [("my_acts:nope", "no attribute"), ("my_acts:NOT_CALLABLE", "not callable"),
+    for bad, msg in [("my_acts:nope", "has no activation 'nope'"), ("my_acts:NOT_CALLABLE", "not callable"),
                      ("no_such_module_xyz:f", "cannot import"),
                      ("__import__('os').getcwd():x", "module path"),
                      (f"{tmp_path}/missing.py:f", "does not exist")]:

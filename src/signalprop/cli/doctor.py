@@ -7,11 +7,8 @@ HTML report, the report JSON and the gzipped record under ``--out DIR``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-import uuid
-from pathlib import Path
 from typing import Any
 
 import click
@@ -36,37 +33,15 @@ def load_factory(target: str) -> tuple[Any, Any, Any]:
     """
     from torch import nn
 
-    path_s, sep, fn_name = target.rpartition(":")
-    if not sep or not path_s or not fn_name or not fn_name.isidentifier():
+    from signalprop._imports import load_callable
+
+    _, sep, fn_name = target.rpartition(":")
+    if not sep:
         raise ValueError(
             f"expected TARGET as path/to/file.py:factory, got {target!r} "
             "(or use --example NAME; see --list-examples)"
         )
-    path = Path(path_s)
-    if not path.is_file():
-        raise FileNotFoundError(f"factory file {str(path)!r} does not exist")
-    modname = f"_signalprop_factory_{uuid.uuid4().hex[:8]}"
-    spec = importlib.util.spec_from_file_location(modname, path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"cannot import {str(path)!r} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise ValueError(f"importing {str(path)!r} failed: {type(e).__name__}: {e}") from e
-    finally:
-        sys.path.pop(0)
-    if not hasattr(module, fn_name):
-        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                       and getattr(v, "__module__", None) == modname)
-        raise ValueError(
-            f"{str(path)!r} has no function {fn_name!r}; functions defined there: "
-            f"{', '.join(names) or 'none'}"
-        )
-    fn = getattr(module, fn_name)
-    if not callable(fn):
-        raise TypeError(f"{fn_name!r} in {str(path)!r} is not callable")
+    fn = load_callable(target, what="factory")
     out = fn()
     if not isinstance(out, (tuple, list)) or len(out) != 3:
         got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(

@@ -15,12 +15,8 @@ never evaluated as a string).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
-import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -51,54 +47,10 @@ def _parse_params(params: tuple[str, ...]) -> dict[str, float]:
 
 
 def load_callable(target: str) -> Any:
-    """Import ``package.module:attr`` or ``path/to/file.py:attr`` (attr may be dotted).
+    """Import ``package.module:attr`` or ``path/to/file.py:attr`` (see signalprop._imports)."""
+    from signalprop._imports import load_callable as _load
 
-    Raises:
-        FileNotFoundError: a ``.py`` path that does not exist.
-        ValueError: malformed target, import failure, or missing attribute.
-        TypeError: the attribute is not callable.
-    """
-    mod_s, sep, attr = target.rpartition(":")
-    if not sep or not mod_s or not attr or not all(a.isidentifier() for a in attr.split(".")):
-        raise ValueError(f"expected module:function or path/to/file.py:function, got {target!r}")
-    if mod_s.endswith(".py"):
-        path = Path(mod_s)
-        if not path.is_file():
-            raise FileNotFoundError(f"activation file {mod_s!r} does not exist")
-        spec = importlib.util.spec_from_file_location(f"_signalprop_act_{uuid.uuid4().hex[:8]}",
-                                                      path)
-        if spec is None or spec.loader is None:
-            raise ValueError(f"cannot import {mod_s!r} as a Python module")
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, str(path.resolve().parent))
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            raise ValueError(f"importing {mod_s!r} failed: {type(e).__name__}: {e}") from e
-        finally:
-            sys.path.pop(0)
-    else:
-        if not all(p.isidentifier() for p in mod_s.split(".")):
-            raise ValueError(f"{mod_s!r} is not a module path (package.module) or a .py file")
-        added = False
-        if "" not in sys.path and "." not in sys.path:
-            sys.path.insert(0, "")  # let `module:function` find modules in the current directory
-            added = True
-        try:
-            module = importlib.import_module(mod_s)
-        except ImportError as e:
-            raise ValueError(f"cannot import module {mod_s!r}: {e}") from e
-        finally:
-            if added:
-                sys.path.remove("")
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{mod_s!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{target!r} is not callable")
-    return obj
+    return _load(target, what="activation")
 
 
 def resolve_cli_activation(name: str, params: tuple[str, ...] = ()) -> Any:

@@ -14,21 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from signalprop.lab.base import from_jsonable, to_jsonable
+from signalprop.sweep.result import METRICS as _SWEEP_METRICS
 
-#: Metrics copied from the sweep's result table.
-METRICS = (
-    "status",
-    "final_loss",
-    "min_loss",
-    "train_loss",
-    "test_loss",
-    "train_accuracy",
-    "test_accuracy",
-    "diverged_step",
-    "grad_ratio_init",
-    "grad_ratio_final",
-    "wall_time",
-)
+#: Metrics copied from the sweep's result table (its metric columns plus status and timing).
+METRICS = ("status", *_SWEEP_METRICS, "wall_time")
 
 
 def _clean(v: Any) -> Any:
