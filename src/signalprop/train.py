@@ -15,35 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from signalprop._registry import Registry
 from signalprop.data import Dataset
 from signalprop.probe import Probe
 from signalprop.record import Record
+from signalprop.remedies.optimizers import OPTIMIZERS
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DataLike = Any  # DataLoader | (x, y) | Dataset | iterable of (x, y)
-
-#: Built-in optimiser names -> (constructor, default kwargs besides lr). The remedies package
-#: registers more (SMORMS3, vSGD, layer-wise rates); :func:`make_optimizer` looks there too.
-BUILTIN_OPTIMIZERS: Registry = Registry("optimizer")
-BUILTIN_OPTIMIZERS.register("sgd", torch.optim.SGD)
-BUILTIN_OPTIMIZERS.register("momentum", torch.optim.SGD, momentum=0.9)
-BUILTIN_OPTIMIZERS.register("nesterov", torch.optim.SGD, momentum=0.9, nesterov=True)
-BUILTIN_OPTIMIZERS.register("adam", torch.optim.Adam)
-BUILTIN_OPTIMIZERS.register("adamw", torch.optim.AdamW)
-BUILTIN_OPTIMIZERS.register("rmsprop", torch.optim.RMSprop)
-BUILTIN_OPTIMIZERS.register("rprop", torch.optim.Rprop)
-BUILTIN_OPTIMIZERS.register("adagrad", torch.optim.Adagrad)
-
-
-def _optimizer_registry() -> Registry:
-    try:  # the remedies cabinet's registry is a superset when it is installed
-        from signalprop.remedies import OPTIMIZERS  # type: ignore[attr-defined]
-
-        return OPTIMIZERS
-    except (ImportError, AttributeError):
-        return BUILTIN_OPTIMIZERS
-
 
 OptimizerSpec = str | torch.optim.Optimizer | Callable[..., torch.optim.Optimizer]
 
@@ -56,8 +34,7 @@ def make_optimizer(
     if isinstance(spec, torch.optim.Optimizer):
         return spec
     if isinstance(spec, str):
-        reg = _optimizer_registry()
-        entry = reg.entry(spec)
+        entry = OPTIMIZERS.entry(spec)
         kw = {**entry.defaults, **kwargs}
         fn = entry.fn
         # registry entries may take the model (layer-wise rates) or its parameters
