@@ -340,8 +340,10 @@ def _gaussian_misfit(record: Record, step: int, layers: list[str]) -> float:
     return float(np.median(vals)) if vals else math.nan
 
 
-def _width(record: Record, layers: list[str]) -> int | None:
-    ws = [int(np.prod(i.shape)) for m in layers if (i := record.layers.get(m)) and i.shape]
+def _width(record: Record, ctx: Any, layers: list[str]) -> int | None:
+    """Smallest fan_out (units or channels) of the given weight layers."""
+    ws = [i.shape[0] for m in layers
+          if (i := record.layers.get(ctx.weight_params.get(m, ""))) and i.shape]
     return min(ws) if ws else None
 
 
@@ -370,7 +372,7 @@ def _reasons(record: Record, ts: list[Transition], step: int, ctx: Any, at_end: 
         r = np.log([t.measured / t.chi for t in cov]) / 2  # per-layer log residual, norm units
         mean, sd = float(np.mean(r)), float(np.std(r, ddof=1))
         n = len(r)
-        width = _width(record, [t.layer for t in cov])
+        width = _width(record, ctx, [t.layer for t in cov])
         systematic = abs(mean) > 2.5 * sd / math.sqrt(n)
         if not systematic or sd > abs(mean):
             out.append(f"narrow layers (width {width}): each layer's measured factor scatters by "
@@ -579,3 +581,14 @@ def attach(findings: list[Any], explanation: Explanation | None) -> None:
         if explanation.prescription is not None:
             ws = list(explanation.prescription.sigma_w.values())
             f.numbers["critical_sigma_w"] = float(np.median(ws))
+
+
+def critical_remedy(explanation: Explanation | None) -> Any:
+    """The ``critical_init`` remedy with this model's prescribed per-layer sigma_w^2 and sigma_b^2
+    (the plain registered remedy when there is no prescription)."""
+    from signalprop.remedies import get_remedy
+
+    if explanation is None or explanation.prescription is None:
+        return get_remedy("critical_init")
+    p = explanation.prescription
+    return get_remedy("critical_init", sigma_w2=p.sigma_w2, sigma_b2=p.sigma_b2)
