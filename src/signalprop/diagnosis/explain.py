@@ -38,6 +38,9 @@ from signalprop.record import MODEL, Record
 #: Prediction and measurement of the end-to-end gradient-norm ratio "agree" within this factor.
 DISAGREEMENT_FACTOR = 2.0
 
+#: chi in this range counts as "near the edge of chaos" in the cause sentence.
+NEAR_CRITICAL = (0.8, 1.25)
+
 #: Pre-activations count as Gaussian when their measured 5-95% range is within this fraction of
 #: the Gaussian one (2 x 1.645 std).
 GAUSSIAN_RANGE_TOL = 0.25
@@ -60,6 +63,7 @@ class Transition:
         modules: Module types between the two weight layers (``["Sigmoid"]``).
         activation: The activation's name (``None`` when there is none or it is unknown).
         q: Measured E[h_l^2] (pre-activation second moment).
+        mean: Measured mean of h_l (over batch and units; ~0 for zero-mean weights and biases).
         sigma_w2: Measured fan_in Var(W_{l+1}).
         e_dphi2: E[phi'(sqrt(q) z)^2] (element-wise blocks).
         chi: Predicted ratio of squared gradient norms r_l (NaN when not predicted).
@@ -73,6 +77,7 @@ class Transition:
     modules: list[str]
     activation: str | None
     q: float
+    mean: float
     sigma_w2: float
     e_dphi2: float
     chi: float
@@ -181,11 +186,14 @@ class Explanation:
 
 
 # --- reading the record ---------------------------------------------------------------------
-def _first_finite_step(record: Record, names: list[str], metric: str, last: bool) -> int | None:
+def _first_finite_step(record: Record, names: list[str], last: bool) -> int | None:
+    """The first (last) step whose gradient norms are finite and > 0 and whose forward
+    statistics are finite, for every weight layer."""
     steps = record.steps[::-1] if last else record.steps
     for s in steps:
-        v = [record.get(s, n, metric) for n in names]
-        if all(math.isfinite(x) and x > 0 for x in v):
+        g = [record.get(s, n, "out_grad_norm") for n in names]
+        f = [record.get(s, n, k) for n in names[:-1] for k in ("out_mean", "out_std")]
+        if all(math.isfinite(x) and x > 0 for x in g) and all(math.isfinite(x) for x in f):
             return s
     return None
 
@@ -289,9 +297,17 @@ def _blocks(record: Record, model: Any, ctx: Any) -> list[tuple[str, list[str], 
 
 def _transitions(record: Record, ctx: Any, blocks: list, step: int, batch_size: int | None
                  ) -> list[Transition]:
-    from signalprop.theory import bn_gradient_rate, length_moments
+    from signalprop.theory import bn_gradient_rate
 
     L = ctx.weight_layers
+    cache: dict[tuple[Any, ...], float] = {}
+
+    def memo(fn: Any, act: Any, *args: Any) -> float:
+        key = (fn, id(act), *args)
+        if key not in cache:
+            cache[key] = fn(act, *args)
+        return cache[key]
+
     g = [record.get(step, m, "out_grad_norm") for m in L]
     q = [_second_moment(record, step, m) for m in L]
     out = []
@@ -301,17 +317,47 @@ def _transitions(record: Record, ctx: Any, blocks: list, step: int, batch_size: 
             meas = (g[j] / g[j + 1]) ** 2
         e2 = chi = math.nan
         if kind == "elementwise" and math.isfinite(q[j]) and math.isfinite(sw2):
-            e2 = float(length_moments(act, q[j])[1])
+            e2 = _dphi2(act, record.get(step, L[j], "out_mean"), record.get(step, L[j], "out_std"))
             chi = sw2 * e2
         elif kind == "batchnorm" and batch_size is not None and batch_size >= 4 \
-                and q[j] > 0 and math.isfinite(q[j + 1]):
+                and q[j] > 0 and math.isfinite(sw2):
+            # BN divides by each unit's batch std, so the scale that matters is the per-unit
+            # variance over the batch: after BN then phi it is sigma_w^2 Var[phi(z)], z ~ N(0, 1)
+            # (unit means are the same for every unit and cancel); else the measured q
+            v_next = sw2 * memo(_bn_output_variance, act)
+            v_here = q[j]
+            if j > 0 and blocks[j - 1][0] == "batchnorm":
+                v_here = _weight_scale(record, step, ctx.weight_params[L[j]]) * \
+                    memo(_bn_output_variance, blocks[j - 1][2])
             try:
-                chi = bn_gradient_rate(act, batch_size) * q[j + 1] / q[j]
+                chi = memo(bn_gradient_rate, act, batch_size) * v_next / v_here
             except ValueError:
                 chi = math.nan
-        out.append(Transition(L[j], L[j + 1], j + 1, kind, types, name, q[j], sw2, e2, chi,
-                              float(meas)))
+        out.append(Transition(L[j], L[j + 1], j + 1, kind, types, name, q[j],
+                              record.get(step, L[j], "out_mean"), sw2, e2, chi, float(meas)))
     return out
+
+
+def _dphi2(act: Any, mean: float, std: float) -> float:
+    """E[phi'(h)^2] for h ~ N(mean, std^2) as measured. With zero-mean weights and biases the
+    mean is ~0 and this is E[phi'(sqrt(q) z)^2]; a constant bias shift (all units at -3) is kept
+    where the zero-mean formula would put half the units on either side."""
+    from signalprop.theory import gaussian_expectations
+
+    if abs(mean) <= 1e-3 * std:
+        return float(gaussian_expectations(lambda x: act.dphi(x) ** 2, std * std,
+                                           kinks=act.kinks)[0])
+    return float(gaussian_expectations(lambda x: act.dphi(x + mean) ** 2, std * std,
+                                       kinks=tuple(k - mean for k in act.kinks))[0])
+
+
+def _bn_output_variance(act: Any) -> float:
+    """Var[phi(z)], z ~ N(0, 1): the per-unit batch variance of phi after batch norm."""
+    from signalprop.theory import gaussian_expectations
+
+    m = gaussian_expectations(lambda x: np.stack([act.phi(x), act.phi(x) ** 2]), 1.0,
+                              kinks=act.kinks)
+    return float(m[1] - m[0] ** 2)
 
 
 def _ratio(ts: list[Transition], attr: str) -> tuple[float, int]:
@@ -351,7 +397,7 @@ def _reasons(record: Record, ts: list[Transition], step: int, ctx: Any, at_end: 
              step0: int) -> list[str]:
     """Which mean-field assumption fails, decided from the record."""
     out = []
-    unknown = [t for t in ts if not math.isfinite(t.chi)]
+    unknown = [t for t in ts if t.block == "unknown"]
     if unknown:
         kinds = sorted({"+".join(t.modules) or "nothing" for t in unknown})
         out.append(f"{len(unknown)} block(s) are not an element-wise activation (or batch norm "
@@ -368,29 +414,32 @@ def _reasons(record: Record, ts: list[Transition], step: int, ctx: Any, at_end: 
                        f"{fmt(100 * max(moved), 2)}%), so they are no longer independent random "
                        "matrices")
     cov = [t for t in ts if math.isfinite(t.chi) and t.measured > 0 and math.isfinite(t.measured)]
-    if len(cov) >= 3:
+    if not cov:
+        return out
+    gm = _gaussian_misfit(record, step, [t.layer for t in cov])
+    if math.isfinite(gm) and gm > GAUSSIAN_RANGE_TOL:
+        out.append(f"the pre-activations are not Gaussian (their 5-95% range is off the Gaussian "
+                   f"one by {fmt(100 * gm, 2)}% in the median layer): a few units or correlated "
+                   "units carry the signal, where the theory assumes many independent ones")
+    if len(cov) >= 2:
         r = np.log([t.measured / t.chi for t in cov]) / 2  # per-layer log residual, norm units
-        mean, sd = float(np.mean(r)), float(np.std(r, ddof=1))
         n = len(r)
+        mean, sd = float(np.mean(r)), float(np.std(r, ddof=1))
         width = _width(record, ctx, [t.layer for t in cov])
-        systematic = abs(mean) > 2.5 * sd / math.sqrt(n)
-        if not systematic or sd > abs(mean):
+        # a random walk of independent per-layer errors explains the total when it is within
+        # ~2.5 standard deviations; otherwise the error has a direction (systematic)
+        systematic = abs(mean) * math.sqrt(n) > 2.5 * sd
+        if not systematic:
             out.append(f"narrow layers (width {width}): each layer's measured factor scatters by "
-                       f"~{fmt(100 * (math.exp(sd) - 1), 2)}% around the prediction and the "
-                       f"scatter accumulates over {n} layers; the mean-field limit assumes "
-                       "width >> depth")
-        if systematic:
-            gm = _gaussian_misfit(record, step, [t.layer for t in cov])
+                       f"~{fmt(100 * (math.exp(sd) - 1), 2)}% around the prediction, in both "
+                       f"directions, and the scatter accumulates over {n} layers; the mean-field "
+                       "limit assumes width >> depth")
+        else:
             direction = "larger" if mean > 0 else "smaller"
-            txt = (f"each layer's measured factor is systematically {direction} than predicted "
-                   f"(by {fmt(math.exp(abs(mean)), 3)}x on average)")
-            if math.isfinite(gm) and gm > GAUSSIAN_RANGE_TOL:
-                txt += (f": the pre-activations are not Gaussian (their 5-95% range is off the "
-                        f"Gaussian one by {fmt(100 * gm, 2)}%), i.e. correlated units")
-            else:
-                txt += (": correlated units (the backward signal is not independent of the "
-                        "weights, as the mean-field limit assumes)")
-            out.append(txt)
+            out.append(f"each layer's measured factor is systematically {direction} than "
+                       f"predicted (by {fmt(math.exp(abs(mean)), 3)}x on average): correlated "
+                       "units (the backward signal is not independent of the weights, as the "
+                       "mean-field limit assumes)")
     return out
 
 
@@ -414,20 +463,23 @@ def _cause(ts: list[Transition], act_obj: Any) -> str:
     grid = np.linspace(-12.0, 12.0, 4801)
     dmax = float(np.max(np.abs(act_obj.dphi(grid)))) if act_obj is not None else math.nan
     frac = e2 / (dmax * dmax) if dmax > 0 else math.nan
-    if chi < 1:
-        verb = "shrinks"
-    elif chi > 1:
-        verb = "grows"
-    else:
-        verb = "keeps"
+    near = NEAR_CRITICAL[0] <= chi <= NEAR_CRITICAL[1]
+    verb = "keeps" if near else ("shrinks" if chi < 1 else "grows")
+    mean = float(np.median([t.mean for t in el]))
+    where = f"z ~ N(0, q), measured q = {fmt(q, 2)}"
+    if abs(mean) > 0.5 * math.sqrt(q):
+        where = (f"z ~ N(m, q - m^2) as measured, m = {fmt(mean, 2)}, q = {fmt(q, 2)}: the "
+                 "biases shift every unit the same way")
     txt = (f"Why (mean-field theory at the measured init, Schoenholz et al. 2017): each layer "
            f"{verb} the squared gradient by chi = sigma_w^2 E[{name}'(z)^2] = {fmt(sw2, 3)} x "
-           f"{fmt(e2, 2)} = {fmt(chi, 2)} (z ~ N(0, q), measured q = {fmt(q, 2)}), a factor "
+           f"{fmt(e2, 2)} = {fmt(chi, 2)} ({where}), a factor "
            f"{fmt(math.sqrt(chi), 3)} per layer on the gradient norm.")
     if math.isfinite(frac):
         sat = (f" {name}' <= {fmt(dmax, 3)} and E[{name}'^2] is {fmt(100 * frac, 2)}% of its "
                f"maximum {fmt(dmax * dmax, 3)}")
-        if chi < 1 and frac >= 0.8:
+        if near:
+            sat += ": chi is near 1, the edge of chaos (gradients keep their scale)."
+        elif chi < 1 and frac >= 0.8:
             sat += (f", so the cause is {name}' <= {fmt(dmax, 3)} times sigma_w^2 = "
                     f"{fmt(sw2, 3)}, not saturation.")
         elif chi < 1 and frac <= 0.3:
@@ -458,20 +510,27 @@ def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Presc
                      "per model is computed only for a single activation."
     act = acts[0]
     sb2 = _bias_scale(record, step, ctx.weight_layers[:-1])
+    note = ""
     try:
         cp = critical_point(act, sb2)
     except NoCriticalPoint as e:
-        return None, str(e)
+        if sb2 == 0.0:
+            return None, str(e)
+        try:  # the model's bias scale rules a critical point out; zero biases may not
+            cp = critical_point(act, 0.0)
+        except NoCriticalPoint:
+            return None, str(e)
+        note = f"none at the model's sigma_b^2 = {fmt(sb2)} ({e.reason}); biases set to 0. "
+        sb2 = 0.0
     L = ctx.weight_layers
     xm, xs = record.get(step, MODEL, "input_mean"), record.get(step, MODEL, "input_std")
     ex2 = xm * xm + xs * xs if math.isfinite(xm) and math.isfinite(xs) else math.nan
     sw2 = {m: cp.sigma_w2 for m in L}
-    note = ""
     # layer 1 sees the data, not phi(h): choose its scale so that q_1 = q* (the fixed point)
     if blocks[0][0] == "elementwise" and math.isfinite(cp.q_star) and cp.q_star > 0 \
             and math.isfinite(ex2) and ex2 > 0 and cp.q_star > sb2:
         sw2[L[0]] = (cp.q_star - sb2) / ex2
-        note = "layer 1 scaled so that its pre-activations start at q* for the measured input"
+        note += "layer 1 scaled so that its pre-activations start at q* for the measured input"
     # keep BN / unknown blocks' next layers as they are: chi does not apply there
     for j, b in enumerate(blocks):
         if b[0] != "elementwise":
@@ -520,10 +579,9 @@ def explain(
     if ctx.depth < 2:
         return None
     L = ctx.weight_layers
-    s0 = _first_finite_step(record, L, "out_grad_norm", last=False)
-    s1 = _first_finite_step(record, L, "out_grad_norm", last=True)
-    if s0 is None or s1 is None or not all(math.isfinite(_second_moment(record, s0, m))
-                                           for m in L[:-1]):
+    s0 = _first_finite_step(record, L, last=False)
+    s1 = _first_finite_step(record, L, last=True)
+    if s0 is None or s1 is None:
         return None
     if batch_size is None:
         b = record.meta.get("batch_size")
