@@ -169,7 +169,8 @@ class Explanation:
             sw = sorted({round(v, 4) for v in p.sigma_w.values()})
             out += (f" Critical init for this model: sigma_w = "
                     f"{', '.join(fmt(v, 3) for v in sw)} (sigma_b^2 = {fmt(p.sigma_b2)}), "
-                    f"predicted ratio after the change {fmt(p.predicted_ratio)}.")
+                    f"predicted ratio after the change {fmt(p.predicted_ratio, 3)}"
+                    + (f"; {p.note.strip()}" if p.note.strip() else "") + ".")
         elif self.prescription_note:
             out += f" No critical init: {self.prescription_note}"
         return out
