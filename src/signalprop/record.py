@@ -296,7 +296,9 @@ class Record:
 
     def to_dataframe(self) -> Any:
         """Tidy ``pandas.DataFrame`` with columns step, layer, metric, value, type, role, depth."""
-        import pandas as pd
+        from signalprop._optional import require
+
+        pd = require("pandas", "lab", "Record.to_dataframe")
 
         df = pd.DataFrame(list(self.rows()), columns=["step", "layer", "metric", "value"])
         info = {n: i for n, i in self.layers.items()}
