@@ -89,7 +89,8 @@ class Prescription:
     """Critical initialisation computed for this model (chi = 1 at every element-wise layer).
 
     Attributes:
-        sigma_w2: Weight-layer module name -> sigma_w^2 (W ~ N(0, sigma_w^2 / fan_in)).
+        sigma_w2: Weight-layer module name -> sigma_w^2 (W ~ N(0, sigma_w^2 / fan_in)); the
+            names ``model.get_submodule`` takes.
         sigma_b2: Bias variance (the model's own, measured).
         q_star: The fixed point q* of the length map at the critical point.
         input_second_moment: Measured E[x^2] of the model's input (sets layer 1's sigma_w^2 so
@@ -278,7 +279,7 @@ def _blocks(record: Record, model: Any, ctx: Any) -> list[tuple[str, list[str], 
         types = [i.type for i in between]
         acts, bn, other = [], False, []
         for i in between:
-            mod = mods.get(i.name)
+            mod = mods.get(i.module or i.name)  # a call site "act#2" is module "act"
             if _BN in i.type:
                 bn = True
             elif i.activation is not None or _is_elementwise(mod, i.shape):
@@ -546,7 +547,13 @@ def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Presc
         m = length_moments(b[2], q)
         log_r += 0.5 * math.log(sw2[L[j + 1]] * float(m[1]))
         q = sw2[L[j + 1]] * float(m[0]) + sb2
-    return Prescription(sw2, sb2, float(cp.q_star), float(ex2), float(math.exp(log_r)),
+    # keyed by module (a module called at several sites has one set of weights: its first
+    # site's value)
+    by_module: dict[str, float] = {}
+    for m in L:
+        info = record.layers.get(m)
+        by_module.setdefault((info.module if info is not None and info.module else m), sw2[m])
+    return Prescription(by_module, sb2, float(cp.q_star), float(ex2), float(math.exp(log_r)),
                         act.name, note), ""
 
 
