@@ -600,19 +600,24 @@ TrainResult = FitResult
 
 
 def _build_probe(
-    probe: bool | Probe | dict[str, Any] | None, model: nn.Module, schedule: Any
+    probe: bool | Probe | dict[str, Any] | None, model: nn.Module, schedule: Any,
+    opts: list[torch.optim.Optimizer], scaler: Any,
 ) -> Probe | None:
+    """The run's probe, bound to its optimisers (and scaler): the probe's own hooks then see
+    every step boundary, the gradients before clipping, and the steps a scaler skips."""
     if probe is None or probe is False:
         return None
     if isinstance(probe, Probe):
-        # fit drives the probe's step boundaries itself (several optimisers, clipping,
-        # accumulation, scaler): an optimiser bound to the probe would double-step it
-        probe.optimizer = None
+        probe.optimizer = opts
+        if scaler is not None and getattr(probe, "scaler", None) is None:
+            probe.scaler = scaler
         return probe
     kw = dict(probe) if isinstance(probe, dict) else {}
     if schedule is not None:
         kw.setdefault("schedule", schedule)
-    kw.pop("optimizer", None)
+    kw["optimizer"] = opts
+    if scaler is not None:
+        kw.setdefault("scaler", scaler)
     return Probe(model, **kw)
 
 
@@ -708,7 +713,7 @@ def fit(
     elif isinstance(amp, torch.dtype):
         amp_dtype = amp
 
-    p = _build_probe(probe, model, schedule)
+    p = _build_probe(probe, model, schedule, opts, scaler)
     baseline = TrivialBaseline(loss_fn) if step_fn is None else None
     source = as_batches(data, batch_size=batch_size, seed=seed or 0)
     it = source()
@@ -749,30 +754,30 @@ def fit(
                     last = forward_loss(model, batch, loss_fn, step_fn)
                 loss = last.loss / accumulate if accumulate > 1 else last.loss
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-                total += float(last.loss.detach())
+                micro = last.loss.detach()
+                total += float(micro)
+                if p is not None and p.recording:
+                    p.log(loss=micro)  # the probe averages over the accumulation window
                 if baseline is not None:
                     baseline.update(last, batch)
             lv = total / accumulate
+            if p is not None and p.recording and last is not None:
+                acc = _accuracy(last.pred, last.target)
+                if acc is not None:
+                    p.log(accuracy=acc)
             if scaler is not None:
                 for o in opts:
                     scaler.unscale_(o)
             finite = _grads_finite(params)
-            if p is not None and p.recording:
-                acc = _accuracy(last.pred, last.target) if last is not None else None
-                mean_loss = torch.tensor(lv)
-                p.log(loss=mean_loss) if acc is None else p.log(loss=mean_loss, accuracy=acc)
             losses.append(lv)
             if scaler is not None and math.isfinite(lv) and not finite:
                 # the scaler skips this step and lowers its scale: an outcome of mixed
-                # precision, not divergence
+                # precision, not divergence (the probe records it as a skipped step)
                 scale = scaler.get_scale()
                 for o in opts:
                     scaler.step(o)
                 scaler.update()
                 skipped += int(scaler.get_scale() < scale)
-                if p is not None:
-                    p.gradients_ready()
-                    p.stepped(update_ratios=False)
                 continue
             reason = divergence_reason(lv, losses[0], finite, diverge_factor)
             if reason is not None:
@@ -782,23 +787,17 @@ def fit(
                     p.gradients_ready()
                     p.stepped(update_ratios=False)
                 break
-            if p is not None:
-                p.gradients_ready()
-                if p.recording:
-                    p.snapshot_weights()
             if grad_transform is not None:
                 grad_transform(model)
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip)
-            if scaler is not None:
-                for o in opts:
+            for o in opts:  # the probe's optimiser hooks close its step
+                if scaler is not None:
                     scaler.step(o)
-                scaler.update()
-            else:
-                for o in opts:
+                else:
                     o.step()
-            if p is not None:
-                p.stepped()
+            if scaler is not None:
+                scaler.update()
             if progress is not None:
                 progress(step, lv)
             if callback is not None:
