@@ -35,6 +35,8 @@ from signalprop.diagnosis import (
     diagnose,
     merge_prescriptions,
 )
+from signalprop.diagnosis.explain import attach as attach_explanation
+from signalprop.diagnosis.explain import critical_remedy, explain
 from signalprop.diagnosis.findings import SEVERITIES, json_number
 from signalprop.record import Record, atomic_write_text
 
@@ -84,6 +86,9 @@ class Report:
         meta: Run settings and environment (model, data, optimiser, lr, steps, timings ...).
         losses: The training loss at every step.
         trial_table: The ``signalprop.trial.TrialTable`` behind ``trials`` (not serialised).
+        explanation: Mean-field prediction of the gradient profile beside the measurement
+            (:class:`signalprop.diagnosis.explain.Explanation`; ``None`` when the record does not
+            support one). In JSON under ``"explanation"``.
     """
 
     findings: list[Finding]
@@ -93,6 +98,7 @@ class Report:
     meta: dict[str, Any] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     trial_table: Any = field(default=None, repr=False)
+    explanation: Any = field(default=None, repr=False)
 
     @property
     def healthy(self) -> bool:
@@ -128,14 +134,18 @@ class Report:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict with stable keys ``schema, findings, summary, trials, meta``."""
-        return {
+        """JSON-compatible dict with stable keys ``schema, findings, summary, trials, meta``
+        (and ``explanation`` when there is one)."""
+        d = {
             "schema": REPORT_SCHEMA,
             "findings": [f.to_dict() for f in self.findings],
             "summary": _jsonable(self.summary()),
             "trials": _jsonable(self.trials),
             "meta": _jsonable(self.meta),
         }
+        if self.explanation is not None:
+            d["explanation"] = _jsonable(self.explanation.to_dict())
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         """The report as JSON text (NaN/Inf written as ``null``)."""
@@ -280,7 +290,7 @@ def _run_trials(
     model: nn.Module,
     data: Any,
     loss_fn: LossFn | None,
-    remedies: Sequence[str],
+    remedies: Sequence[Any],
     settings: dict[str, Any],
     seeds: int,
     progress: bool,
@@ -429,6 +439,8 @@ def doctor(
     for k, v in architecture_facts(work).items():
         record.meta.setdefault(k, v)
     findings = diagnose(record, th)
+    explanation = explain(record, work, batch_size=batch_size)
+    attach_explanation(findings, explanation)
     prescriptions = merge_prescriptions(findings)
     meta: dict[str, Any] = {
         "name": name or type(model).__name__,
@@ -460,7 +472,8 @@ def doctor(
         "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    report = Report(findings, prescriptions, record, [], meta, list(result.losses))
+    report = Report(findings, prescriptions, record, [], meta, list(result.losses),
+                    explanation=explanation)
     if trial and result.interrupted:
         meta["trials_skipped"] = "interrupted (Ctrl-C) during the diagnosis run"
     elif trial:
@@ -468,6 +481,9 @@ def doctor(
             p.remedy for p in prescriptions[:max_trials]
         ]
         if chosen:
+            # critical_init is tried with the sigma_w computed for this model
+            chosen = [critical_remedy(explanation) if r == "critical_init" else r
+                      for r in chosen]
             trials, table, why = _run_trials(model, data, loss_fn, chosen, settings,
                                              trial_seeds, progress)
             report.trials, report.trial_table = trials, table
