@@ -480,6 +480,19 @@ def rule_update_ratio(
                     rx_update_ratio(ctx, nums, th), nums)]
 
 
+def _without_skipped(record: Record) -> Record:
+    """The record without the steps a GradScaler skipped (inf/NaN gradients that the scaler
+    caught and that never reached the weights: its normal operation, not a fault)."""
+    skipped = [s for s, row in record.data.items() if row.get(MODEL, {}).get("skipped_step")]
+    if not skipped:
+        return record
+    meta = dict(record.meta)
+    meta["skipped_steps"] = len(skipped)
+    drop = set(skipped)
+    return Record(layers=record.layers,
+                  data={s: row for s, row in record.data.items() if s not in drop}, meta=meta)
+
+
 def diagnose(
     record: Record,
     thresholds: Thresholds | Mapping[str, Any] | None = None,
@@ -502,6 +515,7 @@ def diagnose(
     if not isinstance(record, Record):
         raise TypeError(f"diagnose needs a signalprop Record, got {type(record).__name__}")
     th = Thresholds.coerce(thresholds)
+    record = _without_skipped(record)
     ctx = context_of(record)
     findings: list[Finding] = []
     findings += rule_nonfinite(record, ctx, th)
