@@ -17,6 +17,7 @@ KINDS: tuple[str, ...] = (
     "saturation",
     "dead_units",
     "update_ratio",
+    "not_learning",
 )
 
 #: Severities, least to most serious.
@@ -55,6 +56,8 @@ REMEDY_NAMES: tuple[str, ...] = (
     "identity_recurrent_init",
     "forget_gate_bias",
     "truncated_bptt",
+    "warmup",
+    "pre_ln",
 )
 
 
