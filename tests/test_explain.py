@@ -278,3 +278,33 @@ def test_doctor_survives_an_explanation_error(monkeypatch):
     with pytest.warns(UserWarning, match="theory broke"):
         assert E.explain_or_skip(rec, net) is None
     assert rec.meta["explanation_skipped"] == "RuntimeError: theory broke"
+
+
+def test_doctor_trial_of_critical_init_uses_the_prescription(monkeypatch):
+    """The doctor's critical_init trial initialises each weight layer with the explanation's
+    sigma_w^2 (checked on the model the trial actually trains)."""
+    import signalprop.remedies as R
+
+    seen: list[nn.Module] = []
+    orig = R.Remedy.apply
+
+    def spy(self, model, batch=None):
+        out = orig(self, model, batch)
+        if self.name == "critical_init":
+            seen.append(out)
+        return out
+
+    monkeypatch.setattr(R.Remedy, "apply", spy)
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 128), torch.randint(0, 3, (256,))
+    model = nn.Sequential(nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
+                          nn.Linear(128, 3))
+    rep = signalprop.doctor(model, (x, y), nn.CrossEntropyLoss(), steps=2, progress=False,
+                            trial=True, remedies=["critical_init"], trial_seeds=1)
+    rx = rep.explanation.prescription
+    row = next(t for t in rep.trials if t["remedy"] == "critical_init")
+    assert "computed for this model" in row["description"]
+    assert seen
+    for name, sw2 in rx.sigma_w2.items():
+        w = seen[0].get_submodule(name).weight.detach()
+        assert float(w.pow(2).mean() * w.shape[1]) == pytest.approx(sw2, rel=0.15)
