@@ -129,8 +129,14 @@ def test_bert_dict_batches_through_doctor(learnable: bool) -> None:
     torch.manual_seed(0)
     loader, labels = _bert_loader(learnable)
     h = _entropy(labels, 3)
-    r = doctor(_bert(), loader, None, steps=60, optimizer="adam", lr=3e-3, progress=False)
+    model = _bert()
+    r = doctor(model, loader, None, steps=60, optimizer="adam", lr=3e-3, progress=False)
     assert r.meta["steps_run"] == 60 and r.meta["loss_fn"] == "the model's own loss"
+    # every Linear and LayerNorm of the model gets its backward signal measured
+    want = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm))}
+    assert want <= set(r.record.layer_names(metric="out_grad_norm"))
+    _, acc = r.record.scalar("accuracy")  # logits [N, 3] vs labels [N]
+    assert len(acc) > 0 and all(0 <= a <= 1 for a in acc)
     assert r.meta["trivial_loss"] == pytest.approx(h, abs=0.06)
     final = sum(r.losses[-10:]) / 10
     if learnable:
