@@ -129,8 +129,14 @@ def test_bert_dict_batches_through_doctor(learnable: bool) -> None:
     torch.manual_seed(0)
     loader, labels = _bert_loader(learnable)
     h = _entropy(labels, 3)
-    r = doctor(_bert(), loader, None, steps=60, optimizer="adam", lr=3e-3, progress=False)
+    model = _bert()
+    r = doctor(model, loader, None, steps=60, optimizer="adam", lr=3e-3, progress=False)
     assert r.meta["steps_run"] == 60 and r.meta["loss_fn"] == "the model's own loss"
+    # every Linear and LayerNorm of the model gets its backward signal measured
+    want = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm))}
+    assert want <= set(r.record.layer_names(metric="out_grad_norm"))
+    _, acc = r.record.scalar("accuracy")  # logits [N, 3] vs labels [N]
+    assert len(acc) > 0 and all(0 <= a <= 1 for a in acc)
     assert r.meta["trivial_loss"] == pytest.approx(h, abs=0.06)
     final = sum(r.losses[-10:]) / 10
     if learnable:
@@ -207,3 +213,15 @@ def test_post_ln_torch_transformer_gets_pre_ln_and_it_applies() -> None:
     t = trial(Classifier, stream, nn.functional.cross_entropy, remedies=["pre_ln"], steps=5,
               seeds=1, optimizer="adam", lr=3e-3, probe=False)
     assert t["pre_ln"].error is None and t["pre_ln"].seeds == 1
+
+
+def test_doctor_trials_on_bert_nothing_beats_chance() -> None:
+    """Labels independent of the inputs (fresh every batch): the prescribed trials all run on
+    the HF model, and none can be "better" (the truth: no model beats a constant here)."""
+    torch.manual_seed(0)
+    r = doctor(_bert(), FreshBatches(), None, steps=30, optimizer="adam", lr=3e-3,
+               progress=False, trial=True, trial_seeds=1, max_trials=4)
+    assert "not_learning" in r.kinds and len(r.trials) == 5
+    for row in r.trials:
+        assert row["error"] is None and row["verdict"] not in ("not applicable", "error")
+        assert not row["verdict"].startswith("better"), row

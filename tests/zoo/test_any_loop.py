@@ -311,3 +311,43 @@ def test_cli_factory_returning_no_loss_fn(fn: str, tmp_path: Path, capsys: Any) 
     assert d["meta"]["steps_run"] == 6
     assert d["meta"]["loss_fn"] == ("the model's own loss" if fn == "factory"
                                     else "step_fn: <lambda>")
+
+
+def test_fit_with_scaler_two_optimisers_and_clipping() -> None:
+    from signalprop.record import MODEL
+
+    x, y = _data(n=64)
+    batches = [(x[:16], y[:16])]
+    # fp16 autocast + a GradScaler whose scale overflows: skipped steps are counted, not
+    # divergence; the scaler's own verdict (its scale went down) is the truth
+    torch.manual_seed(0)
+    model = TupleOut()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    res = fit(model, batches, F.cross_entropy, steps=8, lr=0.01, scaler=scaler,
+              amp=torch.float16)
+    assert not res.diverged and res.steps == 8
+    skipped = res.extra["skipped_steps"]
+    assert skipped >= 1 and skipped == sum(
+        res.record.get(s, MODEL, "skipped_step", 0.0) == 1.0 for s in res.record.steps)
+    assert "nonfinite" not in kinds(doctor(TupleOut(), batches, F.cross_entropy, steps=2,
+                                           progress=False).findings)
+    # two optimisers stepped together: both parameter sets move and get update ratios
+    torch.manual_seed(0)
+    model = TupleOut()
+    first, rest = model.body[0], model.body[2]
+    opts = [torch.optim.SGD(first.parameters(), lr=0.1), torch.optim.Adam(rest.parameters())]
+    w0, w2 = first.weight.detach().clone(), rest.weight.detach().clone()
+    res = fit(model, batches, F.cross_entropy, steps=3, optimizer=opts)
+    assert not torch.equal(w0, first.weight) and not torch.equal(w2, rest.weight)
+    assert res.record.get(1, "body.0.weight", "update_ratio") > 0
+    assert res.record.get(1, "body.2.weight", "update_ratio") > 0
+    # clipping: the probe records the norm before clipping (truth by autograd on a copy)
+    torch.manual_seed(0)
+    model = TupleOut()
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x[:16])[0], y[:16]).backward()
+    truth = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in ref.parameters()))
+    res = fit(model, batches, F.cross_entropy, steps=1, clip=0.01 * truth)
+    assert res.record.get(0, MODEL, "grad_norm_total") == pytest.approx(truth, rel=1e-4)
+    assert res.record.get(0, MODEL, "grad_norm_total_clipped") == pytest.approx(
+        0.01 * truth, rel=1e-3)
