@@ -572,7 +572,8 @@ def rule_not_learning(record: Record, ctx: Context, th: Thresholds) -> list[Find
     text = (f"The model is not learning: the training loss ends at {fmt(end, 3)} (median of the "
             f"last {len(tsteps)} recorded steps; {fmt(start, 3)} at the start), {where} the "
             f"trivial baseline {fmt(trivial, 3)}, the loss of the {kind}. It has learned "
-            "nothing a constant output would not.")
+            "nothing a constant output would not: either the steps do not reach the weights "
+            "that matter, or the targets carry no signal the model can use.")
     return [Finding("not_learning", [], text, "warning", rx_not_learning(ctx, nums, th), nums)]
 
 
