@@ -37,6 +37,12 @@ from signalprop.diagnosis import (
 )
 from signalprop.diagnosis.findings import SEVERITIES, json_number
 from signalprop.record import Record, atomic_write_text
+from signalprop.validation import (
+    Interrupted,
+    check_batch_size,
+    check_inputs,
+    check_positive_int,
+)
 
 #: Version of the JSON written by :meth:`Report.to_json`.
 REPORT_SCHEMA = "signalprop.report/1"
@@ -372,6 +378,10 @@ def doctor(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    check_batch_size(batch_size)
+    if trial:
+        check_positive_int("trial_seeds", trial_seeds)
+        check_positive_int("max_trials", max_trials)
     dev = _check_device(device)
     th = Thresholds.coerce(thresholds)
     if remedies is not None:
@@ -382,6 +392,8 @@ def doctor(
     if validate:
         check_finite_data(data)
     data_bad = _count_nonfinite(data)
+    # the data against the model and the loss, before any training (signalprop.validation)
+    check_inputs(work, data, loss_fn, batch_size=batch_size, seed=seed or 0)
 
     t0 = time.perf_counter()
     settings = dict(steps=steps, optimizer=optimizer, lr=lr, batch_size=batch_size,
@@ -390,9 +402,13 @@ def doctor(
     if progress:
         with _Progress(steps, label) as bar:
             result = train(work, data, loss_fn, probe={"schedule": _schedule(steps)},
-                           progress=bar, **settings)
+                           progress=bar, keep_partial=True, **settings)
     else:
-        result = train(work, data, loss_fn, probe={"schedule": _schedule(steps)}, **settings)
+        result = train(work, data, loss_fn, probe={"schedule": _schedule(steps)},
+                       keep_partial=True, **settings)
+    stopped = result.extra.get("stopped")
+    if stopped is not None and not result.steps:
+        raise stopped  # nothing trained: nothing to report
     record = result.record
     opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom")
     record.meta.update({
@@ -429,13 +445,36 @@ def doctor(
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     report = Report(findings, prescriptions, record, [], meta, list(result.losses))
+    if "data_ended" in result.extra:
+        why = (f"the data ran out after {result.steps} of {steps} steps (a one-shot iterator "
+               "cannot be cycled; pass a list, a DataLoader or tensors to train longer); the "
+               f"report covers the {result.steps} steps trained")
+        meta.setdefault("warnings", []).append(why)
+        warnings.warn(why, stacklevel=2)
+    if stopped is not None:
+        # Ctrl-C or an error in the user's code mid-run: the steps trained are diagnosed and
+        # handed back with the exception, so that nothing trained is lost
+        kind = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "error"
+        meta["stopped"] = {"reason": kind, "step": result.steps, "message": str(stopped)}
+        meta["total_seconds"] = time.perf_counter() - t0
+        if isinstance(stopped, KeyboardInterrupt):
+            raise Interrupted(report, result.steps) from None
+        stopped.report = report
+        raise stopped
     if trial:
         chosen = list(remedies) if remedies is not None else [
             p.remedy for p in prescriptions[:max_trials]
         ]
         if chosen:
-            trials, table, why = _run_trials(model, data, loss_fn, chosen, settings,
-                                             trial_seeds, progress)
+            try:
+                trials, table, why = _run_trials(model, data, loss_fn, chosen, settings,
+                                                 trial_seeds, progress)
+            except KeyboardInterrupt:
+                meta["trials_skipped"] = "interrupted"
+                meta["stopped"] = {"reason": "interrupted", "step": result.steps,
+                                   "message": "interrupted during the trials"}
+                meta["total_seconds"] = time.perf_counter() - t0
+                raise Interrupted(report, result.steps) from None
             report.trials, report.trial_table = trials, table
             if why is not None:
                 warnings.warn(f"trials skipped: {why}", stacklevel=2)

@@ -19,6 +19,14 @@ from signalprop.data import Dataset
 from signalprop.probe import Probe
 from signalprop.record import Record
 from signalprop.remedies.optimizers import OPTIMIZERS
+from signalprop.validation import (
+    UserError,
+    check_batch_size,
+    check_loss,
+    explain_forward_error,
+    explain_loss_error,
+    user_code,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DataLike = Any  # DataLoader | (x, y) | Dataset | iterable of (x, y)
@@ -52,6 +60,7 @@ def as_batches(
     data: DataLike, batch_size: int = 64, seed: int = 0
 ) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """Normalise supported data forms to a re-iterable source of (x, y) mini-batches."""
+    check_batch_size(batch_size)
     if isinstance(data, Dataset):
         data = data.loader(batch_size=batch_size, shuffle=True, seed=seed)
     if isinstance(data, tuple | list) and len(data) == 2 and all(
@@ -109,8 +118,10 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return None  # e.g. a model returning a tuple that the loss unpacks
     if y.dtype in (torch.int64, torch.int32) and out.dim() == 2 and y.dim() == 1:
-        return (out.argmax(1) == y).float().mean()
+        return (out.detach().argmax(1) == y).float().mean()
     return None
 
 
@@ -161,6 +172,7 @@ def train(
     device: str | torch.device = "cpu",
     seed: int | None = 0,
     progress: Callable[[int, float], None] | None = None,
+    keep_partial: bool = False,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` mini-batch steps, optionally probed.
 
@@ -180,6 +192,9 @@ def train(
         device: Where to train.
         seed: Seeds torch's global RNG for the data order when not ``None``.
         progress: Optional callback ``(step, loss)`` after each step.
+        keep_partial: On Ctrl-C or an error in the user's code (``UserError``) mid-run, stop and
+            return what was trained, with the exception under ``result.extra["stopped"]``
+            (the caller decides what to do with it), instead of raising.
 
     Raises:
         ValueError: no parameters, bad loss (non-scalar), bad data shapes.
@@ -216,34 +231,37 @@ def train(
     it = source()
     losses: list[float] = []
     diverged, diverged_step = False, None
+    extra: dict[str, Any] = {}
     t0 = time.perf_counter()
     if p is not None:
         p.attach()
     try:
         for step in range(steps):
             try:
-                batch = next(it)
+                with user_code("data", step):
+                    batch = next(it)
             except StopIteration:
                 it = source()
                 try:
-                    batch = next(it)
+                    with user_code("data", step):
+                        batch = next(it)
                 except StopIteration:
+                    if losses:  # a one-shot source (generator) ran out: keep what was trained
+                        extra["data_ended"] = step
+                        break
                     raise ValueError("the data yielded no batches") from None
             x, y = _split_batch(batch)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = loss_fn(out, y)
-            if not isinstance(loss, torch.Tensor):
-                raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-            if loss.numel() != 1:
-                raise ValueError(
-                    f"loss_fn must return a scalar, got a tensor of shape {tuple(loss.shape)} "
-                    "(did you forget reduction='mean'?)"
-                )
-            loss.backward()
+            with user_code("forward", step, explain=lambda e, x=x: explain_forward_error(model, x)):
+                out = model(x)
+            with user_code("loss", step, explain=explain_loss_error(out, y)):
+                loss = loss_fn(out, y)
+            check_loss(loss, step)
+            with user_code("backward", step):
+                loss.backward()
             if p is not None and p.recording:
-                acc = _accuracy(out.detach(), y)
+                acc = _accuracy(out, y)
                 p.log(loss=loss) if acc is None else p.log(loss=loss, accuracy=acc)
             lv = float(loss.detach())
             losses.append(lv)
@@ -261,6 +279,10 @@ def train(
                 p.step()
             if progress is not None:
                 progress(step, lv)
+    except (KeyboardInterrupt, UserError) as e:
+        if not keep_partial:
+            raise
+        extra["stopped"] = e  # the steps before this one are complete and recorded
     finally:
         if p is not None:
             p.detach()
@@ -270,7 +292,7 @@ def train(
     record.meta.setdefault("lr", lr)
     record.meta["steps"] = len(losses)
     record.meta["diverged_step"] = diverged_step
-    return TrainResult(record, losses, diverged, diverged_step, len(losses), wall, model)
+    return TrainResult(record, losses, diverged, diverged_step, len(losses), wall, model, extra)
 
 
 def _grads_finite(model: nn.Module) -> bool:

@@ -345,6 +345,7 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
     bad_steps = 0
     fwd_layers: list[str] = []
     any_layers: list[str] = []
+    in_loss = False
     for s in record.steps:
         row = record.data[s]
         loss = row.get(MODEL, {}).get("loss")
@@ -361,6 +362,11 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
                     if row[n].get("out_nonfinite", 0.0) > 0
                     or not math.isfinite(row[n].get("out_mean", 0.0))
                 ]
+                # a non-finite loss over a finite forward pass (its outputs were measured): the
+                # loss function made it (log of 0, division by zero), not the first layer whose
+                # gradient it then poisoned
+                seen_fwd = any("out_mean" in d for n, d in row.items() if n != MODEL)
+                in_loss = bad_loss and seen_fwd and not fwd_layers
     data_bad = float(record.meta.get("data_nonfinite", 0) or 0)
     diverged_step = record.meta.get("diverged_step")
     if first_step is None and not data_bad and diverged_step is None:
@@ -395,9 +401,14 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
         nums["initial_loss"] = float(lbefore[0])
     parts = [f"Non-finite values (NaN/Inf) from step {first_step}"
              f" ({bad_steps} of {len(record.steps)} recorded steps affected)"]
+    nums["in_loss"] = int(in_loss)
     if fwd_layers:
         parts.append(f"first in the forward pass of {fwd_layers[0]!r} "
                      f"({ctx.label(fwd_layers[:1])})")
+    elif in_loss:
+        parts.append("first in the loss: the model's outputs were finite and the loss function "
+                     "returned NaN/Inf (look for log of 0 or of a negative number, a division "
+                     "by zero or sqrt of a negative number in the loss)")
     elif any_layers:
         parts.append(f"first in {any_layers[0]!r}")
     text = "; ".join(parts) + "."
@@ -413,7 +424,7 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
     if "last_finite_loss" in nums:
         text += (f" Loss went from {fmt(nums['initial_loss'])} to {fmt(nums['last_finite_loss'])}"
                  f" before becoming non-finite.")
-    layers = fwd_layers or any_layers
+    layers = fwd_layers or ([] if in_loss else any_layers)
     return [Finding("nonfinite", layers, text, "critical", rx_nonfinite(ctx, nums, th), nums)]
 
 
