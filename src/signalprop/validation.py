@@ -193,6 +193,21 @@ class user_code:  # noqa: N801 - used like a function: ``with user_code("forward
         raise UserCodeError(self.where, self.step, e, self.when) from e
 
 
+def check_signature(fn: Callable[..., Any], n_args: int, what: str, rule: str) -> None:
+    """Refuse a callable that cannot be called with ``n_args`` positional arguments (the
+    ``TypeError`` would otherwise come from signalprop's call site and look like our bug)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins, C extensions: nothing to check
+        return
+    try:
+        sig.bind(*range(n_args))
+    except TypeError as e:
+        raise UserError(f"{what} must {rule}; its signature is {sig} ({e})") from None
+
+
 # --- simple values -------------------------------------------------------------------------------
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum`` or a :class:`UserError` naming ``name``."""
@@ -372,6 +387,8 @@ def check_inputs(model: nn.Module, data: Any, loss_fn: Any, *, batch_size: int =
             or loss raised something else).
     """
     check_batch_size(batch_size)
+    if callable(loss_fn) and not isinstance(loss_fn, nn.Module):
+        check_signature(loss_fn, 2, "loss_fn", "take (output, target)")
     batch = _peek(data, batch_size, seed)
     xy = _xy(batch) if batch is not None else None
     if xy is None:
@@ -392,6 +409,9 @@ def check_inputs(model: nn.Module, data: Any, loss_fn: Any, *, batch_size: int =
         first = " on the first batch"
         with user_code("forward", explain=lambda e: explain_forward_error(model, x), when=first):
             out = model(x.to(dev))
+        if out is None:
+            raise UserError("your model's forward returned None on the first batch: does it end "
+                            "with a return statement?")
         yt = y.to(dev) if isinstance(y, torch.Tensor) else y
         if cls is not None and isinstance(out, torch.Tensor):
             whole = _all_targets(data)

@@ -35,6 +35,7 @@ def load_factory(target: str) -> tuple[Any, Any, Any]:
     from torch import nn
 
     from signalprop._imports import load_callable
+    from signalprop.validation import check_signature, user_code
 
     _, sep, fn_name = target.rpartition(":")
     if not sep:
@@ -43,7 +44,9 @@ def load_factory(target: str) -> tuple[Any, Any, Any]:
             "(or use --example NAME; see --list-examples)"
         )
     fn = load_callable(target, what="factory")
-    out = fn()
+    check_signature(fn, 0, f"the factory {fn_name}()", "take no arguments")
+    with user_code("factory"):
+        out = fn()
     if not isinstance(out, (tuple, list)) or len(out) != 3:
         got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(
             out, (tuple, list)) else "")
@@ -169,7 +172,7 @@ def doctor_cmd(
 
     from signalprop.doctor import doctor
     from signalprop.examples import EXAMPLES, load_example
-    from signalprop.validation import Interrupted, UserError, check_out_dir, user_code
+    from signalprop.validation import Interrupted, UserError, check_out_dir
 
     if list_examples:
         for name in EXAMPLES.names():
@@ -187,8 +190,7 @@ def doctor_cmd(
         name = example
     else:
         assert target is not None
-        with user_code("factory"):
-            model, data, loss_fn = load_factory(target)
+        model, data, loss_fn = load_factory(target)
         settings, name = {}, target.rpartition(":")[2]
     for key, val in (("steps", steps), ("lr", lr), ("optimizer", optimizer),
                      ("batch_size", batch_size)):

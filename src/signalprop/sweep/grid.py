@@ -118,7 +118,7 @@ def expand_grid(grid: Any, max_runs: int | None = MAX_RUNS) -> list[RunSpec]:
     seeds = grid.get("seeds")
     if seeds is None:
         seeds = [base.get("seed", 0)]
-    elif isinstance(seeds, bool) or not isinstance(seeds, (int, Sequence)):
+    elif isinstance(seeds, (bool, str, bytes)) or not isinstance(seeds, (int, Sequence)):
         raise ValueError(f"grid: seeds must be an int or a list of ints, got {seeds!r}")
     elif isinstance(seeds, int):
         if seeds < 1:
@@ -200,6 +200,9 @@ def load_grid_file(path: str | os.PathLike[str]) -> Any:
         raise ValueError(f"{p}: nested too deeply to be a sweep config") from None
     if data is None:
         raise ValueError(f"{p}: empty sweep config")
+    if not isinstance(data, (Mapping, list)):
+        raise ValueError(f"{p}: a grid must be a mapping (base, axes, seeds) or a list of "
+                         f"configs, got {type(data).__name__} {str(data)[:40]!r}")
     n = _count_values(data, MAX_CONFIG_VALUES)
     if n > MAX_CONFIG_VALUES:
         raise ValueError(

@@ -325,14 +325,22 @@ def _run_pool(store: Store, groups: list[list[RunSpec]], bar: _Progress, workers
     ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads / sqlite
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(os.getpid(),)) as pool:
-        futs = {}
-        for g in groups:
-            store.mark_running([s.run_id for s in g])
-            futs[pool.submit(run_group, _payload(g))] = g
-        for f in as_completed(futs):
-            store.finish(f.result())
-            bar.steps(futs[f][0].config["steps"])
-            bar.group_done()
+        try:
+            futs = {}
+            for g in groups:
+                store.mark_running([s.run_id for s in g])
+                futs[pool.submit(run_group, _payload(g))] = g
+            for f in as_completed(futs):
+                store.finish(f.result())
+                bar.steps(futs[f][0].config["steps"])
+                bar.group_done()
+        except BaseException:
+            # Ctrl-C (or an error here): stop the workers now instead of waiting for their
+            # populations to finish; finished groups are stored, the rest resume next time
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def _run_ray(
