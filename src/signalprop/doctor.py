@@ -35,6 +35,8 @@ from signalprop.diagnosis import (
     diagnose,
     merge_prescriptions,
 )
+from signalprop.diagnosis.explain import attach as attach_explanation
+from signalprop.diagnosis.explain import critical_remedy, explain
 from signalprop.diagnosis.findings import SEVERITIES, json_number
 from signalprop.record import Record, atomic_write_text
 from signalprop.validation import (
@@ -89,6 +91,9 @@ class Report:
         meta: Run settings and environment (model, data, optimiser, lr, steps, timings ...).
         losses: The training loss at every step.
         trial_table: The ``signalprop.trial.TrialTable`` behind ``trials`` (not serialised).
+        explanation: Mean-field prediction of the gradient profile beside the measurement
+            (:class:`signalprop.diagnosis.explain.Explanation`; ``None`` when the record does not
+            support one). In JSON under ``"explanation"``.
     """
 
     findings: list[Finding]
@@ -98,6 +103,7 @@ class Report:
     meta: dict[str, Any] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     trial_table: Any = field(default=None, repr=False)
+    explanation: Any = field(default=None, repr=False)
 
     @property
     def healthy(self) -> bool:
@@ -133,14 +139,18 @@ class Report:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict with stable keys ``schema, findings, summary, trials, meta``."""
-        return {
+        """JSON-compatible dict with stable keys ``schema, findings, summary, trials, meta``
+        (and ``explanation`` when there is one)."""
+        d = {
             "schema": REPORT_SCHEMA,
             "findings": [f.to_dict() for f in self.findings],
             "summary": _jsonable(self.summary()),
             "trials": _jsonable(self.trials),
             "meta": _jsonable(self.meta),
         }
+        if self.explanation is not None:
+            d["explanation"] = _jsonable(self.explanation.to_dict())
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         """The report as JSON text (NaN/Inf written as ``null``)."""
@@ -277,7 +287,7 @@ def _run_trials(
     model: nn.Module,
     data: Any,
     loss_fn: LossFn,
-    remedies: Sequence[str],
+    remedies: Sequence[Any],
     settings: dict[str, Any],
     seeds: int,
     progress: bool,
@@ -419,6 +429,8 @@ def doctor(
         "diverged_step": result.diverged_step,
     })
     findings = diagnose(record, th)
+    explanation = explain(record, work, batch_size=batch_size)
+    attach_explanation(findings, explanation)
     prescriptions = merge_prescriptions(findings)
     meta: dict[str, Any] = {
         "name": name or type(model).__name__,
@@ -444,7 +456,8 @@ def doctor(
         "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    report = Report(findings, prescriptions, record, [], meta, list(result.losses))
+    report = Report(findings, prescriptions, record, [], meta, list(result.losses),
+                    explanation=explanation)
     if "data_ended" in result.extra:
         why = (f"the data ran out after {result.steps} of {steps} steps (a one-shot iterator "
                "cannot be cycled; pass a list, a DataLoader or tensors to train longer); the "
@@ -466,6 +479,9 @@ def doctor(
             p.remedy for p in prescriptions[:max_trials]
         ]
         if chosen:
+            # critical_init is tried with the sigma_w computed for this model
+            chosen = [critical_remedy(explanation) if r == "critical_init" else r
+                      for r in chosen]
             try:
                 trials, table, why = _run_trials(model, data, loss_fn, chosen, settings,
                                                  trial_seeds, progress)

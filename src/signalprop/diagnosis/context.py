@@ -96,19 +96,30 @@ def context_of(record: Record) -> Context:
     """Read a :class:`Context` from ``record.layers`` and ``record.meta``."""
     ctx = Context()
     params = [i for i in record.layers.values() if i.role == "param"]
-    modules = [i for i in record.layers.values() if i.role != "param"]
-    # weight layers: owners of >= 2-D parameters, in forward order (params inherit their
-    # module's depth); biases and norm gains are 1-D and do not make a layer
-    seen: dict[str, tuple[int, str]] = {}
+    modules = [i for i in record.layers.values() if i.role == "module"]
+    # weight layers: call sites of modules owning a >= 2-D parameter, in forward order (a
+    # module called twice is two layers of the path); biases and norm gains are 1-D and do not
+    # make a layer. Parameters kept off the signal path (used outside any module call, place
+    # unknown) are never a reference layer.
+    first_weight: dict[str, tuple[int, str]] = {}
     for p in sorted(params, key=lambda i: i.depth):
-        if p.shape is not None and len(p.shape) >= 2:
+        if p.shape is not None and len(p.shape) >= 2 and p.on_path:
             owner = p.module or p.name
-            if owner not in seen:
-                seen[owner] = (p.depth, p.name)
-    ordered = sorted(seen.items(), key=lambda kv: kv[1][0])
-    ctx.weight_layers = [n for n, _ in ordered]
-    ctx.weight_params = {n: pn for n, (_, pn) in ordered}
-    depths = np.asarray([d for _, (d, _) in ordered], dtype=np.int64)
+            first_weight.setdefault(owner, (p.depth, p.name))
+    entries: list[tuple[int, int, str, str]] = []  # (depth, tie, layer, weight param)
+    sited: set[str] = set()
+    for m in modules:
+        owner = m.module or m.name
+        if owner in first_weight and m.on_path:
+            entries.append((m.depth, 0, m.name, first_weight[owner][1]))
+            sited.add(owner)
+    for owner, (d, pname) in first_weight.items():
+        if owner not in sited:  # a parameter acting without a module call of its own
+            entries.append((d, 1, owner, pname))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    ctx.weight_layers = [e[2] for e in entries]
+    ctx.weight_params = {e[2]: e[3] for e in entries}
+    depths = np.asarray([e[0] for e in entries], dtype=np.int64)
     for m in modules:
         # block = number of weight layers at or before this module's depth
         ctx.block[m.name] = int(np.searchsorted(depths, m.depth, side="right"))
@@ -123,7 +134,7 @@ def context_of(record: Record) -> Context:
         ctx.block[p.name] = ctx.block.get(owner, int(np.searchsorted(depths, p.depth, "right")))
     for i, n in enumerate(ctx.weight_layers):
         ctx.block[n] = i + 1
-        ctx.block[ctx.weight_params[n]] = i + 1
+        ctx.block.setdefault(ctx.weight_params[n], i + 1)
     ctx.sigma_w2 = _sigma_w2(record, ctx)
     res = record.meta.get("residual")
     ctx.residual = bool(res) if res is not None else None

@@ -21,7 +21,7 @@ from torch import nn
 from signalprop import stats
 from signalprop.probe.modules import activation_kind, watched_modules
 from signalprop.probe.schedule import Schedule, as_schedule
-from signalprop.record import MODEL, LayerInfo, Record
+from signalprop.record import MODEL, TIME_PREFIX, LayerInfo, Record
 
 _Metrics = list[tuple[str, str]]  # (layer, metric) names matching a flat value vector
 
@@ -68,7 +68,7 @@ class Probe:
         self,
         model: nn.Module,
         *,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
         schedule: Schedule | int | Iterable[int] | None = None,
         forward: bool = True,
         backward: bool = True,
@@ -82,21 +82,24 @@ class Probe:
         on_record: Callable[[int, dict[str, dict[str, float]]], None]
         | Iterable[Callable[[int, dict[str, dict[str, float]]], None]]
         | None = None,
+        scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
+        model = unwrap(model)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(
                 f"model {type(model).__name__} has no trainable parameters: there are no "
                 "gradients to measure"
             )
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
         self.model = model
-        self.optimizer = optimizer
+        self.optimizers = _as_optimizers(optimizer)
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(
+                f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}"
+            )
+        self.scaler = scaler
         self.schedule = as_schedule(schedule)
         self.forward, self.backward, self.weights = forward, backward, weights
         self.percentiles = tuple(float(q) for q in percentiles)
@@ -117,34 +120,52 @@ class Probe:
         if modules is not None:
             mods = [(n, m) for n, m in mods if modules(n, m)]
         self._mods = mods
+        self._root_watched = any(m is model for _, m in mods)
         self._kinds = [activation_kind(m) for _, m in mods]
-        self._needs_input = [
-            k is not None and k in stats.SATURATING and not stats.SATURATING[k][0]
-            for k in self._kinds
-        ]
+        # recurrent cells are called once per time step: their calls are the time steps of one
+        # layer; any other module called several times in one forward pass has one call site
+        # (one layer of the signal path) per call
+        self._loop = [isinstance(m, _CELLS) for _, m in mods]
         self._handles: list[Any] = []
         self._fwd_handles: list[Any] = []
         self._active = False
-        self._outs: list[list[torch.Tensor]] = [[] for _ in mods]
-        self._ins: list[list[torch.Tensor]] = [[] for _ in mods]
-        # per module: (||dL/dh||, NaN/Inf count) of each backward call this step, computed inside
-        # the gradient hook. Keeping the gradient tensors alive until the end of the step instead
-        # costs ~3x more (the allocator can no longer reuse their buffers; measured).
-        self._ograds: list[list[tuple[Any, Any]]] = [[] for _ in mods]
-        self._order: list[int] = []  # module indices in first-firing order
-        self._fired: set[int] = set()
+        # the layer map: call sites in first-firing order, kept across steps
+        self._sites: list[_Site] = []
+        self._site_of: dict[tuple[int, int], int] = {}
+        self._calls: dict[int, int] = {}  # module index -> its calls in this forward pass
+        self._nforward = 0  # forward passes of the whole model in this step (micro-batches)
+        self._used: list[int] = []  # sites holding data of this step
+        self._declared = 0  # sites already declared in the record
+        self._params_declared = False
         self._scalars: dict[str, Any] = {}
+        self._scalar_counts: dict[str, int] = {}
         self._snapshot: list[torch.Tensor] | None = None
         self._pending_weight_norms = torch.zeros(0)
         self._pending: dict[str, dict[str, float]] | None = None
         self._inputs: list[torch.Tensor] = []
-        self._layers_declared = False
         self._name_cache: dict[tuple[int, ...], _Metrics] = {}
+        self._preclip: tuple[list[str], torch.Tensor, list[int]] | None = None
+        self._cb_queued = False
+        self._grads_seen = False
+        self._new_pass = False
+        self._stepped_opts: set[int] = set()
+        self._stash: dict[int, int] = {}  # data_ptr of a stashed output -> its site
         self.record.meta.setdefault("model", type(model).__name__)
         self.record.meta.setdefault("num_parameters", sum(p.numel() for _, p in self.params))
         self.record.meta.setdefault("schedule", str(self.schedule))
         self.record.meta.setdefault("percentiles", list(self.percentiles))
         self.record.meta.setdefault("saturation_ratio", self.saturation_ratio)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The (first) bound optimiser, or ``None``."""
+        return self.optimizers[0] if self.optimizers else None
+
+    @optimizer.setter
+    def optimizer(self, value: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None) -> None:
+        if self._handles:
+            raise RuntimeError("bind the optimizer before attaching the probe")
+        self.optimizers = _as_optimizers(value)
 
     # ---- life cycle ----------------------------------------------------------------------------
     def attach(self) -> Probe:
@@ -157,25 +178,41 @@ class Probe:
         # recorded step is in progress: a module with any hook leaves PyTorch's fast call path,
         # so unrecorded steps would otherwise pay for hooks that do nothing
         self._handles.append(_Sentinel())
-        if self.optimizer is not None:
+        for k, opt in enumerate(self.optimizers):
             self._handles.append(
-                self.optimizer.register_step_pre_hook(lambda *a: _call(ref, "_pre_step"))
+                opt.register_step_pre_hook(lambda *a, k=k: _call(ref, "_opt_pre", k))
             )
             self._handles.append(
-                self.optimizer.register_step_post_hook(lambda *a: _call(ref, "_post_step"))
+                opt.register_step_post_hook(lambda *a, k=k: _call(ref, "_opt_post", k))
             )
+        if self.scaler is not None:
+            self._handles.append(_ScalerHook(self.scaler, ref))
+        self._stepped_opts: set[int] = set()
         self._set_active(bool(self.schedule(self.step_index)))
         return self
 
     def _set_active(self, active: bool) -> None:
         if active and not self._fwd_handles and self._handles:
             ref = self._ref
-            if self.forward:
-                self._fwd_handles.append(
-                    self.model.register_forward_pre_hook(partial(_input_hook, ref))
-                )
+            self._fwd_handles.append(
+                self.model.register_forward_pre_hook(partial(_root_pre_hook, ref))
+            )
             for i, (_, m) in enumerate(self._mods):
                 self._fwd_handles.append(m.register_forward_hook(partial(_fwd_hook, ref, i)))
+            if self.forward:
+                for m in self.model.modules():
+                    if getattr(m, "inplace", False) is True:
+                        # an in-place activation overwrites the output of the layer before
+                        # it: keep that layer's recorded output intact
+                        self._fwd_handles.append(
+                            m.register_forward_pre_hook(partial(_inplace_pre_hook, ref))
+                        )
+            if self.weights:
+                # the end of every backward pass: parameter gradients before any clipping
+                for _, prm in self.params:
+                    self._fwd_handles.append(
+                        prm.register_post_accumulate_grad_hook(partial(_param_hook, ref))
+                    )
         elif not active and self._fwd_handles:
             for h in self._fwd_handles:
                 h.remove()
@@ -217,15 +254,23 @@ class Probe:
         """Attach whole-model scalars (``loss=...``, ``accuracy=...``) to the current step.
 
         Tensors are detached and read at the end of the step together with everything else.
+        A scalar logged several times in one step (micro-batches of gradient accumulation) is
+        recorded as the mean of its values.
         """
         if not self._active:
             return
         for k, v in scalars.items():
-            self._scalars[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
+            v = v.detach().reshape(-1)[:1].float() if isinstance(v, torch.Tensor) else float(v)
+            if k in self._scalars:
+                self._scalars[k] = self._scalars[k] + v
+                self._scalar_counts[k] += 1
+            else:
+                self._scalars[k] = v
+                self._scalar_counts[k] = 1
 
     def step(self, loss: float | torch.Tensor | None = None) -> None:
         """Finalise the current step without an optimiser (call after ``backward()``)."""
-        if self.optimizer is not None:
+        if self.optimizers:
             raise RuntimeError(
                 "this probe steps with its optimizer; do not call probe.step() as well"
             )
@@ -260,48 +305,150 @@ class Probe:
         torch._foreach_copy_(self._buffers, det)
         self._snapshot = self._buffers
 
+    def save_before_inplace(self, x: torch.Tensor) -> None:
+        """``x`` is about to be modified in place: if it is a recorded output of this step,
+        record a copy instead (one copy, only on recorded steps)."""
+        j = self._stash.get(x.data_ptr())
+        if j is None:
+            return
+        s = self._sites[j]
+        for k, o in enumerate(s.outs):
+            if o.data_ptr() == x.data_ptr() and o._version == s.versions[k]:
+                s.outs[k] = o.clone()
+        del self._stash[x.data_ptr()]
+
+    @property
+    def layer_map(self) -> list[str]:
+        """Names of the recorded call sites in forward execution order (the signal path)."""
+        return [s.name for s in self._sites]
+
+    # ---- optimiser / scaler boundaries -----------------------------------------------------------
+    def _opt_pre(self, k: int) -> None:
+        if k in self._stepped_opts:
+            # this optimiser steps a second time before the others: a new probe step
+            self._post_step()
+        if self._pending is None:
+            self._pre_step()
+
+    def _opt_post(self, k: int) -> None:
+        self._stepped_opts.add(k)
+        if len(self._stepped_opts) >= len(self.optimizers):
+            self._post_step()
+
+    def _scaler_update(self) -> None:
+        """GradScaler.update(): a step whose optimisers did not run was skipped (inf/NaN)."""
+        if self._stepped_opts:
+            self._post_step()  # some optimisers stepped, others are not bound to the scaler
+            return
+        if not (self._used or self._pending is not None or self._grads_seen):
+            return  # nothing of this step was seen (update() called twice)
+        if self._active:
+            if self._pending is None:
+                self._pre_step()
+            if self._pending is not None:
+                self._pending.setdefault(MODEL, {})["skipped_step"] = 1.0
+        self._snapshot = None
+        self._post_step()
+
     # ---- internals ------------------------------------------------------------------------------
     def _clear(self) -> None:
-        for i in self._order:
-            self._outs[i].clear()
-            self._ins[i].clear()
-            self._ograds[i].clear()
+        for j in self._used:
+            self._sites[j].clear()
+        self._used = []
+        self._calls.clear()
+        self._nforward = 0
         self._inputs = []
         self._scalars = {}
+        self._scalar_counts = {}
         self._snapshot = None
+        self._preclip = None
+        self._cb_queued = False
+        self._grads_seen = False
+        self._new_pass = False
+        self._stepped_opts = set()
+        self._stash = {}
+
+    def _new_site(self, i: int, k: int) -> int:
+        name, m = self._mods[i]
+        site = _Site(
+            name=name if k == 0 else f"{name}#{k + 1}",
+            module=name,
+            type=type(m).__name__,
+            kind=self._kinds[i],
+            call=k,
+            loop=self._loop[i],
+        )
+        self._sites.append(site)
+        j = len(self._sites) - 1
+        self._site_of[(i, k)] = j
+        return j
 
     def _declare_layers(self) -> None:
-        order = self._order + [i for i in range(len(self._mods)) if i not in self._fired]
-        depth_of: dict[str, int] = {}
-        for d, i in enumerate(order):
-            name, m = self._mods[i]
-            depth_of[name] = d
-            self.record.add_layer(
-                LayerInfo(name=name, type=type(m).__name__, depth=d, activation=self._kinds[i])
-            )
-        for pname, p in self.params:
-            owner = pname.rsplit(".", 1)[0] if "." in pname else ""
-            owner = owner or type(self.model).__name__
+        """Declare the sites first seen since the last declaration (forward order), then, once,
+        every parameter, placed at the first site of the module that owns it."""
+        for j in range(self._declared, len(self._sites)):
+            s = self._sites[j]
+            shape = list(s.outs[0].shape[1:]) if s.outs else None
             self.record.add_layer(
                 LayerInfo(
-                    name=pname,
-                    type="Parameter",
-                    role="param",
-                    depth=depth_of.get(owner, len(order)),
-                    module=owner,
-                    shape=list(p.shape),
+                    name=s.name,
+                    type=s.type,
+                    depth=j,
+                    activation=s.kind,
+                    module=s.module,
+                    shape=shape,
+                    site=s.call,
+                    time_steps=len(s.tgrads) if s.loop and s.tgrads else None,
                 )
             )
-        self._layers_declared = True
+        self._declared = len(self._sites)
+        if self._params_declared or not self._sites:
+            return
+        first_site = {}
+        for j, s in enumerate(self._sites):
+            first_site.setdefault(s.module, j)
+        root = type(self.model).__name__
+        for pname, p in self.params:
+            owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+            info = LayerInfo(name=pname, type="Parameter", role="param", module=owner or None,
+                             shape=list(p.shape))
+            if owner in first_site:
+                info.depth = first_site[owner]
+            else:
+                # the owning module is never called (e.g. MultiheadAttention's out_proj, used
+                # functionally inside its parent): place the parameter where it acts, at the
+                # nearest enclosing module that is called
+                anc = owner
+                while anc and anc not in first_site:
+                    anc = anc.rsplit(".", 1)[0] if "." in anc else ""
+                if anc:
+                    info.depth = first_site[anc]
+                    info.module = anc
+                    info.placement = (
+                        f"acts inside {anc!r}" + (f" (module {owner!r} is never called)"
+                                                   if owner else "")
+                    )
+                else:
+                    # used outside any recorded module call (a root-level nn.Parameter such as
+                    # a positional embedding): kept off the signal path rather than guessed
+                    info.depth = len(self._sites)
+                    info.on_path = False
+                    info.module = owner or root
+                    info.placement = (
+                        "used outside any module call: not placed on the signal path"
+                    )
+            self.record.add_layer(info)
+        self._params_declared = True
 
     def _pre_step(self) -> None:
         """Gradients are ready: compute everything except update ratios."""
         if not self._active:
             return
-        if not self._layers_declared and self._fired:
+        if self._sites:
             self._declare_layers()
         values: list[torch.Tensor] = []
         names: _Metrics = []
+        scale = self._loss_scale()
         if self.forward:
             self._forward_stats(values, names)
             self._input_stats(values, names)
@@ -309,18 +456,22 @@ class Probe:
         tensors: list[torch.Tensor] = []
         tnames: _Metrics = []
         if self.backward:
-            self._backward_values(values, names)
+            self._backward_values(values, names, scale)
         params = [p for _, p in self.params]
         n_grads = 0
+        pre = self._preclip
         if self.weights:
-            with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
-            tensors += [g for _, g in with_grad]
-            tnames += [(n, "grad_norm") for n, _ in with_grad]
-            n_grads = len(with_grad)
+            if pre is None:
+                with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+                tensors += [g for _, g in with_grad]
+                tnames += [(n, "grad_norm") for n, _ in with_grad]
+                n_grads = len(with_grad)
             tensors += [p.detach() for p in params]
             tnames += [(n, "weight_norm") for n, _ in self.params]
         if tensors:
             allnorms = stats.norms(tensors)
+            if n_grads and scale != 1.0:
+                allnorms = torch.cat([allnorms[:n_grads] / scale, allnorms[n_grads:]])
             values.append(allnorms)
             names += tnames
             if self.weights:
@@ -330,8 +481,25 @@ class Probe:
                     gn = allnorms[k - n_grads : k]
                     values.append(gn.square().sum().sqrt().reshape(1))
                     names.append((MODEL, "grad_norm_total"))
+        if pre is not None:
+            # norms taken at the end of backward, before any clipping by the user's loop
+            pnames, pnorms, versions = pre
+            pnorms = pnorms / scale if scale != 1.0 else pnorms
+            values += [pnorms, pnorms.square().sum().sqrt().reshape(1)]
+            names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
+            grads = [p.grad for _, p in self.params if p.grad is not None]
+            if len(grads) == len(versions) and any(
+                g._version != v for g, v in zip(grads, versions, strict=True)
+            ):
+                # gradients changed in place since backward (clip_grad_norm_, unscale_): the
+                # global norm the optimiser will actually use
+                after = stats.norms(grads).square().sum().sqrt()
+                if not self._unscaled_by_scaler():
+                    after = after / scale
+                values.append(after.reshape(1))
+                names.append((MODEL, "grad_norm_total_clipped"))
         if self.weights:
-            if self.optimizer is not None:
+            if self.optimizers:
                 # one fused copy of all parameters into persistent buffers, for
                 # ||W_after - W_before|| after the step
                 det = [p.detach() for p in params]
@@ -343,10 +511,56 @@ class Probe:
                 torch._foreach_copy_(self._buffers, det)
                 self._snapshot = self._buffers
         for k, v in self._scalars.items():
-            values.append(torch.as_tensor(v, dtype=torch.float32).reshape(-1)[:1].cpu())
+            n = self._scalar_counts.get(k, 1)
+            t = torch.as_tensor(v, dtype=torch.float32).reshape(-1)[:1].cpu()
+            values.append(t / n if n > 1 else t)
             names.append((MODEL, k))
+        if self.scaler is not None:
+            values.append(torch.tensor([scale], dtype=torch.float64))
+            names.append((MODEL, "loss_scale"))
         self._pending = self._to_dict(values, names)
+        self._drop_unchanged_clip()
         self._fix_nonfinite_counts()
+
+    def _drop_unchanged_clip(self) -> None:
+        # the gradients were touched in place but their global norm did not change (unscale_
+        # with nothing to clip, an idle clip_grad_norm_): nothing was clipped
+        d = self._pending.get(MODEL, {}) if self._pending else {}
+        a, b = d.get("grad_norm_total"), d.get("grad_norm_total_clipped")
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
+            if abs(a - b) <= 1e-5 * max(abs(a), 1e-30):
+                del d["grad_norm_total_clipped"]
+
+    def _loss_scale(self) -> float:
+        if self.scaler is None:
+            return 1.0
+        try:
+            s = float(self.scaler.get_scale())
+        except Exception:  # a disabled scaler
+            return 1.0
+        return s if s > 0 and math.isfinite(s) else 1.0
+
+    def _unscaled_by_scaler(self) -> bool:
+        """Whether the scaler has already divided the gradients by the loss scale."""
+        sc = self.scaler
+        if sc is None or not self.optimizers:
+            return False
+        states = getattr(sc, "_per_optimizer_states", {})
+        st = states.get(id(self.optimizers[0]), {}).get("stage")
+        return st is not None and getattr(st, "name", "") in ("UNSCALED", "STEPPED")
+
+    def _on_backward_end(self) -> None:
+        """Runs once at the end of each backward pass of a recorded step: parameter gradient
+        norms before the user's loop clips or unscales them (the last micro-batch's backward
+        leaves the accumulated gradient)."""
+        self._cb_queued = False
+        if not self._active or not self.weights:
+            return
+        with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+        if not with_grad:
+            return
+        grads = [g for _, g in with_grad]
+        self._preclip = ([n for n, _ in with_grad], stats.norms(grads), [g._version for g in grads])
 
     def _post_step(self) -> None:
         """The optimiser has stepped: update ratios, then move to the next step."""
@@ -373,18 +587,27 @@ class Probe:
 
     def _forward_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
         groups: dict[tuple, list[int]] = {}
-        for i in self._order:
-            outs = self._outs[i]
-            if not outs:
+        for j in self._used:
+            s = self._sites[j]
+            if not s.outs:
                 continue
-            t = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-            self._outs[i] = [t]
-            if self._needs_input[i]:
-                ins = self._ins[i]
-                self._ins[i] = [ins[0] if len(ins) == 1 else torch.cat(ins, 0)]
-            groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
+            if any(t._version != v for t, v in zip(s.outs, s.versions, strict=True)):
+                # overwritten in place after it was recorded (an in-place op the probe did not
+                # see coming): its statistics would describe another tensor
+                s.unchecked = "its output was modified in place after it was recorded"
+                s.outs, s.ins = [], []
+                continue
+            t = s.outs[0]
+            if len(s.outs) > 1:
+                # micro-batches, time steps of a recurrent cell (same trailing shape)
+                t = torch.cat(s.outs, 0)
+                if s.ins:
+                    same_in = all(x.shape[1:] == s.ins[0].shape[1:] for x in s.ins)
+                    s.ins = [torch.cat(s.ins, 0) if same_in else s.ins[0]]
+            s.outs = [t]
+            groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(j)
         for idx in groups.values():
-            full = [self._outs[i][0] for i in idx]
+            full = [self._sites[j].outs[0] for j in idx]
             rows = _rows_for(full[0], self.max_forward_samples)
             x = torch.stack([t[:rows] for t in full]) if rows else torch.stack(full)  # [G, b, ...]
             mean, std = stats.moments(x)
@@ -398,7 +621,7 @@ class Probe:
         # same groups recur every step and building ~10 labels per layer is measurable
         cached = self._name_cache.get(idx)
         if cached is None:
-            layer = [self._mods[i][0] for i in idx]
+            layer = [self._sites[j].name for j in idx]
             cached = [(n, "out_mean") for n in layer] + [(n, "out_std") for n in layer]
             for q in self.percentiles:
                 key = stats.percentile_key(q)
@@ -428,56 +651,74 @@ class Probe:
     ) -> None:
         by_kind: dict[str, list[int]] = {}
         for j, i in enumerate(idx):
-            k = self._kinds[i]
+            k = self._sites[i].kind
             if k is not None:
                 by_kind.setdefault(k, []).append(j)
         for kind, js in by_kind.items():
-            layer = [self._mods[idx[j]][0] for j in js]
+            sites = [self._sites[idx[j]] for j in js]
+            layer = [s.name for s in sites]
             if kind in stats.SATURATING:
                 if stats.SATURATING[kind][0]:
                     src = x[js]
                 else:
-                    src = torch.stack([self._ins[idx[j]][0][:rows] for j in js])
-                values.append(stats.saturated_fraction(src, kind, self.saturation_ratio).float())
-                names += [(n, "saturated_frac") for n in layer]
+                    ins = [s.ins[0] if s.ins else None for s in sites]
+                    ok = [j for j, t in zip(js, ins, strict=True) if t is not None
+                          and t.shape == ins[0].shape]
+                    if len(ok) != len(js) or ins[0] is None:
+                        for s in sites:
+                            s.unchecked = s.unchecked or "its input was not available"
+                        src = None
+                    else:
+                        src = torch.stack([t[:rows] for t in ins])
+                if src is not None:
+                    values.append(stats.saturated_fraction(src, kind, self.saturation_ratio).float())
+                    names += [(n, "saturated_frac") for n in layer]
             if kind in stats.RECTIFIERS:
                 # dead = inactive for the WHOLE batch: use every row, not the subsample
-                h = torch.stack([self._outs[idx[j]][0] for j in js])
+                h = torch.stack([s.outs[0] for s in sites])
                 if h.dim() > 3:  # conv maps [G, B, C, ...]: a unit is a channel
                     h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], -1).transpose(1, 2)
                     h = h.reshape(h.shape[0], -1, h.shape[-1])
                 values.append(stats.dead_fraction(h).float())
                 names += [(n, "dead_frac") for n in layer]
 
-    def _backward_values(self, values: list[torch.Tensor], names: _Metrics) -> None:
+    def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: float) -> None:
         norms: list[Any] = []
         bads: list[Any] = []
         layer = []
-        for i in self._order:
-            g = self._ograds[i]
+        tvals: list[Any] = []
+        tnames: _Metrics = []
+        for j in self._used:
+            s = self._sites[j]
+            g = s.ograds
             if not g:
                 continue
-            layer.append(self._mods[i][0])
-            if len(g) == 1:
-                norms.append(g[0][0])
-                bads.append(g[0][1])
-            elif isinstance(g[0][0], float):
-                # several calls in one step (RNN cells, micro-batches): the norm of all of them
-                norms.append(math.hypot(*(n for n, _ in g)))
-                bads.append(sum(b for _, b in g))
-            else:
-                norms.append(torch.linalg.vector_norm(torch.stack([n for n, _ in g])))
-                bads.append(torch.stack([b for _, b in g]).sum())
+            layer.append(s.name)
+            n, b = _pool(g)
+            norms.append(n)
+            bads.append(b)
+            if s.loop and s.tgrads:
+                for t, gt in enumerate(s.tgrads):
+                    if gt:
+                        tvals.append(_pool(gt)[0])
+                        tnames.append((s.name, time_metric(t)))
         if not layer:
             return
+        norms += tvals
         if isinstance(norms[0], float):
-            values.append(torch.tensor(norms, dtype=torch.float64))
-            values.append(torch.tensor(bads, dtype=torch.float64))
+            nv = torch.tensor(norms, dtype=torch.float64)
+            bv = torch.tensor(bads, dtype=torch.float64)
         else:
-            values.append(torch.stack(norms))
-            values.append(torch.stack(bads).to(torch.float64))
+            nv = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in norms])
+            bv = torch.stack([torch.as_tensor(v) for v in bads]).to(torch.float64)
+        if scale != 1.0:
+            nv = nv / scale  # dL/dh of the unscaled loss
+        values += [nv[: len(layer)], bv]
         names += [(n, "out_grad_norm") for n in layer]
         names += [(n, "out_grad_nonfinite") for n in layer]
+        if tvals:
+            values.append(nv[len(layer):])
+            names += tnames
 
     def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
         flat = (
@@ -500,18 +741,18 @@ class Probe:
         """
         pending = self._pending
         assert pending is not None
-        pos = {n: i for i, (n, _) in enumerate(self._mods)}
+        pos = {s.name: s for s in self._sites}
         pidx = {n: p for n, p in self.params}
         for layer, d in pending.items():
             if layer == MODEL:
                 continue
             if layer in pos:
-                i = pos[layer]
+                s = pos[layer]
                 if "out_mean" in d:
                     bad = not (math.isfinite(d["out_mean"]) and math.isfinite(d["out_std"]))
                     d["out_nonfinite"] = (
-                        float(stats.nonfinite_count(self._outs[i][0].unsqueeze(0))[0])
-                        if bad and self._outs[i]
+                        float(stats.nonfinite_count(s.outs[0].unsqueeze(0))[0])
+                        if bad and s.outs
                         else 0.0
                     )
             elif layer in pidx and "grad_norm" in d:
@@ -524,8 +765,65 @@ class Probe:
     def __repr__(self) -> str:
         return (
             f"Probe({type(self.model).__name__}, modules={len(self._mods)}, "
-            f"params={len(self.params)}, schedule={self.schedule}, step={self.step_index})"
+            f"sites={len(self._sites)}, params={len(self.params)}, schedule={self.schedule}, "
+            f"step={self.step_index})"
         )
+
+
+#: At most this many call sites per module and forward pass; later calls share the last site
+#: (a module called in a long Python loop is better described as a recurrent cell).
+MAX_SITES = 64
+
+_CELLS = (nn.RNNCellBase,)
+
+
+def time_metric(t: int) -> str:
+    """Metric name of ||dL/dh_t|| at time step ``t`` of a recurrent layer."""
+    return f"{TIME_PREFIX}{t}"
+
+
+class _Site:
+    """One call site of a watched module: one layer of the signal path."""
+
+    __slots__ = ("name", "module", "type", "kind", "call", "loop", "outs", "ins", "versions",
+                 "ograds", "tgrads", "used", "unchecked")
+
+    def __init__(self, name: str, module: str, type: str, kind: str | None, call: int,
+                 loop: bool) -> None:
+        self.name, self.module, self.type, self.kind = name, module, type, kind
+        self.call, self.loop = call, loop
+        self.outs: list[torch.Tensor] = []
+        self.ins: list[torch.Tensor] = []
+        self.versions: list[int] = []
+        # (||dL/dh||, NaN/Inf count) of each backward call this step, computed inside the
+        # gradient hook. Keeping the gradient tensors alive until the end of the step instead
+        # costs ~3x more (the allocator can no longer reuse their buffers; measured).
+        self.ograds: list[tuple[Any, Any]] = []
+        self.tgrads: list[list[tuple[Any, Any]]] = []  # per time step (recurrent cells)
+        self.used = False
+        self.unchecked: str | None = None
+
+    @property
+    def needs_input(self) -> bool:
+        k = self.kind
+        return k is not None and k in stats.SATURATING and not stats.SATURATING[k][0]
+
+    def clear(self) -> None:
+        self.outs, self.ins, self.versions = [], [], []
+        self.ograds = []
+        self.tgrads = []
+        self.used = False
+
+
+def _pool(g: list[tuple[Any, Any]]) -> tuple[Any, Any]:
+    """One (norm, bad count) from several backward calls (micro-batches, time steps): the
+    norm of all of them together."""
+    if len(g) == 1:
+        return g[0]
+    if isinstance(g[0][0], float):
+        return math.hypot(*(n for n, _ in g)), sum(b for _, b in g)
+    return (torch.linalg.vector_norm(torch.stack([n for n, _ in g])),
+            torch.stack([torch.as_tensor(b) for _, b in g]).sum())
 
 
 class _Sentinel:
@@ -533,6 +831,64 @@ class _Sentinel:
 
     def remove(self) -> None:
         pass
+
+
+class _ScalerHook:
+    """Wraps ``GradScaler.update`` (restored on remove): the update that follows a step the
+    scaler skipped (inf/NaN gradients) closes that step as skipped instead of merging it into
+    the next one."""
+
+    def __init__(self, scaler: Any, ref: weakref.ref) -> None:
+        self.scaler = scaler
+        orig = scaler.update
+        self.had_attr = "update" in vars(scaler)
+
+        def update(*a: Any, **k: Any) -> Any:
+            p = ref()
+            if p is not None:
+                p._scaler_update()
+            return orig(*a, **k)
+
+        scaler.update = update
+
+    def remove(self) -> None:
+        if self.had_attr:
+            return
+        vars(self.scaler).pop("update", None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that actually runs: DDP/DataParallel wrappers are unwrapped to ``.module``.
+
+    Raises:
+        ValueError: for a model compiled with ``torch.compile`` (the compiled graph skips the
+            hooks registered after compilation, so the probe would record nothing).
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel | DataParallel):
+        model = model.module
+    for name, m in model.named_modules():
+        if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
+            where = f"submodule {name!r} of the model" if name else "the model"
+            raise ValueError(
+                f"{where} was compiled with torch.compile: hooks added after compilation never "
+                "run, so the probe would record nothing; attach the probe to the uncompiled "
+                "module (model._orig_mod) or call model.compile() in place instead"
+            )
+    return model
+
+
+def _as_optimizers(
+    optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None,
+) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    for o in opts:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(o).__name__}")
+    return opts
 
 
 def _rows_for(t: torch.Tensor, max_values: int | None) -> int | None:
@@ -544,17 +900,27 @@ def _rows_for(t: torch.Tensor, max_values: int | None) -> int | None:
     return None if rows >= t.shape[0] else rows
 
 
-def _call(ref: weakref.ref, method: str) -> None:
+def _call(ref: weakref.ref, method: str, *args: Any) -> None:
     p = ref()
     if p is not None:
-        getattr(p, method)()
+        getattr(p, method)(*args)
 
 
-def _input_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
+def _root_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
+    # a new forward pass of the whole model: call sites are counted from here
     p = ref()
     if p is None or not p._active or not torch.is_grad_enabled():
         return
-    if args and isinstance(args[0], torch.Tensor):
+    if p._root_watched:
+        # the model is itself one watched module (a bare cell or layer): each call is one of
+        # its calls or time steps, not a new forward pass
+        if p.forward:
+            p._inputs.append(args[0].detach()) if args and isinstance(args[0], torch.Tensor) else None
+        return
+    p._nforward += 1
+    p._calls.clear()
+    p._new_pass = False
+    if p.forward and args and isinstance(args[0], torch.Tensor):
         p._inputs.append(args[0].detach())
 
 
@@ -563,22 +929,66 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
     p = ref()
     if p is None or not p._active or not torch.is_grad_enabled():
         return
-    if isinstance(out, tuple):  # e.g. RNN cells returning (h, c): watch the first
+    if isinstance(out, tuple | list) and out:  # RNN (output, h_n), cells' (h, c): the first
         out = out[0]
     if not isinstance(out, torch.Tensor):
         return
-    if i not in p._fired:
-        p._fired.add(i)
-        p._order.append(i)
-    if p.forward:
-        p._outs[i].append(out.detach())
-        if p._needs_input[i] and inp and isinstance(inp[0], torch.Tensor):
-            p._ins[i].append(inp[0].detach())
+    if p._new_pass:
+        # the first call after a backward pass (a micro-batch of gradient accumulation, also
+        # when the loop calls submodules rather than the model): call sites count from here
+        p._new_pass = False
+        p._calls.clear()
+    k = p._calls.get(i, 0)
+    p._calls[i] = k + 1
+    if p._loop[i]:
+        t, k = k, 0
+    else:
+        t, k = -1, min(k, MAX_SITES - 1)
+    j = p._site_of.get((i, k))
+    if j is None:
+        j = p._new_site(i, k)
+    s = p._sites[j]
+    if not s.used:
+        s.used = True
+        p._used.append(j)
+    if p.forward and (not s.outs or s.outs[0].shape[1:] == out.shape[1:]):
+        # pooled over micro-batches and time steps when their shapes agree; an output of
+        # another shape (dynamic padding) is left out of the forward statistics
+        s.outs.append(out.detach())
+        s.versions.append(out._version)
+        p._stash[out.data_ptr()] = j
+        if s.needs_input and inp and isinstance(inp[0], torch.Tensor):
+            s.ins.append(inp[0].detach())
     if p.backward and out.requires_grad:
-        out.register_hook(partial(_grad_hook, p._ograds[i]))
+        if t >= 0:
+            while len(s.tgrads) <= t:
+                s.tgrads.append([])
+            out.register_hook(partial(_grad_hook, s.ograds, s.tgrads[t]))
+        else:
+            out.register_hook(partial(_grad_hook, s.ograds, None))
 
 
-def _grad_hook(store: list[tuple[Any, Any]], g: torch.Tensor) -> None:
+def _inplace_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
+    p = ref()
+    if p is None or not p._active or not args or not isinstance(args[0], torch.Tensor):
+        return
+    p.save_before_inplace(args[0])
+
+
+def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
+    p = ref()
+    if p is None or not p._active:
+        return
+    p._grads_seen = True
+    p._new_pass = True
+    if not p._cb_queued:
+        p._cb_queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(
+            partial(_call, ref, "_on_backward_end")
+        )
+
+
+def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tensor) -> None:
     # Runs inside backward for every watched output: reduce to a norm now, keep no tensor.
     if g.device.type == "cpu":
         n = float(torch.linalg.vector_norm(g))
@@ -588,14 +998,12 @@ def _grad_hook(store: list[tuple[Any, Any]], g: torch.Tensor) -> None:
                 n = float(torch.linalg.vector_norm(g.to(torch.float64)))
             if not math.isfinite(n):
                 bad = float((~torch.isfinite(g)).sum())
-        store.append((n, bad))
+        v = (n, bad)
     else:  # no host synchronisation inside backward on an accelerator
-        store.append(
-            (
-                torch.linalg.vector_norm(g, dtype=torch.float64),
-                (~torch.isfinite(g)).sum(),
-            )
-        )
+        v = (torch.linalg.vector_norm(g, dtype=torch.float64), (~torch.isfinite(g)).sum())
+    store.append(v)
+    if tstore is not None:
+        tstore.append(v)
 
 
 def probe(model: nn.Module, **kwargs: Any) -> Probe:

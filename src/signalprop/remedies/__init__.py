@@ -19,7 +19,7 @@ SMORMS3, VSGD, LARS); initialisations live in :mod:`signalprop.init` (INITS).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -190,16 +190,36 @@ def _init_transform(fn: Callable[..., Any], **kw: Any) -> ModelTransform:
     return t
 
 
-@REMEDIES.register("critical_init", sigma_b2=0.0, orthogonal=False)
-def _critical_init(sigma_b2: float = 0.0, orthogonal: bool = False) -> Remedy:
+@REMEDIES.register("critical_init", sigma_b2=0.0, orthogonal=False, sigma_w2=None)
+def _critical_init(sigma_b2: float = 0.0, orthogonal: bool = False,
+                   sigma_w2: Mapping[str, float] | None = None) -> Remedy:
+    """Edge-of-chaos init. ``sigma_w2`` maps weight-layer module names to their sigma_w^2 (as
+    computed for one model by :func:`signalprop.diagnosis.explain.explain`); without it every
+    layer gets the critical sigma_w^2 of the model's inferred activation."""
+    per_layer = dict(sigma_w2) if sigma_w2 is not None else None
+
     def t(model: nn.Module, batch: torch.Tensor | None = None) -> nn.Module:
         new = copy.deepcopy(model)
-        kind = infer_activation(new)  # a clear error when the activation cannot be inferred
-        _init.critical_(new, activation=kind, sigma_b2=sigma_b2, orthogonal=orthogonal)
+        if per_layer is None:
+            kind = infer_activation(new)  # a clear error when the activation cannot be inferred
+            _init.critical_(new, activation=kind, sigma_b2=sigma_b2, orthogonal=orthogonal)
+            return new
+        from signalprop.theory.torch_adapter import mean_field_init_
+
+        for name, sw2 in per_layer.items():
+            try:
+                mod = new.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"critical_init: the model has no module {name!r}") from None
+            mean_field_init_(mod, sw2, sigma_b2, orthogonal=orthogonal)
         return new
 
-    return Remedy("critical_init", t, description=(
-        "weights at the edge of chaos, chi_1 = 1 (Poole et al. 2016; Schoenholz et al. 2017)"))
+    desc = "weights at the edge of chaos, chi_1 = 1 (Poole et al. 2016; Schoenholz et al. 2017)"
+    if per_layer:
+        sws = sorted({round(v ** 0.5, 3) for v in per_layer.values()})
+        desc += (f"; sigma_w = {', '.join(f'{v:g}' for v in sws)}, sigma_b^2 = {sigma_b2:.3g} "
+                 "computed for this model")
+    return Remedy("critical_init", t, description=desc)
 
 
 @REMEDIES.register("orthogonal_init", gain=1.0)

@@ -36,6 +36,12 @@ CAPTIONS = {
     "activation layer (rows, input at top) and step (columns). Bright = saturated.",
     "dead_heatmap": "Fraction of dead ReLU units (zero for every example of the batch) per layer "
     "and step. Bright = dead.",
+    "theory_vs_measurement": "Mean-field prediction (dashed) against the measured gradient "
+    "norm ||dL/dh|| at each weight layer's output (solid), at the first and the last recorded "
+    "step. The prediction starts from the last layer's measured norm and multiplies by "
+    "sqrt(chi) per layer, chi = sigma_w^2 E[phi'(z)^2] at each layer's measured pre-activation "
+    "variance (batch norm: its gradient rate); lines apart mean an assumption fails (see the "
+    "explanation).",
     "update_ratios": "Relative size of each optimiser step per weight matrix, "
     "||W_after - W_before|| / ||W_before||; the dashed line marks the usual ~1e-3.",
 }
@@ -66,6 +72,18 @@ def _trial_table(trials: list[dict[str, Any]]) -> tuple[list[str], list[list[Any
     return cols, [[t.get(c) for c in cols] for t in trials]
 
 
+def _explanation_rows(expl: Any) -> dict[str, Any] | None:
+    """The explanation section: the sentence, then a per-layer table (index, block, q,
+    sigma_w^2, chi predicted vs measured at init)."""
+    if expl is None:
+        return None
+    rows = [[t.index, t.activation or "+".join(t.modules) or "-", t.block, t.q, t.sigma_w2,
+             t.chi, t.measured] for t in expl.init]
+    rx = expl.prescription
+    presc = [] if rx is None else [[name, v ** 0.5] for name, v in rx.sigma_w2.items()]
+    return {"sentence": expl.sentence(), "rows": rows, "prescription": presc}
+
+
 def render_report(report: Report, dpi: int = 100) -> str:
     """The self-contained HTML text of a doctor report."""
     import matplotlib
@@ -82,6 +100,13 @@ def render_report(report: Report, dpi: int = 100) -> str:
             continue
         figs.append({"src": figure_to_data_uri(fig, dpi), "title": fn.title,
                      "caption": CAPTIONS.get(name, "")})
+    expl = getattr(report, "explanation", None)
+    if expl is not None:
+        fig = F.theory_vs_measurement(record, expl)
+        if fig is not None:
+            figs.insert(min(2, len(figs)), {
+                "src": figure_to_data_uri(fig, dpi), "title": F.theory_vs_measurement.title,
+                "caption": CAPTIONS["theory_vs_measurement"]})
     if report.trials:
         fig = F.trial_losses(report.trials)
         if fig is not None:
@@ -124,5 +149,6 @@ def render_report(report: Report, dpi: int = 100) -> str:
         missing_figures=missing,
         run=run,
         thresholds=meta.get("thresholds", {}),
+        explanation=_explanation_rows(expl),
         version=meta.get("signalprop", ""),
     )

@@ -217,6 +217,45 @@ def gradient_flow(record: Record, steps: Sequence[int] | None = None, n_steps: i
     return fig
 
 
+@requires("out_grad_norm", "out_std", "weight_norm", title="Theory vs measurement")
+def theory_vs_measurement(record: Record, explanation: Any = None, model: Any = None) -> (
+    Figure | None
+):
+    """Predicted (mean-field, :func:`signalprop.diagnosis.explain.explain`) and measured
+    ||dL/dh|| per weight layer, log scale, at init and at the end of the run. The prediction is
+    anchored at the last layer's measured norm and multiplied by sqrt(chi_l) towards the input.
+
+    Args:
+        record: A probe record.
+        explanation: A precomputed ``Explanation`` (default: computed from ``record``).
+        model: The model, to resolve custom activation modules when computing it here.
+    """
+    if explanation is None:
+        from signalprop.diagnosis.explain import explain
+
+        explanation = explain(record, model)
+    if explanation is None:
+        return None
+    n = explanation.norms
+    fig, axes = new_figure(6.4, 3.8)
+    ax = axes[0, 0]
+    x = np.arange(1, len(explanation.layers) + 1)
+    for key, step, color in (("init", explanation.step_init, "C0"),
+                             ("end", explanation.step_end, "C3")):
+        ax.plot(x, _positive(n[f"measured_{key}"]), "o-", ms=3, lw=1.2, color=color,
+                label=f"measured, step {step}")
+        ax.plot(x, _positive(n[f"predicted_{key}"]), "--", lw=1.6, color=color, alpha=0.8,
+                label=f"mean-field prediction, step {step}")
+    ax.set_yscale("log")
+    ax.set_xlabel("weight layer (input → output)")
+    ax.set_ylabel("||dL/dh|| (log)")
+    ax.set_title("Gradient norm per layer: theory vs measurement", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_xlim(0.5, len(x) + 0.5)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
 #: activation -> (min output, max output, saturation edges) with |phi'| < 0.1 max|phi'| beyond
 #: the edges: sigmoid h(1-h) < 0.025 <=> h < 0.0257 or h > 0.9743; tanh 1-h^2 < 0.1 <=> |h| > 0.949.
 _OUTPUT_RANGE = {
