@@ -39,12 +39,7 @@ from signalprop.diagnosis.explain import attach as attach_explanation
 from signalprop.diagnosis.explain import critical_remedy, explain
 from signalprop.diagnosis.findings import SEVERITIES, json_number
 from signalprop.record import Record, atomic_write_text
-from signalprop.validation import (
-    Interrupted,
-    check_batch_size,
-    check_inputs,
-    check_positive_int,
-)
+from signalprop.validation import check_batch_size, check_inputs, check_positive_int
 
 #: Version of the JSON written by :meth:`Report.to_json`.
 REPORT_SCHEMA = "signalprop.report/1"
@@ -52,7 +47,8 @@ REPORT_SCHEMA = "signalprop.report/1"
 #: Probe at most about this many steps (evenly spaced) so that records stay a few MB.
 MAX_RECORDED_STEPS = 300
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, Any], torch.Tensor]
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -218,10 +214,14 @@ def _count_nonfinite(data: Any) -> int | None:
     tensors: list[torch.Tensor] = []
     if isinstance(data, Dataset):
         tensors = [data.x_train, data.y_train]
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(
+    elif isinstance(data, (tuple, list)) and len(data) >= 2 and all(
         isinstance(t, torch.Tensor) for t in data
     ):
         tensors = list(data)
+    elif isinstance(data, Mapping) and data and all(
+        isinstance(t, torch.Tensor) for t in data.values()
+    ):
+        tensors = list(data.values())
     else:
         ds = getattr(data, "dataset", None)
         if isinstance(ds, torch.utils.data.TensorDataset):
@@ -236,6 +236,10 @@ def _describe_data(data: Any) -> str:
         return f"{data.name} ({data.x_train.shape[0]} x {data.in_features})"
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         return f"tensors x{tuple(data[0].shape)} y{tuple(data[1].shape)}"
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return "tensors " + " ".join(str(tuple(t.shape)) for t in data)
+    if isinstance(data, Mapping) and data and all(isinstance(t, torch.Tensor) for t in data.values()):
+        return "tensors " + ", ".join(f"{k}{tuple(t.shape)}" for k, t in data.items())
     return type(data).__name__
 
 
@@ -286,7 +290,7 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
 def _run_trials(
     model: nn.Module,
     data: Any,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     remedies: Sequence[Any],
     settings: dict[str, Any],
     seeds: int,
@@ -330,7 +334,7 @@ def _run_trials(
 def doctor(
     model: nn.Module,
     data: Any,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None = None,
     steps: int = 200,
     optimizer: str | Any = "sgd",
     lr: float = 0.1,
@@ -346,14 +350,20 @@ def doctor(
     max_trials: int = 5,
     trial_seeds: int = 2,
     name: str | None = None,
+    step_fn: StepFn | None = None,
 ) -> Report:
     """Train a copy of ``model`` briefly under a probe and diagnose its signal propagation.
 
     Args:
         model: Any ``nn.Module`` with trainable parameters (deep-copied; yours is not touched).
-        data: A DataLoader (or iterable of ``(x, y)`` batches), an ``(x, y)`` tensor pair, or a
-            :class:`signalprop.data.Dataset`.
-        loss_fn: ``loss_fn(output, y)`` returning a scalar tensor.
+        data: A DataLoader (or any iterable of batches: ``(x, ..., y)`` tuples or dicts such as
+            Hugging Face batches), tensors in memory (``(x, ..., y)`` or a dict of tensors), or a
+            :class:`signalprop.data.Dataset`. See :func:`signalprop.train.fit` for how each
+            batch form reaches the model.
+        loss_fn: ``loss_fn(prediction, y)`` (tuple batches) or ``loss_fn(prediction, batch)``
+            (dict batches) returning a scalar tensor; the prediction is the output, its
+            ``.logits``, or a tuple's first element. ``None``: the model returns its loss
+            (``output.loss``, e.g. a Hugging Face model given ``labels``).
         steps: Optimiser steps to train (the data are cycled).
         optimizer: A registered optimiser name (``"sgd"``, ``"adam"``, ...) or a factory
             ``f(params, lr=...)``.
@@ -370,6 +380,8 @@ def doctor(
         max_trials: How many prescriptions to trial when ``remedies`` is not given.
         trial_seeds: Runs per remedy in the trials (paired by seed with the baseline).
         name: A label for the report (e.g. the example's name).
+        step_fn: ``step_fn(model, batch) -> loss`` for any other model or batch (replaces the
+            forward pass and ``loss_fn``).
 
     Returns:
         A :class:`Report`.
@@ -379,11 +391,14 @@ def doctor(
         ValueError: model without parameters, non-scalar loss, NaN/Inf data with
             ``validate=True``, bad ``steps``/``lr``/device, unknown optimiser or remedy names.
     """
-    from signalprop.train import check_finite_data, train
+    from signalprop.diagnosis.architecture import architecture_facts
+    from signalprop.train import check_finite_data, fit
 
     work = _check_model(model)
-    if not callable(loss_fn):
+    if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if step_fn is not None and not callable(step_fn):
+        raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -403,22 +418,24 @@ def doctor(
         check_finite_data(data)
     data_bad = _count_nonfinite(data)
     # the data against the model and the loss, before any training (signalprop.validation)
-    check_inputs(work, data, loss_fn, batch_size=batch_size, seed=seed or 0)
+    check_inputs(work, data, loss_fn, step_fn=step_fn, batch_size=batch_size, seed=seed or 0)
 
     t0 = time.perf_counter()
-    settings = dict(steps=steps, optimizer=optimizer, lr=lr, batch_size=batch_size,
-                    device=dev, seed=seed)
+    settings: dict[str, Any] = dict(steps=steps, optimizer=optimizer, lr=lr,
+                                    batch_size=batch_size, device=dev, seed=seed)
+    if step_fn is not None:
+        settings["step_fn"] = step_fn
     label = f"doctor: {name or type(model).__name__}"
+    # the diagnosis run goes on past fit's loss bound, up to non-finite values, so that the
+    # record shows where they first appear (the trials keep the bound)
+    run_kw: dict[str, Any] = dict(probe={"schedule": _schedule(steps)}, diverge_factor=None,
+                                  keep_partial=True)
     if progress:
         with _Progress(steps, label) as bar:
-            result = train(work, data, loss_fn, probe={"schedule": _schedule(steps)},
-                           progress=bar, keep_partial=True, **settings)
+            result = fit(work, data, loss_fn, progress=bar, **run_kw, **settings)
     else:
-        result = train(work, data, loss_fn, probe={"schedule": _schedule(steps)},
-                       keep_partial=True, **settings)
-    stopped = result.extra.get("stopped")
-    if stopped is not None and not result.steps:
-        raise stopped  # nothing trained: nothing to report
+        result = fit(work, data, loss_fn, **run_kw, **settings)
+    stopped = result.extra.get("stopped")  # an error in the user's code after some steps
     record = result.record
     opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom")
     record.meta.update({
@@ -428,6 +445,8 @@ def doctor(
         "diverged": result.diverged,
         "diverged_step": result.diverged_step,
     })
+    for k, v in architecture_facts(work).items():
+        record.meta.setdefault(k, v)
     findings = diagnose(record, th)
     explanation = explain(record, work, batch_size=batch_size)
     attach_explanation(findings, explanation)
@@ -438,7 +457,9 @@ def doctor(
         "num_parameters": sum(p.numel() for p in work.parameters()),
         "data": _describe_data(data),
         "data_nonfinite": data_bad,
-        "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),
+        "loss_fn": ("step_fn: " + getattr(step_fn, "__name__", type(step_fn).__name__))
+        if step_fn is not None else "the model's own loss" if loss_fn is None
+        else getattr(loss_fn, "__name__", type(loss_fn).__name__),
         "steps": steps,
         "steps_run": result.steps,
         "optimizer": opt_name,
@@ -449,6 +470,10 @@ def doctor(
         "recorded_steps": len(record.steps),
         "diverged": result.diverged,
         "diverged_step": result.diverged_step,
+        "diverged_reason": result.diverged_reason,
+        "interrupted": result.interrupted,
+        "trivial_loss": result.trivial_loss,
+        "trivial_kind": result.trivial_kind,
         "train_seconds": result.wall_time,
         "thresholds": th.to_dict(),
         "signalprop": __version__,
@@ -465,16 +490,15 @@ def doctor(
         meta.setdefault("warnings", []).append(why)
         warnings.warn(why, stacklevel=2)
     if stopped is not None:
-        # Ctrl-C or an error in the user's code mid-run: the steps trained are diagnosed and
-        # handed back with the exception, so that nothing trained is lost
-        kind = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "error"
-        meta["stopped"] = {"reason": kind, "step": result.steps, "message": str(stopped)}
+        # an error in the user's code mid-run: the steps trained are diagnosed and handed back
+        # with the error (``error.report``), so that nothing trained is lost
+        meta["stopped"] = {"reason": "error", "step": result.steps, "message": str(stopped)}
         meta["total_seconds"] = time.perf_counter() - t0
-        if isinstance(stopped, KeyboardInterrupt):
-            raise Interrupted(report, result.steps) from None
         stopped.report = report
         raise stopped
-    if trial:
+    if trial and result.interrupted:
+        meta["trials_skipped"] = "interrupted (Ctrl-C) during the diagnosis run"
+    elif trial:
         chosen = list(remedies) if remedies is not None else [
             p.remedy for p in prescriptions[:max_trials]
         ]
@@ -482,15 +506,8 @@ def doctor(
             # critical_init is tried with the sigma_w computed for this model
             chosen = [critical_remedy(explanation) if r == "critical_init" else r
                       for r in chosen]
-            try:
-                trials, table, why = _run_trials(model, data, loss_fn, chosen, settings,
-                                                 trial_seeds, progress)
-            except KeyboardInterrupt:
-                meta["trials_skipped"] = "interrupted"
-                meta["stopped"] = {"reason": "interrupted", "step": result.steps,
-                                   "message": "interrupted during the trials"}
-                meta["total_seconds"] = time.perf_counter() - t0
-                raise Interrupted(report, result.steps) from None
+            trials, table, why = _run_trials(model, data, loss_fn, chosen, settings,
+                                             trial_seeds, progress)
             report.trials, report.trial_table = trials, table
             if why is not None:
                 warnings.warn(f"trials skipped: {why}", stacklevel=2)

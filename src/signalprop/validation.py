@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 __all__ = [
-    "Interrupted",
     "UserCodeError",
     "UserError",
     "check_batch_size",
     "check_inputs",
     "check_out_dir",
     "check_positive_int",
+    "check_signature",
     "user_code",
 ]
 
@@ -73,17 +73,6 @@ class UserCodeError(UserError):
         if self.location:
             msg += f" ({self.location})"
         super().__init__(msg)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a doctor run; ``report`` holds the diagnosis of the steps trained so far.
-
-    A ``KeyboardInterrupt`` so that Ctrl-C keeps its meaning for callers that do not look at it.
-    """
-
-    def __init__(self, report: Any, step: int) -> None:
-        super().__init__(f"interrupted at step {step}")
-        self.report, self.step = report, step
 
 
 def first_line(e: BaseException) -> str:
@@ -333,12 +322,12 @@ def _all_targets(data: Any) -> torch.Tensor | None:
 
     if isinstance(data, Dataset):
         return data.y_train
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+    if isinstance(data, (tuple, list)) and len(data) >= 2 and all(
             isinstance(t, torch.Tensor) for t in data):
-        return data[1]
+        return data[-1]  # (x, ..., y)
     ds = getattr(data, "dataset", None)
     if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) >= 2:
-        return ds.tensors[1]
+        return ds.tensors[-1]
     return None
 
 
@@ -360,90 +349,81 @@ def _peek(data: Any, batch_size: int, seed: int) -> Any | None:
             return None
 
 
-def _xy(batch: Any) -> tuple[Any, Any] | None:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    if isinstance(batch, dict) and "x" in batch and "y" in batch:
-        return batch["x"], batch["y"]
-    return None
+def _float_target_problem(loss_fn: Any, pred: Any, y: Any) -> str | None:
+    cls = _class_loss(loss_fn)
+    if cls is None or not isinstance(y, torch.Tensor) or not y.is_floating_point():
+        return None
+    if isinstance(pred, torch.Tensor) and y.shape == pred.shape:
+        return None  # class probabilities: a valid target for cross-entropy
+    return (f"the targets are {str(y.dtype).replace('torch.', '')} but {cls[0]} takes integer "
+            "class labels: convert them with y.long() (or give class probabilities of the "
+            "output's shape)")
 
 
-def check_inputs(model: nn.Module, data: Any, loss_fn: Any, *, batch_size: int = 64,
-                 seed: int = 0) -> None:
-    """Check the data against the model and the loss before training (one forward pass on the
-    first batch in eval mode; nothing is trained and the weights are not touched).
+def check_inputs(model: nn.Module, data: Any, loss_fn: Any = None, *, step_fn: Any = None,
+                 batch_size: int = 64, seed: int = 0) -> None:
+    """Check the data against the model and the loss before training: one forward pass and
+    loss on the first batch, in eval mode (nothing is trained, no batch-norm statistics move,
+    and the graph is dropped).
 
-    Checked: the batch size; that the first batch goes through the model (integer inputs and a
-    wrong feature count are named as such); class labels within the output width (over all the
-    targets when they are tensors in memory) and of an integer type for cross-entropy/NLL; that
-    the loss is a tensor attached to the graph (not ``.detach()``-ed or computed under
-    ``no_grad``).
+    Checked: the batch size; the signature of ``loss_fn``; that the first batch goes through the
+    model (integer inputs and a wrong feature count are named as such); for cross-entropy/NLL,
+    class labels within the output width (over all the targets when they are tensors in
+    memory) and of an integer type; that the loss is a scalar tensor attached to the graph (not
+    ``.detach()``-ed or computed under ``no_grad``); that ``forward`` returned something.
 
-    Data the checks do not understand (custom batch types, one-shot generators) pass unchecked:
-    the training loop reports their errors with the step.
+    One-shot generators are not peeked at (that would lose a batch): the training loop reports
+    their errors with the step.
 
     Raises:
         UserError: naming the problem and the fix (:class:`UserCodeError` when the user's forward
             or loss raised something else).
     """
+    from signalprop.train import StepOutput, forward_loss, to_device
+
     check_batch_size(batch_size)
-    if callable(loss_fn) and not isinstance(loss_fn, nn.Module):
+    if step_fn is None and loss_fn is not None and callable(loss_fn) and not isinstance(
+            loss_fn, nn.Module):
         check_signature(loss_fn, 2, "loss_fn", "take (output, target)")
     batch = _peek(data, batch_size, seed)
-    xy = _xy(batch) if batch is not None else None
-    if xy is None:
+    if batch is None:
         return
-    x, y = xy
-    if not isinstance(x, torch.Tensor):
-        return
-    cls = _class_loss(loss_fn)
-    if cls is not None and isinstance(y, torch.Tensor) and y.is_floating_point() and y.dim() == 1:
-        raise UserError(
-            f"the targets are {str(y.dtype).replace('torch.', '')} but {cls[0]} takes integer "
-            "class labels: convert them with y.long() (or give class probabilities of the "
-            "output's shape)")
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batch = to_device(batch, dev)
     was_training = model.training
     model.eval()  # no batch-norm statistics updated, no dropout randomness consumed
     try:
-        first = " on the first batch"
-        with user_code("forward", explain=lambda e: explain_forward_error(model, x), when=first):
-            out = model(x.to(dev))
-        if out is None:
-            raise UserError("your model's forward returned None on the first batch: does it end "
-                            "with a return statement?")
-        yt = y.to(dev) if isinstance(y, torch.Tensor) else y
-        if cls is not None and isinstance(out, torch.Tensor):
-            whole = _all_targets(data)
-            problem = _label_problem(out, whole if whole is not None else yt, cls[1])
-            if problem:
-                raise UserError(problem)
-        with user_code("loss", explain=lambda e: _label_problem(out, yt), when=first):
-            loss = loss_fn(out, yt)
+        with torch.enable_grad():
+            so: StepOutput = forward_loss(model, batch, loss_fn, step_fn, when=" on the first batch")
     finally:
         model.train(was_training)
-    check_loss(loss)
+    if step_fn is not None:
+        return
+    if so.pred is None:
+        raise UserError("your model's forward returned None on the first batch: does it end "
+                        "with a return statement?")
+    cls = _class_loss(loss_fn)
+    if cls is not None and isinstance(so.pred, torch.Tensor):
+        whole = _all_targets(data)
+        y = whole if whole is not None else so.target
+        problem = _float_target_problem(loss_fn, so.pred, y) or _label_problem(so.pred, y, cls[1])
+        if problem:
+            raise UserError(problem)
 
 
-def check_loss(loss: Any, step: int | None = None) -> None:
-    """The loss must be a scalar tensor attached to the graph of the model's parameters."""
+def not_attached_message(src: str = "the loss", step: int | None = None) -> str:
+    """The message for a loss that does not require grad."""
     when = f" at step {step}" if step is not None else ""
-    if not isinstance(loss, torch.Tensor):
-        raise UserError(f"loss_fn must return a tensor, got {type(loss).__name__}{when}")
-    if loss.numel() != 1:
-        raise UserError(
-            f"loss_fn must return a scalar, got a tensor of shape {tuple(loss.shape)}{when} "
-            "(did you forget reduction='mean'?)")
-    if not loss.requires_grad:
-        raise UserError(
-            f"the loss{when} is not attached to the model's graph (requires_grad=False), so "
-            "there is nothing to back-propagate: remove .detach()/.item()/torch.no_grad() "
-            "from the loss")
+    return (f"{src}{when} returned a loss that is not attached to the model's graph "
+            "(requires_grad=False), so there is nothing to back-propagate: remove "
+            ".detach()/.item()/torch.no_grad() from the loss")
 
 
-def explain_loss_error(out: Any, y: Any) -> Callable[[BaseException], str | None]:
-    """An ``explain`` hook for :class:`user_code` around the loss: labels out of range."""
-    return lambda e: _label_problem(out, y)
+def explain_loss_error(pred: Any, y: Any, loss_fn: Any = None
+                       ) -> Callable[[BaseException], str | None]:
+    """An ``explain`` hook for :class:`user_code` around the loss: labels out of range or float
+    labels for a class loss."""
+    return lambda e: _float_target_problem(loss_fn, pred, y) or _label_problem(pred, y)
 
 
 def debug_requested() -> bool:

@@ -172,7 +172,7 @@ def doctor_cmd(
 
     from signalprop.doctor import doctor
     from signalprop.examples import EXAMPLES, load_example
-    from signalprop.validation import Interrupted, UserError, check_out_dir
+    from signalprop.validation import UserError, check_out_dir
 
     if list_examples:
         for name in EXAMPLES.names():
@@ -205,24 +205,28 @@ def doctor_cmd(
                 trial_seeds=trial_seeds, progress=sys.stderr.isatty(), seed=seed, name=name,
                 **settings,
             )
-    except (Interrupted, UserError) as e:
+    except UserError as e:
         partial = getattr(e, "report", None)
         if partial is None:
             raise
         # nothing trained is lost: show and save the diagnosis of the steps trained so far
         _show(partial, as_json, out)
-        n = partial.meta.get("steps_run")
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by an error"
-        where = f"; partial record and report in {out}" if out else ""
-        click.echo(f"signalprop: {what} after {n} step(s): the report above covers the "
-                   f"steps trained{where}", err=True)
-        if isinstance(e, KeyboardInterrupt):
-            return 130
+        _say_partial("stopped by an error", partial, out)
         raise
     for w in report.meta.get("warnings", []):
         click.echo(f"signalprop: warning: {w}", err=True)
     _show(report, as_json, out)
+    if report.meta.get("interrupted"):  # Ctrl-C: the steps trained are reported and saved
+        _say_partial("interrupted", report, out)
+        return 130
     return 1 if fail_on_findings and report.findings else 0
+
+
+def _say_partial(what: str, report: Any, out: str | None) -> None:
+    n = report.meta.get("steps_run")
+    where = f"; partial record and report in {out}" if out else ""
+    click.echo(f"signalprop: {what} after {n} step(s): the report above covers the steps "
+               f"trained{where}", err=True)
 
 
 def _env_threads() -> int:

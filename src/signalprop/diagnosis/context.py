@@ -38,6 +38,16 @@ class Context:
         sigma_w2: Median over the hidden weight layers (all but the last) of the mean-field
             weight scale sigma_w^2 = fan_in Var(W) ~= ||W||_F^2 / fan_out at the first recorded
             step (Poole et al. 2016 notation); NaN when weight norms were not recorded.
+        norm_placement: ``"pre"``/``"post"`` layer norm of transformer layers, else ``None``.
+        transformer: Attention modules are present (``None``: unknown).
+        recurrent: RNN/LSTM/GRU modules are present (``None``: unknown).
+        sequential_blocks: The model has an ``nn.Sequential`` of (layer, activation) blocks,
+            which the structural remedies rewrite (``None``: unknown).
+        pre_ln_switchable: Post-LN ``torch.nn.Transformer*Layer`` modules exist (the
+            ``pre_ln`` remedy applies).
+
+    The architecture facts come from ``record.meta`` (see
+    :func:`signalprop.diagnosis.architecture.architecture_facts`).
     """
 
     weight_layers: list[str] = field(default_factory=list)
@@ -49,6 +59,11 @@ class Context:
     residual: bool | None = None
     optimizer: str | None = None
     sigma_w2: float = float("nan")
+    norm_placement: str | None = None
+    transformer: bool | None = None
+    recurrent: bool | None = None
+    sequential_blocks: bool | None = None
+    pre_ln_switchable: bool = False
 
     @property
     def depth(self) -> int:
@@ -138,6 +153,12 @@ def context_of(record: Record) -> Context:
     ctx.sigma_w2 = _sigma_w2(record, ctx)
     res = record.meta.get("residual")
     ctx.residual = bool(res) if res is not None else None
+    placement = record.meta.get("norm_placement")
+    ctx.norm_placement = placement if isinstance(placement, str) else None
+    for key in ("transformer", "recurrent", "sequential_blocks"):
+        v = record.meta.get(key)
+        setattr(ctx, key, bool(v) if v is not None else None)
+    ctx.pre_ln_switchable = bool(record.meta.get("pre_ln_switchable", False))
     opt = record.meta.get("optimizer")
     if isinstance(opt, str):
         ctx.optimizer = opt.lower()

@@ -45,6 +45,10 @@ NEAR_CRITICAL = (0.8, 1.25)
 #: the Gaussian one (2 x 1.645 std).
 GAUSSIAN_RANGE_TOL = 0.25
 
+#: Per-layer scatter (std of the log norm factor) that finite width N explains: WIDTH_SCATTER /
+#: sqrt(N). Wide random nets measure ~0.6 / sqrt(N); the deep-sigmoid example (N = 64) ~1.7.
+WIDTH_SCATTER = 4.0
+
 #: Weights count as "moved far from init" when a weight norm changed by more than this fraction.
 MOVED_FRACTION = 0.5
 
@@ -59,7 +63,7 @@ class Transition:
     Attributes:
         layer, next_layer: Weight-layer module names (h_l, h_{l+1} are their outputs).
         index: 1-based index l of ``layer`` among the weight layers.
-        block: ``"elementwise"``, ``"batchnorm"`` or ``"unknown"``.
+        block: ``"elementwise"``, ``"batchnorm"``, ``"residual"`` or ``"unknown"``.
         modules: Module types between the two weight layers (``["Sigmoid"]``).
         activation: The activation's name (``None`` when there is none or it is unknown).
         q: Measured E[h_l^2] (pre-activation second moment).
@@ -171,7 +175,7 @@ class Explanation:
             out += (f" Critical init for this model: sigma_w = "
                     f"{', '.join(fmt(v, 3) for v in sw)} (sigma_b^2 = {fmt(p.sigma_b2)}), "
                     f"predicted ratio after the change {fmt(p.predicted_ratio, 3)}"
-                    + (f"; {p.note.strip()}" if p.note.strip() else "") + ".")
+                    + (f"; {p.note.strip().rstrip('.')}" if p.note.strip() else "") + ".")
         elif self.prescription_note:
             out += f" No critical init: {self.prescription_note}"
         return out
@@ -267,15 +271,44 @@ def _is_elementwise(module: Any, shape: list[int] | None) -> bool:
     return bool(ok)
 
 
+def _residual_alphas(record: Record, model: Any, ctx: Any) -> dict[str, tuple[str, float]]:
+    """Weight layers that are the only weight layer of a skip-connection block x + alpha f(x):
+    weight layer -> (block name, alpha). Blocks are found in the model (signalprop's
+    ``Residual``) or marked by the probe (``LayerInfo.residual``)."""
+    cands: dict[str, float] = {}
+    if model is not None:
+        for name, m in model.named_modules():
+            if type(m).__name__ == "Residual" and hasattr(m, "block") and name:
+                cands[name] = float(getattr(m, "alpha", 1.0))
+    for info in record.layers.values():
+        if getattr(info, "residual", None):
+            cands.setdefault(info.module or info.name, 1.0)
+    out: dict[str, tuple[str, float]] = {}
+    for r, a in cands.items():
+        inside = [w for w in ctx.weight_layers
+                  if (getattr(record.layers.get(w), "module", None) or w).startswith(r + ".")]
+        if len(inside) == 1:
+            out[inside[0]] = (r, a)
+    return out
+
+
 def _blocks(record: Record, model: Any, ctx: Any) -> list[tuple[str, list[str], Any, str | None]]:
-    """For each transition l -> l+1: (block kind, module types, theory activation, act name)."""
+    """For each transition l -> l+1: (block kind, module types, theory activation, act name).
+
+    Kinds: ``"elementwise"``, ``"batchnorm"`` (BN then phi), ``"residual"`` (W_{l+1} is the
+    weight layer of a skip block x + alpha phi(W x + b); phi before it may be absent) and
+    ``"unknown"``.
+    """
     mods = dict(model.named_modules()) if model is not None else {}
-    modules = sorted((i for i in record.layers.values() if i.role != "param"),
+    res = _residual_alphas(record, model, ctx)
+    modules = sorted((i for i in record.layers.values() if i.role == "module"),
                      key=lambda i: i.depth)
+    L = ctx.weight_layers
+    between_of = [[i for i in modules if ctx.block.get(i.name) == j + 1 and i.name != L[j]]
+                  for j in range(ctx.depth)]
     out = []
     for j in range(ctx.depth - 1):
-        between = [i for i in modules if ctx.block.get(i.name) == j + 1
-                   and i.name != ctx.weight_layers[j]]
+        between = between_of[j]
         types = [i.type for i in between]
         acts, bn, other = [], False, []
         for i in between:
@@ -286,6 +319,18 @@ def _blocks(record: Record, model: Any, ctx: Any) -> list[tuple[str, list[str], 
                 acts.append((i.activation, mod))
             else:
                 other.append(i.type)
+        if L[j + 1] in res and not bn and not other and len(acts) <= 1:
+            # the branch must be [W, phi] inside the block: the modules after W_{l+1} are in it
+            r = res[L[j + 1]][0]
+            nxt = between_of[j + 1] if j + 1 < ctx.depth - 1 else []
+            if nxt and all((i.module or i.name).startswith(r + ".") for i in nxt):
+                act = _resolve(*acts[0]) if acts else None
+                if acts and act is None:
+                    out.append(("unknown", types, None, acts[0][0]))
+                else:
+                    out.append(("residual", types or ["(skip)"], act,
+                                act.name if act is not None else None))
+                continue
         if len(acts) != 1 or other:
             out.append(("unknown", types, None, None))
             continue
@@ -294,11 +339,11 @@ def _blocks(record: Record, model: Any, ctx: Any) -> list[tuple[str, list[str], 
             out.append(("unknown", types, None, acts[0][0]))
             continue
         out.append(("batchnorm" if bn else "elementwise", types, act, act.name))
-    return out
+    return out, res
 
 
-def _transitions(record: Record, ctx: Any, blocks: list, step: int, batch_size: int | None
-                 ) -> list[Transition]:
+def _transitions(record: Record, ctx: Any, blocks: list, step: int, batch_size: int | None,
+                 res: dict[str, tuple[str, float]] | None = None) -> list[Transition]:
     from signalprop.theory import bn_gradient_rate
 
     L = ctx.weight_layers
@@ -318,9 +363,22 @@ def _transitions(record: Record, ctx: Any, blocks: list, step: int, batch_size: 
         with np.errstate(divide="ignore", invalid="ignore"):
             meas = (g[j] / g[j + 1]) ** 2
         e2 = chi = math.nan
+        res = res or {}
+        a2 = res[L[j]][1] ** 2 if L[j] in res else 1.0  # h_l feeds the stream scaled by alpha
         if kind == "elementwise" and math.isfinite(q[j]) and math.isfinite(sw2):
             e2 = _dphi2(act, record.get(step, L[j], "out_mean"), record.get(step, L[j], "out_std"))
-            chi = sw2 * e2
+            chi = a2 * sw2 * e2
+        elif kind == "residual" and j + 1 < len(blocks) and blocks[j + 1][2] is not None \
+                and math.isfinite(sw2):
+            # x_{l+1} = x_l + alpha phi(W x_l + b): ||dL/dx_l||^2 = (1 + alpha^2 sigma_w^2
+            # E[phi'^2]) ||dL/dx_{l+1}||^2, and dL/dh = alpha phi'(h) (.) dL/dx on both sides
+            a_next = res[L[j + 1]][1]
+            e_next = _dphi2(blocks[j + 1][2], record.get(step, L[j + 1], "out_mean"),
+                            record.get(step, L[j + 1], "out_std"))
+            e2 = 1.0 if act is None else _dphi2(act, record.get(step, L[j], "out_mean"),
+                                                record.get(step, L[j], "out_std"))
+            if e_next > 0:
+                chi = a2 * e2 / (a_next ** 2 * e_next) * (1 + a_next ** 2 * sw2 * e_next)
         elif kind == "batchnorm" and batch_size is not None and batch_size >= 4 \
                 and q[j] > 0 and math.isfinite(sw2):
             # BN divides by each unit's batch std, so the scale that matters is the per-unit
@@ -431,17 +489,30 @@ def _reasons(record: Record, ts: list[Transition], step: int, ctx: Any, at_end: 
         # a random walk of independent per-layer errors explains the total when it is within
         # ~2.5 standard deviations; otherwise the error has a direction (systematic)
         systematic = abs(mean) * math.sqrt(n) > 2.5 * sd
-        if not systematic:
+        # finite width N makes each layer's factor fluctuate by ~1/sqrt(N) (a norm over N
+        # units); a scatter several times larger is not a width effect
+        width_sd = WIDTH_SCATTER / math.sqrt(width) if width else math.inf
+        unseen = ("a skip connection or other non-element-wise block the record does not show "
+                  "(x + f(x) adds 1 to a block's factor)")
+        if not systematic and sd <= width_sd:
             out.append(f"narrow layers (width {width}): each layer's measured factor scatters by "
                        f"~{fmt(100 * (math.exp(sd) - 1), 2)}% around the prediction, in both "
                        f"directions, and the scatter accumulates over {n} layers; the mean-field "
                        "limit assumes width >> depth")
+        elif not systematic:
+            out.append(f"each layer's measured factor scatters by "
+                       f"~{fmt(100 * (math.exp(sd) - 1), 2)}% around the prediction, far more "
+                       f"than width {width} explains (~{fmt(100 * (math.exp(width_sd) - 1), 2)}%)"
+                       f": {unseen}, or heavy-tailed units")
         else:
             direction = "larger" if mean > 0 else "smaller"
-            out.append(f"each layer's measured factor is systematically {direction} than "
-                       f"predicted (by {fmt(math.exp(abs(mean)), 3)}x on average): correlated "
-                       "units (the backward signal is not independent of the weights, as the "
-                       "mean-field limit assumes)")
+            txt = (f"each layer's measured factor is systematically {direction} than "
+                   f"predicted (by {fmt(math.exp(abs(mean)), 3)}x on average): correlated "
+                   "units (the backward signal is not independent of the weights, as the "
+                   "mean-field limit assumes)")
+            if mean > 0:
+                txt += f", or {unseen}"
+            out.append(txt)
     return out
 
 
@@ -449,12 +520,23 @@ def _reasons(record: Record, ts: list[Transition], step: int, ctx: Any, at_end: 
 def _cause(ts: list[Transition], act_obj: Any) -> str:
     el = [t for t in ts if t.block == "elementwise" and math.isfinite(t.chi)]
     bn = [t for t in ts if t.block == "batchnorm" and math.isfinite(t.chi)]
+    rs = [t for t in ts if t.block == "residual" and math.isfinite(t.chi)]
+    skip = ""
+    if rs:
+        rate = float(np.exp(np.median(np.log([t.chi for t in rs]))))
+        skip = (f" Skip connections (x + alpha phi(W x + b)): each of the {len(rs)} residual "
+                f"blocks multiplies the squared gradient by 1 + alpha^2 sigma_w^2 E[phi'^2] "
+                f"(median {fmt(rate, 3)}), so it cannot vanish through them.")
+    if rs and len(el) <= len(rs):  # a residual net: the chain factor is not the story
+        el = []
     if not el and not bn:
+        if rs:
+            return "Why (mean-field theory at the measured init):" + skip
         return ("The mean-field theory covers none of this model's blocks (no element-wise "
                 "activation between weight layers).")
     if bn and not el:
         rate = float(np.exp(np.median(np.log([t.chi for t in bn]))))
-        return (f"Why (mean-field theory, Yang et al. 2019): batch norm before {bn[0].activation} "
+        return skip.strip() + (" " if skip else "") + (f"Why (mean-field theory, Yang et al. 2019): batch norm before {bn[0].activation} "
                 f"multiplies the squared gradient by lambda_G = {fmt(rate, 3)} per layer "
                 f"(a factor {fmt(math.sqrt(rate), 3)} on the norm) whatever sigma_w is.")
     sw2 = float(np.median([t.sigma_w2 for t in el]))
@@ -492,7 +574,7 @@ def _cause(ts: list[Transition], act_obj: Any) -> str:
         else:
             sat += "."
         txt += sat
-    return txt
+    return txt + skip
 
 
 # --- prescription --------------------------------------------------------------------------------
@@ -537,6 +619,9 @@ def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Presc
     for j, b in enumerate(blocks):
         if b[0] != "elementwise":
             sw2[L[j + 1]] = _weight_scale(record, step, ctx.weight_params[L[j + 1]], cp.sigma_w2)
+    if any(b[0] != "elementwise" for b in blocks):
+        note += ("; " if note else "") + "layers after batch-norm, residual or unknown blocks " \
+            "keep their scale (chi = sigma_w^2 E[phi'^2] does not set their factor)"
     # the ratio after the change: the length map iterated from the measured input scale
     q = sw2[L[0]] * ex2 + sb2 if math.isfinite(ex2) else (
         cp.q_star if math.isfinite(cp.q_star) else 1.0)
@@ -594,9 +679,9 @@ def explain(
     if batch_size is None:
         b = record.meta.get("batch_size")
         batch_size = int(b) if isinstance(b, (int, float)) and b == b else None
-    blocks = _blocks(record, model, ctx)
-    init = _transitions(record, ctx, blocks, s0, batch_size)
-    end = _transitions(record, ctx, blocks, s1, batch_size)
+    blocks, res = _blocks(record, model, ctx)
+    init = _transitions(record, ctx, blocks, s0, batch_size, res)
+    end = _transitions(record, ctx, blocks, s1, batch_size, res)
     pred, n = _ratio(init, "chi")
     meas, _ = _ratio(init, "measured")
     pred_e, _ = _ratio(end, "chi")

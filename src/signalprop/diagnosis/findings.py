@@ -15,6 +15,7 @@ KINDS: tuple[str, ...] = (
     "saturation",
     "dead_units",
     "update_ratio",
+    "not_learning",
 )
 
 #: Severities, least to most serious.
@@ -47,6 +48,8 @@ REMEDY_NAMES: tuple[str, ...] = (
     "lower_lr",
     "weight_decay",
     "fewer_layers",
+    "warmup",
+    "pre_ln",
 )
 
 

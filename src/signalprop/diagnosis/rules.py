@@ -20,6 +20,7 @@ from signalprop.diagnosis.prescriptions import (
     rx_divergence,
     rx_exploding,
     rx_nonfinite,
+    rx_not_learning,
     rx_saturation,
     rx_update_ratio,
     rx_vanishing,
@@ -368,7 +369,9 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
                 seen_fwd = any("out_mean" in d for n, d in row.items() if n != MODEL)
                 in_loss = bad_loss and seen_fwd and not fwd_layers
     data_bad = float(record.meta.get("data_nonfinite", 0) or 0)
-    diverged_step = record.meta.get("diverged_step")
+    # a run stopped for a loss above the divergence bound is the divergence rule's
+    diverged_step = record.meta.get("diverged_step") if record.meta.get(
+        "diverged_reason") in (None, "nonfinite") else None
     if first_step is None and not data_bad and diverged_step is None:
         return []
     if first_step is None:
@@ -429,7 +432,19 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
 
 
 def rule_divergence(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
-    """A finite loss that ends far above where it started."""
+    """A finite loss that ends far above where it started (or that crossed the training loop's
+    divergence bound, which stopped the run)."""
+    meta = record.meta
+    if meta.get("diverged_reason") == "loss_bound":
+        start = float(meta.get("initial_loss", math.nan))
+        end = float(meta.get("diverged_loss", math.nan))
+        nums = {"loss_start": start, "loss_end": end,
+                "loss_ratio": end / start if start > 0 else math.nan,
+                "peak_step": int(meta.get("diverged_step") or 0)}
+        text = (f"The training loss diverged: it reached {fmt(end)} at step {nums['peak_step']}, "
+                f"above {fmt(float(meta.get('diverge_factor') or math.nan))}x max(first loss "
+                f"{fmt(start)}, 1), and training stopped there.")
+        return [Finding("divergence", [], text, "critical", rx_divergence(ctx, nums, th), nums)]
     steps, v = record.scalar("loss")
     ok = np.isfinite(v)
     steps, v = steps[ok], v[ok]
@@ -444,6 +459,37 @@ def rule_divergence(record: Record, ctx: Context, th: Thresholds) -> list[Findin
     text = (f"The training loss diverged: it rose from {fmt(start)} to {fmt(end)} "
             f"({fmt(end / start)}x; median of the first and last 3 recorded steps).")
     return [Finding("divergence", [], text, "critical", rx_divergence(ctx, nums, th), nums)]
+
+
+def rule_not_learning(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
+    """The loss stays at the trivial baseline: no better than the best constant prediction
+    (``record.meta["trivial_loss"]``, computed from the data by the training loop)."""
+    trivial = record.meta.get("trivial_loss")
+    if trivial is None or not math.isfinite(float(trivial)) or record.meta.get("diverged_step") \
+            is not None:
+        return []
+    trivial = float(trivial)
+    steps, v = record.scalar("loss")
+    ok = np.isfinite(v)
+    steps, v = steps[ok], v[ok]
+    if len(v) < 4:
+        return []
+    tsteps, tail = _tail(steps, v, 0.25)
+    end = float(np.median(tail))
+    margin = th.not_learning_margin
+    if end < trivial - margin * abs(trivial):
+        return []
+    start = float(np.median(v[:3]))
+    nums = {"loss_end": end, "loss_start": start, "trivial_loss": trivial,
+            "end_over_trivial": end / trivial if trivial else math.nan,
+            "tail_steps": len(tsteps)}
+    kind = str(record.meta.get("trivial_kind") or "the best constant prediction")
+    where = ("above it: worse than" if end > trivial + margin * abs(trivial) else "at")
+    text = (f"The model is not learning: the training loss ends at {fmt(end, 3)} (median of the "
+            f"last {len(tsteps)} recorded steps; {fmt(start, 3)} at the start), {where} the "
+            f"trivial baseline {fmt(trivial, 3)}, the loss of the {kind}. It has learned "
+            "nothing a constant output would not.")
+    return [Finding("not_learning", [], text, "warning", rx_not_learning(ctx, nums, th), nums)]
 
 
 # --- update / weight ratio ---------------------------------------------------------------------
@@ -518,6 +564,7 @@ def diagnose(
     findings += rule_nonfinite(record, ctx, th)
     if not findings:
         findings += rule_divergence(record, ctx, th)
+    findings += rule_not_learning(record, ctx, th)
     findings += rule_gradients(record, ctx, th)
     findings += rule_saturation(record, ctx, th)
     findings += rule_dead(record, ctx, th)

@@ -220,6 +220,10 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             self.probe = Probe(
                 pl_module, schedule=self.schedule, record=self.record, **self.probe_kwargs
             )
+        if self.probe.reducer is None:  # DDP/FSDP: values combined across ranks
+            from signalprop.integrations.distributed import auto_reducer
+
+            self.probe.reducer = auto_reducer(pl_module)
         # a resumed run continues its step count: record step == optimiser steps so far
         self.probe.step_index = int(trainer.global_step)
         self.probe.attach()

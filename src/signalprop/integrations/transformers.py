@@ -46,6 +46,7 @@ from signalprop.integrations.common import (
     summary_metrics,
     write_outputs,
 )
+from signalprop.integrations.distributed import auto_reducer
 from signalprop.probe import Probe
 from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.record import MODEL, Record
@@ -190,6 +191,8 @@ class SignalpropCallback(TrainerCallback):
             self.probe = Probe(model, schedule=self.schedule, record=self.record,
                                **self.probe_kwargs)
         p = self.probe
+        if p.reducer is None:  # DDP/FSDP: values combined across ranks before recording
+            p.reducer = auto_reducer(model)
         p.step_index = int(state.global_step)  # a resumed run continues its step count
         p.attach()
         self._optimizer = optimizer
@@ -238,6 +241,11 @@ class SignalpropCallback(TrainerCallback):
         if self._queued or self.probe is None or not self.probe.recording:
             return
         self._queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._requeue)
+
+    def _requeue(self) -> None:
+        # behind every callback queued during the pass (DDP writes the averaged gradients in
+        # its own end-of-backward callback)
         torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
 
     def _backward_done(self) -> None:

@@ -115,6 +115,11 @@ class Probe:
             self.on_record = [on_record]
         else:
             self.on_record = list(on_record)
+        # distributed hook (signalprop.integrations.distributed): reduce(names, flat) ->
+        # (names, flat) combines one step's values across ranks (the union of every rank's
+        # names); update_norms(num, den) the per-parameter
+        # norms behind update ratios. None: single process.
+        self.reducer: Any = None
 
         mods = watched_modules(model)
         if modules is not None:
@@ -570,6 +575,8 @@ class Probe:
                 den = self._pending_weight_norms
                 torch._foreach_sub_(self._snapshot, params)  # in place: buffer := W_before - W_after
                 num = stats.norms(self._snapshot)
+                if self.reducer is not None:
+                    num, den = self.reducer.update_norms(num, den)
                 ratio = (num / den.clamp_min(1e-30)).tolist()
                 for (n, _), r in zip(self.params, ratio, strict=True):
                     self._pending.setdefault(n, {})["update_ratio"] = r
@@ -721,11 +728,14 @@ class Probe:
             names += tnames
 
     def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
-        flat = (
-            torch.cat([v.detach().reshape(-1).to("cpu", torch.float64) for v in values]).tolist()
+        vec = (
+            torch.cat([v.detach().reshape(-1).to("cpu", torch.float64) for v in values])
             if values
-            else []
+            else torch.zeros(0, dtype=torch.float64)
         )
+        if self.reducer is not None:  # across ranks, before anything is recorded
+            names, vec = self.reducer.reduce(names, vec)
+        flat = vec.tolist()
         if len(flat) != len(names):  # a bug, never user error
             raise RuntimeError(f"probe bookkeeping mismatch: {len(flat)} values, {len(names)} names")
         out: dict[str, dict[str, float]] = {}
@@ -983,9 +993,16 @@ def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
     p._new_pass = True
     if not p._cb_queued:
         p._cb_queued = True
-        torch.autograd.Variable._execution_engine.queue_callback(
-            partial(_call, ref, "_on_backward_end")
-        )
+        torch.autograd.Variable._execution_engine.queue_callback(partial(_requeue_end, ref))
+
+
+def _requeue_end(ref: weakref.ref) -> None:
+    # at the end of backward: queue the real work behind every callback queued during the
+    # pass, so DDP's all-reduce finalisation has written the averaged gradients before we read
+    # them (final callbacks may queue more; they run in order)
+    torch.autograd.Variable._execution_engine.queue_callback(
+        partial(_call, ref, "_on_backward_end")
+    )
 
 
 def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tensor) -> None:

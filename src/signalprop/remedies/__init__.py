@@ -112,6 +112,7 @@ class Remedy:
         optimizer_kwargs: Extra optimiser keyword arguments.
         grad_transform: A factory ``() -> GradientTransform`` (fresh state per run) or ``None``.
         description: One line saying what the remedy does and after whom.
+        warmup: Linear learning-rate warm-up over this fraction of the run's steps (0: none).
     """
 
     name: str
@@ -122,6 +123,7 @@ class Remedy:
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     grad_transform: Callable[[], GradientTransform] | None = None
     description: str = ""
+    warmup: float = 0.0
 
     def apply(self, model: nn.Module, example_batch: torch.Tensor | None = None) -> nn.Module:
         """The transformed model (a new object; ``model`` itself is never modified)."""
@@ -171,6 +173,7 @@ class Remedy:
             optimizer_kwargs={**self.optimizer_kwargs, **other.optimizer_kwargs},
             grad_transform=gt,
             description="; ".join(d for d in (self.description, other.description) if d),
+            warmup=max(self.warmup, other.warmup),
         )
 
     def with_name(self, name: str) -> Remedy:
@@ -375,6 +378,22 @@ def _lower_lr(factor: float = 0.1) -> Remedy:
 def _weight_decay(weight_decay: float = 5e-4) -> Remedy:
     return Remedy("weight_decay", grad_transform=lambda: add_decayed_weights(weight_decay),
                   description=f"L2 weight decay {weight_decay} on the weights")
+
+
+@REMEDIES.register("warmup", fraction=0.1)
+def _warmup(fraction: float = 0.1) -> Remedy:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"warmup fraction must be in (0, 1], got {fraction}")
+    return Remedy("warmup", warmup=fraction, description=(
+        f"linear learning-rate warm-up over the first {fraction:.0%} of the steps "
+        "(Goyal et al. 2017; needed by post-LN transformers, Xiong et al. 2020)"))
+
+
+@REMEDIES.register("pre_ln")
+def _pre_ln() -> Remedy:
+    return _transform_remedy("pre_ln", "pre_ln", "layer norm before each attention / "
+                             "feed-forward sub-block instead of after the residual sum "
+                             "(pre-LN; Xiong et al. 2020)")
 
 
 @REMEDIES.register("fewer_layers", fraction=0.5)
