@@ -310,7 +310,7 @@ CASES: list[tuple[str, list[str], str, int]] = [
     ("empty-data", ["doctor", "{f}:empty"], "the data set is empty", 2),
     ("data-is-a-string", ["doctor", "{f}:data_str"], "data must be a DataLoader", 2),
     ("loss-returns-float", ["doctor", "{f}:loss_returns_float"], "loss_fn must return a tensor, got float", 2),
-    ("batches-not-pairs", ["doctor", "{f}:bad_batches"], "each batch must be an (inputs, targets) pair", 2),
+    ("batches-not-pairs", ["doctor", "{f}:bad_batches"], "cannot train on a batch of type int", 2),
     ("empty-list", ["doctor", "{f}:empty_list"], "the data yielded no batches", 2),
     ("factory-returns-none", ["doctor", "{f}:returns_none"], "must return (model, data, loss_fn), got a NoneType", 2),
     ("vector-loss", ["doctor", "{f}:vector_loss"], "must return a scalar", 2),

@@ -423,7 +423,12 @@ def explain_loss_error(pred: Any, y: Any, loss_fn: Any = None
                        ) -> Callable[[BaseException], str | None]:
     """An ``explain`` hook for :class:`user_code` around the loss: labels out of range or float
     labels for a class loss."""
-    return lambda e: _float_target_problem(loss_fn, pred, y) or _label_problem(pred, y)
+    def explain(e: BaseException) -> str | None:
+        if pred is None:
+            return ("your model's forward returned None: does it end with a return statement?")
+        return _float_target_problem(loss_fn, pred, y) or _label_problem(pred, y)
+
+    return explain
 
 
 def debug_requested() -> bool:
