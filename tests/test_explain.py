@@ -265,3 +265,16 @@ def test_shared_activation_called_at_several_sites():
     assert [t.block for t in ex.init] == ["elementwise"] * 11
     assert ex.disagreement <= WIDE_TOL
     assert set(ex.prescription.sigma_w2) == {f"layers.{i}" for i in range(12)}
+
+
+def test_doctor_survives_an_explanation_error(monkeypatch):
+    import signalprop.diagnosis.explain as E
+
+    def boom(*a, **k):
+        raise RuntimeError("theory broke")
+
+    monkeypatch.setattr(E, "explain", boom)
+    net, rec = _probed(nn.Tanh, 1.5, 0.05, depth=3, width=16)
+    with pytest.warns(UserWarning, match="theory broke"):
+        assert E.explain_or_skip(rec, net) is None
+    assert rec.meta["explanation_skipped"] == "RuntimeError: theory broke"

@@ -32,6 +32,24 @@ def _mlp(act: type[nn.Module] = nn.Tanh, depth: int = 4, width: int = 16, d_in: 
     return nn.Sequential(*layers)
 
 
+class _SeqToOne(nn.Module):
+    """A recurrent classifier for the remedies that act on recurrent modules."""
+
+    def __init__(self, cls: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cls(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+#: remedy -> the recurrent module its test model needs
+_RECURRENT = {"lstm": nn.RNN, "gru": nn.RNN, "orthogonal_recurrent_init": nn.RNN,
+              "identity_recurrent_init": nn.RNN, "truncated_bptt": nn.RNN,
+              "forget_gate_bias": nn.LSTM}
+
+
 class _TinyPostLN(nn.Module):
     """A post-LN transformer classifier of 8 features seen as 2 tokens of 4 (for ``pre_ln``)."""
 
@@ -71,10 +89,16 @@ def test_every_remedy_applies_and_trains_one_step(name: str) -> None:
     if name == "critical_init" and not _theory_available():
         pytest.skip("signalprop.theory.torch_adapter.critical_ has not landed")
     torch.manual_seed(0)
-    # pre_ln rewrites transformer layers, every other remedy an MLP
-    model = _TinyPostLN() if name == "pre_ln" else _mlp(nn.Tanh, depth=4)
+    # pre_ln rewrites transformer layers, the recurrent remedies an RNN, every other an MLP
+    if name == "pre_ln":
+        model: nn.Module = _TinyPostLN()
+    elif name in _RECURRENT:
+        model = _SeqToOne(_RECURRENT[name])
+    else:
+        model = _mlp(nn.Tanh, depth=4)
     before_state, before_repr = _state(model), repr(model)
-    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    x = torch.randn(32, 8) if name not in _RECURRENT else torch.randn(32, 5, 8)
+    y = torch.randint(0, 3, (32,))
     rem = get_remedy(name)
     assert isinstance(rem, Remedy) and rem.name == name and rem.description
     new = rem.apply(model, x)

@@ -36,7 +36,7 @@ from signalprop.diagnosis import (
     merge_prescriptions,
 )
 from signalprop.diagnosis.explain import attach as attach_explanation
-from signalprop.diagnosis.explain import critical_remedy, explain
+from signalprop.diagnosis.explain import critical_remedy, explain_or_skip
 from signalprop.diagnosis.findings import SEVERITIES, json_number
 from signalprop.record import Record, atomic_write_text
 from signalprop.validation import check_batch_size, check_inputs, check_positive_int
@@ -448,7 +448,7 @@ def doctor(
     for k, v in architecture_facts(work).items():
         record.meta.setdefault(k, v)
     findings = diagnose(record, th)
-    explanation = explain(record, work, batch_size=batch_size)
+    explanation = explain_or_skip(record, work, batch_size=batch_size)
     attach_explanation(findings, explanation)
     prescriptions = merge_prescriptions(findings)
     meta: dict[str, Any] = {

@@ -743,3 +743,18 @@ def critical_remedy(explanation: Explanation | None) -> Any:
         return get_remedy("critical_init")
     p = explanation.prescription
     return get_remedy("critical_init", sigma_w2=p.sigma_w2, sigma_b2=p.sigma_b2)
+
+
+def explain_or_skip(record: Record, model: Any = None, **kwargs: Any) -> Explanation | None:
+    """:func:`explain` for the doctor: a model the theory cannot read must not cost the user the
+    rest of the diagnosis, so an unexpected error becomes a warning and
+    ``record.meta["explanation_skipped"]`` (with the error) instead of an exception."""
+    import warnings
+
+    try:
+        return explain(record, model, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported, not swallowed: warning + record.meta
+        why = f"{type(e).__name__}: {e}"
+        record.meta["explanation_skipped"] = why
+        warnings.warn(f"mean-field explanation skipped ({why})", stacklevel=2)
+        return None

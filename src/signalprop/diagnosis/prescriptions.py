@@ -365,6 +365,66 @@ def rx_update_ratio(ctx: Context, n: Mapping[str, float], th: Thresholds) -> lis
     return rank(c, ctx)
 
 
+def rx_through_time(ctx: Context, n: Mapping[str, float], th: Thresholds, *,
+                    exploding: bool, cell: str | None) -> list[Prescription]:
+    """Gradients vanishing or exploding through time in a recurrent layer (``cell``: ``"RNN"``,
+    ``"LSTM"``, ``"GRU"`` or ``None`` when unknown)."""
+    span = f"over {int(n.get('time_steps', 0))} time steps" if n.get("time_steps") else ""
+    c: list[Candidate] = []
+    if exploding:
+        c += [
+            ("clip_norm", 9.0, "gradient norm clipping is the standard cure for exploding "
+             "gradients through time (Pascanu et al. 2013): it bounds the step whatever the "
+             "product of recurrent Jacobians"),
+            ("truncated_bptt", 7.5, "back-propagating through fewer steps bounds the number of "
+             "recurrent Jacobians multiplied " + span),
+            ("orthogonal_recurrent_init", 7.0, "an orthogonal W_hh has spectral radius 1, so "
+             "its linear part neither grows nor shrinks the gradient per step"),
+            ("lower_lr", 6.0, "smaller steps keep the recurrent weights out of the region "
+             "where the backward product explodes"),
+            ("agc", 5.5, "adaptive clipping bounds each unit's update relative to its weights"),
+        ]
+        if cell == "RNN":
+            c.append(("lstm", 5.0, "gated units bound the recurrent Jacobian by their gates"))
+        return rank(c, ctx)
+    f_mean = n.get("forget_gate_mean", float("nan"))
+    if cell == "RNN" or cell is None:
+        c += [
+            ("lstm", 9.0, "the LSTM's cell state c_t = f c_{t-1} + i g gives the gradient an "
+             "additive path through time (Hochreiter & Schmidhuber 1997): a vanilla RNN "
+             "multiplies it by W_hh diag(phi') at every one of the " + span.replace("over ", "")
+             .strip() + " steps" if span else "the LSTM's cell state gives the gradient an "
+             "additive path through time (Hochreiter & Schmidhuber 1997)"),
+            ("gru", 8.5, "the GRU's update gate interpolates h_t = (1-z) n + z h_{t-1}, an "
+             "additive path for the gradient (Cho et al. 2014)"),
+            ("orthogonal_recurrent_init", 7.0, "orthogonal W_hh keeps the linear part of each "
+             "step norm-preserving (Saxe et al. 2014; Henaff et al. 2016)"),
+            ("identity_recurrent_init", 6.5, "W_hh = I (with ReLU units: the IRNN of Le et al. "
+             "2015) starts the network at a norm-preserving recurrence"),
+        ]
+    elif cell == "LSTM":
+        why = ("a forget-gate bias of 1 keeps f_t near 1 early in training, so the cell state "
+               "carries the gradient across many steps (Gers et al. 2000; Jozefowicz et al. "
+               "2015)")
+        if f_mean == f_mean:
+            why += f"; the forget gate averages {fmt(f_mean)} here"
+        c.append(("forget_gate_bias", 9.0 if not f_mean == f_mean or f_mean < 0.9 else 6.0, why))
+        c.append(("orthogonal_recurrent_init", 6.5, "orthogonal recurrent weights per gate "
+                  "keep the recurrence norm-preserving at the start"))
+    else:  # GRU
+        c.append(("orthogonal_recurrent_init", 7.5, "orthogonal recurrent weights per gate keep "
+                  "the recurrence norm-preserving at the start"))
+        c.append(("lstm", 5.0, "an LSTM with forget-gate bias 1 holds its cell state longer"))
+    c += [
+        ("adam", 5.5 if not ctx.adaptive_optimizer else 2.0,
+         "per-parameter step normalisation helps the weights that receive the small, "
+         "long-range part of the gradient"),
+        ("clip_norm", 3.0, "clipping does not lift a vanishing gradient, but keeps larger "
+         "learning rates safe"),
+    ]
+    return rank(c, ctx)
+
+
 def rx_not_learning(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescription]:
     """The loss stays at the trivial baseline: the steps do not reach the weights that matter
     (rate too small or too large, a bad init scale) -- or the targets carry no signal."""

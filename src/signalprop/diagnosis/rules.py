@@ -22,11 +22,12 @@ from signalprop.diagnosis.prescriptions import (
     rx_nonfinite,
     rx_not_learning,
     rx_saturation,
+    rx_through_time,
     rx_update_ratio,
     rx_vanishing,
 )
 from signalprop.diagnosis.thresholds import Thresholds
-from signalprop.record import MODEL, Record
+from signalprop.record import MODEL, TIME_PREFIX, Record
 
 
 def _nanmedian(a: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -249,6 +250,89 @@ def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding
                 sev = "critical" if growth > th.exploding_critical_ratio else "warning"
                 out.append(Finding("exploding_gradients", list(ctx.weight_layers), text, sev,
                                    rx_exploding(ctx, nums, th), nums))
+    return out
+
+
+# --- recurrent layers: gradients through time --------------------------------------------------
+def _time_matrix(record: Record, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(steps [S], t [T], G [S, T])``: ||dL/dh_t|| of a recurrent layer per recorded step
+    (NaN where a time step was not recorded at a step)."""
+    ts: set[int] = set()
+    rows = []
+    for s in record.steps:
+        d = record.data[s].get(layer, {})
+        prof = {int(m[len(TIME_PREFIX):]): v for m, v in d.items() if m.startswith(TIME_PREFIX)}
+        if len(prof) >= 2:
+            rows.append((s, prof))
+            ts |= set(prof)
+    t = np.asarray(sorted(ts), dtype=np.int64)
+    g = np.full((len(rows), len(t)), np.nan)
+    col = {int(v): j for j, v in enumerate(t)}
+    for i, (_, prof) in enumerate(rows):
+        for k, v in prof.items():
+            g[i, col[k]] = v
+    return np.asarray([s for s, _ in rows], dtype=np.int64), t, g
+
+
+def rule_through_time(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
+    """||dL/dh_t|| at the first time step against the last one, per recurrent layer."""
+    out: list[Finding] = []
+    for name, info in record.layers.items():
+        if info.role != "module" or not info.time_steps:
+            continue
+        steps, t, g = _time_matrix(record, name)
+        if g.size == 0 or len(t) < 2:
+            continue
+        # the reference is the last time step (nearest the loss for sequence-to-one tasks)
+        ok = np.isfinite(g[:, [0, -1]]).all(axis=1) & (g[:, -1] > 0)
+        if not ok.any():
+            continue
+        with np.errstate(divide="ignore"):
+            lr = np.log10(g[ok, 0]) - np.log10(g[ok, -1])
+        ratio = _median_ratio(lr)
+        T = int(t[-1]) + 1
+        usable = int(ok.sum())
+        exploding = ratio > th.exploding_ratio
+        if not (ratio < th.vanishing_ratio or exploding):
+            continue
+        per_step = ratio ** (1.0 / (T - 1)) if ratio > 0 else 0.0
+        nums: dict[str, Any] = {"ratio": ratio, "per_step_factor": per_step, "time_steps": T,
+                                "steps_used": usable, "t_first": int(t[0]), "t_last": int(t[-1])}
+        med = _nanmedian(np.where(np.isfinite(g[ok]), g[ok], np.nan))
+        text = (f"Gradients {'explode' if exploding else 'vanish'} through time in {name!r} "
+                f"({info.type}): ||dL/dh_t|| at t={int(t[0])} is "
+                f"{'exactly 0' if ratio == 0 else fmt(ratio) + 'x'} that at t={int(t[-1])} "
+                f"(median over {usable} recorded steps)")
+        if ratio > 0:
+            text += f"; each time step multiplies it by ~{fmt(per_step)}"
+        else:
+            nz = np.nonzero(med > 0)[0]
+            if nz.size:
+                nums["first_nonzero_t"] = int(t[nz[0]])
+                text += (f"; the gradient reaches back only to t={int(t[nz[0]])}, "
+                         f"{int(t[-1]) - int(t[nz[0]])} steps before the end")
+        text += "."
+        cell = {"RNN": "RNN", "RNNCell": "RNN", "LSTM": "LSTM", "LSTMCell": "LSTM",
+                "GRU": "GRU", "GRUCell": "GRU"}.get(info.type)
+        gates = []
+        for gname in ("f", "i", "o", "z", "r"):
+            _, v = record.series(name, f"gate_{gname}_mean")
+            _, sv = record.series(name, f"gate_{gname}_saturated_frac")
+            v, sv = finite(v), finite(sv)
+            if v.size:
+                nums[f"gate_{gname}_mean"] = float(np.median(v))
+                gates.append(f"{gname} {fmt(float(np.median(v)))}")
+                if sv.size:
+                    nums[f"gate_{gname}_saturated_frac"] = float(np.median(sv))
+        if "gate_f_mean" in nums:
+            nums["forget_gate_mean"] = nums["gate_f_mean"]
+        if gates:
+            text += f" Mean gate values: {', '.join(gates)}."
+        sev_critical = (ratio > th.exploding_critical_ratio if exploding
+                        else ratio < th.vanishing_critical_ratio)
+        kind = "exploding_through_time" if exploding else "vanishing_through_time"
+        out.append(Finding(kind, [name], text, "critical" if sev_critical else "warning",
+                           rx_through_time(ctx, nums, th, exploding=exploding, cell=cell), nums))
     return out
 
 
@@ -537,6 +621,19 @@ def rule_update_ratio(
                     rx_update_ratio(ctx, nums, th), nums)]
 
 
+def _without_skipped(record: Record) -> Record:
+    """The record without the steps a GradScaler skipped (inf/NaN gradients that the scaler
+    caught and that never reached the weights: its normal operation, not a fault)."""
+    skipped = [s for s, row in record.data.items() if row.get(MODEL, {}).get("skipped_step")]
+    if not skipped:
+        return record
+    meta = dict(record.meta)
+    meta["skipped_steps"] = len(skipped)
+    drop = set(skipped)
+    return Record(layers=record.layers,
+                  data={s: row for s, row in record.data.items() if s not in drop}, meta=meta)
+
+
 def diagnose(
     record: Record,
     thresholds: Thresholds | Mapping[str, Any] | None = None,
@@ -559,6 +656,7 @@ def diagnose(
     if not isinstance(record, Record):
         raise TypeError(f"diagnose needs a signalprop Record, got {type(record).__name__}")
     th = Thresholds.coerce(thresholds)
+    record = _without_skipped(record)
     ctx = context_of(record)
     findings: list[Finding] = []
     findings += rule_nonfinite(record, ctx, th)
@@ -566,6 +664,7 @@ def diagnose(
         findings += rule_divergence(record, ctx, th)
     findings += rule_not_learning(record, ctx, th)
     findings += rule_gradients(record, ctx, th)
+    findings += rule_through_time(record, ctx, th)
     findings += rule_saturation(record, ctx, th)
     findings += rule_dead(record, ctx, th)
     explained = {n for f in findings if f.kind == "vanishing_gradients" for n in f.layers}

@@ -133,6 +133,33 @@ def format_finding(finding: Any, step: int | None = None) -> str:
     return f"signalprop: {finding.kind} ({finding.severity}){where}{at}: {finding.evidence}{try_}"
 
 
+def diagnose_record(
+    record: Record, thresholds: Any = None, model: Any = None
+) -> tuple[list[Any], Any]:
+    """Findings of ``record`` as ``signalprop doctor`` gives them: the diagnosis rules, then the
+    mean-field explanation attached to the gradient findings.
+
+    Args:
+        record: The record.
+        thresholds: Diagnosis thresholds.
+        model: The model the record is of, when at hand (resolves custom activations).
+
+    Returns:
+        ``(findings, explanation)``; the explanation is ``None`` when the record cannot
+        support one.
+    """
+    from signalprop.diagnosis import diagnose
+    from signalprop.diagnosis.explain import attach, explain
+
+    findings = diagnose(record, thresholds)
+    try:
+        explanation = explain(record, model, batch_size=record.meta.get("batch_size"))
+    except (ValueError, TypeError, KeyError, ZeroDivisionError):  # theory not applicable
+        explanation = None
+    attach(findings, explanation)
+    return findings, explanation
+
+
 class FindingWarner:
     """Diagnose a record and warn once per finding (kind and layer range).
 
@@ -144,18 +171,18 @@ class FindingWarner:
     def __init__(self, thresholds: Any = None, warn: bool = True) -> None:
         self.thresholds = thresholds
         self.warn = warn
+        self.model: Any = None  # set by a callback: resolves custom activations
+        self.explanation: Any = None
         self.findings: list[Any] = []
         self.warned: set[tuple[str, str, str]] = set()
         self.last_step: int | None = None
 
     def __call__(self, record: Record, step: int | None = None, *, emit: bool = True) -> list[Any]:
         """Diagnose ``record``; warn (when ``emit``) about findings not warned about yet."""
-        from signalprop.diagnosis import diagnose
-
         if not record.steps:
             return self.findings
         self.last_step = record.steps[-1]
-        self.findings = diagnose(record, self.thresholds)
+        self.findings, self.explanation = diagnose_record(record, self.thresholds, self.model)
         for f in self.findings:
             key = finding_key(f)
             if key in self.warned:
@@ -172,6 +199,7 @@ def report_from_record(
     findings: list[Any] | None = None,
     meta: Mapping[str, Any] | None = None,
     thresholds: Any = None,
+    explanation: Any = None,
 ) -> Any:
     """The doctor's :class:`~signalprop.doctor.Report` of a saved or live record.
 
@@ -181,13 +209,14 @@ def report_from_record(
         meta: Report metadata (name, model, data, optimiser ...); the record's own ``meta``
             fills what is missing.
         thresholds: Diagnosis thresholds when ``findings`` is not given.
+        explanation: The mean-field explanation that goes with ``findings``.
     """
     import signalprop
-    from signalprop.diagnosis import diagnose, merge_prescriptions
+    from signalprop.diagnosis import merge_prescriptions
     from signalprop.doctor import Report
 
     if findings is None:
-        findings = diagnose(record, thresholds)
+        findings, explanation = diagnose_record(record, thresholds)
     m = record.meta
     _, losses = record.scalar("loss")
     full: dict[str, Any] = {
@@ -211,6 +240,7 @@ def report_from_record(
         record=record,
         meta=full,
         losses=[float(v) for v in losses],
+        explanation=explanation,
     )
 
 
@@ -221,6 +251,7 @@ def write_outputs(
     meta: Mapping[str, Any] | None = None,
     *,
     report: bool = True,
+    explanation: Any = None,
 ) -> dict[str, Path]:
     """Write ``record.json.gz``, ``findings.json`` and (with ``report``) the doctor's
     ``report.html`` into ``out_dir``. Returns ``{"record"|"findings"|"report": path}``."""
@@ -233,7 +264,8 @@ def write_outputs(
     )
     written["findings"] = path
     if report:
-        written["report"] = report_from_record(record, findings, meta).to_html(
+        written["report"] = report_from_record(record, findings, meta,
+                                               explanation=explanation).to_html(
             out / "report.html"
         )
     return written

@@ -39,6 +39,7 @@ import torch
 from signalprop import stats
 from signalprop.integrations.common import (
     SignalpropWarning,
+    diagnose_record,
     finding_key,
     format_finding,
     report_from_record,
@@ -207,6 +208,8 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         self.warned: set[tuple[str, str, str]] = set()
         self.written: dict[str, Path] = {}
         self._diagnose = _load_diagnose()
+        self._model: Any = None
+        self.explanation: Any = None
         self._stepped = False
         self._loss_sum: torch.Tensor | None = None
         self._tb_writers: list[Any] = []
@@ -228,6 +231,7 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         self.probe.step_index = int(trainer.global_step)
         self.probe.attach()
         self._rank_zero = bool(trainer.is_global_zero)
+        self._model = pl_module
         meta = self.record.meta
         if trainer.optimizers:
             meta.setdefault("optimizer", type(trainer.optimizers[0]).__name__.lower())
@@ -375,7 +379,9 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         if self._diagnose is None or not self.record.steps:
             return
         self._last_diagnosed = self.record.steps[-1]
-        self.findings = self._diagnose(self.record, self.thresholds)
+        self.findings, self.explanation = diagnose_record(
+            self.record, self.thresholds, self._model
+        )
         for f in self.findings:
             key = finding_key(f)
             if key in self.warned:
@@ -418,7 +424,8 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
                 "torch": torch.__version__,
             }
             path = out / "report.html"
-            report_from_record(self.record, self.findings, meta).to_html(path)
+            report_from_record(self.record, self.findings, meta,
+                               explanation=self.explanation).to_html(path)
             self.written["report"] = path
 
     def state_dict(self) -> dict[str, Any]:

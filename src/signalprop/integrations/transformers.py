@@ -195,6 +195,7 @@ class SignalpropCallback(TrainerCallback):
             p.reducer = auto_reducer(model)
         p.step_index = int(state.global_step)  # a resumed run continues its step count
         p.attach()
+        self.warner.model = model
         self._optimizer = optimizer
         for _, q in p.params:
             self._hooks.append(q.register_post_accumulate_grad_hook(self._grad_accumulated))
@@ -223,7 +224,8 @@ class SignalpropCallback(TrainerCallback):
             self.warner(self.record, emit=self._world_zero)
         if self.save and state.is_world_process_zero and self.record.steps:
             out = self.out_dir or Path(args.output_dir) / "signalprop"
-            self.written = write_outputs(out, self.record, self.findings, report=self.report)
+            self.written = write_outputs(out, self.record, self.findings, report=self.report,
+                                         explanation=self.warner.explanation)
 
     # ---- the step ------------------------------------------------------------------------------
     def _capture_loss(self, module: Any, inputs: Any, output: Any) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from signalprop import stats
+from signalprop.probe import recurrent
 from signalprop.probe.modules import activation_kind, watched_modules
 from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.record import MODEL, TIME_PREFIX, LayerInfo, Record
@@ -131,6 +132,7 @@ class Probe:
         # layer; any other module called several times in one forward pass has one call site
         # (one layer of the signal path) per call
         self._loop = [isinstance(m, _CELLS) for _, m in mods]
+        self._recurrent = [recurrent.kind_of(m) is not None for _, m in mods]
         self._handles: list[Any] = []
         self._fwd_handles: list[Any] = []
         self._active = False
@@ -155,6 +157,7 @@ class Probe:
         self._new_pass = False
         self._stepped_opts: set[int] = set()
         self._stash: dict[int, int] = {}  # data_ptr of a stashed output -> its site
+        self._rnn_tmp: dict[int, tuple[list[list[torch.Tensor]], dict[str, Any]]] = {}
         self.record.meta.setdefault("model", type(model).__name__)
         self.record.meta.setdefault("num_parameters", sum(p.numel() for _, p in self.params))
         self.record.meta.setdefault("schedule", str(self.schedule))
@@ -204,6 +207,14 @@ class Probe:
             )
             for i, (_, m) in enumerate(self._mods):
                 self._fwd_handles.append(m.register_forward_hook(partial(_fwd_hook, ref, i)))
+            for i, (_, m) in enumerate(self._mods):
+                if recurrent.kind_of(m) is not None and recurrent.unsupported(m) is None:
+                    # step-by-step forward on recorded steps: dL/dh_t and the gates
+                    fn = recurrent.unrolled_rnn if isinstance(m, nn.RNNBase) else \
+                        recurrent.unrolled_cell
+                    self._fwd_handles.append(
+                        _ForwardPatch(m, partial(fn, m, partial(_rnn_stash, ref, i)))
+                    )
             if self.forward:
                 for m in self.model.modules():
                     if getattr(m, "inplace", False) is True:
@@ -372,6 +383,7 @@ class Probe:
         self._new_pass = False
         self._stepped_opts = set()
         self._stash = {}
+        self._rnn_tmp = {}
 
     def _new_site(self, i: int, k: int) -> int:
         name, m = self._mods[i]
@@ -403,7 +415,8 @@ class Probe:
                     module=s.module,
                     shape=shape,
                     site=s.call,
-                    time_steps=len(s.tgrads) if s.loop and s.tgrads else None,
+                    time_steps=len(s.tgrads) or None,
+                    unchecked=s.unchecked,
                 )
             )
         self._declared = len(self._sites)
@@ -457,6 +470,7 @@ class Probe:
         if self.forward:
             self._forward_stats(values, names)
             self._input_stats(values, names)
+            self._gate_stats(values, names)
         # every norm of this step in ONE fused call (output grads, parameter grads, weights)
         tensors: list[torch.Tensor] = []
         tnames: _Metrics = []
@@ -524,8 +538,32 @@ class Probe:
             values.append(torch.tensor([scale], dtype=torch.float64))
             names.append((MODEL, "loss_scale"))
         self._pending = self._to_dict(values, names)
+        self._note_unchecked()
         self._drop_unchanged_clip()
         self._fix_nonfinite_counts()
+
+    def _gate_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
+        # recurrent gates (sigmoid): saturated fraction and mean over batch, units, time steps
+        for j in self._used:
+            s = self._sites[j]
+            for g, vals in s.gates.items():
+                v = torch.cat([t.reshape(-1) for t in vals]).unsqueeze(0)
+                values.append(stats.saturated_fraction(v, "sigmoid", self.saturation_ratio))
+                values.append(v.float().mean(dim=1))
+                names += [(s.name, f"gate_{g}_saturated_frac"), (s.name, f"gate_{g}_mean")]
+
+    def _note_unchecked(self) -> None:
+        """Write down, once per layer, which statistic could not be measured and why."""
+        notes = self.record.meta.setdefault("unchecked", {})
+        for j in self._used:
+            s = self._sites[j]
+            if s.unchecked and s.name not in notes:
+                notes[s.name] = s.unchecked
+                info = self.record.layers.get(s.name)
+                if info is not None and info.unchecked is None:
+                    info.unchecked = s.unchecked
+        if not notes:
+            del self.record.meta["unchecked"]
 
     def _drop_unchanged_clip(self) -> None:
         # the gradients were touched in place but their global norm did not change (unscale_
@@ -704,7 +742,7 @@ class Probe:
             n, b = _pool(g)
             norms.append(n)
             bads.append(b)
-            if s.loop and s.tgrads:
+            if s.tgrads:
                 for t, gt in enumerate(s.tgrads):
                     if gt:
                         tvals.append(_pool(gt)[0])
@@ -796,7 +834,7 @@ class _Site:
     """One call site of a watched module: one layer of the signal path."""
 
     __slots__ = ("name", "module", "type", "kind", "call", "loop", "outs", "ins", "versions",
-                 "ograds", "tgrads", "used", "unchecked")
+                 "ograds", "tgrads", "used", "unchecked", "gates")
 
     def __init__(self, name: str, module: str, type: str, kind: str | None, call: int,
                  loop: bool) -> None:
@@ -812,6 +850,7 @@ class _Site:
         self.tgrads: list[list[tuple[Any, Any]]] = []  # per time step (recurrent cells)
         self.used = False
         self.unchecked: str | None = None
+        self.gates: dict[str, list[torch.Tensor]] = {}  # recurrent gate values this step
 
     @property
     def needs_input(self) -> bool:
@@ -822,6 +861,7 @@ class _Site:
         self.outs, self.ins, self.versions = [], [], []
         self.ograds = []
         self.tgrads = []
+        self.gates = {}
         self.used = False
 
 
@@ -941,6 +981,8 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
         return
     if isinstance(out, tuple | list) and out:  # RNN (output, h_n), cells' (h, c): the first
         out = out[0]
+    if isinstance(out, nn.utils.rnn.PackedSequence):
+        out = out.data
     if not isinstance(out, torch.Tensor):
         return
     if p._new_pass:
@@ -961,6 +1003,8 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
     if not s.used:
         s.used = True
         p._used.append(j)
+    if p._recurrent[i]:
+        _attach_time(p, i, s, module)
     if p.forward and (not s.outs or s.outs[0].shape[1:] == out.shape[1:]):
         # pooled over micro-batches and time steps when their shapes agree; an output of
         # another shape (dynamic padding) is left out of the forward statistics
@@ -976,6 +1020,46 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
             out.register_hook(partial(_grad_hook, s.ograds, s.tgrads[t]))
         else:
             out.register_hook(partial(_grad_hook, s.ograds, None))
+
+
+class _ForwardPatch:
+    """Replaces ``module.forward`` by an instance attribute until removed."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        self.module = module
+        module.forward = fn  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        vars(self.module).pop("forward", None)
+
+
+def _rnn_stash(ref: weakref.ref, i: int, hs: list[list[torch.Tensor]],
+               gates: dict[str, list[torch.Tensor]]) -> None:
+    p = ref()
+    if p is not None and p._active and torch.is_grad_enabled():
+        p._rnn_tmp[i] = (hs, gates)
+
+
+def _attach_time(p: Probe, i: int, s: _Site, module: nn.Module) -> None:
+    """Hook the hidden states of one unrolled recurrent call (per-time-step dL/dh_t)."""
+    tmp = p._rnn_tmp.pop(i, None)
+    if tmp is None:
+        if not s.loop and s.unchecked is None:
+            s.unchecked = recurrent.unsupported(module) or (
+                "no per-time-step gradients: packed sequences are not unrolled")
+        return
+    hs, gates = tmp
+    if p.forward:
+        for g, v in gates.items():
+            s.gates.setdefault(g, []).extend(v)
+    if not p.backward:
+        return
+    while len(s.tgrads) < len(hs):
+        s.tgrads.append([])
+    for t, hl in enumerate(hs):
+        for h in hl:
+            if h.requires_grad:
+                h.register_hook(partial(_grad_hook, s.tgrads[t], None))
 
 
 def _inplace_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:

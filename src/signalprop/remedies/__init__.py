@@ -28,6 +28,7 @@ from torch import nn
 
 from signalprop import init as _init
 from signalprop._registry import Registry, unknown_name_message
+from signalprop.remedies import recurrent as _rec
 from signalprop.remedies.activations import (
     ACTIVATIONS,
     RBF,
@@ -400,6 +401,53 @@ def _pre_ln() -> Remedy:
 def _fewer_layers(fraction: float = 0.5) -> Remedy:
     return _transform_remedy("fewer_layers", "fewer_layers",
                              f"keep {fraction:.0%} of the hidden blocks", fraction=fraction)
+
+
+def _recurrent_remedy(name: str, fn: Callable[..., nn.Module], description: str,
+                      **kw: Any) -> Remedy:
+    def t(model: nn.Module, batch: torch.Tensor | None = None) -> nn.Module:
+        return fn(model, batch, **kw)
+
+    return Remedy(name, t, description=description)
+
+
+@REMEDIES.register("lstm")
+def _lstm() -> Remedy:
+    return _recurrent_remedy("lstm", _rec.to_gated, "vanilla RNN -> LSTM (Hochreiter & "
+                             "Schmidhuber 1997)", cell="lstm")
+
+
+@REMEDIES.register("gru")
+def _gru() -> Remedy:
+    return _recurrent_remedy("gru", _rec.to_gated, "vanilla RNN -> GRU (Cho et al. 2014)",
+                             cell="gru")
+
+
+@REMEDIES.register("orthogonal_recurrent_init", gain=1.0)
+def _orthogonal_recurrent_init(gain: float = 1.0) -> Remedy:
+    return _recurrent_remedy("orthogonal_recurrent_init", _rec.orthogonal_recurrent_init,
+                             "orthogonal recurrent weights per gate (Saxe et al. 2014)",
+                             gain=gain)
+
+
+@REMEDIES.register("identity_recurrent_init", scale=1.0)
+def _identity_recurrent_init(scale: float = 1.0) -> Remedy:
+    return _recurrent_remedy("identity_recurrent_init", _rec.identity_recurrent_init,
+                             "W_hh = I, zero recurrent bias (IRNN, Le et al. 2015)", scale=scale)
+
+
+@REMEDIES.register("forget_gate_bias", value=1.0)
+def _forget_gate_bias(value: float = 1.0) -> Remedy:
+    return _recurrent_remedy("forget_gate_bias", _rec.forget_gate_bias,
+                             f"LSTM forget-gate bias {value} (Jozefowicz et al. 2015)",
+                             value=value)
+
+
+@REMEDIES.register("truncated_bptt", k=20)
+def _truncated_bptt(k: int = 20) -> Remedy:
+    return _recurrent_remedy("truncated_bptt", _rec.truncated_bptt,
+                             f"back-propagate through at most {k} time steps (Williams & Peng "
+                             "1990)", k=k)
 
 
 def remedy_names() -> list[str]:

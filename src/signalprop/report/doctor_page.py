@@ -16,6 +16,8 @@ TITLES = {
     "divergence": "Divergence",
     "exploding_gradients": "Exploding gradients",
     "vanishing_gradients": "Vanishing gradients",
+    "exploding_through_time": "Exploding gradients through time",
+    "vanishing_through_time": "Vanishing gradients through time",
     "saturation": "Saturated units",
     "dead_units": "Dead units",
     "update_ratio": "Update/weight ratio out of range",
@@ -29,6 +31,10 @@ CAPTIONS = {
     "Healthy: roughly flat lines. Vanishing: lines rising steeply toward the output (early "
     "layers get orders of magnitude less gradient). Exploding: lines falling toward the output. "
     "Red triangles: layers whose gradient is exactly zero (not drawable on a log axis).",
+    "time_profile": "Gradient of the loss with respect to each recurrent layer's hidden state "
+    "h_t, per time step t (log scale), at several training steps. Healthy: roughly flat. "
+    "Vanishing through time: the line rises steeply toward the last time step (early inputs get "
+    "no learning signal). Exploding: it falls toward the last step.",
     "activation_percentiles": "Distribution of each layer's outputs (5-95% and 15-85% bands, "
     "median), at the first and last recorded step. Saturation shows as activation bands pinned "
     "at the activation's limits; collapse as bands shrinking to a line.",
@@ -46,8 +52,11 @@ CAPTIONS = {
     "||W_after - W_before|| / ||W_before||; the dashed line marks the usual ~1e-3.",
 }
 
-_FIGURE_ORDER = ("loss_curve", "gradient_flow", "activation_percentiles", "saturation_heatmap",
-                 "dead_heatmap", "update_ratios")
+_FIGURE_ORDER = ("loss_curve", "gradient_flow", "time_profile", "activation_percentiles",
+                 "saturation_heatmap", "dead_heatmap", "update_ratios")
+
+#: Figures only some models can have (not listed as "not drawn" for the others).
+_OPTIONAL_FIGURES = ("time_profile",)
 
 
 #: Trial columns shown first, in this order (others follow as found).
@@ -96,7 +105,8 @@ def render_report(report: Report, dpi: int = 100) -> str:
         fn = F.FIGURES.get(name)
         fig = fn(record)
         if fig is None:
-            missing.append(fn.title)
+            if name not in _OPTIONAL_FIGURES:
+                missing.append(fn.title)
             continue
         figs.append({"src": figure_to_data_uri(fig, dpi), "title": fn.title,
                      "caption": CAPTIONS.get(name, "")})
@@ -147,6 +157,7 @@ def render_report(report: Report, dpi: int = 100) -> str:
         trials_skipped=meta.get("trials_skipped", ""),
         figures=figs,
         missing_figures=missing,
+        unchecked=sorted((record.meta.get("unchecked") or {}).items()),
         run=run,
         thresholds=meta.get("thresholds", {}),
         explanation=_explanation_rows(expl),

@@ -375,6 +375,43 @@ def update_ratios(record: Record, n_steps: int = 5) -> Figure | None:
     return fig
 
 
+def recurrent_layers(record: Record) -> list[str]:
+    """Layers with a per-time-step gradient profile (recurrent layers), forward order."""
+    return [n for n, i in record.layers.items() if i.role == "module" and i.time_steps]
+
+
+@requires("out_grad_norm_t0", title="Gradient through time")
+def time_profile(record: Record, steps: Sequence[int] | None = None, n_steps: int = 4) -> (
+    Figure | None
+):
+    """||dL/dh_t|| against the time step t (log scale) for each recurrent layer, at several
+    recorded steps. Flat: the gradient reaches the first time step; rising toward the last
+    step: it vanishes through time; falling: it explodes."""
+    layers = recurrent_layers(record)
+    if not layers:
+        return None
+    layers = layers[:3]
+    fig, axes = new_figure(4.2 * len(layers), 3.4, ncols=len(layers))
+    for k, name in enumerate(layers):
+        ax = axes[0, k]
+        have = [s for s in record.steps if record.time_profile(name, s)[0].size]
+        chosen = list(steps) if steps is not None else pick_steps(have, n_steps)
+        for c, s in zip(_step_colors(len(chosen)), chosen, strict=True):
+            t, g = record.time_profile(name, s)
+            if t.size:
+                ax.plot(t, _positive(g), "-", lw=1.2, color=c, label=f"step {s}")
+                zero = np.nonzero(np.asarray(g) == 0)[0]
+                if zero.size:
+                    ax.plot(t[zero], np.full(zero.size, np.nan), "v", color="C3")
+        ax.set_yscale("log")
+        ax.set_xlabel("time step t")
+        ax.set_ylabel("||dL/dh_t|| (log)")
+        ax.set_title(f"{name} ({record.layers[name].type})", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
 def trial_losses(trials: Sequence[dict[str, Any]]) -> Figure | None:
     """Loss curves of doctor trials (each trial dict with ``remedy`` and ``losses``)."""
     rows = [t for t in trials if isinstance(t, dict) and t.get("losses")]
@@ -411,7 +448,9 @@ __all__ = [
     "new_figure",
     "pick_steps",
     "requires",
+    "recurrent_layers",
     "saturation_heatmap",
+    "time_profile",
     "trial_losses",
     "update_ratios",
     "weight_params",
