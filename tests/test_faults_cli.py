@@ -305,7 +305,7 @@ CASES: list[tuple[str, list[str], str, int]] = [
     ("factory-takes-args", ["doctor", "{f}:takes_args"], "must take no arguments", 2),
     ("loss-one-arg", ["doctor", "{f}:loss_one_arg"], "loss_fn must take (output, target)", 2),
     ("not-a-module", ["doctor", "{f}:not_module"], "with model a torch.nn.Module, got str", 2),
-    ("loss-not-callable", ["doctor", "{f}:loss_not_callable"], "callable loss_fn, got int", 2),
+    ("loss-not-callable", ["doctor", "{f}:loss_not_callable"], "callable loss_fn or None, got int", 2),
     ("x-y-lengths", ["doctor", "{f}:mismatched"], "disagree on the number of examples: 64 vs 10", 2),
     ("empty-data", ["doctor", "{f}:empty"], "the data set is empty", 2),
     ("data-is-a-string", ["doctor", "{f}:data_str"], "data must be a DataLoader", 2),
