@@ -440,31 +440,34 @@ class TrivialBaseline:
             cd = _class_dim(pred, y) if not y.is_floating_point() else None
             if cd is not None:
                 self.kind, self.n_classes = "classification", int(pred.shape[cd])
-                self.counts = torch.zeros(self.n_classes, dtype=torch.float64)
             elif y.is_floating_point() and pred.is_floating_point():
                 self.kind = "regression"
             else:
                 self.reason = (f"targets of dtype {y.dtype} and shape {tuple(y.shape)} do not "
                                f"match a prediction of shape {tuple(pred.shape)}")
                 return
+        # sums stay on the targets' device: no host sync per step
         if self.kind == "classification":
             v = y.reshape(-1).long()
             v = v[(v >= 0) & (v < self.n_classes)]
-            assert self.counts is not None
-            self.counts += torch.bincount(v.cpu(), minlength=self.n_classes).double()
+            if self.counts is None or self.counts.device != v.device:
+                self.counts = torch.zeros(self.n_classes, dtype=torch.float64, device=v.device) \
+                    if self.counts is None else self.counts.to(v.device)
+            self.counts += torch.bincount(v, minlength=self.n_classes).double()
         else:
-            yf = y.double().cpu()
+            yf = y.double()
             flat = yf.reshape(yf.shape[0], -1) if yf.dim() else yf.reshape(1, 1)
             if self.sum is None or self.sum.shape != flat.shape[1:]:
                 if self.sum is not None:  # the per-output shape changed: pool everything
+                    self.n *= self.sum.numel()
                     flat = flat.reshape(-1, 1)
-                self.sum = torch.zeros(flat.shape[1:], dtype=torch.float64) if self.sum is None \
-                    else self.sum.sum().reshape(1)
+                self.sum = torch.zeros(flat.shape[1:], dtype=torch.float64, device=flat.device) \
+                    if self.sum is None else self.sum.sum().reshape(1)
                 self.sumsq = torch.zeros_like(self.sum) if self.sumsq is None \
                     else self.sumsq.sum().reshape(1)
-            self.sum += flat.sum(0)
+            self.sum += flat.sum(0).to(self.sum.device)
             assert self.sumsq is not None
-            self.sumsq += flat.square().sum(0)
+            self.sumsq += flat.square().sum(0).to(self.sumsq.device)
             self.n += flat.shape[0]
         if len(self.kept) < self.KEEP:
             # only the prediction's shape and dtype matter: the candidates are constants

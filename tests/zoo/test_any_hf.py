@@ -213,3 +213,15 @@ def test_post_ln_torch_transformer_gets_pre_ln_and_it_applies() -> None:
     t = trial(Classifier, stream, nn.functional.cross_entropy, remedies=["pre_ln"], steps=5,
               seeds=1, optimizer="adam", lr=3e-3, probe=False)
     assert t["pre_ln"].error is None and t["pre_ln"].seeds == 1
+
+
+def test_doctor_trials_on_bert_nothing_beats_chance() -> None:
+    """Labels independent of the inputs (fresh every batch): the prescribed trials all run on
+    the HF model, and none can be "better" (the truth: no model beats a constant here)."""
+    torch.manual_seed(0)
+    r = doctor(_bert(), FreshBatches(), None, steps=30, optimizer="adam", lr=3e-3,
+               progress=False, trial=True, trial_seeds=1, max_trials=4)
+    assert "not_learning" in r.kinds and len(r.trials) == 5
+    for row in r.trials:
+        assert row["error"] is None and row["verdict"] not in ("not applicable", "error")
+        assert not row["verdict"].startswith("better"), row

@@ -64,6 +64,14 @@ def _depth_gradients(record: Record, ctx: Context) -> tuple[str, np.ndarray, np.
     if all(m in have for m in mods):
         steps, _, g = record.matrix("out_grad_norm", mods)
         metric = "out_grad_norm"
+    elif mods[0] in have and mods[-1] in have and sum(m in have for m in mods) >= 2 and all(
+            m in have or record.layers.get(ctx.weight_params[m]) is not None
+            and record.layers[ctx.weight_params[m]].module == ctx.weight_params[m]
+            for m in mods):
+        # parameters acting without a module call of their own (a positional embedding) have
+        # no output to measure: the ends of the path and every module on it still do
+        steps, _, g = record.matrix("out_grad_norm", mods)
+        metric = "out_grad_norm"
     else:
         params = [ctx.weight_params[m] for m in mods]
         have = set(record.layer_names(metric="grad_norm"))
@@ -80,7 +88,10 @@ def _log_ratios(g: np.ndarray) -> np.ndarray:
     """log10(G[:, l] / G[:, -1]) per step; NaN where the step is unusable (non-finite, or the
     reference layer's gradient is 0). A layer with exactly zero gradient gives -inf."""
     ref = g[:, -1:]
-    ok = np.isfinite(g).all(axis=1, keepdims=True) & (ref > 0)
+    # a column never measured (a parameter without an output of its own) does not make a step
+    # unusable; a non-finite value anywhere else does
+    cols = ~np.isnan(g).all(axis=0)
+    ok = np.isfinite(g[:, cols]).all(axis=1, keepdims=True) & (ref > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         lr = np.log10(g) - np.log10(ref)
     return np.where(ok, lr, np.nan)
@@ -572,7 +583,8 @@ def rule_not_learning(record: Record, ctx: Context, th: Thresholds) -> list[Find
     text = (f"The model is not learning: the training loss ends at {fmt(end, 3)} (median of the "
             f"last {len(tsteps)} recorded steps; {fmt(start, 3)} at the start), {where} the "
             f"trivial baseline {fmt(trivial, 3)}, the loss of the {kind}. It has learned "
-            "nothing a constant output would not.")
+            "nothing a constant output would not: either the steps do not reach the weights "
+            "that matter, or the targets carry no signal the model can use.")
     return [Finding("not_learning", [], text, "warning", rx_not_learning(ctx, nums, th), nums)]
 
 
