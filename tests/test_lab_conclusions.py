@@ -208,6 +208,49 @@ def mnist1d_data(claim_true: bool, accs: tuple[float, ...] | None = None) -> dic
             "paper": {"logistic": 0.32, "mlp": 0.68, "cnn": 0.94, "gru": 0.91}, "steps": 6000}
 
 
+# --- recurrent -------------------------------------------------------------------------------
+def recurrent_data(claim_true: bool) -> dict:
+    """tanh RNN: vanishing through time at init and failing at the longest T; gated cells: solving
+    it (claim true), or the reverse (claim false: no vanishing, tanh solves, gated fail)."""
+    runs = []
+    for arm in ("tanh RNN", "LSTM", "GRU", "clip norm"):
+        good = (arm != "tanh RNN" and arm != "clip norm") == claim_true
+        for T in (10, 30):
+            for seed in range(4):
+                decay = [10.0 ** (-(T - t) / 5) for t in range(T)] if (
+                    arm in ("tanh RNN", "clip norm") and claim_true) else \
+                    [1.0 + 0.01 * seed + 0.1 * (T - t) / T for t in range(T)]
+                runs.append({"arm": arm, "T": T, "lr": 0.01, "seed": seed, "diverged": False,
+                             "val_mse": 0.01 if good else 0.17,
+                             "test_mse": 0.01 if good else 0.17,
+                             "grad_t_init": decay, "grad_t_final": decay, "train_loss": 0.1})
+    return {"runs": runs, "lengths": [10, 30], "arms": ["tanh RNN", "LSTM", "GRU", "clip norm"],
+            "lrs": [0.01], "steps": 100}
+
+
+# --- normalisation-placement -------------------------------------------------------------------
+def placement_data(claim_true: bool) -> dict:
+    from signalprop.lab.normalisation_placement import ARMS as PL_ARMS
+
+    runs = []
+    for arm in PL_ARMS:
+        post, warm = arm.startswith("post"), arm.endswith("warmup")
+        for d in (2, 8):
+            for seed in range(3):
+                if claim_true:
+                    grow = 3.0 + 0.1 * seed if post else 1.0 + 0.05 * seed
+                    acc = 0.3 + 0.01 * seed if (post and not warm and d == 8) else 0.9 + 0.01 * seed
+                else:
+                    grow = 0.3 + 0.02 * seed if post else 1.0 + 0.05 * seed
+                    acc = 0.3 + 0.01 * seed if (not post and d == 8) or (warm and post) else \
+                        0.9 + 0.01 * seed
+                ffn = [grow ** (i / (d - 1)) for i in range(d)]
+                runs.append({"arm": arm, "depth": d, "seed": seed, "diverged": False,
+                             "test_acc": acc, "train_loss": 0.1, "ffn_grad": ffn,
+                             "stream_grad": ffn})
+    return {"runs": runs, "depths": [2, 8], "steps": 100, "lr": 0.01}
+
+
 FABRICATED = {
     "saturation": saturation_data,
     "learning-rate": learning_rate_data,
@@ -218,6 +261,8 @@ FABRICATED = {
     "bn-depth": bn_depth_data,
     "isometry": isometry_data,
     "mnist1d-baseline": mnist1d_data,
+    "recurrent": recurrent_data,
+    "normalisation-placement": placement_data,
 }
 
 
@@ -310,3 +355,34 @@ def test_mnist1d_interval_decides() -> None:
     d["repeat"]["final_test_acc"] = 0.652
     c = mod.conclude(d)
     assert c.verdict == INCONCLUSIVE and "NOT reproducible" in " ".join(c.details)
+
+
+def test_recurrent_interval_and_budget() -> None:
+    from signalprop.lab.base import INCONCLUSIVE
+
+    mod = get_study("recurrent")
+    c = mod.conclude(recurrent_data(True))
+    lo, hi = c.numbers["success GRU - tanh RNN (T=30) 95% CI"]
+    assert lo > 0 and hi <= 1.0
+    # two seeds of four succeed: the interval includes no effect -> inconclusive, with the seeds
+    d = recurrent_data(True)
+    for r in d["runs"]:
+        if r["arm"] in ("LSTM", "GRU") and r["seed"] >= 2:
+            r["test_mse"] = r["val_mse"] = 0.17
+    c = mod.conclude(d)
+    assert c.verdict == INCONCLUSIVE and "seeds per arm would resolve" in c.sentence
+    # the best rate per arm is chosen on the validation MSE, not the test set
+    rows = [{"arm": "GRU", "T": 30, "lr": lr, "seed": s, "val_mse": v, "test_mse": 0.0}
+            for lr, v in ((0.01, 0.2), (0.001, 0.01)) for s in range(3)]
+    assert {r["lr"] for r in mod.best_rate_runs(rows, "GRU", 30)} == {0.001}
+
+
+def test_placement_reference_must_train() -> None:
+    from signalprop.lab.base import INCONCLUSIVE
+
+    d = placement_data(True)
+    for r in d["runs"]:
+        if r["arm"] == "pre-LN + warmup":
+            r["test_acc"] = 0.2  # the reference did not train: no trainability verdict
+    c = get_study("normalisation-placement").conclude(d)
+    assert c.verdict == INCONCLUSIVE and "reference" in " ".join(c.details)
