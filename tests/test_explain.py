@@ -278,3 +278,58 @@ def test_doctor_survives_an_explanation_error(monkeypatch):
     with pytest.warns(UserWarning, match="theory broke"):
         assert E.explain_or_skip(rec, net) is None
     assert rec.meta["explanation_skipped"] == "RuntimeError: theory broke"
+
+
+def test_doctor_trial_of_critical_init_uses_the_prescription(monkeypatch):
+    """The doctor's critical_init trial initialises each weight layer with the explanation's
+    sigma_w^2 (checked on the model the trial actually trains)."""
+    import signalprop.remedies as R
+
+    seen: list[nn.Module] = []
+    orig = R.Remedy.apply
+
+    def spy(self, model, batch=None):
+        out = orig(self, model, batch)
+        if self.name == "critical_init":
+            seen.append(out)
+        return out
+
+    monkeypatch.setattr(R.Remedy, "apply", spy)
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 128), torch.randint(0, 3, (256,))
+    model = nn.Sequential(nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
+                          nn.Linear(128, 3))
+    rep = signalprop.doctor(model, (x, y), nn.CrossEntropyLoss(), steps=2, progress=False,
+                            trial=True, remedies=["critical_init"], trial_seeds=1)
+    rx = rep.explanation.prescription
+    row = next(t for t in rep.trials if t["remedy"] == "critical_init")
+    assert "computed for this model" in row["description"]
+    assert seen
+    for name, sw2 in rx.sigma_w2.items():
+        w = seen[0].get_submodule(name).weight.detach()
+        assert float(w.pow(2).mean() * w.shape[1]) == pytest.approx(sw2, rel=0.15)
+
+
+def test_partly_covered_conv_net():
+    """Conv layers use fan_in = channels x kernel; a ReLU+MaxPool block has no factor, is named,
+    and the layers around it keep their measured scale in the prescription."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.Tanh(),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(16 * 4 * 4, 3))
+    p = Probe(net)
+    with p:
+        nn.functional.cross_entropy(net(torch.randn(16, 1, 8, 8)),
+                                    torch.randint(0, 3, (16,))).backward()
+        p.step()
+    ex = explain(p.record, net)
+    assert [t.block for t in ex.init] == ["unknown", "elementwise", "elementwise"]
+    assert ex.covered == 2
+    assert "covers 2 of 3" in ex.sentence() and "ReLU+MaxPool2d" in ex.sentence()
+    # PyTorch's default conv init: Var W = 1/(3 fan_in), fan_in = 16 * 3 * 3
+    assert ex.init[1].sigma_w2 == pytest.approx(1 / 3, rel=0.15)
+    rx = ex.prescription
+    w0 = net[0].weight.detach()
+    assert rx.sigma_w2["0"] == pytest.approx(float(w0.pow(2).sum() / w0.shape[0]))
+    assert rx.sigma_w2["5"] == pytest.approx(critical_point("tanh", rx.sigma_b2).sigma_w2)
