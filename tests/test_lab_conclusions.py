@@ -30,7 +30,7 @@ def _check(c: Conclusion, expected: str, name: str = "") -> None:
 
 #: studies whose conclusions do not quote intervals yet
 PENDING_INTERVALS = {"saturation", "initialisation", "any-nonlinearity",
-                     "remedies", "clipping", "bn-depth"}
+                     "remedies", "clipping"}
 
 
 # --- saturation --------------------------------------------------------------------------------
@@ -176,16 +176,20 @@ def bn_depth_data(claim_true: bool) -> dict:
     profiles = []
     for a, pred in (("relu", {8: 1.79, 32: 1.52}), ("linear", {8: 1.2, 32: 1.03})):
         for b, p in pred.items():
-            m = p * 1.01 if claim_true else 0.9  # measured: matches theory, or no explosion
-            profiles.append({"activation": a, "batch_size": b, "seed": 0, "measured_rate": m,
-                             "predicted_rate": p, "grad_sq_norms": [m ** (10 - i) for i in
-                                                                     range(10)],
-                             "rate_layers": [2, 7]})
+            for seed in range(3):
+                # measured: matches theory, or no explosion (and no batch dependence)
+                m = p * (1.0 + 0.005 * seed) if claim_true else 0.9 - 0.005 * seed
+                profiles.append({"activation": a, "batch_size": b, "seed": seed,
+                                 "measured_rate": m, "predicted_rate": p,
+                                 "grad_sq_norms": [m ** (10 - i) for i in range(10)],
+                                 "rate_layers": [2, 7]})
     train = []
     for d, plain, res in ((2, 0.95, 0.95), (30, 0.4 if claim_true else 0.96, 0.94)):
         for residual, acc in ((False, plain), (True, res)):
-            train.append({"depth": d, "residual": residual, "seed": 0, "status": "done",
-                          "test_accuracy": acc, "train_loss": 0.1, "grad_ratio_init": 1.0})
+            for seed in range(3):
+                train.append({"depth": d, "residual": residual, "seed": seed, "status": "done",
+                              "test_accuracy": acc + 0.01 * seed, "train_loss": 0.1,
+                              "grad_ratio_init": 1.0})
     return {"profiles": profiles, "train": train, "activations": ["relu", "linear"],
             "batch_sizes": [8, 32]}
 
@@ -430,3 +434,14 @@ def test_learning_rate_sigmoid_without_a_plain_rate_is_not_a_ratio() -> None:
     sig = next(x for x in c.details if x.startswith("sigmoid"))
     assert "no rate ratio" in sig and "inf" not in sig
     assert c.verdict in (SUPPORTS, INCONCLUSIVE)
+
+
+def test_bn_depth_prints_theory_and_flags_mismatch() -> None:
+    d = bn_depth_data(True)
+    for p in d["profiles"]:
+        if p["batch_size"] == 8 and p["activation"] == "relu":
+            p["measured_rate"] = 1.3  # 27% below the prediction 1.79
+    c = get_study("bn-depth").conclude(d)
+    th = next(x for x in c.details if x.startswith("Theory"))
+    assert "relu B=8 rate: theory 1.79, measured 1.3" in th and "MISMATCH" in th
+    assert th.count("MISMATCH") == 1
