@@ -30,7 +30,7 @@ def _check(c: Conclusion, expected: str, name: str = "") -> None:
 
 #: studies whose conclusions do not quote intervals yet
 PENDING_INTERVALS = {"saturation", "initialisation", "any-nonlinearity",
-                     "remedies", "clipping"}
+                     "remedies"}
 
 
 # --- saturation --------------------------------------------------------------------------------
@@ -161,14 +161,24 @@ def remedies_data(claim_true: bool) -> dict:
 def clipping_data(claim_true: bool) -> dict:
     mlp, rnn = [], []
     for m in ("none", "norm", "value", "agc"):
+        for lr in (0.01, 0.1):
+            for seed in range(4):
+                # claim true: unclipped runs stall at every rate, clipped ones train
+                bad = (m == "none") if claim_true else (m != "none")
+                div = bad and lr == 0.1
+                mlp.append({"method": m, "lr": lr, "seed": seed,
+                            "status": "diverged" if div else "done",
+                            "final_loss": math.nan if div else (2.2 if bad else 0.3 + 0.01 * seed),
+                            "test_accuracy": 0.8})
+    for m in ("none", "norm", "value", "agc", "none, lr/10"):
         for seed in range(4):
             div = (m == "none") if claim_true else (m != "none")
-            mlp.append({"method": m, "seed": seed, "status": "diverged" if div else "done",
-                        "final_loss": math.nan if div else 0.3, "test_accuracy": 0.8})
             rnn.append({"method": m, "seed": seed, "diverged": div,
                         "final_loss": math.nan if div else 0.05, "max_grad_norm": 10.0,
                         "losses": [1.0, 0.5]})
-    return {"mlp": mlp, "rnn": rnn, "rnn_baseline": 1 / 6}
+    chi = {"runs": [{"seed": s, "measured": 1.86, "predicted": 1.86} for s in range(3)]}
+    return {"mlp": mlp, "rnn": rnn, "rnn_baseline": 1 / 6, "chi1": chi,
+            "chance_loss": math.log(10)}
 
 
 # --- bn-depth ----------------------------------------------------------------------------------
@@ -445,3 +455,17 @@ def test_bn_depth_prints_theory_and_flags_mismatch() -> None:
     th = next(x for x in c.details if x.startswith("Theory"))
     assert "relu B=8 rate: theory 1.79, measured 1.3" in th and "MISMATCH" in th
     assert th.count("MISMATCH") == 1
+
+
+def test_clipping_compares_each_method_at_its_best_rate() -> None:
+    from signalprop.lab.clipping import best_rate_losses
+
+    d = clipping_data(True)
+    lr, losses = best_rate_losses(d["mlp"], "norm", math.log(10))
+    assert lr == 0.01 and losses == pytest.approx([0.3, 0.31, 0.32, 0.33])
+    # a diverged run scores as chance, so a rate where seeds diverge is never the best
+    lr, losses = best_rate_losses(d["mlp"], "none", math.log(10))
+    assert lr == 0.01 and max(losses) <= math.log(10)
+    d["chi1"]["runs"][0]["measured"] = 3.0
+    c = get_study("clipping").conclude(d)
+    assert c.numbers["chi_1 theory check"]["ok"] is False
