@@ -292,10 +292,15 @@ class Probe:
         self._clear()
 
     def __enter__(self) -> Probe:
+        # nested ``with probe:`` blocks: only the outermost exit detaches (an inner exit used to
+        # remove every hook, and the outer block silently recorded nothing more)
+        self._depth = getattr(self, "_depth", 0) + 1
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
-        self.detach()
+        self._depth = max(0, getattr(self, "_depth", 1) - 1)
+        if self._depth == 0:
+            self.detach()
 
     @property
     def attached(self) -> bool:
