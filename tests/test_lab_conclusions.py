@@ -30,7 +30,7 @@ def _check(c: Conclusion, expected: str, name: str = "") -> None:
 
 #: studies whose conclusions do not quote intervals yet
 PENDING_INTERVALS = {"saturation", "initialisation", "any-nonlinearity",
-                     "remedies", "clipping", "bn-depth"}
+                     "remedies"}
 
 
 # --- saturation --------------------------------------------------------------------------------
@@ -161,14 +161,24 @@ def remedies_data(claim_true: bool) -> dict:
 def clipping_data(claim_true: bool) -> dict:
     mlp, rnn = [], []
     for m in ("none", "norm", "value", "agc"):
+        for lr in (0.01, 0.1):
+            for seed in range(4):
+                # claim true: unclipped runs stall at every rate, clipped ones train
+                bad = (m == "none") if claim_true else (m != "none")
+                div = bad and lr == 0.1
+                mlp.append({"method": m, "lr": lr, "seed": seed,
+                            "status": "diverged" if div else "done",
+                            "final_loss": math.nan if div else (2.2 if bad else 0.3 + 0.01 * seed),
+                            "test_accuracy": 0.8})
+    for m in ("none", "norm", "value", "agc", "none, lr/10"):
         for seed in range(4):
             div = (m == "none") if claim_true else (m != "none")
-            mlp.append({"method": m, "seed": seed, "status": "diverged" if div else "done",
-                        "final_loss": math.nan if div else 0.3, "test_accuracy": 0.8})
             rnn.append({"method": m, "seed": seed, "diverged": div,
                         "final_loss": math.nan if div else 0.05, "max_grad_norm": 10.0,
                         "losses": [1.0, 0.5]})
-    return {"mlp": mlp, "rnn": rnn, "rnn_baseline": 1 / 6}
+    chi = {"runs": [{"seed": s, "measured": 1.86, "predicted": 1.86} for s in range(3)]}
+    return {"mlp": mlp, "rnn": rnn, "rnn_baseline": 1 / 6, "chi1": chi,
+            "chance_loss": math.log(10)}
 
 
 # --- bn-depth ----------------------------------------------------------------------------------
@@ -176,16 +186,20 @@ def bn_depth_data(claim_true: bool) -> dict:
     profiles = []
     for a, pred in (("relu", {8: 1.79, 32: 1.52}), ("linear", {8: 1.2, 32: 1.03})):
         for b, p in pred.items():
-            m = p * 1.01 if claim_true else 0.9  # measured: matches theory, or no explosion
-            profiles.append({"activation": a, "batch_size": b, "seed": 0, "measured_rate": m,
-                             "predicted_rate": p, "grad_sq_norms": [m ** (10 - i) for i in
-                                                                     range(10)],
-                             "rate_layers": [2, 7]})
+            for seed in range(3):
+                # measured: matches theory, or no explosion (and no batch dependence)
+                m = p * (1.0 + 0.005 * seed) if claim_true else 0.9 - 0.005 * seed
+                profiles.append({"activation": a, "batch_size": b, "seed": seed,
+                                 "measured_rate": m, "predicted_rate": p,
+                                 "grad_sq_norms": [m ** (10 - i) for i in range(10)],
+                                 "rate_layers": [2, 7]})
     train = []
     for d, plain, res in ((2, 0.95, 0.95), (30, 0.4 if claim_true else 0.96, 0.94)):
         for residual, acc in ((False, plain), (True, res)):
-            train.append({"depth": d, "residual": residual, "seed": 0, "status": "done",
-                          "test_accuracy": acc, "train_loss": 0.1, "grad_ratio_init": 1.0})
+            for seed in range(3):
+                train.append({"depth": d, "residual": residual, "seed": seed, "status": "done",
+                              "test_accuracy": acc + 0.01 * seed, "train_loss": 0.1,
+                              "grad_ratio_init": 1.0})
     return {"profiles": profiles, "train": train, "activations": ["relu", "linear"],
             "batch_sizes": [8, 32]}
 
@@ -430,3 +444,28 @@ def test_learning_rate_sigmoid_without_a_plain_rate_is_not_a_ratio() -> None:
     sig = next(x for x in c.details if x.startswith("sigmoid"))
     assert "no rate ratio" in sig and "inf" not in sig
     assert c.verdict in (SUPPORTS, INCONCLUSIVE)
+
+
+def test_bn_depth_prints_theory_and_flags_mismatch() -> None:
+    d = bn_depth_data(True)
+    for p in d["profiles"]:
+        if p["batch_size"] == 8 and p["activation"] == "relu":
+            p["measured_rate"] = 1.3  # 27% below the prediction 1.79
+    c = get_study("bn-depth").conclude(d)
+    th = next(x for x in c.details if x.startswith("Theory"))
+    assert "relu B=8 rate: theory 1.79, measured 1.3" in th and "MISMATCH" in th
+    assert th.count("MISMATCH") == 1
+
+
+def test_clipping_compares_each_method_at_its_best_rate() -> None:
+    from signalprop.lab.clipping import best_rate_losses
+
+    d = clipping_data(True)
+    lr, losses = best_rate_losses(d["mlp"], "norm", math.log(10))
+    assert lr == 0.01 and losses == pytest.approx([0.3, 0.31, 0.32, 0.33])
+    # a diverged run scores as chance, so a rate where seeds diverge is never the best
+    lr, losses = best_rate_losses(d["mlp"], "none", math.log(10))
+    assert lr == 0.01 and max(losses) <= math.log(10)
+    d["chi1"]["runs"][0]["measured"] = 3.0
+    c = get_study("clipping").conclude(d)
+    assert c.numbers["chi_1 theory check"]["ok"] is False
