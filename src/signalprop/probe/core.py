@@ -58,7 +58,7 @@ class _Entry:
     def __init__(self, step: int, kind: str) -> None:
         self.step, self.kind = step, kind
         self.parts: list[torch.Tensor] = []
-        self.names: _Metrics = []
+        self.names: list[_Metrics] = []  # cached chunks of (layer, metric) labels
         self.host: dict[tuple[str, str], float] = {}  # values already on the host (floats)
         self.ograd_counted = True
         self.grad_counted = True
@@ -205,6 +205,7 @@ class Probe:
         self._inputs: list[torch.Tensor] = []
         self._layers_declared = False
         self._name_cache: dict[Any, _Metrics] = {}
+        self._layouts: dict[tuple[int, ...], tuple[int, torch.Tensor, list[Any]]] = {}
         self._stride_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self._queue: list[_Entry] = []  # computed on the device, not yet sent to the host
         self._inflight: list[tuple[torch.Tensor, Any, list[_Entry]]] = []  # being copied
@@ -266,29 +267,59 @@ class Probe:
             self._store(host, entries)
 
     def _store(self, host: torch.Tensor, entries: list[_Entry]) -> None:
-        flat = host.tolist()
-        pos = 0
-        for e in entries:
-            n = sum(p.numel() for p in e.parts)
-            vals = flat[pos : pos + n]
-            pos += n
-            if len(vals) != len(e.names):  # a bug, never user error
+        layouts = [self._layout(e.names) for e in entries]
+        total = 0
+        perms = []
+        for e, layout in zip(entries, layouts, strict=True):
+            n = layout[0]
+            if sum(p.numel() for p in e.parts) != n:  # a bug, never user error
                 raise RuntimeError(
-                    f"probe bookkeeping mismatch: {len(vals)} values, {len(e.names)} names"
+                    f"probe bookkeeping mismatch: {sum(p.numel() for p in e.parts)} values, "
+                    f"{n} names"
                 )
+            perms.append(layout[1] + total if total else layout[1])
+            total += n
+        perm = perms[0] if len(perms) == 1 else torch.cat(perms) if perms else None
+        flat = host[perm].tolist() if perm is not None else []  # the flush's one read
+        pos = 0
+        for e, layout in zip(entries, layouts, strict=True):
+            vals = flat[pos : pos + layout[0]]  # grouped by layer
+            pos += layout[0]
             row = self._record.data.setdefault(int(e.step), {})
-            for (layer, metric), v in zip(e.names, vals, strict=True):
+            for layer, a, b, metrics in layout[2]:
                 d = row.get(layer)
                 if d is None:
-                    d = row[layer] = {}
-                d[metric] = v
+                    row[layer] = dict(zip(metrics, vals[a:b], strict=True))
+                else:
+                    d.update(zip(metrics, vals[a:b], strict=True))
             for (layer, metric), v in e.host.items():
                 row.setdefault(layer, {})[metric] = float(v)
+            e.parts = []
             if e.kind == "pre":
                 self._check_pre(e, row)
             else:
                 for fn in self.on_record:
                     fn(e.step, row)
+
+    def _layout(self, chunks: list[_Metrics]) -> tuple[int, torch.Tensor, list[Any]]:
+        """For a step's label chunks: the number of values, the permutation that groups them
+        by layer, and per layer (name, start, stop, metric names). Cached: steps repeat."""
+        key = tuple(map(id, chunks))
+        hit = self._layouts.get(key)
+        if hit is not None:
+            return hit
+        names = [nm for c in chunks for nm in c]
+        by_layer: dict[str, list[int]] = {}
+        for j, (layer, _) in enumerate(names):
+            by_layer.setdefault(layer, []).append(j)
+        perm: list[int] = []
+        groups = []
+        for layer, js in by_layer.items():
+            groups.append((layer, len(perm), len(perm) + len(js), [names[j][1] for j in js]))
+            perm += js
+        hit = (len(names), torch.tensor(perm, dtype=torch.long), groups)
+        self._layouts[key] = hit
+        return hit
 
     def _check_pre(self, e: _Entry, row: dict[str, dict[str, float]]) -> None:
         """Host-side fix-ups of a step's values (rare paths; healthy steps only scan)."""
@@ -508,7 +539,7 @@ class Probe:
         for k, v in self._scalars.items():
             if isinstance(v, torch.Tensor):
                 e.parts.append(v.reshape(-1)[:1].to(torch.float64))
-                e.names.append((MODEL, k))
+                e.names.append(self._names_of(("scalar", k), lambda k=k: [(MODEL, k)]))
             else:
                 e.host[(MODEL, k)] = v
         self._pre_done = True
@@ -523,15 +554,15 @@ class Probe:
         k = len(with_grad)
         e.parts.append(allnorms)
         gkey = tuple(n for n, _ in with_grad)
-        e.names += self._names_of(
+        e.names.append(self._names_of(
             ("weights", gkey), lambda: [(n, "grad_norm") for n, _ in with_grad]
             + [(n, "weight_norm") for n, _ in self.params]
-        )
+        ))
         self._pending_weight_norms = allnorms[k:]
         if k:
             gn = allnorms[:k]
             e.parts.append(gn.square().sum().sqrt().reshape(1))
-            e.names.append((MODEL, "grad_norm_total"))
+            e.names.append(self._names_of("total", lambda: [(MODEL, "grad_norm_total")]))
             if self._careful and self.flush_every != 1:
                 e.parts.append(
                     torch.stack([(~torch.isfinite(g)).sum() for _, g in with_grad]).double()
@@ -539,9 +570,9 @@ class Probe:
             else:
                 e.parts.append(torch.zeros(k, dtype=torch.float64, device=allnorms.device))
                 e.grad_counted = False
-            e.names += self._names_of(
+            e.names.append(self._names_of(
                 ("grad_nonfinite", gkey), lambda: [(n, "grad_nonfinite") for n, _ in with_grad]
-            )
+            ))
         if self._updates is not None and self._snapshot is None:
             self._updates.before(self._grad_norms_all(allnorms, k))
 
@@ -577,9 +608,9 @@ class Probe:
                     num = self._updates.after()
             if num is not None and den is not None:
                 e.parts.append(num / den.clamp_min(1e-30))
-                e.names += self._names_of(
+                e.names.append(self._names_of(
                     "update_ratio", lambda: [(n, "update_ratio") for n, _ in self.params]
-                )
+                ))
             self._queue.append(e)
             self._recorded_since_flush += 1
             if self.on_record:
@@ -618,7 +649,7 @@ class Probe:
             pct = stats.percentiles(x32, self.percentiles, self.max_percentile_samples)
             key = tuple(idx)
             e.parts += [mean, std, pct.T.reshape(-1)]
-            e.names += self._names_of(("fwd", key), lambda key=key: self._group_names(key))
+            e.names.append(self._names_of(("fwd", key), lambda key=key: self._group_names(key)))
             # NaN/Inf: exact counts in careful mode, else the sample's count scaled to the output
             if self._careful and all(self._out_bad[i] for i in idx):
                 e.parts.append(
@@ -627,9 +658,9 @@ class Probe:
             else:
                 scale = host_tensor([self._numel[i] / x.shape[1] for i in idx], torch.float64, x.device)
                 e.parts.append(stats.nonfinite_count(x32).double() * scale)
-            e.names += self._names_of(
+            e.names.append(self._names_of(
                 ("nonfinite", key), lambda key=key: [(self._mods[i][0], "out_nonfinite") for i in key]
-            )
+            ))
             self._activation_stats(idx, x32, e)
 
     def _group_names(self, idx: tuple[int, ...]) -> _Metrics:
@@ -650,7 +681,9 @@ class Probe:
         mean, std = stats.moments(x)
         absmax = x.abs().amax(dim=1)
         e.parts += [mean, std, absmax]
-        e.names += [(MODEL, "input_mean"), (MODEL, "input_std"), (MODEL, "input_absmax")]
+        e.names.append(self._names_of("input", lambda: [
+            (MODEL, "input_mean"), (MODEL, "input_std"), (MODEL, "input_absmax")
+        ]))
 
     def _activation_stats(self, idx: list[int], x: torch.Tensor, e: _Entry) -> None:
         by_kind: dict[str, list[int]] = {}
@@ -670,7 +703,9 @@ class Probe:
                         ins.append(s[0] if len(s) == 1 else torch.cat(s))
                     src = torch.stack(ins)
                 e.parts.append(stats.saturated_fraction(src, kind, self.saturation_ratio).float())
-                e.names += [(n, "saturated_frac") for n in layer]
+                e.names.append(self._names_of(
+                    ("sat", tuple(layer)), lambda: [(n, "saturated_frac") for n in layer]
+                ))
             if kind in stats.RECTIFIERS:
                 dead = []
                 for j in js:
@@ -678,7 +713,9 @@ class Probe:
                     act = a[0] if len(a) == 1 else torch.stack(a).any(0)
                     dead.append(1.0 - act.float().mean())
                 e.parts.append(torch.stack(dead))
-                e.names += [(n, "dead_frac") for n in layer]
+                e.names.append(self._names_of(
+                    ("dead", tuple(layer)), lambda: [(n, "dead_frac") for n in layer]
+                ))
 
     def _backward_values(self, e: _Entry) -> None:
         norms: list[Any] = []
@@ -714,11 +751,11 @@ class Probe:
                 e.parts.append(torch.zeros(len(layer), dtype=torch.float64, device=v.device))
                 e.ograd_counted = False
         key = tuple(layer)
-        e.names += self._names_of(
+        e.names.append(self._names_of(
             ("bwd", key),
             lambda: [(self._mods[i][0], "out_grad_norm") for i in key]
             + [(self._mods[i][0], "out_grad_nonfinite") for i in key],
-        )
+        ))
 
     def _sample(self, t: torch.Tensor) -> torch.Tensor:
         """A fixed strided sample of at most ``max_forward_samples`` values of ``t`` (a copy:
