@@ -704,7 +704,7 @@ class Probe:
                     src = torch.stack(ins)
                 e.parts.append(stats.saturated_fraction(src, kind, self.saturation_ratio).float())
                 e.names.append(self._names_of(
-                    ("sat", tuple(layer)), lambda: [(n, "saturated_frac") for n in layer]
+                    ("sat", tuple(layer)), lambda layer=layer: [(n, "saturated_frac") for n in layer]
                 ))
             if kind in stats.RECTIFIERS:
                 dead = []
@@ -714,7 +714,7 @@ class Probe:
                     dead.append(1.0 - act.float().mean())
                 e.parts.append(torch.stack(dead))
                 e.names.append(self._names_of(
-                    ("dead", tuple(layer)), lambda: [(n, "dead_frac") for n in layer]
+                    ("dead", tuple(layer)), lambda layer=layer: [(n, "dead_frac") for n in layer]
                 ))
 
     def _backward_values(self, e: _Entry) -> None:
