@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,lightning,tensorboard,ray,docs
+EXTRAS ?= dev,lab,lightning,transformers,wandb,mlflow,tensorboard,ray,docs
 DEMO_OUT ?= demo-out
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.signalprop-installed

@@ -148,7 +148,8 @@ def _strict_json(text: str) -> Any:
 def test_json_schema(sigmoid_report: Report, diverging_report: Report) -> None:
     for rep in (sigmoid_report, diverging_report):
         d = _strict_json(rep.to_json())
-        assert set(d) == {"schema", "findings", "summary", "trials", "meta"}
+        # the stable keys, plus the mean-field explanation where the record supports one
+        assert set(d) - {"explanation"} == {"schema", "findings", "summary", "trials", "meta"}
         assert d["schema"] == REPORT_SCHEMA
         assert isinstance(d["trials"], list)
         for f in d["findings"]:

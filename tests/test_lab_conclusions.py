@@ -15,13 +15,22 @@ from signalprop.lab.learning_rate import ARCHS
 from signalprop.lab.remedy_ranking import TEXTBOOK
 
 
-def _check(c: Conclusion, expected: str) -> None:
+def _check(c: Conclusion, expected: str, name: str = "") -> None:
     assert c.verdict == expected, c.sentence
     if expected == CONTRADICTS:
         assert "contradict" in c.sentence.lower(), c.sentence
     else:
         assert "contradict" not in c.sentence.lower(), c.sentence
     assert c.numbers, "a conclusion quotes its numbers"
+    if expected != "inconclusive" and name not in PENDING_INTERVALS:
+        cis = [v for k, v in c.numbers.items() if k.endswith("95% CI")]
+        assert cis, "a decisive conclusion quotes an effect with its 95% interval"
+        assert "95% CI" in c.sentence, c.sentence
+
+
+#: studies whose conclusions do not quote intervals yet
+PENDING_INTERVALS = {"saturation", "learning-rate", "initialisation", "any-nonlinearity",
+                     "remedies", "clipping", "bn-depth", "isometry"}
 
 
 # --- saturation --------------------------------------------------------------------------------
@@ -190,11 +199,12 @@ def isometry_data(claim_true: bool) -> dict:
 
 
 # --- mnist1d-baseline --------------------------------------------------------------------------
-def mnist1d_data(claim_true: bool) -> dict:
-    acc = 0.67 if claim_true else 0.40
-    return {"runs": [{"seed": 0, "eval_steps": [0, 100], "test_acc": [0.1, acc],
-                      "final_test_acc": acc, "best_test_acc": acc, "final_train_loss": 0.5,
-                      "wall_s": 1.0}],
+def mnist1d_data(claim_true: bool, accs: tuple[float, ...] | None = None) -> dict:
+    accs = accs or ((0.665, 0.67, 0.675) if claim_true else (0.40, 0.41, 0.42))
+    runs = [{"seed": s, "eval_steps": [0, 100], "test_acc": [0.1, a], "final_test_acc": a,
+             "best_test_acc": a, "final_train_loss": 0.5, "wall_s": 1.0}
+            for s, a in enumerate(accs)]
+    return {"runs": runs, "repeat": dict(runs[0]),
             "paper": {"logistic": 0.32, "mlp": 0.68, "cnn": 0.94, "gru": 0.91}, "steps": 6000}
 
 
@@ -219,12 +229,12 @@ def test_every_study_is_covered() -> None:
 
 @pytest.mark.parametrize("name", sorted(FABRICATED))
 def test_conclusion_says_so_when_the_claim_is_false(name: str) -> None:
-    _check(get_study(name).conclude(FABRICATED[name](False)), CONTRADICTS)
+    _check(get_study(name).conclude(FABRICATED[name](False)), CONTRADICTS, name)
 
 
 @pytest.mark.parametrize("name", sorted(FABRICATED))
 def test_conclusion_supports_when_the_claim_holds(name: str) -> None:
-    _check(get_study(name).conclude(FABRICATED[name](True)), SUPPORTS)
+    _check(get_study(name).conclude(FABRICATED[name](True)), SUPPORTS, name)
 
 
 def test_remedies_ranking_follows_the_data() -> None:
@@ -281,3 +291,22 @@ def test_any_nonlinearity_marks_missing_critical_point() -> None:
     sw, sb = critical_sigmas("tanh", 0.0)
     assert sw == pytest.approx(1.0, rel=1e-6) and sb == 0.0
     assert "layerwise" in ANL_REMEDIES
+
+
+def test_mnist1d_interval_decides() -> None:
+    from signalprop.lab.base import INCONCLUSIVE
+    from signalprop.lab.evidence import mean_effect
+
+    mod = get_study("mnist1d-baseline")
+    c = mod.conclude(mnist1d_data(True))
+    lo, hi = c.numbers["test accuracy 95% CI"]
+    e = mean_effect([0.665, 0.67, 0.675])
+    assert (lo, hi) == pytest.approx((e.lo, e.hi)) and 0.63 < lo < hi < 0.73
+    # seeds spread across the tolerance edge: no decision, and it says how many seeds would help
+    c = mod.conclude(mnist1d_data(True, (0.60, 0.66, 0.70)))
+    assert c.verdict == INCONCLUSIVE and "95% CI" in c.sentence
+    # a non-reproducible repeat cannot support
+    d = mnist1d_data(True)
+    d["repeat"]["final_test_acc"] = 0.652
+    c = mod.conclude(d)
+    assert c.verdict == INCONCLUSIVE and "NOT reproducible" in " ".join(c.details)

@@ -266,3 +266,39 @@ def test_bad_arguments() -> None:
         SignalpropCallback(diagnose_every=-1)
     with pytest.raises(ValueError, match="managed|manages"):
         SignalpropCallback(probe_kwargs={"schedule": 3})
+
+
+def test_saved_record_diagnoses_like_the_callback(vanishing, capsys) -> None:
+    from signalprop.cli import main
+
+    _, cb, _, _, _, _, tmp = vanishing
+    assert main(["diagnose", str(tmp / "out" / "record.json.gz"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["findings"]
+    assert got == [f.to_dict() for f in cb.findings]
+
+
+def test_callback_metrics_drive_early_stopping(tmp_path) -> None:
+    """The first/last gradient ratio reaches trainer.callback_metrics: EarlyStopping stops a
+    run whose gradients vanish; ModelCheckpoint can monitor the same key."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    from signalprop.integrations.common import summary_metrics
+
+    torch.manual_seed(0)
+    model = MLP(depth=20, act=nn.Sigmoid)
+    cb = SignalpropCallback(every=1, diagnose_every=None, save=False, warn=False,
+                            log_metrics=None)
+    key = "signalprop/grad_ratio_first_last"
+    stop = EarlyStopping(monitor=key, mode="max", divergence_threshold=1e-3,
+                         check_on_train_epoch_end=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=key, mode="max")
+    trainer = pl.Trainer(callbacks=[cb, stop, ckpt], logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         max_epochs=5, accelerator="cpu", devices=1)
+    trainer.fit(model, _loader(BATCH * 3))
+    last = cb.record.steps[-1]
+    want = summary_metrics(cb.record.data[last])[key]
+    assert float(trainer.callback_metrics[key]) == pytest.approx(want, rel=1e-6)
+    assert want < 1e-3  # vanishing
+    assert trainer.current_epoch == 1 and trainer.should_stop  # stopped after the first epoch
+    assert ckpt.best_model_path  # ModelCheckpoint found its monitor

@@ -32,6 +32,38 @@ def _mlp(act: type[nn.Module] = nn.Tanh, depth: int = 4, width: int = 16, d_in: 
     return nn.Sequential(*layers)
 
 
+class _SeqToOne(nn.Module):
+    """A recurrent classifier for the remedies that act on recurrent modules."""
+
+    def __init__(self, cls: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cls(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+#: remedy -> the recurrent module its test model needs
+_RECURRENT = {"lstm": nn.RNN, "gru": nn.RNN, "orthogonal_recurrent_init": nn.RNN,
+              "identity_recurrent_init": nn.RNN, "truncated_bptt": nn.RNN,
+              "forget_gate_bias": nn.LSTM}
+
+
+class _TinyPostLN(nn.Module):
+    """A post-LN transformer classifier of 8 features seen as 2 tokens of 4 (for ``pre_ln``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x.reshape(-1, 2, 4))).mean(1))
+
+
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
@@ -57,9 +89,16 @@ def test_every_remedy_applies_and_trains_one_step(name: str) -> None:
     if name == "critical_init" and not _theory_available():
         pytest.skip("signalprop.theory.torch_adapter.critical_ has not landed")
     torch.manual_seed(0)
-    model = _mlp(nn.Tanh, depth=4)
+    # pre_ln rewrites transformer layers, the recurrent remedies an RNN, every other an MLP
+    if name == "pre_ln":
+        model: nn.Module = _TinyPostLN()
+    elif name in _RECURRENT:
+        model = _SeqToOne(_RECURRENT[name])
+    else:
+        model = _mlp(nn.Tanh, depth=4)
     before_state, before_repr = _state(model), repr(model)
-    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    x = torch.randn(32, 8) if name not in _RECURRENT else torch.randn(32, 5, 8)
+    y = torch.randint(0, 3, (32,))
     rem = get_remedy(name)
     assert isinstance(rem, Remedy) and rem.name == name and rem.description
     new = rem.apply(model, x)
@@ -80,6 +119,44 @@ def test_every_remedy_applies_and_trains_one_step(name: str) -> None:
     opt.step()
     assert any(not torch.equal(a, b.detach()) for a, b in zip(params_before, new.parameters(),
                                                               strict=True))
+
+
+def test_pre_ln_switches_post_ln_layers_and_refuses_others() -> None:
+    from signalprop.remedies.transforms import pre_ln
+
+    torch.manual_seed(0)
+    post = _TinyPostLN()
+    new = pre_ln(post)
+    assert all(m.norm_first for m in new.modules() if isinstance(m, nn.TransformerEncoderLayer))
+    assert not any(m.norm_first for m in post.modules()
+                   if isinstance(m, nn.TransformerEncoderLayer))
+    assert isinstance(new.encoder.norm, nn.LayerNorm)  # pre-LN stacks end with a norm
+    x = torch.randn(5, 8)
+    # same parameters, different placement: a different function of the input
+    assert not torch.allclose(new(x), post(x))
+    with pytest.raises(ValueError, match="already pre-LN"):
+        pre_ln(new)
+    with pytest.raises(ValueError, match="no torch.nn.TransformerEncoderLayer"):
+        pre_ln(_mlp())
+
+
+def test_warmup_remedy_reaches_fit() -> None:
+    from signalprop.trial import trial
+
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    rem = get_remedy("warmup")
+    assert rem.warmup == pytest.approx(0.1) and get_remedy("warmup+adam").warmup == 0.1
+    seen: list[float] = []
+
+    def opt(params, lr):  # noqa: ANN001, ANN202 -- records the rate of every step
+        o = torch.optim.SGD(params, lr=lr)
+        o.register_step_pre_hook(lambda o, *a: seen.append(o.param_groups[0]["lr"]))
+        return o
+
+    trial(lambda: _mlp(), (x, y), nn.functional.cross_entropy, remedies=["warmup"], steps=20,
+          seeds=1, baseline=False, optimizer=opt, lr=0.1, probe=False)
+    # 10% of 20 steps = 2 warm-up steps: 0.05, then 0.1
+    assert seen[:3] == pytest.approx([0.05, 0.1, 0.1])
 
 
 def test_combinations_and_overrides() -> None:
@@ -258,7 +335,7 @@ def test_fewer_layers_and_weightnorm_and_swaps() -> None:
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS.names()))
 def test_every_model_transform_builds_a_working_model(name: str) -> None:
-    m = _mlp(nn.Tanh, depth=4)
+    m = _TinyPostLN() if name == "pre_ln" else _mlp(nn.Tanh, depth=4)
     x = torch.randn(16, 8)
     new = TRANSFORMS.build(name, model=m, example_batch=x)
     assert new is not m

@@ -61,7 +61,10 @@ def test_divergence_is_recorded_not_raised(sigmoid_table: TrialTable) -> None:
     assert math.isnan(r.loss_mean)
     for run in r.runs:
         assert run.diverged and run.diverged_step is not None
-        assert not math.isfinite(run.losses[-1])
+        # the one divergence policy (signalprop.train.divergence_reason): non-finite, or above
+        # 100 x max(first loss, 1)
+        last = run.losses[-1]
+        assert not math.isfinite(last) or last > 100 * max(run.losses[0], 1.0)
 
 
 def test_table_outputs(sigmoid_table: TrialTable) -> None:
@@ -88,10 +91,10 @@ def test_inapplicable_remedy_is_an_error_row(digits) -> None:
 
     t = trial(funnel, digits, nn.functional.cross_entropy, remedies=["residual", "adam"],
               steps=5, seeds=1, probe=False)
-    assert t["residual"].verdict == "error"
+    assert t["residual"].verdict == "not applicable"
     assert "equal input and output widths" in t["residual"].error
     assert t["adam"].error is None and t["adam"].seeds == 1
-    assert "residual: ValueError" in str(t)
+    assert "residual: not applicable: ValueError" in str(t)
     with pytest.raises(ValueError, match="equal input and output widths"):
         trial(funnel, digits, nn.functional.cross_entropy, remedies=["residual"], steps=2,
               seeds=1, strict=True)

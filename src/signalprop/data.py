@@ -115,9 +115,9 @@ def digits(test_fraction: float = 0.2, seed: int = 0, standardize: bool = True) 
         seed: Split seed.
         standardize: Z-score each pixel with training statistics; otherwise scale to [0, 1].
     """
-    from sklearn.datasets import load_digits
+    from signalprop._optional import require
 
-    d = load_digits()
+    d = require("sklearn.datasets", "lab", "the digits data set").load_digits()
     x = d.data.astype(np.float64)
     xtr, ytr, xte, yte = _split(x, d.target.astype(np.int64), test_fraction, seed)
     if standardize:
@@ -130,7 +130,10 @@ def digits(test_fraction: float = 0.2, seed: int = 0, standardize: bool = True) 
 @functools.lru_cache(maxsize=4)
 def _mnist1d_arrays(seed: int) -> tuple[np.ndarray, ...]:
     # generating takes ~2 s; cache per process. The package only writes to disk when asked to.
-    from mnist1d.data import get_dataset_args, make_dataset
+    from signalprop._optional import require
+
+    m1d = require("mnist1d.data", "lab", "the mnist1d data set")
+    get_dataset_args, make_dataset = m1d.get_dataset_args, m1d.make_dataset
 
     args = get_dataset_args()
     args.seed = seed

@@ -35,6 +35,8 @@ from signalprop.diagnosis import (
     diagnose,
     merge_prescriptions,
 )
+from signalprop.diagnosis.explain import attach as attach_explanation
+from signalprop.diagnosis.explain import critical_remedy, explain_or_skip
 from signalprop.diagnosis.findings import SEVERITIES, json_number
 from signalprop.record import Record, atomic_write_text
 
@@ -44,7 +46,8 @@ REPORT_SCHEMA = "signalprop.report/1"
 #: Probe at most about this many steps (evenly spaced) so that records stay a few MB.
 MAX_RECORDED_STEPS = 300
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, Any], torch.Tensor]
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -83,6 +86,9 @@ class Report:
         meta: Run settings and environment (model, data, optimiser, lr, steps, timings ...).
         losses: The training loss at every step.
         trial_table: The ``signalprop.trial.TrialTable`` behind ``trials`` (not serialised).
+        explanation: Mean-field prediction of the gradient profile beside the measurement
+            (:class:`signalprop.diagnosis.explain.Explanation`; ``None`` when the record does not
+            support one). In JSON under ``"explanation"``.
     """
 
     findings: list[Finding]
@@ -92,6 +98,7 @@ class Report:
     meta: dict[str, Any] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     trial_table: Any = field(default=None, repr=False)
+    explanation: Any = field(default=None, repr=False)
 
     @property
     def healthy(self) -> bool:
@@ -127,14 +134,18 @@ class Report:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict with stable keys ``schema, findings, summary, trials, meta``."""
-        return {
+        """JSON-compatible dict with stable keys ``schema, findings, summary, trials, meta``
+        (and ``explanation`` when there is one)."""
+        d = {
             "schema": REPORT_SCHEMA,
             "findings": [f.to_dict() for f in self.findings],
             "summary": _jsonable(self.summary()),
             "trials": _jsonable(self.trials),
             "meta": _jsonable(self.meta),
         }
+        if self.explanation is not None:
+            d["explanation"] = _jsonable(self.explanation.to_dict())
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         """The report as JSON text (NaN/Inf written as ``null``)."""
@@ -202,10 +213,14 @@ def _count_nonfinite(data: Any) -> int | None:
     tensors: list[torch.Tensor] = []
     if isinstance(data, Dataset):
         tensors = [data.x_train, data.y_train]
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(
+    elif isinstance(data, (tuple, list)) and len(data) >= 2 and all(
         isinstance(t, torch.Tensor) for t in data
     ):
         tensors = list(data)
+    elif isinstance(data, Mapping) and data and all(
+        isinstance(t, torch.Tensor) for t in data.values()
+    ):
+        tensors = list(data.values())
     else:
         ds = getattr(data, "dataset", None)
         if isinstance(ds, torch.utils.data.TensorDataset):
@@ -220,6 +235,10 @@ def _describe_data(data: Any) -> str:
         return f"{data.name} ({data.x_train.shape[0]} x {data.in_features})"
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         return f"tensors x{tuple(data[0].shape)} y{tuple(data[1].shape)}"
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return "tensors " + " ".join(str(tuple(t.shape)) for t in data)
+    if isinstance(data, Mapping) and data and all(isinstance(t, torch.Tensor) for t in data.values()):
+        return "tensors " + ", ".join(f"{k}{tuple(t.shape)}" for k, t in data.items())
     return type(data).__name__
 
 
@@ -270,8 +289,8 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
 def _run_trials(
     model: nn.Module,
     data: Any,
-    loss_fn: LossFn,
-    remedies: Sequence[str],
+    loss_fn: LossFn | None,
+    remedies: Sequence[Any],
     settings: dict[str, Any],
     seeds: int,
     progress: bool,
@@ -314,7 +333,7 @@ def _run_trials(
 def doctor(
     model: nn.Module,
     data: Any,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None = None,
     steps: int = 200,
     optimizer: str | Any = "sgd",
     lr: float = 0.1,
@@ -330,14 +349,20 @@ def doctor(
     max_trials: int = 5,
     trial_seeds: int = 2,
     name: str | None = None,
+    step_fn: StepFn | None = None,
 ) -> Report:
     """Train a copy of ``model`` briefly under a probe and diagnose its signal propagation.
 
     Args:
         model: Any ``nn.Module`` with trainable parameters (deep-copied; yours is not touched).
-        data: A DataLoader (or iterable of ``(x, y)`` batches), an ``(x, y)`` tensor pair, or a
-            :class:`signalprop.data.Dataset`.
-        loss_fn: ``loss_fn(output, y)`` returning a scalar tensor.
+        data: A DataLoader (or any iterable of batches: ``(x, ..., y)`` tuples or dicts such as
+            Hugging Face batches), tensors in memory (``(x, ..., y)`` or a dict of tensors), or a
+            :class:`signalprop.data.Dataset`. See :func:`signalprop.train.fit` for how each
+            batch form reaches the model.
+        loss_fn: ``loss_fn(prediction, y)`` (tuple batches) or ``loss_fn(prediction, batch)``
+            (dict batches) returning a scalar tensor; the prediction is the output, its
+            ``.logits``, or a tuple's first element. ``None``: the model returns its loss
+            (``output.loss``, e.g. a Hugging Face model given ``labels``).
         steps: Optimiser steps to train (the data are cycled).
         optimizer: A registered optimiser name (``"sgd"``, ``"adam"``, ...) or a factory
             ``f(params, lr=...)``.
@@ -354,6 +379,8 @@ def doctor(
         max_trials: How many prescriptions to trial when ``remedies`` is not given.
         trial_seeds: Runs per remedy in the trials (paired by seed with the baseline).
         name: A label for the report (e.g. the example's name).
+        step_fn: ``step_fn(model, batch) -> loss`` for any other model or batch (replaces the
+            forward pass and ``loss_fn``).
 
     Returns:
         A :class:`Report`.
@@ -363,11 +390,14 @@ def doctor(
         ValueError: model without parameters, non-scalar loss, NaN/Inf data with
             ``validate=True``, bad ``steps``/``lr``/device, unknown optimiser or remedy names.
     """
-    from signalprop.train import check_finite_data, train
+    from signalprop.diagnosis.architecture import architecture_facts
+    from signalprop.train import check_finite_data, fit
 
     work = _check_model(model)
-    if not callable(loss_fn):
+    if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if step_fn is not None and not callable(step_fn):
+        raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -384,15 +414,19 @@ def doctor(
     data_bad = _count_nonfinite(data)
 
     t0 = time.perf_counter()
-    settings = dict(steps=steps, optimizer=optimizer, lr=lr, batch_size=batch_size,
-                    device=dev, seed=seed)
+    settings: dict[str, Any] = dict(steps=steps, optimizer=optimizer, lr=lr,
+                                    batch_size=batch_size, device=dev, seed=seed)
+    if step_fn is not None:
+        settings["step_fn"] = step_fn
     label = f"doctor: {name or type(model).__name__}"
+    # the diagnosis run goes on past fit's loss bound, up to non-finite values, so that the
+    # record shows where they first appear (the trials keep the bound)
+    run_kw: dict[str, Any] = dict(probe={"schedule": _schedule(steps)}, diverge_factor=None)
     if progress:
         with _Progress(steps, label) as bar:
-            result = train(work, data, loss_fn, probe={"schedule": _schedule(steps)},
-                           progress=bar, **settings)
+            result = fit(work, data, loss_fn, progress=bar, **run_kw, **settings)
     else:
-        result = train(work, data, loss_fn, probe={"schedule": _schedule(steps)}, **settings)
+        result = fit(work, data, loss_fn, **run_kw, **settings)
     record = result.record
     opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom")
     record.meta.update({
@@ -402,7 +436,15 @@ def doctor(
         "diverged": result.diverged,
         "diverged_step": result.diverged_step,
     })
+    for k, v in architecture_facts(work).items():
+        record.meta.setdefault(k, v)
+    if step_fn is None:
+        from signalprop.trial import _example_batch
+
+        record.meta.setdefault("tensor_input", _example_batch(data, batch_size) is not None)
     findings = diagnose(record, th)
+    explanation = explain_or_skip(record, work, batch_size=batch_size)
+    attach_explanation(findings, explanation)
     prescriptions = merge_prescriptions(findings)
     meta: dict[str, Any] = {
         "name": name or type(model).__name__,
@@ -410,7 +452,9 @@ def doctor(
         "num_parameters": sum(p.numel() for p in work.parameters()),
         "data": _describe_data(data),
         "data_nonfinite": data_bad,
-        "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),
+        "loss_fn": ("step_fn: " + getattr(step_fn, "__name__", type(step_fn).__name__))
+        if step_fn is not None else "the model's own loss" if loss_fn is None
+        else getattr(loss_fn, "__name__", type(loss_fn).__name__),
         "steps": steps,
         "steps_run": result.steps,
         "optimizer": opt_name,
@@ -421,6 +465,10 @@ def doctor(
         "recorded_steps": len(record.steps),
         "diverged": result.diverged,
         "diverged_step": result.diverged_step,
+        "diverged_reason": result.diverged_reason,
+        "interrupted": result.interrupted,
+        "trivial_loss": result.trivial_loss,
+        "trivial_kind": result.trivial_kind,
         "train_seconds": result.wall_time,
         "thresholds": th.to_dict(),
         "signalprop": __version__,
@@ -428,12 +476,18 @@ def doctor(
         "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    report = Report(findings, prescriptions, record, [], meta, list(result.losses))
-    if trial:
+    report = Report(findings, prescriptions, record, [], meta, list(result.losses),
+                    explanation=explanation)
+    if trial and result.interrupted:
+        meta["trials_skipped"] = "interrupted (Ctrl-C) during the diagnosis run"
+    elif trial:
         chosen = list(remedies) if remedies is not None else [
             p.remedy for p in prescriptions[:max_trials]
         ]
         if chosen:
+            # critical_init is tried with the sigma_w computed for this model
+            chosen = [critical_remedy(explanation) if r == "critical_init" else r
+                      for r in chosen]
             trials, table, why = _run_trials(model, data, loss_fn, chosen, settings,
                                              trial_seeds, progress)
             report.trials, report.trial_table = trials, table

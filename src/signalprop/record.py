@@ -24,6 +24,13 @@ Metric names (a contract: reports, JSON and the tidy table use them):
 | `loss` | MODEL: the training loss |
 | `grad_norm_total` | MODEL: global gradient norm over all parameters |
 | `grad_norm_total_clipped` | MODEL: the same after gradient clipping (Lightning callback) |
+| `out_grad_norm_t<t>` | recurrent layers: norm of dL/dh_t at time step t (total, through time) |
+| `gate_<g>_saturated_frac` | LSTM gates i, f, o / GRU gates z, r: fraction saturated |
+| `gate_<g>_mean` | the same gates' mean value (a forget gate near 0 forgets at every step) |
+| `in_grad_norm` | blocks: norm of dL/dx at the block's input (the residual stream) |
+| `skipped_step` | MODEL: 1 when the step was skipped (GradScaler found inf/NaN gradients) |
+| `loss_scale` | MODEL: the GradScaler's loss scale (divided out of every gradient norm) |
+| `lr` | MODEL: the learning rate of the first parameter group |
 | `accuracy` | MODEL: training accuracy when known |
 | `input_mean`, `input_std`, `input_absmax` | MODEL: statistics of the model's input batch |
 """
@@ -47,6 +54,9 @@ MODEL = "__model__"
 
 FORMAT_VERSION = 1
 
+#: Prefix of the per-time-step gradient metrics of recurrent layers (``out_grad_norm_t12``).
+TIME_PREFIX = "out_grad_norm_t"
+
 
 @dataclass
 class LayerInfo:
@@ -60,6 +70,17 @@ class LayerInfo:
         activation: Canonical activation kind (``"sigmoid"``, ``"relu"`` ...) or ``None``.
         module: For params: the owning module's name.
         shape: Output shape (modules, without batch) or parameter shape.
+        site: Call index of a module's call site (0: its first call in a forward pass; a module
+            called again gets one entry per call, named ``"act#2"``, ``"act#3"`` ...).
+        on_path: Whether the entry is placed on the signal path; ``False`` for parameters used
+            outside any recorded module call whose place could not be determined.
+        placement: How a parameter's place was found, when not from its own module's call.
+        time_steps: Recurrent layers: number of time steps with ||dL/dh_t|| recorded
+            (metrics ``out_grad_norm_t0``, ``out_grad_norm_t1``, ...).
+        unchecked: Why a statistic of this layer could not be measured, when one could not.
+        residual: Blocks: the block adds its input to its output (a skip connection).
+        norm_placement: Residual blocks: ``"pre"`` (x + f(norm(x))) or ``"post"``
+            (norm(x + f(x))) layer/batch normalisation.
     """
 
     name: str
@@ -69,6 +90,13 @@ class LayerInfo:
     activation: str | None = None
     module: str | None = None
     shape: list[int] | None = None
+    site: int = 0
+    on_path: bool = True
+    placement: str | None = None
+    time_steps: int | None = None
+    unchecked: str | None = None
+    residual: bool | None = None
+    norm_placement: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -230,6 +258,18 @@ class Record:
                     out[i, j] = v
         return np.asarray(steps, dtype=np.int64), list(layers), out
 
+    def time_profile(self, layer: str, step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(t [T], ||dL/dh_t|| [T])`` of a recurrent layer at ``step`` (default: the last step
+        that has one); empty arrays when none was recorded."""
+        steps = [step] if step is not None else self.steps[::-1]
+        for s in steps:
+            d = self.data.get(s, {}).get(layer, {})
+            ts = sorted(int(m[len(TIME_PREFIX):]) for m in d if m.startswith(TIME_PREFIX))
+            if ts:
+                return (np.asarray(ts, dtype=np.int64),
+                        np.asarray([d[f"{TIME_PREFIX}{t}"] for t in ts], dtype=np.float64))
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+
     def at(self, step: int, metric: str) -> dict[str, float]:
         """``{layer: value}`` of one metric at one step."""
         return {
@@ -256,7 +296,9 @@ class Record:
 
     def to_dataframe(self) -> Any:
         """Tidy ``pandas.DataFrame`` with columns step, layer, metric, value, type, role, depth."""
-        import pandas as pd
+        from signalprop._optional import require
+
+        pd = require("pandas", "lab", "Record.to_dataframe")
 
         df = pd.DataFrame(list(self.rows()), columns=["step", "layer", "metric", "value"])
         info = {n: i for n, i in self.layers.items()}

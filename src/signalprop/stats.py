@@ -262,3 +262,95 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """sqrt(sum ||t||^2) over tensors (the norm clip_grad_norm_ uses). Scalar tensor."""
     n = norms(tensors)
     return n.square().sum().sqrt() if n.numel() else torch.zeros(())
+
+
+# --- summary numbers of a training run ----------------------------------------------------------
+# One definition each, used by ``fit``'s result, the trials, the doctor and the lab. They read a
+# ``signalprop.record.Record`` (duck-typed: this module stays free of package imports).
+
+#: Losses averaged for a run's final loss.
+FINAL_LOSS_WINDOW: int = 10
+
+#: A loss must be at least this fraction below the trivial baseline to count as beating it.
+TRIVIAL_MARGIN: float = 0.02
+
+
+def final_loss(losses: Sequence[float], window: int = FINAL_LOSS_WINDOW) -> float:
+    """Mean of the last ``min(window, len(losses))`` losses (NaN when empty or non-finite)."""
+    if not losses:
+        return math.nan
+    tail = list(losses)[-window:]
+    return float(sum(tail) / len(tail))
+
+
+def _weight_params(record: object) -> list[str]:
+    """Parameters with >= 2 dimensions that have gradient norms, in forward order."""
+    names = record.layer_names(role="param", metric="grad_norm")  # type: ignore[attr-defined]
+    layers = record.layers  # type: ignore[attr-defined]
+    ws = [n for n in names if layers[n].shape is not None and len(layers[n].shape or []) >= 2]
+    order = sorted(range(len(ws)), key=lambda i: (layers[ws[i]].depth, i))
+    return [ws[i] for i in order]
+
+
+def _grad_step(record: object, ws: list[str], step: int | str) -> int | None:
+    steps = record.steps  # type: ignore[attr-defined]
+    if not steps:
+        return None
+    if isinstance(step, int):
+        return step
+    data = record.data  # type: ignore[attr-defined]
+    with_grads = [s for s in steps if any("grad_norm" in data[s].get(n, {}) for n in ws)]
+    pool = with_grads or steps
+    return pool[0] if step == "first" else pool[-1]
+
+
+def grad_ratio(record: object, step: int | str = "last") -> float:
+    """||dL/dW|| of the weight matrix nearest the input over that of the one nearest the loss
+    (the output head included), at one recorded step.
+
+    ``< 1``: gradients vanish towards the input; ``> 1``: they explode there. ``0`` when the
+    first layer's gradient is exactly 0 and the last one's is not (a real outcome: underflow);
+    NaN with fewer than two weight matrices, or when the last one's gradient is 0 or non-finite.
+
+    Args:
+        record: A probe record.
+        step: ``"last"`` / ``"first"`` recorded step that has gradients, or a step number.
+    """
+    ws = _weight_params(record)
+    s = _grad_step(record, ws, step)
+    if len(ws) < 2 or s is None:
+        return math.nan
+    g0 = record.get(s, ws[0], "grad_norm")  # type: ignore[attr-defined]
+    g1 = record.get(s, ws[-1], "grad_norm")  # type: ignore[attr-defined]
+    if math.isfinite(g0) and math.isfinite(g1) and g1 > 0:
+        return g0 / g1
+    return math.nan
+
+
+def layer_mean(record: object, metric: str, step: int | str = "last") -> float:
+    """Mean over layers of a per-layer ``metric`` (e.g. ``saturated_frac``, ``dead_frac``) at
+    one recorded step (``"last"``/``"first"`` with gradients, or a number); NaN when absent."""
+    ws = _weight_params(record)
+    s = _grad_step(record, ws, step)
+    if s is None:
+        return math.nan
+    vals = [v for v in record.at(s, metric).values() if math.isfinite(v)]  # type: ignore
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def saturated_frac(record: object, step: int | str = "last") -> float:
+    """Mean saturated fraction over saturating activation layers (see :func:`layer_mean`)."""
+    return layer_mean(record, "saturated_frac", step)
+
+
+def dead_frac(record: object, step: int | str = "last") -> float:
+    """Mean dead-unit fraction over rectifier layers (see :func:`layer_mean`)."""
+    return layer_mean(record, "dead_frac", step)
+
+
+def beats_trivial(loss: float, trivial: float, margin: float = TRIVIAL_MARGIN) -> bool | None:
+    """Whether ``loss`` is below the trivial baseline by more than ``margin`` of it (``None``
+    when either number is unknown)."""
+    if not (math.isfinite(loss) and math.isfinite(trivial)):
+        return None
+    return loss < trivial - margin * abs(trivial)

@@ -9,7 +9,9 @@ Every remedy (and the baseline) is trained ``seeds`` times; seed s builds its mo
 ``torch.manual_seed(seed + s)`` before calling the factory, so the baseline and each remedy start
 from the *same* weights for a given seed and see the same data order (a paired comparison).
 A run that diverges (non-finite loss or gradient) is a recorded outcome, never a crash, and so is
-a remedy that cannot be applied to the model (its error is kept in the row).
+a remedy that cannot be applied to the model (verdict ``not applicable``, the reason kept in the
+row). A remedy is ``better`` only if it also beats the trivial baseline: the loss of the best
+constant prediction (see :class:`signalprop.train.TrivialBaseline`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from signalprop import stats
 from signalprop._callable import make_module_callable
 from signalprop.record import Record
 from signalprop.remedies import Remedy, get_remedy
+from signalprop.train import fit
 
 BASELINE = "baseline"
 
@@ -84,7 +88,10 @@ class TrialRow:
         delta_loss: loss_mean - baseline loss_mean (NaN for the baseline).
         rel_change: delta_loss / baseline loss_mean.
         verdict: ``better`` / ``worse`` / ``no change`` (versus the baseline; see
-            :func:`verdict`), ``diverged`` (every run), ``baseline`` or ``error``.
+            :func:`verdict`), ``no better than trivial`` (lower than the baseline but not below
+            the best constant prediction's loss), ``diverged`` (every run), ``baseline``,
+            ``not applicable`` (a structural remedy whose pattern the model lacks) or ``error``
+            (training failed).
         error: Why the remedy could not be applied or trained (else ``None``).
     """
 
@@ -141,7 +148,7 @@ def _fmt_num(v: float, spec: str = ".3f") -> str:
 
 def _cells(r: TrialRow) -> dict[str, str]:
     if r.error is not None:
-        return {"remedy": r.remedy, "verdict": "error", "loss": "-", "delta": "-",
+        return {"remedy": r.remedy, "verdict": r.verdict or "error", "loss": "-", "delta": "-",
                 "grad_ratio": "-", "saturated": "-", "dead": "-", "diverged": "-", "time": "-"}
     loss = _fmt_num(r.loss_mean, ".4f")
     if r.seeds > 1 and math.isfinite(r.loss_std):
@@ -223,7 +230,8 @@ class TrialTable:
                  "  ".join("-" * w for w in widths)]
         lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
         errs = [r for r in self.rows if r.error]
-        lines += [f"  {r.remedy}: {r.error}" for r in errs]
+        lines += [f"  {r.remedy}: " + ("not applicable: " if r.verdict == "not applicable"
+                                        else "") + str(r.error) for r in errs]
         return "\n".join(lines)
 
     def _title(self) -> str:
@@ -238,7 +246,8 @@ class TrialTable:
         t = Table(title=self._title())
         for key, h in _COLUMNS:
             t.add_column(h, justify="left" if key in ("remedy", "verdict") else "right")
-        colour = {"better": "green", "worse": "red", "diverged": "bold red", "error": "yellow"}
+        colour = {"better": "green", "worse": "red", "diverged": "bold red", "error": "yellow",
+                  "not applicable": "dim", "no better than trivial": "yellow"}
         for r in self.rows:
             c = _cells(r)
             cells = [c[k] for k, _ in _COLUMNS]
@@ -277,45 +286,27 @@ def verdict(
     return "no change"
 
 
-def _weight_params(rec: Record) -> list[str]:
-    names = rec.layer_names(role="param", metric="grad_norm")
-    return [n for n in names
-            if rec.layers[n].shape is not None and len(rec.layers[n].shape or []) >= 2]
-
-
 def summarise_record(rec: Record) -> dict[str, float]:
-    """grad_ratio, saturated_frac and dead_frac at the record's last step that has gradients."""
-    out = {"grad_ratio": math.nan, "saturated_frac": math.nan, "dead_frac": math.nan}
-    if not rec.steps:
-        return out
-    ws = _weight_params(rec)
-    steps = [s for s in rec.steps if any("grad_norm" in rec.data[s].get(n, {}) for n in ws)]
-    last = steps[-1] if steps else rec.steps[-1]
-    if len(ws) >= 2:
-        # order weights by depth (forward order), then by declaration
-        order = sorted(range(len(ws)), key=lambda i: (rec.layers[ws[i]].depth, i))
-        first, lastw = ws[order[0]], ws[order[-1]]
-        g0, g1 = rec.get(last, first, "grad_norm"), rec.get(last, lastw, "grad_norm")
-        # g0 == 0 with g1 > 0 is a real outcome (the first layer's gradient vanished or
-        # underflowed): ratio 0. Both 0 (or non-finite) says nothing: NaN.
-        if math.isfinite(g0) and math.isfinite(g1) and g1 > 0:
-            out["grad_ratio"] = g0 / g1
-    for metric in ("saturated_frac", "dead_frac"):
-        vals = [v for v in rec.at(last, metric).values() if math.isfinite(v)]
-        if vals:
-            out[metric] = float(np.mean(vals))
-    return out
+    """grad_ratio, saturated_frac and dead_frac at the record's last step that has gradients
+    (the definitions of :mod:`signalprop.stats`)."""
+    return {"grad_ratio": stats.grad_ratio(rec), "saturated_frac": stats.saturated_frac(rec),
+            "dead_frac": stats.dead_frac(rec)}
 
 
 def _example_batch(data: Any, batch_size: int) -> torch.Tensor | None:
-    from signalprop.train import _split_batch, as_batches
+    """The input tensor of a first batch, for remedies that look at data (LSUV, shape checks);
+    ``None`` when batches are not a single input tensor plus targets."""
+    from signalprop.train import as_batches
 
     try:
-        src = as_batches(data, batch_size=batch_size, seed=0)
-        x, _ = _split_batch(next(iter(src())))
+        batch = next(iter(as_batches(data, batch_size=batch_size, seed=0)()))
     except (StopIteration, TypeError, ValueError):
         return None
-    return x if isinstance(x, torch.Tensor) else None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and set(batch) == {"x", "y"}:
+        return batch["x"]
+    return None
 
 
 def _fresh_model(factory: ModelFactory, seed: int) -> nn.Module:
@@ -345,9 +336,10 @@ def _mean(xs: list[float]) -> float:
 def trial(
     model_factory: ModelFactory,
     data: Any,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     remedies: Sequence[str | Remedy] = ("batchnorm", "adam", "residual"),
     *,
+    step_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     steps: int = 200,
     seeds: int = 3,
     seed: int = 0,
@@ -363,24 +355,33 @@ def trial(
     strict: bool = False,
     rel_tol: float = 0.02,
     progress: Callable[[str, int, RunSummary], None] | None = None,
+    fit_kwargs: dict[str, Any] | None = None,
 ) -> TrialTable:
     """Train the model with each remedy (and without) and tabulate what each one did.
+
+    Every run goes through :func:`signalprop.train.fit`, so any model and batch form that
+    ``fit`` trains can be trialled. Remedies that do not change the model's structure (inits,
+    optimisers, clipping, rates, warm-up) apply to any model; a structural one (batch norm,
+    skips, ...) whose pattern the model lacks gets the verdict ``not applicable`` with the reason.
 
     Args:
         model_factory: ``() -> nn.Module`` building a fresh model (called under
             ``torch.manual_seed(seed + s)`` for seed s), or a model instance (deep-copied: every
             run then starts from its current weights).
-        data: A ``Dataset``, an ``(x, y)`` pair, or a DataLoader / iterable of ``(x, y)``.
-        loss_fn: ``loss_fn(output, target)`` -> scalar.
+        data: Anything :func:`signalprop.train.fit` takes (tensors, a Dataset, a DataLoader of
+            tuples or dicts).
+        loss_fn: ``loss_fn(prediction, y)`` / ``loss_fn(prediction, batch)`` -> scalar, or
+            ``None`` when the model returns its loss.
         remedies: Registered names (``"batchnorm"``, ``"batchnorm+adam"``) or :class:`Remedy`
             objects.
+        step_fn: ``step_fn(model, batch) -> loss`` instead of the forward pass and ``loss_fn``.
         steps: Optimiser steps per run (N).
         seeds: Runs per remedy.
         seed: First seed.
         baseline: Also train the untreated model (row ``"baseline"``, first).
         optimizer, lr, optimizer_kwargs: The baseline's optimiser; a remedy may switch it
             (:meth:`Remedy.optimizer_config`).
-        batch_size: Mini-batch size for datasets and tensor pairs.
+        batch_size: Mini-batch size for datasets and tensors in memory.
         device: Where to train.
         probe: Probe the first and last steps for the gradient ratio and saturation columns.
         diverge_above: Also count a run as diverged when its final loss exceeds this.
@@ -388,15 +389,18 @@ def trial(
         strict: Re-raise a remedy's application error instead of recording it.
         rel_tol: Relative loss change below which the verdict is ``no change``.
         progress: Optional callback ``(remedy, seed, RunSummary)`` after each run.
+        fit_kwargs: More arguments for :func:`signalprop.train.fit` (``scaler``, ``amp``,
+            ``accumulate``, ``clip``, ...), the same for every run.
 
     Returns:
-        :class:`TrialTable`.
+        :class:`TrialTable`. A verdict is ``better`` only when the remedy also beats the trivial
+        baseline (the best constant prediction, ``table.meta["trivial_loss"]``); a lower loss
+        that does not is ``no better than trivial``. Ctrl-C stops the trial and returns the rows
+        done so far (``table.meta["interrupted"]``).
 
     Raises:
         ValueError: an unknown remedy name (listing the valid ones), steps/seeds < 1.
     """
-    from signalprop.train import train
-
     if steps < 1 or seeds < 1:
         raise ValueError(f"steps and seeds must be >= 1, got steps={steps}, seeds={seeds}")
     if isinstance(optimizer, torch.optim.Optimizer):
@@ -415,18 +419,22 @@ def trial(
     xb = _example_batch(data, batch_size)
     if xb is not None:
         xb = xb.to(dev)
+    extra = dict(fit_kwargs or {})
 
     table = TrialTable(rows=[], meta={
         "steps": steps, "seeds": seeds, "seed": seed, "optimizer": optimizer if isinstance(
             optimizer, str) else getattr(optimizer, "__name__", "custom"),
         "lr": lr, "batch_size": batch_size, "device": str(dev),
     })
+    trivial: list[float] = []
+    interrupted = False
     for rem in plan:
         name = BASELINE if rem is None else rem.name
         row = TrialRow(remedy=name, description="untreated model" if rem is None
                        else rem.description)
         opt, rlr, kw = (optimizer, lr, dict(optimizer_kwargs or {})) if rem is None else \
             rem.optimizer_config(optimizer, lr, optimizer_kwargs)
+        warm = int(round(rem.warmup * steps)) if rem is not None else 0
         for s in range(seed, seed + seeds):
             model = _fresh_model(model_factory, s).to(dev)
             gt = None
@@ -438,17 +446,21 @@ def trial(
                     if strict:
                         raise
                     row.error = f"{type(e).__name__}: {e}"
+                    row.verdict = "not applicable"
                     break
             probe_cfg: Any = {"schedule": sorted({0, steps - 1})} if probe else None
             try:
-                res = train(model, data, loss_fn, steps=steps, optimizer=opt, lr=rlr,
-                            optimizer_kwargs=kw, batch_size=batch_size, probe=probe_cfg,
-                            grad_transform=gt, device=dev, seed=s)
+                res = fit(model, data, loss_fn, step_fn=step_fn, steps=steps, optimizer=opt,
+                          lr=rlr, optimizer_kwargs=kw, batch_size=batch_size, probe=probe_cfg,
+                          grad_transform=gt, device=dev, seed=s,
+                          **({"warmup": warm} if warm else {}), **extra)
             except _APPLY_ERRORS as e:
                 if strict or rem is None:
                     raise  # the baseline itself failing is the caller's error
                 row.error = f"{type(e).__name__}: {e}"
                 break
+            if math.isfinite(res.trivial_loss):
+                trivial.append(res.trivial_loss)
             summ = summarise_record(res.record) if probe else {
                 "grad_ratio": math.nan, "saturated_frac": math.nan, "dead_frac": math.nan}
             diverged = res.diverged
@@ -473,8 +485,15 @@ def trial(
                 table.records.setdefault(name, []).append(res.record)
             if progress is not None:
                 progress(name, s, run)
+            if res.interrupted:
+                interrupted = True
+                break
         _aggregate(row)
         table.rows.append(row)
+        if interrupted:
+            break
+    table.meta["trivial_loss"] = float(np.mean(trivial)) if trivial else math.nan
+    table.meta["interrupted"] = interrupted
     _compare(table, rel_tol)
     return table
 
@@ -498,8 +517,11 @@ def _aggregate(row: TrialRow) -> None:
 
 def _compare(table: TrialTable, rel_tol: float) -> None:
     base = table.baseline
+    trivial = table.meta.get("trivial_loss", math.nan)
     for r in table.rows:
-        if r.error is not None:
+        if r.verdict == "not applicable":
+            pass
+        elif r.error is not None:
             r.verdict = "error"
         elif r.remedy == BASELINE:
             r.verdict = "baseline" if r.diverged < r.seeds else "diverged"
@@ -515,6 +537,10 @@ def _compare(table: TrialTable, rel_tol: float) -> None:
             r.verdict = verdict([p[0] for p in pairs], [p[1] for p in pairs], rel_tol)
             if r.diverged and r.verdict == "better":
                 r.verdict = "better (some diverged)"
+        if r.verdict.startswith("better") and stats.beats_trivial(r.loss_mean, trivial) is False:
+            # lower than the baseline's loss but not below the best constant prediction's:
+            # the remedy did not make the model learn anything
+            r.verdict = "no better than trivial"
         if base is not None and r.remedy != BASELINE and math.isfinite(base.loss_mean):
             r.delta_loss = r.loss_mean - base.loss_mean
             r.rel_change = r.delta_loss / base.loss_mean if base.loss_mean else math.nan

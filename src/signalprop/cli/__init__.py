@@ -1,7 +1,8 @@
 """The ``signalprop`` command line: a thin layer over the Python API (click).
 
 Sub-commands live in sibling modules, each exposing ``register(group)``:
-``doctor`` (doctor.py), ``theory`` (theory.py), ``sweep`` (sweep.py), ``lab``/``report`` (lab.py).
+``doctor`` (doctor.py), ``theory`` (theory.py), ``sweep`` (sweep.py), ``lab``/``report`` (lab.py),
+``diagnose`` (records.py).
 
 Errors the user can fix (bad names, missing files, bad data) are printed as one readable line on
 stderr with exit status 2; no traceback.
@@ -16,7 +17,7 @@ import click
 
 from signalprop import __version__
 
-_COMMAND_MODULES = ("doctor", "theory", "sweep", "lab")
+_COMMAND_MODULES = ("doctor", "theory", "sweep", "lab", "records")
 
 #: Exceptions that mean "the user asked for something wrong": one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError, ImportError)

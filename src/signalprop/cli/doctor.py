@@ -19,17 +19,21 @@ def register(group: click.Group) -> None:
     group.add_command(doctor_cmd)
 
 
-def load_factory(target: str) -> tuple[Any, Any, Any]:
+def load_target(target: str) -> dict[str, Any]:
     """Import ``path/to/file.py:factory`` and call ``factory()``.
 
+    The factory returns ``(model, data, loss_fn)`` -- ``loss_fn`` may be ``None`` when the
+    model returns its own loss (a Hugging Face model given ``labels``) -- or a dict with keys
+    ``model``, ``data`` and optionally ``loss_fn`` and ``step_fn`` (``step_fn(model, batch) ->
+    loss`` for any other model or batch).
+
     Returns:
-        ``(model, data, loss_fn)`` as returned by the factory.
+        ``{"model", "data", "loss_fn", "step_fn"}`` (the last two possibly ``None``).
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: malformed target, the module fails to import, or no such function.
-        TypeError: the factory is not callable or returns something other than
-            ``(nn.Module, data, callable)``.
+        TypeError: the factory is not callable or returns something else.
     """
     from torch import nn
 
@@ -43,22 +47,38 @@ def load_factory(target: str) -> tuple[Any, Any, Any]:
         )
     fn = load_callable(target, what="factory")
     out = fn()
-    if not isinstance(out, (tuple, list)) or len(out) != 3:
+    want = "(model, data, loss_fn) or a dict with model, data and loss_fn or step_fn"
+    if isinstance(out, dict):
+        unknown = set(out) - {"model", "data", "loss_fn", "step_fn"}
+        if unknown or "model" not in out or "data" not in out:
+            raise TypeError(f"{fn_name}() must return {want}, got a dict with keys "
+                            f"{sorted(out)}")
+        parts = {"model": out["model"], "data": out["data"], "loss_fn": out.get("loss_fn"),
+                 "step_fn": out.get("step_fn")}
+    elif isinstance(out, (tuple, list)) and len(out) == 3:
+        parts = {"model": out[0], "data": out[1], "loss_fn": out[2], "step_fn": None}
+    else:
         got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(
             out, (tuple, list)) else "")
         raise TypeError(f"{fn_name}() must return (model, data, loss_fn), got {got}")
-    model, data, loss_fn = out
-    if not isinstance(model, nn.Module):
+    if not isinstance(parts["model"], nn.Module):
         raise TypeError(
             f"{fn_name}() must return (model, data, loss_fn) with model a torch.nn.Module, got "
-            f"{type(model).__name__}"
+            f"{type(parts['model']).__name__}"
         )
-    if not callable(loss_fn):
-        raise TypeError(
-            f"{fn_name}() must return (model, data, loss_fn) with a callable loss_fn, got "
-            f"{type(loss_fn).__name__}"
-        )
-    return model, data, loss_fn
+    for key in ("loss_fn", "step_fn"):
+        if parts[key] is not None and not callable(parts[key]):
+            raise TypeError(
+                f"{fn_name}() must return (model, data, loss_fn) with a callable {key} or None, "
+                f"got {type(parts[key]).__name__}"
+            )
+    return parts
+
+
+def load_factory(target: str) -> tuple[Any, Any, Any]:
+    """``(model, data, loss_fn)`` of :func:`load_target` (``loss_fn`` may be ``None``)."""
+    parts = load_target(target)
+    return parts["model"], parts["data"], parts["loss_fn"]
 
 
 _SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
@@ -162,7 +182,9 @@ def doctor_cmd(
     vanishing/exploding gradients, saturation, dead units, NaNs and what to try.
 
     TARGET is path/to/file.py:factory where factory() returns (model, data, loss_fn); data is a
-    DataLoader, an (x, y) tensor pair or a signalprop Dataset. Or use --example NAME.
+    DataLoader (of (x, ..., y) tuples or dict batches), tensors or a signalprop Dataset;
+    loss_fn may be None when the model returns its loss (Hugging Face models given labels), and
+    a dict {model, data, step_fn} takes step_fn(model, batch) -> loss. Or use --example NAME.
     """
     import torch
     from rich.console import Console
@@ -184,8 +206,11 @@ def doctor_cmd(
         name = example
     else:
         assert target is not None
-        model, data, loss_fn = load_factory(target)
+        parts = load_target(target)
+        model, data, loss_fn = parts["model"], parts["data"], parts["loss_fn"]
         settings, name = {}, target.rpartition(":")[2]
+        if parts["step_fn"] is not None:
+            settings["step_fn"] = parts["step_fn"]
     for key, val in (("steps", steps), ("lr", lr), ("optimizer", optimizer),
                      ("batch_size", batch_size)):
         if val is not None:

@@ -77,8 +77,19 @@ def lab_run(
 
 @click.command("report")
 @click.argument("out_dir", type=click.Path())
-def report(out_dir: str) -> int:
-    """(Re)build OUT_DIR/index.html from the lab results stored in OUT_DIR."""
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="With a RECORD: the folder for report.html and report.json.")
+def report(out_dir: str, out: str | None) -> int:
+    """(Re)build OUT_DIR/index.html from the lab results stored in OUT_DIR; or, when it is a saved
+    record (record.json.gz from a Probe, a callback or doctor), write the doctor's page for it
+    into --out."""
+    from signalprop.cli.records import is_record_path, write_record_report
+
+    if is_record_path(out_dir):
+        if out is None:
+            raise click.UsageError("a RECORD needs --out DIR (where report.html goes)")
+        click.echo(str(write_record_report(out_dir, out)))
+        return 0
     from signalprop.lab import STUDY_NAMES
     from signalprop.lab.report import build_report
 

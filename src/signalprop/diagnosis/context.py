@@ -38,6 +38,18 @@ class Context:
         sigma_w2: Median over the hidden weight layers (all but the last) of the mean-field
             weight scale sigma_w^2 = fan_in Var(W) ~= ||W||_F^2 / fan_out at the first recorded
             step (Poole et al. 2016 notation); NaN when weight norms were not recorded.
+        norm_placement: ``"pre"``/``"post"`` layer norm of transformer layers, else ``None``.
+        transformer: Attention modules are present (``None``: unknown).
+        recurrent: RNN/LSTM/GRU modules are present (``None``: unknown).
+        sequential_blocks: The model has an ``nn.Sequential`` of (layer, activation) blocks,
+            which the structural remedies rewrite (``None``: unknown).
+        pre_ln_switchable: Post-LN ``torch.nn.Transformer*Layer`` modules exist (the
+            ``pre_ln`` remedy applies).
+        tensor_input: Batches are ``(x, y)`` with one input tensor (what data-driven inits such
+            as LSUV need); ``None``: unknown.
+
+    The architecture facts come from ``record.meta`` (see
+    :func:`signalprop.diagnosis.architecture.architecture_facts`).
     """
 
     weight_layers: list[str] = field(default_factory=list)
@@ -49,6 +61,12 @@ class Context:
     residual: bool | None = None
     optimizer: str | None = None
     sigma_w2: float = float("nan")
+    norm_placement: str | None = None
+    transformer: bool | None = None
+    recurrent: bool | None = None
+    sequential_blocks: bool | None = None
+    pre_ln_switchable: bool = False
+    tensor_input: bool | None = None
 
     @property
     def depth(self) -> int:
@@ -96,19 +114,30 @@ def context_of(record: Record) -> Context:
     """Read a :class:`Context` from ``record.layers`` and ``record.meta``."""
     ctx = Context()
     params = [i for i in record.layers.values() if i.role == "param"]
-    modules = [i for i in record.layers.values() if i.role != "param"]
-    # weight layers: owners of >= 2-D parameters, in forward order (params inherit their
-    # module's depth); biases and norm gains are 1-D and do not make a layer
-    seen: dict[str, tuple[int, str]] = {}
+    modules = [i for i in record.layers.values() if i.role == "module"]
+    # weight layers: call sites of modules owning a >= 2-D parameter, in forward order (a
+    # module called twice is two layers of the path); biases and norm gains are 1-D and do not
+    # make a layer. Parameters kept off the signal path (used outside any module call, place
+    # unknown) are never a reference layer.
+    first_weight: dict[str, tuple[int, str]] = {}
     for p in sorted(params, key=lambda i: i.depth):
-        if p.shape is not None and len(p.shape) >= 2:
+        if p.shape is not None and len(p.shape) >= 2 and p.on_path:
             owner = p.module or p.name
-            if owner not in seen:
-                seen[owner] = (p.depth, p.name)
-    ordered = sorted(seen.items(), key=lambda kv: kv[1][0])
-    ctx.weight_layers = [n for n, _ in ordered]
-    ctx.weight_params = {n: pn for n, (_, pn) in ordered}
-    depths = np.asarray([d for _, (d, _) in ordered], dtype=np.int64)
+            first_weight.setdefault(owner, (p.depth, p.name))
+    entries: list[tuple[int, int, str, str]] = []  # (depth, tie, layer, weight param)
+    sited: set[str] = set()
+    for m in modules:
+        owner = m.module or m.name
+        if owner in first_weight and m.on_path:
+            entries.append((m.depth, 0, m.name, first_weight[owner][1]))
+            sited.add(owner)
+    for owner, (d, pname) in first_weight.items():
+        if owner not in sited:  # a parameter acting without a module call of its own
+            entries.append((d, 1, owner, pname))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    ctx.weight_layers = [e[2] for e in entries]
+    ctx.weight_params = {e[2]: e[3] for e in entries}
+    depths = np.asarray([e[0] for e in entries], dtype=np.int64)
     for m in modules:
         # block = number of weight layers at or before this module's depth
         ctx.block[m.name] = int(np.searchsorted(depths, m.depth, side="right"))
@@ -123,10 +152,16 @@ def context_of(record: Record) -> Context:
         ctx.block[p.name] = ctx.block.get(owner, int(np.searchsorted(depths, p.depth, "right")))
     for i, n in enumerate(ctx.weight_layers):
         ctx.block[n] = i + 1
-        ctx.block[ctx.weight_params[n]] = i + 1
+        ctx.block.setdefault(ctx.weight_params[n], i + 1)
     ctx.sigma_w2 = _sigma_w2(record, ctx)
     res = record.meta.get("residual")
     ctx.residual = bool(res) if res is not None else None
+    placement = record.meta.get("norm_placement")
+    ctx.norm_placement = placement if isinstance(placement, str) else None
+    for key in ("transformer", "recurrent", "sequential_blocks", "tensor_input"):
+        v = record.meta.get(key)
+        setattr(ctx, key, bool(v) if v is not None else None)
+    ctx.pre_ln_switchable = bool(record.meta.get("pre_ln_switchable", False))
     opt = record.meta.get("optimizer")
     if isinstance(opt, str):
         ctx.optimizer = opt.lower()

@@ -12,9 +12,12 @@ KINDS: tuple[str, ...] = (
     "divergence",
     "exploding_gradients",
     "vanishing_gradients",
+    "exploding_through_time",
+    "vanishing_through_time",
     "saturation",
     "dead_units",
     "update_ratio",
+    "not_learning",
 )
 
 #: Severities, least to most serious.
@@ -47,6 +50,14 @@ REMEDY_NAMES: tuple[str, ...] = (
     "lower_lr",
     "weight_decay",
     "fewer_layers",
+    "lstm",
+    "gru",
+    "orthogonal_recurrent_init",
+    "identity_recurrent_init",
+    "forget_gate_bias",
+    "truncated_bptt",
+    "warmup",
+    "pre_ln",
 )
 
 

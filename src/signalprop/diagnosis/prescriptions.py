@@ -18,14 +18,73 @@ from signalprop.diagnosis.thresholds import Thresholds
 Candidate = tuple[str, float, str]  # (remedy, score, reason)
 
 
-def rank(cands: Iterable[Candidate]) -> list[Prescription]:
-    """Deduplicate (best score wins), sort by score, number from 1."""
+#: Remedies that rewrite an ``nn.Sequential`` of (layer, activation) blocks.
+_BLOCK_REMEDIES = ("batchnorm", "layernorm", "residual", "highway", "fewer_layers")
+
+
+def not_applicable(ctx: Context, remedy: str) -> str | None:
+    """Why ``remedy`` does not fit the model of ``ctx`` (already there, or cannot be applied),
+    or ``None`` when it may be prescribed. Unknown facts (``None``) never exclude a remedy."""
+    if remedy in ("residual", "highway") and ctx.residual is True:
+        return "the model already has skip connections"
+    if remedy == "batchnorm" and ctx.has_bn:
+        return "the model already has batch norm"
+    if remedy == "batchnorm" and (ctx.transformer or ctx.recurrent):
+        return "batch norm does not fit attention or recurrent layers (they use layer norm)"
+    if remedy == "layernorm" and ctx.has_other_norm:
+        return "the model already has layer/group norm"
+    if remedy in _BLOCK_REMEDIES and ctx.sequential_blocks is False:
+        return "the model has no nn.Sequential of (layer, activation) blocks to rewrite"
+    if remedy == "fewer_layers" and (ctx.transformer or ctx.recurrent):
+        return "its weight-layer count is not a stack of identical blocks to shorten"
+    if remedy == "critical_init" and (ctx.transformer or ctx.recurrent):
+        return "the critical init is derived for a stack of (layer, activation) blocks"
+    if remedy == "pre_ln" and not ctx.pre_ln_switchable:
+        return "no post-LN torch.nn.Transformer layer to switch"
+    if remedy == "lsuv_init" and ctx.tensor_input is False:
+        return "LSUV rescales layers on an input tensor; the batches are not (x, y) tensors"
+    return None
+
+
+def rank(cands: Iterable[Candidate], ctx: Context | None = None) -> list[Prescription]:
+    """Deduplicate (best score wins), drop what does not fit the model (:func:`not_applicable`),
+    sort by score, number from 1."""
     best: dict[str, tuple[float, str]] = {}
     for remedy, score, reason in cands:
+        if ctx is not None and not_applicable(ctx, remedy) is not None:
+            continue
         if remedy not in best or score > best[remedy][0]:
             best[remedy] = (score, reason)
     order = sorted(best.items(), key=lambda kv: -kv[1][0])
     return [Prescription(i + 1, r, reason) for i, (r, (_, reason)) in enumerate(order)]
+
+
+def _transformer_cands(ctx: Context, base: float) -> list[Candidate]:
+    """What transformers need (Xiong et al. 2020; Liu et al. 2020): a post-LN stack has
+    gradients that grow toward the output at init, so it trains only with warm-up and a small
+    rate, or after moving the norms in front of each sub-block (pre-LN)."""
+    if not ctx.transformer:
+        return []
+    c: list[Candidate] = []
+    if ctx.norm_placement == "post":
+        c.append(("pre_ln", base + 1.5, "post-LN transformer layers (norm after the residual sum) "
+                  "put large, depth-dependent gradients on the output side at init; pre-LN "
+                  "keeps them well behaved without warm-up (Xiong et al. 2020)"))
+        c.append(("warmup", base + 1.0, "post-LN transformers need a learning-rate warm-up: "
+                  "the early steps are where their gradients are most unbalanced "
+                  "(Xiong et al. 2020)"))
+        c.append(("lower_lr", base + 0.5, "a smaller rate keeps the early post-LN updates stable "
+                  "(Liu et al. 2020)"))
+    else:
+        c.append(("warmup", base, "a learning-rate warm-up keeps the first transformer updates "
+                  "small while Adam's statistics settle (Liu et al. 2020)"))
+        c.append(("lower_lr", base - 0.5, "a smaller rate for the attention layers' updates"))
+    if not ctx.adaptive_optimizer:
+        c.append(("adam", base, "transformers are trained with Adam: per-parameter step sizes "
+                  "for embeddings, attention and feed-forward weights of very different scales"))
+    c.append(("clip_norm", base - 1.0, "clipping the global norm (usually at 1) bounds the "
+              "occasional gradient spike of attention layers"))
+    return c
 
 
 def _optimizer_cands(
@@ -148,13 +207,14 @@ def rx_vanishing(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[P
         c.append(("orthogonal_init", 5.0, "orthogonal weights preserve norms in each layer's "
                   "linear part (Saxe et al. 2013)"))
     c += _optimizer_cands(ctx, n, th, 6.0)
+    c += _transformer_cands(ctx, 8.0)
     c.append(("layerwise_lr", 4.5, "a larger learning rate for the early layers compensates "
               "their smaller gradients (up to a point: it cannot revive an exactly zero one)"))
     if deep:
         c.append(("fewer_layers", 5.5 if not sat else 6.0,
                   f"{ctx.depth} layers multiply the per-layer factor {ctx.depth - 1} times; "
                   "a shallower net loses less"))
-    return rank(c)
+    return rank(c, ctx)
 
 
 def rx_exploding(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescription]:
@@ -192,7 +252,8 @@ def rx_exploding(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[P
         c.append(("batchnorm", 6.0, "normalisation stops forward growth compounding over depth"))
     c.append(("adam", 4.5 if not ctx.adaptive_optimizer else 2.0,
               "normalises the step size, so huge gradients do not mean huge steps"))
-    return rank(c)
+    c += _transformer_cands(ctx, 7.5)
+    return rank(c, ctx)
 
 
 def rx_saturation(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescription]:
@@ -222,7 +283,7 @@ def rx_saturation(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[
     c.append(("relu", 6.0, "ReLU does not saturate for positive inputs"))
     c.append(("scaled_activation", 5.5, "a scaled activation with a wider linear range "
               "saturates later"))
-    return rank(c)
+    return rank(c, ctx)
 
 
 def rx_dead(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescription]:
@@ -244,7 +305,7 @@ def rx_dead(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescr
     if not ctx.has_bn:
         c.append(("batchnorm", 7.0, "centring pre-activations per batch keeps about half the "
                   "units active"))
-    return rank(c)
+    return rank(c, ctx)
 
 
 def rx_nonfinite(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescription]:
@@ -267,19 +328,20 @@ def rx_nonfinite(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[P
     if not ctx.has_bn and not ctx.has_other_norm:
         c.append(("layernorm", 5.0, "normalisation bounds activations in every layer"))
         c.append(("batchnorm", 4.5, "normalisation bounds activations in every layer"))
-    return rank(c)
+    c += _transformer_cands(ctx, 7.0)
+    return rank(c, ctx)
 
 
 def rx_divergence(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescription]:
     """Loss rising: the step is too large for the landscape."""
-    return rank([
+    return rank([*_transformer_cands(ctx, 8.0),
         ("lower_lr", 9.0, f"the loss rose {fmt(n.get('loss_ratio', float('nan')))}x above its "
          "start: the step size is past the stable limit"),
         ("clip_norm", 7.0, "caps the step when the gradient spikes"),
         ("agc", 6.0, "bounds each unit's update relative to its weight norm"),
         ("adam", 4.0 if not ctx.adaptive_optimizer else 1.0, "a normalised step size"),
         ("weight_decay", 3.0, "regularises weight growth"),
-    ])
+    ], ctx)
 
 
 def rx_update_ratio(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescription]:
@@ -302,4 +364,87 @@ def rx_update_ratio(ctx: Context, n: Mapping[str, float], th: Thresholds) -> lis
             ("rprop", 6.0, "sign-based steps independent of gradient size"),
             ("vsgd", 4.0, "per-parameter adaptive step size"),
         ]
-    return rank(c)
+    return rank(c, ctx)
+
+
+def rx_through_time(ctx: Context, n: Mapping[str, float], th: Thresholds, *,
+                    exploding: bool, cell: str | None) -> list[Prescription]:
+    """Gradients vanishing or exploding through time in a recurrent layer (``cell``: ``"RNN"``,
+    ``"LSTM"``, ``"GRU"`` or ``None`` when unknown)."""
+    span = f"over {int(n.get('time_steps', 0))} time steps" if n.get("time_steps") else ""
+    c: list[Candidate] = []
+    if exploding:
+        c += [
+            ("clip_norm", 9.0, "gradient norm clipping is the standard cure for exploding "
+             "gradients through time (Pascanu et al. 2013): it bounds the step whatever the "
+             "product of recurrent Jacobians"),
+            ("truncated_bptt", 7.5, "back-propagating through fewer steps bounds the number of "
+             "recurrent Jacobians multiplied " + span),
+            ("orthogonal_recurrent_init", 7.0, "an orthogonal W_hh has spectral radius 1, so "
+             "its linear part neither grows nor shrinks the gradient per step"),
+            ("lower_lr", 6.0, "smaller steps keep the recurrent weights out of the region "
+             "where the backward product explodes"),
+            ("agc", 5.5, "adaptive clipping bounds each unit's update relative to its weights"),
+        ]
+        if cell == "RNN":
+            c.append(("lstm", 5.0, "gated units bound the recurrent Jacobian by their gates"))
+        return rank(c, ctx)
+    f_mean = n.get("forget_gate_mean", float("nan"))
+    if cell == "RNN" or cell is None:
+        c += [
+            ("lstm", 9.0, "the LSTM's cell state c_t = f c_{t-1} + i g gives the gradient an "
+             "additive path through time (Hochreiter & Schmidhuber 1997): a vanilla RNN "
+             "multiplies it by W_hh diag(phi') at every one of the " + span.replace("over ", "")
+             .strip() + " steps" if span else "the LSTM's cell state gives the gradient an "
+             "additive path through time (Hochreiter & Schmidhuber 1997)"),
+            ("gru", 8.5, "the GRU's update gate interpolates h_t = (1-z) n + z h_{t-1}, an "
+             "additive path for the gradient (Cho et al. 2014)"),
+            ("orthogonal_recurrent_init", 7.0, "orthogonal W_hh keeps the linear part of each "
+             "step norm-preserving (Saxe et al. 2014; Henaff et al. 2016)"),
+            ("identity_recurrent_init", 6.5, "W_hh = I (with ReLU units: the IRNN of Le et al. "
+             "2015) starts the network at a norm-preserving recurrence"),
+        ]
+    elif cell == "LSTM":
+        why = ("a forget-gate bias of 1 keeps f_t near 1 early in training, so the cell state "
+               "carries the gradient across many steps (Gers et al. 2000; Jozefowicz et al. "
+               "2015)")
+        if f_mean == f_mean:
+            why += f"; the forget gate averages {fmt(f_mean)} here"
+        c.append(("forget_gate_bias", 9.0 if not f_mean == f_mean or f_mean < 0.9 else 6.0, why))
+        c.append(("orthogonal_recurrent_init", 6.5, "orthogonal recurrent weights per gate "
+                  "keep the recurrence norm-preserving at the start"))
+    else:  # GRU
+        c.append(("orthogonal_recurrent_init", 7.5, "orthogonal recurrent weights per gate keep "
+                  "the recurrence norm-preserving at the start"))
+        c.append(("lstm", 5.0, "an LSTM with forget-gate bias 1 holds its cell state longer"))
+    c += [
+        ("adam", 5.5 if not ctx.adaptive_optimizer else 2.0,
+         "per-parameter step normalisation helps the weights that receive the small, "
+         "long-range part of the gradient"),
+        ("clip_norm", 3.0, "clipping does not lift a vanishing gradient, but keeps larger "
+         "learning rates safe"),
+    ]
+    return rank(c, ctx)
+
+
+def rx_not_learning(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescription]:
+    """The loss stays at the trivial baseline: the steps do not reach the weights that matter
+    (rate too small or too large, a bad init scale) -- or the targets carry no signal."""
+    above = n.get("loss_end", 0.0) > n.get("trivial_loss", 0.0) * (1 + th.not_learning_margin)
+    c: list[Candidate] = [
+        ("adam", 8.0 if not ctx.adaptive_optimizer else 3.0,
+         "normalised steps move every layer at a similar relative rate, whatever the gradient "
+         "scale"),
+        ("lsuv_init", 7.0, "LSUV sets every layer's output variance to 1 on data, so the signal "
+         "reaches the output at init"),
+        ("kaiming_init", 6.5 if ctx.rectifiers else 5.0,
+         "He init keeps the forward signal and the gradient O(1) across ReLU layers"),
+        ("critical_init", 6.0 if ctx.saturating else 4.5,
+         "weights at the edge of chaos propagate signal through tanh/sigmoid depth"),
+        ("lower_lr", 7.5 if above else 4.0,
+         "the loss sits above the trivial baseline: steps this large overshoot" if above else
+         "if the updates oscillate, a smaller rate lets the loss go down"),
+        ("clip_norm", 4.0, "bounds spikes that undo progress"),
+    ]
+    c += _transformer_cands(ctx, 7.5)
+    return rank(c, ctx)

@@ -20,12 +20,14 @@ from signalprop.diagnosis.prescriptions import (
     rx_divergence,
     rx_exploding,
     rx_nonfinite,
+    rx_not_learning,
     rx_saturation,
+    rx_through_time,
     rx_update_ratio,
     rx_vanishing,
 )
 from signalprop.diagnosis.thresholds import Thresholds
-from signalprop.record import MODEL, Record
+from signalprop.record import MODEL, TIME_PREFIX, Record
 
 
 def _nanmedian(a: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -251,6 +253,89 @@ def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding
     return out
 
 
+# --- recurrent layers: gradients through time --------------------------------------------------
+def _time_matrix(record: Record, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(steps [S], t [T], G [S, T])``: ||dL/dh_t|| of a recurrent layer per recorded step
+    (NaN where a time step was not recorded at a step)."""
+    ts: set[int] = set()
+    rows = []
+    for s in record.steps:
+        d = record.data[s].get(layer, {})
+        prof = {int(m[len(TIME_PREFIX):]): v for m, v in d.items() if m.startswith(TIME_PREFIX)}
+        if len(prof) >= 2:
+            rows.append((s, prof))
+            ts |= set(prof)
+    t = np.asarray(sorted(ts), dtype=np.int64)
+    g = np.full((len(rows), len(t)), np.nan)
+    col = {int(v): j for j, v in enumerate(t)}
+    for i, (_, prof) in enumerate(rows):
+        for k, v in prof.items():
+            g[i, col[k]] = v
+    return np.asarray([s for s, _ in rows], dtype=np.int64), t, g
+
+
+def rule_through_time(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
+    """||dL/dh_t|| at the first time step against the last one, per recurrent layer."""
+    out: list[Finding] = []
+    for name, info in record.layers.items():
+        if info.role != "module" or not info.time_steps:
+            continue
+        steps, t, g = _time_matrix(record, name)
+        if g.size == 0 or len(t) < 2:
+            continue
+        # the reference is the last time step (nearest the loss for sequence-to-one tasks)
+        ok = np.isfinite(g[:, [0, -1]]).all(axis=1) & (g[:, -1] > 0)
+        if not ok.any():
+            continue
+        with np.errstate(divide="ignore"):
+            lr = np.log10(g[ok, 0]) - np.log10(g[ok, -1])
+        ratio = _median_ratio(lr)
+        T = int(t[-1]) + 1
+        usable = int(ok.sum())
+        exploding = ratio > th.exploding_ratio
+        if not (ratio < th.vanishing_ratio or exploding):
+            continue
+        per_step = ratio ** (1.0 / (T - 1)) if ratio > 0 else 0.0
+        nums: dict[str, Any] = {"ratio": ratio, "per_step_factor": per_step, "time_steps": T,
+                                "steps_used": usable, "t_first": int(t[0]), "t_last": int(t[-1])}
+        med = _nanmedian(np.where(np.isfinite(g[ok]), g[ok], np.nan))
+        text = (f"Gradients {'explode' if exploding else 'vanish'} through time in {name!r} "
+                f"({info.type}): ||dL/dh_t|| at t={int(t[0])} is "
+                f"{'exactly 0' if ratio == 0 else fmt(ratio) + 'x'} that at t={int(t[-1])} "
+                f"(median over {usable} recorded steps)")
+        if ratio > 0:
+            text += f"; each time step multiplies it by ~{fmt(per_step)}"
+        else:
+            nz = np.nonzero(med > 0)[0]
+            if nz.size:
+                nums["first_nonzero_t"] = int(t[nz[0]])
+                text += (f"; the gradient reaches back only to t={int(t[nz[0]])}, "
+                         f"{int(t[-1]) - int(t[nz[0]])} steps before the end")
+        text += "."
+        cell = {"RNN": "RNN", "RNNCell": "RNN", "LSTM": "LSTM", "LSTMCell": "LSTM",
+                "GRU": "GRU", "GRUCell": "GRU"}.get(info.type)
+        gates = []
+        for gname in ("f", "i", "o", "z", "r"):
+            _, v = record.series(name, f"gate_{gname}_mean")
+            _, sv = record.series(name, f"gate_{gname}_saturated_frac")
+            v, sv = finite(v), finite(sv)
+            if v.size:
+                nums[f"gate_{gname}_mean"] = float(np.median(v))
+                gates.append(f"{gname} {fmt(float(np.median(v)))}")
+                if sv.size:
+                    nums[f"gate_{gname}_saturated_frac"] = float(np.median(sv))
+        if "gate_f_mean" in nums:
+            nums["forget_gate_mean"] = nums["gate_f_mean"]
+        if gates:
+            text += f" Mean gate values: {', '.join(gates)}."
+        sev_critical = (ratio > th.exploding_critical_ratio if exploding
+                        else ratio < th.vanishing_critical_ratio)
+        kind = "exploding_through_time" if exploding else "vanishing_through_time"
+        out.append(Finding(kind, [name], text, "critical" if sev_critical else "warning",
+                           rx_through_time(ctx, nums, th, exploding=exploding, cell=cell), nums))
+    return out
+
+
 # --- forward: saturation and dead units -------------------------------------------------------
 def _fraction_rule(
     record: Record,
@@ -362,7 +447,9 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
                     or not math.isfinite(row[n].get("out_mean", 0.0))
                 ]
     data_bad = float(record.meta.get("data_nonfinite", 0) or 0)
-    diverged_step = record.meta.get("diverged_step")
+    # a run stopped for a loss above the divergence bound is the divergence rule's
+    diverged_step = record.meta.get("diverged_step") if record.meta.get(
+        "diverged_reason") in (None, "nonfinite") else None
     if first_step is None and not data_bad and diverged_step is None:
         return []
     if first_step is None:
@@ -418,7 +505,19 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
 
 
 def rule_divergence(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
-    """A finite loss that ends far above where it started."""
+    """A finite loss that ends far above where it started (or that crossed the training loop's
+    divergence bound, which stopped the run)."""
+    meta = record.meta
+    if meta.get("diverged_reason") == "loss_bound":
+        start = float(meta.get("initial_loss", math.nan))
+        end = float(meta.get("diverged_loss", math.nan))
+        nums = {"loss_start": start, "loss_end": end,
+                "loss_ratio": end / start if start > 0 else math.nan,
+                "peak_step": int(meta.get("diverged_step") or 0)}
+        text = (f"The training loss diverged: it reached {fmt(end)} at step {nums['peak_step']}, "
+                f"above {fmt(float(meta.get('diverge_factor') or math.nan))}x max(first loss "
+                f"{fmt(start)}, 1), and training stopped there.")
+        return [Finding("divergence", [], text, "critical", rx_divergence(ctx, nums, th), nums)]
     steps, v = record.scalar("loss")
     ok = np.isfinite(v)
     steps, v = steps[ok], v[ok]
@@ -433,6 +532,38 @@ def rule_divergence(record: Record, ctx: Context, th: Thresholds) -> list[Findin
     text = (f"The training loss diverged: it rose from {fmt(start)} to {fmt(end)} "
             f"({fmt(end / start)}x; median of the first and last 3 recorded steps).")
     return [Finding("divergence", [], text, "critical", rx_divergence(ctx, nums, th), nums)]
+
+
+def rule_not_learning(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
+    """The loss stays at the trivial baseline: no better than the best constant prediction
+    (``record.meta["trivial_loss"]``, computed from the data by the training loop)."""
+    trivial = record.meta.get("trivial_loss")
+    if trivial is None or not math.isfinite(float(trivial)) or record.meta.get("diverged_step") \
+            is not None:
+        return []
+    trivial = float(trivial)
+    steps, v = record.scalar("loss")
+    ok = np.isfinite(v)
+    steps, v = steps[ok], v[ok]
+    if len(v) < 4:
+        return []
+    tsteps, tail = _tail(steps, v, 0.25)
+    end = float(np.median(tail))
+    margin = th.not_learning_margin
+    if end < trivial - margin * abs(trivial):
+        return []
+    start = float(np.median(v[:3]))
+    nums = {"loss_end": end, "loss_start": start, "trivial_loss": trivial,
+            "end_over_trivial": end / trivial if trivial else math.nan,
+            "tail_steps": len(tsteps)}
+    kind = str(record.meta.get("trivial_kind") or "the best constant prediction")
+    where = ("above it: worse than" if end > trivial + margin * abs(trivial) else "at")
+    text = (f"The model is not learning: the training loss ends at {fmt(end, 3)} (median of the "
+            f"last {len(tsteps)} recorded steps; {fmt(start, 3)} at the start), {where} the "
+            f"trivial baseline {fmt(trivial, 3)}, the loss of the {kind}. It has learned "
+            "nothing a constant output would not: either the steps do not reach the weights "
+            "that matter, or the targets carry no signal the model can use.")
+    return [Finding("not_learning", [], text, "warning", rx_not_learning(ctx, nums, th), nums)]
 
 
 # --- update / weight ratio ---------------------------------------------------------------------
@@ -480,6 +611,19 @@ def rule_update_ratio(
                     rx_update_ratio(ctx, nums, th), nums)]
 
 
+def _without_skipped(record: Record) -> Record:
+    """The record without the steps a GradScaler skipped (inf/NaN gradients that the scaler
+    caught and that never reached the weights: its normal operation, not a fault)."""
+    skipped = [s for s, row in record.data.items() if row.get(MODEL, {}).get("skipped_step")]
+    if not skipped:
+        return record
+    meta = dict(record.meta)
+    meta["skipped_steps"] = len(skipped)
+    drop = set(skipped)
+    return Record(layers=record.layers,
+                  data={s: row for s, row in record.data.items() if s not in drop}, meta=meta)
+
+
 def diagnose(
     record: Record,
     thresholds: Thresholds | Mapping[str, Any] | None = None,
@@ -502,12 +646,15 @@ def diagnose(
     if not isinstance(record, Record):
         raise TypeError(f"diagnose needs a signalprop Record, got {type(record).__name__}")
     th = Thresholds.coerce(thresholds)
+    record = _without_skipped(record)
     ctx = context_of(record)
     findings: list[Finding] = []
     findings += rule_nonfinite(record, ctx, th)
     if not findings:
         findings += rule_divergence(record, ctx, th)
+    findings += rule_not_learning(record, ctx, th)
     findings += rule_gradients(record, ctx, th)
+    findings += rule_through_time(record, ctx, th)
     findings += rule_saturation(record, ctx, th)
     findings += rule_dead(record, ctx, th)
     explained = {n for f in findings if f.kind == "vanishing_gradients" for n in f.layers}

@@ -53,6 +53,10 @@ class Thresholds:
         adaptive_eps_floor: per-element RMS gradient below which Adam/RMSprop cannot help: their
             epsilon (1e-8) then dominates sqrt(v) and the step shrinks with the gradient again.
         min_layers: fewer weight layers than this and depth-wise gradient ratios are not judged.
+        not_learning_margin: the loss must end at least this fraction below the trivial
+            baseline (the loss of the best constant prediction, computed from the data by
+            ``signalprop.train.TrivialBaseline``) or the run is ``not_learning``; the same margin
+            decides whether a trial beats the baseline (``signalprop.stats.TRIVIAL_MARGIN``).
     """
 
     vanishing_ratio: float = 1e-2
@@ -70,6 +74,7 @@ class Thresholds:
     divergence_loss_ratio: float = 10.0
     adaptive_eps_floor: float = 1e-7
     min_layers: int = 2
+    not_learning_margin: float = 0.02
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -37,23 +37,45 @@ from typing import Any
 import torch
 
 from signalprop import stats
+from signalprop.integrations.common import (
+    SignalpropWarning,
+    diagnose_record,
+    finding_key,
+    format_finding,
+    report_from_record,
+    summary_metrics,
+)
 from signalprop.integrations.tensorboard import scalar_tag
 from signalprop.probe import Probe
 from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.record import MODEL, Record, atomic_write_text
 
-try:  # the standalone package first: it is what the [lightning] extra installs
+# Subclass the Callback of BOTH packages when both are installed: Lightning's trainers check
+# ``isinstance(cb, Callback)`` against their own package, so one class then serves
+# ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` alike (no mixed-import error).
+_BASES: list[type] = []
+try:
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.callbacks import Callback as _PTLCallback
+
+    _BASES.append(_PTLCallback)
 except ImportError:  # pragma: no cover - depends on the environment
-    try:
-        import lightning.pytorch as pl  # type: ignore[no-redef]
-        from lightning.pytorch.callbacks import Callback  # type: ignore[no-redef]
-    except ImportError as e:
-        raise ImportError(
-            "the Lightning integration needs PyTorch Lightning: "
-            "pip install 'signalprop[lightning]'"
-        ) from e
+    pass
+try:
+    import lightning.pytorch as _lpl
+    from lightning.pytorch.callbacks import Callback as _LCallback
+
+    _BASES.append(_LCallback)
+    if len(_BASES) == 1:  # pragma: no cover - only the unified package is installed
+        pl = _lpl  # type: ignore[no-redef]
+except ImportError:  # pragma: no cover - depends on the environment
+    pass
+if not _BASES:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the Lightning integration needs PyTorch Lightning: pip install 'signalprop[lightning]' "
+        "(pytorch-lightning or the unified lightning package)"
+    )
+Callback = _BASES[0]
 
 #: Metrics sent to the trainer's loggers by default: the ones a reader scans for vanishing,
 #: exploding, saturated or dead layers and NaNs. Whole-model scalars (``loss``,
@@ -76,32 +98,6 @@ DEFAULT_LOG_METRICS: tuple[str, ...] = (
 CLIPPED_NORM = "grad_norm_total_clipped"
 
 
-class SignalpropWarning(UserWarning):
-    """A diagnosis finding raised during training (filter with
-    ``warnings.filterwarnings("ignore", category=SignalpropWarning)``)."""
-
-
-def finding_key(finding: Any) -> tuple[str, str, str]:
-    """``(kind, first layer, last layer)``: a finding is warned about once per key."""
-    layers = list(getattr(finding, "layers", []) or [])
-    first = layers[0] if layers else ""
-    last = layers[-1] if layers else ""
-    return (str(finding.kind), first, last)
-
-
-def format_finding(finding: Any, step: int | None = None) -> str:
-    """One warning line: kind, severity, layer range, evidence and the first prescriptions."""
-    layers = list(finding.layers)
-    where = ""
-    if layers:
-        where = f" in {layers[0]}" if len(layers) == 1 else f" in {layers[0]} .. {layers[-1]}"
-        where += f" ({len(layers)} layers)" if len(layers) > 1 else ""
-    at = f" at step {step}" if step is not None else ""
-    rx = ", ".join(p.remedy for p in list(finding.prescriptions)[:3])
-    try_ = f" Try: {rx}." if rx else ""
-    return f"signalprop: {finding.kind} ({finding.severity}){where}{at}: {finding.evidence}{try_}"
-
-
 def _load_diagnose() -> Callable[..., list[Any]] | None:
     try:
         from signalprop.diagnosis import diagnose
@@ -110,7 +106,7 @@ def _load_diagnose() -> Callable[..., list[Any]] | None:
     return diagnose
 
 
-class SignalpropCallback(Callback):
+class SignalpropCallback(*_BASES):  # type: ignore[misc]
     """Probe a LightningModule during ``Trainer.fit``.
 
     Example::
@@ -143,7 +139,11 @@ class SignalpropCallback(Callback):
             ``percentiles=``, ``forward=False`` ...).
         on_record: Extra listeners ``f(step, values)`` called after each recorded step, with
             the clipped norm and the loss included.
-        report: Write the doctor's HTML report when ``signalprop.doctor`` provides one.
+        report: Write the doctor's HTML report.
+        callback_metrics: Put the step's summary scalars
+            (:func:`signalprop.integrations.common.summary_metrics`, e.g.
+            ``signalprop/grad_ratio_first_last``) into ``trainer.callback_metrics``, where
+            ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them.
     """
 
     def __init__(
@@ -161,6 +161,7 @@ class SignalpropCallback(Callback):
         probe_kwargs: Mapping[str, Any] | None = None,
         on_record: Iterable[Callable[[int, dict[str, dict[str, float]]], None]] = (),
         report: bool = True,
+        callback_metrics: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -199,6 +200,7 @@ class SignalpropCallback(Callback):
         self.probe_kwargs = kw
         self.listeners = list(on_record)
         self.report = report
+        self.callback_metrics = callback_metrics
 
         self.probe: Probe | None = None
         self.record = Record()
@@ -206,6 +208,8 @@ class SignalpropCallback(Callback):
         self.warned: set[tuple[str, str, str]] = set()
         self.written: dict[str, Path] = {}
         self._diagnose = _load_diagnose()
+        self._model: Any = None
+        self.explanation: Any = None
         self._stepped = False
         self._loss_sum: torch.Tensor | None = None
         self._tb_writers: list[Any] = []
@@ -219,10 +223,15 @@ class SignalpropCallback(Callback):
             self.probe = Probe(
                 pl_module, schedule=self.schedule, record=self.record, **self.probe_kwargs
             )
+        if self.probe.reducer is None:  # DDP/FSDP: values combined across ranks
+            from signalprop.integrations.distributed import auto_reducer
+
+            self.probe.reducer = auto_reducer(pl_module)
         # a resumed run continues its step count: record step == optimiser steps so far
         self.probe.step_index = int(trainer.global_step)
         self.probe.attach()
         self._rank_zero = bool(trainer.is_global_zero)
+        self._model = pl_module
         meta = self.record.meta
         if trainer.optimizers:
             meta.setdefault("optimizer", type(trainer.optimizers[0]).__name__.lower())
@@ -233,6 +242,8 @@ class SignalpropCallback(Callback):
         meta["gradient_clip_val"] = trainer.gradient_clip_val
         meta["gradient_clip_algorithm"] = str(trainer.gradient_clip_algorithm or "norm")
         meta["source"] = "lightning"
+        meta.setdefault("name", type(pl_module).__name__)
+        meta.setdefault("data", "Lightning dataloader")
         self._tb_writers = self._make_tb_writers(trainer) if self.histograms else []
         self._stepped = False
         self._loss_sum = None
@@ -268,6 +279,7 @@ class SignalpropCallback(Callback):
         for w in self._tb_writers:
             w.flush()
         self._tb_writers = []
+        self.record.meta["steps_run"] = int(trainer.global_step)
         if self.record.steps and self._last_diagnosed != self.record.steps[-1]:
             self._run_diagnosis(None)
         if self.save and trainer.is_global_zero and self.record.steps:
@@ -333,6 +345,12 @@ class SignalpropCallback(Callback):
         if not committed or step not in self.record.data:
             return
         values = self.record.data[step]
+        if self.callback_metrics:
+            # summary scalars where EarlyStopping/ModelCheckpoint look (every rank: a
+            # monitor must exist on each process)
+            trainer.callback_metrics.update(
+                {k: torch.tensor(v) for k, v in summary_metrics(values).items()}
+            )
         if trainer.is_global_zero:
             self._log(trainer, step, values)
             for w in self._tb_writers:
@@ -361,7 +379,9 @@ class SignalpropCallback(Callback):
         if self._diagnose is None or not self.record.steps:
             return
         self._last_diagnosed = self.record.steps[-1]
-        self.findings = self._diagnose(self.record, self.thresholds)
+        self.findings, self.explanation = diagnose_record(
+            self.record, self.thresholds, self._model
+        )
         for f in self.findings:
             key = finding_key(f)
             if key in self.warned:
@@ -404,8 +424,9 @@ class SignalpropCallback(Callback):
                 "torch": torch.__version__,
             }
             path = out / "report.html"
-            if _write_report(path, self.record, self.findings, meta):
-                self.written["report"] = path
+            report_from_record(self.record, self.findings, meta,
+                               explanation=self.explanation).to_html(path)
+            self.written["report"] = path
 
     def state_dict(self) -> dict[str, Any]:
         # keeps "warn once" across checkpoint/resume
@@ -419,25 +440,3 @@ class SignalpropCallback(Callback):
             f"SignalpropCallback(schedule={self.schedule}, diagnose_every={self.diagnose_every}, "
             f"steps_recorded={len(self.record)})"
         )
-
-
-def _write_report(path: Path, record: Record, findings: list[Any], meta: dict[str, Any]) -> bool:
-    """Write the doctor's HTML report (figures, findings, prescriptions) for a Lightning run.
-
-    Returns ``False`` when the doctor or its report page is not installed.
-    """
-    try:
-        from signalprop.diagnosis import merge_prescriptions
-        from signalprop.doctor import Report
-    except ImportError:  # pragma: no cover - both ship with signalprop
-        return False
-    _, losses = record.scalar("loss")
-    rep = Report(
-        findings=list(findings),
-        prescriptions=merge_prescriptions(list(findings)),
-        record=record,
-        meta=meta,
-        losses=[float(v) for v in losses],
-    )
-    rep.to_html(path)
-    return True

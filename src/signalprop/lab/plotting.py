@@ -154,3 +154,41 @@ def nice_log_ticks(ax: Any, axis: str = "y") -> None:
         return
     (ax.set_yticks if axis == "y" else ax.set_xticks)(ticks)
     plain_ticks(ax, axis)
+
+
+def mean_band(
+    ax: Any,
+    x: Sequence[float],
+    runs: Sequence[Sequence[float]],
+    *,
+    color: str,
+    label: str | None = None,
+    **kw: Any,
+) -> None:
+    """Plot the mean over seeds of ``runs`` (one row per seed, aligned on ``x``) with its 95% t
+    interval as a shaded band (non-finite entries are ignored per point)."""
+    from signalprop.lab.evidence import mean_effect
+
+    xs = np.asarray(x, dtype=float)
+    n = min(len(r) for r in runs) if runs else 0
+    if n == 0:
+        return
+    cols = [[float(r[i]) for r in runs] for i in range(min(n, xs.size))]
+    effs = [mean_effect(c) for c in cols]
+    m = np.array([e.estimate for e in effs])
+    lo = np.array([e.lo if np.isfinite(e.lo) else e.estimate for e in effs])
+    hi = np.array([e.hi if np.isfinite(e.hi) else e.estimate for e in effs])
+    xs = xs[: m.size]
+    lab = f"{label} (mean, 95% CI, n={len(runs)})" if label else None
+    ax.plot(xs, m, color=color, label=lab, **kw)
+    ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
+
+
+def errorbars(ax: Any, x: Sequence[float], effects: Sequence[Any], *, color: str,
+              label: str | None = None, **kw: Any) -> None:
+    """Points with 95% interval bars from :class:`signalprop.lab.evidence.Effect` objects."""
+    m = np.array([e.estimate for e in effects], dtype=float)
+    lo = np.array([e.lo if np.isfinite(e.lo) else e.estimate for e in effects], dtype=float)
+    hi = np.array([e.hi if np.isfinite(e.hi) else e.estimate for e in effects], dtype=float)
+    ax.errorbar(np.asarray(x, dtype=float), m, yerr=[m - lo, hi - m], color=color, label=label,
+                capsize=3, marker="o", ms=4, **kw)

@@ -6,23 +6,17 @@ GPU a small training step is bound by kernel launches and host synchronisation, 
 per-operation dispatch; memory is bound by what the probe keeps alive while autograd holds the
 activations. So:
 
-- Unrecorded steps run with no module hooks at all (PyTorch's fast call path) and no host read.
-- On a recorded step each watched module's forward hook copies a fixed strided *sample* of at
-  most ``max_forward_samples`` values of its output (one small copy: outputs that autograd would
-  free are not kept alive) and, for rectifiers, which units were active anywhere in the batch.
-  The gradient hook reduces dL/dh to its norm at once and keeps no tensor.
-- At the end of the step every statistic is computed in bulk (samples of all layers stacked:
-  one launch per metric family; parameter and gradient norms in one ``torch._foreach_norm``)
-  into device tensors; nothing is read on the host there.
-- Values reach the host in a *flush*: every ``flush_every`` recorded steps, when the record is
-  read, and at :meth:`Probe.detach`. On an accelerator a flush is one non-blocking copy into
-  pinned host memory; its values are read once the copy has landed (at the next flush, or when
-  the record is accessed), so the training loop never waits for the device. ``flush_every=1``
-  (the CPU default) reads each recorded step's values right away, which is also when rare fix-ups
-  need the step's tensors (float32 norms below 1e-18 recomputed in float64, exact NaN/Inf counts).
+- Unrecorded steps run with no module hooks (PyTorch's fast call path) and no host read.
+- On a recorded step each call site's forward hook copies a fixed strided *sample* of at most
+  ``max_forward_samples`` values of the output with one gather (outputs autograd would free are
+  not kept alive, and a later in-place op cannot change the sample) and, for rectifiers, which
+  units were active anywhere in the batch. The gradient hook reduces dL/dh to its norm at once.
+- At the end of the step every statistic is computed in bulk on the device (samples of all
+  sites stacked: one launch per metric family; norms through ``torch._foreach_norm``) and
+  reaches the host in ONE transfer (the step's only host synchronisation); the update ratios
+  of a step travel with the next step's transfer (or when :attr:`Probe.record` is read).
 - Update ratios come from the optimiser's own update where it has a closed form (SGD, Adam,
-  AdamW; see :mod:`signalprop.probe.update`), else from a copy of the weights taken on recorded
-  steps only.
+  AdamW; :mod:`signalprop.probe.update`), else from a copy of the weights on recorded steps.
 """
 
 from __future__ import annotations
@@ -38,30 +32,13 @@ import torch
 from torch import nn
 
 from signalprop import stats
+from signalprop.probe import recurrent
 from signalprop.probe.modules import activation_kind, watched_modules
 from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.probe.update import UpdateNorms, device_norms, host_tensor
-from signalprop.record import MODEL, LayerInfo, Record
+from signalprop.record import MODEL, TIME_PREFIX, LayerInfo, Record
 
 _Metrics = list[tuple[str, str]]  # (layer, metric) names matching a flat value vector
-
-#: Accelerator default of ``flush_every``: recorded steps whose statistics wait on the device.
-FLUSH_EVERY_ACCELERATOR: int = 16
-
-
-class _Entry:
-    """Values of one recorded step (``kind`` "pre": everything but update ratios; "post": the
-    update ratios) waiting to reach the host."""
-
-    __slots__ = ("step", "kind", "parts", "names", "host", "ograd_counted", "grad_counted")
-
-    def __init__(self, step: int, kind: str) -> None:
-        self.step, self.kind = step, kind
-        self.parts: list[torch.Tensor] = []
-        self.names: list[_Metrics] = []  # cached chunks of (layer, metric) labels
-        self.host: dict[tuple[str, str], float] = {}  # values already on the host (floats)
-        self.ograd_counted = True
-        self.grad_counted = True
 
 
 class Probe:
@@ -93,26 +70,23 @@ class Probe:
         percentiles: Percentiles of each output (in percent).
         max_percentile_samples: Percentiles are estimated from a strided subsample of at most
             this many of the forward sample's values (``None``: all of them).
-        max_forward_samples: Moments, percentiles, saturated fractions and NaN/Inf counts of
-            an output are computed on a fixed strided sample of at most this many of its values
-            (default :data:`signalprop.stats.MAX_FORWARD_SAMPLES`; ``None``: the whole output,
-            kept alive until the end of the step). Dead fractions always use the whole batch.
+        max_forward_samples: Moments, percentiles, saturated fractions and NaN/Inf counts of an
+            output are computed on a fixed strided sample of at most this many of its values,
+            copied in the forward hook (default :data:`signalprop.stats.MAX_FORWARD_SAMPLES`;
+            ``None``: the whole output, kept alive until the end of the step). Dead fractions
+            always use the whole batch.
         saturation_ratio: A unit counts as saturated when |phi'| < ratio * max|phi'|.
         modules: Optional filter ``(name, module) -> bool`` on the watched modules.
         record: An existing record to append to.
         on_record: Callables ``f(step, values)`` invoked after each recorded step with that
             step's ``values[layer][metric]`` (live writers: TensorBoard, Lightning loggers).
-            With listeners, every recorded step is flushed to the host when it ends.
-        flush_every: Recorded steps whose statistics stay on the device before one transfer
-            to the host (``None``: 1 when the model is on the CPU, else
-            :data:`FLUSH_EVERY_ACCELERATOR`). Reading :attr:`record` always flushes.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
         schedule: Schedule | int | Iterable[int] | None = None,
         forward: bool = True,
         backward: bool = True,
@@ -126,40 +100,32 @@ class Probe:
         on_record: Callable[[int, dict[str, dict[str, float]]], None]
         | Iterable[Callable[[int, dict[str, dict[str, float]]], None]]
         | None = None,
-        flush_every: int | None = None,
+        scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
+        model = unwrap(model)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(
                 f"model {type(model).__name__} has no trainable parameters: there are no "
                 "gradients to measure"
             )
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if flush_every is not None and (isinstance(flush_every, bool) or int(flush_every) < 1):
-            raise ValueError(f"flush_every must be an int >= 1 or None, got {flush_every!r}")
-        if max_forward_samples is not None and int(max_forward_samples) < 1:
-            raise ValueError(f"max_forward_samples must be >= 1 or None, got {max_forward_samples}")
         self.model = model
-        self.optimizer = optimizer
+        self.optimizers = _as_optimizers(optimizer)
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(
+                f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}"
+            )
+        self.scaler = scaler
         self.schedule = as_schedule(schedule)
         self.forward, self.backward, self.weights = forward, backward, weights
         self.percentiles = tuple(float(q) for q in percentiles)
         self.max_percentile_samples = max_percentile_samples
         self.max_forward_samples = max_forward_samples
+        self._buffers: list[torch.Tensor] | None = None
         self.saturation_ratio = float(saturation_ratio)
         self._record = record if record is not None else Record()
-        dev = self.params[0][1].device
-        self._device = dev
-        self.flush_every = (
-            int(flush_every)
-            if flush_every is not None
-            else (1 if dev.type == "cpu" else FLUSH_EVERY_ACCELERATOR)
-        )
         self.step_index = 0
         if on_record is None:
             self.on_record: list[Callable[[int, dict[str, dict[str, float]]], None]] = []
@@ -167,204 +133,92 @@ class Probe:
             self.on_record = [on_record]
         else:
             self.on_record = list(on_record)
+        # distributed hook (signalprop.integrations.distributed): reduce(names, flat) ->
+        # (names, flat) combines one step's values across ranks (the union of every rank's
+        # names); update_norms(num, den) the per-parameter
+        # norms behind update ratios. None: single process.
+        self.reducer: Any = None
 
         mods = watched_modules(model)
         if modules is not None:
             mods = [(n, m) for n, m in mods if modules(n, m)]
         self._mods = mods
+        self._root_watched = any(m is model for _, m in mods)
         self._kinds = [activation_kind(m) for _, m in mods]
-        self._needs_input = [
-            k is not None and k in stats.SATURATING and not stats.SATURATING[k][0]
-            for k in self._kinds
-        ]
-        self._rectifier = [k in stats.RECTIFIERS for k in self._kinds]
+        # recurrent cells are called once per time step: their calls are the time steps of one
+        # layer; any other module called several times in one forward pass has one call site
+        # (one layer of the signal path) per call
+        self._loop = [isinstance(m, _CELLS) for _, m in mods]
+        self._recurrent = [recurrent.kind_of(m) is not None for _, m in mods]
         self._handles: list[Any] = []
         self._fwd_handles: list[Any] = []
         self._active = False
-        n = len(mods)
-        # per module, for the current step: forward samples (and of the input where the
-        # saturation test needs it), values seen, active units (rectifiers), exact NaN/Inf
-        # counts (only in careful mode), and per backward call ||dL/dh|| (+ NaN/Inf count)
-        self._samples: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        self._in_samples: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        self._numel: list[int] = [0] * n
-        self._alive: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        self._out_bad: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        self._ograds: list[list[tuple[Any, Any]]] = [[] for _ in range(n)]
-        # exact NaN/Inf counts on the hot path cost launches every healthy step would pay; they
-        # are switched on ("careful") once a non-finite value has been seen on the host
-        self._careful = False
-        self._order: list[int] = []  # module indices in first-firing order
-        self._fired: set[int] = set()
+        # the layer map: call sites in first-firing order, kept across steps
+        self._sites: list[_Site] = []
+        self._site_of: dict[tuple[int, int], int] = {}
+        self._calls: dict[int, int] = {}  # module index -> its calls in this forward pass
+        self._nforward = 0  # forward passes of the whole model in this step (micro-batches)
+        self._used: list[int] = []  # sites holding data of this step
+        self._declared = 0  # sites already declared in the record
+        self._params_declared = False
         self._scalars: dict[str, Any] = {}
+        self._scalar_counts: dict[str, int] = {}
         self._snapshot: list[torch.Tensor] | None = None
-        self._buffers: list[torch.Tensor] | None = None
-        self._pending_weight_norms: torch.Tensor | None = None
-        self._pre_done = False
-        self._skip_ratios = False
+        self._pending_weight_norms = torch.zeros(0)
+        self._pending: dict[str, dict[str, float]] | None = None
         self._inputs: list[torch.Tensor] = []
-        self._layers_declared = False
-        self._name_cache: dict[Any, _Metrics] = {}
-        self._layouts: dict[tuple[int, ...], tuple[int, torch.Tensor, list[Any]]] = {}
+        self._name_cache: dict[tuple[int, ...], _Metrics] = {}
+        self._preclip: tuple[list[str], torch.Tensor, list[int]] | None = None
+        self._cb_queued = False
+        self._grads_seen = False
+        self._new_pass = False
+        self._stepped_opts: set[int] = set()
+        self._stash: dict[int, int] = {}  # data_ptr of a stashed output -> its site
+        self._rnn_tmp: dict[int, tuple[list[list[torch.Tensor]], dict[str, Any]]] = {}
         self._stride_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-        self._queue: list[_Entry] = []  # computed on the device, not yet sent to the host
-        self._inflight: list[tuple[torch.Tensor, Any, list[_Entry]]] = []  # being copied
-        self._recorded_since_flush = 0
+        # update ratios of the last recorded step, on the device until the next transfer
+        self._ratios: tuple[int, list[str], torch.Tensor] | None = None
         self._updates: UpdateNorms | None = None
+        self._no_ratio = False
+        self._param_names = [n for n, _ in self.params]
         self._record.meta.setdefault("model", type(model).__name__)
         self._record.meta.setdefault("num_parameters", sum(p.numel() for _, p in self.params))
         self._record.meta.setdefault("schedule", str(self.schedule))
         self._record.meta.setdefault("percentiles", list(self.percentiles))
         self._record.meta.setdefault("saturation_ratio", self.saturation_ratio)
 
-    # ---- the record -----------------------------------------------------------------------------
     @property
     def record(self) -> Record:
-        """The record, with every recorded step flushed to it (this waits for the device)."""
-        self.flush(wait=True)
+        """The record (reading it brings the last recorded step's update ratios to the host)."""
+        self._flush_ratios()
         return self._record
 
     @record.setter
     def record(self, value: Record) -> None:
-        self.flush(wait=True)
+        self._flush_ratios()
         self._record = value
 
-    def flush(self, wait: bool = True) -> None:
-        """Send the statistics still on the device to the host and store them in the record.
+    def _flush_ratios(self) -> None:
+        if self._ratios is not None:
+            step, names, t = self._ratios
+            self._ratios = None
+            self._store_ratios(step, names, t.tolist())
 
-        Args:
-            wait: Wait for copies in flight (``False``: store only those already landed; used
-                on the training path, where the probe never waits for the device).
-        """
-        if self._queue:
-            entries, self._queue = self._queue, []
-            self._recorded_since_flush = 0
-            parts = [p.reshape(-1) for e in entries for p in e.parts]
-            if parts:
-                dev = self._device
-                flat = torch.cat(
-                    [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts]
-                ).to(torch.float64)
-            else:
-                flat = torch.zeros(0, dtype=torch.float64)
-            if flat.device.type == "cuda":
-                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-                host.copy_(flat, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                self._inflight.append((host, event, entries))
-            elif flat.device.type == "cpu":
-                self._inflight.append((flat, None, entries))
-            else:  # other accelerators: a plain copy
-                self._inflight.append((flat.to("cpu"), None, entries))
-        while self._inflight:
-            host, event, entries = self._inflight[0]
-            if event is not None and not event.query():
-                if not wait:
-                    return
-                event.synchronize()
-            self._inflight.pop(0)
-            self._store(host, entries)
+    def _store_ratios(self, step: int, names: list[str], vals: list[float]) -> None:
+        row = self._record.data.setdefault(int(step), {})
+        for n, r in zip(names, vals, strict=True):
+            row.setdefault(n, {})["update_ratio"] = r
 
-    def _store(self, host: torch.Tensor, entries: list[_Entry]) -> None:
-        layouts = [self._layout(e.names) for e in entries]
-        total = 0
-        perms = []
-        for e, layout in zip(entries, layouts, strict=True):
-            n = layout[0]
-            if sum(p.numel() for p in e.parts) != n:  # a bug, never user error
-                raise RuntimeError(
-                    f"probe bookkeeping mismatch: {sum(p.numel() for p in e.parts)} values, "
-                    f"{n} names"
-                )
-            perms.append(layout[1] + total if total else layout[1])
-            total += n
-        perm = perms[0] if len(perms) == 1 else torch.cat(perms) if perms else None
-        flat = host[perm].tolist() if perm is not None else []  # the flush's one read
-        pos = 0
-        for e, layout in zip(entries, layouts, strict=True):
-            vals = flat[pos : pos + layout[0]]  # grouped by layer
-            pos += layout[0]
-            row = self._record.data.setdefault(int(e.step), {})
-            for layer, a, b, metrics in layout[2]:
-                d = row.get(layer)
-                if d is None:
-                    row[layer] = dict(zip(metrics, vals[a:b], strict=True))
-                else:
-                    d.update(zip(metrics, vals[a:b], strict=True))
-            for (layer, metric), v in e.host.items():
-                row.setdefault(layer, {})[metric] = float(v)
-            e.parts = []
-            if e.kind == "pre":
-                self._check_pre(e, row)
-            else:
-                for fn in self.on_record:
-                    fn(e.step, row)
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The (first) bound optimiser, or ``None``."""
+        return self.optimizers[0] if self.optimizers else None
 
-    def _layout(self, chunks: list[_Metrics]) -> tuple[int, torch.Tensor, list[Any]]:
-        """For a step's label chunks: the number of values, the permutation that groups them
-        by layer, and per layer (name, start, stop, metric names). Cached: steps repeat."""
-        key = tuple(map(id, chunks))
-        hit = self._layouts.get(key)
-        if hit is not None:
-            return hit
-        names = [nm for c in chunks for nm in c]
-        by_layer: dict[str, list[int]] = {}
-        for j, (layer, _) in enumerate(names):
-            by_layer.setdefault(layer, []).append(j)
-        perm: list[int] = []
-        groups = []
-        for layer, js in by_layer.items():
-            groups.append((layer, len(perm), len(perm) + len(js), [names[j][1] for j in js]))
-            perm += js
-        hit = (len(names), torch.tensor(perm, dtype=torch.long), groups)
-        self._layouts[key] = hit
-        return hit
-
-    def _check_pre(self, e: _Entry, row: dict[str, dict[str, float]]) -> None:
-        """Host-side fix-ups of a step's values (rare paths; healthy steps only scan)."""
-        alive = e.step == self.step_index and self._pre_done  # the step's tensors still exist
-        bad = False
-        if not e.ograd_counted:
-            for d in row.values():
-                n = d.get("out_grad_norm")
-                if n is not None and not math.isfinite(n):
-                    d["out_grad_nonfinite"] = math.nan  # not counted on this step (see README)
-                    bad = True
-        for d in row.values():
-            m = d.get("out_mean")
-            if m is not None and not (math.isfinite(m) and math.isfinite(d["out_std"])):
-                bad = True
-        params = dict(self.params)
-        fixed = False
-        for name, p in self.params:
-            d = row.get(name)
-            if d is None:
-                continue
-            gn = d.get("grad_norm")
-            if gn is not None and not (_RECHECK_BELOW <= gn < math.inf) and alive:
-                g = p.grad
-                if g is not None and g.is_floating_point() and g.dtype != torch.float64:
-                    d["grad_norm"] = float(torch.linalg.vector_norm(g.double()))
-                    fixed = True
-            wn = d.get("weight_norm")
-            if wn is not None and not (_RECHECK_BELOW <= wn < math.inf) and alive:
-                w = p.detach()
-                if w.is_floating_point() and w.dtype != torch.float64:
-                    d["weight_norm"] = float(torch.linalg.vector_norm(w.double()))
-            gn = d.get("grad_norm")
-            if gn is not None and not math.isfinite(gn):
-                bad = True
-                if not e.grad_counted:
-                    g = params[name].grad if alive else None
-                    d["grad_nonfinite"] = (
-                        float(stats.nonfinite_count(g.unsqueeze(0))[0]) if g is not None else math.nan
-                    )
-        if fixed and MODEL in row and "grad_norm_total" in row[MODEL]:
-            tot = [row[n]["grad_norm"] for n, _ in self.params if "grad_norm" in row.get(n, {})]
-            row[MODEL]["grad_norm_total"] = math.sqrt(math.fsum(v * v for v in tot))
-        if bad:
-            self._careful = True
+    @optimizer.setter
+    def optimizer(self, value: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None) -> None:
+        if self._handles:
+            raise RuntimeError("bind the optimizer before attaching the probe")
+        self.optimizers = _as_optimizers(value)
 
     # ---- life cycle ----------------------------------------------------------------------------
     def attach(self) -> Probe:
@@ -377,27 +231,53 @@ class Probe:
         # recorded step is in progress: a module with any hook leaves PyTorch's fast call path,
         # so unrecorded steps would otherwise pay for hooks that do nothing
         self._handles.append(_Sentinel())
-        if self.optimizer is not None:
+        for k, opt in enumerate(self.optimizers):
             self._handles.append(
-                self.optimizer.register_step_pre_hook(lambda *a: _call(ref, "_pre_step"))
+                opt.register_step_pre_hook(lambda *a, k=k: _call(ref, "_opt_pre", k))
             )
             self._handles.append(
-                self.optimizer.register_step_post_hook(lambda *a: _call(ref, "_post_step"))
+                opt.register_step_post_hook(lambda *a, k=k: _call(ref, "_opt_post", k))
             )
-            if self.weights and self._updates is None:
-                self._updates = UpdateNorms(self.optimizer, [p for _, p in self.params])
+        if self.scaler is not None:
+            self._handles.append(_ScalerHook(self.scaler, ref))
+        if self.weights and len(self.optimizers) == 1 and self._updates is None:
+            # ||dW|| from the optimiser's own state where it has a closed form (no weight copy)
+            self._updates = UpdateNorms(self.optimizers[0], [p for _, p in self.params])
+        self._stepped_opts: set[int] = set()
         self._set_active(bool(self.schedule(self.step_index)))
         return self
 
     def _set_active(self, active: bool) -> None:
         if active and not self._fwd_handles and self._handles:
             ref = self._ref
-            if self.forward:
-                self._fwd_handles.append(
-                    self.model.register_forward_pre_hook(partial(_input_hook, ref))
-                )
+            self._fwd_handles.append(
+                self.model.register_forward_pre_hook(partial(_root_pre_hook, ref))
+            )
             for i, (_, m) in enumerate(self._mods):
                 self._fwd_handles.append(m.register_forward_hook(partial(_fwd_hook, ref, i)))
+            for i, (_, m) in enumerate(self._mods):
+                if recurrent.kind_of(m) is not None and recurrent.unsupported(m) is None:
+                    # step-by-step forward on recorded steps: dL/dh_t and the gates
+                    fn = recurrent.unrolled_rnn if isinstance(m, nn.RNNBase) else \
+                        recurrent.unrolled_cell
+                    self._fwd_handles.append(
+                        _ForwardPatch(m, partial(fn, m, partial(_rnn_stash, ref, i)))
+                    )
+            if self.forward and self.max_forward_samples is None:
+                # (sampled outputs are copies taken as the module returns: nothing to guard)
+                for m in self.model.modules():
+                    if getattr(m, "inplace", False) is True:
+                        # an in-place activation overwrites the output of the layer before
+                        # it: keep that layer's recorded output intact
+                        self._fwd_handles.append(
+                            m.register_forward_pre_hook(partial(_inplace_pre_hook, ref))
+                        )
+            if self.weights:
+                # the end of every backward pass: parameter gradients before any clipping
+                for _, prm in self.params:
+                    self._fwd_handles.append(
+                        prm.register_post_accumulate_grad_hook(partial(_param_hook, ref))
+                    )
         elif not active and self._fwd_handles:
             for h in self._fwd_handles:
                 h.remove()
@@ -405,16 +285,17 @@ class Probe:
         self._active = active
 
     def detach(self) -> None:
-        """Remove every hook, drop stashed tensors and flush (a pending step is kept)."""
+        """Remove every hook and drop stashed tensors (a pending step is finalised first)."""
+        if self._pending is not None:
+            self._commit()
         self._set_active(False)
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._clear()
-        self._pre_done = False
         if self._updates is not None:
             self._updates.release()
-        self.flush(wait=True)
+        self._flush_ratios()
 
     def __enter__(self) -> Probe:
         return self.attach()
@@ -435,16 +316,24 @@ class Probe:
     def log(self, **scalars: float | torch.Tensor) -> None:
         """Attach whole-model scalars (``loss=...``, ``accuracy=...``) to the current step.
 
-        Tensors are detached and stay on their device until the step's flush.
+        Tensors are detached and read at the end of the step together with everything else.
+        A scalar logged several times in one step (micro-batches of gradient accumulation) is
+        recorded as the mean of its values.
         """
         if not self._active:
             return
         for k, v in scalars.items():
-            self._scalars[k] = v.detach() if isinstance(v, torch.Tensor) else float(v)
+            v = v.detach().reshape(-1)[:1].float() if isinstance(v, torch.Tensor) else float(v)
+            if k in self._scalars:
+                self._scalars[k] = self._scalars[k] + v
+                self._scalar_counts[k] += 1
+            else:
+                self._scalars[k] = v
+                self._scalar_counts[k] = 1
 
     def step(self, loss: float | torch.Tensor | None = None) -> None:
         """Finalise the current step without an optimiser (call after ``backward()``)."""
-        if self.optimizer is not None:
+        if self.optimizers:
             raise RuntimeError(
                 "this probe steps with its optimizer; do not call probe.step() as well"
             )
@@ -456,7 +345,7 @@ class Probe:
     def gradients_ready(self) -> None:
         """Step boundary for training loops that drive the probe themselves (Lightning, custom
         loops with closures): gradients of the current step are final; compute every statistic
-        except update ratios (and prepare those when an optimiser is bound)."""
+        except update ratios, and snapshot the weights when an optimiser is bound."""
         self._pre_step()
 
     def stepped(self, *, update_ratios: bool = True) -> None:
@@ -464,324 +353,952 @@ class Probe:
         the weights; finish the step's record and advance the step counter."""
         if not update_ratios:
             self._snapshot = None
-            self._skip_ratios = True
+            self._no_ratio = True
         self._post_step()
 
     def pending(self) -> dict[str, dict[str, float]] | None:
-        """Values of the current step computed by :meth:`gradients_ready`, already in the
-        record (``pending()[layer][metric]``; add to it to record extra values with this step).
-        Flushes (waits for the device)."""
-        if not (self._active and self._pre_done):
-            return None
-        self.flush(wait=True)
-        return self._record.data.setdefault(self.step_index, {})
+        """Values of the current step computed by :meth:`gradients_ready`, not yet committed
+        (``pending()[layer][metric]``; add to it to record extra values with this step)."""
+        return self._pending
 
     def snapshot_weights(self) -> None:
         """Copy the current weights now (for update ratios when the optimiser is not bound to
         the probe, or the gradients were modified after :meth:`gradients_ready`)."""
         det = [p.detach() for _, p in self.params]
-        if self._buffers is None:
-            self._buffers = [torch.empty_like(q) for q in det]
+        self._buffers = [torch.empty_like(q) for q in det] if self._buffers is None else self._buffers
         torch._foreach_copy_(self._buffers, det)
         self._snapshot = self._buffers
 
-    # ---- internals ------------------------------------------------------------------------------
-    def _clear(self) -> None:
-        for i in self._order:
-            self._samples[i].clear()
-            self._in_samples[i].clear()
-            self._numel[i] = 0
-            self._alive[i].clear()
-            self._out_bad[i].clear()
-            self._ograds[i].clear()
-        self._inputs = []
-        self._scalars = {}
-        self._snapshot = None
-
-    def _declare_layers(self) -> None:
-        order = self._order + [i for i in range(len(self._mods)) if i not in self._fired]
-        depth_of: dict[str, int] = {}
-        for d, i in enumerate(order):
-            name, m = self._mods[i]
-            depth_of[name] = d
-            self._record.add_layer(
-                LayerInfo(name=name, type=type(m).__name__, depth=d, activation=self._kinds[i])
-            )
-        for pname, p in self.params:
-            owner = pname.rsplit(".", 1)[0] if "." in pname else ""
-            owner = owner or type(self.model).__name__
-            self._record.add_layer(
-                LayerInfo(
-                    name=pname,
-                    type="Parameter",
-                    role="param",
-                    depth=depth_of.get(owner, len(order)),
-                    module=owner,
-                    shape=list(p.shape),
-                )
-            )
-        self._layers_declared = True
-
-    def _pre_step(self) -> None:
-        """Gradients are ready: compute everything except update ratios, on the device."""
-        if not self._active or self._pre_done:
+    def save_before_inplace(self, x: torch.Tensor) -> None:
+        """``x`` is about to be modified in place: if it is a recorded output of this step,
+        record a copy instead (one copy, only on recorded steps)."""
+        j = self._stash.get(x.data_ptr())
+        if j is None:
             return
-        if not self._layers_declared and self._fired:
-            self._declare_layers()
-        e = _Entry(self.step_index, "pre")
-        if self.forward:
-            self._forward_stats(e)
-            self._input_stats(e)
-        if self.backward:
-            self._backward_values(e)
-        if self.weights:
-            self._weight_values(e)
-        for k, v in self._scalars.items():
-            if isinstance(v, torch.Tensor):
-                e.parts.append(v.reshape(-1)[:1].to(torch.float64))
-                e.names.append(self._names_of(("scalar", k), lambda k=k: [(MODEL, k)]))
-            else:
-                e.host[(MODEL, k)] = v
-        self._pre_done = True
-        self._queue.append(e)
-        if self.flush_every == 1:
-            self.flush(wait=True)
-
-    def _weight_values(self, e: _Entry) -> None:
-        with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
-        tensors = [g for _, g in with_grad] + [p.detach() for _, p in self.params]
-        allnorms = device_norms(tensors)
-        k = len(with_grad)
-        e.parts.append(allnorms)
-        gkey = tuple(n for n, _ in with_grad)
-        e.names.append(self._names_of(
-            ("weights", gkey), lambda: [(n, "grad_norm") for n, _ in with_grad]
-            + [(n, "weight_norm") for n, _ in self.params]
-        ))
-        self._pending_weight_norms = allnorms[k:]
-        if k:
-            gn = allnorms[:k]
-            e.parts.append(gn.square().sum().sqrt().reshape(1))
-            e.names.append(self._names_of("total", lambda: [(MODEL, "grad_norm_total")]))
-            if self._careful and self.flush_every != 1:
-                e.parts.append(
-                    torch.stack([(~torch.isfinite(g)).sum() for _, g in with_grad]).double()
-                )
-            else:
-                e.parts.append(torch.zeros(k, dtype=torch.float64, device=allnorms.device))
-                e.grad_counted = False
-            e.names.append(self._names_of(
-                ("grad_nonfinite", gkey), lambda: [(n, "grad_nonfinite") for n, _ in with_grad]
-            ))
-        if self._updates is not None and self._snapshot is None:
-            self._updates.before(self._grad_norms_all(allnorms, k))
-
-    def _grad_norms_all(self, allnorms: torch.Tensor, k: int) -> torch.Tensor | None:
-        if self._updates is None or self._updates.method != "sgd":
-            return None
-        if k == len(self.params):
-            return allnorms[:k]
-        out = torch.zeros(len(self.params), dtype=torch.float64, device=allnorms.device)
-        idx = [i for i, (_, p) in enumerate(self.params) if p.grad is not None]
-        if idx:
-            out.index_copy_(0, host_tensor(idx, torch.long, out.device), allnorms[:k])
-        return out
-
-    def _names_of(self, key: Any, build: Callable[[], _Metrics]) -> _Metrics:
-        # the (layer, metric) labels recur every step; building them is measurable
-        cached = self._name_cache.get(key)
-        if cached is None:
-            cached = self._name_cache[key] = build()
-        return cached
-
-    def _post_step(self) -> None:
-        """The optimiser has stepped: update ratios, then move to the next step."""
-        if self._active and self._pre_done:
-            e = _Entry(self.step_index, "post")
-            den = self._pending_weight_norms
-            num: torch.Tensor | None = None
-            if self.weights and den is not None and not self._skip_ratios:
-                if self._snapshot is not None:
-                    torch._foreach_sub_(self._snapshot, [p.detach() for _, p in self.params])
-                    num = device_norms(self._snapshot)
-                elif self._updates is not None:
-                    num = self._updates.after()
-            if num is not None and den is not None:
-                e.parts.append(num / den.clamp_min(1e-30))
-                e.names.append(self._names_of(
-                    "update_ratio", lambda: [(n, "update_ratio") for n, _ in self.params]
-                ))
-            self._queue.append(e)
-            self._recorded_since_flush += 1
-            if self.on_record:
-                self.flush(wait=True)  # listeners see each step complete, as it ends
-            elif self.flush_every > 1 and self._recorded_since_flush >= self.flush_every:
-                # (with flush_every=1 the step's own flush ran in _pre_step; its update ratios
-                # travel with the next one)
-                self.flush(wait=False)
-            elif self._inflight:
-                self.flush(wait=False)  # store transfers that have landed; never wait
-        if self._updates is not None:
-            self._updates.advance()
-            if self._active and not self.schedule(self.step_index + 1):
-                self._updates.release()  # no copy held through unrecorded steps
-        self._clear()
-        self._pre_done = False
-        self._skip_ratios = False
-        self._pending_weight_norms = None
-        self.step_index += 1
-        self._set_active(bool(self.schedule(self.step_index)))
-
-    def _forward_stats(self, e: _Entry) -> None:
-        groups: dict[tuple, list[int]] = {}
-        samples: dict[int, torch.Tensor] = {}
-        for i in self._order:
-            s = self._samples[i]
-            if not s:
-                continue
-            t = s[0] if len(s) == 1 else torch.cat(s)
-            samples[i] = t
-            groups.setdefault((t.numel(), t.dtype, t.device), []).append(i)
-        for idx in groups.values():
-            x = torch.stack([samples[i] for i in idx])  # [G, k]
-            x32 = stats.flat_rows(x)
-            mean, std = stats.moments(x32)
-            pct = stats.percentiles(x32, self.percentiles, self.max_percentile_samples)
-            key = tuple(idx)
-            e.parts += [mean, std, pct.T.reshape(-1)]
-            e.names.append(self._names_of(("fwd", key), lambda key=key: self._group_names(key)))
-            # NaN/Inf: exact counts in careful mode, else the sample's count scaled to the output
-            if self._careful and all(self._out_bad[i] for i in idx):
-                e.parts.append(
-                    torch.stack([torch.stack(self._out_bad[i]).sum() for i in idx]).double()
-                )
-            else:
-                scale = host_tensor([self._numel[i] / x.shape[1] for i in idx], torch.float64, x.device)
-                e.parts.append(stats.nonfinite_count(x32).double() * scale)
-            e.names.append(self._names_of(
-                ("nonfinite", key), lambda key=key: [(self._mods[i][0], "out_nonfinite") for i in key]
-            ))
-            self._activation_stats(idx, x32, e)
-
-    def _group_names(self, idx: tuple[int, ...]) -> _Metrics:
-        layer = [self._mods[i][0] for i in idx]
-        names = [(n, "out_mean") for n in layer] + [(n, "out_std") for n in layer]
-        for q in self.percentiles:
-            key = stats.percentile_key(q)
-            names += [(n, key) for n in layer]
-        return names
-
-    def _input_stats(self, e: _Entry) -> None:
-        # the model's own input: badly scaled inputs are a common cause of first-layer saturation
-        xs = [x for x in self._inputs if x.is_floating_point()]
-        if not xs:
-            return
-        x = xs[0] if len(xs) == 1 else torch.cat([t.reshape(-1) for t in xs])
-        x = stats.flat_rows(x.reshape(1, -1))  # three cheap passes over the whole input
-        mean, std = stats.moments(x)
-        absmax = x.abs().amax(dim=1)
-        e.parts += [mean, std, absmax]
-        e.names.append(self._names_of("input", lambda: [
-            (MODEL, "input_mean"), (MODEL, "input_std"), (MODEL, "input_absmax")
-        ]))
-
-    def _activation_stats(self, idx: list[int], x: torch.Tensor, e: _Entry) -> None:
-        by_kind: dict[str, list[int]] = {}
-        for j, i in enumerate(idx):
-            k = self._kinds[i]
-            if k is not None:
-                by_kind.setdefault(k, []).append(j)
-        for kind, js in by_kind.items():
-            layer = [self._mods[idx[j]][0] for j in js]
-            if kind in stats.SATURATING:
-                if stats.SATURATING[kind][0]:
-                    src = x[js] if len(js) < len(idx) else x
-                else:
-                    ins = []
-                    for j in js:
-                        s = self._in_samples[idx[j]]
-                        ins.append(s[0] if len(s) == 1 else torch.cat(s))
-                    src = torch.stack(ins)
-                e.parts.append(stats.saturated_fraction(src, kind, self.saturation_ratio).float())
-                e.names.append(self._names_of(
-                    ("sat", tuple(layer)), lambda layer=layer: [(n, "saturated_frac") for n in layer]
-                ))
-            if kind in stats.RECTIFIERS:
-                dead = []
-                for j in js:
-                    a = self._alive[idx[j]]
-                    act = a[0] if len(a) == 1 else torch.stack(a).any(0)
-                    dead.append(1.0 - act.float().mean())
-                e.parts.append(torch.stack(dead))
-                e.names.append(self._names_of(
-                    ("dead", tuple(layer)), lambda layer=layer: [(n, "dead_frac") for n in layer]
-                ))
-
-    def _backward_values(self, e: _Entry) -> None:
-        norms: list[Any] = []
-        bads: list[Any] = []
-        layer: list[int] = []
-        for i in self._order:
-            g = self._ograds[i]
-            if not g:
-                continue
-            layer.append(i)
-            if len(g) == 1:
-                norms.append(g[0][0])
-                bads.append(g[0][1])
-            elif isinstance(g[0][0], float):
-                # several calls in one step (RNN cells, micro-batches): the norm of all of them
-                norms.append(math.hypot(*(n for n, _ in g)))
-                bads.append(sum(b for _, b in g))
-            else:
-                norms.append(torch.linalg.vector_norm(torch.stack([n for n, _ in g])))
-                bb = [b for _, b in g]
-                bads.append(None if any(b is None for b in bb) else torch.stack(bb).sum())
-        if not layer:
-            return
-        if isinstance(norms[0], float):
-            e.parts.append(torch.tensor(norms, dtype=torch.float64))
-            e.parts.append(torch.tensor(bads, dtype=torch.float64))
-        else:
-            v = torch.stack(norms)
-            e.parts.append(v)
-            if all(b is not None for b in bads):
-                e.parts.append(torch.stack(bads).double())
-            else:
-                e.parts.append(torch.zeros(len(layer), dtype=torch.float64, device=v.device))
-                e.ograd_counted = False
-        key = tuple(layer)
-        e.names.append(self._names_of(
-            ("bwd", key),
-            lambda: [(self._mods[i][0], "out_grad_norm") for i in key]
-            + [(self._mods[i][0], "out_grad_nonfinite") for i in key],
-        ))
+        s = self._sites[j]
+        for k, o in enumerate(s.outs):
+            if o.data_ptr() == x.data_ptr() and o._version == s.versions[k]:
+                s.outs[k] = o.clone()
+        del self._stash[x.data_ptr()]
 
     def _sample(self, t: torch.Tensor) -> torch.Tensor:
-        """A fixed strided sample of at most ``max_forward_samples`` values of ``t`` (a copy:
-        the output itself may be freed by autograd or overwritten by an in-place op)."""
+        """A fixed strided sample of at most ``max_forward_samples`` values of ``t``, copied
+        with one gather (row-major order, any layout)."""
         k = self.max_forward_samples
-        if k is None:
-            return t.reshape(-1)
+        assert k is not None
         n = t.numel()
         key = (n, t.shape[-1] if t.dim() else 1, t.device)
         idx = self._stride_cache.get(key)
         if idx is None:
             row = key[1]
-            # stride coprime with the row length, so the sample visits every unit position
+            # a stride coprime with the row length, so the sample visits every unit position
             # rather than the same few units of each example
             step = max(1, -(-n // k))
             while step > 1 and math.gcd(step, row) != 1:
                 step += 1
             idx = torch.arange(0, n, step, device=t.device)[:k]
             self._stride_cache[key] = idx
-        return torch.take(t, idx)  # one gather; row-major order, any layout
+        return torch.take(t, idx)
+
+    @property
+    def layer_map(self) -> list[str]:
+        """Names of the recorded call sites in forward execution order (the signal path)."""
+        return [s.name for s in self._sites]
+
+    # ---- optimiser / scaler boundaries -----------------------------------------------------------
+    def _opt_pre(self, k: int) -> None:
+        if k in self._stepped_opts:
+            # this optimiser steps a second time before the others: a new probe step
+            self._post_step()
+        if self._pending is None:
+            self._pre_step()
+
+    def _opt_post(self, k: int) -> None:
+        if self._updates is not None:
+            self._updates.advance()  # every step, recorded or not: Adam's step count
+        self._stepped_opts.add(k)
+        if len(self._stepped_opts) >= len(self.optimizers):
+            self._post_step()
+
+    def _scaler_update(self) -> None:
+        """GradScaler.update(): a step whose optimisers did not run was skipped (inf/NaN)."""
+        if self._stepped_opts:
+            self._post_step()  # some optimisers stepped, others are not bound to the scaler
+            return
+        if not (self._used or self._pending is not None or self._grads_seen):
+            return  # nothing of this step was seen (update() called twice)
+        if self._active:
+            if self._pending is None:
+                self._pre_step()
+            if self._pending is not None:
+                self._pending.setdefault(MODEL, {})["skipped_step"] = 1.0
+        self._snapshot = None
+        self._no_ratio = True
+        self._post_step()
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _clear(self) -> None:
+        for j in self._used:
+            self._sites[j].clear()
+        self._used = []
+        self._calls.clear()
+        self._nforward = 0
+        self._inputs = []
+        self._scalars = {}
+        self._scalar_counts = {}
+        self._snapshot = None
+        self._preclip = None
+        self._cb_queued = False
+        self._grads_seen = False
+        self._new_pass = False
+        self._stepped_opts = set()
+        self._stash = {}
+        self._rnn_tmp = {}
+        self._no_ratio = False
+
+    def _new_site(self, i: int, k: int) -> int:
+        name, m = self._mods[i]
+        site = _Site(
+            name=name if k == 0 else f"{name}#{k + 1}",
+            module=name,
+            type=type(m).__name__,
+            kind=self._kinds[i],
+            call=k,
+            loop=self._loop[i],
+        )
+        self._sites.append(site)
+        j = len(self._sites) - 1
+        self._site_of[(i, k)] = j
+        return j
+
+    def _declare_layers(self) -> None:
+        """Declare the sites first seen since the last declaration (forward order), then, once,
+        every parameter, placed at the first site of the module that owns it."""
+        for j in range(self._declared, len(self._sites)):
+            s = self._sites[j]
+            shape = list(s.shape) if s.shape is not None else None
+            self._record.add_layer(
+                LayerInfo(
+                    name=s.name,
+                    type=s.type,
+                    depth=j,
+                    activation=s.kind,
+                    module=s.module,
+                    shape=shape,
+                    site=s.call,
+                    time_steps=len(s.tgrads) or None,
+                    unchecked=s.unchecked,
+                )
+            )
+        self._declared = len(self._sites)
+        if self._params_declared or not self._sites:
+            return
+        first_site = {}
+        for j, s in enumerate(self._sites):
+            first_site.setdefault(s.module, j)
+        root = type(self.model).__name__
+        for pname, p in self.params:
+            owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+            info = LayerInfo(name=pname, type="Parameter", role="param", module=owner or None,
+                             shape=list(p.shape))
+            if owner in first_site:
+                info.depth = first_site[owner]
+            else:
+                # the owning module is never called (e.g. MultiheadAttention's out_proj, used
+                # functionally inside its parent): place the parameter where it acts, at the
+                # nearest enclosing module that is called
+                anc = owner
+                while anc and anc not in first_site:
+                    anc = anc.rsplit(".", 1)[0] if "." in anc else ""
+                if anc:
+                    info.depth = first_site[anc]
+                    info.module = anc
+                    info.placement = (
+                        f"acts inside {anc!r}" + (f" (module {owner!r} is never called)"
+                                                   if owner else "")
+                    )
+                else:
+                    # used outside any recorded module call (a root-level nn.Parameter such as
+                    # a positional embedding): kept off the signal path rather than guessed
+                    info.depth = len(self._sites)
+                    info.on_path = False
+                    info.module = owner or root
+                    info.placement = (
+                        "used outside any module call: not placed on the signal path"
+                    )
+            self._record.add_layer(info)
+        self._params_declared = True
+
+    def _pre_step(self) -> None:
+        """Gradients are ready: compute everything except update ratios."""
+        if not self._active:
+            return
+        if self._sites:
+            self._declare_layers()
+        values: list[torch.Tensor] = []
+        names: _Metrics = []
+        scale = self._loss_scale()
+        if self.forward:
+            self._forward_stats(values, names)
+            self._input_stats(values, names)
+            self._gate_stats(values, names)
+        # every norm of this step in ONE fused call (output grads, parameter grads, weights)
+        tensors: list[torch.Tensor] = []
+        tnames: _Metrics = []
+        if self.backward:
+            self._backward_values(values, names, scale)
+        params = [p for _, p in self.params]
+        n_grads = 0
+        pre = self._preclip
+        if self.weights:
+            if pre is None:
+                with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+                tensors += [g for _, g in with_grad]
+                tnames += [(n, "grad_norm") for n, _ in with_grad]
+                n_grads = len(with_grad)
+            tensors += [p.detach() for p in params]
+            tnames += [(n, "weight_norm") for n, _ in self.params]
+        if tensors:
+            allnorms = device_norms(tensors)  # no host read (CPU underflow: re-checked below)
+            if n_grads and scale != 1.0:
+                allnorms = torch.cat([allnorms[:n_grads] / scale, allnorms[n_grads:]])
+            values.append(allnorms)
+            names += tnames
+            if self.weights:
+                k = len(tensors) - len(params)
+                self._pending_weight_norms = allnorms[k:]
+                if n_grads:
+                    gn = allnorms[k - n_grads : k]
+                    values.append(gn.square().sum().sqrt().reshape(1))
+                    names.append((MODEL, "grad_norm_total"))
+        if pre is not None:
+            # norms taken at the end of backward, before any clipping by the user's loop
+            pnames, pnorms, versions = pre
+            pnorms = pnorms / scale if scale != 1.0 else pnorms
+            values += [pnorms, pnorms.square().sum().sqrt().reshape(1)]
+            names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
+            grads = [p.grad for _, p in self.params if p.grad is not None]
+            if len(grads) == len(versions) and any(
+                g._version != v for g, v in zip(grads, versions, strict=True)
+            ):
+                # gradients changed in place since backward (clip_grad_norm_, unscale_): the
+                # global norm the optimiser will actually use
+                after = device_norms(grads).square().sum().sqrt()
+                if not self._unscaled_by_scaler():
+                    after = after / scale
+                values.append(after.reshape(1))
+                names.append((MODEL, "grad_norm_total_clipped"))
+        if self.weights and self._updates is not None:
+            # update norms from the optimiser's state after the step (SGD: known now)
+            self._updates.before(self._current_grad_norms(pre, allnorms if tensors else None,
+                                                          n_grads, scale))
+        elif self.weights:
+            if self.optimizers:
+                # one fused copy of all parameters into persistent buffers, for
+                # ||W_after - W_before|| after the step
+                det = [p.detach() for p in params]
+                if self._buffers is None or any(
+                    b.shape != q.shape or b.dtype != q.dtype or b.device != q.device
+                    for b, q in zip(self._buffers, det, strict=True)
+                ):
+                    self._buffers = [torch.empty_like(q) for q in det]
+                torch._foreach_copy_(self._buffers, det)
+                self._snapshot = self._buffers
+        for k, v in self._scalars.items():
+            n = self._scalar_counts.get(k, 1)
+            t = v if isinstance(v, torch.Tensor) else torch.tensor([v], dtype=torch.float32)
+            values.append(t / n if n > 1 else t)  # stays on its device until the transfer
+            names.append((MODEL, k))
+        if self.scaler is not None:
+            values.append(torch.tensor([scale], dtype=torch.float64))
+            names.append((MODEL, "loss_scale"))
+        self._pending = self._to_dict(values, names)
+        self._note_unchecked()
+        self._drop_unchanged_clip()
+        self._fix_nonfinite_counts(scale)
+
+    def _current_grad_norms(
+        self, pre: Any, allnorms: torch.Tensor | None, n_grads: int, scale: float
+    ) -> torch.Tensor | None:
+        """||g|| of every parameter as the optimiser will see it (0 without a gradient); only
+        the closed form of plain SGD needs it."""
+        if self._updates is None or self._updates.method != "sgd":
+            return None
+        have = [i for i, (_, p) in enumerate(self.params) if p.grad is not None]
+        if not have:
+            return None
+        grads = [self.params[i][1].grad for i in have]
+        reuse = None
+        if pre is not None:
+            pnames, pnorms, versions = pre
+            if scale == 1.0 and len(versions) == len(grads) and all(
+                g._version == v for g, v in zip(grads, versions, strict=True)
+            ):
+                reuse = pnorms
+        elif allnorms is not None and n_grads == len(grads) and scale == 1.0:
+            reuse = allnorms[:n_grads]
+        norms = reuse if reuse is not None else device_norms(grads)
+        if len(have) == len(self.params):
+            return norms
+        out = torch.zeros(len(self.params), dtype=torch.float64, device=norms.device)
+        return out.index_copy_(0, host_tensor(have, torch.long, norms.device), norms)
+
+    def _gate_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
+        # recurrent gates (sigmoid): saturated fraction and mean over batch, units, time steps
+        for j in self._used:
+            s = self._sites[j]
+            for g, vals in s.gates.items():
+                v = torch.cat([t.reshape(-1) for t in vals]).unsqueeze(0)
+                values.append(stats.saturated_fraction(v, "sigmoid", self.saturation_ratio))
+                values.append(v.float().mean(dim=1))
+                names += [(s.name, f"gate_{g}_saturated_frac"), (s.name, f"gate_{g}_mean")]
+
+    def _note_unchecked(self) -> None:
+        """Write down, once per layer, which statistic could not be measured and why."""
+        notes = self._record.meta.setdefault("unchecked", {})
+        for j in self._used:
+            s = self._sites[j]
+            if s.unchecked and s.name not in notes:
+                notes[s.name] = s.unchecked
+                info = self._record.layers.get(s.name)
+                if info is not None and info.unchecked is None:
+                    info.unchecked = s.unchecked
+        if not notes:
+            del self._record.meta["unchecked"]
+
+    def _drop_unchanged_clip(self) -> None:
+        # the gradients were touched in place but their global norm did not change (unscale_
+        # with nothing to clip, an idle clip_grad_norm_): nothing was clipped
+        d = self._pending.get(MODEL, {}) if self._pending else {}
+        a, b = d.get("grad_norm_total"), d.get("grad_norm_total_clipped")
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
+            if abs(a - b) <= 1e-5 * max(abs(a), 1e-30):
+                del d["grad_norm_total_clipped"]
+
+    def _loss_scale(self) -> float:
+        if self.scaler is None:
+            return 1.0
+        try:
+            s = float(self.scaler.get_scale())
+        except Exception:  # a disabled scaler
+            return 1.0
+        return s if s > 0 and math.isfinite(s) else 1.0
+
+    def _unscaled_by_scaler(self) -> bool:
+        """Whether the scaler has already divided the gradients by the loss scale."""
+        sc = self.scaler
+        if sc is None or not self.optimizers:
+            return False
+        states = getattr(sc, "_per_optimizer_states", {})
+        st = states.get(id(self.optimizers[0]), {}).get("stage")
+        return st is not None and getattr(st, "name", "") in ("UNSCALED", "STEPPED")
+
+    def _on_backward_end(self) -> None:
+        """Runs once at the end of each backward pass of a recorded step: parameter gradient
+        norms before the user's loop clips or unscales them (the last micro-batch's backward
+        leaves the accumulated gradient)."""
+        self._cb_queued = False
+        if not self._active or not self.weights:
+            return
+        with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+        if not with_grad:
+            return
+        grads = [g for _, g in with_grad]
+        self._preclip = ([n for n, _ in with_grad], device_norms(grads), [g._version for g in grads])
+
+    def _post_step(self) -> None:
+        """The optimiser has stepped: update ratios, then move to the next step."""
+        if self._active and self._pending is not None:
+            num: torch.Tensor | None = None
+            den = self._pending_weight_norms
+            if self.weights and not self._no_ratio:
+                if self._snapshot is not None:
+                    params = [p.detach() for _, p in self.params]
+                    torch._foreach_sub_(self._snapshot, params)  # buffer := W_before - W_after
+                    num = device_norms(self._snapshot)
+                elif self._updates is not None and self._updates.ready:
+                    num = self._updates.after()
+            if num is not None:
+                if self.reducer is not None:
+                    num, den = self.reducer.update_norms(num, den)
+                ratio = num / den.clamp_min(1e-30)
+                if self.on_record or self.reducer is not None or self._updates is None:
+                    # listeners, other ranks and hand-driven steps see the step complete now
+                    for (n, _), r in zip(self.params, ratio.tolist(), strict=True):
+                        self._pending.setdefault(n, {})["update_ratio"] = r
+                else:
+                    # on the device until the next step's transfer (or reading the record)
+                    self._ratios = (self.step_index, self._param_names, ratio)
+            self._commit()
+        if self._updates is not None:
+            self._updates.ready = False
+            if self._active and not self.schedule(self.step_index + 1):
+                self._updates.release()  # no weight copy held through unrecorded steps
+        self._clear()
+        self.step_index += 1
+        self._set_active(bool(self.schedule(self.step_index)))
+
+    def _commit(self) -> None:
+        if self._pending is not None:
+            self._record.add_many(self.step_index, self._pending)
+            for fn in self.on_record:
+                fn(self.step_index, self._pending)
+        self._pending = None
+
+    def _forward_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
+        groups: dict[tuple, list[int]] = {}
+        for j in self._used:
+            s = self._sites[j]
+            if not s.outs:
+                continue
+            if s.versions and any(
+                t._version != v for t, v in zip(s.outs, s.versions, strict=True)
+            ):
+                # overwritten in place after it was recorded (an in-place op the probe did not
+                # see coming): its statistics would describe another tensor
+                s.unchecked = "its output was modified in place after it was recorded"
+                s.outs, s.ins = [], []
+                continue
+            t = s.outs[0]
+            if len(s.outs) > 1:
+                # micro-batches, time steps of a recurrent cell (same trailing shape; samples
+                # are 1-D)
+                t = torch.cat(s.outs, 0)
+                if s.ins:
+                    same_in = all(x.shape[1:] == s.ins[0].shape[1:] for x in s.ins)
+                    s.ins = [torch.cat(s.ins, 0) if same_in else s.ins[0]]
+            s.outs = [t]
+            groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(j)
+        for idx in groups.values():
+            x = torch.stack([self._sites[j].outs[0] for j in idx])  # [G, k] samples, or outputs
+            xf = stats.flat_rows(x)
+            mean, std = stats.moments(xf)
+            pct = stats.percentiles(xf, self.percentiles, self.max_percentile_samples)
+            values += [mean, std, pct.T.reshape(-1)]
+            names += self._group_names(tuple(idx))
+            self._activation_stats(idx, x, xf, values, names)
+
+    def _group_names(self, idx: tuple[int, ...]) -> _Metrics:
+        # the (layer, metric) labels of a group's moments and percentiles; cached because the
+        # same groups recur every step and building ~10 labels per layer is measurable
+        cached = self._name_cache.get(idx)
+        if cached is None:
+            layer = [self._sites[j].name for j in idx]
+            cached = [(n, "out_mean") for n in layer] + [(n, "out_std") for n in layer]
+            for q in self.percentiles:
+                key = stats.percentile_key(q)
+                cached += [(n, key) for n in layer]
+            self._name_cache[idx] = cached
+        return cached
+
+    def _input_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
+        # the model's own input: badly scaled inputs are a common cause of first-layer saturation
+        xs = [x for x in self._inputs if x.is_floating_point()]
+        if not xs:
+            return
+        x = xs[0] if len(xs) == 1 else torch.cat([t.reshape(-1) for t in xs])
+        x = x.reshape(1, -1)  # three cheap passes over the whole input; NaN propagates
+        mean, std = stats.moments(x)
+        absmax = x.abs().amax(dim=1)
+        values += [mean, std, absmax]
+        names += [(MODEL, "input_mean"), (MODEL, "input_std"), (MODEL, "input_absmax")]
+
+    def _activation_stats(
+        self,
+        idx: list[int],
+        x: torch.Tensor,
+        xf: torch.Tensor,
+        values: list[torch.Tensor],
+        names: _Metrics,
+    ) -> None:
+        by_kind: dict[str, list[int]] = {}
+        for j, i in enumerate(idx):
+            k = self._sites[i].kind
+            if k is not None:
+                by_kind.setdefault(k, []).append(j)
+        for kind, js in by_kind.items():
+            sites = [self._sites[idx[j]] for j in js]
+            layer = [s.name for s in sites]
+            if kind in stats.SATURATING:
+                if stats.SATURATING[kind][0]:
+                    src = xf if len(js) == len(idx) else xf[js]
+                else:
+                    ins = [s.ins[0] if s.ins else None for s in sites]
+                    ok = [j for j, t in zip(js, ins, strict=True) if t is not None
+                          and t.shape == ins[0].shape]
+                    if len(ok) != len(js) or ins[0] is None:
+                        for s in sites:
+                            s.unchecked = s.unchecked or "its input was not available"
+                        src = None
+                    else:
+                        src = torch.stack(ins)
+                if src is not None:
+                    values.append(stats.saturated_fraction(src, kind, self.saturation_ratio).float())
+                    names += [(n, "saturated_frac") for n in layer]
+            if kind in stats.RECTIFIERS and all(s.alive for s in sites):
+                # dead = inactive for the WHOLE batch: active units were noted in the hook
+                dead = [
+                    1.0 - (s.alive[0] if len(s.alive) == 1 else torch.stack(s.alive).any(0))
+                    .float().mean()
+                    for s in sites
+                ]
+                values.append(torch.stack(dead))
+                names += [(n, "dead_frac") for n in layer]
+            elif kind in stats.RECTIFIERS:
+                h = torch.stack([s.outs[0] for s in sites])
+                if h.dim() > 3:  # conv maps [G, B, C, ...]: a unit is a channel
+                    h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], -1).transpose(1, 2)
+                    h = h.reshape(h.shape[0], -1, h.shape[-1])
+                values.append(stats.dead_fraction(h).float())
+                names += [(n, "dead_frac") for n in layer]
+
+    def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: float) -> None:
+        norms: list[Any] = []
+        bads: list[Any] = []
+        layer = []
+        tvals: list[Any] = []
+        tnames: _Metrics = []
+        for j in self._used:
+            s = self._sites[j]
+            g = s.ograds
+            if not g:
+                continue
+            layer.append(s.name)
+            n, b = _pool(g)
+            norms.append(n)
+            bads.append(b)
+            if s.tgrads:
+                for t, gt in enumerate(s.tgrads):
+                    if gt:
+                        tvals.append(_pool(gt)[0])
+                        tnames.append((s.name, time_metric(t)))
+        if not layer:
+            return
+        norms += tvals
+        if isinstance(norms[0], float):
+            nv = torch.tensor(norms, dtype=torch.float64)
+            bv = torch.tensor(bads, dtype=torch.float64)
+        else:
+            nv = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in norms])
+            bv = torch.stack([torch.as_tensor(v) for v in bads]).to(torch.float64)
+        if scale != 1.0:
+            nv = nv / scale  # dL/dh of the unscaled loss
+        values += [nv[: len(layer)], bv]
+        names += [(n, "out_grad_norm") for n in layer]
+        names += [(n, "out_grad_nonfinite") for n in layer]
+        if tvals:
+            values.append(nv[len(layer):])
+            names += tnames
+
+    def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
+        parts = [v.detach().reshape(-1) for v in values]
+        carried = self._ratios  # the previous recorded step's update ratios ride along
+        self._ratios = None
+        if carried is not None:
+            parts.append(carried[2].reshape(-1))
+        if parts:
+            devs = [p.device for p in parts if p.device.type != "cpu"]
+            dev = devs[0] if devs else torch.device("cpu")
+            vec = torch.cat(
+                [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts]
+            ).to(torch.float64)
+            vec = vec.cpu()  # the step's ONE transfer (its only host synchronisation)
+        else:
+            vec = torch.zeros(0, dtype=torch.float64)
+        if carried is not None:
+            n = len(carried[1])
+            self._store_ratios(carried[0], carried[1], vec[len(vec) - n :].tolist())
+            vec = vec[: len(vec) - n]
+        if self.reducer is not None:  # across ranks, before anything is recorded
+            names, vec = self.reducer.reduce(names, vec)
+        flat = vec.tolist()
+        if len(flat) != len(names):  # a bug, never user error
+            raise RuntimeError(f"probe bookkeeping mismatch: {len(flat)} values, {len(names)} names")
+        out: dict[str, dict[str, float]] = {}
+        for (layer, metric), v in zip(names, flat, strict=True):
+            d = out.get(layer)
+            if d is None:
+                d = out[layer] = {}
+            d[metric] = v
+        return out
+
+    def _fix_nonfinite_counts(self, scale: float = 1.0) -> None:
+        """Host-side fix-ups, right after the step's transfer (rare paths: healthy steps only
+        scan). NaN/Inf entries are counted exactly (on the forward sample when the output was
+        sampled, scaled to the output's size) where a norm or moment was non-finite; float32
+        parameter norms (the CPU's) that may have under- or overflowed are redone in float64.
+        Counts are recorded (as 0 or more) for every layer so a NaN is counted, never dropped.
+        """
+        pending = self._pending
+        assert pending is not None
+        pos = {s.name: s for s in self._sites}
+        pidx = dict(self.params)
+        refix = False
+        for layer, d in pending.items():
+            if layer == MODEL:
+                continue
+            if layer in pos:
+                s = pos[layer]
+                if "out_mean" in d:
+                    bad = not (math.isfinite(d["out_mean"]) and math.isfinite(d["out_std"]))
+                    cnt = 0.0
+                    if bad and s.outs:
+                        t = s.outs[0]
+                        cnt = float(stats.nonfinite_count(t.reshape(1, -1))[0])
+                        if s.numel > t.numel():  # a sample: scaled to the whole output
+                            cnt = round(cnt * s.numel / t.numel())
+                    d["out_nonfinite"] = cnt
+                continue
+            p = pidx.get(layer)
+            if p is None:
+                continue
+            if "grad_norm" in d:
+                g = p.grad
+                gn = d["grad_norm"]
+                d["grad_nonfinite"] = (
+                    float(stats.nonfinite_count(g.unsqueeze(0))[0])
+                    if not math.isfinite(gn) and g is not None
+                    else 0.0
+                )
+                if (
+                    g is not None
+                    and g.is_floating_point()
+                    and g.dtype != torch.float64
+                    and not _RECHECK_BELOW <= gn < math.inf
+                ):
+                    d["grad_norm"] = float(torch.linalg.vector_norm(g.double())) / scale
+                    refix = True
+            wn = d.get("weight_norm")
+            if wn is not None and not _RECHECK_BELOW <= wn < math.inf:
+                w = p.detach()
+                if w.is_floating_point() and w.dtype != torch.float64:
+                    d["weight_norm"] = float(torch.linalg.vector_norm(w.double()))
+        if refix and "grad_norm_total" in pending.get(MODEL, {}):
+            tot = [pending[n]["grad_norm"] for n, _ in self.params
+                   if "grad_norm" in pending.get(n, {})]
+            pending[MODEL]["grad_norm_total"] = math.sqrt(math.fsum(v * v for v in tot))
 
     def __repr__(self) -> str:
         return (
             f"Probe({type(self.model).__name__}, modules={len(self._mods)}, "
-            f"params={len(self.params)}, schedule={self.schedule}, step={self.step_index})"
+            f"sites={len(self._sites)}, params={len(self.params)}, schedule={self.schedule}, "
+            f"step={self.step_index})"
         )
+
+
+#: At most this many call sites per module and forward pass; later calls share the last site
+#: (a module called in a long Python loop is better described as a recurrent cell).
+MAX_SITES = 64
+
+_CELLS = (nn.RNNCellBase,)
+
+
+def time_metric(t: int) -> str:
+    """Metric name of ||dL/dh_t|| at time step ``t`` of a recurrent layer."""
+    return f"{TIME_PREFIX}{t}"
+
+
+class _Site:
+    """One call site of a watched module: one layer of the signal path."""
+
+    __slots__ = ("name", "module", "type", "kind", "call", "loop", "outs", "ins", "versions",
+                 "ograds", "tgrads", "used", "unchecked", "gates", "shape", "numel", "alive")
+
+    def __init__(self, name: str, module: str, type: str, kind: str | None, call: int,
+                 loop: bool) -> None:
+        self.name, self.module, self.type, self.kind = name, module, type, kind
+        self.call, self.loop = call, loop
+        self.outs: list[torch.Tensor] = []
+        self.ins: list[torch.Tensor] = []
+        self.versions: list[int] = []
+        # (||dL/dh||, NaN/Inf count) of each backward call this step, computed inside the
+        # gradient hook. Keeping the gradient tensors alive until the end of the step instead
+        # costs ~3x more (the allocator can no longer reuse their buffers; measured).
+        self.ograds: list[tuple[Any, Any]] = []
+        self.tgrads: list[list[tuple[Any, Any]]] = []  # per time step (recurrent cells)
+        self.used = False
+        self.unchecked: str | None = None
+        self.gates: dict[str, list[torch.Tensor]] = {}  # recurrent gate values this step
+        self.shape: tuple[int, ...] | None = None  # output shape without the batch dimension
+        self.numel = 0  # values output this step (a sample holds at most max_forward_samples)
+        self.alive: list[torch.Tensor] = []  # rectifiers: units active in the batch, per call
+
+    @property
+    def needs_input(self) -> bool:
+        k = self.kind
+        return k is not None and k in stats.SATURATING and not stats.SATURATING[k][0]
+
+    def clear(self) -> None:
+        self.outs, self.ins, self.versions = [], [], []
+        self.shape, self.numel, self.alive = None, 0, []
+        self.ograds = []
+        self.tgrads = []
+        self.gates = {}
+        self.used = False
+
+
+def _pool(g: list[tuple[Any, Any]]) -> tuple[Any, Any]:
+    """One (norm, bad count) from several backward calls (micro-batches, time steps): the
+    norm of all of them together."""
+    if len(g) == 1:
+        return g[0]
+    if isinstance(g[0][0], float):
+        return math.hypot(*(n for n, _ in g)), sum(b for _, b in g)
+    return (torch.linalg.vector_norm(torch.stack([n for n, _ in g])),
+            torch.stack([torch.as_tensor(b) for _, b in g]).sum())
+
+
+class _Sentinel:
+    """Marks an attached probe that has no optimiser hooks."""
+
+    def remove(self) -> None:
+        pass
+
+
+class _ScalerHook:
+    """Wraps ``GradScaler.update`` (restored on remove): the update that follows a step the
+    scaler skipped (inf/NaN gradients) closes that step as skipped instead of merging it into
+    the next one."""
+
+    def __init__(self, scaler: Any, ref: weakref.ref) -> None:
+        self.scaler = scaler
+        orig = scaler.update
+        self.had_attr = "update" in vars(scaler)
+
+        def update(*a: Any, **k: Any) -> Any:
+            p = ref()
+            if p is not None:
+                p._scaler_update()
+            return orig(*a, **k)
+
+        scaler.update = update
+
+    def remove(self) -> None:
+        if self.had_attr:
+            return
+        vars(self.scaler).pop("update", None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that actually runs: DDP/DataParallel wrappers are unwrapped to ``.module``.
+
+    Raises:
+        ValueError: for a model compiled with ``torch.compile`` (the compiled graph skips the
+            hooks registered after compilation, so the probe would record nothing).
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel | DataParallel):
+        model = model.module
+    for name, m in model.named_modules():
+        if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
+            where = f"submodule {name!r} of the model" if name else "the model"
+            raise ValueError(
+                f"{where} was compiled with torch.compile: hooks added after compilation never "
+                "run, so the probe would record nothing; attach the probe to the uncompiled "
+                "module (model._orig_mod) or call model.compile() in place instead"
+            )
+    return model
+
+
+def _as_optimizers(
+    optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None,
+) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    for o in opts:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(o).__name__}")
+    return opts
+
+
+def _rows_for(t: torch.Tensor, max_values: int | None) -> int | None:
+    """How many leading batch rows of ``t`` hold at most ``max_values`` values (None: all)."""
+    if max_values is None or t.dim() == 0:
+        return None
+    per_row = max(1, t[0].numel()) if t.dim() > 1 else 1
+    rows = max(1, max_values // per_row)
+    return None if rows >= t.shape[0] else rows
+
+
+def _call(ref: weakref.ref, method: str, *args: Any) -> None:
+    p = ref()
+    if p is not None:
+        getattr(p, method)(*args)
+
+
+def _root_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
+    # a new forward pass of the whole model: call sites are counted from here
+    p = ref()
+    if p is None or not p._active or not torch.is_grad_enabled():
+        return
+    if p._root_watched:
+        # the model is itself one watched module (a bare cell or layer): each call is one of
+        # its calls or time steps, not a new forward pass
+        if p.forward:
+            p._inputs.append(args[0].detach()) if args and isinstance(args[0], torch.Tensor) else None
+        return
+    p._nforward += 1
+    p._calls.clear()
+    p._new_pass = False
+    if p.forward and args and isinstance(args[0], torch.Tensor):
+        p._inputs.append(args[0].detach())
+
+
+def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any) -> None:
+    # Hot path: runs for every watched module on every forward. Stash references only.
+    p = ref()
+    if p is None or not p._active or not torch.is_grad_enabled():
+        return
+    if isinstance(out, tuple | list) and out:  # RNN (output, h_n), cells' (h, c): the first
+        out = out[0]
+    if isinstance(out, nn.utils.rnn.PackedSequence):
+        out = out.data
+    if not isinstance(out, torch.Tensor):
+        return
+    if p._new_pass:
+        # the first call after a backward pass (a micro-batch of gradient accumulation, also
+        # when the loop calls submodules rather than the model): call sites count from here
+        p._new_pass = False
+        p._calls.clear()
+    k = p._calls.get(i, 0)
+    p._calls[i] = k + 1
+    if p._loop[i]:
+        t, k = k, 0
+    else:
+        t, k = -1, min(k, MAX_SITES - 1)
+    j = p._site_of.get((i, k))
+    if j is None:
+        j = p._new_site(i, k)
+    s = p._sites[j]
+    if not s.used:
+        s.used = True
+        p._used.append(j)
+    if p._recurrent[i]:
+        _attach_time(p, i, s, module)
+    if p.forward and (s.shape is None or s.shape == out.shape[1:]):
+        # pooled over micro-batches and time steps when their shapes agree; an output of
+        # another shape (dynamic padding) is left out of the forward statistics
+        o = out.detach()
+        s.shape = o.shape[1:]
+        if p.max_forward_samples is None:  # exact: keep the output until the end of the step
+            s.outs.append(o)
+            s.versions.append(out._version)
+            p._stash[out.data_ptr()] = j
+            if s.needs_input and inp and isinstance(inp[0], torch.Tensor):
+                s.ins.append(inp[0].detach())
+        else:  # a small copy now: nothing of the output is kept alive or seen overwritten
+            s.outs.append(p._sample(o))
+            s.numel += o.numel()
+            if s.needs_input and inp and isinstance(inp[0], torch.Tensor):
+                s.ins.append(p._sample(inp[0].detach()))
+            if s.kind in stats.RECTIFIERS:
+                s.alive.append(_active_units(o))
+    if p.backward and out.requires_grad:
+        if t >= 0:
+            while len(s.tgrads) <= t:
+                s.tgrads.append([])
+            out.register_hook(partial(_grad_hook, s.ograds, s.tgrads[t]))
+        else:
+            out.register_hook(partial(_grad_hook, s.ograds, None))
+
+
+class _ForwardPatch:
+    """Replaces ``module.forward`` by an instance attribute until removed."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        self.module = module
+        module.forward = fn  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        vars(self.module).pop("forward", None)
+
+
+def _rnn_stash(ref: weakref.ref, i: int, hs: list[list[torch.Tensor]],
+               gates: dict[str, list[torch.Tensor]]) -> None:
+    p = ref()
+    if p is not None and p._active and torch.is_grad_enabled():
+        p._rnn_tmp[i] = (hs, gates)
+
+
+def _attach_time(p: Probe, i: int, s: _Site, module: nn.Module) -> None:
+    """Hook the hidden states of one unrolled recurrent call (per-time-step dL/dh_t)."""
+    tmp = p._rnn_tmp.pop(i, None)
+    if tmp is None:
+        if not s.loop and s.unchecked is None:
+            s.unchecked = recurrent.unsupported(module) or (
+                "no per-time-step gradients: packed sequences are not unrolled")
+        return
+    hs, gates = tmp
+    if p.forward:
+        for g, v in gates.items():
+            s.gates.setdefault(g, []).extend(v)
+    if not p.backward:
+        return
+    while len(s.tgrads) < len(hs):
+        s.tgrads.append([])
+    for t, hl in enumerate(hs):
+        for h in hl:
+            if h.requires_grad:
+                h.register_hook(partial(_grad_hook, s.tgrads[t], None))
+
+
+def _active_units(h: torch.Tensor) -> torch.Tensor:
+    """Which units of a rectifier's output are active for some example: [units] bool. A unit
+    is a feature (dim 1; conv maps: a channel, over the batch and all positions)."""
+    if h.dim() <= 1:
+        return (h.amax() > 0).reshape(1)
+    if h.dim() == 2:
+        return h.amax(dim=0) > 0
+    return h.amax(dim=(0, *range(2, h.dim()))) > 0
+
+
+def _inplace_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
+    p = ref()
+    if p is None or not p._active or not args or not isinstance(args[0], torch.Tensor):
+        return
+    p.save_before_inplace(args[0])
+
+
+def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
+    p = ref()
+    if p is None or not p._active:
+        return
+    p._grads_seen = True
+    p._new_pass = True
+    if not p._cb_queued:
+        p._cb_queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(partial(_requeue_end, ref))
+
+
+def _requeue_end(ref: weakref.ref) -> None:
+    # at the end of backward: queue the real work behind every callback queued during the
+    # pass, so DDP's all-reduce finalisation has written the averaged gradients before we read
+    # them (final callbacks may queue more; they run in order)
+    torch.autograd.Variable._execution_engine.queue_callback(
+        partial(_call, ref, "_on_backward_end")
+    )
+
+
+def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tensor) -> None:
+    # Runs inside backward for every watched output: reduce to a norm now, keep no tensor.
+    # Float32 squares underflow below ~1e-19 (vanishing gradients are exactly what is measured)
+    # and the gradient is gone by the time a host sees the norm, so the norm must be robust
+    # here. On the CPU: BLAS nrm2 (scaled, so no underflow; no temporary; ~4 us for 16k
+    # values), whose result is a host float: the CPU is the host, there is no device to wait
+    # for, and a NaN/Inf norm is followed by an exact count at once. On an accelerator: a
+    # float64 norm and the NaN/Inf count on the device, no host synchronisation.
+    nrm2 = _NRM2.get(g.dtype) if g.device.type == "cpu" else None
+    if nrm2 is not None and not g.requires_grad:
+        a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
+        n = float(nrm2(a))
+        v = (n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a))))
+    else:
+        v = (torch.linalg.vector_norm(g, dtype=torch.float64), (~torch.isfinite(g)).sum())
+    store.append(v)
+    if tstore is not None:
+        tstore.append(v)
 
 
 def _blas_nrm2() -> dict[torch.dtype, Callable[[np.ndarray], float]]:
@@ -795,93 +1312,8 @@ def _blas_nrm2() -> dict[torch.dtype, Callable[[np.ndarray], float]]:
 _NRM2 = _blas_nrm2()
 
 #: float32 norms below this (around the square root of the smallest normal float32) may have
-#: lost precision or underflowed while squaring.
+#: lost precision or underflowed while squaring: re-checked in float64 on the host.
 _RECHECK_BELOW = 1e-18
-
-
-class _Sentinel:
-    """Marks an attached probe that has no optimiser hooks."""
-
-    def remove(self) -> None:
-        pass
-
-
-def _call(ref: weakref.ref, method: str) -> None:
-    p = ref()
-    if p is not None:
-        getattr(p, method)()
-
-
-def _input_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
-    p = ref()
-    if p is None or not p._active or not torch.is_grad_enabled():
-        return
-    if args and isinstance(args[0], torch.Tensor):
-        p._inputs.append(args[0].detach())
-
-
-def _nonfinite(t: torch.Tensor) -> torch.Tensor:
-    return (~torch.isfinite(t)).sum()
-
-
-def _active_units(h: torch.Tensor) -> torch.Tensor:
-    """Which units of a rectifier's output are active for some example: [units] bool.
-    A unit is a feature (dim 1; conv maps: a channel, over batch and positions)."""
-    if h.dim() <= 1:
-        return (h.amax() > 0).reshape(1)
-    if h.dim() == 2:
-        return h.amax(dim=0) > 0
-    return h.amax(dim=(0, *range(2, h.dim()))) > 0
-
-
-def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any) -> None:
-    # Hot path: runs for every watched module on every forward of a recorded step. One small
-    # copy (the sample) per module; no host read.
-    p = ref()
-    if p is None or not p._active or not torch.is_grad_enabled():
-        return
-    if isinstance(out, tuple):  # e.g. RNN cells returning (h, c): watch the first
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        return
-    if i not in p._fired:
-        p._fired.add(i)
-        p._order.append(i)
-    if p.forward:
-        o = out.detach()
-        p._samples[i].append(p._sample(o))
-        p._numel[i] += o.numel()
-        if p._needs_input[i] and inp and isinstance(inp[0], torch.Tensor):
-            p._in_samples[i].append(p._sample(inp[0].detach()))
-        if p._rectifier[i]:
-            p._alive[i].append(_active_units(o))
-        if p._careful:
-            p._out_bad[i].append(_nonfinite(o))
-    if p.backward and out.requires_grad:
-        out.register_hook(partial(_grad_hook, p._ograds[i], p._careful))
-
-
-def _grad_hook(store: list[tuple[Any, Any]], careful: bool, g: torch.Tensor) -> None:
-    # Runs inside backward for every watched output: reduce to a norm now, keep no tensor.
-    # Float32 squares underflow below ~1e-19 (vanishing gradients are exactly what is measured)
-    # and the gradient is gone by the time the values reach the host, so the norm must be
-    # robust here. On the CPU: BLAS nrm2 (scaled: no underflow, no temporary, ~4 us for 16k
-    # values); its result is a host float, as the CPU is the host there is nothing to wait for,
-    # and a non-finite norm is followed by an exact count at once. Elsewhere: a float64 norm on
-    # the device (its float64 copy of g is transient) and, in careful mode, a device count;
-    # ``None`` marks a count not taken.
-    nrm2 = _NRM2.get(g.dtype) if g.device.type == "cpu" else None
-    if nrm2 is not None and not g.requires_grad:
-        a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
-        n = float(nrm2(a))
-        store.append((n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a)))))
-        return
-    store.append(
-        (
-            torch.linalg.vector_norm(g, dtype=torch.float64),
-            _nonfinite(g) if careful else None,
-        )
-    )
 
 
 def probe(model: nn.Module, **kwargs: Any) -> Probe:

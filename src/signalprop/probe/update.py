@@ -104,7 +104,8 @@ def _pieces_to_norms(piece_norms: list[torch.Tensor], owner: list[int], n: int) 
 class UpdateNorms:
     """Computes ``||dW||`` of one optimiser step for a fixed list of parameters.
 
-    Use: :meth:`before` in the step pre-hook (gradients final), :meth:`after` in the post-hook.
+    Use: :meth:`before` in the step pre-hook (gradients final), :meth:`advance` in the post-hook
+    of every optimiser step (recorded or not), then :meth:`after`.
     ``method`` says how: ``"sgd"``, ``"sgd-momentum"``, ``"adam"`` or ``"copy"``.
     """
 
@@ -123,6 +124,7 @@ class UpdateNorms:
         self._copy: list[torch.Tensor] | None = None
         self._before: torch.Tensor | None = None
         self._had_grad: list[bool] = []
+        self.ready = False  # before() ran for the current step
 
     def _choose(self) -> str:
         opt = self.optimizer
@@ -157,6 +159,7 @@ class UpdateNorms:
         """Gradients are final. ``grad_norms``: ||g|| of every parameter (0 where no gradient)."""
         self._had_grad = [p.grad is not None for p in self.params]
         self._before = None
+        self.ready = True
         if self.method == "copy":
             det = [p.detach() for p in self.params]
             if self._copy is None or any(
@@ -202,7 +205,7 @@ class UpdateNorms:
     # ---- after the optimiser step ---------------------------------------------------------------
     def after(self) -> torch.Tensor:
         """||dW|| of every parameter (float64, on the parameters' device). Call once per step,
-        after :meth:`before` of the same step."""
+        after :meth:`before` and :meth:`advance` of the same step."""
         if self.method == "copy":
             assert self._copy is not None
             torch._foreach_sub_(self._copy, [p.detach() for p in self.params])
@@ -250,7 +253,7 @@ class UpdateNorms:
                 continue
             g = self._group(i)
             b1, b2 = g["betas"]
-            t = self.steps_taken[self.group_idx[i]] + 1  # the step just taken
+            t = self.steps_taken[self.group_idx[i]]  # advance() has counted the step just taken
             lr, wd = float(g["lr"]), float(g.get("weight_decay", 0.0))
             dec = decoupled or bool(g.get("decoupled_weight_decay", False))
             v = st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"]

@@ -19,7 +19,7 @@ SMORMS3, VSGD, LARS); initialisations live in :mod:`signalprop.init` (INITS).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from signalprop import init as _init
 from signalprop._registry import Registry, unknown_name_message
+from signalprop.remedies import recurrent as _rec
 from signalprop.remedies.activations import (
     ACTIVATIONS,
     RBF,
@@ -112,6 +113,7 @@ class Remedy:
         optimizer_kwargs: Extra optimiser keyword arguments.
         grad_transform: A factory ``() -> GradientTransform`` (fresh state per run) or ``None``.
         description: One line saying what the remedy does and after whom.
+        warmup: Linear learning-rate warm-up over this fraction of the run's steps (0: none).
     """
 
     name: str
@@ -122,6 +124,7 @@ class Remedy:
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     grad_transform: Callable[[], GradientTransform] | None = None
     description: str = ""
+    warmup: float = 0.0
 
     def apply(self, model: nn.Module, example_batch: torch.Tensor | None = None) -> nn.Module:
         """The transformed model (a new object; ``model`` itself is never modified)."""
@@ -171,6 +174,7 @@ class Remedy:
             optimizer_kwargs={**self.optimizer_kwargs, **other.optimizer_kwargs},
             grad_transform=gt,
             description="; ".join(d for d in (self.description, other.description) if d),
+            warmup=max(self.warmup, other.warmup),
         )
 
     def with_name(self, name: str) -> Remedy:
@@ -190,16 +194,36 @@ def _init_transform(fn: Callable[..., Any], **kw: Any) -> ModelTransform:
     return t
 
 
-@REMEDIES.register("critical_init", sigma_b2=0.0, orthogonal=False)
-def _critical_init(sigma_b2: float = 0.0, orthogonal: bool = False) -> Remedy:
+@REMEDIES.register("critical_init", sigma_b2=0.0, orthogonal=False, sigma_w2=None)
+def _critical_init(sigma_b2: float = 0.0, orthogonal: bool = False,
+                   sigma_w2: Mapping[str, float] | None = None) -> Remedy:
+    """Edge-of-chaos init. ``sigma_w2`` maps weight-layer module names to their sigma_w^2 (as
+    computed for one model by :func:`signalprop.diagnosis.explain.explain`); without it every
+    layer gets the critical sigma_w^2 of the model's inferred activation."""
+    per_layer = dict(sigma_w2) if sigma_w2 is not None else None
+
     def t(model: nn.Module, batch: torch.Tensor | None = None) -> nn.Module:
         new = copy.deepcopy(model)
-        kind = infer_activation(new)  # a clear error when the activation cannot be inferred
-        _init.critical_(new, activation=kind, sigma_b2=sigma_b2, orthogonal=orthogonal)
+        if per_layer is None:
+            kind = infer_activation(new)  # a clear error when the activation cannot be inferred
+            _init.critical_(new, activation=kind, sigma_b2=sigma_b2, orthogonal=orthogonal)
+            return new
+        from signalprop.theory.torch_adapter import mean_field_init_
+
+        for name, sw2 in per_layer.items():
+            try:
+                mod = new.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"critical_init: the model has no module {name!r}") from None
+            mean_field_init_(mod, sw2, sigma_b2, orthogonal=orthogonal)
         return new
 
-    return Remedy("critical_init", t, description=(
-        "weights at the edge of chaos, chi_1 = 1 (Poole et al. 2016; Schoenholz et al. 2017)"))
+    desc = "weights at the edge of chaos, chi_1 = 1 (Poole et al. 2016; Schoenholz et al. 2017)"
+    if per_layer:
+        sws = sorted({round(v ** 0.5, 3) for v in per_layer.values()})
+        desc += (f"; sigma_w = {', '.join(f'{v:g}' for v in sws)}, sigma_b^2 = {sigma_b2:.3g} "
+                 "computed for this model")
+    return Remedy("critical_init", t, description=desc)
 
 
 @REMEDIES.register("orthogonal_init", gain=1.0)
@@ -357,10 +381,73 @@ def _weight_decay(weight_decay: float = 5e-4) -> Remedy:
                   description=f"L2 weight decay {weight_decay} on the weights")
 
 
+@REMEDIES.register("warmup", fraction=0.1)
+def _warmup(fraction: float = 0.1) -> Remedy:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"warmup fraction must be in (0, 1], got {fraction}")
+    return Remedy("warmup", warmup=fraction, description=(
+        f"linear learning-rate warm-up over the first {fraction:.0%} of the steps "
+        "(Goyal et al. 2017; needed by post-LN transformers, Xiong et al. 2020)"))
+
+
+@REMEDIES.register("pre_ln")
+def _pre_ln() -> Remedy:
+    return _transform_remedy("pre_ln", "pre_ln", "layer norm before each attention / "
+                             "feed-forward sub-block instead of after the residual sum "
+                             "(pre-LN; Xiong et al. 2020)")
+
+
 @REMEDIES.register("fewer_layers", fraction=0.5)
 def _fewer_layers(fraction: float = 0.5) -> Remedy:
     return _transform_remedy("fewer_layers", "fewer_layers",
                              f"keep {fraction:.0%} of the hidden blocks", fraction=fraction)
+
+
+def _recurrent_remedy(name: str, fn: Callable[..., nn.Module], description: str,
+                      **kw: Any) -> Remedy:
+    def t(model: nn.Module, batch: torch.Tensor | None = None) -> nn.Module:
+        return fn(model, batch, **kw)
+
+    return Remedy(name, t, description=description)
+
+
+@REMEDIES.register("lstm")
+def _lstm() -> Remedy:
+    return _recurrent_remedy("lstm", _rec.to_gated, "vanilla RNN -> LSTM (Hochreiter & "
+                             "Schmidhuber 1997)", cell="lstm")
+
+
+@REMEDIES.register("gru")
+def _gru() -> Remedy:
+    return _recurrent_remedy("gru", _rec.to_gated, "vanilla RNN -> GRU (Cho et al. 2014)",
+                             cell="gru")
+
+
+@REMEDIES.register("orthogonal_recurrent_init", gain=1.0)
+def _orthogonal_recurrent_init(gain: float = 1.0) -> Remedy:
+    return _recurrent_remedy("orthogonal_recurrent_init", _rec.orthogonal_recurrent_init,
+                             "orthogonal recurrent weights per gate (Saxe et al. 2014)",
+                             gain=gain)
+
+
+@REMEDIES.register("identity_recurrent_init", scale=1.0)
+def _identity_recurrent_init(scale: float = 1.0) -> Remedy:
+    return _recurrent_remedy("identity_recurrent_init", _rec.identity_recurrent_init,
+                             "W_hh = I, zero recurrent bias (IRNN, Le et al. 2015)", scale=scale)
+
+
+@REMEDIES.register("forget_gate_bias", value=1.0)
+def _forget_gate_bias(value: float = 1.0) -> Remedy:
+    return _recurrent_remedy("forget_gate_bias", _rec.forget_gate_bias,
+                             f"LSTM forget-gate bias {value} (Jozefowicz et al. 2015)",
+                             value=value)
+
+
+@REMEDIES.register("truncated_bptt", k=20)
+def _truncated_bptt(k: int = 20) -> Remedy:
+    return _recurrent_remedy("truncated_bptt", _rec.truncated_bptt,
+                             f"back-propagate through at most {k} time steps (Williams & Peng "
+                             "1990)", k=k)
 
 
 def remedy_names() -> list[str]:

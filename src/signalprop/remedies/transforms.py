@@ -483,7 +483,42 @@ def fewer_layers(
     return new
 
 
+def pre_ln(model: nn.Module, example_batch: Batch = None) -> nn.Module:
+    """Switch post-LN transformer layers to pre-LN (Xiong et al. 2020).
+
+    Every ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` with
+    ``norm_first=False`` gets ``norm_first=True`` (the same parameters, normalising each
+    sub-block's input instead of the residual sum), and a ``nn.TransformerEncoder`` /
+    ``nn.TransformerDecoder`` without a final norm gets one, as pre-LN stacks need.
+
+    Raises:
+        ValueError: the model has no post-LN ``nn.Transformer*Layer`` (other transformer
+            implementations, such as Hugging Face's, fix the placement in their code).
+    """
+    new = copy.deepcopy(model)
+    layers = [m for m in new.modules()
+              if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
+    post = [m for m in layers if not m.norm_first]
+    if not post:
+        why = ("its torch.nn.Transformer layers are already pre-LN" if layers else
+               "it has no torch.nn.TransformerEncoderLayer/DecoderLayer whose norm placement "
+               "can be switched")
+        raise ValueError(f"cannot make {type(model).__name__} pre-LN: {why}")
+    for m in post:
+        m.norm_first = True
+    for stack in new.modules():
+        if isinstance(stack, (nn.TransformerEncoder, nn.TransformerDecoder)) and stack.norm is None:
+            first = stack.layers[0]
+            d = first.linear1.in_features
+            ref = first.norm1
+            stack.norm = nn.LayerNorm(d, eps=ref.eps).to(ref.weight.device, ref.weight.dtype)
+        if isinstance(stack, nn.TransformerEncoder):
+            stack.use_nested_tensor = False  # the nested-tensor fast path needs post-LN
+    return new
+
+
 TRANSFORMS: Registry = Registry("model transform")
+TRANSFORMS.register("pre_ln", pre_ln)
 TRANSFORMS.register("batchnorm", batchnorm, position="before")
 TRANSFORMS.register("layernorm", layernorm, position="before")
 TRANSFORMS.register("weightnorm", weight_norm)

@@ -16,6 +16,8 @@ TITLES = {
     "divergence": "Divergence",
     "exploding_gradients": "Exploding gradients",
     "vanishing_gradients": "Vanishing gradients",
+    "exploding_through_time": "Exploding gradients through time",
+    "vanishing_through_time": "Vanishing gradients through time",
     "saturation": "Saturated units",
     "dead_units": "Dead units",
     "update_ratio": "Update/weight ratio out of range",
@@ -29,6 +31,10 @@ CAPTIONS = {
     "Healthy: roughly flat lines. Vanishing: lines rising steeply toward the output (early "
     "layers get orders of magnitude less gradient). Exploding: lines falling toward the output. "
     "Red triangles: layers whose gradient is exactly zero (not drawable on a log axis).",
+    "time_profile": "Gradient of the loss with respect to each recurrent layer's hidden state "
+    "h_t, per time step t (log scale), at several training steps. Healthy: roughly flat. "
+    "Vanishing through time: the line rises steeply toward the last time step (early inputs get "
+    "no learning signal). Exploding: it falls toward the last step.",
     "activation_percentiles": "Distribution of each layer's outputs (5-95% and 15-85% bands, "
     "median), at the first and last recorded step. Saturation shows as activation bands pinned "
     "at the activation's limits; collapse as bands shrinking to a line.",
@@ -36,12 +42,21 @@ CAPTIONS = {
     "activation layer (rows, input at top) and step (columns). Bright = saturated.",
     "dead_heatmap": "Fraction of dead ReLU units (zero for every example of the batch) per layer "
     "and step. Bright = dead.",
+    "theory_vs_measurement": "Mean-field prediction (dashed) against the measured gradient "
+    "norm ||dL/dh|| at each weight layer's output (solid), at the first and the last recorded "
+    "step. The prediction starts from the last layer's measured norm and multiplies by "
+    "sqrt(chi) per layer, chi = sigma_w^2 E[phi'(z)^2] at each layer's measured pre-activation "
+    "variance (batch norm: its gradient rate); lines apart mean an assumption fails (see the "
+    "explanation).",
     "update_ratios": "Relative size of each optimiser step per weight matrix, "
     "||W_after - W_before|| / ||W_before||; the dashed line marks the usual ~1e-3.",
 }
 
-_FIGURE_ORDER = ("loss_curve", "gradient_flow", "activation_percentiles", "saturation_heatmap",
-                 "dead_heatmap", "update_ratios")
+_FIGURE_ORDER = ("loss_curve", "gradient_flow", "time_profile", "activation_percentiles",
+                 "saturation_heatmap", "dead_heatmap", "update_ratios")
+
+#: Figures only some models can have (not listed as "not drawn" for the others).
+_OPTIONAL_FIGURES = ("time_profile",)
 
 
 #: Trial columns shown first, in this order (others follow as found).
@@ -66,6 +81,18 @@ def _trial_table(trials: list[dict[str, Any]]) -> tuple[list[str], list[list[Any
     return cols, [[t.get(c) for c in cols] for t in trials]
 
 
+def _explanation_rows(expl: Any) -> dict[str, Any] | None:
+    """The explanation section: the sentence, then a per-layer table (index, block, q,
+    sigma_w^2, chi predicted vs measured at init)."""
+    if expl is None:
+        return None
+    rows = [[t.index, t.activation or "+".join(t.modules) or "-", t.block, t.q, t.sigma_w2,
+             t.chi, t.measured] for t in expl.init]
+    rx = expl.prescription
+    presc = [] if rx is None else [[name, v ** 0.5] for name, v in rx.sigma_w2.items()]
+    return {"sentence": expl.sentence(), "rows": rows, "prescription": presc}
+
+
 def render_report(report: Report, dpi: int = 100) -> str:
     """The self-contained HTML text of a doctor report."""
     import matplotlib
@@ -78,10 +105,18 @@ def render_report(report: Report, dpi: int = 100) -> str:
         fn = F.FIGURES.get(name)
         fig = fn(record)
         if fig is None:
-            missing.append(fn.title)
+            if name not in _OPTIONAL_FIGURES:
+                missing.append(fn.title)
             continue
         figs.append({"src": figure_to_data_uri(fig, dpi), "title": fn.title,
                      "caption": CAPTIONS.get(name, "")})
+    expl = getattr(report, "explanation", None)
+    if expl is not None:
+        fig = F.theory_vs_measurement(record, expl)
+        if fig is not None:
+            figs.insert(min(2, len(figs)), {
+                "src": figure_to_data_uri(fig, dpi), "title": F.theory_vs_measurement.title,
+                "caption": CAPTIONS["theory_vs_measurement"]})
     if report.trials:
         fig = F.trial_losses(report.trials)
         if fig is not None:
@@ -122,7 +157,9 @@ def render_report(report: Report, dpi: int = 100) -> str:
         trials_skipped=meta.get("trials_skipped", ""),
         figures=figs,
         missing_figures=missing,
+        unchecked=sorted((record.meta.get("unchecked") or {}).items()),
         run=run,
         thresholds=meta.get("thresholds", {}),
+        explanation=_explanation_rows(expl),
         version=meta.get("signalprop", ""),
     )

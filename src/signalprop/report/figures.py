@@ -217,6 +217,45 @@ def gradient_flow(record: Record, steps: Sequence[int] | None = None, n_steps: i
     return fig
 
 
+@requires("out_grad_norm", "out_std", "weight_norm", title="Theory vs measurement")
+def theory_vs_measurement(record: Record, explanation: Any = None, model: Any = None) -> (
+    Figure | None
+):
+    """Predicted (mean-field, :func:`signalprop.diagnosis.explain.explain`) and measured
+    ||dL/dh|| per weight layer, log scale, at init and at the end of the run. The prediction is
+    anchored at the last layer's measured norm and multiplied by sqrt(chi_l) towards the input.
+
+    Args:
+        record: A probe record.
+        explanation: A precomputed ``Explanation`` (default: computed from ``record``).
+        model: The model, to resolve custom activation modules when computing it here.
+    """
+    if explanation is None:
+        from signalprop.diagnosis.explain import explain
+
+        explanation = explain(record, model)
+    if explanation is None:
+        return None
+    n = explanation.norms
+    fig, axes = new_figure(6.4, 3.8)
+    ax = axes[0, 0]
+    x = np.arange(1, len(explanation.layers) + 1)
+    for key, step, color in (("init", explanation.step_init, "C0"),
+                             ("end", explanation.step_end, "C3")):
+        ax.plot(x, _positive(n[f"measured_{key}"]), "o-", ms=3, lw=1.2, color=color,
+                label=f"measured, step {step}")
+        ax.plot(x, _positive(n[f"predicted_{key}"]), "--", lw=1.6, color=color, alpha=0.8,
+                label=f"mean-field prediction, step {step}")
+    ax.set_yscale("log")
+    ax.set_xlabel("weight layer (input → output)")
+    ax.set_ylabel("||dL/dh|| (log)")
+    ax.set_title("Gradient norm per layer: theory vs measurement", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_xlim(0.5, len(x) + 0.5)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
 #: activation -> (min output, max output, saturation edges) with |phi'| < 0.1 max|phi'| beyond
 #: the edges: sigmoid h(1-h) < 0.025 <=> h < 0.0257 or h > 0.9743; tanh 1-h^2 < 0.1 <=> |h| > 0.949.
 _OUTPUT_RANGE = {
@@ -336,6 +375,43 @@ def update_ratios(record: Record, n_steps: int = 5) -> Figure | None:
     return fig
 
 
+def recurrent_layers(record: Record) -> list[str]:
+    """Layers with a per-time-step gradient profile (recurrent layers), forward order."""
+    return [n for n, i in record.layers.items() if i.role == "module" and i.time_steps]
+
+
+@requires("out_grad_norm_t0", title="Gradient through time")
+def time_profile(record: Record, steps: Sequence[int] | None = None, n_steps: int = 4) -> (
+    Figure | None
+):
+    """||dL/dh_t|| against the time step t (log scale) for each recurrent layer, at several
+    recorded steps. Flat: the gradient reaches the first time step; rising toward the last
+    step: it vanishes through time; falling: it explodes."""
+    layers = recurrent_layers(record)
+    if not layers:
+        return None
+    layers = layers[:3]
+    fig, axes = new_figure(4.2 * len(layers), 3.4, ncols=len(layers))
+    for k, name in enumerate(layers):
+        ax = axes[0, k]
+        have = [s for s in record.steps if record.time_profile(name, s)[0].size]
+        chosen = list(steps) if steps is not None else pick_steps(have, n_steps)
+        for c, s in zip(_step_colors(len(chosen)), chosen, strict=True):
+            t, g = record.time_profile(name, s)
+            if t.size:
+                ax.plot(t, _positive(g), "-", lw=1.2, color=c, label=f"step {s}")
+                zero = np.nonzero(np.asarray(g) == 0)[0]
+                if zero.size:
+                    ax.plot(t[zero], np.full(zero.size, np.nan), "v", color="C3")
+        ax.set_yscale("log")
+        ax.set_xlabel("time step t")
+        ax.set_ylabel("||dL/dh_t|| (log)")
+        ax.set_title(f"{name} ({record.layers[name].type})", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
 def trial_losses(trials: Sequence[dict[str, Any]]) -> Figure | None:
     """Loss curves of doctor trials (each trial dict with ``remedy`` and ``losses``)."""
     rows = [t for t in trials if isinstance(t, dict) and t.get("losses")]
@@ -372,7 +448,9 @@ __all__ = [
     "new_figure",
     "pick_steps",
     "requires",
+    "recurrent_layers",
     "saturation_heatmap",
+    "time_profile",
     "trial_losses",
     "update_ratios",
     "weight_params",

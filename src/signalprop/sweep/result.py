@@ -63,7 +63,9 @@ class SweepResult:
     def to_dataframe(self) -> Any:
         """One row per run: ``run_id``, ``group``, the config keys, the axis labels, ``status``,
         the metrics (:data:`METRICS`), ``wall_time``, ``error``."""
-        import pandas as pd
+        from signalprop._optional import require
+
+        pd = require("pandas", "lab", "SweepResult.to_dataframe")
 
         rows = []
         label_cols: list[str] = []

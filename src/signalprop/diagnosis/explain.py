@@ -1,0 +1,760 @@
+"""Why the gradient vanishes or explodes: mean-field theory evaluated for the user's own model,
+beside what the probe measured.
+
+For every pair of consecutive weight layers l, l+1 (Linear/Conv: modules owning a >= 2-D
+parameter) the block between them decides the predicted per-layer factor of the *squared*
+backward signal r_l = ||dL/dh_l||^2 / ||dL/dh_{l+1}||^2 (h = a weight layer's output):
+
+- an element-wise activation phi: r_l = chi_l = sigma_w,l+1^2 E[phi'(sqrt(q_l) z)^2]
+  (Poole et al. 2016; Schoenholz et al. 2017), with q_l = E[h_l^2] and
+  sigma_w,l+1^2 = fan_in Var(W_{l+1}) ~= ||W_{l+1}||_F^2 / fan_out, both *measured* by the probe;
+- batch norm then phi: r_l = lambda_G(phi, B) q_{l+1} / q_l, the batch-norm gradient rate
+  (Yang et al. 2019) corrected by BN's scale invariance for layers of different scale;
+- anything else (layer norm, pooling, an unknown module, a skip connection the probe cannot see):
+  no prediction; the explanation says which block it is.
+
+The product of sqrt(r_l) along the path is the predicted ||dL/dh_1|| / ||dL/dh_L||, compared with
+the measured one at the first recorded step (init) and at the last (end of the run). Where they
+disagree by more than :data:`DISAGREEMENT_FACTOR`, the failed assumption is decided from the
+record (finite width, non-Gaussian pre-activations, a non-element-wise block, weights moved far
+from init). The critical-init prescription gives per-layer sigma_w^2 that make chi = 1 at the
+model's own activation, bias variance and measured input scale, with the ratio it predicts.
+
+The theory is :mod:`signalprop.theory` (NumPy/SciPy); torch is only touched to resolve a
+user's activation module into a callable the theory can integrate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from signalprop.diagnosis.context import context_of, fmt
+from signalprop.record import MODEL, Record
+
+#: Prediction and measurement of the end-to-end gradient-norm ratio "agree" within this factor.
+DISAGREEMENT_FACTOR = 2.0
+
+#: chi in this range counts as "near the edge of chaos" in the cause sentence.
+NEAR_CRITICAL = (0.8, 1.25)
+
+#: Pre-activations count as Gaussian when their measured 5-95% range is within this fraction of
+#: the Gaussian one (2 x 1.645 std).
+GAUSSIAN_RANGE_TOL = 0.25
+
+#: Per-layer scatter (std of the log norm factor) that finite width N explains: WIDTH_SCATTER /
+#: sqrt(N). Wide random nets measure ~0.6 / sqrt(N); the deep-sigmoid example (N = 64) ~1.7.
+WIDTH_SCATTER = 4.0
+
+#: Weights count as "moved far from init" when a weight norm changed by more than this fraction.
+MOVED_FRACTION = 0.5
+
+_BN = "BatchNorm"
+_Z05 = 1.6448536269514722  # the 95% point of N(0, 1)
+
+
+@dataclass
+class Transition:
+    """The predicted and measured factor between weight layers l and l+1 at one step.
+
+    Attributes:
+        layer, next_layer: Weight-layer module names (h_l, h_{l+1} are their outputs).
+        index: 1-based index l of ``layer`` among the weight layers.
+        block: ``"elementwise"``, ``"batchnorm"``, ``"residual"`` or ``"unknown"``.
+        modules: Module types between the two weight layers (``["Sigmoid"]``).
+        activation: The activation's name (``None`` when there is none or it is unknown).
+        q: Measured E[h_l^2] (pre-activation second moment).
+        mean: Measured mean of h_l (over batch and units; ~0 for zero-mean weights and biases).
+        sigma_w2: Measured fan_in Var(W_{l+1}).
+        e_dphi2: E[phi'(sqrt(q) z)^2] (element-wise blocks).
+        chi: Predicted ratio of squared gradient norms r_l (NaN when not predicted).
+        measured: Measured ratio of squared gradient norms.
+    """
+
+    layer: str
+    next_layer: str
+    index: int
+    block: str
+    modules: list[str]
+    activation: str | None
+    q: float
+    mean: float
+    sigma_w2: float
+    e_dphi2: float
+    chi: float
+    measured: float
+
+
+@dataclass
+class Prescription:
+    """Critical initialisation computed for this model (chi = 1 at every element-wise layer).
+
+    Attributes:
+        sigma_w2: Weight-layer module name -> sigma_w^2 (W ~ N(0, sigma_w^2 / fan_in)); the
+            names ``model.get_submodule`` takes.
+        sigma_b2: Bias variance (the model's own, measured).
+        q_star: The fixed point q* of the length map at the critical point.
+        input_second_moment: Measured E[x^2] of the model's input (sets layer 1's sigma_w^2 so
+            that q_1 = q*; NaN when not recorded).
+        predicted_ratio: Predicted ||dL/dh_1|| / ||dL/dh_L|| after the change (mean-field, the
+            length map iterated from the measured input scale).
+        activation: The activation the critical point is for.
+        note: Why some layers keep their weights, or why there is no critical point.
+    """
+
+    sigma_w2: dict[str, float]
+    sigma_b2: float
+    q_star: float
+    input_second_moment: float
+    predicted_ratio: float
+    activation: str
+    note: str = ""
+
+    @property
+    def sigma_w(self) -> dict[str, float]:
+        return {k: math.sqrt(v) for k, v in self.sigma_w2.items()}
+
+
+@dataclass
+class Explanation:
+    """Mean-field prediction of the gradient profile beside the measurement.
+
+    Ratios are of gradient *norms*, ||dL/dh_1|| / ||dL/dh_L|| (layer 1 = input side), over the
+    transitions the theory covers; per-layer factors are their geometric means.
+    """
+
+    layers: list[str]
+    step_init: int
+    step_end: int
+    init: list[Transition]
+    end: list[Transition]
+    predicted_ratio: float
+    measured_ratio: float
+    predicted_factor: float
+    measured_factor: float
+    predicted_ratio_end: float
+    measured_ratio_end: float
+    covered: int
+    tolerance: float
+    disagreement: float
+    disagreement_end: float
+    reasons: list[str]
+    reasons_end: list[str]
+    cause: str
+    prescription: Prescription | None
+    prescription_note: str = ""
+    norms: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def agrees(self) -> bool:
+        """Prediction and measurement at init agree within ``tolerance``."""
+        return self.disagreement <= self.tolerance
+
+    def sentence(self) -> str:
+        """The explanation as a finding's "why" sentences."""
+        out = self.cause
+        if math.isfinite(self.predicted_ratio) and math.isfinite(self.measured_ratio):
+            out += (f" Predicted {fmt(self.predicted_factor)} per layer and "
+                    f"{fmt(self.predicted_ratio)} over {self.covered} layers; measured at init "
+                    f"{fmt(self.measured_factor)} per layer and {fmt(self.measured_ratio)}.")
+            if self.agrees:
+                out += f" Theory and measurement agree within {fmt(self.tolerance)}x."
+            else:
+                out += (f" They differ by {fmt(self.disagreement)}x (> {fmt(self.tolerance)}x): "
+                        + "; ".join(self.reasons) + ".")
+        if self.reasons_end and math.isfinite(self.disagreement_end) \
+                and self.disagreement_end > self.tolerance:
+            out += (f" At the end of the run they differ by {fmt(self.disagreement_end)}x: "
+                    + "; ".join(self.reasons_end) + ".")
+        if self.prescription is not None:
+            p = self.prescription
+            sw = sorted({round(v, 4) for v in p.sigma_w.values()})
+            out += (f" Critical init for this model: sigma_w = "
+                    f"{', '.join(fmt(v, 3) for v in sw)} (sigma_b^2 = {fmt(p.sigma_b2)}), "
+                    f"predicted ratio after the change {fmt(p.predicted_ratio, 3)}"
+                    + (f"; {p.note.strip().rstrip('.')}" if p.note.strip() else "") + ".")
+        elif self.prescription_note:
+            out += f" No critical init: {self.prescription_note}"
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (NaN kept as float; the report's encoder writes ``null``)."""
+        d = asdict(self)
+        d["agrees"] = self.agrees
+        d["chi"] = [t.chi for t in self.init]
+        d["sentence"] = self.sentence()
+        if self.prescription is not None:
+            d["prescription"]["sigma_w"] = self.prescription.sigma_w
+        return d
+
+
+# --- reading the record ---------------------------------------------------------------------
+def _first_finite_step(record: Record, names: list[str], last: bool) -> int | None:
+    """The first (last) step whose gradient norms are finite and > 0 and whose forward
+    statistics are finite, for every weight layer."""
+    steps = record.steps[::-1] if last else record.steps
+    for s in steps:
+        g = [record.get(s, n, "out_grad_norm") for n in names]
+        f = [record.get(s, n, k) for n in names[:-1] for k in ("out_mean", "out_std")]
+        if all(math.isfinite(x) and x > 0 for x in g) and all(math.isfinite(x) for x in f):
+            return s
+    return None
+
+
+def _second_moment(record: Record, step: int, layer: str) -> float:
+    m, s = record.get(step, layer, "out_mean"), record.get(step, layer, "out_std")
+    return m * m + s * s
+
+
+def _weight_scale(record: Record, step: int, param: str, default: float = math.nan) -> float:
+    """fan_in Var(W) ~= ||W||_F^2 / fan_out."""
+    info = record.layers.get(param)
+    w = record.get(step, param, "weight_norm")
+    if info is None or not info.shape or not math.isfinite(w):
+        return default
+    return w * w / info.shape[0]
+
+
+def _bias_scale(record: Record, step: int, layers: list[str]) -> float:
+    """Median Var(b) = ||b||^2 / numel over the given weight layers' biases (0 without biases)."""
+    vals = []
+    for m in layers:
+        info = record.layers.get(f"{m}.bias")
+        b = record.get(step, f"{m}.bias", "weight_norm")
+        if info is not None and info.shape and math.isfinite(b):
+            vals.append(b * b / max(1, int(np.prod(info.shape))))
+    return float(np.median(vals)) if vals else 0.0
+
+
+def _resolve(kind: str | None, module: Any) -> Any:
+    """A theory Activation for a block's activation: the module itself when we have it (exact for
+    default-configured torch modules, autograd for anything else), else the recorded kind."""
+    from signalprop.theory import get_activation
+
+    if module is not None:
+        from signalprop.theory.torch_adapter import resolve_activation
+
+        try:
+            return resolve_activation(module)
+        except (TypeError, ValueError):
+            pass
+    if kind is None:
+        return None
+    try:
+        return get_activation(kind)
+    except ValueError:
+        return None
+
+
+def _is_elementwise(module: Any, shape: list[int] | None) -> bool:
+    """Whether an unlabelled, parameter-free module acts element-wise: f(x)[perm] == f(x[perm])
+    along the features, and a row's output does not depend on the other rows."""
+    import torch
+
+    if module is None or any(True for _ in module.parameters()):
+        return False
+    n = int(np.prod(shape)) if shape else 16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, min(n, 64), generator=gen, dtype=torch.float64)
+    perm = torch.randperm(x.shape[1], generator=gen)
+    try:
+        with torch.no_grad():
+            y = module(x)
+            ok = (y.shape == x.shape
+                  and torch.allclose(module(x[:, perm]), y[:, perm])
+                  and torch.allclose(module(x[:1]), y[:1]))
+    except Exception:  # noqa: BLE001 - any failure means "not usable as an element-wise map"
+        return False
+    return bool(ok)
+
+
+def _residual_alphas(record: Record, model: Any, ctx: Any) -> dict[str, tuple[str, float]]:
+    """Weight layers that are the only weight layer of a skip-connection block x + alpha f(x):
+    weight layer -> (block name, alpha). Blocks are found in the model (signalprop's
+    ``Residual``) or marked by the probe (``LayerInfo.residual``)."""
+    cands: dict[str, float] = {}
+    if model is not None:
+        for name, m in model.named_modules():
+            if type(m).__name__ == "Residual" and hasattr(m, "block") and name:
+                cands[name] = float(getattr(m, "alpha", 1.0))
+    for info in record.layers.values():
+        if getattr(info, "residual", None):
+            cands.setdefault(info.module or info.name, 1.0)
+    out: dict[str, tuple[str, float]] = {}
+    for r, a in cands.items():
+        inside = [w for w in ctx.weight_layers
+                  if (getattr(record.layers.get(w), "module", None) or w).startswith(r + ".")]
+        if len(inside) == 1:
+            out[inside[0]] = (r, a)
+    return out
+
+
+def _blocks(record: Record, model: Any, ctx: Any) -> list[tuple[str, list[str], Any, str | None]]:
+    """For each transition l -> l+1: (block kind, module types, theory activation, act name).
+
+    Kinds: ``"elementwise"``, ``"batchnorm"`` (BN then phi), ``"residual"`` (W_{l+1} is the
+    weight layer of a skip block x + alpha phi(W x + b); phi before it may be absent) and
+    ``"unknown"``.
+    """
+    mods = dict(model.named_modules()) if model is not None else {}
+    res = _residual_alphas(record, model, ctx)
+    modules = sorted((i for i in record.layers.values() if i.role == "module"),
+                     key=lambda i: i.depth)
+    L = ctx.weight_layers
+    between_of = [[i for i in modules if ctx.block.get(i.name) == j + 1 and i.name != L[j]]
+                  for j in range(ctx.depth)]
+    out = []
+    for j in range(ctx.depth - 1):
+        between = between_of[j]
+        types = [i.type for i in between]
+        acts, bn, other = [], False, []
+        for i in between:
+            mod = mods.get(i.module or i.name)  # a call site "act#2" is module "act"
+            if _BN in i.type:
+                bn = True
+            elif i.activation is not None or _is_elementwise(mod, i.shape):
+                acts.append((i.activation, mod))
+            else:
+                other.append(i.type)
+        if L[j + 1] in res and not bn and not other and len(acts) <= 1:
+            # the branch must be [W, phi] inside the block: the modules after W_{l+1} are in it
+            r = res[L[j + 1]][0]
+            nxt = between_of[j + 1] if j + 1 < ctx.depth - 1 else []
+            if nxt and all((i.module or i.name).startswith(r + ".") for i in nxt):
+                act = _resolve(*acts[0]) if acts else None
+                if acts and act is None:
+                    out.append(("unknown", types, None, acts[0][0]))
+                else:
+                    out.append(("residual", types or ["(skip)"], act,
+                                act.name if act is not None else None))
+                continue
+        if len(acts) != 1 or other:
+            out.append(("unknown", types, None, None))
+            continue
+        act = _resolve(*acts[0])
+        if act is None:
+            out.append(("unknown", types, None, acts[0][0]))
+            continue
+        out.append(("batchnorm" if bn else "elementwise", types, act, act.name))
+    return out, res
+
+
+def _transitions(record: Record, ctx: Any, blocks: list, step: int, batch_size: int | None,
+                 res: dict[str, tuple[str, float]] | None = None) -> list[Transition]:
+    from signalprop.theory import bn_gradient_rate
+
+    L = ctx.weight_layers
+    cache: dict[tuple[Any, ...], float] = {}
+
+    def memo(fn: Any, act: Any, *args: Any) -> float:
+        key = (fn, id(act), *args)
+        if key not in cache:
+            cache[key] = fn(act, *args)
+        return cache[key]
+
+    g = [record.get(step, m, "out_grad_norm") for m in L]
+    q = [_second_moment(record, step, m) for m in L]
+    out = []
+    for j, (kind, types, act, name) in enumerate(blocks):
+        sw2 = _weight_scale(record, step, ctx.weight_params[L[j + 1]])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            meas = (g[j] / g[j + 1]) ** 2
+        e2 = chi = math.nan
+        res = res or {}
+        a2 = res[L[j]][1] ** 2 if L[j] in res else 1.0  # h_l feeds the stream scaled by alpha
+        if kind == "elementwise" and math.isfinite(q[j]) and math.isfinite(sw2):
+            e2 = _dphi2(act, record.get(step, L[j], "out_mean"), record.get(step, L[j], "out_std"))
+            chi = a2 * sw2 * e2
+        elif kind == "residual" and j + 1 < len(blocks) and blocks[j + 1][2] is not None \
+                and math.isfinite(sw2):
+            # x_{l+1} = x_l + alpha phi(W x_l + b): ||dL/dx_l||^2 = (1 + alpha^2 sigma_w^2
+            # E[phi'^2]) ||dL/dx_{l+1}||^2, and dL/dh = alpha phi'(h) (.) dL/dx on both sides
+            a_next = res[L[j + 1]][1]
+            e_next = _dphi2(blocks[j + 1][2], record.get(step, L[j + 1], "out_mean"),
+                            record.get(step, L[j + 1], "out_std"))
+            e2 = 1.0 if act is None else _dphi2(act, record.get(step, L[j], "out_mean"),
+                                                record.get(step, L[j], "out_std"))
+            if e_next > 0:
+                chi = a2 * e2 / (a_next ** 2 * e_next) * (1 + a_next ** 2 * sw2 * e_next)
+        elif kind == "batchnorm" and batch_size is not None and batch_size >= 4 \
+                and q[j] > 0 and math.isfinite(sw2):
+            # BN divides by each unit's batch std, so the scale that matters is the per-unit
+            # variance over the batch: after BN then phi it is sigma_w^2 Var[phi(z)], z ~ N(0, 1)
+            # (unit means are the same for every unit and cancel); else the measured q
+            v_next = sw2 * memo(_bn_output_variance, act)
+            v_here = q[j]
+            if j > 0 and blocks[j - 1][0] == "batchnorm":
+                v_here = _weight_scale(record, step, ctx.weight_params[L[j]]) * \
+                    memo(_bn_output_variance, blocks[j - 1][2])
+            try:
+                chi = memo(bn_gradient_rate, act, batch_size) * v_next / v_here
+            except ValueError:
+                chi = math.nan
+        out.append(Transition(L[j], L[j + 1], j + 1, kind, types, name, q[j],
+                              record.get(step, L[j], "out_mean"), sw2, e2, chi, float(meas)))
+    return out
+
+
+def _dphi2(act: Any, mean: float, std: float) -> float:
+    """E[phi'(h)^2] for h ~ N(mean, std^2) as measured. With zero-mean weights and biases the
+    mean is ~0 and this is E[phi'(sqrt(q) z)^2]; a constant bias shift (all units at -3) is kept
+    where the zero-mean formula would put half the units on either side."""
+    from signalprop.theory import gaussian_expectations
+
+    if abs(mean) <= 1e-3 * std:
+        return float(gaussian_expectations(lambda x: act.dphi(x) ** 2, std * std,
+                                           kinks=act.kinks)[0])
+    return float(gaussian_expectations(lambda x: act.dphi(x + mean) ** 2, std * std,
+                                       kinks=tuple(k - mean for k in act.kinks))[0])
+
+
+def _bn_output_variance(act: Any) -> float:
+    """Var[phi(z)], z ~ N(0, 1): the per-unit batch variance of phi after batch norm."""
+    from signalprop.theory import gaussian_expectations
+
+    m = gaussian_expectations(lambda x: np.stack([act.phi(x), act.phi(x) ** 2]), 1.0,
+                              kinks=act.kinks)
+    return float(m[1] - m[0] ** 2)
+
+
+def _ratio(ts: list[Transition], attr: str) -> tuple[float, int]:
+    """Product of sqrt(r) over the transitions with a prediction (norm ratio) and their count."""
+    vals = [getattr(t, attr) for t in ts if math.isfinite(t.chi)]
+    if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
+        return math.nan, len(vals)
+    return float(math.exp(0.5 * sum(math.log(v) for v in vals))), len(vals)
+
+
+def _off_by(a: float, b: float) -> float:
+    if not (math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0):
+        return math.nan
+    return float(max(a / b, b / a))
+
+
+# --- deciding why theory and measurement differ ---------------------------------------------------
+def _gaussian_misfit(record: Record, step: int, layers: list[str]) -> float:
+    """Median over layers of |measured 5-95% range / Gaussian range - 1| of the pre-activations."""
+    vals = []
+    for m in layers:
+        p5, p95 = record.get(step, m, "out_p05"), record.get(step, m, "out_p95")
+        s = record.get(step, m, "out_std")
+        if all(math.isfinite(v) for v in (p5, p95, s)) and s > 0:
+            vals.append(abs((p95 - p5) / (2 * _Z05 * s) - 1.0))
+    return float(np.median(vals)) if vals else math.nan
+
+
+def _width(record: Record, ctx: Any, layers: list[str]) -> int | None:
+    """Smallest fan_out (units or channels) of the given weight layers."""
+    ws = [i.shape[0] for m in layers
+          if (i := record.layers.get(ctx.weight_params.get(m, ""))) and i.shape]
+    return min(ws) if ws else None
+
+
+def _reasons(record: Record, ts: list[Transition], step: int, ctx: Any, at_end: bool,
+             step0: int) -> list[str]:
+    """Which mean-field assumption fails, decided from the record."""
+    out = []
+    unknown = [t for t in ts if t.block == "unknown"]
+    if unknown:
+        kinds = sorted({"+".join(t.modules) or "nothing" for t in unknown})
+        out.append(f"{len(unknown)} block(s) are not an element-wise activation (or batch norm "
+                   f"then one) and have no mean-field factor: {', '.join(kinds)}")
+    if at_end:
+        moved = []
+        for m in ctx.weight_layers:
+            p = ctx.weight_params[m]
+            a, b = record.get(step0, p, "weight_norm"), record.get(step, p, "weight_norm")
+            if math.isfinite(a) and math.isfinite(b) and a > 0:
+                moved.append(abs(b / a - 1.0))
+        if moved and max(moved) > MOVED_FRACTION:
+            out.append(f"training moved the weights far from init (a weight norm changed by "
+                       f"{fmt(100 * max(moved), 2)}%), so they are no longer independent random "
+                       "matrices")
+    cov = [t for t in ts if math.isfinite(t.chi) and t.measured > 0 and math.isfinite(t.measured)]
+    if not cov:
+        return out
+    gm = _gaussian_misfit(record, step, [t.layer for t in cov])
+    if math.isfinite(gm) and gm > GAUSSIAN_RANGE_TOL:
+        out.append(f"the pre-activations are not Gaussian (their 5-95% range is off the Gaussian "
+                   f"one by {fmt(100 * gm, 2)}% in the median layer): a few units or correlated "
+                   "units carry the signal, where the theory assumes many independent ones")
+    if len(cov) >= 2:
+        r = np.log([t.measured / t.chi for t in cov]) / 2  # per-layer log residual, norm units
+        n = len(r)
+        mean, sd = float(np.mean(r)), float(np.std(r, ddof=1))
+        width = _width(record, ctx, [t.layer for t in cov])
+        # a random walk of independent per-layer errors explains the total when it is within
+        # ~2.5 standard deviations; otherwise the error has a direction (systematic)
+        systematic = abs(mean) * math.sqrt(n) > 2.5 * sd
+        # finite width N makes each layer's factor fluctuate by ~1/sqrt(N) (a norm over N
+        # units); a scatter several times larger is not a width effect
+        width_sd = WIDTH_SCATTER / math.sqrt(width) if width else math.inf
+        unseen = ("a skip connection or other non-element-wise block the record does not show "
+                  "(x + f(x) adds 1 to a block's factor)")
+        if not systematic and sd <= width_sd:
+            out.append(f"narrow layers (width {width}): each layer's measured factor scatters by "
+                       f"~{fmt(100 * (math.exp(sd) - 1), 2)}% around the prediction, in both "
+                       f"directions, and the scatter accumulates over {n} layers; the mean-field "
+                       "limit assumes width >> depth")
+        elif not systematic:
+            out.append(f"each layer's measured factor scatters by "
+                       f"~{fmt(100 * (math.exp(sd) - 1), 2)}% around the prediction, far more "
+                       f"than width {width} explains (~{fmt(100 * (math.exp(width_sd) - 1), 2)}%)"
+                       f": {unseen}, or heavy-tailed units")
+        else:
+            direction = "larger" if mean > 0 else "smaller"
+            txt = (f"each layer's measured factor is systematically {direction} than "
+                   f"predicted (by {fmt(math.exp(abs(mean)), 3)}x on average): correlated "
+                   "units (the backward signal is not independent of the weights, as the "
+                   "mean-field limit assumes)")
+            if mean > 0:
+                txt += f", or {unseen}"
+            out.append(txt)
+    return out
+
+
+# --- cause -------------------------------------------------------------------------------------
+def _cause(ts: list[Transition], act_obj: Any) -> str:
+    el = [t for t in ts if t.block == "elementwise" and math.isfinite(t.chi)]
+    bn = [t for t in ts if t.block == "batchnorm" and math.isfinite(t.chi)]
+    rs = [t for t in ts if t.block == "residual" and math.isfinite(t.chi)]
+    skip = ""
+    if rs:
+        rate = float(np.exp(np.median(np.log([t.chi for t in rs]))))
+        skip = (f" Skip connections (x + alpha phi(W x + b)): each of the {len(rs)} residual "
+                f"blocks multiplies the squared gradient by 1 + alpha^2 sigma_w^2 E[phi'^2] "
+                f"(median {fmt(rate, 3)}), so it cannot vanish through them.")
+    if rs and len(el) <= len(rs):  # a residual net: the chain factor is not the story
+        el = []
+    if not el and not bn:
+        if rs:
+            return "Why (mean-field theory at the measured init):" + skip
+        return ("The mean-field theory covers none of this model's blocks (no element-wise "
+                "activation between weight layers).")
+    if bn and not el:
+        rate = float(np.exp(np.median(np.log([t.chi for t in bn]))))
+        return skip.strip() + (" " if skip else "") + (f"Why (mean-field theory, Yang et al. 2019): batch norm before {bn[0].activation} "
+                f"multiplies the squared gradient by lambda_G = {fmt(rate, 3)} per layer "
+                f"(a factor {fmt(math.sqrt(rate), 3)} on the norm) whatever sigma_w is.")
+    sw2 = float(np.median([t.sigma_w2 for t in el]))
+    q = float(np.median([t.q for t in el]))
+    e2 = float(np.median([t.e_dphi2 for t in el]))
+    chi = float(np.exp(np.median(np.log([t.chi for t in el]))))
+    name = el[0].activation or "phi"
+    grid = np.linspace(-12.0, 12.0, 4801)
+    dmax = float(np.max(np.abs(act_obj.dphi(grid)))) if act_obj is not None else math.nan
+    frac = e2 / (dmax * dmax) if dmax > 0 else math.nan
+    near = NEAR_CRITICAL[0] <= chi <= NEAR_CRITICAL[1]
+    verb = "keeps" if near else ("shrinks" if chi < 1 else "grows")
+    mean = float(np.median([t.mean for t in el]))
+    where = f"z ~ N(0, q), measured q = {fmt(q, 2)}"
+    if abs(mean) > 0.5 * math.sqrt(q):
+        where = (f"z ~ N(m, q - m^2) as measured, m = {fmt(mean, 2)}, q = {fmt(q, 2)}: the "
+                 "biases shift every unit the same way")
+    txt = (f"Why (mean-field theory at the measured init, Schoenholz et al. 2017): each layer "
+           f"{verb} the squared gradient by chi = sigma_w^2 E[{name}'(z)^2] = {fmt(sw2, 3)} x "
+           f"{fmt(e2, 2)} = {fmt(chi, 2)} ({where}), a factor "
+           f"{fmt(math.sqrt(chi), 3)} per layer on the gradient norm.")
+    if math.isfinite(frac):
+        sat = (f" {name}' <= {fmt(dmax, 3)} and E[{name}'^2] is {fmt(100 * frac, 2)}% of its "
+               f"maximum {fmt(dmax * dmax, 3)}")
+        if near:
+            sat += ": chi is near 1, the edge of chaos (gradients keep their scale)."
+        elif chi < 1 and frac >= 0.8:
+            sat += (f", so the cause is {name}' <= {fmt(dmax, 3)} times sigma_w^2 = "
+                    f"{fmt(sw2, 3)}, not saturation.")
+        elif chi < 1 and frac <= 0.3:
+            sat += ": the cause is saturation (most pre-activations sit where the derivative "\
+                   "is small)."
+        elif chi > 1:
+            sat += f": the cause is sigma_w^2 = {fmt(sw2, 3)} too large for {name}."
+        else:
+            sat += "."
+        txt += sat
+    return txt + skip
+
+
+# --- prescription --------------------------------------------------------------------------------
+def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Prescription | None,
+                                                                             str]:
+    from signalprop.theory import NoCriticalPoint, critical_point, length_moments
+
+    acts = [b[2] for b in blocks if b[0] == "elementwise"]
+    if not acts:
+        if any(b[0] == "batchnorm" for b in blocks):
+            return None, ("batch norm sets the gradient rate whatever sigma_w is (Yang et al. "
+                          "2019, Theorem 9): tuning sigma_w, sigma_b cannot remove it.")
+        return None, "no element-wise activation between weight layers."
+    names = {a.name for a in acts}
+    if len(names) > 1:
+        return None, f"several activations ({', '.join(sorted(names))}); one critical point " \
+                     "per model is computed only for a single activation."
+    act = acts[0]
+    sb2 = _bias_scale(record, step, ctx.weight_layers[:-1])
+    note = ""
+    try:
+        cp = critical_point(act, sb2)
+    except NoCriticalPoint as e:
+        if sb2 == 0.0:
+            return None, str(e)
+        try:  # the model's bias scale rules a critical point out; zero biases may not
+            cp = critical_point(act, 0.0)
+        except NoCriticalPoint:
+            return None, str(e)
+        note = f"none at the model's sigma_b^2 = {fmt(sb2)} ({e.reason}); biases set to 0. "
+        sb2 = 0.0
+    L = ctx.weight_layers
+    xm, xs = record.get(step, MODEL, "input_mean"), record.get(step, MODEL, "input_std")
+    ex2 = xm * xm + xs * xs if math.isfinite(xm) and math.isfinite(xs) else math.nan
+    sw2 = {m: cp.sigma_w2 for m in L}
+    # layer 1 sees the data, not phi(h): choose its scale so that q_1 = q* (the fixed point)
+    if blocks[0][0] == "elementwise" and math.isfinite(cp.q_star) and cp.q_star > 0 \
+            and math.isfinite(ex2) and ex2 > 0 and cp.q_star > sb2:
+        sw2[L[0]] = (cp.q_star - sb2) / ex2
+        note += "layer 1 scaled so that its pre-activations start at q* for the measured input"
+    # keep BN / unknown blocks' next layers as they are: chi does not apply there
+    for j, b in enumerate(blocks):
+        if b[0] != "elementwise":
+            sw2[L[j + 1]] = _weight_scale(record, step, ctx.weight_params[L[j + 1]], cp.sigma_w2)
+    if any(b[0] != "elementwise" for b in blocks):
+        note += ("; " if note else "") + "layers after batch-norm, residual or unknown blocks " \
+            "keep their scale (chi = sigma_w^2 E[phi'^2] does not set their factor)"
+    # the ratio after the change: the length map iterated from the measured input scale
+    q = sw2[L[0]] * ex2 + sb2 if math.isfinite(ex2) else (
+        cp.q_star if math.isfinite(cp.q_star) else 1.0)
+    log_r = 0.0
+    for j, b in enumerate(blocks):
+        if b[0] != "elementwise":
+            continue
+        m = length_moments(b[2], q)
+        log_r += 0.5 * math.log(sw2[L[j + 1]] * float(m[1]))
+        q = sw2[L[j + 1]] * float(m[0]) + sb2
+    # keyed by module (a module called at several sites has one set of weights: its first
+    # site's value)
+    by_module: dict[str, float] = {}
+    for m in L:
+        info = record.layers.get(m)
+        by_module.setdefault((info.module if info is not None and info.module else m), sw2[m])
+    return Prescription(by_module, sb2, float(cp.q_star), float(ex2), float(math.exp(log_r)),
+                        act.name, note), ""
+
+
+# --- entry point ---------------------------------------------------------------------------------
+def explain(
+    record: Record,
+    model: Any = None,
+    *,
+    batch_size: int | None = None,
+    tolerance: float = DISAGREEMENT_FACTOR,
+) -> Explanation | None:
+    """Mean-field prediction of the record's per-layer gradient norms, beside the measurement.
+
+    Args:
+        record: A probe record with ``out_grad_norm``, ``out_mean``/``out_std`` of the weight
+            layers and ``weight_norm`` of their parameters (the doctor's defaults).
+        model: The model the record is of (optional): activation modules are then resolved from
+            the modules themselves, so any callable activation gets its exact phi'.
+        batch_size: Training batch size (needed for batch-norm blocks; default
+            ``record.meta["batch_size"]``).
+        tolerance: Factor on the end-to-end gradient-norm ratio beyond which prediction and
+            measurement "disagree" and the reasons are given.
+
+    Returns:
+        An :class:`Explanation`, or ``None`` when the record lacks what it needs (fewer than two
+        weight layers, no gradient or forward statistics).
+    """
+    if not (math.isfinite(tolerance) and tolerance >= 1):
+        raise ValueError(f"tolerance must be a finite factor >= 1, got {tolerance}")
+    ctx = context_of(record)
+    if ctx.depth < 2:
+        return None
+    L = ctx.weight_layers
+    s0 = _first_finite_step(record, L, last=False)
+    s1 = _first_finite_step(record, L, last=True)
+    if s0 is None or s1 is None:
+        return None
+    if batch_size is None:
+        b = record.meta.get("batch_size")
+        batch_size = int(b) if isinstance(b, (int, float)) and b == b else None
+    blocks, res = _blocks(record, model, ctx)
+    init = _transitions(record, ctx, blocks, s0, batch_size, res)
+    end = _transitions(record, ctx, blocks, s1, batch_size, res)
+    pred, n = _ratio(init, "chi")
+    meas, _ = _ratio(init, "measured")
+    pred_e, _ = _ratio(end, "chi")
+    meas_e, _ = _ratio(end, "measured")
+    off, off_e = _off_by(pred, meas), _off_by(pred_e, meas_e)
+    reasons = _reasons(record, init, s0, ctx, False, s0) if not off <= tolerance else []
+    reasons_end = _reasons(record, end, s1, ctx, True, s0) if not off_e <= tolerance else []
+    act_obj = next((b[2] for b in blocks if b[0] == "elementwise"), None)
+    rx, note = _prescribe(record, ctx, blocks, s0)
+
+    def norms(ts: list[Transition], step: int) -> tuple[list[float], list[float]]:
+        g = [record.get(step, m, "out_grad_norm") for m in L]
+        p = [math.nan] * len(L)
+        p[-1] = g[-1]  # anchored at the output side, predicted towards the input
+        for j in range(len(L) - 2, -1, -1):
+            c = ts[j].chi
+            p[j] = p[j + 1] * math.sqrt(c) if math.isfinite(c) and math.isfinite(p[j + 1]) \
+                else math.nan
+        return g, p
+
+    g0, p0 = norms(init, s0)
+    g1, p1 = norms(end, s1)
+    return Explanation(
+        layers=list(L), step_init=s0, step_end=s1, init=init, end=end,
+        predicted_ratio=pred, measured_ratio=meas,
+        predicted_factor=pred ** (1 / n) if n and pred == pred else math.nan,
+        measured_factor=meas ** (1 / n) if n and meas == meas else math.nan,
+        predicted_ratio_end=pred_e, measured_ratio_end=meas_e, covered=n, tolerance=tolerance,
+        disagreement=off, disagreement_end=off_e, reasons=reasons, reasons_end=reasons_end,
+        cause=_cause(init, act_obj), prescription=rx, prescription_note=note,
+        norms={"measured_init": g0, "predicted_init": p0, "measured_end": g1,
+               "predicted_end": p1},
+    )
+
+
+def attach(findings: list[Any], explanation: Explanation | None) -> None:
+    """Add the explanation to the gradient findings (evidence sentence and numbers), in place."""
+    if explanation is None:
+        return
+    for f in findings:
+        if f.kind not in ("vanishing_gradients", "exploding_gradients"):
+            continue
+        f.evidence = f"{f.evidence} {explanation.sentence()}"
+        f.numbers["predicted_ratio"] = explanation.predicted_ratio
+        f.numbers["predicted_per_layer_factor"] = explanation.predicted_factor
+        f.numbers["measured_ratio_init"] = explanation.measured_ratio
+        f.numbers["theory_disagreement"] = explanation.disagreement
+        if explanation.prescription is not None:
+            ws = list(explanation.prescription.sigma_w.values())
+            f.numbers["critical_sigma_w"] = float(np.median(ws))
+
+
+def critical_remedy(explanation: Explanation | None) -> Any:
+    """The ``critical_init`` remedy with this model's prescribed per-layer sigma_w^2 and sigma_b^2
+    (the plain registered remedy when there is no prescription)."""
+    from signalprop.remedies import get_remedy
+
+    if explanation is None or explanation.prescription is None:
+        return get_remedy("critical_init")
+    p = explanation.prescription
+    return get_remedy("critical_init", sigma_w2=p.sigma_w2, sigma_b2=p.sigma_b2)
+
+
+def explain_or_skip(record: Record, model: Any = None, **kwargs: Any) -> Explanation | None:
+    """:func:`explain` for the doctor: a model the theory cannot read must not cost the user the
+    rest of the diagnosis, so an unexpected error becomes a warning and
+    ``record.meta["explanation_skipped"]`` (with the error) instead of an exception."""
+    import warnings
+
+    try:
+        return explain(record, model, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported, not swallowed: warning + record.meta
+        why = f"{type(e).__name__}: {e}"
+        record.meta["explanation_skipped"] = why
+        warnings.warn(f"mean-field explanation skipped ({why})", stacklevel=2)
+        return None

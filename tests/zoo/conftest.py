@@ -1,0 +1,1 @@
+"""Fixtures shared by the zoo (helpers live in ``zoo_helpers``, importable from every zoo test)."""

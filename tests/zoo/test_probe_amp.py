@@ -1,0 +1,67 @@
+"""Zoo: fp16 autocast with a GradScaler on the CPU. Steps the scaler skips are recorded as
+skipped (not merged, not a NaN finding) and the loss scale is divided out of every norm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from zoo_helpers import kinds
+
+from signalprop.diagnosis import diagnose
+from signalprop.probe import Probe
+from signalprop.record import MODEL
+
+
+def _net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                         nn.Linear(32, 3))
+
+
+def test_gradscaler_skipped_steps_and_unscaled_norms():
+    torch.manual_seed(0)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    # a scale this large overflows fp16 gradients: the scaler skips steps and halves it
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    skipped, truth_out, truth_total = [], [], []
+    with Probe(model, optimizer=opt, scaler=scaler) as p:
+        for _ in range(9):
+            # truth on a copy: the same autocast forward, gradients of the unscaled loss
+            ref = _net()  # a fresh copy (deepcopy would copy the probe's hooks too)
+            ref.load_state_dict(model.state_dict())
+            with torch.autocast("cpu", dtype=torch.float16):
+                h = ref[:4](x)
+                out = ref[4](h)
+                out.retain_grad()
+                rl = F.cross_entropy(out, y)
+            (rl * scaler.get_scale()).backward()
+            truth_out.append(out.grad.float().norm().item() / scaler.get_scale())
+            truth_total.append(
+                math.sqrt(sum(q.grad.double().norm().item() ** 2 for q in ref.parameters()))
+                / scaler.get_scale())
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            p.log(loss=loss)
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            skipped.append(scaler.get_scale() < before)  # the scaler's own verdict
+    r = p.record
+    assert r.steps == list(range(9))  # one record step per iteration: nothing merged
+    assert any(skipped) and not all(skipped)
+    for s in r.steps:
+        assert (r.get(s, MODEL, "skipped_step", 0.0) == 1.0) == skipped[s]
+        if not skipped[s]:
+            assert r.get(s, "4", "out_grad_norm") == pytest.approx(truth_out[s], rel=2e-3)
+            assert r.get(s, MODEL, "grad_norm_total") == pytest.approx(truth_total[s], rel=2e-3)
+            assert not r.has("grad_norm_total_clipped") or math.isnan(
+                r.get(s, MODEL, "grad_norm_total_clipped"))
+    f = diagnose(r)
+    assert "nonfinite" not in kinds(f) and "exploding_gradients" not in kinds(f)
