@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:30s} {1e3 * m / steps:8.2f} {m / base:7.3f}x  {verdict}")
     if args.mem_steps > 0:
         sb = state_bytes(task.model, opt)
+        peak_bytes(task, opt, args.mem_steps, None)  # discarded: the first pass reads high
         plain = peak_bytes(task, opt, args.mem_steps, None)
         print(f"\nmemory: model + optimiser state {sb / 2**20:.1f} MiB; peak above it during "
               f"{args.mem_steps} plain steps {plain / 2**20:.1f} MiB")
