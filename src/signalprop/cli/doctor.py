@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -38,6 +39,7 @@ def load_target(target: str) -> dict[str, Any]:
     from torch import nn
 
     from signalprop._imports import load_callable
+    from signalprop.validation import check_signature, user_code
 
     _, sep, fn_name = target.rpartition(":")
     if not sep:
@@ -46,7 +48,9 @@ def load_target(target: str) -> dict[str, Any]:
             "(or use --example NAME; see --list-examples)"
         )
     fn = load_callable(target, what="factory")
-    out = fn()
+    check_signature(fn, 0, f"the factory {fn_name}()", "take no arguments")
+    with user_code("factory"):
+        out = fn()
     want = "(model, data, loss_fn) or a dict with model, data and loss_fn or step_fn"
     if isinstance(out, dict):
         unknown = set(out) - {"model", "data", "loss_fn", "step_fn"}
@@ -139,13 +143,13 @@ def print_report(report: Any, console: Any, top: int = 6) -> None:
 @click.argument("target", required=False)
 @click.option("--example", "-e", default=None, help="Run a built-in example (see --list-examples).")
 @click.option("--list-examples", is_flag=True, help="List the built-in examples and exit.")
-@click.option("--steps", type=int, default=None, help="Training steps (default: the example's, "
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps (default: the example's, "
               "else 200).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the example's, "
               "else 0.1).")
 @click.option("--optimizer", default=None, help="Optimiser name: sgd, momentum, adam, rmsprop, "
               "rprop, ... (default: the example's, else sgd).")
-@click.option("--batch-size", type=int, default=None, help="Mini-batch size for tensor data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Mini-batch size for tensor data.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for model "
               "construction and data order.")
@@ -154,11 +158,11 @@ def print_report(report: Any, console: Any, top: int = 6) -> None:
               help="Write report.html, report.json and record.json.gz into this folder.")
 @click.option("--trial/--no-trial", default=False, show_default=True,
               help="Also train the top prescriptions side by side.")
-@click.option("--trial-seeds", type=int, default=2, show_default=True,
+@click.option("--trial-seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Runs per remedy in the trials (paired with the baseline by seed).")
 @click.option("--validate", is_flag=True, help="Refuse data containing NaN/Inf up front.")
 @click.option("--fail-on-findings", is_flag=True, help="Exit with status 1 when anything is found.")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads (default: $SIGNALPROP_THREADS or 1).")
 def doctor_cmd(
     target: str | None,
@@ -187,10 +191,10 @@ def doctor_cmd(
     a dict {model, data, step_fn} takes step_fn(model, batch) -> loss. Or use --example NAME.
     """
     import torch
-    from rich.console import Console
 
     from signalprop.doctor import doctor
     from signalprop.examples import EXAMPLES, load_example
+    from signalprop.validation import UserError, check_out_dir
 
     if list_examples:
         for name in EXAMPLES.names():
@@ -199,7 +203,9 @@ def doctor_cmd(
     if (target is None) == (example is None):
         raise click.UsageError("give exactly one of TARGET (path/to/file.py:factory) or "
                                "--example NAME")
-    torch.set_num_threads(threads or int(os.environ.get("SIGNALPROP_THREADS", "1")))
+    torch.set_num_threads(threads or _env_threads())
+    if out:  # before any training: a result that cannot be written is found out now
+        check_out_dir(out)
     torch.manual_seed(seed)  # model construction in the factory / example
     if example is not None:
         (model, data, loss_fn), settings = load_example(example)
@@ -215,17 +221,61 @@ def doctor_cmd(
                      ("batch_size", batch_size)):
         if val is not None:
             settings[key] = val
-    report = doctor(
-        model, data, loss_fn, device=device, validate=validate, trial=trial,
-        trial_seeds=trial_seeds, progress=sys.stderr.isatty(), seed=seed, name=name, **settings,
-    )
-    paths = report.save(out) if out else None
+    try:
+        with warnings.catch_warnings():
+            # shown below as one 'signalprop: warning:' line each, not twice
+            warnings.filterwarnings("ignore", message="the data ran out")
+            report = doctor(
+                model, data, loss_fn, device=device, validate=validate, trial=trial,
+                trial_seeds=trial_seeds, progress=sys.stderr.isatty(), seed=seed, name=name,
+                **settings,
+            )
+    except UserError as e:
+        partial = getattr(e, "report", None)
+        if partial is None:
+            raise
+        # nothing trained is lost: show and save the diagnosis of the steps trained so far
+        _show(partial, as_json, out)
+        _say_partial("stopped by an error", partial, out)
+        raise
+    for w in report.meta.get("warnings", []):
+        click.echo(f"signalprop: warning: {w}", err=True)
+    _show(report, as_json, out)
+    if report.meta.get("interrupted"):  # Ctrl-C: the steps trained are reported and saved
+        _say_partial("interrupted", report, out)
+        return 130
+    return 1 if fail_on_findings and report.findings else 0
+
+
+def _say_partial(what: str, report: Any, out: str | None) -> None:
+    n = report.meta.get("steps_run")
+    where = f"; partial record and report in {out}" if out else ""
+    click.echo(f"signalprop: {what} after {n} step(s): the report above covers the steps "
+               f"trained{where}", err=True)
+
+
+def _env_threads() -> int:
+    raw = os.environ.get("SIGNALPROP_THREADS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.UsageError(f"$SIGNALPROP_THREADS must be an integer >= 1, got {raw!r}")
+    return n
+
+
+def _show(report: Any, as_json: bool, out: str | None) -> None:
+    """Print the report (first: a failed save must not hide the diagnosis), then save it."""
+    from rich.console import Console
+
     if as_json:
         click.echo(report.to_json())
     else:
         console = Console(width=max(100, Console().width))
         print_report(report, console)
-        if paths:
-            console.print(f"report: {paths['html']}\nrecord: {paths['record']}\n"
-                          f"json:   {paths['json']}", highlight=False)
-    return 1 if fail_on_findings and report.findings else 0
+    if out:
+        paths = report.save(out)
+        if not as_json:
+            click.echo(f"report: {paths['html']}\nrecord: {paths['record']}\n"
+                       f"json:   {paths['json']}")

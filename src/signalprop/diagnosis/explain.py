@@ -156,6 +156,14 @@ class Explanation:
     def sentence(self) -> str:
         """The explanation as a finding's "why" sentences."""
         out = self.cause
+        unknown = sorted({"+".join(t.modules) or "nothing" for t in self.init
+                          if t.block == "unknown"})
+        if unknown and self.covered:
+            out += (f" The theory covers {self.covered} of {len(self.init)} layer-to-layer "
+                    f"blocks; no mean-field factor for: {', '.join(unknown)}.")
+        if not (math.isfinite(self.predicted_ratio) and math.isfinite(self.measured_ratio)) \
+                and self.reasons:
+            out += " Not predicted: " + "; ".join(self.reasons) + "."
         if math.isfinite(self.predicted_ratio) and math.isfinite(self.measured_ratio):
             out += (f" Predicted {fmt(self.predicted_factor)} per layer and "
                     f"{fmt(self.predicted_ratio)} over {self.covered} layers; measured at init "
@@ -616,6 +624,8 @@ def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Presc
         sw2[L[0]] = (cp.q_star - sb2) / ex2
         note += "layer 1 scaled so that its pre-activations start at q* for the measured input"
     # keep BN / unknown blocks' next layers as they are: chi does not apply there
+    if blocks[0][0] != "elementwise":  # layer 1 feeds a block the theory does not cover
+        sw2[L[0]] = _weight_scale(record, step, ctx.weight_params[L[0]], cp.sigma_w2)
     for j, b in enumerate(blocks):
         if b[0] != "elementwise":
             sw2[L[j + 1]] = _weight_scale(record, step, ctx.weight_params[L[j + 1]], cp.sigma_w2)
@@ -628,6 +638,9 @@ def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Presc
     log_r = 0.0
     for j, b in enumerate(blocks):
         if b[0] != "elementwise":
+            # no length map through this block: restart from the next layer's measured scale
+            # (its weights are kept; its input is an approximation)
+            q = _second_moment(record, step, L[j + 1])
             continue
         m = length_moments(b[2], q)
         log_r += 0.5 * math.log(sw2[L[j + 1]] * float(m[1]))
