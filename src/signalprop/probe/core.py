@@ -1152,8 +1152,10 @@ class Probe:
                     and g.dtype != torch.float64
                     and not _RECHECK_BELOW <= gn < math.inf
                 ):
-                    d["grad_norm"] = float(torch.linalg.vector_norm(g.double())) / scale
-                    refix = True
+                    v = float(torch.linalg.vector_norm(g.double())) / scale
+                    if v != gn and not (math.isnan(v) and math.isnan(gn)):
+                        d["grad_norm"] = v
+                        refix = True
             wn = d.get("weight_norm")
             if wn is not None and not _RECHECK_BELOW <= wn < math.inf:
                 w = p.detach()
