@@ -28,7 +28,7 @@ from signalprop.lab.runner import resolve_names, run_study
 
 CONTRACT_NAMES = [
     "saturation", "learning-rate", "initialisation", "any-nonlinearity", "remedies", "clipping",
-    "bn-depth", "isometry", "mnist1d-baseline",
+    "bn-depth", "isometry", "mnist1d-baseline", "recurrent", "normalisation-placement",
 ]
 
 

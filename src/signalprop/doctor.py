@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from signalprop import __version__
+from signalprop import __version__, stats
 from signalprop._callable import make_module_callable
 from signalprop.data import Dataset
 from signalprop.diagnosis import (
@@ -36,9 +36,10 @@ from signalprop.diagnosis import (
     merge_prescriptions,
 )
 from signalprop.diagnosis.explain import attach as attach_explanation
-from signalprop.diagnosis.explain import critical_remedy, explain
+from signalprop.diagnosis.explain import critical_remedy, explain_or_skip
 from signalprop.diagnosis.findings import SEVERITIES, json_number
 from signalprop.record import Record, atomic_write_text
+from signalprop.validation import check_batch_size, check_inputs, check_positive_int
 
 #: Version of the JSON written by :meth:`Report.to_json`.
 REPORT_SCHEMA = "signalprop.report/1"
@@ -125,11 +126,13 @@ class Report:
             "worst_severity": SEVERITIES[worst] if worst >= 0 else None,
             "steps": len(self.losses),
             "initial_loss": finite[0] if finite else None,
-            # like TrainResult.final_loss: a diverged run has no final loss
-            "final_loss": (sum(finite[-10:]) / len(finite[-10:]))
+            # like FitResult.final_loss: a diverged run has no final loss
+            "final_loss": stats.final_loss(finite)
             if finite and not self.meta.get("diverged", False) else None,
             "diverged": self.meta.get("diverged", False),
             "diverged_step": self.meta.get("diverged_step"),
+            "interrupted": self.meta.get("interrupted", False),
+            "trivial_loss": self.meta.get("trivial_loss"),
             "prescriptions": [p.to_dict() for p in self.prescriptions],
         }
 
@@ -402,6 +405,10 @@ def doctor(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    check_batch_size(batch_size)
+    if trial:
+        check_positive_int("trial_seeds", trial_seeds)
+        check_positive_int("max_trials", max_trials)
     dev = _check_device(device)
     th = Thresholds.coerce(thresholds)
     if remedies is not None:
@@ -412,6 +419,8 @@ def doctor(
     if validate:
         check_finite_data(data)
     data_bad = _count_nonfinite(data)
+    # the data against the model and the loss, before any training (signalprop.validation)
+    check_inputs(work, data, loss_fn, step_fn=step_fn, batch_size=batch_size, seed=seed or 0)
 
     t0 = time.perf_counter()
     settings: dict[str, Any] = dict(steps=steps, optimizer=optimizer, lr=lr,
@@ -421,12 +430,14 @@ def doctor(
     label = f"doctor: {name or type(model).__name__}"
     # the diagnosis run goes on past fit's loss bound, up to non-finite values, so that the
     # record shows where they first appear (the trials keep the bound)
-    run_kw: dict[str, Any] = dict(probe={"schedule": _schedule(steps)}, diverge_factor=None)
+    run_kw: dict[str, Any] = dict(probe={"schedule": _schedule(steps)}, diverge_factor=None,
+                                  keep_partial=True)
     if progress:
         with _Progress(steps, label) as bar:
             result = fit(work, data, loss_fn, progress=bar, **run_kw, **settings)
     else:
         result = fit(work, data, loss_fn, **run_kw, **settings)
+    stopped = result.extra.get("stopped")  # an error in the user's code after some steps
     record = result.record
     opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom")
     record.meta.update({
@@ -438,8 +449,12 @@ def doctor(
     })
     for k, v in architecture_facts(work).items():
         record.meta.setdefault(k, v)
+    if step_fn is None:
+        from signalprop.trial import _example_batch
+
+        record.meta.setdefault("tensor_input", _example_batch(data, batch_size) is not None)
     findings = diagnose(record, th)
-    explanation = explain(record, work, batch_size=batch_size)
+    explanation = explain_or_skip(record, work, batch_size=batch_size)
     attach_explanation(findings, explanation)
     prescriptions = merge_prescriptions(findings)
     meta: dict[str, Any] = {
@@ -474,6 +489,19 @@ def doctor(
     }
     report = Report(findings, prescriptions, record, [], meta, list(result.losses),
                     explanation=explanation)
+    if "data_ended" in result.extra:
+        why = (f"the data ran out after {result.steps} of {steps} steps (a one-shot iterator "
+               "cannot be cycled; pass a list, a DataLoader or tensors to train longer); the "
+               f"report covers the {result.steps} steps trained")
+        meta.setdefault("warnings", []).append(why)
+        warnings.warn(why, stacklevel=2)
+    if stopped is not None:
+        # an error in the user's code mid-run: the steps trained are diagnosed and handed back
+        # with the error (``error.report``), so that nothing trained is lost
+        meta["stopped"] = {"reason": "error", "step": result.steps, "message": str(stopped)}
+        meta["total_seconds"] = time.perf_counter() - t0
+        stopped.report = report
+        raise stopped
     if trial and result.interrupted:
         meta["trials_skipped"] = "interrupted (Ctrl-C) during the diagnosis run"
     elif trial:

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,39 @@ import numpy as np
 MODEL = "__model__"
 
 FORMAT_VERSION = 1
+
+#: Largest decompressed size :meth:`Record.load` accepts (records are a few MB; a gzip bomb of
+#: 0.4 MB would otherwise expand to GBs). Override with ``$SIGNALPROP_MAX_RECORD_BYTES``.
+MAX_RECORD_BYTES = 512 * 2**20
+
+
+def max_record_bytes() -> int:
+    """The decompression limit in bytes (``$SIGNALPROP_MAX_RECORD_BYTES`` or the default)."""
+    raw = os.environ.get("SIGNALPROP_MAX_RECORD_BYTES")
+    try:
+        return int(raw) if raw else MAX_RECORD_BYTES
+    except ValueError:
+        raise ValueError(
+            f"$SIGNALPROP_MAX_RECORD_BYTES must be an integer, got {raw!r}") from None
+
+
+def gunzip_limited(raw: bytes, limit: int, what: str = "data") -> bytes:
+    """Decompress gzip ``raw`` but refuse more than ``limit`` bytes of output.
+
+    Raises:
+        ValueError: the output would exceed ``limit`` (a likely decompression bomb).
+        EOFError, zlib.error: truncated or corrupt data.
+    """
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    out = d.decompress(raw, limit + 1)
+    if len(out) > limit or d.unconsumed_tail:
+        raise ValueError(
+            f"{what} decompresses to more than {limit} bytes (limit "
+            "$SIGNALPROP_MAX_RECORD_BYTES); refusing it as a likely decompression bomb")
+    if not d.eof:
+        raise EOFError("compressed data ends before the end-of-stream marker")
+    return out
+
 
 #: Prefix of the per-time-step gradient metrics of recurrent layers (``out_grad_norm_t12``).
 TIME_PREFIX = "out_grad_norm_t"
@@ -337,9 +371,12 @@ class Record:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Record:
         """Inverse of :meth:`to_dict`."""
-        if d.get("format") != "signalprop.record":
+        if not isinstance(d, Mapping) or d.get("format") != "signalprop.record":
             raise ValueError("not a signalprop record (missing format='signalprop.record')")
-        if int(d.get("version", 0)) > FORMAT_VERSION:
+        version = d.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"record format version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise ValueError(
                 f"record format version {d.get('version')} is newer than this signalprop "
                 f"({FORMAT_VERSION}); upgrade signalprop"
@@ -367,15 +404,48 @@ class Record:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Record:
-        """Load a record written by :meth:`save`."""
+    def load(cls, path: str | os.PathLike[str], max_bytes: int | None = None) -> Record:
+        """Load a record written by :meth:`save`.
+
+        Args:
+            path: The file (``.json`` or gzip-compressed).
+            max_bytes: Refuse records larger than this once decompressed (default
+                :func:`max_record_bytes`).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: ``corrupt or truncated record: PATH (...)``, a format version newer than
+                this signalprop, or a file over the size limit.
+        """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no record at {path}")
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        return cls.from_dict(json.loads(raw.decode("utf-8")))
+        return cls.from_bytes(path.read_bytes(), str(path), max_bytes)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, name: str = "<bytes>", max_bytes: int | None = None
+                   ) -> Record:
+        """A record from the bytes of a file written by :meth:`save` (see :meth:`load`)."""
+        limit = max_record_bytes() if max_bytes is None else max_bytes
+        try:
+            if raw[:2] == b"\x1f\x8b":
+                raw = gunzip_limited(raw, limit, f"record {name}")
+            elif len(raw) > limit:
+                raise ValueError(f"record {name} is larger than {limit} bytes")
+            d = json.loads(raw.decode("utf-8"))
+        except (EOFError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError,
+                json.JSONDecodeError) as e:
+            raise ValueError(f"corrupt or truncated record: {name} ({type(e).__name__}: "
+                             f"{e})") from None
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"corrupt or truncated record: {name} (bad structure: "
+                             f"{type(e).__name__}: {e})") from None
+        except ValueError as e:
+            if "version" in str(e) or "not a signalprop record" in str(e):
+                raise ValueError(f"{name}: {e}") from None
+            raise ValueError(f"corrupt or truncated record: {name} ({e})") from None
 
 
 def concat(records: Iterable[Record]) -> Record:

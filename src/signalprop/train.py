@@ -38,6 +38,14 @@ from signalprop.data import Dataset
 from signalprop.probe import Probe
 from signalprop.record import Record
 from signalprop.remedies.optimizers import OPTIMIZERS
+from signalprop.validation import (
+    UserError,
+    check_batch_size,
+    explain_forward_error,
+    explain_loss_error,
+    not_attached_message,
+    user_code,
+)
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -113,6 +121,7 @@ def as_batches(
     first dimension) are shuffled into mini-batches of ``batch_size``; a :class:`Dataset` uses
     its loader; any other iterable (a DataLoader) is iterated as it is.
     """
+    check_batch_size(batch_size)
     if isinstance(data, Dataset):
         data = data.loader(batch_size=batch_size, shuffle=True, seed=seed)
     tensors: list[torch.Tensor] | None = None
@@ -280,6 +289,10 @@ def model_loss(out: Any) -> torch.Tensor:
     return loss
 
 
+class _DataEnded(Exception):
+    """A one-shot data source ran out after some steps (internal signal of :func:`fit`)."""
+
+
 @dataclass
 class StepOutput:
     """One forward pass: the loss, what ``loss_fn`` saw as the prediction (``None`` with a
@@ -291,41 +304,59 @@ class StepOutput:
 
 
 def forward_loss(
-    model: nn.Module, batch: Any, loss_fn: LossFn | None = None, step_fn: StepFn | None = None
+    model: nn.Module, batch: Any, loss_fn: LossFn | None = None, step_fn: StepFn | None = None,
+    *, step: int | None = None, when: str = "",
 ) -> StepOutput:
     """Run ``model`` on ``batch`` and compute the loss under the rules of this module.
 
+    Exceptions raised inside the user's forward, loss or ``step_fn`` come out as
+    :class:`signalprop.validation.UserCodeError` naming the step (or ``when``) and the file:line.
+
     Raises:
         TypeError: a batch form that needs a loss function, a loss that is not a tensor.
-        ValueError: a loss that is not a scalar.
+        ValueError: a loss that is not a scalar or not attached to the graph (while gradients
+            are enabled).
     """
+
+    def fwd(*args: Any, **kw: Any) -> Any:
+        first = args[0] if args else next(iter(kw.values()), None)
+        with user_code("forward", step, explain=lambda e: explain_forward_error(model, first),
+                       when=when):
+            return model(*args, **kw)
+
+    def lossf(pred: Any, y: Any) -> Any:
+        assert loss_fn is not None
+        with user_code("loss", step, explain=explain_loss_error(pred, y, loss_fn), when=when):
+            return loss_fn(pred, y)
+
     if step_fn is not None:
-        out = StepOutput(step_fn(model, batch))
+        with user_code("step_fn", step, when=when):
+            out = StepOutput(step_fn(model, batch))
     elif isinstance(batch, Mapping):
         if set(batch) == {"x", "y"} and loss_fn is not None:
             # the legacy {"x": ..., "y": ...} batch of a plain model
-            o = model(batch["x"])
+            o = fwd(batch["x"])
             pred = prediction(o)
-            out = StepOutput(loss_fn(pred, batch["y"]), pred, batch["y"])
+            out = StepOutput(lossf(pred, batch["y"]), pred, batch["y"])
         else:
-            o = model(**batch)
+            o = fwd(**batch)
             pred = prediction(o)
-            loss = model_loss(o) if loss_fn is None else loss_fn(pred, batch)
+            loss = model_loss(o) if loss_fn is None else lossf(pred, batch)
             out = StepOutput(loss, pred, target_of(batch))
     elif isinstance(batch, (tuple, list)):
         if loss_fn is None:
-            o = model(*batch)
+            o = fwd(*batch)
             out = StepOutput(model_loss(o), prediction(o), target_of(batch))
         else:
             if len(batch) < 2:
                 raise TypeError(
                     "a tuple batch needs inputs and targets (x, ..., y) when a loss_fn is given"
                 )
-            o = model(*batch[:-1])
+            o = fwd(*batch[:-1])
             pred = prediction(o)
-            out = StepOutput(loss_fn(pred, batch[-1]), pred, batch[-1])
+            out = StepOutput(lossf(pred, batch[-1]), pred, batch[-1])
     elif isinstance(batch, torch.Tensor) and loss_fn is None:
-        o = model(batch)
+        o = fwd(batch)
         out = StepOutput(model_loss(o), prediction(o), None)
     else:
         raise TypeError(
@@ -342,6 +373,8 @@ def forward_loss(
             f"{src} must return a scalar, got a tensor of shape {tuple(loss.shape)} "
             "(did you forget reduction='mean'?)"
         )
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise UserError(not_attached_message(src, step if step is not None else None))
     return out
 
 
@@ -407,31 +440,34 @@ class TrivialBaseline:
             cd = _class_dim(pred, y) if not y.is_floating_point() else None
             if cd is not None:
                 self.kind, self.n_classes = "classification", int(pred.shape[cd])
-                self.counts = torch.zeros(self.n_classes, dtype=torch.float64)
             elif y.is_floating_point() and pred.is_floating_point():
                 self.kind = "regression"
             else:
                 self.reason = (f"targets of dtype {y.dtype} and shape {tuple(y.shape)} do not "
                                f"match a prediction of shape {tuple(pred.shape)}")
                 return
+        # sums stay on the targets' device: no host sync per step
         if self.kind == "classification":
             v = y.reshape(-1).long()
             v = v[(v >= 0) & (v < self.n_classes)]
-            assert self.counts is not None
-            self.counts += torch.bincount(v.cpu(), minlength=self.n_classes).double()
+            if self.counts is None or self.counts.device != v.device:
+                self.counts = torch.zeros(self.n_classes, dtype=torch.float64, device=v.device) \
+                    if self.counts is None else self.counts.to(v.device)
+            self.counts += torch.bincount(v, minlength=self.n_classes).double()
         else:
-            yf = y.double().cpu()
+            yf = y.double()
             flat = yf.reshape(yf.shape[0], -1) if yf.dim() else yf.reshape(1, 1)
             if self.sum is None or self.sum.shape != flat.shape[1:]:
                 if self.sum is not None:  # the per-output shape changed: pool everything
+                    self.n *= self.sum.numel()
                     flat = flat.reshape(-1, 1)
-                self.sum = torch.zeros(flat.shape[1:], dtype=torch.float64) if self.sum is None \
-                    else self.sum.sum().reshape(1)
+                self.sum = torch.zeros(flat.shape[1:], dtype=torch.float64, device=flat.device) \
+                    if self.sum is None else self.sum.sum().reshape(1)
                 self.sumsq = torch.zeros_like(self.sum) if self.sumsq is None \
                     else self.sumsq.sum().reshape(1)
-            self.sum += flat.sum(0)
+            self.sum += flat.sum(0).to(self.sum.device)
             assert self.sumsq is not None
-            self.sumsq += flat.square().sum(0)
+            self.sumsq += flat.square().sum(0).to(self.sumsq.device)
             self.n += flat.shape[0]
         if len(self.kept) < self.KEEP:
             # only the prediction's shape and dtype matter: the candidates are constants
@@ -645,6 +681,7 @@ def fit(
     diverge_factor: float | None = DIVERGE_FACTOR,
     progress: Callable[[int, float], None] | None = None,
     callback: Callable[[int, nn.Module, float], None] | None = None,
+    keep_partial: bool = False,
 ) -> FitResult:
     """Train ``model`` for ``steps`` optimiser steps, optionally probed.
 
@@ -680,6 +717,10 @@ def fit(
         diverge_factor: The loss bound of the divergence policy (``None``: non-finite only).
         progress: Optional callback ``(step, loss)`` after each step.
         callback: Optional ``(step, model, loss)`` after each optimiser step.
+        keep_partial: On an error in the user's code mid-run (a ``UserError``), stop and return
+            what was trained with the error under ``extra["stopped"]`` instead of raising. A data
+            source that ends early (a generator) always returns the steps trained, with
+            ``extra["data_ended"]``.
 
     Raises:
         ValueError: no parameters, bad loss (non-scalar), bad data shapes, bad settings.
@@ -722,16 +763,21 @@ def fit(
     diverged_step: int | None = None
     interrupted = False
     skipped = 0
+    extra: dict[str, Any] = {}
 
-    def next_batch() -> Any:
+    def next_batch(step: int) -> Any:
         nonlocal it
         try:
-            return next(it)
+            with user_code("data", step):
+                return next(it)
         except StopIteration:
             it = source()
             try:
-                return next(it)
+                with user_code("data", step):
+                    return next(it)
             except StopIteration:
+                if losses:  # a one-shot source (a generator) ran out: keep what was trained
+                    raise _DataEnded from None
                 raise ValueError("the data yielded no batches") from None
 
     t0 = time.perf_counter()
@@ -749,11 +795,12 @@ def fit(
             total = 0.0
             last: StepOutput | None = None
             for _ in range(accumulate):
-                batch = to_device(next_batch(), device)
+                batch = to_device(next_batch(step), device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    last = forward_loss(model, batch, loss_fn, step_fn)
+                    last = forward_loss(model, batch, loss_fn, step_fn, step=step)
                 loss = last.loss / accumulate if accumulate > 1 else last.loss
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                with user_code("backward", step):
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
                 micro = last.loss.detach()
                 total += float(micro)
                 if p is not None and p.recording:
@@ -804,6 +851,14 @@ def fit(
                 callback(step, model, lv)
     except KeyboardInterrupt:
         interrupted = True
+    except _DataEnded:
+        extra["data_ended"] = len(losses)
+    except UserError as e:
+        # an error in the user's code mid-run: with keep_partial the caller gets what was
+        # trained (and decides what to say); the steps before this one are complete
+        if not keep_partial or not losses:
+            raise
+        extra["stopped"] = e
     finally:
         if p is not None:
             p.detach()
@@ -831,7 +886,8 @@ def fit(
     if skipped:
         record.meta["skipped_steps"] = skipped
     return FitResult(record, losses, reason is not None, diverged_step, len(losses), wall, model,
-                     {"skipped_steps": skipped}, reason, interrupted, trivial, trivial_kind)
+                     {"skipped_steps": skipped, **extra}, reason, interrupted, trivial,
+                     trivial_kind)
 
 
 def train(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -19,21 +20,26 @@ def register(group: click.Group) -> None:
     group.add_command(doctor_cmd)
 
 
-def load_factory(target: str) -> tuple[Any, Any, Any]:
+def load_target(target: str) -> dict[str, Any]:
     """Import ``path/to/file.py:factory`` and call ``factory()``.
 
+    The factory returns ``(model, data, loss_fn)`` -- ``loss_fn`` may be ``None`` when the
+    model returns its own loss (a Hugging Face model given ``labels``) -- or a dict with keys
+    ``model``, ``data`` and optionally ``loss_fn`` and ``step_fn`` (``step_fn(model, batch) ->
+    loss`` for any other model or batch).
+
     Returns:
-        ``(model, data, loss_fn)`` as returned by the factory.
+        ``{"model", "data", "loss_fn", "step_fn"}`` (the last two possibly ``None``).
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: malformed target, the module fails to import, or no such function.
-        TypeError: the factory is not callable or returns something other than
-            ``(nn.Module, data, callable)``.
+        TypeError: the factory is not callable or returns something else.
     """
     from torch import nn
 
     from signalprop._imports import load_callable
+    from signalprop.validation import check_signature, user_code
 
     _, sep, fn_name = target.rpartition(":")
     if not sep:
@@ -42,23 +48,41 @@ def load_factory(target: str) -> tuple[Any, Any, Any]:
             "(or use --example NAME; see --list-examples)"
         )
     fn = load_callable(target, what="factory")
-    out = fn()
-    if not isinstance(out, (tuple, list)) or len(out) != 3:
+    check_signature(fn, 0, f"the factory {fn_name}()", "take no arguments")
+    with user_code("factory"):
+        out = fn()
+    want = "(model, data, loss_fn) or a dict with model, data and loss_fn or step_fn"
+    if isinstance(out, dict):
+        unknown = set(out) - {"model", "data", "loss_fn", "step_fn"}
+        if unknown or "model" not in out or "data" not in out:
+            raise TypeError(f"{fn_name}() must return {want}, got a dict with keys "
+                            f"{sorted(out)}")
+        parts = {"model": out["model"], "data": out["data"], "loss_fn": out.get("loss_fn"),
+                 "step_fn": out.get("step_fn")}
+    elif isinstance(out, (tuple, list)) and len(out) == 3:
+        parts = {"model": out[0], "data": out[1], "loss_fn": out[2], "step_fn": None}
+    else:
         got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(
             out, (tuple, list)) else "")
         raise TypeError(f"{fn_name}() must return (model, data, loss_fn), got {got}")
-    model, data, loss_fn = out
-    if not isinstance(model, nn.Module):
+    if not isinstance(parts["model"], nn.Module):
         raise TypeError(
             f"{fn_name}() must return (model, data, loss_fn) with model a torch.nn.Module, got "
-            f"{type(model).__name__}"
+            f"{type(parts['model']).__name__}"
         )
-    if not callable(loss_fn):
-        raise TypeError(
-            f"{fn_name}() must return (model, data, loss_fn) with a callable loss_fn, got "
-            f"{type(loss_fn).__name__}"
-        )
-    return model, data, loss_fn
+    for key in ("loss_fn", "step_fn"):
+        if parts[key] is not None and not callable(parts[key]):
+            raise TypeError(
+                f"{fn_name}() must return (model, data, loss_fn) with a callable {key} or None, "
+                f"got {type(parts[key]).__name__}"
+            )
+    return parts
+
+
+def load_factory(target: str) -> tuple[Any, Any, Any]:
+    """``(model, data, loss_fn)`` of :func:`load_target` (``loss_fn`` may be ``None``)."""
+    parts = load_target(target)
+    return parts["model"], parts["data"], parts["loss_fn"]
 
 
 _SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
@@ -119,13 +143,13 @@ def print_report(report: Any, console: Any, top: int = 6) -> None:
 @click.argument("target", required=False)
 @click.option("--example", "-e", default=None, help="Run a built-in example (see --list-examples).")
 @click.option("--list-examples", is_flag=True, help="List the built-in examples and exit.")
-@click.option("--steps", type=int, default=None, help="Training steps (default: the example's, "
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps (default: the example's, "
               "else 200).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the example's, "
               "else 0.1).")
 @click.option("--optimizer", default=None, help="Optimiser name: sgd, momentum, adam, rmsprop, "
               "rprop, ... (default: the example's, else sgd).")
-@click.option("--batch-size", type=int, default=None, help="Mini-batch size for tensor data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Mini-batch size for tensor data.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for model "
               "construction and data order.")
@@ -134,11 +158,11 @@ def print_report(report: Any, console: Any, top: int = 6) -> None:
               help="Write report.html, report.json and record.json.gz into this folder.")
 @click.option("--trial/--no-trial", default=False, show_default=True,
               help="Also train the top prescriptions side by side.")
-@click.option("--trial-seeds", type=int, default=2, show_default=True,
+@click.option("--trial-seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Runs per remedy in the trials (paired with the baseline by seed).")
 @click.option("--validate", is_flag=True, help="Refuse data containing NaN/Inf up front.")
 @click.option("--fail-on-findings", is_flag=True, help="Exit with status 1 when anything is found.")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads (default: $SIGNALPROP_THREADS or 1).")
 def doctor_cmd(
     target: str | None,
@@ -162,13 +186,15 @@ def doctor_cmd(
     vanishing/exploding gradients, saturation, dead units, NaNs and what to try.
 
     TARGET is path/to/file.py:factory where factory() returns (model, data, loss_fn); data is a
-    DataLoader, an (x, y) tensor pair or a signalprop Dataset. Or use --example NAME.
+    DataLoader (of (x, ..., y) tuples or dict batches), tensors or a signalprop Dataset;
+    loss_fn may be None when the model returns its loss (Hugging Face models given labels), and
+    a dict {model, data, step_fn} takes step_fn(model, batch) -> loss. Or use --example NAME.
     """
     import torch
-    from rich.console import Console
 
     from signalprop.doctor import doctor
     from signalprop.examples import EXAMPLES, load_example
+    from signalprop.validation import UserError, check_out_dir
 
     if list_examples:
         for name in EXAMPLES.names():
@@ -177,30 +203,79 @@ def doctor_cmd(
     if (target is None) == (example is None):
         raise click.UsageError("give exactly one of TARGET (path/to/file.py:factory) or "
                                "--example NAME")
-    torch.set_num_threads(threads or int(os.environ.get("SIGNALPROP_THREADS", "1")))
+    torch.set_num_threads(threads or _env_threads())
+    if out:  # before any training: a result that cannot be written is found out now
+        check_out_dir(out)
     torch.manual_seed(seed)  # model construction in the factory / example
     if example is not None:
         (model, data, loss_fn), settings = load_example(example)
         name = example
     else:
         assert target is not None
-        model, data, loss_fn = load_factory(target)
+        parts = load_target(target)
+        model, data, loss_fn = parts["model"], parts["data"], parts["loss_fn"]
         settings, name = {}, target.rpartition(":")[2]
+        if parts["step_fn"] is not None:
+            settings["step_fn"] = parts["step_fn"]
     for key, val in (("steps", steps), ("lr", lr), ("optimizer", optimizer),
                      ("batch_size", batch_size)):
         if val is not None:
             settings[key] = val
-    report = doctor(
-        model, data, loss_fn, device=device, validate=validate, trial=trial,
-        trial_seeds=trial_seeds, progress=sys.stderr.isatty(), seed=seed, name=name, **settings,
-    )
-    paths = report.save(out) if out else None
+    try:
+        with warnings.catch_warnings():
+            # shown below as one 'signalprop: warning:' line each, not twice
+            warnings.filterwarnings("ignore", message="the data ran out")
+            report = doctor(
+                model, data, loss_fn, device=device, validate=validate, trial=trial,
+                trial_seeds=trial_seeds, progress=sys.stderr.isatty(), seed=seed, name=name,
+                **settings,
+            )
+    except UserError as e:
+        partial = getattr(e, "report", None)
+        if partial is None:
+            raise
+        # nothing trained is lost: show and save the diagnosis of the steps trained so far
+        _show(partial, as_json, out)
+        _say_partial("stopped by an error", partial, out)
+        raise
+    for w in report.meta.get("warnings", []):
+        click.echo(f"signalprop: warning: {w}", err=True)
+    _show(report, as_json, out)
+    if report.meta.get("interrupted"):  # Ctrl-C: the steps trained are reported and saved
+        _say_partial("interrupted", report, out)
+        return 130
+    return 1 if fail_on_findings and report.findings else 0
+
+
+def _say_partial(what: str, report: Any, out: str | None) -> None:
+    n = report.meta.get("steps_run")
+    where = f"; partial record and report in {out}" if out else ""
+    click.echo(f"signalprop: {what} after {n} step(s): the report above covers the steps "
+               f"trained{where}", err=True)
+
+
+def _env_threads() -> int:
+    raw = os.environ.get("SIGNALPROP_THREADS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.UsageError(f"$SIGNALPROP_THREADS must be an integer >= 1, got {raw!r}")
+    return n
+
+
+def _show(report: Any, as_json: bool, out: str | None) -> None:
+    """Print the report (first: a failed save must not hide the diagnosis), then save it."""
+    from rich.console import Console
+
     if as_json:
         click.echo(report.to_json())
     else:
         console = Console(width=max(100, Console().width))
         print_report(report, console)
-        if paths:
-            console.print(f"report: {paths['html']}\nrecord: {paths['record']}\n"
-                          f"json:   {paths['json']}", highlight=False)
-    return 1 if fail_on_findings and report.findings else 0
+    if out:
+        paths = report.save(out)
+        if not as_json:
+            click.echo(f"report: {paths['html']}\nrecord: {paths['record']}\n"
+                       f"json:   {paths['json']}")

@@ -38,10 +38,10 @@ def lab_list() -> None:
               show_default=True, help="Where sweep-based parts run.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--force", is_flag=True, help="Re-run studies whose results are already stored.")
-@click.option("--workers", type=int, default=None,
+@click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes for sweep-based parts (default: 2 on machines with at "
               "least 2 cores, else 1).")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads (default: 1; small models run faster that way).")
 def lab_run(
     names: tuple[str, ...], quick: bool, out: str, executor: str, device: str, force: bool,
@@ -50,11 +50,14 @@ def lab_run(
     """Run studies NAME... (or 'all') and build OUT/index.html."""
     import torch
 
+    from signalprop.cli.doctor import _env_threads
     from signalprop.lab.runner import resolve_names, run_lab
+    from signalprop.validation import check_out_dir
 
     wanted = resolve_names(list(names))  # fail on a bad name before any work
+    check_out_dir(out)  # ... and on a folder that cannot take the results
     # small models: one intra-op thread is faster than two and leaves a core to the rest
-    torch.set_num_threads(threads or int(os.environ.get("SIGNALPROP_THREADS", "1")))
+    torch.set_num_threads(threads or _env_threads())
     t0 = time.perf_counter()
     if workers is None:
         workers = 2 if (os.cpu_count() or 1) >= 2 else 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -20,32 +19,48 @@ def register(group: click.Group) -> None:
                    "directory resumes: finished runs are skipped.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help="local: this machine; ray: one Ray task per population.")
-@click.option("--workers", type=int, default=1, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="local executor: single-threaded worker processes (one per core is fastest).")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads in this process (default: $SIGNALPROP_THREADS or 1).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--max-runs", type=click.IntRange(min=1), default=None,
+              help="Refuse grids of more runs than this, counted before expanding (default: "
+              "2000).")
 def sweep_cmd(config: str, out: str | None, executor: str, workers: int, threads: int | None,
-              progress: bool) -> int:
+              progress: bool, max_runs: int | None) -> int:
     """Train every run of the grid in CONFIG (YAML: base, axes, seeds; see docs/sweep.md)."""
     import torch
 
+    from signalprop.cli.doctor import _env_threads
     from signalprop.sweep import expand_grid, load_grid_file, sweep
+    from signalprop.sweep.grid import MAX_RUNS
     from signalprop.sweep.runner import default_out
+    from signalprop.validation import check_out_dir
 
+    max_runs = max_runs or MAX_RUNS
     grid = load_grid_file(config)
-    specs = expand_grid(grid)  # validate everything before any work
-    torch.set_num_threads(threads or int(os.environ.get("SIGNALPROP_THREADS", "1")))
+    specs = expand_grid(grid, max_runs=max_runs)  # validate everything before any work
+    torch.set_num_threads(threads or _env_threads())
     out_dir = Path(out) if out else default_out(specs)
+    check_out_dir(out_dir)
     n_groups = len({s.group for s in specs})
     click.echo(f"signalprop sweep: {len(specs)} runs in {n_groups} populations -> {out_dir}",
                err=True)
     try:
-        res = sweep(grid, out=out_dir, executor=executor, progress=progress, workers=workers)
+        res = sweep(grid, out=out_dir, executor=executor, progress=progress, workers=workers,
+                    max_runs=max_runs)
     except RuntimeError as e:  # another sweep holds the directory
         raise click.ClickException(str(e)) from e
     csv = res.to_csv(out_dir / "results.csv")
     counts = res.status_counts()
     click.echo(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    for r in res.runs:
+        if r["status"] == "failed":  # each failed run's reason, not just a count
+            labels = ", ".join(f"{k}={v}" for k, v in (r.get("labels") or {}).items())
+            why = next((ln for ln in str(r.get("error") or "").splitlines() if ln.strip()),
+                       "no error recorded")
+            click.echo(f"failed run {r['run_id']}{f' ({labels})' if labels else ''}: {why}",
+                       err=True)
     click.echo(f"results: {out_dir / 'sweep.db'} (table: {csv})")
     return 0 if counts.get("failed", 0) == 0 else 1

@@ -45,6 +45,8 @@ class Context:
             which the structural remedies rewrite (``None``: unknown).
         pre_ln_switchable: Post-LN ``torch.nn.Transformer*Layer`` modules exist (the
             ``pre_ln`` remedy applies).
+        tensor_input: Batches are ``(x, y)`` with one input tensor (what data-driven inits such
+            as LSUV need); ``None``: unknown.
 
     The architecture facts come from ``record.meta`` (see
     :func:`signalprop.diagnosis.architecture.architecture_facts`).
@@ -64,6 +66,7 @@ class Context:
     recurrent: bool | None = None
     sequential_blocks: bool | None = None
     pre_ln_switchable: bool = False
+    tensor_input: bool | None = None
 
     @property
     def depth(self) -> int:
@@ -155,7 +158,7 @@ def context_of(record: Record) -> Context:
     ctx.residual = bool(res) if res is not None else None
     placement = record.meta.get("norm_placement")
     ctx.norm_placement = placement if isinstance(placement, str) else None
-    for key in ("transformer", "recurrent", "sequential_blocks"):
+    for key in ("transformer", "recurrent", "sequential_blocks", "tensor_input"):
         v = record.meta.get(key)
         setattr(ctx, key, bool(v) if v is not None else None)
     ctx.pre_ln_switchable = bool(record.meta.get("pre_ln_switchable", False))

@@ -156,6 +156,14 @@ class Explanation:
     def sentence(self) -> str:
         """The explanation as a finding's "why" sentences."""
         out = self.cause
+        unknown = sorted({"+".join(t.modules) or "nothing" for t in self.init
+                          if t.block == "unknown"})
+        if unknown and self.covered:
+            out += (f" The theory covers {self.covered} of {len(self.init)} layer-to-layer "
+                    f"blocks; no mean-field factor for: {', '.join(unknown)}.")
+        if not (math.isfinite(self.predicted_ratio) and math.isfinite(self.measured_ratio)) \
+                and self.reasons:
+            out += " Not predicted: " + "; ".join(self.reasons) + "."
         if math.isfinite(self.predicted_ratio) and math.isfinite(self.measured_ratio):
             out += (f" Predicted {fmt(self.predicted_factor)} per layer and "
                     f"{fmt(self.predicted_ratio)} over {self.covered} layers; measured at init "
@@ -271,6 +279,21 @@ def _is_elementwise(module: Any, shape: list[int] | None) -> bool:
     return bool(ok)
 
 
+def _acts_elementwise(info: Any, module: Any) -> bool:
+    """Whether a recorded module (or functional call) is an element-wise activation: a torch
+    activation class or a declared ``signalprop_activation`` is; any other module we can run
+    must pass :func:`_is_elementwise` (a probe label inferred from the functions it calls, e.g.
+    "sigmoid" for x * sigmoid(x), says nothing about the whole map); without the module (a
+    functional call, no model) the record's label is all there is."""
+    if module is None:
+        return info.activation is not None
+    from signalprop.probe.modules import activation_kind
+
+    if activation_kind(module) is not None:
+        return True
+    return _is_elementwise(module, info.shape)
+
+
 def _residual_alphas(record: Record, model: Any, ctx: Any) -> dict[str, tuple[str, float]]:
     """Weight layers that are the only weight layer of a skip-connection block x + alpha f(x):
     weight layer -> (block name, alpha). Blocks are found in the model (signalprop's
@@ -315,7 +338,7 @@ def _blocks(record: Record, model: Any, ctx: Any) -> list[tuple[str, list[str], 
             mod = mods.get(i.module or i.name)  # a call site "act#2" is module "act"
             if _BN in i.type:
                 bn = True
-            elif i.activation is not None or _is_elementwise(mod, i.shape):
+            elif _acts_elementwise(i, mod):
                 acts.append((i.activation, mod))
             else:
                 other.append(i.type)
@@ -616,6 +639,8 @@ def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Presc
         sw2[L[0]] = (cp.q_star - sb2) / ex2
         note += "layer 1 scaled so that its pre-activations start at q* for the measured input"
     # keep BN / unknown blocks' next layers as they are: chi does not apply there
+    if blocks[0][0] != "elementwise":  # layer 1 feeds a block the theory does not cover
+        sw2[L[0]] = _weight_scale(record, step, ctx.weight_params[L[0]], cp.sigma_w2)
     for j, b in enumerate(blocks):
         if b[0] != "elementwise":
             sw2[L[j + 1]] = _weight_scale(record, step, ctx.weight_params[L[j + 1]], cp.sigma_w2)
@@ -628,6 +653,9 @@ def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Presc
     log_r = 0.0
     for j, b in enumerate(blocks):
         if b[0] != "elementwise":
+            # no length map through this block: restart from the next layer's measured scale
+            # (its weights are kept; its input is an approximation)
+            q = _second_moment(record, step, L[j + 1])
             continue
         m = length_moments(b[2], q)
         log_r += 0.5 * math.log(sw2[L[j + 1]] * float(m[1]))
@@ -743,3 +771,18 @@ def critical_remedy(explanation: Explanation | None) -> Any:
         return get_remedy("critical_init")
     p = explanation.prescription
     return get_remedy("critical_init", sigma_w2=p.sigma_w2, sigma_b2=p.sigma_b2)
+
+
+def explain_or_skip(record: Record, model: Any = None, **kwargs: Any) -> Explanation | None:
+    """:func:`explain` for the doctor: a model the theory cannot read must not cost the user the
+    rest of the diagnosis, so an unexpected error becomes a warning and
+    ``record.meta["explanation_skipped"]`` (with the error) instead of an exception."""
+    import warnings
+
+    try:
+        return explain(record, model, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported, not swallowed: warning + record.meta
+        why = f"{type(e).__name__}: {e}"
+        record.meta["explanation_skipped"] = why
+        warnings.warn(f"mean-field explanation skipped ({why})", stacklevel=2)
+        return None

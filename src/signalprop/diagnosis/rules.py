@@ -7,6 +7,7 @@ findings its data supports.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -64,6 +65,14 @@ def _depth_gradients(record: Record, ctx: Context) -> tuple[str, np.ndarray, np.
     if all(m in have for m in mods):
         steps, _, g = record.matrix("out_grad_norm", mods)
         metric = "out_grad_norm"
+    elif mods[0] in have and mods[-1] in have and sum(m in have for m in mods) >= 2 and all(
+            m in have or record.layers.get(ctx.weight_params[m]) is not None
+            and record.layers[ctx.weight_params[m]].module == ctx.weight_params[m]
+            for m in mods):
+        # parameters acting without a module call of their own (a positional embedding) have
+        # no output to measure: the ends of the path and every module on it still do
+        steps, _, g = record.matrix("out_grad_norm", mods)
+        metric = "out_grad_norm"
     else:
         params = [ctx.weight_params[m] for m in mods]
         have = set(record.layer_names(metric="grad_norm"))
@@ -80,7 +89,10 @@ def _log_ratios(g: np.ndarray) -> np.ndarray:
     """log10(G[:, l] / G[:, -1]) per step; NaN where the step is unusable (non-finite, or the
     reference layer's gradient is 0). A layer with exactly zero gradient gives -inf."""
     ref = g[:, -1:]
-    ok = np.isfinite(g).all(axis=1, keepdims=True) & (ref > 0)
+    # a column never measured (a parameter without an output of its own) does not make a step
+    # unusable; a non-finite value anywhere else does
+    cols = ~np.isnan(g).all(axis=0)
+    ok = np.isfinite(g[:, cols]).all(axis=1, keepdims=True) & (ref > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         lr = np.log10(g) - np.log10(ref)
     return np.where(ok, lr, np.nan)
@@ -430,6 +442,7 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
     bad_steps = 0
     fwd_layers: list[str] = []
     any_layers: list[str] = []
+    in_loss = False
     for s in record.steps:
         row = record.data[s]
         loss = row.get(MODEL, {}).get("loss")
@@ -446,6 +459,11 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
                     if row[n].get("out_nonfinite", 0.0) > 0
                     or not math.isfinite(row[n].get("out_mean", 0.0))
                 ]
+                # a non-finite loss over a finite forward pass (its outputs were measured): the
+                # loss function made it (log of 0, division by zero), not the first layer whose
+                # gradient it then poisoned
+                seen_fwd = any("out_mean" in d for n, d in row.items() if n != MODEL)
+                in_loss = bad_loss and seen_fwd and not fwd_layers
     data_bad = float(record.meta.get("data_nonfinite", 0) or 0)
     # a run stopped for a loss above the divergence bound is the divergence rule's
     diverged_step = record.meta.get("diverged_step") if record.meta.get(
@@ -482,9 +500,14 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
         nums["initial_loss"] = float(lbefore[0])
     parts = [f"Non-finite values (NaN/Inf) from step {first_step}"
              f" ({bad_steps} of {len(record.steps)} recorded steps affected)"]
+    nums["in_loss"] = int(in_loss)
     if fwd_layers:
         parts.append(f"first in the forward pass of {fwd_layers[0]!r} "
                      f"({ctx.label(fwd_layers[:1])})")
+    elif in_loss:
+        parts.append("first in the loss: the model's outputs were finite and the loss function "
+                     "returned NaN/Inf (look for log of 0 or of a negative number, a division "
+                     "by zero or sqrt of a negative number in the loss)")
     elif any_layers:
         parts.append(f"first in {any_layers[0]!r}")
     text = "; ".join(parts) + "."
@@ -500,7 +523,7 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
     if "last_finite_loss" in nums:
         text += (f" Loss went from {fmt(nums['initial_loss'])} to {fmt(nums['last_finite_loss'])}"
                  f" before becoming non-finite.")
-    layers = fwd_layers or any_layers
+    layers = fwd_layers or ([] if in_loss else any_layers)
     return [Finding("nonfinite", layers, text, "critical", rx_nonfinite(ctx, nums, th), nums)]
 
 
@@ -561,8 +584,25 @@ def rule_not_learning(record: Record, ctx: Context, th: Thresholds) -> list[Find
     text = (f"The model is not learning: the training loss ends at {fmt(end, 3)} (median of the "
             f"last {len(tsteps)} recorded steps; {fmt(start, 3)} at the start), {where} the "
             f"trivial baseline {fmt(trivial, 3)}, the loss of the {kind}. It has learned "
-            "nothing a constant output would not.")
+            "nothing a constant output would not: either the steps do not reach the weights "
+            "that matter, or the targets carry no signal the model can use.")
     return [Finding("not_learning", [], text, "warning", rx_not_learning(ctx, nums, th), nums)]
+
+
+#: Findings that explain a loss stuck at the baseline.
+_CAUSES = ("nonfinite", "divergence", "exploding_gradients", "vanishing_gradients", "saturation",
+           "dead_units")
+
+
+def _not_learning_as_symptom(findings: list[Finding]) -> None:
+    """``not_learning`` is a symptom: beside a finding that explains it, it becomes ``info`` (its
+    remedies then weigh little in the merged ranking) and names the likely causes."""
+    causes = [f.kind for f in findings if f.kind in _CAUSES]
+    for i, f in enumerate(findings):
+        if f.kind == "not_learning" and causes:
+            text = f.evidence + f" Likely cause: {', '.join(dict.fromkeys(causes))} (above)."
+            findings[i] = dataclasses.replace(f, evidence=text, severity="info",
+                                              numbers={**f.numbers, "n_causes": len(causes)})
 
 
 # --- update / weight ratio ---------------------------------------------------------------------
@@ -658,5 +698,6 @@ def diagnose(
     findings += rule_dead(record, ctx, th)
     explained = {n for f in findings if f.kind == "vanishing_gradients" for n in f.layers}
     findings += rule_update_ratio(record, ctx, th, explained)
+    _not_learning_as_symptom(findings)
     findings.sort(key=lambda f: (-severity_rank(f.severity), KINDS.index(f.kind)))
     return findings

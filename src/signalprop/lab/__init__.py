@@ -30,6 +30,8 @@ for _name, _mod in [
     ("bn-depth", "signalprop.lab.bn_depth"),
     ("isometry", "signalprop.lab.isometry"),
     ("mnist1d-baseline", "signalprop.lab.mnist1d_baseline"),
+    ("recurrent", "signalprop.lab.recurrent"),
+    ("normalisation-placement", "signalprop.lab.normalisation_placement"),
 ]:
     STUDIES.register(_name, _mod)
 
@@ -44,6 +46,8 @@ STUDY_NAMES: list[str] = [
     "bn-depth",
     "isometry",
     "mnist1d-baseline",
+    "recurrent",
+    "normalisation-placement",
 ]
 
 

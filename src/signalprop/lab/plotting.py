@@ -190,5 +190,5 @@ def errorbars(ax: Any, x: Sequence[float], effects: Sequence[Any], *, color: str
     m = np.array([e.estimate for e in effects], dtype=float)
     lo = np.array([e.lo if np.isfinite(e.lo) else e.estimate for e in effects], dtype=float)
     hi = np.array([e.hi if np.isfinite(e.hi) else e.estimate for e in effects], dtype=float)
-    ax.errorbar(np.asarray(x, dtype=float), m, yerr=[m - lo, hi - m], color=color, label=label,
+    ax.errorbar(np.asarray(x, dtype=float), m, yerr=[np.clip(m - lo, 0, None), np.clip(hi - m, 0, None)], color=color, label=label,
                 capsize=3, marker="o", ms=4, **kw)

@@ -20,6 +20,7 @@ from torch import nn
 
 from signalprop import stats
 from signalprop.probe import recurrent
+from signalprop.probe.functional import ProbeMode
 from signalprop.probe.modules import activation_kind, watched_modules
 from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.record import MODEL, TIME_PREFIX, LayerInfo, Record
@@ -158,6 +159,36 @@ class Probe:
         self._stepped_opts: set[int] = set()
         self._stash: dict[int, int] = {}  # data_ptr of a stashed output -> its site
         self._rnn_tmp: dict[int, tuple[list[list[torch.Tensor]], dict[str, Any]]] = {}
+        # what module hooks cannot see (functional activations, residual adds, norm placement,
+        # parameters used outside a module call) is read by a torch-function mode around the
+        # forward: on the first recorded step (the mapping step), then only if needed
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self._watched = {id(m): i for i, (_, m) in enumerate(mods)}
+        self._path: list[str] = []  # sites and free parameters in first-use order
+        self._mapping = True
+        self._use_mode = forward or backward
+        self._mode: ProbeMode | None = None
+        self._mode_depth = 0
+        self._stack: list[tuple[str, nn.Module, Any]] = []
+        self._fn_found = False
+        self._inplace_seen = False
+        watched_names = {n for n, _ in mods}
+        self._free_params = {
+            id(prm): n for n, prm in self.params
+            if (n.rsplit(".", 1)[0] if "." in n else "") not in watched_names
+        }
+        self._param_slot: dict[str, tuple[int, str]] = {}  # free param -> (path slot, where)
+        self._producer: dict[int, tuple[str, torch.Tensor]] = {}
+        self._blocks: dict[str, dict[str, Any]] = {}  # residual block -> facts
+        self._block_grads: dict[str, list[tuple[Any, Any]]] = {}
+        self._conv_context = False
+        self._entry: dict[str, int] = {}  # module -> path position when first entered
+        from signalprop.diagnosis.architecture import architecture_facts
+
+        # what the module types say (the measured facts below override these)
+        for k, v in architecture_facts(model).items():
+            if v is not None:
+                self.record.meta.setdefault(k, v)
         self.record.meta.setdefault("model", type(model).__name__)
         self.record.meta.setdefault("num_parameters", sum(p.numel() for _, p in self.params))
         self.record.meta.setdefault("schedule", str(self.schedule))
@@ -205,6 +236,20 @@ class Probe:
             self._fwd_handles.append(
                 self.model.register_forward_pre_hook(partial(_root_pre_hook, ref))
             )
+            if self._use_mode:
+                self._fwd_handles.append(self.model.register_forward_hook(
+                    partial(_root_post_hook, ref), always_call=True))
+                for m in self.model.modules():
+                    if m is not self.model:
+                        self._fwd_handles.append(
+                            m.register_forward_pre_hook(partial(_push_hook, ref)))
+                        self._fwd_handles.append(m.register_forward_hook(
+                            partial(_pop_hook, ref), always_call=True))
+            if self.backward:
+                for name in self._blocks:
+                    mod = self.model.get_submodule(name)
+                    self._fwd_handles.append(
+                        mod.register_forward_pre_hook(partial(_block_pre_hook, ref, name)))
             for i, (_, m) in enumerate(self._mods):
                 self._fwd_handles.append(m.register_forward_hook(partial(_fwd_hook, ref, i)))
             for i, (_, m) in enumerate(self._mods):
@@ -246,10 +291,15 @@ class Probe:
         self._clear()
 
     def __enter__(self) -> Probe:
+        # nested ``with probe:`` blocks: only the outermost exit detaches (an inner exit used to
+        # remove every hook, and the outer block silently recorded nothing more)
+        self._depth = getattr(self, "_depth", 0) + 1
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
-        self.detach()
+        self._depth = max(0, getattr(self, "_depth", 1) - 1)
+        if self._depth == 0:
+            self.detach()
 
     @property
     def attached(self) -> bool:
@@ -322,6 +372,7 @@ class Probe:
         j = self._stash.get(x.data_ptr())
         if j is None:
             return
+        self._inplace_seen = True
         s = self._sites[j]
         for k, o in enumerate(s.outs):
             if o.data_ptr() == x.data_ptr() and o._version == s.versions[k]:
@@ -379,6 +430,10 @@ class Probe:
         self._stepped_opts = set()
         self._stash = {}
         self._rnn_tmp = {}
+        self._producer = {}
+        self._stack = []
+        for v in self._block_grads.values():
+            v.clear()
 
     def _new_site(self, i: int, k: int) -> int:
         name, m = self._mods[i]
@@ -390,10 +445,93 @@ class Probe:
             call=k,
             loop=self._loop[i],
         )
+        return self._add_site(site, (i, k))
+
+    def _add_site(self, site: _Site, key: Any) -> int:
+        site.depth = len(self._path)
+        site.conv = self._conv_context
+        self._path.append(site.name)
         self._sites.append(site)
         j = len(self._sites) - 1
-        self._site_of[(i, k)] = j
+        self._site_of[key] = j
         return j
+
+    # ---- the torch-function mode's callbacks ------------------------------------------------------
+    def _functional_activation(self, kind: str, fname: str, args: tuple, out: torch.Tensor) -> None:
+        """An activation called as a function (F.relu, torch.sigmoid, x.tanh() ...)."""
+        if not torch.is_grad_enabled():
+            return
+        enclosing, mod = (self._stack[-1][0], self._stack[-1][1]) if self._stack else ("", None)
+        if mod is not None:
+            i = self._watched.get(id(mod))
+            if isinstance(mod, nn.RNNBase | nn.RNNCellBase):
+                return  # the gates and states of a recurrent layer (measured as such)
+            if i is not None and self._kinds[i] is not None:
+                return  # inside an activation module (nn.ReLU calls F.relu): its hook records it
+            if i is not None and next(mod.parameters(recurse=False), None) is None and \
+                    next(mod.children(), None) is None:
+                # a parameter-free leaf module computing an activation (HF GELUActivation):
+                # the module is that activation
+                self._kinds[i] = kind
+                for j, st in enumerate(self._sites):
+                    if self._site_of.get((i, st.call)) == j:
+                        st.kind = kind
+                return
+        self._fn_found = True
+        where = enclosing or type(self.model).__name__
+        base = f"{where}/{fname}"
+        key = ("fn", base)
+        if self._new_pass:
+            self._new_pass = False
+            self._calls.clear()
+        k = self._calls.get(key, 0)  # type: ignore[call-overload]
+        self._calls[key] = k + 1  # type: ignore[index]
+        k = min(k, MAX_SITES - 1)
+        j = self._site_of.get((key, k))  # type: ignore[arg-type]
+        if j is None:
+            site = _Site(name=base if k == 0 else f"{base}#{k + 1}", module=base,
+                         type=f"functional {fname}", kind=kind, call=k, loop=False)
+            j = self._add_site(site, (key, k))
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        _record_output(self, j, self._sites[j], out, inp, -1)
+
+    def _seen_add(self, args: tuple, out: Any) -> None:
+        ops = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+        for name, mod, x in reversed(self._stack):
+            if x is not None and next(mod.children(), None) is not None and any(
+                    a is x for a in ops):
+                self._blocks.setdefault(name, {"type": type(mod).__name__,
+                                               "depth": self._entry.get(name, 0),
+                                               "norm_placement": None})
+                break
+        if isinstance(out, torch.Tensor):
+            self._producer[id(out)] = ("add", out)
+
+    def _seen_norm(self, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            self._producer[id(out)] = ("norm", out)
+
+    def _seen_params(self, args: tuple, kwargs: dict) -> None:
+        for a in (*args, *kwargs.values()):
+            n = self._free_params.get(id(a)) if isinstance(a, torch.Tensor) else None
+            if n is not None and n not in self._param_slot:
+                where = self._stack[-1][0] if self._stack else ""
+                self._param_slot[n] = (len(self._path), where)
+                self._path.append(n)
+
+    def _block_done(self, name: str, out: Any) -> None:
+        """A residual block's forward returned: its output says where it normalises."""
+        b = self._blocks.get(name)
+        if b is None or b.get("seen"):
+            return
+        b["seen"] = True
+        if isinstance(out, tuple | list) and out:
+            out = out[0]
+        prod = self._producer.get(id(out)) if isinstance(out, torch.Tensor) else None
+        if prod is not None and prod[1] is out:
+            # norm(x + f(x)): post-LN; x + f(norm(x)) with norms inside: pre-LN
+            b["norm_placement"] = "post" if prod[0] == "norm" else (
+                "pre" if b.get("has_norm") else None)
 
     def _declare_layers(self) -> None:
         """Declare the sites first seen since the last declaration (forward order), then, once,
@@ -405,7 +543,7 @@ class Probe:
                 LayerInfo(
                     name=s.name,
                     type=s.type,
-                    depth=j,
+                    depth=s.depth,
                     activation=s.kind,
                     module=s.module,
                     shape=shape,
@@ -417,9 +555,9 @@ class Probe:
         self._declared = len(self._sites)
         if self._params_declared or not self._sites:
             return
-        first_site = {}
-        for j, s in enumerate(self._sites):
-            first_site.setdefault(s.module, j)
+        first_site: dict[str, int] = {}
+        for s in self._sites:
+            first_site.setdefault(s.module, s.depth)
         root = type(self.model).__name__
         for pname, p in self.params:
             owner = pname.rsplit(".", 1)[0] if "." in pname else ""
@@ -427,6 +565,15 @@ class Probe:
                              shape=list(p.shape))
             if owner in first_site:
                 info.depth = first_site[owner]
+            elif pname in self._param_slot and (not owner or owner not in self._names.values()
+                                                 or self._param_slot[pname][1] == ""):
+                # a parameter used directly in a forward (a positional embedding): it acts at
+                # the point of the path where it was first used
+                slot, where = self._param_slot[pname]
+                info.depth = slot
+                info.module = pname
+                info.placement = (f"used directly in the forward of {where or 'the model'!r}"
+                                  ", placed where it is first used")
             else:
                 # the owning module is never called (e.g. MultiheadAttention's out_proj, used
                 # functionally inside its parent): place the parameter where it acts, at the
@@ -444,7 +591,7 @@ class Probe:
                 else:
                     # used outside any recorded module call (a root-level nn.Parameter such as
                     # a positional embedding): kept off the signal path rather than guessed
-                    info.depth = len(self._sites)
+                    info.depth = len(self._path)
                     info.on_path = False
                     info.module = owner or root
                     info.placement = (
@@ -452,6 +599,22 @@ class Probe:
                     )
             self.record.add_layer(info)
         self._params_declared = True
+        self._declare_blocks()
+
+    def _declare_blocks(self) -> None:
+        """Residual blocks found on the mapping step, and what the record's meta says of them."""
+        if not self._blocks:
+            return
+        for name, b in self._blocks.items():
+            self.record.add_layer(LayerInfo(
+                name=name, type=b["type"], role="block", depth=b["depth"] or 0,
+                module=name, residual=True, norm_placement=b["norm_placement"]))
+        # measured: a block added its own input to its output
+        self.record.meta["residual"] = True
+        self.record.meta["residual_blocks"] = list(self._blocks)
+        places = {b["norm_placement"] for b in self._blocks.values() if b["norm_placement"]}
+        if places:
+            self.record.meta["norm_placement"] = places.pop() if len(places) == 1 else "mixed"
 
     def _pre_step(self) -> None:
         """Gradients are ready: compute everything except update ratios."""
@@ -614,6 +777,12 @@ class Probe:
                 for (n, _), r in zip(self.params, ratio, strict=True):
                     self._pending.setdefault(n, {})["update_ratio"] = r
             self._commit()
+        if self._active and self._mapping and self._sites:
+            # the map is drawn: keep the function mode only where module hooks cannot see
+            # (functional activations); residual blocks get their input hooks from now on
+            self._mapping = False
+            self._use_mode = self._fn_found or self._inplace_seen
+            self._set_active(False)
         self._clear()
         self.step_index += 1
         self._set_active(bool(self.schedule(self.step_index)))
@@ -715,12 +884,19 @@ class Probe:
                     names += [(n, "saturated_frac") for n in layer]
             if kind in stats.RECTIFIERS:
                 # dead = inactive for the WHOLE batch: use every row, not the subsample
-                h = torch.stack([s.outs[0] for s in sites])
-                if h.dim() > 3:  # conv maps [G, B, C, ...]: a unit is a channel
-                    h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], -1).transpose(1, 2)
-                    h = h.reshape(h.shape[0], -1, h.shape[-1])
-                values.append(stats.dead_fraction(h).float())
-                names += [(n, "dead_frac") for n in layer]
+                chan = [s.conv or s.outs[0].dim() >= 4 for s in sites]
+                for flag in (True, False):
+                    sub = [s for s, c in zip(sites, chan, strict=True) if c == flag]
+                    if not sub:
+                        continue
+                    h = torch.stack([s.outs[0] for s in sub])
+                    if h.dim() > 3 and flag:  # conv maps [G, B, C, ...]: a unit is a channel
+                        h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], -1).transpose(1, 2)
+                        h = h.reshape(h.shape[0], -1, h.shape[-1])
+                    elif h.dim() > 3:  # sequences [G, B, T, F]: a unit is a feature
+                        h = h.reshape(h.shape[0], -1, h.shape[-1])
+                    values.append(stats.dead_fraction(h).float())
+                    names += [(s.name, "dead_frac") for s in sub]
 
     def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: float) -> None:
         norms: list[Any] = []
@@ -742,9 +918,18 @@ class Probe:
                     if gt:
                         tvals.append(_pool(gt)[0])
                         tnames.append((s.name, time_metric(t)))
+        blocks = [(b, _pool(g)[0]) for b, g in self._block_grads.items() if g]
+        if not layer and not blocks:
+            return
         if not layer:
+            nv = torch.stack([torch.as_tensor(v, dtype=torch.float64) for _, v in blocks])
+            values.append(nv / scale if scale != 1.0 else nv)
+            names += [(b, "in_grad_norm") for b, _ in blocks]
             return
         norms += tvals
+        tnames += [(b, "in_grad_norm") for b, _ in blocks]
+        tvals += [v for _, v in blocks]
+        norms += [v for _, v in blocks]
         if isinstance(norms[0], float):
             nv = torch.tensor(norms, dtype=torch.float64)
             bv = torch.tensor(bads, dtype=torch.float64)
@@ -829,7 +1014,7 @@ class _Site:
     """One call site of a watched module: one layer of the signal path."""
 
     __slots__ = ("name", "module", "type", "kind", "call", "loop", "outs", "ins", "versions",
-                 "ograds", "tgrads", "used", "unchecked", "gates")
+                 "ograds", "tgrads", "used", "unchecked", "gates", "depth", "conv")
 
     def __init__(self, name: str, module: str, type: str, kind: str | None, call: int,
                  loop: bool) -> None:
@@ -846,6 +1031,8 @@ class _Site:
         self.used = False
         self.unchecked: str | None = None
         self.gates: dict[str, list[torch.Tensor]] = {}  # recurrent gate values this step
+        self.depth = 0  # position on the signal path
+        self.conv = False  # output of a convolutional stack: channel-first units
 
     @property
     def needs_input(self) -> bool:
@@ -965,8 +1152,62 @@ def _root_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
     p._nforward += 1
     p._calls.clear()
     p._new_pass = False
+    if p._use_mode:
+        if p._mode is None:
+            p._mode = ProbeMode(p)
+            p._mode.__enter__()
+            p._stack = []
+        p._mode_depth += 1
     if p.forward and args and isinstance(args[0], torch.Tensor):
         p._inputs.append(args[0].detach())
+
+
+def _root_post_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -> None:
+    p = ref()
+    if p is None or p._mode is None:
+        return
+    p._mode_depth -= 1
+    if p._mode_depth == 0:
+        p._mode.__exit__(None, None, None)
+        p._mode = None
+        p._stack = []
+
+
+def _push_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
+    p = ref()
+    if p is None or p._mode is None:
+        return
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    name = p._names.get(id(module), type(module).__name__)
+    p._stack.append((name, module, x if p._mapping else None))
+    if p._mapping:
+        p._entry.setdefault(name, len(p._path))
+
+
+def _pop_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -> None:
+    p = ref()
+    if p is None or p._mode is None or not p._stack:
+        return
+    name = p._stack.pop()[0]
+    if p._mapping and name in p._blocks:
+        p._block_done(name, out)
+    elif p._mapping and p._stack and isinstance(module, _NORMS):
+        for n, _, _ in p._stack:
+            if n in p._blocks:
+                p._blocks[n]["has_norm"] = True
+
+
+def _block_pre_hook(ref: weakref.ref, name: str, module: nn.Module, args: tuple) -> None:
+    # the residual stream: ||dL/dx|| at the block's input
+    p = ref()
+    if p is None or not p._active or not torch.is_grad_enabled():
+        return
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if x is not None and x.requires_grad:
+        x.register_hook(partial(_grad_hook, p._block_grads.setdefault(name, []), None))
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
 def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any) -> None:
@@ -1000,14 +1241,26 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
         p._used.append(j)
     if p._recurrent[i]:
         _attach_time(p, i, s, module)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        p._conv_context = True
+    elif isinstance(module, nn.Linear | nn.Embedding | nn.MultiheadAttention | nn.RNNBase):
+        p._conv_context = False
+    _record_output(p, j, s, out, inp[0] if inp and isinstance(inp[0], torch.Tensor) else None, t)
+
+
+def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Tensor | None,
+                   t: int) -> None:
+    if not s.used:
+        s.used = True
+        p._used.append(j)
     if p.forward and (not s.outs or s.outs[0].shape[1:] == out.shape[1:]):
         # pooled over micro-batches and time steps when their shapes agree; an output of
         # another shape (dynamic padding) is left out of the forward statistics
         s.outs.append(out.detach())
         s.versions.append(out._version)
         p._stash[out.data_ptr()] = j
-        if s.needs_input and inp and isinstance(inp[0], torch.Tensor):
-            s.ins.append(inp[0].detach())
+        if s.needs_input and inp is not None:
+            s.ins.append(inp.detach())
     if p.backward and out.requires_grad:
         if t >= 0:
             while len(s.tgrads) <= t:

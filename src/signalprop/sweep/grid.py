@@ -14,6 +14,15 @@ from signalprop.sweep.config import SCHEMA, config_hash, group_key, validate_con
 
 GRID_KEYS = ("base", "axes", "seeds", "name", "description")
 
+#: Most runs a grid may expand to unless the caller raises the limit (``--max-runs``): a typo
+#: such as ``seeds: 100000`` should be a question, not hours of work and GBs of configs.
+MAX_RUNS = 2000
+
+#: Limits on sweep config files: bytes on disk and values after YAML aliases are expanded (a
+#: 500-byte "billion laughs" file expands to GBs once its aliases are copied out).
+MAX_CONFIG_BYTES = 4 * 2**20
+MAX_CONFIG_VALUES = 200_000
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -65,19 +74,33 @@ def _axis_values(name: str, values: Any) -> list[tuple[str | None, dict[str, Any
     )
 
 
-def expand_grid(grid: Any) -> list[RunSpec]:
+def _too_many(n: int, what: str, max_runs: int) -> ValueError:
+    return ValueError(
+        f"the grid has {n:,} runs ({what}), more than the limit of {max_runs:,}: shrink it, or "
+        f"raise the limit with --max-runs {n} (sweep(..., max_runs={n}))")
+
+
+def expand_grid(grid: Any, max_runs: int | None = MAX_RUNS) -> list[RunSpec]:
     """Expand a grid into runs (validated; duplicates removed, first occurrence kept).
 
     Args:
         grid: A mapping with ``base``, ``axes``, ``seeds`` (see docs/sweep.md), a list of run
             configs, or a path to a YAML file holding either.
+        max_runs: Refuse grids of more runs than this, counted before anything is expanded
+            (``None``: no limit).
 
     Raises:
-        ValueError: for an unknown grid key, axis, config key or value (naming valid choices).
+        ValueError: for an unknown grid key, axis, config key or value (naming valid choices),
+            an empty grid, or more than ``max_runs`` runs.
     """
+    if max_runs is not None and (isinstance(max_runs, bool) or not isinstance(max_runs, int)
+                                 or max_runs < 1):
+        raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
     if isinstance(grid, (str, os.PathLike)):
         grid = load_grid_file(grid)
     if isinstance(grid, Sequence) and not isinstance(grid, (str, bytes)):
+        if max_runs is not None and len(grid) > max_runs:
+            raise _too_many(len(grid), "a list of configs", max_runs)
         specs = [RunSpec(validate_config(c), {}, i) for i, c in enumerate(grid)]
         return _dedupe(specs)
     if not isinstance(grid, Mapping):
@@ -85,6 +108,9 @@ def expand_grid(grid: Any) -> list[RunSpec]:
     for k in grid:
         if k not in GRID_KEYS:
             raise ValueError(unknown_name_message("grid key", k, list(GRID_KEYS)))
+    if not any(k in grid for k in ("base", "axes", "seeds")):
+        raise ValueError("the grid is empty: give at least one of base, axes or seeds "
+                         "(docs/sweep.md); an empty grid would silently run one default config")
     base = dict(grid.get("base") or {})
     axes = grid.get("axes") or {}
     if not isinstance(axes, Mapping):
@@ -92,13 +118,24 @@ def expand_grid(grid: Any) -> list[RunSpec]:
     seeds = grid.get("seeds")
     if seeds is None:
         seeds = [base.get("seed", 0)]
-    elif isinstance(seeds, bool) or not isinstance(seeds, (int, Sequence)):
+    elif isinstance(seeds, (bool, str, bytes)) or not isinstance(seeds, (int, Sequence)):
         raise ValueError(f"grid: seeds must be an int or a list of ints, got {seeds!r}")
     elif isinstance(seeds, int):
         if seeds < 1:
             raise ValueError(f"grid: seeds must be >= 1, got {seeds}")
+        if max_runs is not None and seeds > max_runs:
+            raise _too_many(seeds, f"seeds: {seeds}", max_runs)
         seeds = list(range(seeds))
     names = list(axes)
+    # count before expanding: the product of the axes' lengths times the seeds
+    n_runs = len(seeds)
+    for n in names:
+        v = axes[n]
+        n_runs *= len(v) if isinstance(v, (Mapping, Sequence)) and not isinstance(v, str) else 1
+    if max_runs is not None and n_runs > max_runs:
+        sizes = " x ".join(f"{n} {len(axes[n])}" for n in names
+                           if isinstance(axes[n], (Mapping, Sequence)))
+        raise _too_many(n_runs, f"{sizes or 'no axes'}, {len(seeds)} seed(s)", max_runs)
     choices = [_axis_values(n, axes[n]) for n in names]
     specs = []
     for combo in itertools.product(*choices):
@@ -126,16 +163,69 @@ def _dedupe(specs: list[RunSpec]) -> list[RunSpec]:
 
 
 def load_grid_file(path: str | os.PathLike[str]) -> Any:
-    """Read a grid (or a list of run configs) from a YAML or JSON file."""
+    """Read a grid (or a list of run configs) from a YAML or JSON file, safely.
+
+    ``yaml.safe_load`` (no Python tags), at most :data:`MAX_CONFIG_BYTES` on disk and
+    :data:`MAX_CONFIG_VALUES` values once aliases are expanded.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a folder, not UTF-8, malformed YAML (with the line), too large, or empty.
+    """
     import yaml
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no sweep config at {p}")
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder: give the sweep config file (YAML)")
+    size = p.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{p}: {size:,} bytes is too large for a sweep config "
+                         f"(limit {MAX_CONFIG_BYTES:,})")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not a text (UTF-8) file: {e.reason} at byte {e.start}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if isinstance(e, yaml.constructor.ConstructorError) and "tag" in str(problem):
+            problem = f"{problem} (only plain YAML is read: no !!python or other tags)"
+        raise ValueError(f"{p}: not a valid sweep config: {problem}{where}") from None
+    except RecursionError:
+        raise ValueError(f"{p}: nested too deeply to be a sweep config") from None
     if data is None:
         raise ValueError(f"{p}: empty sweep config")
+    if not isinstance(data, (Mapping, list)):
+        raise ValueError(f"{p}: a grid must be a mapping (base, axes, seeds) or a list of "
+                         f"configs, got {type(data).__name__} {str(data)[:40]!r}")
+    n = _count_values(data, MAX_CONFIG_VALUES)
+    if n > MAX_CONFIG_VALUES:
+        raise ValueError(
+            f"{p}: expands to more than {MAX_CONFIG_VALUES:,} values once its YAML aliases "
+            "(*name) are copied out; refusing it (a sweep config is a few dozen values)")
     return data
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """Values in ``data`` counted as a tree (shared, aliased objects counted at every use),
+    stopping as soon as ``limit`` is passed."""
+    n, stack = 0, [data]
+    while stack:
+        v = stack.pop()
+        n += 1
+        if n > limit:
+            return n
+        if isinstance(v, Mapping):
+            stack.extend(v.values())
+            n += len(v)  # the keys
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return n
 
 
 def group_runs(specs: list[RunSpec], max_size: int | None = None) -> list[list[RunSpec]]:

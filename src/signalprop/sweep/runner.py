@@ -33,7 +33,7 @@ import torch
 
 from signalprop._registry import check_choice
 from signalprop.sweep.config import optimizer_hparams
-from signalprop.sweep.grid import RunSpec, expand_grid, group_runs
+from signalprop.sweep.grid import MAX_RUNS, RunSpec, expand_grid, group_runs
 from signalprop.sweep.result import SweepResult
 from signalprop.sweep.store import FINISHED, Store, encode_record
 
@@ -158,7 +158,11 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
     return out
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int | None = None) -> None:
+    if parent_pid is not None:  # a kill -9 of the sweep must not leave workers training
+        from signalprop._lifeline import die_with_parent
+
+        die_with_parent(parent_pid)
     torch.set_num_threads(1)
 
 
@@ -218,6 +222,7 @@ def sweep(
     max_group_size: int | None = None,
     ray_address: str | None = None,
     ray_init: dict[str, Any] | None = None,
+    max_runs: int | None = MAX_RUNS,
 ) -> SweepResult:
     """Run every point of a grid; resume if ``out`` already holds some of them.
 
@@ -232,6 +237,8 @@ def sweep(
             workers, groups are split so that every worker has work).
         ray_address: Ray cluster address (default ``$RAY_ADDRESS`` or a new local instance).
         ray_init: Extra keyword arguments of ``ray.init`` for a local instance.
+        max_runs: Refuse grids of more runs than this (counted before expanding; ``None``: no
+            limit).
 
     Returns:
         A :class:`SweepResult` over the grid's runs.
@@ -239,7 +246,7 @@ def sweep(
     check_choice("executor", executor, EXECUTORS)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    specs = expand_grid(grid)
+    specs = expand_grid(grid, max_runs=max_runs)
     if not specs:
         raise ValueError("the grid has no runs")
     out = Path(out) if out is not None else default_out(specs)
@@ -317,15 +324,24 @@ def _run_pool(store: Store, groups: list[list[RunSpec]], bar: _Progress, workers
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads / sqlite
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-        futs = {}
-        for g in groups:
-            store.mark_running([s.run_id for s in g])
-            futs[pool.submit(run_group, _payload(g))] = g
-        for f in as_completed(futs):
-            store.finish(f.result())
-            bar.steps(futs[f][0].config["steps"])
-            bar.group_done()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool:
+        try:
+            futs = {}
+            for g in groups:
+                store.mark_running([s.run_id for s in g])
+                futs[pool.submit(run_group, _payload(g))] = g
+            for f in as_completed(futs):
+                store.finish(f.result())
+                bar.steps(futs[f][0].config["steps"])
+                bar.group_done()
+        except BaseException:
+            # Ctrl-C (or an error here): stop the workers now instead of waiting for their
+            # populations to finish; finished groups are stored, the rest resume next time
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def _run_ray(

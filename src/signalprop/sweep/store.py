@@ -199,7 +199,7 @@ class Store:
             raise KeyError(f"no run {run_id!r} in {self.path}")
         if got[0] is None:
             raise ValueError(f"run {run_id} has no record (status {got[1]})")
-        return Record.from_dict(json.loads(gzip.decompress(got[0]).decode("utf-8")))
+        return Record.from_bytes(got[0], f"{self.path} run {run_id}")
 
 
 def encode_record(rec: Record) -> bytes:

@@ -41,6 +41,10 @@ Q_ZERO = 1e-30
 #: up to Q_SCAN_MID (cheap everywhere), extended to Q_SCAN_MAX only when no critical point was
 #: found below (large q needs many nodes for oscillating activations such as sin).
 Q_SCAN_MIN, Q_SCAN_MID, Q_SCAN_MAX = 1e-7, 1e3, 1e6
+
+#: Below this bias variance, when the scan finds no crossing for an activation with phi(0) = 0,
+#: the critical point is the sigma_b^2 -> 0 limit (see :func:`critical_point`).
+SIGMA_B2_RESOLUTION = 1e-12
 _SCAN_PER_DECADE = 8
 
 
@@ -555,7 +559,11 @@ def _critical_from_scan(act: Activation, sigma_b2: float, sc: dict[str, np.ndarr
                              note)
 
     phi0 = float(act.phi(np.array([0.0]))[0])
-    if sigma_b2 == 0.0 and abs(phi0) < 1e-12:
+    # a sigma_b^2 so small that chi_1 - 1 at its fixed point is below the scan's resolution
+    # (tanh at 1e-20: q* ~ 1e-7, chi_1 - 1 ~ 1e-14) is the sigma_b^2 -> 0 limit to that accuracy:
+    # answering "no critical point" there made the critical line jump from ~1 to nothing
+    tiny = 0.0 < sigma_b2 <= SIGMA_B2_RESOLUTION
+    if (sigma_b2 == 0.0 or tiny) and abs(phi0) < 1e-12:
         e0 = _zero_slope_limit(act)
         if e0 > 0:
             s0 = 1.0 / e0
@@ -563,12 +571,18 @@ def _critical_from_scan(act: Activation, sigma_b2: float, sc: dict[str, np.ndarr
             head = slice(0, 8)
             attracting = bool(np.all(s[head] >= s0 * (1 - 1e-9)))
             if attracting and abs(x[0] - 1.0) < 1e-3:
-                return CriticalPoint(
-                    name, 0.0, s0, math.sqrt(s0), 0.0, 1.0, 1.0, "limit q*->0",
+                note = (
                     "phi(0) = 0: q* = 0 is a fixed point whose chi_1 = sigma_w^2 phi'(0)^2 "
                     "crosses 1 here; for larger sigma_w a q* > 0 appears with chi_1 > 1 "
                     "(chaos). At this sigma_w the variance decays to 0 only polynomially "
-                    "with depth, so keep the input variance small",
+                    "with depth, so keep the input variance small")
+                if tiny:
+                    note = (f"sigma_b^2 = {sigma_b2:g} is below the resolution of the fixed-point "
+                            f"scan ({SIGMA_B2_RESOLUTION:g}): the sigma_b^2 -> 0 limit is "
+                            "returned (it differs from the exact value by about "
+                            "(sigma_b^2)^(1/3)); " + note)
+                return CriticalPoint(
+                    name, sigma_b2, s0, math.sqrt(s0), 0.0, 1.0, 1.0, "limit q*->0", note,
                 )
             if not attracting:
                 lim0 = (
