@@ -585,7 +585,8 @@ class FitResult:
         diverged_step: The step at which it did.
         steps: Steps completed (including a diverging one).
         wall_time: Seconds of training (excluding model construction).
-        model: The trained model.
+        model: The trained model (``None`` for a member of a batched population that was not
+            exported as a module).
         extra: Anything else (e.g. ``skipped_steps`` of a GradScaler).
         diverged_reason: ``"nonfinite"``, ``"loss_bound"`` or ``None``.
         interrupted: Ctrl-C stopped the run; everything above covers the steps done.
@@ -600,7 +601,7 @@ class FitResult:
     diverged_step: int | None
     steps: int
     wall_time: float
-    model: nn.Module
+    model: nn.Module | None
     extra: dict[str, Any] = field(default_factory=dict)
     diverged_reason: str | None = None
     interrupted: bool = False
