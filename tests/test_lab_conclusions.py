@@ -29,30 +29,33 @@ def _check(c: Conclusion, expected: str, name: str = "") -> None:
 
 
 #: studies whose conclusions do not quote intervals yet
-PENDING_INTERVALS = {"saturation", "initialisation", "any-nonlinearity"}
+PENDING_INTERVALS = {"initialisation", "any-nonlinearity"}
 
 
 # --- saturation --------------------------------------------------------------------------------
 def saturation_data(claim_true: bool) -> dict:
     T, L, U = 12, 3, 4
 
-    def run(variant: str) -> dict:
+    def run(variant: str, seed: int) -> dict:
         good = (variant == "bn") == claim_true
-        acc = [0.3 + (0.05 if good else 0.02) * t for t in range(T)]
+        acc = [0.3 + (0.05 if good else 0.02) * t + 0.002 * seed for t in range(T)]
         return {
-            "dataset": "digits", "variant": variant, "seed": 0,
-            "saturated": [[0.01 if good else 0.4] * L for _ in range(T)],
+            "dataset": "digits", "variant": variant, "seed": seed, "scale": 3.0,
+            "saturated": [[(0.01 if good else 0.4) + 0.001 * seed] * L for _ in range(T)],
             # the median of a bad unit wanders by half a distribution width per recording
-            "last_pcts": [[[-1.0, 0.0 if good else 0.5 * t, 1.0]] * U for t in range(T)],
+            "last_pcts": [[[-1.0, (0.0 if good else 0.5) * t * (1 + 0.1 * seed) + 0.01 * t,
+                            1.0]] * U for t in range(T)],
             "eval_steps": list(range(T)), "test_acc": acc, "final_test_acc": acc[-1],
             "probe_steps": list(range(T)),
         }
 
-    relu = [{"variant": "bn", "dead": [[0.2] * L for _ in range(T)]},
-            {"variant": "bn-frozen-beta", "dead": [[0.0 if claim_true else 0.3] * L
-                                                    for _ in range(T)]}]
-    return {"runs": [run("plain"), run("bn")], "relu_runs": relu, "unit": 0,
-            "datasets": ["digits"]}
+    relu = [{"variant": v, "seed": s, "final_test_acc": 0.9 + 0.01 * s,
+             "dead": [[0.0] * L for _ in range(T)],
+             "off": [[(0.3 if (v == "bn") == claim_true else 0.5) + 0.01 * s] * L
+                     for _ in range(T)]}
+            for v in ("bn", "bn-frozen-beta") for s in range(3)]
+    return {"runs": [run(v, s) for v in ("plain", "bn") for s in range(3)], "relu_runs": relu,
+            "unit": 0, "datasets": ["digits"], "init_scales": [3.0]}
 
 
 # --- learning-rate -----------------------------------------------------------------------------
