@@ -53,8 +53,9 @@ SETUP = (
     "initialisation, clipping by global norm 1, a quarter of the layers, weight decay 5e-4. Data: "
     "scikit-learn digits, batch 64. Score: final training loss, with a diverged or worse-than-"
     "chance run counted at the chance level ln(10); 3 seeds quick, 5 full. A measure 'helped' "
-    "when the Welch 95% interval of (treated - untreated) score lies below 0, 'hurt' when above, "
-    "'no decision' otherwise; the verdict counts agreement with the textbook table among the "
+    "when the Welch 95% interval of (treated - untreated) score lies wholly below -10% of the "
+    "untreated score, 'did not help' when it lies wholly above that line, 'no decision' "
+    "otherwise; the verdict counts agreement with the textbook table among the "
     "decided measures (Wilson 95% interval of the agreement rate against one half). Each "
     "textbook expectation names its source (SOURCES)."
 )
@@ -198,11 +199,23 @@ def effect(entry: dict[str, Any], base: dict[str, Any]) -> E.Effect:
     return E.diff_effect(entry["scores"], base["scores"], f"{entry['measure']} - untreated")
 
 
+#: A measure "helps" when it lowers the untreated network's mean score by at least this fraction.
+HELP_MARGIN = 0.10
+
+
 def helped(entry: dict[str, Any], base: dict[str, Any]) -> bool | None:
-    """True when the measure lowered the score (interval below 0), False when it raised it
-    (interval above 0), ``None`` when the interval includes no effect."""
-    v = E.verdict(effect(entry, base), -1)
-    return True if v == SUPPORTS else (False if v == CONTRADICTS else None)
+    """True when the whole 95% interval of (treated - untreated) lies below -HELP_MARGIN x the
+    untreated score (it helped by at least the margin), False when the whole interval lies above
+    that line (it cannot have helped that much), ``None`` when the interval straddles it."""
+    e = effect(entry, base)
+    line = -HELP_MARGIN * base["score"]
+    if not (math.isfinite(e.lo) and math.isfinite(e.hi)):
+        return None
+    if e.hi < line:
+        return True
+    if e.lo > line:
+        return False
+    return None
 
 
 def conclude(data: dict[str, Any]) -> Conclusion:
@@ -224,7 +237,8 @@ def conclude(data: dict[str, Any]) -> Conclusion:
             f"{case.capitalize()} network (untreated loss {fmt(base['score'])}, "
             f"{base['diverged']}/{base['n']} diverged): best "
             f"{', '.join(e['measure'] + ' ' + fmt(e['score']) for e in ranked[:3])}; helped "
-            f"(95% interval of the loss change below 0): {', '.join(good) or 'nothing'}."
+            f"(95% interval of the loss change below -{pct(HELP_MARGIN)} of the untreated loss): "
+            f"{', '.join(good) or 'nothing'}."
         )
         for e in ranked:
             eff = effect(e, base)
@@ -244,7 +258,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
                 matched += 1
             else:
                 mismatches.append(
-                    f"{e['measure']} {'helped' if got else 'did NOT help (it hurt)'} the {case} "
+                    f"{e['measure']} {'helped' if got else 'did NOT help'} the {case} "
                     f"network ({E.describe(eff, SUPPORTS if got else CONTRADICTS)}), contrary to "
                     f"the textbook ({SOURCES[case].get(e['measure'], 'textbook')})"
                 )
@@ -255,8 +269,8 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     nums["undecided measures"] = len(undecided)
     sentence = (
         f"{matched} of {decided} decided textbook expectations hold "
-        f"({E.describe(agree, verdict, pct)}); {len(undecided)} measures changed the loss by an "
-        "amount whose 95% interval includes no effect. " + " ".join(details)
+        f"({E.describe(agree, verdict, pct)}); for {len(undecided)} measures the 95% interval "
+        f"of the loss change straddles the {pct(HELP_MARGIN)} line (no decision). " + " ".join(details)
     )
     if mismatches:
         sentence += " Against the textbook: " + "; ".join(mismatches) + "."
