@@ -153,6 +153,7 @@ class Probe:
         self._inputs: list[torch.Tensor] = []
         self._name_cache: dict[tuple[int, ...], _Metrics] = {}
         self._preclip: tuple[list[str], torch.Tensor, list[int]] | None = None
+        self._witness: torch.Tensor | None = None  # a parameter that had a gradient
         self._cb_queued = False
         self._grads_seen = False
         self._new_pass = False
@@ -404,6 +405,10 @@ class Probe:
             return
         if not (self._used or self._pending is not None or self._grads_seen):
             return  # nothing of this step was seen (update() called twice)
+        self._skip_step()
+
+    def _skip_step(self) -> None:
+        """Close the current step as skipped: recorded, marked, no update ratios."""
         if self._active:
             if self._pending is None:
                 self._pre_step()
@@ -424,6 +429,7 @@ class Probe:
         self._scalar_counts = {}
         self._snapshot = None
         self._preclip = None
+        self._witness = None
         self._cb_queued = False
         self._grads_seen = False
         self._new_pass = False
@@ -761,6 +767,7 @@ class Probe:
         if not with_grad:
             return
         grads = [g for _, g in with_grad]
+        self._witness = dict(self.params).get(with_grad[0][0])
         self._preclip = ([n for n, _ in with_grad], stats.norms(grads), [g._version for g in grads])
 
     def _post_step(self) -> None:
@@ -780,6 +787,11 @@ class Probe:
         if self._active and self._mapping and self._sites:
             # the map is drawn: keep the function mode only where module hooks cannot see
             # (functional activations); residual blocks get their input hooks from now on
+            if self._nforward == 0 and not self._root_watched and self._use_mode:
+                self.record.meta.setdefault("unchecked", {})[type(self.model).__name__] = (
+                    "the model itself was never called (the loop calls its submodules): "
+                    "functional activations, residual additions and parameters used outside "
+                    "module calls were not observed")
             self._mapping = False
             self._use_mode = self._fn_found or self._inplace_seen
             self._set_active(False)
@@ -1149,6 +1161,14 @@ def _root_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
         if p.forward:
             p._inputs.append(args[0].detach()) if args and isinstance(args[0], torch.Tensor) else None
         return
+    if p._grads_seen and p._witness is not None and \
+            p._witness.grad is None and p.optimizers and not p._stepped_opts and \
+            p._pending is None:
+        # a backward happened, then the gradients were zeroed without an optimiser step: the
+        # step was skipped (e.g. a GradScaler not given to the probe found inf/NaN gradients)
+        p._skip_step()
+        if not p._active:
+            return
     p._nforward += 1
     p._calls.clear()
     p._new_pass = False
