@@ -29,7 +29,7 @@ def _check(c: Conclusion, expected: str, name: str = "") -> None:
 
 
 #: studies whose conclusions do not quote intervals yet
-PENDING_INTERVALS = {"initialisation", "any-nonlinearity"}
+PENDING_INTERVALS = {"any-nonlinearity"}
 
 
 # --- saturation --------------------------------------------------------------------------------
@@ -103,24 +103,34 @@ def learning_rate_data(claim_true: bool) -> dict:
 
 
 # --- initialisation ----------------------------------------------------------------------------
-def initialisation_data(claim_true: bool) -> dict:
+def initialisation_data(claim_true: bool, regime_flip: bool = False) -> dict:
     scales = [0.25, 1.0, 4.0]
     runs = []
     for variant in ("plain", "bn"):
         robust = (variant == "bn") == claim_true
         for i, sc in enumerate(scales):
             for seed in range(3):
-                loss = 0.1 + 0.001 * seed if robust else [2.3, 0.2, 2.0][i] + 0.2 * seed
-                pred = [0, 1, 2, 3] if robust else [(seed + k) % 4 for k in range(4)]
+                loss = 0.1 + 0.001 * seed + 0.002 * i if robust else \
+                    [2.3, 0.2, 2.0][i] + 0.3 * seed * (1 + 0.1 * i)
+                pred = [0, 1, 2, 3] if robust else [(seed + k + i) % 4 for k in range(4)]
                 runs.append({"variant": variant, "scale": sc, "seed": seed,
                              "final_train_loss": loss, "final_test_acc": 0.9, "diverged": False,
                              "grad_norm_init": 1.0 / sc, "grad_ratio_init": 1.0, "pred": pred})
-    smooth = {"loss_range": [0.01] * 5, "grad_change": [0.1] * 5, "beta": [1.0] * 5}
-    rough = {"loss_range": [0.5] * 5, "grad_change": [5.0] * 5, "beta": [50.0] * 5}
-    land = {"plain": {"steps": list(range(5)), "activation": "relu",
-                      **(rough if claim_true else smooth)},
-            "bn": {"steps": list(range(5)), "activation": "relu",
-                   **(smooth if claim_true else rough)}}
+    land = []
+    for depth in (6, 16):
+        for variant in ("plain", "bn"):
+            smooth = (variant == "bn") == claim_true
+            if regime_flip and depth == 16:
+                smooth = not smooth
+            for seed in range(3):
+                f = 1 + 0.05 * seed
+                vals = {"loss_range_rel": [0.01 * f] * 5, "grad_change": [0.1 * f] * 5,
+                        "beta": [1.0 * f] * 5} if smooth else \
+                    {"loss_range_rel": [0.5 * f] * 5, "grad_change": [5.0 * f] * 5,
+                     "beta": [50.0 * f] * 5}
+                land.append({"variant": variant, "depth": depth, "seed": seed,
+                             "steps": list(range(5)), "activation": "relu",
+                             "losses": [0.5] * 5, **vals})
     return {"runs": runs, "landscape": land, "scales": scales}
 
 
@@ -492,3 +502,11 @@ def test_remedies_noise_is_no_decision() -> None:
     c = get_study("remedies").conclude(d)
     assert c.verdict == INCONCLUSIVE and c.numbers["textbook expectations matched (decided)"] == \
         "0/0"
+
+
+def test_initialisation_landscape_regime_dependence_is_shown() -> None:
+    from signalprop.lab.base import INCONCLUSIVE
+
+    c = get_study("initialisation").conclude(initialisation_data(True, regime_flip=True))
+    assert c.verdict == INCONCLUSIVE
+    assert any("depends on the regime" in d for d in c.details)

@@ -269,8 +269,9 @@ class Probe:
                         self._fwd_handles.append(
                             m.register_forward_pre_hook(partial(_inplace_pre_hook, ref))
                         )
-            if self.weights:
+            if self.weights and not self.backward:
                 # the end of every backward pass: parameter gradients before any clipping
+                # (with output hooks, the first of them queues it: no hook per parameter)
                 for _, prm in self.params:
                     self._fwd_handles.append(
                         prm.register_post_accumulate_grad_hook(partial(_param_hook, ref))
@@ -1285,9 +1286,9 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
         if t >= 0:
             while len(s.tgrads) <= t:
                 s.tgrads.append([])
-            out.register_hook(partial(_grad_hook, s.ograds, s.tgrads[t]))
+            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, s.tgrads[t]))
         else:
-            out.register_hook(partial(_grad_hook, s.ograds, None))
+            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, None))
 
 
 class _ForwardPatch:
@@ -1338,6 +1339,18 @@ def _inplace_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
 
 
 def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
+    _backward_started(ref)
+
+
+def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,
+                   g: torch.Tensor) -> None:
+    p = ref()
+    if p is not None and not p._cb_queued:
+        _backward_started(ref)
+    _grad_hook(store, tstore, g)
+
+
+def _backward_started(ref: weakref.ref) -> None:
     p = ref()
     if p is None or not p._active:
         return
