@@ -51,10 +51,11 @@ class ErfAct(nn.Module):
 
 
 class RowSoftmax(nn.Module):
-    """Not element-wise: each output depends on the whole row."""
+    """Not element-wise: each output depends on the whole row (the sigmoid inside may make the
+    probe label it "sigmoid"; the explanation must not believe that)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(x, dim=-1)
+        return torch.softmax(x, dim=-1) * torch.sigmoid(x)
 
 
 def _probed(act: type[nn.Module], sw2: float, sb2: float, *, bn: bool = False,

@@ -131,6 +131,8 @@ class Report:
             if finite and not self.meta.get("diverged", False) else None,
             "diverged": self.meta.get("diverged", False),
             "diverged_step": self.meta.get("diverged_step"),
+            "interrupted": self.meta.get("interrupted", False),
+            "trivial_loss": self.meta.get("trivial_loss"),
             "prescriptions": [p.to_dict() for p in self.prescriptions],
         }
 

@@ -189,9 +189,11 @@ class UpdateNorms:
                     k += len(g_list)
                     del tmp
                 norm = _pieces_to_norms(piece_norms, owner, len(self.params))
-            else:
-                assert grad_norms is not None
+            elif grad_norms is not None:
                 norm = grad_norms
+            else:  # no parameter has a gradient: the step changes nothing
+                norm = torch.zeros(len(self.params), dtype=torch.float64,
+                                   device=self.params[0].device)
             scale = host_tensor(
                 [lr if had else 0.0 for lr, had in zip(lrs, self._had_grad, strict=True)],
                 torch.float64, norm.device,
