@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from signalprop import __version__
+from signalprop import __version__, stats
 from signalprop._callable import make_module_callable
 from signalprop.data import Dataset
 from signalprop.diagnosis import (
@@ -126,11 +126,13 @@ class Report:
             "worst_severity": SEVERITIES[worst] if worst >= 0 else None,
             "steps": len(self.losses),
             "initial_loss": finite[0] if finite else None,
-            # like TrainResult.final_loss: a diverged run has no final loss
-            "final_loss": (sum(finite[-10:]) / len(finite[-10:]))
+            # like FitResult.final_loss: a diverged run has no final loss
+            "final_loss": stats.final_loss(finite)
             if finite and not self.meta.get("diverged", False) else None,
             "diverged": self.meta.get("diverged", False),
             "diverged_step": self.meta.get("diverged_step"),
+            "interrupted": self.meta.get("interrupted", False),
+            "trivial_loss": self.meta.get("trivial_loss"),
             "prescriptions": [p.to_dict() for p in self.prescriptions],
         }
 

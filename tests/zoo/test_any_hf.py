@@ -146,6 +146,7 @@ def test_bert_dict_batches_through_doctor(learnable: bool) -> None:
         assert final > h - 0.1  # truth: labels independent of the input
         f = finding(r.findings, "not_learning")
         assert f.numbers["trivial_loss"] == pytest.approx(h, abs=0.06)
+        assert f.severity == "warning"  # nothing else explains it
         rx = [p.remedy for p in f.prescriptions]
         assert "warmup" in rx[:3]  # post-LN: warm-up (pre_ln cannot be applied to HF code)
         assert "pre_ln" not in rx

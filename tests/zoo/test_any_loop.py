@@ -212,6 +212,8 @@ def test_not_learning_fires_at_chance_and_not_on_a_learning_model() -> None:
     assert f.numbers["trivial_loss"] == pytest.approx(h, abs=0.05)
     assert f.numbers["loss_end"] >= h - 0.05  # cannot beat the constant
     assert "dead_units" in kinds(r.findings)
+    # a symptom explained by a cause finding: info, naming the cause
+    assert f.severity == "info" and "Likely cause: " in f.evidence and "dead_units" in f.evidence
     torch.manual_seed(0)
     ok = doctor(DeadNet(dead=False), (x, y), nn.CrossEntropyLoss(), steps=60, lr=0.5,
                 progress=False)

@@ -65,3 +65,32 @@ def test_gradscaler_skipped_steps_and_unscaled_norms():
                 r.get(s, MODEL, "grad_norm_total_clipped"))
     f = diagnose(r)
     assert "nonfinite" not in kinds(f) and "exploding_gradients" not in kinds(f)
+
+
+def test_skipped_steps_detected_without_the_scaler():
+    # the scaler not given to the probe: a backward followed by zero_grad() without an
+    # optimiser step still closes the step as skipped (norms then stay scaled)
+    torch.manual_seed(0)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    skipped = []
+    with Probe(model, optimizer=opt) as p:
+        for _ in range(8):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            p.log(loss=loss)
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            skipped.append(scaler.get_scale() < before)
+        opt.zero_grad()
+        model(x)  # the next iteration's forward reveals whether the last step was skipped
+    r = p.record
+    assert any(skipped) and not all(skipped)
+    assert r.steps == list(range(8))
+    assert [r.get(s, MODEL, "skipped_step", 0.0) == 1.0 for s in r.steps] == skipped
+    assert "nonfinite" not in kinds(diagnose(r))

@@ -279,6 +279,21 @@ def _is_elementwise(module: Any, shape: list[int] | None) -> bool:
     return bool(ok)
 
 
+def _acts_elementwise(info: Any, module: Any) -> bool:
+    """Whether a recorded module (or functional call) is an element-wise activation: a torch
+    activation class or a declared ``signalprop_activation`` is; any other module we can run
+    must pass :func:`_is_elementwise` (a probe label inferred from the functions it calls, e.g.
+    "sigmoid" for x * sigmoid(x), says nothing about the whole map); without the module (a
+    functional call, no model) the record's label is all there is."""
+    if module is None:
+        return info.activation is not None
+    from signalprop.probe.modules import activation_kind
+
+    if activation_kind(module) is not None:
+        return True
+    return _is_elementwise(module, info.shape)
+
+
 def _residual_alphas(record: Record, model: Any, ctx: Any) -> dict[str, tuple[str, float]]:
     """Weight layers that are the only weight layer of a skip-connection block x + alpha f(x):
     weight layer -> (block name, alpha). Blocks are found in the model (signalprop's
@@ -323,7 +338,7 @@ def _blocks(record: Record, model: Any, ctx: Any) -> list[tuple[str, list[str], 
             mod = mods.get(i.module or i.name)  # a call site "act#2" is module "act"
             if _BN in i.type:
                 bn = True
-            elif i.activation is not None or _is_elementwise(mod, i.shape):
+            elif _acts_elementwise(i, mod):
                 acts.append((i.activation, mod))
             else:
                 other.append(i.type)

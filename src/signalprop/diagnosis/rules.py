@@ -7,6 +7,7 @@ findings its data supports.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -588,6 +589,22 @@ def rule_not_learning(record: Record, ctx: Context, th: Thresholds) -> list[Find
     return [Finding("not_learning", [], text, "warning", rx_not_learning(ctx, nums, th), nums)]
 
 
+#: Findings that explain a loss stuck at the baseline.
+_CAUSES = ("nonfinite", "divergence", "exploding_gradients", "vanishing_gradients", "saturation",
+           "dead_units")
+
+
+def _not_learning_as_symptom(findings: list[Finding]) -> None:
+    """``not_learning`` is a symptom: beside a finding that explains it, it becomes ``info`` (its
+    remedies then weigh little in the merged ranking) and names the likely causes."""
+    causes = [f.kind for f in findings if f.kind in _CAUSES]
+    for i, f in enumerate(findings):
+        if f.kind == "not_learning" and causes:
+            text = f.evidence + f" Likely cause: {', '.join(dict.fromkeys(causes))} (above)."
+            findings[i] = dataclasses.replace(f, evidence=text, severity="info",
+                                              numbers={**f.numbers, "n_causes": len(causes)})
+
+
 # --- update / weight ratio ---------------------------------------------------------------------
 def rule_update_ratio(
     record: Record, ctx: Context, th: Thresholds, explained: set[str]
@@ -681,5 +698,6 @@ def diagnose(
     findings += rule_dead(record, ctx, th)
     explained = {n for f in findings if f.kind == "vanishing_gradients" for n in f.layers}
     findings += rule_update_ratio(record, ctx, th, explained)
+    _not_learning_as_symptom(findings)
     findings.sort(key=lambda f: (-severity_rank(f.severity), KINDS.index(f.kind)))
     return findings

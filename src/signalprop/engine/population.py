@@ -154,6 +154,22 @@ class FitResult:
     eval_time: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
+    def member(self, k: int, model: Any = None) -> Any:
+        """Member ``k`` as the package's one run result, :class:`signalprop.train.FitResult`
+        (its losses up to divergence, its record; ``model`` e.g. from
+        :meth:`Population.member_module`). The batched loop stops a member only on a non-finite
+        loss: the ``"nonfinite"`` branch of :func:`signalprop.train.divergence_reason`."""
+        from signalprop.train import FitResult as RunResult  # train imports the probe: lazy
+
+        d = self.diverged_step[k]
+        col = self.losses[:, k]
+        n = d + 1 if d is not None else int(np.isfinite(col).sum())
+        return RunResult(
+            record=self.records[k], losses=[float(v) for v in col[:n]], diverged=d is not None,
+            diverged_step=d, steps=n, wall_time=self.wall_time, model=model,
+            extra=dict(self.final[k]), diverged_reason="nonfinite" if d is not None else None,
+            trivial_kind="not computed by the batched engine")
+
 
 def _as_member_tensor(v: Any, k: int, name: str) -> torch.Tensor:
     """A scalar or a sequence of K values -> float64 tensor [K] (on the CPU)."""

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
+from signalprop.lab import evidence as E
 from signalprop.lab import plotting as P
 from signalprop.lab.base import (
     CONTRADICTS,
@@ -37,11 +37,11 @@ from signalprop.lab.base import (
     conclusion,
     fmt,
 )
-from signalprop.lab.common import MLP, get_data, init_linears_, seeded, train_classifier
+from signalprop.lab.common import MLP, get_data, init_linears_, seeded
 from signalprop.lab.grid import grid_options, run_grid
 
 #: Bumped when the measurements change meaning (stored results then go stale).
-VERSION = 1
+VERSION = 2
 NAME = "learning-rate"
 TITLE = "Batch norm and the learning rate"
 QUESTION = "How does batch norm allow larger learning rates?"
@@ -56,13 +56,17 @@ SETUP = (
     "Sweep: MLPs of moderate depth (LeCun init for sigmoid, He init for ReLU, zero biases) on "
     "scikit-learn digits, plain SGD, batch 64, learning rates from 1e-3 to 30, with and without "
     "batch norm before each activation. 'Trains' means: did not diverge and the final training "
-    "loss is below 0.9 x ln(10) (chance level). Chain: y = x a b c d e with x ~ N(0,1) (batch "
+    "loss is below 0.9 x ln(10) (chance level); per seed, the largest rate of the grid at which "
+    "it trains; BN/plain as a ratio of geometric means over seeds with a Welch 95% interval on "
+    "the logs (3 seeds quick, 5 full). Chain: y = x a b c d e with x ~ N(0,1) (batch "
     "256, float64), the Jacobian dy_i/dw (RMS over the batch) with a = 1 and the other weights "
     "b..e all set to s for s from 0.25 to 4; 'normalised' inserts a parameter-free batch normalisation "
     "after each multiplication but the last. Scale invariance: Linear(64, 64) + BatchNorm1d in "
-    "float64, batch 128, weights scaled by a in [0.1, 10]. Effective step: a BN-sigmoid MLP "
-    "trained with plain SGD at a large learning rate, recording ||W|| and ||dW||/||W|| of every "
-    "hidden Linear layer (all followed by BN, hence scale-invariant) at every step."
+    "float64, batch 128, weights scaled by a in [0.1, 10], with eps = 0 (exact invariance: "
+    "float64 rounding only) and with PyTorch's eps = 1e-5 (the deviation eps causes). Effective "
+    "step: a BN-sigmoid MLP trained by signalprop.train.fit with plain SGD at a large learning "
+    "rate; ||W|| and ||dW||/||W|| of every hidden Linear layer (all followed by BN, hence "
+    "scale-invariant) are the probe's weight_norm and update_ratio at every step (3 seeds)."
 )
 REFERENCES = [
     "Ioffe & Szegedy 2015, Batch Normalization (sections 3.3 and 4.2)",
@@ -78,7 +82,8 @@ CAPTIONS = {
     "lr_scale_invariance": "BN scale invariance in float64: output difference and relative error "
     "of a * dBN((aW)u)/d(aW) vs dBN(Wu)/dW, as a function of the weight scale a.",
     "lr_effective_step": "Training a BN-sigmoid MLP with plain SGD: weight norm of the hidden "
-    "layers (left) and the relative update ||dW||/||W||, the effective step (right).",
+    "layers (left) and the relative update ||dW||/||W||, the effective step (right), from the "
+    "probe's record; mean over seeds with 95% intervals.",
 }
 
 CHANCE_FRACTION = 0.9  # "trains": final loss < 0.9 * ln(num_classes)
@@ -93,7 +98,8 @@ ARCHS = {
 
 #: Overrides that shrink the study to a few seconds (used by the test suite).
 SMOKE: dict[str, Any] = {"depth": 3, "width": 32, "steps": 40, "lrs": [0.01, 0.3, 10.0],
-                         "chain_scales": [0.5, 1.0, 2.0], "step_steps": 40, "step_depth": 2}
+                         "chain_scales": [0.5, 1.0, 2.0], "step_steps": 40, "step_depth": 2,
+                         "seeds": 3}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
@@ -103,13 +109,14 @@ def get_config(quick: bool) -> dict[str, Any]:
         "steps": 300 if quick else 1000,
         "batch_size": 64,
         "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
-        "seeds": 1 if quick else 3,
+        "seeds": 3 if quick else 5,
         "chain_scales": [float(s) for s in np.logspace(np.log10(0.25), np.log10(4.0), 13)],
         "chain_batch": 256,
         "invariance_scales": [0.1, 0.3, 1.0, 3.0, 10.0],
         "step_lr": 1.0,
         "step_steps": 300 if quick else 2000,
         "step_depth": 4,
+        "step_seeds": [0, 1, 2],
         "device": "cpu",
     }
 
@@ -165,53 +172,51 @@ def _invariance(config: dict[str, Any]) -> dict[str, Any]:
     u = torch.randn(128, 64, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(64, 64, generator=g, dtype=torch.float64) / 8.0
     up = torch.randn(128, 64, generator=g, dtype=torch.float64)  # a fixed upstream gradient
+    out: dict[str, Any] = {}
+    for key, eps in (("rows", 0.0), ("rows_eps", 1e-5)):
 
-    def f(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        weight = weight.clone().requires_grad_(True)
-        y = F.batch_norm(u @ weight.T, None, None, training=True, eps=1e-5)
-        gw, gu = torch.autograd.grad((y * up).sum(), (weight, u))
-        return y.detach(), gw, gu
+        def f(weight: torch.Tensor, eps: float = eps) -> tuple[torch.Tensor, ...]:
+            weight = weight.clone().requires_grad_(True)
+            z = u @ weight.T  # batch norm in training mode, written out: F.batch_norm refuses eps 0
+            y = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
+            gw, gu = torch.autograd.grad((y * up).sum(), (weight, u))
+            return y.detach(), gw, gu
 
-    y0, gw0, gu0 = f(w)
-    rows = []
-    for a in config["invariance_scales"]:
-        ya, gwa, gua = f(a * w)
-        rows.append({
-            "a": a,
-            "out_max_abs_diff": float((ya - y0).abs().max()),
-            "grad_w_rel_err": float((a * gwa - gw0).norm() / gw0.norm()),
-            "grad_u_rel_err": float((gua - gu0).norm() / gu0.norm()),
-            "grad_w_norm_ratio": float(gwa.norm() / gw0.norm()),
-        })
-    return {"rows": rows}
+        y0, gw0, gu0 = f(w)
+        rows = []
+        for a in config["invariance_scales"]:
+            ya, gwa, gua = f(a * w)
+            rows.append({
+                "a": a,
+                "out_max_abs_diff": float((ya - y0).abs().max()),
+                "grad_w_rel_err": float((a * gwa - gw0).norm() / gw0.norm()),
+                "grad_u_rel_err": float((gua - gu0).norm() / gu0.norm()),
+                "grad_w_norm_ratio": float(gwa.norm() / gw0.norm()),
+            })
+        out[key] = rows
+    return out
 
 
-def _effective_step(config: dict[str, Any]) -> dict[str, Any]:
+def _effective_step(config: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Weight norm and relative update of the BN-normalised hidden layers, read from the probe's
+    record (``weight_norm``, ``update_ratio``) of a run of the package's loop."""
+    from signalprop.train import fit
+
     data = get_data(config["data"], config["device"])
-    g = seeded(0)
+    g = seeded(seed)
     model = MLP(data.in_features, data.num_classes, config["width"], config["step_depth"],
                 activation="sigmoid", norm="bn")
     init_linears_(model.linears(), "gaussian", 1.0, generator=g)
-    model.to(config["device"])
-    hidden = [b.linear.weight for b in model.blocks]
-    prev = [w.detach().clone() for w in hidden]
-    steps, wnorm, ratio = [], [], []
-
-    def cb(step: int, m: nn.Module, loss: float, res: Any) -> None:
-        nonlocal prev
-        with torch.no_grad():
-            now = [w.detach().clone() for w in hidden]
-            wn = [float(p.norm()) for p in prev]
-            rr = [float((a - b).norm() / b.norm()) for a, b in zip(now, prev, strict=True)]
-        steps.append(step)
-        wnorm.append(wn)
-        ratio.append(rr)
-        prev = now
-
-    r = train_classifier(model, data, steps=config["step_steps"], batch_size=config["batch_size"],
-                         optimizer="sgd", lr=config["step_lr"], seed=0, callback=cb)
-    return {"steps": steps, "weight_norm": wnorm, "update_ratio": ratio, "lr": config["step_lr"],
-            "diverged": r.diverged, "final_test_acc": r.final_test_acc}
+    r = fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=config["step_steps"],
+            optimizer="sgd", lr=config["step_lr"], batch_size=config["batch_size"],
+            probe={"forward": False, "backward": False}, schedule=1, device=config["device"],
+            seed=seed)
+    names = [f"blocks.{i}.linear.weight" for i in range(config["step_depth"])]
+    st, _, wn = r.record.matrix("weight_norm", names)
+    st2, _, ur = r.record.matrix("update_ratio", names)
+    n = min(len(st), len(st2))
+    return {"seed": seed, "steps": st[:n].tolist(), "weight_norm": wn[:n].tolist(),
+            "update_ratio": ur[:n].tolist(), "lr": config["step_lr"], "diverged": r.diverged}
 
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
@@ -221,18 +226,22 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
         "chain": cached(workdir, {**key, "part": "chain"}, lambda: _chain(config), tag="chain"),
         "invariance": cached(workdir, {**key, "part": "inv"}, lambda: _invariance(config),
                              tag="inv"),
-        "effective_step": cached(workdir, {**key, "part": "step"},
-                                 lambda: _effective_step(config), tag="step"),
+        "effective_step": [cached(workdir, {**key, "part": "step", "seed": sd},
+                                  lambda sd=sd: _effective_step(config, sd), tag="step")
+                           for sd in config.get("step_seeds", [0])],
         "chance_loss": math.log(10),
         "lrs": list(config["lrs"]),
     }
 
 
 # --- conclusions ---------------------------------------------------------------------------
-def largest_trainable_lr(rows: list[dict[str, Any]], arch: str, chance_loss: float) -> float:
-    """The largest learning rate at which every seed of ``arch`` trained (no divergence, final
-    training loss below ``CHANCE_FRACTION`` x the chance-level loss); NaN when none did."""
+def largest_trainable_lr(rows: list[dict[str, Any]], arch: str, chance_loss: float,
+                         seed: int | None = None) -> float:
+    """The largest learning rate at which every seed of ``arch`` (or the one ``seed``) trained
+    (no divergence, final training loss below ``CHANCE_FRACTION`` x the chance-level loss); NaN
+    when none did."""
     best = math.nan
+    rows = [r for r in rows if seed is None or r.get("seed") == seed]
     lrs = sorted({r["lr"] for r in rows if r["arch"] == arch})
     for lr in lrs:
         rs = [r for r in rows if r["arch"] == arch and r["lr"] == lr]
@@ -256,32 +265,42 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     chance = float(data["chance_loss"])
     lr_max = max(data["lrs"])
     ratios = {}
+    seeds = sorted({r.get("seed", 0) for r in rows})
     for act in ("sigmoid", "relu"):
         lp = largest_trainable_lr(rows, act, chance)
         lb = largest_trainable_lr(rows, f"{act}+BN", chance)
         nums[f"largest trainable lr, {act}"] = lp
         nums[f"largest trainable lr, {act}+BN"] = lb
-        if math.isnan(lb) and math.isnan(lp):
+        per_p = [largest_trainable_lr(rows, act, chance, s) for s in seeds]
+        per_b = [largest_trainable_lr(rows, f"{act}+BN", chance, s) for s in seeds]
+        if all(math.isnan(x) for x in per_p):
             v = INCONCLUSIVE
-            details.append(f"{act}: neither the plain nor the BN network trained at any rate.")
-        elif math.isnan(lp):
-            v = SUPPORTS
-            ratios[act] = math.inf
-            details.append(f"{act}: the plain network trained at no rate in the grid; with BN up "
-                           f"to lr = {fmt(lb)}.")
-        elif math.isnan(lb):
+            details.append(
+                f"{act}: the plain network trained at no rate in {fmt(min(data['lrs']))}.."
+                f"{fmt(lr_max)} (any seed)"
+                + (f"; with BN up to lr = {fmt(lb)}" if not math.isnan(lb) else
+                   ", nor did the BN network")
+                + ": BN makes it trainable, but with no plain rate to compare no rate ratio "
+                "can be formed (inconclusive for the claim about larger rates).")
+        elif all(math.isnan(x) for x in per_b):
             v = CONTRADICTS
             ratios[act] = 0.0
             details.append(f"{act}: the plain network trained up to lr = {fmt(lp)} but the BN "
                            "network at no rate: BN did NOT allow larger rates.")
         else:
-            ratios[act] = lb / lp
-            v = SUPPORTS if lb > lp else (INCONCLUSIVE if lb == lp else CONTRADICTS)
+            # a seed that trains at no rate counts at the grid's lowest rate / 3 (a bound)
+            floor = min(data["lrs"]) / 3
+            eff = E.log_ratio_effect([x if not math.isnan(x) else floor for x in per_b],
+                                     [x if not math.isnan(x) else floor for x in per_p],
+                                     f"largest trainable lr BN/plain, {act}")
+            v = E.verdict(eff, +1)
+            ratios[act] = eff.estimate
+            nums.update(E.numbers(eff))
             extra = " (the largest rate in the grid: the true limit may be higher)" \
                 if lb == lr_max else ""
             details.append(
-                f"{act}: largest rate that trains {fmt(lb)} with BN vs {fmt(lp)} without "
-                f"(ratio {fmt(lb / lp)}){extra}"
+                f"{act}: largest rate that trains (all seeds) {fmt(lb)} with BN vs {fmt(lp)} "
+                f"without; per seed, {E.describe(eff, v)}{extra}"
                 + ("; BN did NOT allow a larger rate." if v == CONTRADICTS else ".")
             )
         nums[f"lr ratio BN/plain, {act}"] = ratios.get(act, math.nan)
@@ -313,55 +332,64 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         f"and dy/de varies by a factor {fmt(span_norm_e)} (plain: {fmt(span_plain_e)})."
     )
     verdicts.append(v_chain)
-    # invariance
+    # invariance: exact with eps = 0 (float64 rounding only); eps = 1e-5 shown as the deviation
     inv = data["invariance"]["rows"]
     out_err = max(r["out_max_abs_diff"] for r in inv)
     gw_err = max(r["grad_w_rel_err"] for r in inv)
     gu_err = max(r["grad_u_rel_err"] for r in inv)
-    nums["BN(aW u) - BN(W u), max abs"] = out_err
-    nums["a dBN/d(aW) vs dBN/dW, max rel err"] = gw_err
-    nums["dBN/du at aW vs at W, max rel err"] = gu_err
-    tol = 1e-2  # BN's eps (1e-5 on the variance) breaks exact invariance at small a
+    nums["BN(aW u) - BN(W u), max abs (eps 0)"] = out_err
+    nums["a dBN/d(aW) vs dBN/dW, max rel err (eps 0)"] = gw_err
+    nums["dBN/du at aW vs at W, max rel err (eps 0)"] = gu_err
+    tol = 1e-10  # float64 rounding through a batch of 128 and 64 features
     v_inv = SUPPORTS if max(out_err, gw_err, gu_err) < tol else CONTRADICTS
+    inv_eps = data["invariance"].get("rows_eps") or []
+    eps_err = max((max(r["out_max_abs_diff"], r["grad_w_rel_err"]) for r in inv_eps),
+                  default=math.nan)
+    nums["deviation with eps 1e-5"] = eps_err
     details.append(
-        f"Scale invariance (float64, a in {fmt(min(r['a'] for r in inv))}..{fmt(max(r['a'] for r in inv))}): "
-        f"max |BN((aW)u) - BN(Wu)| = {fmt(out_err)}, relative error of "
-        f"a dBN/d(aW) = dBN/dW: {fmt(gw_err)}, of dBN/du: {fmt(gu_err)} (eps = 1e-5 is the only "
-        "source of deviation)."
+        f"Scale invariance (float64, eps = 0, a in {fmt(min(r['a'] for r in inv))}.."
+        f"{fmt(max(r['a'] for r in inv))}; an exact computation, no seeds): max |BN((aW)u) - "
+        f"BN(Wu)| = {fmt(out_err)}, relative error of a dBN/d(aW) = dBN/dW: {fmt(gw_err)}, of "
+        f"dBN/du: {fmt(gu_err)} (tolerance {fmt(tol)}); with PyTorch's eps = 1e-5 the deviation "
+        f"is {fmt(eps_err)}, all of it from eps."
     )
     verdicts.append(v_inv)
-    # effective step
-    es = data["effective_step"]
-    wn = np.asarray(es["weight_norm"], dtype=float)  # [T, L]
-    ur = np.asarray(es["update_ratio"], dtype=float)
-    if wn.shape[0] >= 20 and np.isfinite(wn).all():
-        k = max(1, wn.shape[0] // 10)
-        growth = float(np.mean(wn[-k:].mean(0) / wn[:k].mean(0)))
-        early, late = float(np.median(ur[:k])), float(np.median(ur[-k:]))
-        nums["weight norm growth (last/first 10% of steps)"] = growth
-        nums["relative update, first 10% of steps (median)"] = early
-        nums["relative update, last 10% of steps (median)"] = late
-        nums["predicted effective-lr factor 1/growth^2"] = 1.0 / growth**2
-        if growth > 1.05 and late < early:
-            v_step = SUPPORTS
-        elif growth <= 1.0:
-            v_step = CONTRADICTS
-        else:
-            v_step = INCONCLUSIVE
+    # effective step (probe record: weight_norm, update_ratio), one value per seed
+    runs = data["effective_step"]
+    runs = runs if isinstance(runs, list) else [runs]
+    growth, drop = [], []
+    for es in runs:
+        wn = np.asarray(es["weight_norm"], dtype=float)  # [T, L]
+        ur = np.asarray(es["update_ratio"], dtype=float)
+        if wn.ndim == 2 and wn.shape[0] >= 20 and np.isfinite(wn).all():
+            k = max(1, wn.shape[0] // 10)
+            growth.append(float(np.mean(wn[-k:].mean(0) / wn[:k].mean(0))))
+            drop.append(float(np.nanmedian(ur[-k:]) / np.nanmedian(ur[:k])))
+    if growth:
+        eg = E.mean_effect([math.log(g) for g in growth], "log weight-norm growth")
+        ed = E.mean_effect([math.log(d) for d in drop], "log relative-update change")
+        vg, vd = E.verdict(eg, +1), E.verdict(ed, -1)
+        v_step = combine_verdicts([vg, vd])
+        gm = math.exp(eg.estimate)
+        nums["weight norm growth (last/first 10% of steps)"] = gm
+        nums["weight norm growth 95% CI"] = [math.exp(eg.lo), math.exp(eg.hi)]
+        nums["relative update late/early"] = math.exp(ed.estimate)
+        nums["relative update late/early 95% CI"] = [math.exp(ed.lo), math.exp(ed.hi)]
+        nums["predicted effective-lr factor 1/growth^2"] = 1.0 / gm**2
         details.append(
-            f"Effective step: under SGD at lr = {fmt(es.get('lr', math.nan))} the hidden weights' "
-            f"norm grew by a factor {fmt(growth)} (effective rate x {fmt(1 / growth**2)}), and the "
-            f"relative update fell from {fmt(early)} to {fmt(late)}"
-            + (" (the weights did NOT grow)." if v_step == CONTRADICTS else ".")
+            f"Effective step (probe's weight_norm and update_ratio, {len(growth)} seeds): under "
+            f"SGD at lr = {fmt(runs[0].get('lr', math.nan))} the hidden weights' norm grew by a "
+            f"factor {fmt(gm)} [95% CI {fmt(math.exp(eg.lo))}, {fmt(math.exp(eg.hi))}] "
+            f"(effective rate x {fmt(1 / gm**2)}) and the relative update changed by a factor "
+            f"{fmt(math.exp(ed.estimate))} [95% CI {fmt(math.exp(ed.lo))}, "
+            f"{fmt(math.exp(ed.hi))}] from the first to the last 10% of steps"
+            + (" (the weights did NOT grow)." if vg == CONTRADICTS else ".")
         )
         verdicts.append(v_step)
     verdict = combine_verdicts(verdicts)
-    r_s, r_r = ratios.get("sigmoid", math.nan), ratios.get("relu", math.nan)
     sentence = (
-        f"Largest learning rate that trains, BN vs plain: sigmoid {fmt(nums['largest trainable lr, sigmoid+BN'])}"
-        f" vs {fmt(nums['largest trainable lr, sigmoid'])} (x{fmt(r_s)}), ReLU "
-        f"{fmt(nums['largest trainable lr, relu+BN'])} vs {fmt(nums['largest trainable lr, relu'])}"
-        f" (x{fmt(r_r)}); in the chain, normalisation removes the dependence of one weight's "
+        " ".join(d for d in details[:2])
+        + " In the chain, normalisation removes the dependence of one weight's "
         f"gradient on the others (spread {fmt(span_plain)} -> {fmt(span_norm_e)}); BN is scale "
         f"invariant to {fmt(max(out_err, gw_err))}."
     )
@@ -449,17 +477,22 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
     ax.legend(loc="best", fontsize=7)
     out.append(P.save(fig, d / "lr_scale_invariance.png"))
     # effective step
-    es = data["effective_step"]
-    wn = np.asarray(es["weight_norm"], dtype=float)
-    ur = np.asarray(es["update_ratio"], dtype=float)
-    if wn.size:
+    runs = data["effective_step"]
+    runs = [r for r in (runs if isinstance(runs, list) else [runs]) if r["weight_norm"]]
+    if runs:
         fig, axes = P.subplots(1, 2, size=(4.4, 3.4))
-        st = np.asarray(es["steps"])
-        for li in range(wn.shape[1]):
-            axes[0, 0].plot(st, wn[:, li], label=f"hidden layer {li + 1}")
-            k = max(1, len(st) // 30)
-            sm = np.convolve(ur[:, li], np.ones(k) / k, mode="valid")
-            axes[0, 1].plot(st[k - 1:], sm, label=f"hidden layer {li + 1}")
+        n = min(len(r["steps"]) for r in runs)
+        st = np.asarray(runs[0]["steps"][:n])
+        layers = np.asarray(runs[0]["weight_norm"]).shape[1]
+        cols = [P.PLAIN, P.NORMED, P.THIRD, P.FOURTH, "#ff7f0e", "#8c564b"]
+        k = max(1, n // 30)
+        for li in range(layers):
+            c = cols[li % len(cols)]
+            P.mean_band(axes[0, 0], st, [np.asarray(r["weight_norm"], float)[:n, li]
+                                         for r in runs], color=c, label=f"hidden layer {li + 1}")
+            sm = [np.convolve(np.asarray(r["update_ratio"], float)[:n, li], np.ones(k) / k,
+                              mode="valid") for r in runs]
+            P.mean_band(axes[0, 1], st[k - 1:], sm, color=c)
         axes[0, 0].set_xlabel("training step")
         axes[0, 0].set_ylabel("||W||")
         axes[0, 0].set_title("weight norm of the BN-normalised layers")

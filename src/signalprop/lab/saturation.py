@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from signalprop import stats
+from signalprop.lab import evidence as E
 from signalprop.lab import plotting as P
 from signalprop.lab.base import (
     CONTRADICTS,
@@ -34,7 +35,7 @@ from signalprop.lab.base import (
 from signalprop.lab.common import MLP, get_data, init_linears_, seeded, train_classifier
 
 #: Bumped when the measurements change meaning (stored results then go stale).
-VERSION = 1
+VERSION = 2
 NAME = "saturation"
 TITLE = "Batch norm and sigmoid saturation"
 QUESTION = (
@@ -44,17 +45,25 @@ QUESTION = (
 CLAIM = (
     "With batch norm before each sigmoid, fewer units saturate, the distribution of a sigmoid's "
     "input stays stable during training instead of drifting, and the network reaches a given "
-    "test accuracy sooner (Ioffe & Szegedy 2015, Figure 1); with BN's shift frozen at 0, ReLU "
-    "units cannot die."
+    "test accuracy sooner (Ioffe & Szegedy 2015, Figure 1); in a BN-ReLU network a learnable "
+    "shift (beta) lets the network keep fewer than the half of its units off per example that "
+    "beta = 0 forces."
 )
 SETUP = (
-    "MLP with 3 hidden layers of 100 sigmoid units (weights N(0, 1/fan_in), zero biases), "
+    "MLP with 3 hidden layers of 100 sigmoid units (weights N(0, s^2/fan_in) with s = 3 so that "
+    "the plain network does saturate, plus s = 1 in the full run; zero biases), "
     "softmax + cross-entropy, plain SGD on mini-batches of 60; the same network with BatchNorm1d "
     "before every sigmoid. Data: scikit-learn digits (and MNIST-1D in the full run). Every few "
     "steps a fixed probe batch of training examples is passed through the network (BN statistics "
     "of the batch, running statistics untouched) to read the pre-activation percentiles and the "
-    "saturated fraction per layer. ReLU part: the same shape with ReLU units and BN, beta "
-    "learnable vs frozen at 0, at a large learning rate (3.0)."
+    "saturated fraction per layer. Metrics and intervals (Welch, over 3 seeds quick / 5 full): "
+    "saturated fraction in the second half of training, drift of a last-layer sigmoid's median "
+    "input in units of its 15-85 spread (ratio, on the logs), mean test accuracy over training "
+    "(a speed measure: budget fixed, both at the same SGD rate 0.5, the rate of the Ioffe & "
+    "Szegedy analogue). ReLU part: the same shape with ReLU units and BN, beta learnable vs "
+    "frozen at 0, at a large learning rate (3.0): the fraction of units off (output 0) per "
+    "example, averaged over examples and units (not 'dead over the whole batch', which beta = 0 "
+    "rules out by construction), and the final test accuracy."
 )
 REFERENCES = [
     "Ioffe & Szegedy 2015, Batch Normalization (Figure 1)",
@@ -62,13 +71,14 @@ REFERENCES = [
 ]
 CAPTIONS = {
     "saturation_accuracy": "Test accuracy vs training step, with and without batch norm "
-    "(mean over seeds; shaded: min-max).",
+    "(mean over seeds; shaded: 95% t interval).",
     "saturation_percentiles": "15th, 50th and 85th percentiles of the input of one sigmoid in the "
     "last hidden layer over training, on a fixed probe batch (cf. Ioffe & Szegedy 2015, Fig. 1b/c).",
     "saturation_fraction": "Saturated fraction (|sigmoid'(z)| < 0.1 x max) per hidden layer over "
     "training, with and without batch norm.",
-    "saturation_dead_relu": "Dead ReLU units (inactive for the whole probe batch) in a BN-ReLU "
-    "network, BN's beta learnable vs frozen at 0.",
+    "saturation_dead_relu": "Fraction of ReLU units off per example (mean over the probe batch "
+    "and the hidden layers) in a BN-ReLU network, BN's beta learnable vs frozen at 0 (mean over "
+    "seeds, 95% interval).",
 }
 
 #: Claims are decided with these margins (relative differences below them are "too close").
@@ -76,24 +86,25 @@ MARGIN = 0.10
 
 
 #: Overrides that shrink the study to a few seconds (used by the test suite).
-SMOKE: dict[str, Any] = {"steps": 120, "relu_steps": 60, "record_every": 20, "seeds": [0],
-                         "width": 32, "probe_batch": 128}
+SMOKE: dict[str, Any] = {"steps": 120, "relu_steps": 60, "record_every": 20, "seeds": [0, 1, 2],
+                         "width": 32, "probe_batch": 128, "init_scales": [3.0]}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
         "datasets": ["digits"] if quick else ["digits", "mnist1d"],
         "width": 100,
         "depth": 3,
-        "steps": 1500 if quick else 6000,
+        "steps": 1000 if quick else 6000,
         "batch_size": 60,
         "lr": 0.5,
         "init_scale": 1.0,
-        "seeds": [0, 1] if quick else [0, 1, 2],
+        "init_scales": [3.0] if quick else [3.0, 1.0],
+        "seeds": [0, 1, 2] if quick else [0, 1, 2, 3, 4],
         "record_every": 50 if quick else 200,
         "probe_batch": 512,
         "unit": 0,
         "relu_lr": 3.0,  # large but still trainable: where dying units show up
-        "relu_steps": 1000 if quick else 4000,
+        "relu_steps": 600 if quick else 4000,
         "device": "cpu",
     }
 
@@ -112,6 +123,7 @@ def _probe(model: MLP, xp: torch.Tensor, relu: bool) -> dict[str, Any]:
     post = torch.stack([b.post for b in model.blocks])
     if relu:
         out["dead"] = stats.dead_fraction(post).tolist()
+        out["off"] = (post == 0).float().mean(dim=(1, 2)).tolist()  # per example, per layer
     else:
         out["saturated"] = stats.saturated_fraction(post, "sigmoid").tolist()
         last = pre[-1]  # [B, units]: percentiles of every unit of the last layer
@@ -124,14 +136,16 @@ def _probe(model: MLP, xp: torch.Tensor, relu: bool) -> dict[str, Any]:
 
 
 def _train_one(
-    config: dict[str, Any], dataset: str, variant: str, seed: int, relu: bool
+    config: dict[str, Any], dataset: str, variant: str, seed: int, relu: bool,
+    scale: float | None = None,
 ) -> dict[str, Any]:
     data = get_data(dataset, config["device"])
     g = seeded(seed)
     norm = "bn" if variant != "plain" else "none"
     model = MLP(data.in_features, data.num_classes, config["width"], config["depth"],
                 activation="relu" if relu else "sigmoid", norm=norm)
-    init_linears_(model.linears(), "gaussian", config["init_scale"], generator=g)
+    scale = float(config["init_scale"] if scale is None else scale)
+    init_linears_(model.linears(), "gaussian", 1.0 if relu else scale, generator=g)
     if variant == "bn-frozen-beta":
         for m in model.modules():
             if isinstance(m, nn.BatchNorm1d):
@@ -158,12 +172,13 @@ def _train_one(
     rec_steps.append(r.steps_done)
     probes.append(_probe(model, xp, relu))
     out = {
-        "dataset": dataset, "variant": variant, "seed": seed, "relu": relu,
+        "dataset": dataset, "variant": variant, "seed": seed, "relu": relu, "scale": scale,
         "eval_steps": r.eval_steps, "test_acc": r.test_acc, "final_test_acc": r.final_test_acc,
         "diverged": r.diverged, "probe_steps": rec_steps, "wall_s": r.wall_s,
     }
     if relu:
         out["dead"] = [p["dead"] for p in probes]  # [T][L]
+        out["off"] = [p["off"] for p in probes]  # [T][L]
     else:
         out["saturated"] = [p["saturated"] for p in probes]  # [T][L]
         out["last_pcts"] = [p["last_pcts"] for p in probes]  # [T][units][3]
@@ -171,14 +186,18 @@ def _train_one(
 
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
-    base = {k: v for k, v in config.items() if k not in ("datasets", "seeds", "executor")}
+    base = {k: v for k, v in config.items()
+            if k not in ("datasets", "seeds", "executor", "init_scales")}
     runs = []
     for ds in config["datasets"]:
-        for variant in ("plain", "bn"):
-            for s in config["seeds"]:
-                key = {**base, "dataset": ds, "variant": variant, "seed": s, "relu": False}
-                runs.append(cached(workdir, key, lambda ds=ds, v=variant, s=s: _train_one(
-                    config, ds, v, s, relu=False), tag="sig"))
+        for sc in config.get("init_scales", [config["init_scale"]]):
+            for variant in ("plain", "bn"):
+                for s in config["seeds"]:
+                    key = {**base, "dataset": ds, "variant": variant, "seed": s, "relu": False,
+                           "scale": sc}
+                    runs.append(cached(workdir, key, lambda ds=ds, v=variant, s=s, sc=sc:
+                                       _train_one(config, ds, v, s, relu=False, scale=sc),
+                                       tag="sig"))
     relu_runs = []
     ds0 = config["datasets"][0]
     for variant in ("bn", "bn-frozen-beta"):
@@ -187,7 +206,8 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
             relu_runs.append(cached(workdir, key, lambda v=variant, s=s: _train_one(
                 config, ds0, v, s, relu=True), tag="relu"))
     return {"runs": runs, "relu_runs": relu_runs, "unit": config["unit"],
-            "datasets": config["datasets"]}
+            "datasets": config["datasets"],
+            "init_scales": config.get("init_scales", [config["init_scale"]])}
 
 
 # --- summaries --------------------------------------------------------------------------------
@@ -207,145 +227,122 @@ def drift(last_pcts: list) -> float:
     return float(np.nanmean(path / np.maximum(width, 1e-12)))
 
 
-def _summ(runs: list[dict[str, Any]], variant: str, dataset: str) -> dict[str, float]:
-    rs = [r for r in runs if r["variant"] == variant and r["dataset"] == dataset]
-    if not rs:
-        return {}
-    sat = []
-    for r in rs:
+def _sel(runs: list[dict[str, Any]], variant: str, dataset: str,
+         scale: float | None) -> list[dict[str, Any]]:
+    return [r for r in runs if r["variant"] == variant and r["dataset"] == dataset
+            and (scale is None or r.get("scale", scale) == scale)]
+
+
+def per_seed(runs: list[dict[str, Any]], variant: str, dataset: str,
+             scale: float | None = None) -> dict[str, list[float]]:
+    """Per-seed summaries: saturated fraction (second half of training), drift, mean and final
+    test accuracy."""
+    out: dict[str, list[float]] = {"saturated": [], "drift": [], "mean_acc": [], "final_acc": []}
+    for r in _sel(runs, variant, dataset, scale):
         a = np.asarray(r["saturated"], dtype=float)  # [T, L]
-        half = a[a.shape[0] // 2 :]  # second half of training: where drift would have led
-        sat.append(float(np.nanmean(half)))
-    accs = [np.asarray(r["test_acc"], dtype=float) for r in rs]
-    n = min(len(a) for a in accs)
-    mean_curve = np.nanmean(np.stack([a[:n] for a in accs]), axis=0)
-    return {
-        "saturated": float(np.mean(sat)),
-        "saturated_max_layer": float(np.mean([np.nanmax(np.mean(np.asarray(r["saturated"],
-                                     dtype=float), axis=0)) for r in rs])),
-        "drift": float(np.nanmean([drift(r["last_pcts"]) for r in rs])),
-        "final_acc": float(np.nanmean([r["final_test_acc"] for r in rs])),
+        out["saturated"].append(float(np.nanmean(a[a.shape[0] // 2:])))
+        out["drift"].append(drift(r["last_pcts"]))
         # area under the accuracy curve = mean accuracy over the recordings: "trains faster"
-        "mean_acc": float(np.nanmean(mean_curve)),
-    }
-
-
-def _ratio_verdict(better: float, worse: float, lower_is_better: bool = True) -> str:
-    if not (np.isfinite(better) and np.isfinite(worse)):
-        return INCONCLUSIVE
-    if lower_is_better:
-        if better < worse * (1 - MARGIN):
-            return SUPPORTS
-        if better > worse * (1 + MARGIN):
-            return CONTRADICTS
-        return INCONCLUSIVE
-    if better > worse * (1 + MARGIN / 4):
-        return SUPPORTS
-    if better < worse * (1 - MARGIN / 4):
-        return CONTRADICTS
-    return INCONCLUSIVE
+        out["mean_acc"].append(float(np.nanmean(np.asarray(r["test_acc"], dtype=float))))
+        out["final_acc"].append(float(r["final_test_acc"]))
+    return out
 
 
 def conclude(data: dict[str, Any]) -> Conclusion:
     nums: dict[str, Any] = {}
     verdicts: list[str] = []
     details: list[str] = []
+    scales = data.get("init_scales") or [None]
     for ds in data["datasets"]:
-        p, b = _summ(data["runs"], "plain", ds), _summ(data["runs"], "bn", ds)
-        if not p or not b:
-            continue
-        for k in ("saturated", "drift", "mean_acc", "final_acc"):
-            nums[f"{ds}: {k} plain"] = p[k]
-            nums[f"{ds}: {k} BN"] = b[k]
-        # 1) saturation
-        if p["saturated"] < 0.01 and b["saturated"] < 0.01:
-            v1 = INCONCLUSIVE
+        for sc in scales:
+            p, b = per_seed(data["runs"], "plain", ds, sc), per_seed(data["runs"], "bn", ds, sc)
+            if not p["saturated"] or not b["saturated"]:
+                continue
+            tag = f"{ds}" + (f", init x{fmt(sc)}" if sc is not None else "")
+            for k in ("saturated", "drift", "mean_acc", "final_acc"):
+                nums[f"{tag}: {k} plain"] = float(np.mean(p[k]))
+                nums[f"{tag}: {k} BN"] = float(np.mean(b[k]))
+            # 1) saturation
+            e1 = E.diff_effect(b["saturated"], p["saturated"], f"{tag}: saturated BN - plain")
+            if max(np.mean(p["saturated"]), np.mean(b["saturated"])) < 0.01:
+                v1 = INCONCLUSIVE
+                details.append(
+                    f"{tag}: the plain sigmoid network barely saturated "
+                    f"({pct(float(np.mean(p['saturated'])))} of units, second half of training), "
+                    "so there was little saturation for BN to stop.")
+            else:
+                v1 = E.verdict(e1, -1)
+                details.append(
+                    f"{tag}: saturated fraction {pct(float(np.mean(b['saturated'])))} with BN vs "
+                    f"{pct(float(np.mean(p['saturated'])))} without; {E.describe(e1, v1, pct)}"
+                    + (" (BN did NOT reduce saturation)." if v1 == CONTRADICTS else "."))
+            # 2) stability of the input distribution
+            e2 = E.log_ratio_effect(b["drift"], p["drift"], f"{tag}: drift BN / plain")
+            v2 = E.verdict(e2, -1)
             details.append(
-                f"{ds}: the plain sigmoid network barely saturated ({pct(p['saturated'])} of "
-                f"units, second half of training), so there was little saturation for BN to stop "
-                f"(BN: {pct(b['saturated'])})."
-            )
-        else:
-            v1 = _ratio_verdict(b["saturated"], p["saturated"])
-            word = {SUPPORTS: "fewer", CONTRADICTS: "MORE", INCONCLUSIVE: "about as many"}[v1]
+                f"{tag}: the median input of a last-layer sigmoid travelled "
+                f"{fmt(float(np.mean(b['drift'])))} widths with BN vs "
+                f"{fmt(float(np.mean(p['drift'])))} without; {E.describe(e2, v2)}"
+                + (" (BN is NOT more stable here)." if v2 == CONTRADICTS else "."))
+            # 3) speed
+            e3 = E.diff_effect(b["mean_acc"], p["mean_acc"],
+                               f"{tag}: mean test accuracy over training BN - plain")
+            v3 = E.verdict(e3, +1)
             details.append(
-                f"{ds}: with BN {word} units saturated: {pct(b['saturated'])} vs "
-                f"{pct(p['saturated'])} without (mean over layers, second half of training)."
-            )
-        # 2) stability of the input distribution
-        v2 = _ratio_verdict(b["drift"], p["drift"])
-        details.append(
-            f"{ds}: the median input of a last-layer sigmoid travelled {fmt(b['drift'])} "
-            f"distribution widths with BN vs {fmt(p['drift'])} without"
-            + (" (BN is NOT more stable here)." if v2 == CONTRADICTS else ".")
-        )
-        # 3) speed
-        v3 = _ratio_verdict(b["mean_acc"], p["mean_acc"], lower_is_better=False)
-        details.append(
-            f"{ds}: mean test accuracy over training {pct(b['mean_acc'])} with BN vs "
-            f"{pct(p['mean_acc'])} without (final {pct(b['final_acc'])} vs "
-            f"{pct(p['final_acc'])})" + (": BN did NOT train faster." if v3 == CONTRADICTS else ".")
-        )
-        verdicts += [v1, v2, v3]
-    # 4) dead ReLUs with beta learnable vs frozen
+                f"{E.describe(e3, v3, pct)} (final {pct(float(np.mean(b['final_acc'])))} "
+                f"vs {pct(float(np.mean(p['final_acc'])))})"
+                + ("; BN did NOT train faster." if v3 == CONTRADICTS else "."))
+            for e in (e1, e2, e3):
+                nums.update(E.numbers(e))
+            verdicts += [v1, v2, v3]
+    # 4) ReLU units off per example, beta learnable vs frozen at 0
     rr = data.get("relu_runs", [])
-    if rr:
-        def dead_of(variant: str) -> float:
-            xs = [np.nanmax(np.asarray(r["dead"], dtype=float)) for r in rr
-                  if r["variant"] == variant]
-            return float(np.mean(xs)) if xs else float("nan")
+    if rr and all("off" in r for r in rr):
+        def off_of(variant: str) -> list[float]:
+            return [float(np.nanmean(np.asarray(r["off"], dtype=float)[-1]))
+                    for r in rr if r["variant"] == variant]
 
-        d_learn, d_frozen = dead_of("bn"), dead_of("bn-frozen-beta")
-        nums["BN-ReLU max dead fraction, beta learnable"] = d_learn
-        nums["BN-ReLU max dead fraction, beta frozen at 0"] = d_frozen
-        if d_frozen <= 0.01:
-            v4 = SUPPORTS
-            details.append(
-                f"BN-ReLU: with beta frozen at 0 at most {pct(d_frozen)} of units were dead; with "
-                f"a learnable beta {pct(d_learn)}."
-            )
-        else:
-            v4 = CONTRADICTS
-            details.append(
-                f"BN-ReLU: even with beta frozen at 0, up to {pct(d_frozen)} of units died "
-                f"(learnable beta: {pct(d_learn)}), contrary to the claim."
-            )
+        def acc_of(variant: str) -> list[float]:
+            return [float(r["final_test_acc"]) for r in rr if r["variant"] == variant]
+
+        e4 = E.diff_effect(off_of("bn"), off_of("bn-frozen-beta"),
+                           "ReLU units off per example, beta learnable - frozen")
+        v4 = E.verdict(e4, -1)
+        ea = E.diff_effect(acc_of("bn"), acc_of("bn-frozen-beta"),
+                           "BN-ReLU test accuracy, beta learnable - frozen")
+        nums.update(E.numbers(e4))
+        nums.update(E.numbers(ea))
+        nums["BN-ReLU off fraction, beta frozen at 0"] = float(np.mean(off_of("bn-frozen-beta")))
+        nums["BN-ReLU off fraction, beta learnable"] = float(np.mean(off_of("bn")))
+        details.append(
+            f"BN-ReLU at the end of training: {pct(float(np.mean(off_of('bn-frozen-beta'))))} of "
+            f"units off per example with beta frozen at 0 vs "
+            f"{pct(float(np.mean(off_of('bn'))))} with a learnable beta; "
+            f"{E.describe(e4, v4, pct)}; {E.describe(ea, E.verdict(ea, +1), pct)}"
+            + (" (a learnable beta did NOT lower the off fraction)." if v4 == CONTRADICTS
+               else "."))
         verdicts.append(v4)
     verdict = combine_verdicts(verdicts)
-    ds0 = data["datasets"][0]
-    p, b = _summ(data["runs"], "plain", ds0), _summ(data["runs"], "bn", ds0)
     head = {
         SUPPORTS: "Batch norm behaved as claimed",
         CONTRADICTS: "The measurements contradict part of the claim",
         INCONCLUSIVE: "The measurements only partly settle the claim",
     }[verdict]
-    sentence = (
-        f"{head}: on {ds0}, saturated fraction {pct(b.get('saturated'))} with BN vs "
-        f"{pct(p.get('saturated'))} without, input drift {fmt(b.get('drift'))} vs "
-        f"{fmt(p.get('drift'))} widths, mean test accuracy over training {pct(b.get('mean_acc'))} "
-        f"vs {pct(p.get('mean_acc'))}."
-    )
-    contra = [d for d in details if "NOT" in d or "MORE" in d or "contrary" in d]
-    if contra:
-        sentence += " Contradicted: " + " ".join(contra)
+    sentence = f"{head}. " + " ".join(details)
     return conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def _band(ax: Any, runs: list[dict[str, Any]], key_x: str, key_y: str, color: str, label: str):
-    ys = [np.asarray(r[key_y], dtype=float) for r in runs]
-    n = min(len(y) for y in ys)
-    x = np.asarray(runs[0][key_x][:n])
-    y = np.stack([v[:n] for v in ys])
-    ax.plot(x, y.mean(0), color=color, label=label)
-    if len(runs) > 1:
-        ax.fill_between(x, y.min(0), y.max(0), color=color, alpha=0.2, lw=0)
+    n = min(len(r[key_y]) for r in runs)
+    P.mean_band(ax, runs[0][key_x][:n], [r[key_y][:n] for r in runs], color=color, label=label)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
     out = []
     d = P.figdir(workdir)
     dss = data["datasets"]
-    runs = data["runs"]
+    sc0 = (data.get("init_scales") or [None])[0]
+    runs = [r for r in data["runs"] if sc0 is None or r.get("scale", sc0) == sc0]
     # accuracy
     fig, axes = P.subplots(1, len(dss), size=(4.6, 3.4))
     for ax, ds in zip(axes[0], dss, strict=True):
@@ -406,12 +403,14 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
             rs = [r for r in rr if r["variant"] == variant]
             if not rs:
                 continue
-            a = np.stack([np.asarray(r["dead"], dtype=float).max(1) for r in rs])  # [S, T]
-            x = rs[0]["probe_steps"][: a.shape[1]]
-            ax.plot(x, a.mean(0), color=color, label=lab)
-            ax.fill_between(x, a.min(0), a.max(0), color=color, alpha=0.2, lw=0)
+            if not all("off" in r for r in rs):
+                continue
+            n = min(len(r["off"]) for r in rs)
+            P.mean_band(ax, rs[0]["probe_steps"][:n],
+                        [np.asarray(r["off"], dtype=float)[:n].mean(1) for r in rs],
+                        color=color, label=lab)
         ax.set_xlabel("training step")
-        ax.set_ylabel("dead fraction (worst hidden layer)")
+        ax.set_ylabel("fraction of units off per example")
         ax.set_title(f"{data['datasets'][0]}: 3 x 100 BN-ReLU MLP")
         ax.legend(loc="best")
         out.append(P.save(fig, d / "saturation_dead_relu.png"))

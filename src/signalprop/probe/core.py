@@ -153,6 +153,7 @@ class Probe:
         self._inputs: list[torch.Tensor] = []
         self._name_cache: dict[tuple[int, ...], _Metrics] = {}
         self._preclip: tuple[list[str], torch.Tensor, list[int]] | None = None
+        self._witness: torch.Tensor | None = None  # a parameter that had a gradient
         self._cb_queued = False
         self._grads_seen = False
         self._new_pass = False
@@ -268,8 +269,9 @@ class Probe:
                         self._fwd_handles.append(
                             m.register_forward_pre_hook(partial(_inplace_pre_hook, ref))
                         )
-            if self.weights:
+            if self.weights and not self.backward:
                 # the end of every backward pass: parameter gradients before any clipping
+                # (with output hooks, the first of them queues it: no hook per parameter)
                 for _, prm in self.params:
                     self._fwd_handles.append(
                         prm.register_post_accumulate_grad_hook(partial(_param_hook, ref))
@@ -404,6 +406,10 @@ class Probe:
             return
         if not (self._used or self._pending is not None or self._grads_seen):
             return  # nothing of this step was seen (update() called twice)
+        self._skip_step()
+
+    def _skip_step(self) -> None:
+        """Close the current step as skipped: recorded, marked, no update ratios."""
         if self._active:
             if self._pending is None:
                 self._pre_step()
@@ -424,6 +430,7 @@ class Probe:
         self._scalar_counts = {}
         self._snapshot = None
         self._preclip = None
+        self._witness = None
         self._cb_queued = False
         self._grads_seen = False
         self._new_pass = False
@@ -761,6 +768,7 @@ class Probe:
         if not with_grad:
             return
         grads = [g for _, g in with_grad]
+        self._witness = dict(self.params).get(with_grad[0][0])
         self._preclip = ([n for n, _ in with_grad], stats.norms(grads), [g._version for g in grads])
 
     def _post_step(self) -> None:
@@ -780,6 +788,11 @@ class Probe:
         if self._active and self._mapping and self._sites:
             # the map is drawn: keep the function mode only where module hooks cannot see
             # (functional activations); residual blocks get their input hooks from now on
+            if self._nforward == 0 and not self._root_watched and self._use_mode:
+                self.record.meta.setdefault("unchecked", {})[type(self.model).__name__] = (
+                    "the model itself was never called (the loop calls its submodules): "
+                    "functional activations, residual additions and parameters used outside "
+                    "module calls were not observed")
             self._mapping = False
             self._use_mode = self._fn_found or self._inplace_seen
             self._set_active(False)
@@ -1149,6 +1162,14 @@ def _root_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
         if p.forward:
             p._inputs.append(args[0].detach()) if args and isinstance(args[0], torch.Tensor) else None
         return
+    if p._grads_seen and p._witness is not None and \
+            p._witness.grad is None and p.optimizers and not p._stepped_opts and \
+            p._pending is None:
+        # a backward happened, then the gradients were zeroed without an optimiser step: the
+        # step was skipped (e.g. a GradScaler not given to the probe found inf/NaN gradients)
+        p._skip_step()
+        if not p._active:
+            return
     p._nforward += 1
     p._calls.clear()
     p._new_pass = False
@@ -1265,9 +1286,9 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
         if t >= 0:
             while len(s.tgrads) <= t:
                 s.tgrads.append([])
-            out.register_hook(partial(_grad_hook, s.ograds, s.tgrads[t]))
+            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, s.tgrads[t]))
         else:
-            out.register_hook(partial(_grad_hook, s.ograds, None))
+            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, None))
 
 
 class _ForwardPatch:
@@ -1318,6 +1339,18 @@ def _inplace_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
 
 
 def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
+    _backward_started(ref)
+
+
+def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,
+                   g: torch.Tensor) -> None:
+    p = ref()
+    if p is not None and not p._cb_queued:
+        _backward_started(ref)
+    _grad_hook(store, tstore, g)
+
+
+def _backward_started(ref: weakref.ref) -> None:
     p = ref()
     if p is None or not p._active:
         return

@@ -4,7 +4,8 @@ Executors:
 
 - ``local``: groups one after another in this process (``workers=1``), or in ``workers``
   single-threaded processes (one per core is the fastest split for small models on CPU).
-- ``ray``: each group is a Ray task (``@ray.remote(num_cpus=1)``); results come back to this
+- ``ray``: each group is a Ray task (``@ray.remote(num_cpus=1)``, plus ``num_gpus=1`` for a
+  population on CUDA, see :func:`ray_resources`); results come back to this
   process, the only one that writes the database. Connects to ``ray_address`` (or
   ``$RAY_ADDRESS``: a cluster started with ``ray start``), else starts a local instance.
 
@@ -375,10 +376,11 @@ def _run_ray(
         started_here = True
     try:
         remote = ray.remote(num_cpus=1)(_ray_task)
+        cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
         pending = {}
         for g in groups:
             store.mark_running([s.run_id for s in g])
-            pending[remote.remote(_payload(g))] = g
+            pending[remote.options(**ray_resources(g, cluster_gpus)).remote(_payload(g))] = g
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
@@ -402,6 +404,25 @@ def _run_ray(
             reaper.wait()
 
 
+def ray_resources(group: list[RunSpec], cluster_gpus: float = 0.0) -> dict[str, float]:
+    """Ray resources of one population: a CPU, plus a GPU when it trains on CUDA (``cuda``,
+    ``cuda:N``, or ``auto`` on a cluster that has GPUs), so that Ray places it on a GPU and
+    sets ``CUDA_VISIBLE_DEVICES`` for it."""
+    device = str(group[0].config.get("device", "cpu"))
+    wants = device.startswith("cuda") or (device == "auto" and cluster_gpus > 0)
+    return {"num_cpus": 1, "num_gpus": 1 if wants else 0}
+
+
 def _ray_task(payload: Payload) -> list[dict]:
     torch.set_num_threads(1)
+    try:
+        import ray
+
+        gpus = ray.get_gpu_ids()
+    except Exception:  # not inside a Ray worker (tests call the task directly)
+        gpus = []
+    if gpus:
+        # Ray made only the assigned GPU visible: it is cuda:0 in this process
+        payload = [(rid, {**cfg, "device": "cuda"} if str(cfg.get("device", "")).startswith(
+            ("cuda", "auto")) else cfg) for rid, cfg in payload]
     return run_group(payload)
