@@ -184,6 +184,7 @@ class Probe:
         self._block_grads: dict[str, list[tuple[Any, Any]]] = {}
         self._conv_context = False
         self._entry: dict[str, int] = {}  # module -> path position when first entered
+        self._infer: dict[int, tuple[str, torch.Tensor]] = {}  # module -> (kind, its output)
         from signalprop.diagnosis.architecture import architecture_facts
 
         # what the module types say (the measured facts below override these)
@@ -269,8 +270,9 @@ class Probe:
                         self._fwd_handles.append(
                             m.register_forward_pre_hook(partial(_inplace_pre_hook, ref))
                         )
-            if self.weights:
+            if self.weights and not self.backward:
                 # the end of every backward pass: parameter gradients before any clipping
+                # (with output hooks, the first of them queues it: no hook per parameter)
                 for _, prm in self.params:
                     self._fwd_handles.append(
                         prm.register_post_accumulate_grad_hook(partial(_param_hook, ref))
@@ -476,12 +478,10 @@ class Probe:
                 return  # inside an activation module (nn.ReLU calls F.relu): its hook records it
             if i is not None and next(mod.parameters(recurse=False), None) is None and \
                     next(mod.children(), None) is None:
-                # a parameter-free leaf module computing an activation (HF GELUActivation):
-                # the module is that activation
-                self._kinds[i] = kind
-                for j, st in enumerate(self._sites):
-                    if self._site_of.get((i, st.call)) == j:
-                        st.kind = kind
+                # a parameter-free leaf module calling an activation function: it IS that
+                # activation if it returns the function's output (checked in its forward
+                # hook); otherwise the function is an intermediate step of its own activation
+                self._infer[i] = (kind, out)
                 return
         self._fn_found = True
         where = enclosing or type(self.model).__name__
@@ -1246,6 +1246,13 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
         # when the loop calls submodules rather than the model): call sites count from here
         p._new_pass = False
         p._calls.clear()
+    cand = p._infer.pop(i, None) if p._infer else None
+    if cand is not None and cand[1] is out and p._kinds[i] is None:
+        p._kinds[i] = cand[0]
+        for st in p._sites:
+            if st.module == p._mods[i][0]:
+                st.kind = cand[0]
+        cand = None
     k = p._calls.get(i, 0)
     p._calls[i] = k + 1
     if p._loop[i]:
@@ -1256,6 +1263,9 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
     if j is None:
         j = p._new_site(i, k)
     s = p._sites[j]
+    if cand is not None and s.kind is None and s.unchecked is None:
+        s.unchecked = (f"a custom activation (it calls {cand[0]} inside): no saturation or "
+                       "dead-unit check is defined for its function")
     if not s.used:
         s.used = True
         p._used.append(j)
@@ -1285,9 +1295,9 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
         if t >= 0:
             while len(s.tgrads) <= t:
                 s.tgrads.append([])
-            out.register_hook(partial(_grad_hook, s.ograds, s.tgrads[t]))
+            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, s.tgrads[t]))
         else:
-            out.register_hook(partial(_grad_hook, s.ograds, None))
+            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, None))
 
 
 class _ForwardPatch:
@@ -1338,6 +1348,18 @@ def _inplace_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
 
 
 def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
+    _backward_started(ref)
+
+
+def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,
+                   g: torch.Tensor) -> None:
+    p = ref()
+    if p is not None and not p._cb_queued:
+        _backward_started(ref)
+    _grad_hook(store, tstore, g)
+
+
+def _backward_started(ref: weakref.ref) -> None:
     p = ref()
     if p is None or not p._active:
         return
