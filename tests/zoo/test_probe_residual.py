@@ -93,6 +93,7 @@ def test_residual_stream_matches_autograd(which, post_ln, pre_ln):
         assert r.get(s, b, "in_grad_norm") == pytest.approx(truth[b], rel=1e-3)
     ctx = context_of(r)
     assert ctx.residual is True and ctx.norm_placement == which
+    assert ctx.residual_blocks == blocks
     assert ctx.weight_layers[0] == "embed" and ctx.weight_layers[-1] == "head"
     # blocks sit on the path in forward order, the positional parameter where it is used
     depths = [r.layers[b].depth for b in blocks]

@@ -105,6 +105,9 @@ class Probe:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
+        # compiled modules (torch.compile's wrapper, or module.compile() in place) run their
+        # recorded steps eagerly: hooks added after compilation never run inside the graph
+        self._compiled = _compiled_modules(model)
         model = unwrap(model)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
@@ -283,6 +286,8 @@ class Probe:
     def _set_active(self, active: bool) -> None:
         if active and not self._fwd_handles and self._handles:
             ref = self._ref
+            for cm in self._compiled:
+                self._fwd_handles.append(_EagerPatch(cm))
             self._fwd_handles.append(
                 self.model.register_forward_pre_hook(partial(_root_pre_hook, ref))
             )
@@ -1282,26 +1287,56 @@ class _ScalerHook:
         vars(self.scaler).pop("update", None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module that actually runs: DDP/DataParallel wrappers are unwrapped to ``.module``.
+def _is_optimized(m: nn.Module) -> bool:
+    return type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")
 
-    Raises:
-        ValueError: for a model compiled with ``torch.compile`` (the compiled graph skips the
-            hooks registered after compilation, so the probe would record nothing).
-    """
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that actually runs: DDP/DataParallel wrappers are unwrapped to ``.module``,
+    ``torch.compile``'s wrapper to the original module (``._orig_mod``)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, DistributedDataParallel | DataParallel):
-        model = model.module
-    for name, m in model.named_modules():
-        if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
-            where = f"submodule {name!r} of the model" if name else "the model"
-            raise ValueError(
-                f"{where} was compiled with torch.compile: hooks added after compilation never "
-                "run, so the probe would record nothing; attach the probe to the uncompiled "
-                "module (model._orig_mod) or call model.compile() in place instead"
-            )
+    while isinstance(model, DistributedDataParallel | DataParallel) or _is_optimized(model):
+        model = model._orig_mod if _is_optimized(model) else model.module
     return model
+
+
+def _compiled_modules(model: nn.Module) -> list[nn.Module]:
+    """Compiled modules in ``model`` (torch.compile wrappers, modules compiled in place)."""
+    out = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if _is_optimized(m) or getattr(m, "_compiled_call_impl", None) is not None:
+            out.append(m)
+        stack.extend(m.children())
+        if isinstance(getattr(m, "module", None), nn.Module):
+            stack.append(m.module)
+    return out
+
+
+class _EagerPatch:
+    """Runs a compiled module eagerly until removed (the recorded steps only), so the probe's
+    hooks run; the compiled graph serves every other step."""
+
+    def __init__(self, m: nn.Module) -> None:
+        self.m = m
+        if _is_optimized(m):
+            self.attr, self.saved = "forward", vars(m).get("forward")
+            m.forward = m._orig_mod.__call__  # type: ignore[method-assign]
+        else:
+            self.attr, self.saved = "_compiled_call_impl", m._compiled_call_impl
+            m._compiled_call_impl = None
+
+    def remove(self) -> None:
+        if self.saved is None and self.attr == "forward":
+            vars(self.m).pop("forward", None)
+        else:
+            setattr(self.m, self.attr, self.saved)
 
 
 def _as_optimizers(
