@@ -27,6 +27,8 @@ demo: venv
 	@echo "Next: run the lab with '$(BIN)/signalprop lab run all --quick --out lab-out' (about 4 minutes on 2 cores; see docs/lab.md)."
 
 test: venv
+	@# the browser test drives the system Chromium through Playwright (skipped if it cannot be had)
+	-@bash scripts/ensure_chromium.sh >/dev/null || echo "no Chromium: tests/test_browser_report.py will be skipped"
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: venv

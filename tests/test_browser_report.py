@@ -1,23 +1,17 @@
-"""Open the lab's report in a real headless browser (Debian's ``chromium``) and check that every
-figure loads and that the page logs no console error.
-
-Chromium is driven through the DevTools protocol over a WebSocket, with a minimal client written
-on the standard library (RFC 6455 framing), so the test needs no extra Python package. When
-``/usr/bin/chromium`` is missing, ``scripts/ensure_chromium.sh`` installs it (apt-get); the test is
-skipped, with the reason, only when that is impossible.
+"""Open the reports in a real headless browser: Playwright's Python package drives the system
+Chromium (``executable_path``; ``scripts/ensure_chromium.sh`` installs Debian's ``chromium`` when
+it is missing). The tests click through the doctor's page (navigation links, collapsible
+prescriptions and details) and load the lab's report, and fail on any console error, uncaught
+exception, failed request or broken image. They are skipped, with the reason, only when neither
+Playwright nor a Chromium can be had.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import shutil
-import socket
-import struct
 import subprocess
-import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +22,12 @@ from signalprop.lab.base import read_json
 from signalprop.lab.runner import run_smoke
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+#: every image on the page: loaded, and with a real size
+_IMAGES_JS = """() => Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete,
+    w: i.naturalWidth, h: i.naturalHeight}))"""
 
 
 def find_chromium() -> tuple[str | None, str]:
@@ -50,188 +46,47 @@ def find_chromium() -> tuple[str | None, str]:
     return None, f"chromium cannot be installed here: {r.stderr.strip()[-300:]}"
 
 
-class WebSocket:
-    """The smallest RFC 6455 client the DevTools protocol needs (text frames, ping/pong)."""
-
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
-        assert url.startswith("ws://"), url
-        hostport, _, path = url[5:].partition("/")
-        host, _, port = hostport.partition(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            (f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\n"
-             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-             "Sec-WebSocket-Version: 13\r\n\r\n").encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("websocket handshake: connection closed")
-            head += chunk
-        head, _, self.buf = head.partition(b"\r\n\r\n")
-        if b" 101 " not in head.split(b"\r\n")[0]:
-            raise ConnectionError(f"websocket handshake failed: {head[:200]!r}")
-
-    def _read(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(max(65536, n - len(self.buf)))
-            if not chunk:
-                raise ConnectionError("websocket closed")
-            self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def _send_frame(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-        elif n < 1 << 16:
-            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-        else:
-            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(header + mask + masked)
-
-    def send(self, text: str) -> None:
-        self._send_frame(0x1, text.encode())
-
-    def recv(self) -> str:
-        parts: list[bytes] = []
-        while True:
-            b0, b1 = self._read(2)
-            fin, opcode, n = b0 & 0x80, b0 & 0x0F, b1 & 0x7F
-            if n == 126:
-                (n,) = struct.unpack("!H", self._read(2))
-            elif n == 127:
-                (n,) = struct.unpack("!Q", self._read(8))
-            mask = self._read(4) if b1 & 0x80 else b""
-            data = self._read(n)
-            if mask:
-                data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-            if opcode == 0x9:  # ping
-                self._send_frame(0xA, data)
-                continue
-            if opcode == 0x8:
-                raise ConnectionError("websocket closed by the browser")
-            if opcode in (0x1, 0x0):
-                parts.append(data)
-                if fin:
-                    return b"".join(parts).decode()
-
-    def close(self) -> None:
-        try:
-            self._send_frame(0x8, b"")
-        except OSError:
-            pass
-        self.sock.close()
-
-
-class Browser:
-    """A headless Chromium with one page, driven over the DevTools protocol."""
-
-    def __init__(self, chromium: str, profile: Path) -> None:
-        self.proc = subprocess.Popen(
-            [chromium, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-             "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.quit()
-                raise RuntimeError("chromium did not open its DevTools port")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        targets = []
-        while not targets and time.monotonic() < deadline:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-                targets = [t for t in json.load(r) if t.get("type") == "page"]
-            time.sleep(0.05)
-        self.ws = WebSocket(targets[0]["webSocketDebuggerUrl"])
-        self.next_id = 0
-        self.events: list[dict[str, Any]] = []
-
-    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.next_id += 1
-        mid = self.next_id
-        self.ws.send(json.dumps({"id": mid, "method": method, "params": params or {}}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == mid:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-            self.events.append(msg)
-
-    def wait_for(self, event: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(e.get("method") == event for e in self.events):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {event} within {timeout} s")
-            self.events.append(json.loads(self.ws.recv()))
-
-    def quit(self) -> None:
-        try:
-            if hasattr(self, "ws"):
-                try:
-                    self.call("Browser.close")
-                except (OSError, RuntimeError, ConnectionError):
-                    pass
-                self.ws.close()
-        finally:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
-def inspect_page(chromium: str, page: Path, profile: Path) -> dict[str, Any]:
-    """Load ``page``; return its images' load state and every console error/exception."""
-    b = Browser(chromium, profile)
-    try:
-        for domain in ("Runtime", "Log", "Page"):
-            b.call(f"{domain}.enable")
-        b.call("Page.navigate", {"url": page.resolve().as_uri()})
-        b.wait_for("Page.loadEventFired")
-        res = b.call("Runtime.evaluate", {
-            "expression": "JSON.stringify({title: document.title, "
-                          "sections: document.querySelectorAll('section').length, "
-                          "images: Array.from(document.images).map(i => ({alt: i.alt, "
-                          "complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}))})",
-            "returnByValue": True,
-        })
-        info = json.loads(res["result"]["value"])
-        time.sleep(0.3)  # let late console messages arrive
-        b.call("Runtime.evaluate", {"expression": "1"})
-    finally:
-        b.quit()
-    errors = []
-    for e in b.events:
-        m, p = e.get("method"), e.get("params", {})
-        if m == "Runtime.exceptionThrown":
-            errors.append(f"exception: {p.get('exceptionDetails', {}).get('text')}")
-        elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            errors.append(f"console.{p['type']}: {[a.get('value') for a in p.get('args', [])]}")
-        elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
-            errors.append(f"log: {p['entry'].get('text')} {p['entry'].get('url', '')}")
-    info["errors"] = errors
-    return info
-
-
 @pytest.fixture(scope="module")
-def chromium() -> str:
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install 'signalprop[dev]')")
     path, reason = find_chromium()
     if path is None:
         pytest.skip(reason)
-    return path
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=path, headless=True, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
-def test_checker_catches_broken_images_and_console_errors(chromium: str, tmp_path: Path) -> None:
+class Page:
+    """A page with every console error, page error and failed request collected."""
+
+    def __init__(self, browser: Any, path: Path) -> None:
+        self.errors: list[str] = []
+        self.page = browser.new_page()
+        self.page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}")
+                     if m.type in ("error", "assert") else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"exception: {e}"))
+        self.page.on("requestfailed", lambda r: self.errors.append(
+            f"request failed: {r.url[:80]} {r.failure}"))
+        self.page.goto(path.resolve().as_uri(), wait_until="load")
+
+    def images(self) -> list[dict[str, Any]]:
+        return self.page.evaluate(_IMAGES_JS)
+
+    def close(self) -> None:
+        self.page.wait_for_timeout(200)  # late console messages
+        self.page.close()
+
+
+def _broken(images: list[dict[str, Any]]) -> list[str]:
+    return [i["alt"] for i in images if not i["complete"] or i["w"] <= 0]
+
+
+def test_checker_catches_broken_images_and_console_errors(browser, tmp_path: Path) -> None:
     """The check can fail: a page with a broken image and a console error is caught."""
     page = tmp_path / "bad.html"
     page.write_text(
@@ -242,24 +97,90 @@ def test_checker_catches_broken_images_and_console_errors(chromium: str, tmp_pat
         '<img alt="broken" src="data:image/png;base64,AAAA">'
         '<script>console.error("boom")</script></body></html>'
     )
-    info = inspect_page(chromium, page, tmp_path / "profile")
-    by_alt = {i["alt"]: i for i in info["images"]}
-    assert by_alt["ok"]["w"] == 1
-    assert by_alt["broken"]["w"] == 0
-    assert any("boom" in e for e in info["errors"])
+    p = Page(browser, page)
+    imgs = p.images()
+    p.close()
+    assert _broken(imgs) == ["broken"]
+    assert any("boom" in e for e in p.errors)
 
 
-def test_report_opens_in_chromium(
-    chromium: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def doctor_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    import torch
+    from torch import nn
+
+    import signalprop
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(12):
+        layers += [nn.Linear(16, 16), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(16, 3))
+    x, y = torch.randn(128, 16), torch.randint(0, 3, (128,))
+    rep = signalprop.doctor(model, (x, y), nn.CrossEntropyLoss(), steps=30, progress=False)
+    out = tmp_path_factory.mktemp("doctor-page")
+    return rep.save(out)["html"], rep
+
+
+def test_doctor_page_clicks_through(browser, doctor_page) -> None:
+    path, rep = doctor_page
+    assert rep.findings and rep.prescriptions  # a page with something to click
+    p = Page(browser, path)
+    page = p.page
+    # navigation: every in-page link leads to an element that exists and scrolls into view
+    links = page.locator("nav a")
+    hrefs = [links.nth(i).get_attribute("href") for i in range(links.count())]
+    assert "#findings" in hrefs and "#prescriptions" in hrefs and "#figures" in hrefs
+    for href in hrefs:
+        assert href.startswith("#"), f"a link leaves the page: {href}"
+        page.locator(f'nav a[href="{href}"]').click()
+        target = page.locator(href)
+        assert target.count() == 1, f"link {href} has no target"
+        assert page.evaluate("() => location.hash") == href
+        assert target.evaluate("e => { const r = e.getBoundingClientRect(); "
+                               "return r.bottom > 0 && r.top < innerHeight; }"), href
+    # collapsible sections: every <details> opens on a click on its summary and shows content
+    details = page.locator("details")
+    n = details.count()
+    assert n >= len(rep.findings)
+    opened = 0
+    for i in range(n):
+        d = details.nth(i)
+        was_open = d.evaluate("e => e.open")
+        d.locator("summary").first.scroll_into_view_if_needed()
+        d.locator("summary").first.click()
+        assert d.evaluate("e => e.open") is (not was_open)
+        if not was_open:
+            opened += 1
+            body = d.evaluate("e => e.innerText.length - e.querySelector('summary').innerText"
+                              ".length")
+            assert body > 0, f"details #{i} opened onto nothing"
+    assert opened >= 1
+    # the first finding's prescriptions list the remedies the report ranks first
+    first = page.locator("details", has_text="Prescriptions").first
+    if not first.evaluate("e => e.open"):
+        first.locator("summary").click()
+    text = first.inner_text()
+    for pr in rep.findings[0].prescriptions[:2]:
+        assert pr.remedy in text
+    imgs = p.images()
+    p.close()
+    assert imgs and not _broken(imgs), _broken(imgs)
+    assert not p.errors, p.errors
+
+
+def test_lab_report_opens_in_chromium(browser, tmp_path_factory: pytest.TempPathFactory) -> None:
     out = tmp_path_factory.getbasetemp() / "lab-smoke"  # shared with test_lab_smoke
     run_smoke(out)
     n_figs = sum(len(read_json(out / n / "meta.json")["figures"]) for n in STUDY_NAMES)
-    info = inspect_page(chromium, out / "index.html", tmp_path / "profile")
-    assert info["title"] == "signalprop lab report"
-    assert info["sections"] == len(STUDY_NAMES)
-    assert len(info["images"]) == n_figs > 0
-    broken = [i["alt"] for i in info["images"] if not i["complete"] or i["w"] <= 0]
-    assert not broken, f"figures that did not load: {broken}"
-    assert all(i["w"] > 200 and i["h"] > 150 for i in info["images"])
-    assert not info["errors"], info["errors"]
+    p = Page(browser, out / "index.html")
+    title = p.page.title()
+    sections = p.page.locator("section").count()
+    imgs = p.images()
+    p.close()
+    assert title == "signalprop lab report"
+    assert sections == len(STUDY_NAMES)
+    assert len(imgs) == n_figs > 0
+    assert not _broken(imgs), f"figures that did not load: {_broken(imgs)}"
+    assert all(i["w"] > 200 and i["h"] > 150 for i in imgs)
+    assert not p.errors, p.errors

@@ -93,3 +93,42 @@ def test_bad_record_paths(tmp_path, capsys) -> None:
     assert "is not a signalprop record" in err and err.count("\n") == 1
     assert main(["report", str(bad)]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_sweep_json(tmp_path, capsys) -> None:
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(
+        "base: {data: spiral, data_args: {n: 200}, depth: 2, width: 8, steps: 4, "
+        "batch_size: 32}\naxes: {lr: [1e-2, 0.1]}\n"
+    )
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--no-progress",
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)  # nothing but JSON on stdout
+    assert got["status"] == {"done": 2} and got["n_runs"] == 2
+    from signalprop.sweep import load
+
+    res = load(tmp_path / "o")
+    want = {r["run_id"]: r["metrics"]["final_loss"] for r in res.runs}
+    assert {r["run_id"]: r["metrics"]["final_loss"] for r in got["runs"]} == pytest.approx(want)
+
+
+def test_lab_run_json(tmp_path, capsys, monkeypatch) -> None:
+    from pathlib import Path
+
+    import signalprop.lab.runner as runner
+    from signalprop.lab.base import Conclusion
+
+    def fake_run_lab(names, out, **kw):  # the CLI's plumbing only; the lab has its own tests
+        return [runner.StudyOutcome(
+            name=names[0], status="done", figures=[Path(out) / "f.png"], run_s=1.5, total_s=2.0,
+            conclusion=Conclusion(claim="c", sentence="s", verdict="supports",
+                                  numbers={"x": float("nan"), "y": 2.0}))]
+
+    monkeypatch.setattr(runner, "run_lab", fake_run_lab)
+    name = runner.resolve_names(["all"])[0]
+    assert main(["lab", "run", name, "--out", str(tmp_path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    (study,) = got["studies"]
+    assert study["name"] == name and study["status"] == "done"
+    assert study["conclusion"]["verdict"] == "supports"
+    assert study["conclusion"]["numbers"] == {"x": None, "y": 2.0}  # NaN -> null, valid JSON

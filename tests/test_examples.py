@@ -38,6 +38,12 @@ CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
         ["examples/lightning_callback.py", "--steps", "12"],
         ("pytorch_lightning", "tensorboard"),
     ),
+    "hf_trainer": (["examples/hf_trainer.py", "--steps", "6"],
+                   ("transformers", "accelerate", "tensorboard")),
+    "wandb_writer": (["examples/wandb_writer.py", "--steps", "12"], ("wandb",)),
+    "mlflow_writer": (["examples/mlflow_writer.py", "--steps", "12"], ("mlflow",)),
+    "distributed_ddp": (["examples/distributed_ddp.py", "--steps", "3"], ()),
+    "ray_tune_asha": (["examples/ray_tune_asha.py", "--steps", "20"], ("ray.tune",)),
     "sweep_yaml": (
         ["-m", "signalprop", "sweep", "examples/sweep.yaml", "--no-progress"],
         ("signalprop.cli.sweep", "signalprop.sweep"),
@@ -153,3 +159,50 @@ def test_sweep_yaml(runs) -> None:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 12  # 3 learning rates x 2 norms x 2 seeds
     assert {r["norm"] for r in rows} == {"none", "batch"}
+
+
+def test_hf_trainer(runs) -> None:
+    stdout, out = _get(runs, "hf_trainer")
+    from signalprop.record import MODEL, Record
+
+    rec = Record.load(out / "signalprop" / "record.json.gz")
+    assert rec.steps == [0, 2, 4]
+    for s in rec.steps:  # ours and the Trainer's pre-clip norm agree; clipping to 0.5
+        assert rec.get(s, MODEL, "grad_norm_total") == pytest.approx(
+            rec.get(s, MODEL, "trainer_grad_norm"), rel=1e-5)
+        assert rec.get(s, MODEL, "grad_norm_total_clipped") <= 0.5 * (1 + 1e-5)
+    assert "recorded 3 of 6 optimiser steps" in stdout
+    assert (out / "signalprop" / "report.html").exists()
+
+
+def test_wandb_writer(runs) -> None:
+    stdout, out = _get(runs, "wandb_writer")
+    assert "logged 3 steps" in stdout
+    tables = [t for t in (out / "wandb").rglob("grad_norm*.table.json") if t.parent.name == "depth"]
+    assert tables, "no depth-profile chart table was written"
+
+
+def test_mlflow_writer(runs) -> None:
+    stdout, _ = _get(runs, "mlflow_writer")
+    m = re.search(r"(\d+) values of signalprop/grad_ratio_first_last, last (\S+)", stdout)
+    assert m and int(m.group(1)) == 3
+    assert float(m.group(2)) < 1e-3  # 8 sigmoid layers: the gradient vanishes at the input
+    assert "signalprop/depth_grad_norm.png" in stdout
+
+
+def test_distributed_ddp(runs) -> None:
+    stdout, out = _get(runs, "distributed_ddp")
+    diffs = [float(v) for v in re.findall(r"largest relative difference of .*: (\S+)", stdout)]
+    assert len(diffs) == 2 and max(diffs) < 1e-5
+    assert (out / "record.json.gz").exists()
+
+
+def test_ray_tune_asha(runs) -> None:
+    stdout, _ = _get(runs, "ray_tune_asha")
+    rows = {m.group(1): (int(m.group(2)), float(m.group(3)))
+            for m in re.finditer(r"^(\w+)\s+(\d+)\s+(\S+)\s+(?:trained|stopped)", stdout,
+                                 re.MULTILINE)}
+    assert set(rows) == {"relu", "tanh", "sigmoid", "hardsigmoid"}, stdout
+    # ASHA stopped the vanishing-gradient sigmoid net before the ReLU one finished
+    assert rows["sigmoid"][0] < rows["relu"][0]
+    assert rows["sigmoid"][1] < rows["relu"][1] - 3

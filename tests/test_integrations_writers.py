@@ -123,3 +123,16 @@ def test_writers_need_a_run() -> None:
 
     with pytest.raises(ValueError, match="needs a run"):
         mlflow_writer()
+
+
+def test_tune_reporter_reports_the_summary() -> None:
+    from signalprop.integrations.ray_tune import tune_reporter
+
+    got: list[dict] = []
+    probe = _train([tune_reporter(got.append)], steps=3)
+    rec = probe.record
+    assert [g["step"] for g in got] == rec.steps
+    for g, s in zip(got, rec.steps, strict=True):
+        ratio = summary_metrics(rec.data[s], prefix="")["grad_ratio_first_last"]
+        assert g["log10_grad_ratio"] == pytest.approx(math.log10(ratio))
+        assert g["loss"] == rec.get(s, MODEL, "loss")

@@ -270,3 +270,16 @@ def test_one_sweep_process_per_directory(tmp_path):
         with pytest.raises(RuntimeError, match="another sweep is running"):
             sweep({"base": SMALL}, out=tmp_path, progress=False)
     assert sweep({"base": SMALL}, out=tmp_path, progress=False).status_counts() == {"done": 1}
+
+
+def test_ray_resources_request_a_gpu_for_cuda_populations():
+    from signalprop.sweep.runner import ray_resources
+
+    def group(device):
+        return expand_grid({"base": {**SMALL, "device": device}})
+
+    assert ray_resources(group("cpu")) == {"num_cpus": 1, "num_gpus": 0}
+    assert ray_resources(group("cuda")) == {"num_cpus": 1, "num_gpus": 1}
+    assert ray_resources(group("cuda:1"))["num_gpus"] == 1
+    assert ray_resources(group("auto"), cluster_gpus=0)["num_gpus"] == 0
+    assert ray_resources(group("auto"), cluster_gpus=4)["num_gpus"] == 1

@@ -43,9 +43,12 @@ def lab_list() -> None:
               "least 2 cores, else 1).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads (default: 1; small models run faster that way).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the outcomes (verdicts, sentences, numbers, timings) as JSON on stdout "
+              "only.")
 def lab_run(
     names: tuple[str, ...], quick: bool, out: str, executor: str, device: str, force: bool,
-    workers: int | None, threads: int | None,
+    workers: int | None, threads: int | None, as_json: bool = False,
 ) -> int:
     """Run studies NAME... (or 'all') and build OUT/index.html."""
     import torch
@@ -64,6 +67,22 @@ def lab_run(
     outcomes = run_lab(wanted, out, quick=quick, executor=executor, device=device, force=force,
                        workers=workers, log=_say)
     total = time.perf_counter() - t0
+    failed = [o.name for o in outcomes if o.status == "failed"]
+    if as_json:
+        import json
+        from dataclasses import asdict
+
+        from signalprop.doctor import _jsonable
+
+        click.echo(json.dumps(_jsonable({
+            "report": os.path.join(out, "index.html"), "total_seconds": total,
+            "studies": [{"name": o.name, "status": o.status, "run_seconds": o.run_s,
+                         "total_seconds": o.total_s, "error": o.error,
+                         "figures": [str(f) for f in o.figures],
+                         "conclusion": asdict(o.conclusion) if o.conclusion else None}
+                        for o in outcomes],
+        }), indent=2, allow_nan=False))
+        return 1 if failed else 0
     click.echo("")
     for o in outcomes:
         verdict = o.conclusion.verdict if o.conclusion else "FAILED"
@@ -71,7 +90,6 @@ def lab_run(
                    f"{o.conclusion.sentence if o.conclusion else o.error}")
     click.echo(f"\n{len(outcomes)} stud{'y' if len(outcomes) == 1 else 'ies'} in {total:.1f} s; "
                f"report: {os.path.join(out, 'index.html')}")
-    failed = [o.name for o in outcomes if o.status == "failed"]
     if failed:
         click.echo(f"failed: {', '.join(failed)} (see {out}/<study>/meta.json)", err=True)
         return 1

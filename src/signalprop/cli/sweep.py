@@ -27,8 +27,11 @@ def register(group: click.Group) -> None:
 @click.option("--max-runs", type=click.IntRange(min=1), default=None,
               help="Refuse grids of more runs than this, counted before expanding (default: "
               "2000).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary (status counts, paths, every run's metrics) on stdout "
+              "only.")
 def sweep_cmd(config: str, out: str | None, executor: str, workers: int, threads: int | None,
-              progress: bool, max_runs: int | None) -> int:
+              progress: bool, max_runs: int | None, as_json: bool = False) -> int:
     """Train every run of the grid in CONFIG (YAML: base, axes, seeds; see docs/sweep.md)."""
     import torch
 
@@ -54,7 +57,8 @@ def sweep_cmd(config: str, out: str | None, executor: str, workers: int, threads
         raise click.ClickException(str(e)) from e
     csv = res.to_csv(out_dir / "results.csv")
     counts = res.status_counts()
-    click.echo(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    if not as_json:
+        click.echo(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     for r in res.runs:
         if r["status"] == "failed":  # each failed run's reason, not just a count
             labels = ", ".join(f"{k}={v}" for k, v in (r.get("labels") or {}).items())
@@ -62,5 +66,17 @@ def sweep_cmd(config: str, out: str | None, executor: str, workers: int, threads
                        "no error recorded")
             click.echo(f"failed run {r['run_id']}{f' ({labels})' if labels else ''}: {why}",
                        err=True)
-    click.echo(f"results: {out_dir / 'sweep.db'} (table: {csv})")
+    if as_json:
+        import json
+
+        from signalprop.doctor import _jsonable
+
+        click.echo(json.dumps(_jsonable({
+            "out": str(out_dir), "database": str(out_dir / "sweep.db"), "table": str(csv),
+            "n_runs": len(specs), "n_populations": n_groups, "status": counts,
+            "runs": [{k: r.get(k) for k in ("run_id", "grp", "labels", "status", "metrics",
+                                            "error")} for r in res.runs],
+        }), indent=2, allow_nan=False))
+    else:
+        click.echo(f"results: {out_dir / 'sweep.db'} (table: {csv})")
     return 0 if counts.get("failed", 0) == 0 else 1

@@ -10,17 +10,14 @@ its findings and the doctor's HTML report at the end.
 Needs the ``[transformers]`` extra (``transformers`` and ``accelerate``).
 
 Where the gradients are measured. The Trainer clips gradients (``max_grad_norm``) *before* it
-fires ``on_pre_optimizer_step``, so no callback event sees the raw gradients. The callback
-therefore hooks the parameters themselves: a post-accumulate-grad hook on every trainable
-parameter queues one function to run when autograd finishes the backward pass; when that
-backward closes an accumulation window (accelerate's ``GradientState.sync_gradients``), the
-gradients are final and not yet clipped, and every per-layer statistic is computed there
-(``grad_norm``, ``grad_norm_total``, ``out_grad_norm`` ...). After ``optimizer.step``
+fires ``on_pre_optimizer_step``, so no callback event sees the raw gradients. The probe itself
+reads them at the end of every backward pass (a post-accumulate-grad hook on each parameter
+queues its read behind autograd's other end-of-backward callbacks, DDP's all-reduce included):
+the last micro-batch's backward leaves the accumulated, unclipped gradient. At
+``on_pre_optimizer_step`` the callback closes the probe's step from those norms (``grad_norm``,
+``grad_norm_total``; ``out_grad_norm`` comes from the backward hooks). After ``optimizer.step``
 (``on_optimizer_step``) the gradients hold the clipped values: their global norm is recorded as
 ``grad_norm_total_clipped`` and the update ratios ``||dW|| / ||W||`` are computed.
-
-The Trainer's own pre-clip ``grad_norm`` (from its logs) is recorded beside ours as
-``trainer_grad_norm`` at the same step: the two agree (tested), which checks the hook point.
 
 Record step ``k`` is the ``k``-th optimiser step (``state.global_step`` while its gradients were
 accumulated), whatever ``gradient_accumulation_steps`` is. The recorded ``loss`` is the mean of
@@ -62,15 +59,6 @@ CLIPPED_NORM = "grad_norm_total_clipped"
 TRAINER_NORM = "trainer_grad_norm"
 #: metrics that scale with the loss (divided by the fp16 loss scale)
 _GRAD_METRICS = ("grad_norm", "grad_norm_total", "out_grad_norm")
-
-
-def _sync_gradients() -> bool:
-    """Whether the backward that just ended closes an accumulation window."""
-    try:
-        from accelerate.state import GradientState
-    except ImportError:  # pragma: no cover - the Trainer itself needs accelerate
-        return True
-    return bool(GradientState().sync_gradients)
 
 
 class SignalpropCallback(TrainerCallback):
@@ -136,7 +124,6 @@ class SignalpropCallback(TrainerCallback):
         self.record = Record()
         self.written: dict[str, Path] = {}
         self._hooks: list[Any] = []
-        self._queued = False
         self._ready = False
         self._loss_sum: torch.Tensor | None = None
         self._loss_n = 0
@@ -197,8 +184,6 @@ class SignalpropCallback(TrainerCallback):
         p.attach()
         self.warner.model = model
         self._optimizer = optimizer
-        for _, q in p.params:
-            self._hooks.append(q.register_post_accumulate_grad_hook(self._grad_accumulated))
         self._hooks.append(model.register_forward_hook(self._capture_loss))
         meta = self.record.meta
         meta["source"] = "transformers"
@@ -238,23 +223,6 @@ class SignalpropCallback(TrainerCallback):
             self._loss_sum = v if self._loss_sum is None else self._loss_sum + v
             self._loss_n += 1
 
-    def _grad_accumulated(self, param: torch.Tensor) -> None:
-        # runs inside backward once per parameter: only queue the end-of-backward work once
-        if self._queued or self.probe is None or not self.probe.recording:
-            return
-        self._queued = True
-        torch.autograd.Variable._execution_engine.queue_callback(self._requeue)
-
-    def _requeue(self) -> None:
-        # behind every callback queued during the pass (DDP writes the averaged gradients in
-        # its own end-of-backward callback)
-        torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
-
-    def _backward_done(self) -> None:
-        self._queued = False
-        if _sync_gradients():
-            self._gradients_ready()
-
     def _gradients_ready(self) -> None:
         p = self.probe
         if p is None or self._ready or not p.recording:
@@ -280,12 +248,9 @@ class SignalpropCallback(TrainerCallback):
         return None
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # fallback when no backward hook fired (e.g. an engine that owns the backward pass):
-        # the gradients are already clipped here, which the record says
-        p = self.probe
-        if p is not None and p.recording and not self._ready:
-            self._gradients_ready()
-            self.record.meta["grad_norm_measured"] = "after clipping (no backward hook fired)"
+        # the window's gradients are final; the probe kept their norms from the end of the
+        # last backward, before the Trainer clipped them
+        self._gradients_ready()
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         p = self.probe

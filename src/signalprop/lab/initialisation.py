@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from signalprop.lab import evidence as E
 from signalprop.lab import plotting as P
 from signalprop.lab.base import (
     CONTRADICTS,
@@ -46,7 +47,7 @@ from signalprop.lab.common import (
 )
 
 #: Bumped when the measurements change meaning (stored results then go stale).
-VERSION = 1
+VERSION = 2
 NAME = "initialisation"
 TITLE = "Batch norm and the initial weight scale"
 QUESTION = "Does batch norm make initialisation easier (less sensitive to the initial scale)?"
@@ -62,9 +63,14 @@ SETUP = (
     "sigmoid, several seeds per cell. Agreement: fraction of test examples on which two "
     "differently seeded networks of the same cell predict the same class, averaged over pairs. "
     "Landscape (a ReLU MLP of the same shape with He init, as Santurkar et al. used ReLU "
-    "networks, so that both variants train): every few steps, from the current weights w and mini-batch gradient g, "
-    "the loss and gradient at w - eta g on the same batch for eta in lr x [0.25 .. 4] (BN in "
-    "training mode, running statistics untouched)."
+    "networks, so that both variants train), at two depths (6 and 16: the answer depends on the "
+    "regime) and 3 seeds each: every few steps, from the current weights w and mini-batch "
+    "gradient g, the loss and gradient at w - eta g on the same batch for eta in lr x [0.25 .. 4] "
+    "(BN in training mode, running statistics untouched). The loss variation is also divided by "
+    "the loss at w (relative variation), because a network that fits faster has a smaller loss "
+    "and so a smaller absolute variation; the verdict uses the relative one. Intervals: Welch on "
+    "per-seed values (ranges across scales, landscape medians on the logs); spread and agreement "
+    "are per scale, so their intervals run over the scales. 3 seeds quick, 5 full."
 )
 REFERENCES = [
     "Ioffe & Szegedy 2015, Batch Normalization",
@@ -76,7 +82,8 @@ CAPTIONS = {
     "init_agreement": "Left: fraction of test predictions on which differently seeded networks "
     "agree, vs initial weight scale. Right: gradient norm at initialisation vs scale (log-log).",
     "init_landscape": "Santurkar et al. (2018) measurements along the gradient direction during "
-    "training: loss range, gradient change (predictiveness) and effective beta-smoothness.",
+    "training, one row per depth: relative loss range, gradient change (predictiveness) and "
+    "effective beta-smoothness (log10, mean over seeds with 95% intervals).",
 }
 
 MARGIN = 0.10
@@ -84,7 +91,8 @@ MARGIN = 0.10
 
 #: Overrides that shrink the study to a few seconds (used by the test suite).
 SMOKE: dict[str, Any] = {"depth": 3, "width": 32, "steps": 40, "scales": [0.5, 4.0],
-                         "seeds": [0, 1], "landscape_steps": 30, "landscape_every": 10}
+                         "seeds": [0, 1, 2], "landscape_steps": 30, "landscape_every": 10,
+                         "landscape_depths": [3], "landscape_seeds": [0, 1]}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
@@ -96,8 +104,10 @@ def get_config(quick: bool) -> dict[str, Any]:
         "lr": 0.5,
         "scales": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
         "seeds": [0, 1, 2] if quick else [0, 1, 2, 3, 4],
-        "landscape_steps": 300 if quick else 1500,
-        "landscape_every": 15 if quick else 50,
+        "landscape_steps": 200 if quick else 1500,
+        "landscape_every": 20 if quick else 50,
+        "landscape_depths": [6, 16],
+        "landscape_seeds": [0, 1, 2] if quick else [0, 1, 2, 3, 4],
         "landscape_etas": [0.25, 0.5, 1.0, 2.0, 4.0],
         # Santurkar et al. used ReLU networks (VGG): a ReLU MLP (He init) trains with and without
         # BN, so the comparison is between two networks that both learn
@@ -175,23 +185,27 @@ def landscape_probe(
     finite = [v for v in losses if math.isfinite(v)]
     return {
         "loss_range": (max(finite) - min(finite)) if finite else math.nan,
+        "loss_range_rel": ((max(finite) - min(finite)) / max(losses[0], 1e-12))
+        if finite and math.isfinite(losses[0]) else math.nan,
         "grad_change": max(changes) if changes else math.nan,
         "beta": max(betas) if betas else math.nan,
         "grad_norm": float(gnorm),
     }
 
 
-def _landscape(config: dict[str, Any], variant: str) -> dict[str, Any]:
+def _landscape(config: dict[str, Any], variant: str, depth: int | None = None,
+               seed: int = 0) -> dict[str, Any]:
     data = get_data(config["data"], config["device"])
-    g = seeded(0)
-    model = MLP(data.in_features, data.num_classes, config["width"], config["depth"],
+    g = seeded(seed)
+    depth = int(config["depth"] if depth is None else depth)
+    model = MLP(data.in_features, data.num_classes, config["width"], depth,
                 activation=config["landscape_activation"],
                 norm="bn" if variant == "bn" else "none")
     init_linears_(model.linears(), config["landscape_init"], 1.0, generator=g)
     model.to(config["device"])
     lr = config["landscape_lr"]
     etas = [lr * e for e in config["landscape_etas"]]
-    gen = torch.Generator().manual_seed(123)
+    gen = torch.Generator().manual_seed(123 + seed)
     n = data.x_train.shape[0]
     steps, rows = [], []
 
@@ -203,11 +217,12 @@ def _landscape(config: dict[str, Any], variant: str) -> dict[str, Any]:
 
     r = train_classifier(model, data, steps=config["landscape_steps"],
                          batch_size=config["batch_size"], optimizer="sgd", lr=lr,
-                         seed=0, callback=cb, log_every=config["landscape_every"])
+                         seed=seed, callback=cb, log_every=config["landscape_every"])
     out: dict[str, Any] = {"steps": steps, "variant": variant, "diverged": r.diverged,
+                           "depth": depth, "seed": seed,
                            "activation": config["landscape_activation"],
                            "loss_steps": r.loss_steps, "losses": r.losses}
-    for k in ("loss_range", "grad_change", "beta", "grad_norm"):
+    for k in ("loss_range", "loss_range_rel", "grad_change", "beta", "grad_norm"):
         out[k] = [row[k] for row in rows]
     return out
 
@@ -223,9 +238,12 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
                 runs.append(cached(workdir, key, lambda v=variant, sc=sc, s=s: _one(
                     config, v, sc, s), tag="run"))
     lkey = {k: v for k, v in config.items()
-            if k not in ("scales", "seeds", "executor", "steps", "lr")}
-    land = {v: cached(workdir, {**lkey, "variant": v}, lambda v=v: _landscape(config, v),
-                      tag="land") for v in ("plain", "bn")}
+            if k not in ("scales", "seeds", "executor", "steps", "lr", "landscape_depths",
+                         "landscape_seeds")}
+    land = [cached(workdir, {**lkey, "variant": v, "ldepth": d, "lseed": sd},
+                   lambda v=v, d=d, sd=sd: _landscape(config, v, d, sd), tag="land")
+            for d in config.get("landscape_depths", [config["depth"]])
+            for v in ("plain", "bn") for sd in config.get("landscape_seeds", [0])]
     return {"runs": runs, "landscape": land, "scales": list(config["scales"])}
 
 
@@ -268,14 +286,28 @@ def summarise(runs: list[dict[str, Any]], scales: list[float]) -> dict[str, dict
     return out
 
 
-def _lower(better: float, worse: float) -> str:
-    if not (np.isfinite(better) and np.isfinite(worse)):
-        return INCONCLUSIVE
-    if better < worse * (1 - MARGIN):
-        return SUPPORTS
-    if better > worse * (1 + MARGIN):
-        return CONTRADICTS
-    return INCONCLUSIVE
+def _seed_ranges(runs: list[dict[str, Any]], variant: str) -> list[float]:
+    """Per seed: max - min over the scales of the final loss (diverged = chance)."""
+    out = []
+    for sd in sorted({r["seed"] for r in runs}):
+        ls = [math.log(10) if r["diverged"] or not math.isfinite(r["final_train_loss"])
+              else r["final_train_loss"] for r in runs if r["variant"] == variant
+              and r["seed"] == sd]
+        if ls:
+            out.append(max(ls) - min(ls))
+    return out
+
+
+def landscape_runs(land: Any) -> list[dict[str, Any]]:
+    """The landscape runs as a list (older results stored one run per variant in a dict)."""
+    if isinstance(land, dict):
+        return [dict(v, variant=k) for k, v in land.items()]
+    return list(land)
+
+
+LANDSCAPE = (("loss_range_rel", "relative loss variation along the gradient"),
+             ("grad_change", "gradient change (predictiveness)"),
+             ("beta", "effective beta-smoothness"))
 
 
 def conclude(data: dict[str, Any]) -> Conclusion:
@@ -289,30 +321,34 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     rng_b = float(np.nanmax(b["mean"]) - np.nanmin(b["mean"]))
     nums["final loss range over scales, plain"] = rng_p
     nums["final loss range over scales, BN"] = rng_b
-    v1 = _lower(rng_b, rng_p)
+    e1 = E.diff_effect(_seed_ranges(data["runs"], "bn"), _seed_ranges(data["runs"], "plain"),
+                       "loss range across scales BN - plain")
+    v1 = E.verdict(e1, -1)
     details.append(
         f"Final training loss across init scales {fmt(min(scales))}..{fmt(max(scales))}: ranges "
-        f"over {fmt(rng_b)} with BN vs {fmt(rng_p)} without"
+        f"over {fmt(rng_b)} with BN vs {fmt(rng_p)} without; per seed, {E.describe(e1, v1)}"
         + (" (BN is NOT less sensitive)." if v1 == CONTRADICTS else ".")
     )
-    sd_p, sd_b = float(np.nanmean(p["std"])), float(np.nanmean(b["std"]))
-    nums["seed spread of final loss (mean std), plain"] = sd_p
-    nums["seed spread of final loss (mean std), BN"] = sd_b
-    v2 = _lower(sd_b, sd_p)
+    e2 = E.mean_effect([x - y for x, y in zip(b["std"], p["std"], strict=True)],
+                       "seed spread (std) BN - plain, over scales")
+    v2 = E.verdict(e2, -1)
     details.append(
-        f"Spread across seeds (std of the final loss, mean over scales): {fmt(sd_b)} with BN vs "
-        f"{fmt(sd_p)} without" + (" (BN does NOT reduce it)." if v2 == CONTRADICTS else ".")
-    )
+        f"Spread across seeds (std of the final loss): {fmt(float(np.nanmean(b['std'])))} with BN "
+        f"vs {fmt(float(np.nanmean(p['std'])))} without; {E.describe(e2, v2)}"
+        + (" (BN does NOT reduce it)." if v2 == CONTRADICTS else "."))
     ag_p, ag_b = float(np.nanmean(p["agree"])), float(np.nanmean(b["agree"]))
     nums["prediction agreement between seeds, plain"] = ag_p
     nums["prediction agreement between seeds, BN"] = ag_b
-    # agreement: higher is better; compare the disagreement rates
-    v3 = _lower(1 - ag_b, 1 - ag_p) if np.isfinite(ag_b) and np.isfinite(ag_p) else INCONCLUSIVE
+    e3 = E.mean_effect([x - y for x, y in zip(b["agree"], p["agree"], strict=True)],
+                       "prediction agreement BN - plain, over scales")
+    v3 = E.verdict(e3, +1)
     details.append(
         f"Differently seeded networks agree on {pct(ag_b)} of test predictions with BN vs "
-        f"{pct(ag_p)} without (mean over scales)"
+        f"{pct(ag_p)} without; {E.describe(e3, v3, pct)}"
         + (" (BN networks agree LESS)." if v3 == CONTRADICTS else ".")
     )
+    for e in (e1, e2, e3):
+        nums.update(E.numbers(e))
     gp, gb = np.asarray(p["gnorm"]), np.asarray(b["gnorm"])
     if np.all(gp > 0) and np.all(gb > 0):
         nums["gradient norm at init, max/min over scales, plain"] = float(gp.max() / gp.min())
@@ -323,43 +359,47 @@ def conclude(data: dict[str, Any]) -> Conclusion:
             "are scale-invariant: their gradients scale as 1/s)."
         )
     verdicts += [v1, v2, v3]
-    # landscape
-    land = data["landscape"]
-    for key, lab in (("loss_range", "loss variation along the gradient"),
-                     ("grad_change", "gradient change (predictiveness)"),
-                     ("beta", "effective beta-smoothness")):
-        mp = float(np.nanmedian(np.asarray(land["plain"][key], dtype=float)))
-        mb = float(np.nanmedian(np.asarray(land["bn"][key], dtype=float)))
-        nums[f"landscape: median {key}, plain"] = mp
-        nums[f"landscape: median {key}, BN"] = mb
-        v = _lower(mb, mp)
-        details.append(
-            f"Landscape: median {lab} {fmt(mb)} with BN vs {fmt(mp)} without"
-            + (" (BN is NOT smoother here)." if v == CONTRADICTS else ".")
-        )
-        verdicts.append(v)
-    lp = [x for x in land["plain"].get("losses", []) if math.isfinite(x)]
-    lb = [x for x in land["bn"].get("losses", []) if math.isfinite(x)]
-    if lp and lb:
-        nums["landscape: median training loss, plain"] = float(np.median(lp))
-        nums["landscape: median training loss, BN"] = float(np.median(lb))
-        details.append(
-            f"Context: the median training loss at those points was {fmt(float(np.median(lb)))} "
-            f"with BN vs {fmt(float(np.median(lp)))} without (the loss variation scales with the "
-            "loss itself, so a network that fits faster also looks smoother)."
-        )
+    # landscape, per depth (the regime), per seed: median over training
+    runs = landscape_runs(data["landscape"])
+    depths = sorted({r.get("depth", 0) for r in runs})
+    by_depth = []
+    for dep in depths:
+        vs = []
+        for key, lab in LANDSCAPE:
+            def med(variant: str, key: str = key, dep: int = dep) -> list[float]:
+                return [float(np.nanmedian(np.asarray(r.get(key) or r.get("loss_range") or
+                                                      [math.nan], dtype=float)))
+                        for r in runs if r["variant"] == variant and r.get("depth", 0) == dep]
+            e = E.log_ratio_effect(med("bn"), med("plain"), f"depth {dep}: {key} BN / plain")
+            v = E.verdict(e, -1)
+            nums.update(E.numbers(e))
+            vs.append(v)
+            details.append(f"Landscape, depth {dep}, median {lab}: "
+                           f"{E.describe(e, v)}" + (" (BN is NOT smoother here)."
+                                                   if v == CONTRADICTS else "."))
+        lvl = {v: [float(np.nanmedian([x for x in r.get("losses", []) if math.isfinite(x)]
+                                      or [math.nan]))
+                   for r in runs if r["variant"] == v and r.get("depth", 0) == dep]
+               for v in ("plain", "bn")}
+        nums[f"landscape depth {dep}: median training loss, plain"] = float(np.nanmean(
+            lvl["plain"])) if lvl["plain"] else math.nan
+        nums[f"landscape depth {dep}: median training loss, BN"] = float(np.nanmean(
+            lvl["bn"])) if lvl["bn"] else math.nan
+        by_depth.append(combine_verdicts(vs))
+    if by_depth:
+        if all(v == SUPPORTS for v in by_depth):
+            v_land = SUPPORTS
+        elif all(v == CONTRADICTS for v in by_depth):
+            v_land = CONTRADICTS
+        else:
+            v_land = INCONCLUSIVE
+            if SUPPORTS in by_depth or CONTRADICTS in by_depth:
+                details.append("The landscape answer depends on the regime: "
+                               + ", ".join(f"depth {d}: {v}" for d, v in
+                                           zip(depths, by_depth, strict=True)) + ".")
+        verdicts.append(v_land)
     verdict = combine_verdicts(verdicts)
-    sentence = (
-        f"Across init scales {fmt(min(scales))}-{fmt(max(scales))}, the final loss ranges over "
-        f"{fmt(rng_b)} with BN vs {fmt(rng_p)} without; seeds agree on {pct(ag_b)} vs "
-        f"{pct(ag_p)} of test predictions; along the gradient, BN's median loss variation is "
-        f"{fmt(nums['landscape: median loss_range, BN'])} vs "
-        f"{fmt(nums['landscape: median loss_range, plain'])} and its beta-smoothness "
-        f"{fmt(nums['landscape: median beta, BN'])} vs {fmt(nums['landscape: median beta, plain'])}."
-    )
-    contra = [d for d in details if "NOT" in d or "LESS" in d]
-    if contra:
-        sentence += " Contradicted: " + " ".join(contra)
+    sentence = " ".join(d for d in details if not d.startswith("Gradient norm"))
     return conclusion(CLAIM, sentence, verdict, nums, details)
 
 
@@ -401,21 +441,26 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
     axes[0, 0].set_title("Do seeds agree?")
     axes[0, 1].set_title("Gradient at initialisation")
     out.append(P.save(fig, d / "init_agreement.png"))
-    land = data["landscape"]
-    act = land["plain"].get("activation", "relu")
-    llabels = {"plain": (act, P.PLAIN), "bn": (f"BN + {act}", P.NORMED)}
-    fig, axes = P.subplots(1, 3, size=(3.7, 3.2))
-    for ax, key, lab in ((axes[0, 0], "loss_range", "loss range along the gradient"),
-                         (axes[0, 1], "grad_change", "max ||g(w - eta g) - g||"),
-                         (axes[0, 2], "beta", "effective beta-smoothness")):
-        for v, (name, c) in llabels.items():
-            ax.plot(land[v]["steps"], land[v][key], color=c, label=name, lw=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_ylabel(lab)
-        ax.legend(loc="best")
-    axes[0, 0].set_title("loss landscape variation")
-    axes[0, 1].set_title("gradient predictiveness")
-    axes[0, 2].set_title("beta-smoothness")
+    runs = landscape_runs(data["landscape"])
+    act = runs[0].get("activation", "relu") if runs else "relu"
+    depths = sorted({r.get("depth", 0) for r in runs})
+    fig, axes = P.subplots(len(depths), 3, size=(3.7, 3.0))
+    for row, dep in enumerate(depths):
+        for ax, key, lab in ((axes[row, 0], "loss_range_rel", "relative loss range"),
+                             (axes[row, 1], "grad_change", "max ||g(w - eta g) - g||"),
+                             (axes[row, 2], "beta", "effective beta-smoothness")):
+            for v, name, c in (("plain", act, P.PLAIN), ("bn", f"BN + {act}", P.NORMED)):
+                rs = [r for r in runs if r["variant"] == v and r.get("depth", 0) == dep
+                      and r.get(key)]
+                if not rs:
+                    continue
+                n = min(len(r[key]) for r in rs)
+                P.mean_band(ax, rs[0]["steps"][:n],
+                            [np.log10(np.maximum(np.asarray(r[key][:n], float), 1e-12))
+                             for r in rs], color=c, label=name, lw=1)
+            ax.set_xlabel("training step")
+            ax.set_ylabel(f"log10 {lab}")
+            ax.legend(loc="best", fontsize=6)
+            ax.set_title(f"depth {dep}")
     out.append(P.save(fig, d / "init_landscape.png"))
     return out

@@ -4,7 +4,8 @@ Executors:
 
 - ``local``: groups one after another in this process (``workers=1``), or in ``workers``
   single-threaded processes (one per core is the fastest split for small models on CPU).
-- ``ray``: each group is a Ray task (``@ray.remote(num_cpus=1)``); results come back to this
+- ``ray``: each group is a Ray task (``@ray.remote(num_cpus=1)``, plus ``num_gpus=1`` for a
+  population on CUDA, see :func:`ray_resources`); results come back to this
   process, the only one that writes the database. Connects to ``ray_address`` (or
   ``$RAY_ADDRESS``: a cluster started with ``ray start``), else starts a local instance.
 
@@ -157,12 +158,9 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
     return out
 
 
-def _init_worker(parent_pid: int | None = None) -> None:
-    if parent_pid is not None:  # a kill -9 of the sweep must not leave workers training
-        from signalprop._lifeline import die_with_parent
-
-        die_with_parent(parent_pid)
-    torch.set_num_threads(1)
+def _pool_task(payload: Payload) -> list[dict]:
+    torch.set_num_threads(1)  # one single-threaded worker per core is the fastest split
+    return run_group(payload)
 
 
 def default_out(specs: list[RunSpec]) -> Path:
@@ -323,13 +321,18 @@ def _run_pool(store: Store, groups: list[list[RunSpec]], bar: _Progress, workers
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads / sqlite
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+    from signalprop._lifeline import die_with_parent
+
+    # a kill -9 of the sweep must not leave its workers training: the initializer lives in a
+    # module that imports only the standard library, so a worker arms its parent-death signal
+    # within a fraction of a second of starting, before it imports torch for its first task
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent,
                              initargs=(os.getpid(),)) as pool:
         try:
             futs = {}
             for g in groups:
                 store.mark_running([s.run_id for s in g])
-                futs[pool.submit(run_group, _payload(g))] = g
+                futs[pool.submit(_pool_task, _payload(g))] = g
             for f in as_completed(futs):
                 store.finish(f.result())
                 bar.steps(futs[f][0].config["steps"])
@@ -357,6 +360,7 @@ def _run_ray(
             "executor='ray' needs Ray: pip install 'signalprop[ray]' (or pip install ray)"
         ) from e
     started_here = False
+    reaper = None
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -364,14 +368,19 @@ def _run_ray(
         else:
             kw = {"include_dashboard": False, "log_to_driver": False}
             kw.update(init_kwargs)
+            # a local instance's agents outlive a kill -9 of this process: a sidecar reaps them
+            from signalprop._lifeline import start_reaper
+
+            reaper = start_reaper()
             ray.init(**kw)
         started_here = True
     try:
         remote = ray.remote(num_cpus=1)(_ray_task)
+        cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
         pending = {}
         for g in groups:
             store.mark_running([s.run_id for s in g])
-            pending[remote.remote(_payload(g))] = g
+            pending[remote.options(**ray_resources(g, cluster_gpus)).remote(_payload(g))] = g
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
@@ -390,8 +399,30 @@ def _run_ray(
     finally:
         if started_here:
             ray.shutdown()
+        if reaper is not None:
+            reaper.terminate()
+            reaper.wait()
+
+
+def ray_resources(group: list[RunSpec], cluster_gpus: float = 0.0) -> dict[str, float]:
+    """Ray resources of one population: a CPU, plus a GPU when it trains on CUDA (``cuda``,
+    ``cuda:N``, or ``auto`` on a cluster that has GPUs), so that Ray places it on a GPU and
+    sets ``CUDA_VISIBLE_DEVICES`` for it."""
+    device = str(group[0].config.get("device", "cpu"))
+    wants = device.startswith("cuda") or (device == "auto" and cluster_gpus > 0)
+    return {"num_cpus": 1, "num_gpus": 1 if wants else 0}
 
 
 def _ray_task(payload: Payload) -> list[dict]:
     torch.set_num_threads(1)
+    try:
+        import ray
+
+        gpus = ray.get_gpu_ids()
+    except Exception:  # not inside a Ray worker (tests call the task directly)
+        gpus = []
+    if gpus:
+        # Ray made only the assigned GPU visible: it is cuda:0 in this process
+        payload = [(rid, {**cfg, "device": "cuda"} if str(cfg.get("device", "")).startswith(
+            ("cuda", "auto")) else cfg) for rid, cfg in payload]
     return run_group(payload)
