@@ -184,6 +184,7 @@ class Probe:
         self._block_grads: dict[str, list[tuple[Any, Any]]] = {}
         self._conv_context = False
         self._entry: dict[str, int] = {}  # module -> path position when first entered
+        self._infer: dict[int, tuple[str, torch.Tensor]] = {}  # module -> (kind, its output)
         from signalprop.diagnosis.architecture import architecture_facts
 
         # what the module types say (the measured facts below override these)
@@ -477,12 +478,10 @@ class Probe:
                 return  # inside an activation module (nn.ReLU calls F.relu): its hook records it
             if i is not None and next(mod.parameters(recurse=False), None) is None and \
                     next(mod.children(), None) is None:
-                # a parameter-free leaf module computing an activation (HF GELUActivation):
-                # the module is that activation
-                self._kinds[i] = kind
-                for j, st in enumerate(self._sites):
-                    if self._site_of.get((i, st.call)) == j:
-                        st.kind = kind
+                # a parameter-free leaf module calling an activation function: it IS that
+                # activation if it returns the function's output (checked in its forward
+                # hook); otherwise the function is an intermediate step of its own activation
+                self._infer[i] = (kind, out)
                 return
         self._fn_found = True
         where = enclosing or type(self.model).__name__
@@ -1247,6 +1246,13 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
         # when the loop calls submodules rather than the model): call sites count from here
         p._new_pass = False
         p._calls.clear()
+    cand = p._infer.pop(i, None) if p._infer else None
+    if cand is not None and cand[1] is out and p._kinds[i] is None:
+        p._kinds[i] = cand[0]
+        for st in p._sites:
+            if st.module == p._mods[i][0]:
+                st.kind = cand[0]
+        cand = None
     k = p._calls.get(i, 0)
     p._calls[i] = k + 1
     if p._loop[i]:
@@ -1257,6 +1263,9 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
     if j is None:
         j = p._new_site(i, k)
     s = p._sites[j]
+    if cand is not None and s.kind is None and s.unchecked is None:
+        s.unchecked = (f"a custom activation (it calls {cand[0]} inside): no saturation or "
+                       "dead-unit check is defined for its function")
     if not s.used:
         s.used = True
         p._used.append(j)
