@@ -27,12 +27,15 @@ SATURATION_DERIVATIVE_RATIO: float = 0.1
 #: Gaussian from 1024 samples: about 0.07 standard deviations).
 MAX_PERCENTILE_SAMPLES: int = 1024
 
-#: Forward statistics (moments, saturated fraction) are computed on the first rows of the batch
-#: holding at most this many values per layer (all rows when the output is smaller). Examples in
-#: a shuffled mini-batch are exchangeable, so this is an unbiased estimate at a fraction of the
-#: memory traffic. Dead fractions always use the whole batch (one active example keeps a unit
-#: alive).
-MAX_FORWARD_SAMPLES: int = 4096
+#: Forward statistics of a layer's output (moments, percentiles, saturated fraction, NaN/Inf
+#: count) are computed on a fixed strided sample of at most this many of its values (the whole
+#: output when it is smaller): the stride is ceil(numel / 256), bumped to be coprime with the
+#: row length so the sample spreads over units and examples. The probe copies the sample in the
+#: forward hook, so it keeps 1 KiB per layer alive through backward instead of the output
+#: (memory: under 5% of the weights of a 20 x 128 MLP at batch 128). Standard error of a
+#: Gaussian output's std from 256 values: about 4.4%; of its 5th percentile: about 0.13 std.
+#: Dead fractions always use the whole batch (one active example keeps a unit alive).
+MAX_FORWARD_SAMPLES: int = 256
 
 
 def percentile_key(q: float) -> str:
@@ -103,7 +106,9 @@ def percentiles(
     x = flat_rows(x)
     if max_samples is not None:
         x = x[:, subsample_index(x.shape[1], max_samples)]
-    q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype, device=x.device)
+    q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype)
+    if x.device.type != "cpu":  # a copy that does not wait for the device
+        q = q.to(x.device, non_blocking=True)
     # one sort per group: quantile() would re-sort for every q. On the CPU NumPy's SIMD sort is
     # ~50x faster than torch.sort for these sizes; NaNs sort last in both.
     if x.device.type == "cpu":

@@ -727,19 +727,7 @@ def fit(
         ValueError: no parameters, bad loss (non-scalar), bad data shapes, bad settings.
         TypeError: a loss function, batch or data of the wrong kind.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    params = _trainable(model)
-    if not params:
-        raise ValueError(f"model {type(model).__name__} has no trainable parameters")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if step_fn is not None and not callable(step_fn):
-        raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if accumulate < 1:
-        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+    params = _check_fit_args(model, loss_fn, step_fn, steps, accumulate)
     if seed is not None:
         torch.manual_seed(seed)
     device = torch.device(device)
@@ -749,11 +737,7 @@ def fit(
     base_lrs = [[g["lr"] for g in o.param_groups] for o in opts]
     if scaler is True:
         scaler = torch.amp.GradScaler(device.type)
-    amp_dtype: torch.dtype | None = None
-    if amp is True:
-        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    elif isinstance(amp, torch.dtype):
-        amp_dtype = amp
+    amp_dtype = _amp_dtype(amp, device)
 
     p = _build_probe(probe, model, schedule, opts, scaler)
     baseline = TrivialBaseline(loss_fn) if step_fn is None else None
@@ -784,6 +768,8 @@ def fit(
     t0 = time.perf_counter()
     if p is not None:
         p.attach()
+    # the step stays in one piece on purpose: the order of its events (backward, unscale,
+    # measure, clip, step, scaler update) is the contract with the probe's hooks
     try:
         for step in range(steps):
             if warmup > 0:
@@ -872,24 +858,57 @@ def fit(
     trivial = baseline.value() if baseline is not None else math.nan
     trivial_kind = baseline.describe() if baseline is not None else \
         "unknown (step_fn: the loop sees only the loss)"
-    record.meta.setdefault("optimizer", optimizer_name(optimizer))
-    record.meta.setdefault("lr", lr)
-    record.meta["steps"] = len(losses)
-    record.meta["diverged_step"] = diverged_step
-    record.meta["diverged_reason"] = reason
-    record.meta["diverge_factor"] = diverge_factor
-    if reason is not None and losses:
-        record.meta["diverged_loss"] = losses[-1]
-        record.meta["initial_loss"] = losses[0]
-    record.meta["interrupted"] = interrupted
-    record.meta["trivial_loss"] = trivial
-    record.meta["trivial_kind"] = trivial_kind
-    if skipped:
-        record.meta["skipped_steps"] = skipped
+    _write_meta(record, optimizer, lr, losses, reason, diverged_step, diverge_factor,
+                interrupted, trivial, trivial_kind, skipped)
     return FitResult(record, losses, reason is not None, diverged_step, len(losses), wall, model,
                      {"skipped_steps": skipped, **extra}, reason, interrupted, trivial,
                      trivial_kind)
 
+
+def _check_fit_args(
+    model: Any, loss_fn: Any, step_fn: Any, steps: int, accumulate: int
+) -> list[nn.Parameter]:
+    """Refuse bad arguments before anything runs; the model's trainable parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = _trainable(model)
+    if not params:
+        raise ValueError(f"model {type(model).__name__} has no trainable parameters")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if step_fn is not None and not callable(step_fn):
+        raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+    return params
+
+
+def _amp_dtype(amp: bool | torch.dtype, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: ``True`` is float16 on CUDA and bfloat16 elsewhere."""
+    if amp is True:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return amp if isinstance(amp, torch.dtype) else None
+
+
+def _write_meta(
+    record: Record, optimizer: Any, lr: float, losses: list[float], reason: str | None,
+    diverged_step: int | None, diverge_factor: float | None, interrupted: bool, trivial: float,
+    trivial_kind: str, skipped: int,
+) -> None:
+    """What the diagnosis reads about the run, in ``record.meta``."""
+    meta = record.meta
+    meta.setdefault("optimizer", optimizer_name(optimizer))
+    meta.setdefault("lr", lr)
+    meta.update(steps=len(losses), diverged_step=diverged_step, diverged_reason=reason,
+                diverge_factor=diverge_factor, interrupted=interrupted, trivial_loss=trivial,
+                trivial_kind=trivial_kind)
+    if reason is not None and losses:
+        meta["diverged_loss"] = losses[-1]
+        meta["initial_loss"] = losses[0]
+    if skipped:
+        meta["skipped_steps"] = skipped
 
 def train(
     model: nn.Module,

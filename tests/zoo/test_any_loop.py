@@ -353,3 +353,25 @@ def test_fit_with_scaler_two_optimisers_and_clipping() -> None:
     assert res.record.get(0, MODEL, "grad_norm_total") == pytest.approx(truth, rel=1e-4)
     assert res.record.get(0, MODEL, "grad_norm_total_clipped") == pytest.approx(
         0.01 * truth, rel=1e-3)
+
+
+def test_step_fn_through_doctor_and_trial() -> None:
+    """The escape hatch reaches every entry point: the loop sees only the loss, so the trivial
+    baseline is unknown (and no verdict is gated by it) but everything else is measured."""
+    x, y = _data()
+    x2 = torch.randn(256, 3)
+    batches = [{"a": x[i:i + 32], "b": x2[i:i + 32], "t": y[i:i + 32]} for i in range(0, 256, 32)]
+
+    def step_fn(m: nn.Module, b: Any) -> torch.Tensor:
+        return F.cross_entropy(m(b["a"], b["b"]), b["t"])
+
+    torch.manual_seed(0)
+    r = doctor(TwoInputs(), batches, step_fn=step_fn, steps=10, progress=False)
+    assert r.meta["steps_run"] == 10 and r.meta["loss_fn"].startswith("step_fn")
+    assert math.isnan(r.meta["trivial_loss"]) and "not_learning" not in r.kinds
+    assert set(r.record.layer_names(metric="out_grad_norm")) >= {"a", "b"}
+    t = trial(TwoInputs, batches, step_fn=step_fn, remedies=["adam", "clip_norm", "residual"],
+              steps=5, seeds=1, probe=False)
+    assert t["adam"].error is None and t["clip_norm"].error is None
+    assert t["residual"].verdict == "not applicable"
+    assert math.isnan(t.meta["trivial_loss"])

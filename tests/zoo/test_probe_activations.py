@@ -159,3 +159,38 @@ def test_transformer_default_functional_activation_is_measured():
             model[0](x) + model[1].layers[0]._sa_block(model[0](x), None, None))))
     truth = 1.0 - (h > 0).reshape(-1, 32).any(0).double().mean().item()
     assert r.get(0, name, "dead_frac") == pytest.approx(truth, abs=1e-12)
+
+
+class Swish(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class TanhFn(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+def test_custom_activation_modules_are_identified_or_reported_unchecked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), TanhFn(), nn.Linear(8, 8), Swish(), nn.Linear(8, 2))
+    x, y = torch.randn(16, 4) * 10, torch.randint(0, 2, (16,))
+    p = run_probed(model, [(x, y)] * 2, F.cross_entropy, lr=0.0, max_forward_samples=None)
+    r = p.record
+    assert r.layers["1"].activation == "tanh"  # returns torch.tanh's output: it is a tanh
+    with torch.no_grad():
+        h = torch.tanh(model[0](x))
+    truth = (1 - h * h < stats.SATURATION_DERIVATIVE_RATIO).double().mean().item()
+    assert r.get(1, "1", "saturated_frac") == pytest.approx(truth, abs=1e-12)
+    assert r.layers["3"].activation is None  # sigmoid is an intermediate step of Swish
+    assert "custom activation" in r.meta["unchecked"]["3"]
+    assert "Sequential/sigmoid" not in r.layers
+
+
+def test_hugging_face_gelu_module_is_known():
+    activations = pytest.importorskip("transformers.activations")
+    model = nn.Sequential(nn.Linear(4, 8), activations.GELUActivation(), nn.Linear(8, 2),
+                          activations.NewGELUActivation())
+    p = run_probed(model, [(torch.randn(8, 4), torch.randint(0, 2, (8,)))], F.cross_entropy)
+    assert p.record.layers["1"].activation == "gelu"
+    assert p.record.layers["3"].activation == "gelu"  # computed from tanh, still a GELU

@@ -93,6 +93,7 @@ def test_residual_stream_matches_autograd(which, post_ln, pre_ln):
         assert r.get(s, b, "in_grad_norm") == pytest.approx(truth[b], rel=1e-3)
     ctx = context_of(r)
     assert ctx.residual is True and ctx.norm_placement == which
+    assert ctx.residual_blocks == blocks
     assert ctx.weight_layers[0] == "embed" and ctx.weight_layers[-1] == "head"
     # blocks sit on the path in forward order, the positional parameter where it is used
     depths = [r.layers[b].depth for b in blocks]
@@ -171,7 +172,8 @@ def test_small_resnet_blocks_and_inplace_add():
         bn2_truth.append(o2.detach().clone())
         h = F.relu(o2 + h)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with Probe(model, optimizer=opt) as p:
+    # exact forward statistics (whole outputs kept, with the in-place guard), to compare
+    with Probe(model, optimizer=opt, max_forward_samples=None) as p:
         for _ in range(2):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()

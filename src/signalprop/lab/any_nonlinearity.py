@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from signalprop.lab import evidence as E
 from signalprop.lab import plotting as P
 from signalprop.lab.base import (
     CONTRADICTS,
@@ -25,7 +26,6 @@ from signalprop.lab.base import (
     SUPPORTS,
     Conclusion,
     cached,
-    combine_verdicts,
     conclusion,
     pct,
 )
@@ -33,7 +33,7 @@ from signalprop.lab.common import get_data, make_activation, seeded, train_class
 from signalprop.lab.grid import grid_options, run_grid
 
 #: Bumped when the measurements change meaning (stored results then go stale).
-VERSION = 1
+VERSION = 2
 NAME = "any-nonlinearity"
 TITLE = "Any non-linearity can be trained at depth"
 QUESTION = (
@@ -47,19 +47,28 @@ CLAIM = (
     "connections, or a scale-free optimiser)."
 )
 SETUP = (
-    "MLPs of width 32 on scikit-learn digits, at two depths, trained for a fixed budget of SGD "
-    "steps (batch 64; each SGD cell at lr 0.1 and 0.01, the better one kept) from the 'none' "
-    "set-up: weights N(0, 1/(3 fan_in)) (the variance "
-    "of PyTorch's default initialisation), zero biases. Each remedy changes one thing: xavier, "
+    "MLPs of width 64 on scikit-learn digits, trained for a fixed budget of steps (batch 64) from "
+    "the 'none' set-up: weights N(0, 1/(3 fan_in)) (the variance of PyTorch's default "
+    "initialisation), zero biases. Rate policy: every cell trains at every rate of a grid (SGD "
+    "cells: the SGD grid; optimiser cells: their default rate and 3x it) and keeps its best rate "
+    "(highest mean test accuracy over seeds; 3 seeds quick, 5 full). Budget criterion: the ReLU "
+    "reference (He init) must reach 80% test accuracy at the deepest depth, otherwise the "
+    "conclusion says the budget is too small and stays inconclusive. Each remedy changes one "
+    "thing: he (He-scale weights, sigma_w^2 = 2), xavier, "
     "orthogonal (Saxe et al.), critical (edge of chaos, sigma_w and sigma_b from "
     "signalprop.theory.critical_point at sigma_b^2 = 0; none exists for softplus), lsuv (Mishkin "
-    "& Matas), scaled (a*phi with the NF gain a = 1/std(phi(z)) and weights N(0, 1/fan_in)), bn "
-    "and ln (before the activation), residual (h + block(h)), and the optimisers RMSProp (1e-3), "
-    "Rprop (1e-2), SMORMS3 (1e-3), Adam (1e-3) and layer-wise rates (LARS trust ratio, "
-    "signalprop.remedies 'layerwise_lr'). The RBF row stacks RBF layers (norms act on the "
+    "& Matas), scaled (the NF recipe of Brock et al. 2021: scaled weight standardisation, each "
+    "unit's fan-in weights centred and divided by their norm, paired with the gain a = "
+    "1/std(phi(z)) on the activation), bn and ln (before the activation), residual "
+    "(h + block(h)), highway (registry 'highway': gated carry, gate bias -2), and the optimisers "
+    "RMSProp (1e-3), Rprop (1e-2), SMORMS3 (1e-3), Adam (1e-3) and layer-wise rates (LARS trust "
+    "ratio, registry 'layerwise_lr'; this and the RBF optimiser cells at their default rate only). The RBF row stacks RBF layers calibrated from the data "
+    "(each layer's centres are inputs it receives, its width the median-distance heuristic, so "
+    "the spread of its outputs across inputs does not collapse with depth; norms act on the "
     "distance pre-activation); dot-product initialisations do not apply to it (n/a). "
-    "'Trainable' means at least 80% test accuracy after the step budget; a ReLU network with He "
-    "initialisation is shown as the reference."
+    "'Trainable' means at least 80% test accuracy after the step budget; effects are accuracy "
+    "differences with Welch 95% intervals. chi_1 per layer from signalprop.theory is printed "
+    "beside the per-layer gradient growth measured at init, (first/output gradient ratio)^(2/L)."
 )
 REFERENCES = [
     "Schoenholz et al. 2017 (critical initialisation); Saxe et al. 2013 (orthogonal)",
@@ -69,18 +78,23 @@ REFERENCES = [
 ]
 CAPTIONS = {
     "anynl_accuracy": "Test accuracy after training, per activation (rows) and remedy (columns), "
-    "at each depth (SGD cells: the better of the two learning rates); grey: not applicable.",
+    "at each depth (each cell at its best rate of the grid; mean over seeds); grey: not "
+    "applicable.",
     "anynl_grad_ratio": "First-layer over output-layer gradient norm at initialisation (log "
     "colour scale; << 1 vanishing, >> 1 exploding); grey: not applicable or zero.",
+    "anynl_rescue": "At the deepest depth: test accuracy with no remedy and with the best remedy "
+    "other than BN, per activation (each at its best rate; mean over seeds, 95% intervals).",
 }
 
 ACTIVATIONS = ["sigmoid", "tanh", "gaussian", "rbf", "softplus"]
-REMEDIES = ["none", "xavier", "orthogonal", "critical", "lsuv", "scaled", "bn", "ln", "residual",
-            "rmsprop", "rprop", "smorms3", "adam", "layerwise"]
+REMEDIES = ["none", "he", "xavier", "orthogonal", "critical", "lsuv", "scaled", "bn", "ln",
+            "residual", "highway", "rmsprop", "rprop", "smorms3", "adam", "layerwise"]
+#: remedies trained on nn.Modules with the lab's loop (the engine has no such layer)
+LOCAL = {"scaled", "highway", "layerwise"}
 #: learning rates of the optimiser remedies (their usual defaults)
 OPT_LR = {"rmsprop": 1e-3, "rprop": 1e-2, "smorms3": 1e-3, "adam": 1e-3}
 #: remedies that do not apply to a stack of RBF layers (they initialise dot-product weights)
-RBF_NA = {"xavier", "orthogonal", "critical", "lsuv", "scaled"}
+RBF_NA = {"he", "xavier", "orthogonal", "critical", "lsuv", "scaled"}
 DEFAULT_SCALE = 1 / math.sqrt(3)  # PyTorch's default Linear init has Var W = 1/(3 fan_in)
 #: "Trainable": test accuracy of at least this much after the step budget (a well-trained MLP
 #: reaches ~95% on digits; chance is 10%). An absolute bar, because the ReLU reference itself can
@@ -90,23 +104,23 @@ SUCCESS_ACCURACY = 0.8
 
 #: Overrides that shrink the study to a few seconds (used by the test suite).
 SMOKE: dict[str, Any] = {"depths": [3], "width": 16, "steps": 30, "lrs": [0.1],
-                         "activations": ["tanh", "rbf"],
-                         "remedies": ["none", "critical", "bn", "adam", "layerwise"],
+                         "activations": ["tanh", "rbf"], "opt_lr_factors": [1.0],
+                         "remedies": ["none", "critical", "scaled", "bn", "adam", "layerwise"],
                          "baseline_remedies": ["none"]}
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
         "data": "digits",
-        "width": 32,
-        "depths": [10, 30] if quick else [20, 50],
-        "steps": 250 if quick else 600,
+        "width": 64,
+        "depths": [12] if quick else [8, 24],
+        "steps": 400 if quick else 1000,
         "batch_size": 64,
-        # SGD cells train at each of these rates and keep the better one: a single rate cannot
-        # suit every depth (even the ReLU reference fails at depth 50 with lr 0.1)
-        "lrs": [0.1, 0.01],
-        "seeds": 1 if quick else 2,
+        "lrs": [0.01, 0.1] if quick else [0.003, 0.01, 0.03, 0.1],
+        "opt_lr_factors": [1.0, 3.0],
+        "seeds": 3 if quick else 5,
         "activations": list(ACTIVATIONS),
-        "remedies": list(REMEDIES),
+        "remedies": (["none", "he", "critical", "scaled", "ln", "residual", "highway", "adam"]
+                     if quick else list(REMEDIES)),
         "baseline_remedies": ["none"] if quick else list(REMEDIES),
         "critical_sigma_b2": 0.0,
         "device": "cpu",
@@ -137,6 +151,8 @@ def _sweep_variant(act: str, remedy: str, config: dict[str, Any]) -> dict[str, A
                                                        "init_scale": DEFAULT_SCALE}
     if remedy == "none":
         return none
+    if remedy == "he":
+        return {"init": "kaiming"}
     if remedy == "xavier":
         return {"init": "xavier"}
     if remedy == "orthogonal":
@@ -148,8 +164,6 @@ def _sweep_variant(act: str, remedy: str, config: dict[str, Any]) -> dict[str, A
         if isinstance(cs, str):
             return cs
         return {"init": "lecun", "init_scale": cs[0], "bias_std": cs[1]}
-    if remedy == "scaled":
-        return {"init": "lecun", "act_scale": _nf_gain(act)}
     if remedy == "bn":
         return {**none, "norm": "batch"}
     if remedy == "ln":
@@ -168,17 +182,18 @@ def _sweep_part(config: dict[str, Any], workdir: str | Path) -> tuple[list[dict[
     for act in acts:
         rems = config["baseline_remedies"] if act == "relu" else config["remedies"]
         for rem in rems:
-            if rem == "layerwise":
+            if rem in LOCAL:
                 continue
             v = _sweep_variant(act, rem, config)
             if isinstance(v, str):
                 na[f"{act}|{rem}"] = v
                 continue
-            # optimiser remedies bring their own (default) rate
-            lrs = [v["lr"]] if "optimizer" in v else list(config["lrs"])
+            # optimiser remedies: their default rate and multiples of it
+            lrs = ([v["lr"] * f for f in config.get("opt_lr_factors", [1.0])]
+                   if "optimizer" in v else list(config["lrs"]))
             for depth in config["depths"]:
                 for lr in lrs:
-                    for seed in range(config["seeds"]):
+                    for seed in range(int(config["seeds"])):
                         configs.append({
                             "data": config["data"], "width": config["width"], "depth": depth,
                             "activation": act, "steps": config["steps"],
@@ -197,7 +212,52 @@ def _sweep_part(config: dict[str, Any], workdir: str | Path) -> tuple[list[dict[
 
 
 # --- local part: RBF stacks and layer-wise rates ----------------------------------------------
-def _local_model(act: str, depth: int, width: int, in_f: int, out_f: int) -> nn.Module:
+class ScaledWSLinear(nn.Linear):
+    """Scaled weight standardisation (Brock et al. 2021): W_hat = (W - mean) / (std sqrt(fan_in))
+    per output unit, so every unit's pre-activation has unit variance for unit-variance inputs;
+    paired with an NF gain on the activation it is the normaliser-free recipe."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        mu = w.mean(1, keepdim=True)
+        sd = w.std(1, keepdim=True, unbiased=False).clamp_min(1e-6)
+        return nn.functional.linear(x, (w - mu) / (sd * math.sqrt(w.shape[1])), self.bias)
+
+
+@torch.no_grad()
+def calibrate_rbf_(model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> None:
+    """Data-dependent RBF initialisation, layer by layer: centres are inputs the layer receives
+    (a random sample of the batch) and the width is the median-distance heuristic
+    s^2 = median ||x - c||^2 / 2, so that u / (2 s^2) ~ 1 and outputs spread over (0, 1)."""
+    from signalprop.remedies import RBF
+
+    h = x
+    for m in model:
+        if isinstance(m, RBF):
+            k = m.out_features
+            idx = torch.randint(0, h.shape[0], (k,), generator=generator).to(h.device)
+            m.distance.centers.copy_(h[idx] + 0.01 * torch.randn(k, h.shape[1],
+                                                                 generator=generator))
+            d2 = torch.cdist(h, m.distance.centers).pow(2)
+            s2 = float(d2.median()) / 2.0
+            m.kernel.log_width.fill_(0.5 * math.log(max(s2, 1e-8)))
+        h = m(h)
+
+
+def output_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Per hidden layer: the standard deviation across inputs of each unit's output, averaged
+    over units (a collapsing stack drives it to 0)."""
+    out, h = [], x
+    with torch.no_grad():
+        for m in model:
+            h = m(h)
+            if m is not model[-1]:
+                out.append(float(h.std(0).mean()))
+    return out
+
+
+def _local_model(act: str, depth: int, width: int, in_f: int, out_f: int,
+                 ws: bool = False) -> nn.Module:
     layers: list[nn.Module] = []
     if act == "rbf":
         from signalprop.remedies import RBF
@@ -207,13 +267,18 @@ def _local_model(act: str, depth: int, width: int, in_f: int, out_f: int) -> nn.
     else:
         dims = [in_f] + [width] * depth
         for a, b in zip(dims[:-1], dims[1:], strict=True):
-            lin = nn.Linear(a, b)
+            lin = ScaledWSLinear(a, b) if ws else nn.Linear(a, b)
             with torch.no_grad():
                 # ReLU baseline: He init; the others: PyTorch's default variance 1/(3 fan_in)
                 sd = math.sqrt(2.0) if act == "relu" else DEFAULT_SCALE
                 lin.weight.normal_(0.0, sd / math.sqrt(a))
                 lin.bias.zero_()
-            layers += [lin, make_activation(act)]
+            phi = make_activation(act)
+            if ws:
+                from signalprop.remedies.activations import Scaled
+
+                phi = Scaled(phi, _nf_gain(act))
+            layers += [lin, phi]
     head = nn.Linear(width, out_f)
     with torch.no_grad():
         head.weight.normal_(0.0, DEFAULT_SCALE / math.sqrt(width))
@@ -227,12 +292,18 @@ def _local_one(config: dict[str, Any], act: str, rem: str, depth: int, seed: int
     from signalprop.remedies.optimizers import make_optimizer
 
     data = get_data(config["data"], config["device"])
-    seeded(seed)
-    model = _local_model(act, depth, config["width"], data.in_features, data.num_classes)
-    name = {"none": None, "bn": "batchnorm", "ln": "layernorm", "residual": "residual",
-            "layerwise": "layerwise_lr", **{k: k for k in OPT_LR}}[rem]
+    g = seeded(seed)
+    model = _local_model(act, depth, config["width"], data.in_features, data.num_classes,
+                         ws=rem == "scaled")
+    batch = data.x_train[: max(config["batch_size"], 256)]
+    spread = []
+    if act == "rbf":
+        calibrate_rbf_(model, batch, g)
+        spread = output_spread(model, batch)
+    name = {"none": None, "scaled": None, "bn": "batchnorm", "ln": "layernorm",
+            "residual": "residual", "highway": "highway", "layerwise": "layerwise_lr",
+            **{k: k for k in OPT_LR}}[rem]
     remedy = get_remedy(name) if name else None
-    batch = data.x_train[: config["batch_size"]]
     if remedy is not None:
         model = remedy.apply(model, batch)
         opt_name, lr, kw = remedy.optimizer_config("sgd", sgd_lr)
@@ -247,7 +318,8 @@ def _local_one(config: dict[str, Any], act: str, rem: str, depth: int, seed: int
     )
     return {"activation": act, "remedy": rem, "depth": depth, "seed": seed, "lr": lr,
             "status": "diverged" if r.diverged else "done", "test_accuracy": r.final_test_acc,
-            "grad_ratio_init": r.grad_ratio_io_init, "source": "local"}
+            "grad_ratio_init": r.grad_ratio_io_init, "source": "local",
+            "output_spread_init": spread}
 
 
 def _local_part(config: dict[str, Any], workdir: str | Path) -> tuple[list[dict[str, Any]],
@@ -264,14 +336,15 @@ def _local_part(config: dict[str, Any], workdir: str | Path) -> tuple[list[dict[
                                       "RBF centres")
                 else:
                     todo.append((act, r))
-        elif "layerwise" in rems:
-            todo.append((act, "layerwise"))
+        else:
+            todo += [(act, r) for r in rems if r in LOCAL]
     for act, rem in todo:
         # SGD-based cells try every rate; optimiser remedies (incl. layer-wise) use their own
-        lrs = list(config["lrs"]) if rem in ("none", "bn", "ln", "residual") else [None]
+        lrs = list(config["lrs"]) if rem in ("none", "bn", "ln", "residual", "highway",
+                                             "scaled") else [None]
         for depth in config["depths"]:
             for lr in lrs:
-                for seed in range(config["seeds"]):
+                for seed in range(int(config["seeds"])):
                     rows.append(cached(
                         workdir, {**key, "act": act, "rem": rem, "depth": depth, "seed": seed,
                                   "lr": lr},
@@ -281,10 +354,31 @@ def _local_part(config: dict[str, Any], workdir: str | Path) -> tuple[list[dict[
     return rows, na
 
 
+def _chi1(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-layer growth of the squared gradient norm in wide random nets (width 256) at the
+    'none' scale and at He scale, beside theory's chi_1."""
+    from signalprop.theory.torch_adapter import measure_gradient_profile
+
+    out = []
+    for act in config["activations"]:
+        if act == "rbf":
+            continue
+        for sw2 in (DEFAULT_SCALE ** 2, 2.0):
+            for seed in range(3):
+                p = measure_gradient_profile(act, sw2, 0.0, depth=max(config["depths"]),
+                                             width=256, batch_size=16, seed=seed,
+                                             device=config["device"])
+                out.append({"activation": act, "sigma_w2": sw2, "seed": seed,
+                            "measured": p.measured_rate, "predicted": p.predicted_rate})
+    return out
+
+
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     sweep_rows, na1 = _sweep_part(config, workdir)
     local_rows, na2 = _local_part(config, workdir)
-    return {"runs": sweep_rows + local_rows, "not_applicable": {**na1, **na2},
+    chi = cached(workdir, {"acts": config["activations"], "depths": config["depths"],
+                           "device": config["device"]}, lambda: _chi1(config), tag="chi1")
+    return {"runs": sweep_rows + local_rows, "not_applicable": {**na1, **na2}, "chi1": chi,
             "activations": config["activations"], "remedies": config["remedies"],
             "depths": config["depths"], "steps": config["steps"]}
 
@@ -327,66 +421,106 @@ def cell_table(data: dict[str, Any], metric: str, depth: int) -> tuple[list[str]
     return rows, out
 
 
+def best_cell(data: dict[str, Any], act: str, rem: str, depth: int) -> tuple[Any, list[float]]:
+    """(best rate, per-seed test accuracies there) of one cell; a diverged run counts as 0.1."""
+    rs = [x for x in data["runs"] if x["activation"] == act and x["remedy"] == rem
+          and x["depth"] == depth]
+    best: tuple[Any, list[float]] = (None, [])
+    best_m = -math.inf
+    for lr in sorted({x.get("lr") for x in rs}, key=lambda t: (t is None, t)):
+        vals = [float(x["test_accuracy"]) if x["status"] == "done" and
+                x.get("test_accuracy") is not None else 0.1
+                for x in rs if x.get("lr") == lr]
+        if vals and float(np.mean(vals)) > best_m:
+            best, best_m = (lr, vals), float(np.mean(vals))
+    return best
+
+
 def conclude(data: dict[str, Any]) -> Conclusion:
     nums: dict[str, Any] = {}
     details: list[str] = []
-    verdicts: list[str] = []
     deep = max(data["depths"])
-    rows, acc = cell_table(data, "test_accuracy", deep)
     rems = data["remedies"]
-    relu_acc = acc[rows.index("relu"), rems.index("none")] if "none" in rems else math.nan
-    nums[f"ReLU (He init) reference test accuracy, depth {deep}"] = relu_acc
+    acts = list(data["activations"])
     bar = SUCCESS_ACCURACY
-    failing_default, rescued, unrescued = [], [], []
-    for i, a in enumerate(rows[:-1]):
-        none = acc[i, rems.index("none")] if "none" in rems else math.nan
-        nums[f"{a}: accuracy with no remedy, depth {deep}"] = none
-        cands = {r: acc[i, j] for j, r in enumerate(rems)
-                 if r not in ("none", "bn") and np.isfinite(acc[i, j])}
-        best = max(cands, key=cands.get) if cands else None
-        if best is not None:
-            nums[f"{a}: best remedy (not BN), depth {deep}"] = f"{best} ({pct(cands[best])})"
-        if np.isfinite(none) and none < bar:
-            failing_default.append(a)
-        if best is not None and cands[best] >= bar:
-            rescued.append(f"{a} ({best} {pct(cands[best])})")
+    _, ref = best_cell(data, "relu", "none", deep)
+    ref_e = E.mean_effect(ref, f"ReLU (He) reference accuracy, depth {deep}", null=bar)
+    nums.update(E.numbers(ref_e))
+    budget_ok = bool(ref) and float(np.mean(ref)) >= bar
+    details.append(
+        f"Budget check: the ReLU reference (He init, best SGD rate) reaches "
+        f"{E.describe(ref_e, SUPPORTS, pct)} at depth {deep} after {data['steps']} steps "
+        f"(criterion: mean >= {pct(bar)})" + ("." if budget_ok else
+                                               ": the budget is too small to judge the others."))
+    failing, rescued, not_rescued, undecided = [], [], [], []
+    checks = []
+    for a in acts:
+        lr0, none = best_cell(data, a, "none", deep)
+        e0 = E.mean_effect(none, f"{a} no remedy", null=bar)
+        if none:
+            nums[f"{a}: accuracy with no remedy, depth {deep}"] = float(np.mean(none))
+        if none and E.verdict(e0, -1) == SUPPORTS:
+            failing.append(a)
+        cands = {}
+        for r in rems:
+            if r in ("none", "bn"):
+                continue
+            lr, v = best_cell(data, a, r, deep)
+            if v:
+                cands[r] = (lr, v)
+        if not cands:
+            continue
+        best = max(cands, key=lambda r: float(np.mean(cands[r][1])))
+        lr, v = cands[best]
+        eb = E.mean_effect(v, f"{a} + {best}", null=bar)
+        vb = E.verdict(eb, +1)
+        nums[f"{a}: best remedy (not BN), depth {deep}"] = f"{best} ({pct(float(np.mean(v)))})"
+        if none:
+            gain = E.diff_effect(v, none, f"{a}: {best} - no remedy")
+            nums.update(E.numbers(gain))
+        if vb == SUPPORTS:
+            rescued.append(f"{a} ({best}, lr {lr}: {eb.text(pct)})")
+        elif all(E.verdict(E.mean_effect(c[1], null=bar), -1) == SUPPORTS
+                 for c in cands.values()):
+            not_rescued.append(f"{a} (best {best}: {eb.text(pct)})")
         else:
-            unrescued.append(a)
+            undecided.append(f"{a} (best {best}: {eb.text(pct)})")
+    for a in acts:
+        for sw2, tag in ((DEFAULT_SCALE ** 2, "none"), (2.0, "He")):
+            ms = [c for c in data.get("chi1", []) if c["activation"] == a
+                  and abs(c["sigma_w2"] - sw2) < 1e-9]
+            if not ms or not all(math.isfinite(c["measured"]) for c in ms):
+                continue
+            chk = E.theory_check(f"{a} chi_1 at {tag} scale (sigma_w^2 = {sw2:.3g})",
+                                 ms[0]["predicted"], float(np.mean([c["measured"] for c in ms])),
+                                 0.10, note="finite width/depth")
+            checks.append(chk)
+            nums[f"{a}: chi_1 check ({tag})"] = chk.to_dict()
+            nums[f"{a}: chi_1^L at {tag} scale, depth {deep}"] = chk.predicted ** deep
     details.append(
-        f"Depth {deep}: with no remedy, {len(failing_default)}/{len(rows) - 1} activations stay "
-        f"below {pct(bar)} test accuracy (ReLU with He init: {pct(relu_acc)}): "
-        f"{', '.join(failing_default) or 'none'}."
-    )
+        f"Depth {deep}: with no remedy, {len(failing)}/{len(acts)} activations stay below "
+        f"{pct(bar)} test accuracy with the whole 95% interval: {', '.join(failing) or 'none'}.")
     details.append(
-        f"Depth {deep}: a remedy other than BN brings {len(rescued)}/{len(rows) - 1} of them to "
-        f"that level: {', '.join(rescued) or 'none'}"
-        + (f"; NOT rescued by any remedy: {', '.join(unrescued)}." if unrescued else ".")
-    )
-    v1 = SUPPORTS if failing_default else INCONCLUSIVE  # premise: default set-up fails
-    v2 = SUPPORTS if not unrescued else (CONTRADICTS if len(unrescued) > (len(rows) - 1) / 2
-                                         else INCONCLUSIVE)
-    verdicts += [v1, v2]
-    # which remedies work most often
-    score = {}
-    for j, r in enumerate(rems):
-        col = acc[:-1, j]
-        fin = col[np.isfinite(col)]
-        score[r] = (int((fin >= bar).sum()), int(fin.size))
-    ranked = sorted((r for r in rems if score[r][1]), key=lambda r: -score[r][0] / score[r][1])
-    details.append(
-        "Remedies by how many non-ReLU activations they make trainable at depth "
-        f"{deep}: " + ", ".join(f"{r} {score[r][0]}/{score[r][1]}" for r in ranked[:8]) + "."
-    )
-    _, gr = cell_table(data, "grad_ratio_init", deep)
-    if "none" in rems:
-        col = gr[:-1, rems.index("none")]
-        for a, v in zip(rows[:-1], col, strict=True):
-            nums[f"{a}: first/output gradient ratio at init, no remedy, depth {deep}"] = v
+        f"Depth {deep}: a remedy other than BN brings {len(rescued)}/{len(acts)} above it "
+        f"(interval above {pct(bar)}): {'; '.join(rescued) or 'none'}"
+        + (f". NOT rescued by any remedy tried (every interval below): "
+           f"{'; '.join(not_rescued)}" if not_rescued else "")
+        + (f". Undecided: {'; '.join(undecided)}" if undecided else "") + ".")
+    if checks:
+        details.append("Theory vs measurement: " + "; ".join(c.text() for c in checks) + ".")
     for k, reason in data.get("not_applicable", {}).items():
         if k.endswith("|critical"):
             details.append(f"{k.split('|')[0]}: no critical initialisation: {reason}")
-    verdict = combine_verdicts(verdicts)
-    sentence = " ".join([details[1], details[0]])
+    if not budget_ok:
+        verdict = INCONCLUSIVE
+    elif len(not_rescued) > len(acts) / 2:
+        verdict = CONTRADICTS
+    elif failing and len(rescued) == len(acts):
+        verdict = SUPPORTS
+    else:
+        verdict = INCONCLUSIVE
+    nums["rescued / not rescued / undecided"] = f"{len(rescued)}/{len(not_rescued)}/{len(undecided)}"
+    sentence = " ".join(details[:3])
     return conclusion(CLAIM, sentence, verdict, nums, details)
 
 
@@ -412,4 +546,33 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
         ax.set_xlabel("remedy")
         ax.set_ylabel("activation")
     out.append(P.save(fig, d / "anynl_grad_ratio.png"))
+    deep = max(depths)
+    fig, axes = P.subplots(1, 1, size=(7.0, 3.4))
+    ax = axes[0, 0]
+    acts = list(data["activations"]) + ["relu"]
+    for k, rem in enumerate(("none", "best")):
+        effs, xs = [], []
+        for i, a in enumerate(acts):
+            if rem == "none":
+                v = best_cell(data, a, "none", deep)[1]
+            else:
+                cands = [best_cell(data, a, r, deep)[1] for r in data["remedies"]
+                         if r not in ("none", "bn")]
+                cands = [c for c in cands if c]
+                v = max(cands, key=lambda c: float(np.mean(c))) if cands else []
+            if v:
+                effs.append(E.mean_effect(v, a))
+                xs.append(i + (k - 0.5) * 0.25)
+        if effs:
+            P.errorbars(ax, xs, effs, color=P.PLAIN if rem == "none" else P.NORMED,
+                        label="no remedy" if rem == "none" else "best remedy other than BN",
+                        ls="none")
+    ax.axhline(SUCCESS_ACCURACY, color="#555555", ls="--", lw=1, label="trainable")
+    ax.set_xticks(range(len(acts)))
+    ax.set_xticklabels(acts)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("test accuracy (best rate)")
+    ax.set_title(f"Depth {deep}: mean over seeds with 95% intervals")
+    ax.legend(loc="lower right", fontsize=7)
+    out.append(P.save(fig, d / "anynl_rescue.png"))
     return out

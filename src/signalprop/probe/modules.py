@@ -41,6 +41,16 @@ _PASSTHROUGH: tuple[type[nn.Module], ...] = (
 )
 
 
+#: Activation modules known by class name (Hugging Face ``transformers.activations``): some
+#: compute their function from others (NewGELU from tanh), so the name is the only safe guide.
+_BY_NAME: dict[str, str] = {
+    "GELUActivation": "gelu", "NewGELUActivation": "gelu", "FastGELUActivation": "gelu",
+    "QuickGELUActivation": "gelu", "GELUTanh": "gelu", "ClippedGELUActivation": "gelu",
+    "AccurateGELUActivation": "gelu", "PytorchGELUTanh": "gelu", "SiLUActivation": "silu",
+    "MishActivation": "mish",
+}
+
+
 def activation_kind(module: nn.Module) -> str | None:
     """Canonical activation name of ``module`` or ``None``.
 
@@ -52,7 +62,7 @@ def activation_kind(module: nn.Module) -> str | None:
     for cls, name in _TORCH_ACTIVATIONS:
         if isinstance(module, cls):
             return name
-    return None
+    return _BY_NAME.get(type(module).__name__)
 
 
 def watched_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

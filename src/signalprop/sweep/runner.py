@@ -158,12 +158,9 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
     return out
 
 
-def _init_worker(parent_pid: int | None = None) -> None:
-    if parent_pid is not None:  # a kill -9 of the sweep must not leave workers training
-        from signalprop._lifeline import die_with_parent
-
-        die_with_parent(parent_pid)
-    torch.set_num_threads(1)
+def _pool_task(payload: Payload) -> list[dict]:
+    torch.set_num_threads(1)  # one single-threaded worker per core is the fastest split
+    return run_group(payload)
 
 
 def default_out(specs: list[RunSpec]) -> Path:
@@ -324,13 +321,18 @@ def _run_pool(store: Store, groups: list[list[RunSpec]], bar: _Progress, workers
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads / sqlite
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+    from signalprop._lifeline import die_with_parent
+
+    # a kill -9 of the sweep must not leave its workers training: the initializer lives in a
+    # module that imports only the standard library, so a worker arms its parent-death signal
+    # within a fraction of a second of starting, before it imports torch for its first task
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent,
                              initargs=(os.getpid(),)) as pool:
         try:
             futs = {}
             for g in groups:
                 store.mark_running([s.run_id for s in g])
-                futs[pool.submit(run_group, _payload(g))] = g
+                futs[pool.submit(_pool_task, _payload(g))] = g
             for f in as_completed(futs):
                 store.finish(f.result())
                 bar.steps(futs[f][0].config["steps"])
@@ -358,6 +360,7 @@ def _run_ray(
             "executor='ray' needs Ray: pip install 'signalprop[ray]' (or pip install ray)"
         ) from e
     started_here = False
+    reaper = None
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -365,6 +368,10 @@ def _run_ray(
         else:
             kw = {"include_dashboard": False, "log_to_driver": False}
             kw.update(init_kwargs)
+            # a local instance's agents outlive a kill -9 of this process: a sidecar reaps them
+            from signalprop._lifeline import start_reaper
+
+            reaper = start_reaper()
             ray.init(**kw)
         started_here = True
     try:
@@ -392,6 +399,9 @@ def _run_ray(
     finally:
         if started_here:
             ray.shutdown()
+        if reaper is not None:
+            reaper.terminate()
+            reaper.wait()
 
 
 def ray_resources(group: list[RunSpec], cluster_gpus: float = 0.0) -> dict[str, float]:
