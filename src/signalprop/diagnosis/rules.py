@@ -586,6 +586,10 @@ def rule_not_learning(record: Record, ctx: Context, th: Thresholds) -> list[Find
             f"trivial baseline {fmt(trivial, 3)}, the loss of the {kind}. It has learned "
             "nothing a constant output would not: either the steps do not reach the weights "
             "that matter, or the targets carry no signal the model can use.")
+    if ctx.transformer and ctx.norm_placement == "post":
+        nums["post_ln"] = 1
+        text += (" The model is a post-LN transformer (norm after each residual sum), which "
+                 "often stalls like this without warm-up (Xiong et al. 2020).")
     return [Finding("not_learning", [], text, "warning", rx_not_learning(ctx, nums, th), nums)]
 
 
@@ -596,10 +600,12 @@ _CAUSES = ("nonfinite", "divergence", "exploding_gradients", "vanishing_gradient
 
 def _not_learning_as_symptom(findings: list[Finding]) -> None:
     """``not_learning`` is a symptom: beside a finding that explains it, it becomes ``info`` (its
-    remedies then weigh little in the merged ranking) and names the likely causes."""
+    remedies then weigh little in the merged ranking) and names the likely causes (unless the
+    architecture is itself the likely cause: a post-LN transformer)."""
     causes = [f.kind for f in findings if f.kind in _CAUSES]
     for i, f in enumerate(findings):
-        if f.kind == "not_learning" and causes:
+        # a post-LN transformer's placement is itself a likely cause: the finding stays
+        if f.kind == "not_learning" and causes and not f.numbers.get("post_ln"):
             text = f.evidence + f" Likely cause: {', '.join(dict.fromkeys(causes))} (above)."
             findings[i] = dataclasses.replace(f, evidence=text, severity="info",
                                               numbers={**f.numbers, "n_causes": len(causes)})

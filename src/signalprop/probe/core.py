@@ -786,6 +786,12 @@ class Probe:
         if self.scaler is not None:
             values.append(torch.tensor([scale], dtype=torch.float64))
             names.append((MODEL, "loss_scale"))
+        if self.optimizers:
+            # the rate this step uses (learning-rate schedulers change it between steps)
+            lr = self.optimizers[0].param_groups[0].get("lr")
+            if isinstance(lr, int | float) or (isinstance(lr, torch.Tensor) and lr.numel() == 1):
+                values.append(torch.as_tensor(lr, dtype=torch.float64).reshape(1).cpu())
+                names.append((MODEL, "lr"))
         self._pending = self._to_dict(values, names)
         self._note_unchecked()
         self._drop_unchanged_clip()
