@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from signalprop._device import resolve_device
+from signalprop._progress import ProgressBar
 from signalprop._registry import check_choice
 from signalprop.sweep.config import optimizer_hparams
 from signalprop.sweep.grid import MAX_RUNS, RunSpec, expand_grid, group_runs
@@ -87,11 +89,10 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
     cfgs = [c for _, c in payload]
     c0 = dict(cfgs[0])
     if c0["device"] == "auto":  # resolved where the group runs (the config, its hash, stay put)
-        c0["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        c0["device"] = str(resolve_device("auto"))
     env = environment(c0["device"])
     try:
-        if c0["device"].startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {c0['device']!r} requested but CUDA is not available")
+        resolve_device(c0["device"])  # an unknown or absent device fails this group, clearly
         ds = _dataset(c0["data"], json.dumps(c0["data_args"], sort_keys=True))
         arch = Arch(
             ds.in_features,
@@ -169,44 +170,17 @@ def default_out(specs: list[RunSpec]) -> Path:
     return Path("sweeps") / h
 
 
-class _Progress:
-    """A rich progress bar over groups and steps (or nothing)."""
+class _Progress(ProgressBar):
+    """The sweep's bar: a "groups" and a "steps" line (or nothing)."""
 
     def __init__(self, enabled: bool, n_groups: int, n_steps: int) -> None:
-        self.p = None
-        if not enabled or n_groups == 0:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.p = Progress(
-            TextColumn("{task.description:>8}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        self.p.start()
-        self.g = self.p.add_task("groups", total=n_groups)
-        self.s = self.p.add_task("steps", total=n_steps)
+        super().__init__({"groups": n_groups, "steps": n_steps}, enabled=enabled and n_groups > 0)
 
     def steps(self, n: int) -> None:
-        if self.p is not None:
-            self.p.advance(self.s, n)
+        self.advance("steps", n)
 
     def group_done(self) -> None:
-        if self.p is not None:
-            self.p.advance(self.g, 1)
-
-    def close(self) -> None:
-        if self.p is not None:
-            self.p.stop()
+        self.advance("groups", 1)
 
 
 def sweep(
