@@ -449,10 +449,10 @@ def doctor(
     })
     for k, v in architecture_facts(work).items():
         record.meta.setdefault(k, v)
-    if step_fn is None:
-        from signalprop.trial import _example_batch
+    from signalprop.trial import _example_batch
 
-        record.meta.setdefault("tensor_input", _example_batch(data, batch_size) is not None)
+    record.meta.setdefault("example_input", step_fn is None
+                           and _example_batch(data, batch_size) is not None)
     findings = diagnose(record, th)
     explanation = explain_or_skip(record, work, batch_size=batch_size)
     attach_explanation(findings, explanation)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -293,20 +293,30 @@ def summarise_record(rec: Record) -> dict[str, float]:
             "dead_frac": stats.dead_frac(rec)}
 
 
-def _example_batch(data: Any, batch_size: int) -> torch.Tensor | None:
-    """The input tensor of a first batch, for remedies that look at data (LSUV, shape checks);
-    ``None`` when batches are not a single input tensor plus targets."""
+def _example_batch(data: Any, batch_size: int) -> Any:
+    """Example *inputs* from a first batch, for remedies that look at data (LSUV, shape checks):
+    the input tensor of ``(x, y)``, the inputs tuple of ``(x1, x2, ..., y)``, or a dict batch as
+    it is (``model(**batch)``); ``None`` when there is none to take."""
     from signalprop.train import as_batches
 
     try:
         batch = next(iter(as_batches(data, batch_size=batch_size, seed=0)()))
     except (StopIteration, TypeError, ValueError):
         return None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
-        return batch[0]
     if isinstance(batch, dict) and set(batch) == {"x", "y"}:
         return batch["x"]
+    if isinstance(batch, Mapping):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        xs = tuple(batch[:-1])
+        return xs[0] if len(xs) == 1 else xs
     return None
+
+
+def _to(example: Any, dev: torch.device) -> Any:
+    from signalprop.train import to_device
+
+    return to_device(example, dev)
 
 
 def _fresh_model(factory: ModelFactory, seed: int) -> nn.Module:
@@ -418,7 +428,7 @@ def trial(
     dev = torch.device(device)
     xb = _example_batch(data, batch_size)
     if xb is not None:
-        xb = xb.to(dev)
+        xb = _to(xb, dev)
     extra = dict(fit_kwargs or {})
 
     table = TrialTable(rows=[], meta={
@@ -442,7 +452,7 @@ def trial(
                 try:
                     model = rem.apply(model, xb).to(dev)
                     gt = rem.make_grad_transform()
-                except _APPLY_ERRORS as e:
+                except Exception as e:  # whatever the rewrite hits on this model: it does not fit
                     if strict:
                         raise
                     row.error = f"{type(e).__name__}: {e}"
