@@ -587,9 +587,13 @@ class Probe:
         for name, mod, x in reversed(self._stack):
             if x is not None and next(mod.children(), None) is not None and any(
                     a is x for a in ops):
-                self._blocks.setdefault(name, {"type": type(mod).__name__,
-                                               "depth": self._entry.get(name, 0),
-                                               "norm_placement": None})
+                if name not in self._blocks:
+                    self._blocks[name] = {"type": type(mod).__name__,
+                                          "depth": self._entry.get(name, 0),
+                                          "norm_placement": None}
+                    if self.backward and x.requires_grad:  # the mapping step's own stream
+                        x.register_hook(partial(
+                            _grad_hook, self._block_grads.setdefault(name, []), None))
                 break
         if isinstance(out, torch.Tensor):
             self._producer[id(out)] = ("add", out)
@@ -1424,6 +1428,9 @@ def _push_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
     p._stack.append((name, module, x if p._mapping else None))
     if p._mapping:
         p._entry.setdefault(name, len(p._path))
+        if name in p._blocks and p.backward and x is not None and x.requires_grad:
+            # a block found in an earlier forward of this step (micro-batches)
+            x.register_hook(partial(_grad_hook, p._block_grads.setdefault(name, []), None))
 
 
 def _pop_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -> None:
