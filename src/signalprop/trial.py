@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from signalprop import stats
 from signalprop._callable import make_module_callable
 from signalprop.record import Record
 from signalprop.remedies import Remedy, get_remedy
-from signalprop.train import fit
+from signalprop.train import example_inputs, fit, to_device
 
 BASELINE = "baseline"
 
@@ -293,32 +293,6 @@ def summarise_record(rec: Record) -> dict[str, float]:
             "dead_frac": stats.dead_frac(rec)}
 
 
-def _example_batch(data: Any, batch_size: int) -> Any:
-    """Example *inputs* from a first batch, for remedies that look at data (LSUV, shape checks):
-    the input tensor of ``(x, y)``, the inputs tuple of ``(x1, x2, ..., y)``, or a dict batch as
-    it is (``model(**batch)``); ``None`` when there is none to take."""
-    from signalprop.train import as_batches
-
-    try:
-        batch = next(iter(as_batches(data, batch_size=batch_size, seed=0)()))
-    except (StopIteration, TypeError, ValueError):
-        return None
-    if isinstance(batch, dict) and set(batch) == {"x", "y"}:
-        return batch["x"]
-    if isinstance(batch, Mapping):
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        xs = tuple(batch[:-1])
-        return xs[0] if len(xs) == 1 else xs
-    return None
-
-
-def _to(example: Any, dev: torch.device) -> Any:
-    from signalprop.train import to_device
-
-    return to_device(example, dev)
-
-
 def _fresh_model(factory: ModelFactory, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if isinstance(factory, nn.Module):
@@ -426,9 +400,9 @@ def trial(
         raise ValueError(f"remedy names must be unique and not {BASELINE!r}: {names}")
     plan: list[Remedy | None] = ([None] if baseline else []) + list(resolved)
     dev = torch.device(device)
-    xb = _example_batch(data, batch_size)
+    xb = example_inputs(data, batch_size)
     if xb is not None:
-        xb = _to(xb, dev)
+        xb = to_device(xb, dev)
     extra = dict(fit_kwargs or {})
 
     table = TrialTable(rows=[], meta={
