@@ -347,6 +347,8 @@ def doctor(
         "trivial_loss": result.trivial_loss,
         "trivial_kind": result.trivial_kind,
         "train_seconds": result.wall_time,
+        # layers the probe could not check, and why (also in the record and the HTML report)
+        "unchecked": dict(record.meta.get("unchecked") or {}),
         "thresholds": th.to_dict(),
         "signalprop": __version__,
         "torch": torch.__version__,
