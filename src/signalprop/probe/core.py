@@ -186,6 +186,7 @@ class Probe:
         self._updates: UpdateNorms | None = None
         self._no_ratio = False
         self._param_names = [n for n, _ in self.params]
+        self._param_of = dict(self.params)
         # what module hooks cannot see (functional activations, residual adds, norm placement,
         # parameters used outside a module call) is read by a torch-function mode around the
         # forward: on the first recorded step (the mapping step), then only if needed
@@ -878,7 +879,7 @@ class Probe:
         if not with_grad:
             return
         grads = [g for _, g in with_grad]
-        self._witness = dict(self.params).get(with_grad[0][0])
+        self._witness = self._param_of[with_grad[0][0]]
         self._preclip = ([n for n, _ in with_grad], device_norms(grads), [g._version for g in grads])
 
     def _post_step(self) -> None:
@@ -926,7 +927,11 @@ class Probe:
 
     def _commit(self) -> None:
         if self._pending is not None:
-            self._record.add_many(self.step_index, self._pending)
+            if self.step_index not in self._record.data:
+                # the step's fresh dicts become the record's row (no copy of ~10 values/layer)
+                self._record.data[self.step_index] = self._pending
+            else:
+                self._record.add_many(self.step_index, self._pending)
             for fn in self.on_record:
                 fn(self.step_index, self._pending)
         self._pending = None

@@ -34,7 +34,7 @@ import torch
 #: Temporary tensors of the closed forms hold at most this fraction of the parameters' elements.
 CHUNK_FRACTION: float = 0.02
 #: ... but chunks are never cut below this many elements (fewer, larger fused launches).
-MIN_CHUNK: int = 1 << 16
+MIN_CHUNK: int = 1 << 12
 
 
 def device_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -244,10 +244,14 @@ class UpdateNorms:
         return out
 
     def _adam(self) -> torch.Tensor:
-        # ||dW|| = lr / (1 - lr wd_dec) * ||wd_dec * W_after + m / bc1 / (sqrt(v / bc2) + eps)||
+        # dW = -lr * (m_hat / (sqrt(v_hat) + eps) + wd_dec * W_before). With
+        # a = sqrt(bc2) / bc1 and e = eps * sqrt(bc2): m_hat / (sqrt(v_hat) + eps) =
+        # a * m / (sqrt(v) + e), and W_before = (W_after + lr * that) / (1 - lr * wd_dec), so
+        # ||dW|| = lr * a / (1 - lr wd_dec) * ||m / (sqrt(v) + e) + (wd_dec / a) * W_after||:
+        # five passes over the state, in place on one temporary per chunk
         dev = self.params[0].device
         ms, vs, ws, idx = [], [], [], []
-        inv_bc1, inv_sqrt_bc2, eps_l, wd_l, outer = [], [], [], [], []
+        e_l, wa_l, outer = [], [], []
         decoupled = isinstance(self.optimizer, torch.optim.AdamW)
         for i, p in enumerate(self.params):
             st = self.optimizer.state.get(p, {})
@@ -258,17 +262,16 @@ class UpdateNorms:
             t = self.steps_taken[self.group_idx[i]]  # advance() has counted the step just taken
             lr, wd = float(g["lr"]), float(g.get("weight_decay", 0.0))
             dec = decoupled or bool(g.get("decoupled_weight_decay", False))
-            v = st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"]
+            wd_dec = wd if dec else 0.0
+            sq = math.sqrt(1.0 - b2**t)
+            a = sq / (1.0 - b1**t)
             ms.append(st["exp_avg"])
-            vs.append(v)
+            vs.append(st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"])
             ws.append(p.detach())
             idx.append(i)
-            inv_bc1.append(1.0 / (1.0 - b1**t))
-            inv_sqrt_bc2.append(1.0 / math.sqrt(1.0 - b2**t))
-            eps_l.append(float(g["eps"]))
-            wd_dec = wd if dec else 0.0
-            wd_l.append(wd_dec)
-            outer.append(lr / (1.0 - lr * wd_dec))
+            e_l.append(float(g["eps"]) * sq)
+            wa_l.append(wd_dec / a)
+            outer.append(lr * a / (1.0 - lr * wd_dec))
         out = torch.zeros(len(self.params), dtype=torch.float64, device=dev)
         if not idx:
             return out
@@ -281,13 +284,18 @@ class UpdateNorms:
             own = owner[k : k + len(m_list)]
             k += len(m_list)
             d = torch._foreach_sqrt(v_list)
-            torch._foreach_mul_(d, [inv_sqrt_bc2[j] for j in own])
-            torch._foreach_add_(d, [eps_l[j] for j in own])
+            es = {e_l[j] for j in own}
+            if len(es) == 1:
+                torch._foreach_add_(d, es.pop())
+            else:
+                torch._foreach_add_(d, [e_l[j] for j in own])
             torch._foreach_reciprocal_(d)
             torch._foreach_mul_(d, m_list)
-            torch._foreach_mul_(d, [inv_bc1[j] for j in own])
-            if any(wd_l[j] for j in own):
-                tmp = torch._foreach_mul(w_list, [wd_l[j] for j in own])
+            was = {wa_l[j] for j in own}
+            if len(was) == 1 and 0.0 not in was:
+                torch._foreach_add_(d, w_list, alpha=was.pop())  # no temporary
+            elif any(wa_l[j] for j in own):
+                tmp = torch._foreach_mul(w_list, [wa_l[j] for j in own])
                 torch._foreach_add_(d, tmp)
                 del tmp
             piece_norms.append(_raw_norms(d))
