@@ -298,3 +298,20 @@ def test_compiled_model_works_like_the_eager_one(how):
         assert "forward" in vars(compiled) and compiled.forward is not model.__call__
     else:
         assert model._compiled_call_impl is not None
+
+
+def test_scheduler_rate_is_recorded_per_step():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    truth = []
+    with Probe(model, optimizer=opt) as p:
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            truth.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+    assert [p.record.get(s, MODEL, "lr") for s in p.record.steps] == pytest.approx(truth)
+    assert truth[0] == 0.1 and truth[-1] == 0.025

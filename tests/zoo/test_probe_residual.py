@@ -4,6 +4,7 @@ checked against autograd, and the first/last ratio along the path against the fi
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -91,6 +92,7 @@ def test_residual_stream_matches_autograd(which, post_ln, pre_ln):
     assert r.meta["residual"] is True and r.meta["norm_placement"] == which
     for b in blocks:
         assert r.get(s, b, "in_grad_norm") == pytest.approx(truth[b], rel=1e-3)
+        assert all(st in r.series(b, "in_grad_norm")[0] for st in r.steps)  # mapping step too
     ctx = context_of(r)
     assert ctx.residual is True and ctx.norm_placement == which
     assert ctx.residual_blocks == blocks
@@ -111,6 +113,12 @@ def test_post_ln_vanishes_along_the_path(post_ln):
     assert v.numbers["ratio"] == pytest.approx(
         _median_ratio_truth(p, "embed", "head"), rel=1e-6)
     assert v.numbers["ratio"] < 1e-6
+    r = p.record
+    first, last = "encoder.layers.0", f"encoder.layers.{LAYERS - 1}"
+    assert v.numbers["block_ratio"] == pytest.approx(10 ** float(np.median(
+        [np.log10(r.get(s, first, "in_grad_norm") / r.get(s, last, "in_grad_norm"))
+         for s in r.steps])), rel=1e-6)
+    assert v.numbers["block_ratio"] < 1e-4 and "residual stream" in v.evidence
     # architecture-aware: nothing that is already there or cannot apply
     assert not set(v.remedies) & {"residual", "batchnorm", "fewer_layers", "highway"}
     assert "pre_ln" in v.remedies
@@ -118,8 +126,6 @@ def test_post_ln_vanishes_along_the_path(post_ln):
 
 
 def _median_ratio_truth(p: Probe, a: str, b: str) -> float:
-    import numpy as np
-
     r = p.record
     return float(10 ** np.median([np.log10(r.get(s, a, "out_grad_norm") /
                                            r.get(s, b, "out_grad_norm")) for s in r.steps]))

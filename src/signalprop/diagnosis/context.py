@@ -45,6 +45,8 @@ class Context:
             which the structural remedies rewrite (``None``: unknown).
         pre_ln_switchable: Post-LN ``torch.nn.Transformer*Layer`` modules exist (the
             ``pre_ln`` remedy applies).
+        activation_modules: The model has activation modules that ``relu`` /
+            ``scaled_activation`` can swap (``None``: unknown).
         tensor_input: Batches are ``(x, y)`` with one input tensor (what data-driven inits such
             as LSUV need); ``None``: unknown.
         residual_blocks: Blocks the probe saw add their own input to their output, forward
@@ -71,6 +73,7 @@ class Context:
     sequential_blocks: bool | None = None
     pre_ln_switchable: bool = False
     tensor_input: bool | None = None
+    activation_modules: bool | None = None
     residual_blocks: list[str] = field(default_factory=list)
     recurrent_layers: list[str] = field(default_factory=list)
     unchecked: dict[str, str] = field(default_factory=dict)
@@ -165,7 +168,8 @@ def context_of(record: Record) -> Context:
     ctx.residual = bool(res) if res is not None else None
     placement = record.meta.get("norm_placement")
     ctx.norm_placement = placement if isinstance(placement, str) else None
-    for key in ("transformer", "recurrent", "sequential_blocks", "tensor_input"):
+    for key in ("transformer", "recurrent", "sequential_blocks", "tensor_input",
+                "activation_modules"):
         v = record.meta.get(key)
         setattr(ctx, key, bool(v) if v is not None else None)
     ctx.pre_ln_switchable = bool(record.meta.get("pre_ln_switchable", False))

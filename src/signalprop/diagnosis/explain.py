@@ -10,8 +10,11 @@ backward signal r_l = ||dL/dh_l||^2 / ||dL/dh_{l+1}||^2 (h = a weight layer's ou
   sigma_w,l+1^2 = fan_in Var(W_{l+1}) ~= ||W_{l+1}||_F^2 / fan_out, both *measured* by the probe;
 - batch norm then phi: r_l = lambda_G(phi, B) q_{l+1} / q_l, the batch-norm gradient rate
   (Yang et al. 2019) corrected by BN's scale invariance for layers of different scale;
-- anything else (layer norm, pooling, an unknown module, a skip connection the probe cannot see):
-  no prediction; the explanation says which block it is.
+- a skip block x + alpha phi(W x + b) (signalprop's ``Residual`` in the model, or a block the
+  probe marked ``residual``): r_l = (alpha_l^2 E_l / alpha_{l+1}^2 E_{l+1})
+  (1 + alpha_{l+1}^2 sigma_w,l+1^2 E_{l+1}), E = E[phi'^2] on either side;
+- anything else (layer norm, pooling, an unknown module): no prediction; the explanation says
+  which block it is.
 
 The product of sqrt(r_l) along the path is the predicted ||dL/dh_1|| / ||dL/dh_L||, compared with
 the measured one at the first recorded step (init) and at the last (end of the run). Where they

@@ -162,6 +162,19 @@ def _forward_growth(record: Record, ctx: Context) -> float:
     return last / first
 
 
+def _block_ratio(record: Record, ctx: Context) -> float:
+    """Median over steps of ||dL/dx|| at the first residual block's input over the last's."""
+    if len(ctx.residual_blocks) < 2:
+        return math.nan
+    a, b = ctx.residual_blocks[0], ctx.residual_blocks[-1]
+    if not record.has("in_grad_norm"):
+        return math.nan
+    _, _, g = record.matrix("in_grad_norm", [a, b])
+    if g.size == 0:
+        return math.nan
+    return _median_ratio(_log_ratios(g)[:, 0])
+
+
 def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
     """Vanishing or exploding gradients across depth, and gradient growth over training."""
     out: list[Finding] = []
@@ -214,6 +227,12 @@ def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding
                 if dw == dw and metric == "out_grad_norm":
                     text += ("; dL/dW of layer 1 is exactly 0" if dw == 0 else
                              f"; dL/dW of layer 1 is {fmt(dw)}x that of layer {ctx.depth}")
+                br = _block_ratio(record, ctx)
+                if br == br:
+                    nums["block_ratio"] = br
+                    text += (f"; along the residual stream, ||dL/dx|| at the input of the first "
+                             f"block ({ctx.residual_blocks[0]!r}) is {fmt(br)}x that at the last "
+                             f"({ctx.residual_blocks[-1]!r})")
                 text += "."
                 if factor == factor:
                     text += (f" Each layer multiplies the backward signal by ~{fmt(factor)}"
@@ -586,6 +605,10 @@ def rule_not_learning(record: Record, ctx: Context, th: Thresholds) -> list[Find
             f"trivial baseline {fmt(trivial, 3)}, the loss of the {kind}. It has learned "
             "nothing a constant output would not: either the steps do not reach the weights "
             "that matter, or the targets carry no signal the model can use.")
+    if ctx.transformer and ctx.norm_placement == "post":
+        nums["post_ln"] = 1
+        text += (" The model is a post-LN transformer (norm after each residual sum), which "
+                 "often stalls like this without warm-up (Xiong et al. 2020).")
     return [Finding("not_learning", [], text, "warning", rx_not_learning(ctx, nums, th), nums)]
 
 
@@ -596,10 +619,12 @@ _CAUSES = ("nonfinite", "divergence", "exploding_gradients", "vanishing_gradient
 
 def _not_learning_as_symptom(findings: list[Finding]) -> None:
     """``not_learning`` is a symptom: beside a finding that explains it, it becomes ``info`` (its
-    remedies then weigh little in the merged ranking) and names the likely causes."""
+    remedies then weigh little in the merged ranking) and names the likely causes (unless the
+    architecture is itself the likely cause: a post-LN transformer)."""
     causes = [f.kind for f in findings if f.kind in _CAUSES]
     for i, f in enumerate(findings):
-        if f.kind == "not_learning" and causes:
+        # a post-LN transformer's placement is itself a likely cause: the finding stays
+        if f.kind == "not_learning" and causes and not f.numbers.get("post_ln"):
             text = f.evidence + f" Likely cause: {', '.join(dict.fromkeys(causes))} (above)."
             findings[i] = dataclasses.replace(f, evidence=text, severity="info",
                                               numbers={**f.numbers, "n_causes": len(causes)})

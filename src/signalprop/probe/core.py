@@ -588,9 +588,13 @@ class Probe:
         for name, mod, x in reversed(self._stack):
             if x is not None and next(mod.children(), None) is not None and any(
                     a is x for a in ops):
-                self._blocks.setdefault(name, {"type": type(mod).__name__,
-                                               "depth": self._entry.get(name, 0),
-                                               "norm_placement": None})
+                if name not in self._blocks:
+                    self._blocks[name] = {"type": type(mod).__name__,
+                                          "depth": self._entry.get(name, 0),
+                                          "norm_placement": None}
+                    if self.backward and x.requires_grad:  # the mapping step's own stream
+                        x.register_hook(partial(
+                            _grad_hook, self._block_grads.setdefault(name, []), None))
                 break
         if isinstance(out, torch.Tensor):
             self._producer[id(out)] = ("add", out)
@@ -787,6 +791,12 @@ class Probe:
         if self.scaler is not None:
             values.append(torch.tensor([scale], dtype=torch.float64))
             names.append((MODEL, "loss_scale"))
+        if self.optimizers:
+            # the rate this step uses (learning-rate schedulers change it between steps)
+            lr = self.optimizers[0].param_groups[0].get("lr")
+            if isinstance(lr, int | float) or (isinstance(lr, torch.Tensor) and lr.numel() == 1):
+                values.append(torch.as_tensor(lr, dtype=torch.float64).reshape(1).cpu())
+                names.append((MODEL, "lr"))
         self._pending = self._to_dict(values, names)
         self._note_unchecked()
         self._drop_unchanged_clip()
@@ -1423,6 +1433,9 @@ def _push_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
     p._stack.append((name, module, x if p._mapping else None))
     if p._mapping:
         p._entry.setdefault(name, len(p._path))
+        if name in p._blocks and p.backward and x is not None and x.requires_grad:
+            # a block found in an earlier forward of this step (micro-batches)
+            x.register_hook(partial(_grad_hook, p._block_grads.setdefault(name, []), None))
 
 
 def _pop_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -> None:
