@@ -795,7 +795,8 @@ class Probe:
             # the rate this step uses (learning-rate schedulers change it between steps)
             lr = self.optimizers[0].param_groups[0].get("lr")
             if isinstance(lr, int | float) or (isinstance(lr, torch.Tensor) and lr.numel() == 1):
-                values.append(torch.as_tensor(lr, dtype=torch.float64).reshape(1).cpu())
+                # (a tensor rate stays where it is: it travels with the step's one transfer)
+                values.append(torch.as_tensor(lr, dtype=torch.float64).reshape(1))
                 names.append((MODEL, "lr"))
         self._pending = self._to_dict(values, names)
         self._note_unchecked()
