@@ -32,6 +32,7 @@ from signalprop.diagnosis import (
     diagnose,
     merge_prescriptions,
 )
+from signalprop.diagnosis.architecture import architecture_facts
 from signalprop.diagnosis.explain import attach as attach_explanation
 from signalprop.diagnosis.explain import critical_remedy, explain_or_skip
 
@@ -41,6 +42,7 @@ from signalprop.diagnosis.explain import critical_remedy, explain_or_skip
 from signalprop.diagnosis.report import REPORT_SCHEMA as REPORT_SCHEMA
 from signalprop.diagnosis.report import Report as Report
 from signalprop.diagnosis.report import _jsonable as _jsonable
+from signalprop.train import check_finite_data, example_inputs, fit
 from signalprop.validation import check_batch_size, check_inputs, check_positive_int
 
 #: Probe at most about this many steps (evenly spaced) so that records stay a few MB.
@@ -231,9 +233,6 @@ def doctor(
         ValueError: model without parameters, non-scalar loss, NaN/Inf data with
             ``validate=True``, bad ``steps``/``lr``/device, unknown optimiser or remedy names.
     """
-    from signalprop.diagnosis.architecture import architecture_facts
-    from signalprop.train import check_finite_data, fit
-
     work = _check_model(model)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -287,10 +286,8 @@ def doctor(
     })
     for k, v in architecture_facts(work).items():
         record.meta.setdefault(k, v)
-    if step_fn is None:
-        from signalprop.trial import _example_batch
-
-        record.meta.setdefault("tensor_input", _example_batch(data, batch_size) is not None)
+    record.meta.setdefault("example_input", step_fn is None
+                           and example_inputs(data, batch_size) is not None)
     findings = diagnose(record, th)
     explanation = explain_or_skip(record, work, batch_size=batch_size)
     attach_explanation(findings, explanation)
@@ -319,6 +316,8 @@ def doctor(
         "trivial_loss": result.trivial_loss,
         "trivial_kind": result.trivial_kind,
         "train_seconds": result.wall_time,
+        # layers the probe could not check, and why (also in the record and the HTML report)
+        "unchecked": dict(record.meta.get("unchecked") or {}),
         "thresholds": th.to_dict(),
         "signalprop": __version__,
         "torch": torch.__version__,
