@@ -80,3 +80,13 @@ def test_disabled_progress_bar_does_nothing() -> None:
     bar.close()
     with ProgressBar({}) as empty:  # no task: nothing to draw
         empty(0, 1.0)
+
+
+def test_sweep_run_outcome_is_typed() -> None:
+    from signalprop.sweep import RunOutcome
+
+    f = RunOutcome.failed("r1", "ValueError: boom", {"device": "cpu"})
+    assert (f.status, f.metrics, f.record, f.wall_time, f.error) == (
+        "failed", {}, None, None, "ValueError: boom")
+    with pytest.raises(ValueError, match="done, diverged or failed.*'pending'"):
+        RunOutcome("r2", "pending")

@@ -37,7 +37,7 @@ from signalprop._registry import check_choice
 from signalprop.sweep.config import optimizer_hparams
 from signalprop.sweep.grid import MAX_RUNS, RunSpec, expand_grid, group_runs
 from signalprop.sweep.result import SweepResult
-from signalprop.sweep.store import FINISHED, Store, encode_record
+from signalprop.sweep.store import FINISHED, RunOutcome, Store, encode_record
 
 EXECUTORS = ("local", "ray")
 
@@ -71,7 +71,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
-def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -> list[dict]:
+def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -> list[RunOutcome]:
     """Train one architecture group as a population and return one result per run.
 
     Never raises for a training error: the runs are returned as ``failed`` with the error, so
@@ -82,7 +82,7 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
         callback: Progress, called with the number of steps done.
 
     Returns:
-        ``[{run_id, status, metrics, record (gzip'd JSON), wall_time, env, error}]``.
+        One :class:`~signalprop.sweep.store.RunOutcome` per run, in the payload's order.
     """
     from signalprop.engine import Arch, Population
 
@@ -132,11 +132,7 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
         )
     except Exception as e:  # a bad group must not take the sweep down
         err = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
-        return [
-            {"run_id": r, "status": "failed", "metrics": {}, "record": None, "wall_time": None,
-             "env": env, "error": err}
-            for r, _ in payload
-        ]
+        return [RunOutcome.failed(r, err, env) for r, _ in payload]
     per = res.wall_time / len(cfgs)
     out = []
     for k, (rid, cfg) in enumerate(payload):
@@ -145,21 +141,14 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
         metrics = dict(res.final[k])
         metrics["population_size"] = len(cfgs)
         metrics["population_wall_time"] = res.wall_time
-        out.append(
-            {
-                "run_id": rid,
-                "status": "diverged" if res.diverged_step[k] is not None else "done",
-                "metrics": metrics,
-                "record": encode_record(rec),
-                "wall_time": per,
-                "env": env,
-                "error": None,
-            }
-        )
+        out.append(RunOutcome(
+            rid, "diverged" if res.diverged_step[k] is not None else "done", metrics,
+            encode_record(rec), per, env,
+        ))
     return out
 
 
-def _pool_task(payload: Payload) -> list[dict]:
+def _pool_task(payload: Payload) -> list[RunOutcome]:
     torch.set_num_threads(1)  # one single-threaded worker per core is the fastest split
     return run_group(payload)
 
@@ -362,11 +351,7 @@ def _run_ray(
                 try:
                     results = ray.get(ref)
                 except Exception as e:  # the task itself died (worker lost ...)
-                    results = [
-                        {"run_id": s.run_id, "status": "failed", "metrics": {}, "record": None,
-                         "wall_time": None, "env": {}, "error": f"ray task failed: {e}"}
-                        for s in g
-                    ]
+                    results = [RunOutcome.failed(s.run_id, f"ray task failed: {e}") for s in g]
                 store.finish(results)
                 bar.steps(g[0].config["steps"])
                 bar.group_done()
@@ -387,7 +372,7 @@ def ray_resources(group: list[RunSpec], cluster_gpus: float = 0.0) -> dict[str, 
     return {"num_cpus": 1, "num_gpus": 1 if wants else 0}
 
 
-def _ray_task(payload: Payload) -> list[dict]:
+def _ray_task(payload: Payload) -> list[RunOutcome]:
     torch.set_num_threads(1)
     try:
         import ray
