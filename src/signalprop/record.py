@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from signalprop._optional import require
+
 #: Pseudo-layer name for whole-model scalars.
 MODEL = "__model__"
 
@@ -330,8 +332,6 @@ class Record:
 
     def to_dataframe(self) -> Any:
         """Tidy ``pandas.DataFrame`` with columns step, layer, metric, value, type, role, depth."""
-        from signalprop._optional import require
-
         pd = require("pandas", "lab", "Record.to_dataframe")
 
         df = pd.DataFrame(list(self.rows()), columns=["step", "layer", "metric", "value"])
@@ -348,6 +348,8 @@ class Record:
     def to_tensorboard(self, logdir: str | os.PathLike[str], **kwargs: Any) -> Path:
         """Write every value as TensorBoard scalars (see
         :func:`signalprop.integrations.tensorboard.write_record`)."""
+        # lazy: layering, not cost. The record is the core type and the integration builds on it
+        # (it imports Record); this convenience reaches up to it only when called.
         from signalprop.integrations.tensorboard import write_record
 
         return write_record(self, logdir, **kwargs)

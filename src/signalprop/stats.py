@@ -106,15 +106,22 @@ def percentiles(
     x = flat_rows(x)
     if max_samples is not None:
         x = x[:, subsample_index(x.shape[1], max_samples)]
-    q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype)
-    if x.device.type != "cpu":  # a copy that does not wait for the device
-        q = q.to(x.device, non_blocking=True)
     # one sort per group: quantile() would re-sort for every q. On the CPU NumPy's SIMD sort is
-    # ~50x faster than torch.sort for these sizes; NaNs sort last in both.
+    # ~50x faster than torch.sort for these sizes, and the interpolation in NumPy costs a
+    # quarter of the same ops in torch (per-op overhead); NaNs sort last in both.
     if x.device.type == "cpu":
-        s = torch.from_numpy(np.sort(x.detach().numpy(), axis=1))
-    else:
-        s, _ = torch.sort(x, dim=1)
+        a = np.sort(x.detach().numpy(), axis=1)
+        n = a.shape[1]
+        pos = np.asarray([v / 100.0 for v in qs], dtype=a.dtype) * (n - 1)
+        lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 1)
+        hi = np.clip(np.ceil(pos).astype(np.int64), 0, n - 1)
+        w = pos - lo.astype(a.dtype)
+        res = a[:, lo] * (1 - w) + a[:, hi] * w
+        res[np.isnan(a[:, -1])] = np.nan  # a row holding NaN has it last
+        return torch.from_numpy(res)
+    q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype)
+    q = q.to(x.device, non_blocking=True)  # a copy that does not wait for the device
+    s, _ = torch.sort(x, dim=1)
     n = s.shape[1]
     pos = q * (n - 1)
     lo = pos.floor().long().clamp(0, n - 1)

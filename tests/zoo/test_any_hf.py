@@ -176,13 +176,15 @@ def test_bert_trial_structural_remedies_not_applicable() -> None:
     torch.manual_seed(0)
     loader, labels = _bert_loader(learnable=True)
     t = trial(_bert, loader, None,
-              remedies=["warmup", "residual", "batchnorm", "kaiming_init", "clip_norm"],
+              remedies=["warmup", "residual", "batchnorm", "kaiming_init", "lsuv_init",
+                        "clip_norm"],
               steps=25, seeds=1, optimizer="adam", lr=3e-3)
     assert t.meta["trivial_loss"] == pytest.approx(_entropy(labels, 3), abs=0.06)
     for name in ("residual", "batchnorm"):
         assert t[name].verdict == "not applicable" and t[name].error
         assert f"{name}: not applicable" in str(t)
-    for name in ("baseline", "warmup", "kaiming_init", "clip_norm"):
+    # inits run on any model: LSUV rescales on the dict batch itself (model(**batch))
+    for name in ("baseline", "warmup", "kaiming_init", "lsuv_init", "clip_norm"):
         row = t[name]
         assert row.error is None and row.seeds == 1 and math.isfinite(row.loss_mean)
         assert row.verdict not in ("not applicable", "error")

@@ -47,8 +47,8 @@ class Context:
             ``pre_ln`` remedy applies).
         activation_modules: The model has activation modules that ``relu`` /
             ``scaled_activation`` can swap (``None``: unknown).
-        tensor_input: Batches are ``(x, y)`` with one input tensor (what data-driven inits such
-            as LSUV need); ``None``: unknown.
+        example_input: An example input can be taken from the batches (what data-driven inits
+            such as LSUV need; not with a ``step_fn``); ``None``: unknown.
         residual_blocks: Blocks the probe saw add their own input to their output, forward
             order (their ``in_grad_norm`` is the residual stream); empty when none was seen.
         recurrent_layers: Layers with a per-time-step gradient profile, forward order.
@@ -72,7 +72,7 @@ class Context:
     recurrent: bool | None = None
     sequential_blocks: bool | None = None
     pre_ln_switchable: bool = False
-    tensor_input: bool | None = None
+    example_input: bool | None = None
     activation_modules: bool | None = None
     residual_blocks: list[str] = field(default_factory=list)
     recurrent_layers: list[str] = field(default_factory=list)
@@ -168,7 +168,7 @@ def context_of(record: Record) -> Context:
     ctx.residual = bool(res) if res is not None else None
     placement = record.meta.get("norm_placement")
     ctx.norm_placement = placement if isinstance(placement, str) else None
-    for key in ("transformer", "recurrent", "sequential_blocks", "tensor_input",
+    for key in ("transformer", "recurrent", "sequential_blocks", "example_input",
                 "activation_modules"):
         v = record.meta.get(key)
         setattr(ctx, key, bool(v) if v is not None else None)

@@ -162,6 +162,19 @@ def _forward_growth(record: Record, ctx: Context) -> float:
     return last / first
 
 
+def _block_ratio(record: Record, ctx: Context) -> float:
+    """Median over steps of ||dL/dx|| at the first residual block's input over the last's."""
+    if len(ctx.residual_blocks) < 2:
+        return math.nan
+    a, b = ctx.residual_blocks[0], ctx.residual_blocks[-1]
+    if not record.has("in_grad_norm"):
+        return math.nan
+    _, _, g = record.matrix("in_grad_norm", [a, b])
+    if g.size == 0:
+        return math.nan
+    return _median_ratio(_log_ratios(g)[:, 0])
+
+
 def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
     """Vanishing or exploding gradients across depth, and gradient growth over training."""
     out: list[Finding] = []
@@ -214,6 +227,12 @@ def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding
                 if dw == dw and metric == "out_grad_norm":
                     text += ("; dL/dW of layer 1 is exactly 0" if dw == 0 else
                              f"; dL/dW of layer 1 is {fmt(dw)}x that of layer {ctx.depth}")
+                br = _block_ratio(record, ctx)
+                if br == br:
+                    nums["block_ratio"] = br
+                    text += (f"; along the residual stream, ||dL/dx|| at the input of the first "
+                             f"block ({ctx.residual_blocks[0]!r}) is {fmt(br)}x that at the last "
+                             f"({ctx.residual_blocks[-1]!r})")
                 text += "."
                 if factor == factor:
                     text += (f" Each layer multiplies the backward signal by ~{fmt(factor)}"

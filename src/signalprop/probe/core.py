@@ -186,6 +186,7 @@ class Probe:
         self._updates: UpdateNorms | None = None
         self._no_ratio = False
         self._param_names = [n for n, _ in self.params]
+        self._param_of = dict(self.params)
         # what module hooks cannot see (functional activations, residual adds, norm placement,
         # parameters used outside a module call) is read by a torch-function mode around the
         # forward: on the first recorded step (the mapping step), then only if needed
@@ -587,9 +588,13 @@ class Probe:
         for name, mod, x in reversed(self._stack):
             if x is not None and next(mod.children(), None) is not None and any(
                     a is x for a in ops):
-                self._blocks.setdefault(name, {"type": type(mod).__name__,
-                                               "depth": self._entry.get(name, 0),
-                                               "norm_placement": None})
+                if name not in self._blocks:
+                    self._blocks[name] = {"type": type(mod).__name__,
+                                          "depth": self._entry.get(name, 0),
+                                          "norm_placement": None}
+                    if self.backward and x.requires_grad:  # the mapping step's own stream
+                        x.register_hook(partial(
+                            _grad_hook, self._block_grads.setdefault(name, []), None))
                 break
         if isinstance(out, torch.Tensor):
             self._producer[id(out)] = ("add", out)
@@ -790,7 +795,8 @@ class Probe:
             # the rate this step uses (learning-rate schedulers change it between steps)
             lr = self.optimizers[0].param_groups[0].get("lr")
             if isinstance(lr, int | float) or (isinstance(lr, torch.Tensor) and lr.numel() == 1):
-                values.append(torch.as_tensor(lr, dtype=torch.float64).reshape(1).cpu())
+                # (a tensor rate stays where it is: it travels with the step's one transfer)
+                values.append(torch.as_tensor(lr, dtype=torch.float64).reshape(1))
                 names.append((MODEL, "lr"))
         self._pending = self._to_dict(values, names)
         self._note_unchecked()
@@ -884,7 +890,7 @@ class Probe:
         if not with_grad:
             return
         grads = [g for _, g in with_grad]
-        self._witness = dict(self.params).get(with_grad[0][0])
+        self._witness = self._param_of[with_grad[0][0]]
         self._preclip = ([n for n, _ in with_grad], device_norms(grads), [g._version for g in grads])
 
     def _post_step(self) -> None:
@@ -932,7 +938,11 @@ class Probe:
 
     def _commit(self) -> None:
         if self._pending is not None:
-            self._record.add_many(self.step_index, self._pending)
+            if self.step_index not in self._record.data:
+                # the step's fresh dicts become the record's row (no copy of ~10 values/layer)
+                self._record.data[self.step_index] = self._pending
+            else:
+                self._record.add_many(self.step_index, self._pending)
             for fn in self.on_record:
                 fn(self.step_index, self._pending)
         self._pending = None
@@ -1424,6 +1434,9 @@ def _push_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
     p._stack.append((name, module, x if p._mapping else None))
     if p._mapping:
         p._entry.setdefault(name, len(p._path))
+        if name in p._blocks and p.backward and x is not None and x.requires_grad:
+            # a block found in an earlier forward of this step (micro-batches)
+            x.register_hook(partial(_grad_hook, p._block_grads.setdefault(name, []), None))
 
 
 def _pop_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -> None:
