@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         k: Probe(task.model, optimizer=opt, schedule=s).attach() if s else None
         for k, s in variants.items()
     }
-    for k, pr in probes.items():  # warm-up: allocator, optimiser state, kernels, layer map
+    for pr in probes.values():  # warm-up: allocator, optimiser state, kernels, layer map
         if pr is not None:
             pr.detach()  # one probe attached at a time: the others' hooks would fire too
             pr.attach()
