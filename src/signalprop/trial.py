@@ -212,7 +212,8 @@ class TrialTable:
 
     def to_dict(self, runs: bool = False) -> dict[str, Any]:
         """``{"meta": ..., "rows": [...]}``, JSON-compatible."""
-        return {"meta": dict(self.meta), "rows": [r.to_dict(runs) for r in self.rows]}
+        return {"meta": {k: _json(v) for k, v in self.meta.items()},
+                "rows": [r.to_dict(runs) for r in self.rows]}
 
     def to_dataframe(self) -> Any:
         """One row per remedy (``pandas.DataFrame``; the ``runs`` detail is left out)."""
