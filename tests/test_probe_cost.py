@@ -236,3 +236,23 @@ def test_forward_sample_is_fixed_small_and_spread_over_units():
     units = set((s.long() % 64).tolist())
     assert len(units) >= 50  # the stride is coprime with the row length: most units visited
     assert torch.equal(s, p._sample(out.clone()))  # fixed positions
+
+
+def test_nonfinite_output_gradients_counted_from_the_first_sighting_on(monkeypatch):
+    # the accelerators' path: a healthy run takes no NaN/Inf count in the gradient hooks; the
+    # first non-finite dL/dh is marked "not counted" (NaN) and counting starts from then on
+    monkeypatch.setattr(core, "_NRM2", {})
+    monkeypatch.setattr(core, "_COUNT_NONFINITE", [False])
+    model = _mlp()
+    x = torch.randn(8, 8)
+    x[0, 0] = float("nan")
+    with Probe(model) as p:
+        for _ in range(2):
+            out = model(x)
+            out.sum().backward()
+            p.step(out.sum())
+    r = p.record
+    assert torch.isnan(torch.tensor(r.get(0, "0", "out_grad_nonfinite")))
+    assert r.get(1, "0", "out_grad_nonfinite") > 0
+    assert r.get(0, "0.weight", "grad_nonfinite") > 0  # parameters: counted at the transfer
+

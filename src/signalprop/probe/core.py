@@ -187,6 +187,7 @@ class Probe:
         self._no_ratio = False
         self._param_names = [n for n, _ in self.params]
         self._param_of = dict(self.params)
+        self._uncounted = False
         # what module hooks cannot see (functional activations, residual adds, norm placement,
         # parameters used outside a module call) is read by a torch-function mode around the
         # forward: on the first recorded step (the mapping step), then only if needed
@@ -1023,7 +1024,8 @@ class Probe:
             layer = [s.name for s in sites]
             if kind in stats.SATURATING:
                 if stats.SATURATING[kind][0]:
-                    src = xf if len(js) == len(idx) else xf[js]
+                    src = xf if len(js) == len(idx) else xf.index_select(
+                        0, host_tensor(js, torch.long, xf.device))  # (a list index syncs)
                 else:
                     ins = [s.ins[0] if s.ins else None for s in sites]
                     ok = [j for j, t in zip(js, ins, strict=True) if t is not None
@@ -1099,7 +1101,11 @@ class Probe:
             bv = torch.tensor(bads, dtype=torch.float64)
         else:
             nv = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in norms])
-            bv = torch.stack([torch.as_tensor(v) for v in bads]).to(torch.float64)
+            if any(b is None for b in bads):  # not counted (healthy so far): see _fix_...
+                bv = torch.zeros(len(bads), dtype=torch.float64, device=nv.device)
+                self._uncounted = True
+            else:
+                bv = torch.stack([torch.as_tensor(v) for v in bads]).to(torch.float64)
         if scale != 1.0:
             nv = nv / scale  # dL/dh of the unscaled loss
         values += [nv[: len(layer)], bv]
@@ -1153,6 +1159,13 @@ class Probe:
         pos = {s.name: s for s in self._sites}
         pidx = dict(self.params)
         refix = False
+        uncounted, self._uncounted = self._uncounted, False
+        for d in pending.values():
+            n = d.get("out_grad_norm")
+            if n is not None and not math.isfinite(n):
+                _COUNT_NONFINITE[0] = True  # count from the next recorded step on
+                if uncounted:
+                    d["out_grad_nonfinite"] = math.nan  # not counted on this step
         for layer, d in pending.items():
             if layer == MODEL:
                 continue
@@ -1268,8 +1281,10 @@ def _pool(g: list[tuple[Any, Any]]) -> tuple[Any, Any]:
         return g[0]
     if isinstance(g[0][0], float):
         return math.hypot(*(n for n, _ in g)), sum(b for _, b in g)
+    bads = [b for _, b in g]
     return (torch.linalg.vector_norm(torch.stack([n for n, _ in g])),
-            torch.stack([torch.as_tensor(b) for _, b in g]).sum())
+            None if any(b is None for b in bads)
+            else torch.stack([torch.as_tensor(b) for b in bads]).sum())
 
 
 class _Sentinel:
@@ -1651,10 +1666,21 @@ def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tenso
         n = float(nrm2(a))
         v = (n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a))))
     else:
-        v = (torch.linalg.vector_norm(g, dtype=torch.float64), (~torch.isfinite(g)).sum())
+        # the NaN/Inf count costs launches and a bool temporary of g's size (412 MB for a
+        # GPT-2 logit gradient), so it is only taken once some probe has seen a non-finite
+        # value (None: not counted; recorded as NaN if the norm turns out non-finite)
+        v = (
+            torch.linalg.vector_norm(g, dtype=torch.float64),
+            (~torch.isfinite(g)).sum() if _COUNT_NONFINITE[0] else None,
+        )
     store.append(v)
     if tstore is not None:
         tstore.append(v)
+
+
+#: Whether gradient hooks on an accelerator count NaN/Inf entries: switched on for good once a
+#: probe has seen a non-finite norm (a diverging run), off while training is healthy.
+_COUNT_NONFINITE = [False]
 
 
 def _blas_nrm2() -> dict[torch.dtype, Callable[[np.ndarray], float]]:
