@@ -351,6 +351,7 @@ CASES: list[tuple[str, list[str], str, int]] = [
     ("theory-file-fn", ["theory", "critical", "-a", "{f}:nope"], "has no activation 'nope'", 2),
     ("theory-missing-file", ["theory", "critical", "-a", "{d}/nope.py:f"], "does not exist", 2),
     ("theory-phase-no-dir", ["theory", "phase", "-a", "tanh", "--out", "{d}/no/dir/x.png"], "does not exist", 2),
+    ("theory-phase-unwritable", ["theory", "phase", "-a", "tanh", "--out", "/proc/signalprop-phase.png"], "cannot write to the folder of --out '/proc'", 2),
     ("theory-bn-batch-1", ["theory", "bn-rate", "-a", "relu", "-B", "1"], "batch", 2),
     ("theory-bn-batch-0", ["theory", "bn-rate", "-a", "relu", "-B", "0"], "batch", 2),
     ("theory-subcommand", ["theory", "critcal"], "No such command 'critcal'", 2),
@@ -524,3 +525,17 @@ def test_read_only_out_when_not_root(files: dict[str, str], tmp_path: Path,
 def test_sigint_handler_is_default() -> None:
     # the doctor's Ctrl-C handling relies on Python's default KeyboardInterrupt
     assert signal.getsignal(signal.SIGINT) in (signal.default_int_handler, signal.SIG_DFL) or True
+
+
+def test_failed_sweep_runs_print_their_reason(files: dict[str, str], tmp_path: Path,
+                                              capsys: Any) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA (the runs fail on device: cuda)")
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("base: {data: spiral, data_args: {n: 60}, depth: 2, width: 4, steps: 2, "
+                   "device: cuda}\nseeds: 2\n")
+    rc = main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "failed: 2" in out
+    lines = [ln for ln in err.splitlines() if ln.startswith("failed run ")]
+    assert len(lines) == 2 and all("CUDA is not available" in ln for ln in lines), err

@@ -10,6 +10,10 @@ multiprocessing resource tracker with them, since the workers hold its pipe open
   worker is re-parented (to PID 1 or a sub-reaper). It also covers the window before the prctl
   call and the case where the thread that spawned the worker exits before the process does
   (PDEATHSIG follows the parent *thread*).
+
+Processes we do not start ourselves (a local Ray instance's raylet, dashboard and runtime-env
+agents) get a reaper instead: a small sidecar process (:func:`start_reaper`) that keeps a list of
+the parent's descendants and kills them when the parent dies.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 #: How often the watchdog looks at its parent (seconds).
 POLL_SECONDS = 0.5
@@ -57,3 +62,77 @@ def die_with_parent(parent_pid: int, poll: float = POLL_SECONDS) -> None:
         os._exit(1)
     threading.Thread(target=_watch, args=(parent_pid, poll), daemon=True,
                      name="signalprop-lifeline").start()
+
+
+# --- a reaper for process trees we do not start ourselves (Ray) -----------------------------------
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """``{pid: (ppid, start time)}`` of every process (Linux ``/proc``)."""
+    out: dict[int, tuple[int, str]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                raw = f.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        # the command name (field 2) may hold spaces and parentheses: split after its last ')'
+        rest = raw[raw.rfind(")") + 2:].split()
+        if len(rest) > 19:
+            out[int(d)] = (int(rest[1]), rest[19])  # ppid, starttime
+    return out
+
+
+def descendants(pid: int, table: dict[int, tuple[int, str]] | None = None) -> dict[int, str]:
+    """``{pid: start time}`` of every descendant of ``pid`` (Linux; ``{}`` elsewhere)."""
+    if not os.path.isdir("/proc"):
+        return {}
+    table = _proc_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for p, (pp, _) in table.items():
+        children.setdefault(pp, []).append(p)
+    out: dict[int, str] = {}
+    stack = list(children.get(pid, []))
+    while stack:
+        p = stack.pop()
+        if p in out:
+            continue
+        out[p] = table[p][1]
+        stack.extend(children.get(p, []))
+    return out
+
+
+def _reap(parent_pid: int, poll: float) -> None:
+    """Sidecar main loop: remember the parent's descendants; when the parent dies, kill the
+    ones still running (matched by start time, so a recycled pid is never hit)."""
+    me = os.getpid()
+    known: dict[int, str] = {}
+    while os.getppid() == parent_pid:
+        known.update(descendants(parent_pid))
+        known.pop(me, None)
+        time.sleep(poll)
+    table = _proc_table()
+    for pid, start in known.items():
+        if pid != me and pid in table and table[pid][1] == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def start_reaper(poll: float = POLL_SECONDS) -> Any:
+    """Start a sidecar that kills this process's descendants if this process dies without
+    cleaning up (``kill -9``): for process trees started by libraries, such as a local Ray
+    instance, whose agents otherwise outlive their driver. Stop it with ``.terminate()`` after
+    a normal shutdown. Returns the ``subprocess.Popen`` (``None`` off Linux)."""
+    import subprocess
+
+    if not sys.platform.startswith("linux"):
+        return None
+    code = f"from signalprop._lifeline import _reap; _reap({os.getpid()}, {float(poll)!r})"
+    env = dict(os.environ)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            close_fds=True)

@@ -161,6 +161,9 @@ def phase_cmd(activation: str, params: tuple[str, ...], out: str, sigma_w_max: f
     out_path = Path(out)
     if not out_path.parent.exists():
         raise FileNotFoundError(f"output directory {str(out_path.parent)!r} does not exist")
+    from signalprop.validation import check_out_dir
+
+    check_out_dir(out_path.parent, what="the folder of --out")  # before the computation
 
     sw = np.linspace(sigma_w_max / resolution, sigma_w_max, resolution)
     sb = np.linspace(0.0, sigma_b2_max, max(6, (2 * resolution) // 3))
