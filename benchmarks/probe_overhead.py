@@ -1,91 +1,311 @@
-"""Probe overhead: plain training vs training with the full probe recording every step.
+"""Probe overhead: plain training vs training with the full probe, side by side in one run.
 
-A 20-layer, width-128 tanh MLP, batch 128, SGD. Both variants run in this process, interleaved
-(plain, probed, plain, probed, ...) so machine load affects both alike; the ratio of medians is
-printed. Target (issue 2): <= 1.10x.
+Models (``--model``):
 
-Usage: python benchmarks/probe_overhead.py [--steps 50] [--repeats 7] [--threads 1]
+- ``mlp``: a 20-layer, width-128 tanh MLP, batch 128, SGD (lr 0.01).
+- ``transformer``: a GPT-2-small-shaped decoder built from ``torch.nn`` (token + position
+  embeddings, 12 pre-LN ``nn.TransformerEncoderLayer`` blocks with a causal mask, final LayerNorm,
+  untied LM head), AdamW. On CUDA: d 768, 12 heads, vocab 50304, batch 8 x 256 (GPT-2 small).
+  On the CPU it is shrunk (d 64, 4 heads, vocab 2048, batch 4 x 64) so a step takes tens of ms.
+  ``--dtype bf16`` trains under ``torch.autocast`` (CUDA only).
+
+Variants: plain; the full probe (forward, backward and weight statistics) recording every step;
+the full probe recording every 10th step. They run interleaved (plain, every step, every 10th,
+plain, ...) so machine load affects all alike; the medians of each variant's per-step time and the
+ratios to plain are printed. Targets (issue 12): every step <= 1.10x, every 10th <= 1.02x.
+
+Memory: the probe's extra peak memory, measured in a separate pass after the timing (peak memory
+of ``--mem-steps`` probed steps minus that of the same plain steps, starting from the same warm
+state), against the bytes of model parameters + optimiser state (target: <= 5%). On CUDA from
+``torch.cuda.max_memory_allocated``; on the CPU from the allocation events of PyTorch's own
+profiler (``profile_memory=True``: every tensor allocation and free, so the peak is exact tensor
+accounting, unaffected by other processes).
+
+Usage: python benchmarks/probe_overhead.py [--device cpu|cuda] [--model mlp|transformer]
+    [--dtype fp32|bf16] [--steps 50] [--repeats 7] [--threads 1] [--clock wall|cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from signalprop import Probe
 
-#: Time with this process's CPU time (robust when other processes share the cores) or wall time.
-CPU_TIME = False
 
-
-def make_model(depth: int = 20, width: int = 128) -> nn.Sequential:
+# ---- models -------------------------------------------------------------------------------------
+def make_mlp(depth: int = 20, width: int = 128) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(depth):
         layers += [nn.Linear(width, width), nn.Tanh()]
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, probed: bool, **kw) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    p = Probe(model, optimizer=opt, **kw).attach() if probed else None
-    t0 = time.process_time() if CPU_TIME else time.perf_counter()
+class GPT(nn.Module):
+    """GPT-2-shaped decoder from stock torch.nn modules (pre-LN, GELU, causal self-attention)."""
+
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d, heads, 4 * d, dropout=0.0, activation="gelu", batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq),
+                             persistent=False)
+        self.register_buffer("positions", torch.arange(seq), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        h = self.tok(idx) + self.pos(self.positions[:t])
+        for b in self.blocks:
+            h = b(h, src_mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.ln_f(h))
+
+
+@dataclass
+class Task:
+    """A model, its optimiser factory, a batch and the loss."""
+
+    name: str
+    model: nn.Module
+    make_opt: Callable[[nn.Module], torch.optim.Optimizer]
+    x: torch.Tensor
+    y: torch.Tensor
+    autocast: torch.dtype | None
+
+    def loss(self, out: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), self.y.reshape(-1))
+
+
+def make_task(model: str, device: str, dtype: str) -> Task:
+    torch.manual_seed(0)
+    ac = torch.bfloat16 if dtype == "bf16" else None
+    if model == "mlp":
+        m = make_mlp().to(device)
+        x = torch.randn(128, 128, device=device)
+        y = torch.randint(0, 10, (128,), device=device)
+        return Task("20 x 128 tanh MLP, batch 128, SGD", m,
+                    lambda m: torch.optim.SGD(m.parameters(), lr=0.01), x, y, ac)
+    if device == "cuda":
+        vocab, d, heads, seq, batch = 50304, 768, 12, 256, 8
+    else:
+        vocab, d, heads, seq, batch = 2048, 64, 4, 64, 4
+    m = GPT(vocab, d, heads, 12, seq).to(device)
+    x = torch.randint(0, vocab, (batch, seq), device=device)
+    y = torch.randint(0, vocab, (batch, seq), device=device)
+    return Task(f"GPT-2-shaped, 12 pre-LN blocks, d {d}, vocab {vocab}, batch {batch} x {seq}, "
+                f"AdamW", m, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4), x, y, ac)
+
+
+# ---- one timed run ------------------------------------------------------------------------------
+def train(task: Task, opt: torch.optim.Optimizer, steps: int, probe: Probe | None) -> None:
+    ctx = (torch.autocast(task.x.device.type, dtype=task.autocast) if task.autocast
+           else contextlib.nullcontext())
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
+        with ctx:
+            out = task.model(task.x)
+        loss = task.loss(out)
         loss.backward()
-        if p is not None:
-            p.log(loss=loss)
+        if probe is not None:
+            probe.log(loss=loss)
         opt.step()
-    dt = (time.process_time() if CPU_TIME else time.perf_counter()) - t0
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(task: Task, opt: torch.optim.Optimizer, steps: int, p: Probe | None,
+        cpu_clock: bool) -> float:
+    """Seconds for ``steps`` more steps with probe ``p`` attached (or none); reading the record
+    at the end (which brings the last values to the host) is part of the measured cost.
+
+    Each variant keeps one probe across its runs: the first recorded step of a probe (which
+    maps the layers) belongs to the warm-up, as it would to a long training run."""
+    dev = task.x.device.type
+    clock = time.process_time if cpu_clock else time.perf_counter
+    sync(dev)
+    t0 = clock()
+    before = len(p.record.data) if p is not None else 0
+    train(task, opt, steps, p)
     if p is not None:
-        p.detach()
-        assert len(p.record.steps) >= 1
-    return dt
+        n = len(p.record.steps) - before
+        every = p.schedule.n  # type: ignore[attr-defined]
+        if n != steps // every:
+            raise RuntimeError(f"probe recorded {n} steps, expected {steps // every}")
+    sync(dev)
+    return clock() - t0
 
 
-def main() -> None:
+# ---- memory -------------------------------------------------------------------------------------
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for st in opt.state.values():
+        n += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+    return n
+
+
+@contextlib.contextmanager
+def _quiet():  # the profiler's C++ side prints start/stop lines on the process's own fds
+    sys.stdout.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
+def cpu_peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak of live tensor bytes allocated during ``fn`` (relative to its start), from the
+    allocation/free events of PyTorch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def peak_bytes(task: Task, opt: torch.optim.Optimizer, steps: int, schedule: int | None) -> int:
+    """Peak memory above the start of ``steps`` steps, with a probe recording every
+    ``schedule``-th step (warmed up so that the first measured step is a recorded one)."""
+    p = None
+    if schedule:
+        p = Probe(task.model, optimizer=opt, schedule=schedule).attach()
+        train(task, opt, schedule, p)  # the mapping step, then up to the next recorded step
+
+    def body() -> None:
+        train(task, opt, steps, p)
+        if p is not None:
+            len(p.record.steps)
+
+    # start without gradients: blocks allocated before a profiling session are freed with an
+    # unknown size, which would make the CPU accounting depend on what ran before
+    opt.zero_grad(set_to_none=True)
+    try:
+        if task.x.device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            body()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        return cpu_peak_bytes(body)
+    finally:
+        if p is not None:
+            p.detach()
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall",
-        help="wall: elapsed time; cpu: this process's CPU time (use on a shared machine)",
-    )
-    args = ap.parse_args()
-    global CPU_TIME
-    CPU_TIME = args.clock == "cpu"
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--model", choices=["mlp", "transformer"], default="mlp")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: train under torch.autocast(bfloat16) (CUDA only)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per timed run (multiple of 10; default 50 mlp, 20 transformer)")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats of each variant")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (CPU device only)")
+    ap.add_argument("--mem-steps", type=int, default=3, help="steps of the memory pass (0: skip)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available here", file=sys.stderr)
+        return 2
+    if args.dtype == "bf16" and args.device != "cuda":
+        print("--dtype bf16 is for --device cuda (autocast on the CPU is not what users train "
+              "with)", file=sys.stderr)
+        return 2
+    if args.clock == "cpu" and args.device == "cuda":
+        print("--clock cpu measures the host only; use wall time on CUDA", file=sys.stderr)
+        return 2
+    steps = args.steps or (50 if args.model == "mlp" else 20)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    x, y = torch.randn(128, 128), torch.randint(0, 10, (128,))
-    model = make_model()
-    variants = {
-        "plain": dict(probed=False),
-        "probe: full, every step": dict(probed=True),
-        "probe: weights+grads only": dict(probed=True, forward=False),
-        "probe: full, every 10th step": dict(probed=True, schedule=10),
+    task = make_task(args.model, args.device, args.dtype)
+    opt = task.make_opt(task.model)
+    variants: dict[str, int | None] = {
+        "plain": None,
+        "probe: full, every step": 1,
+        "probe: full, every 10th step": 10,
     }
-    for kw in variants.values():  # warm-up
-        run(model, x, y, 5, **kw)
+    if steps % 10:
+        print("--steps must be a multiple of 10", file=sys.stderr)
+        return 2
+    probes = {
+        k: Probe(task.model, optimizer=opt, schedule=s).attach() if s else None
+        for k, s in variants.items()
+    }
+    for pr in probes.values():  # warm-up: allocator, optimiser state, kernels, layer map
+        if pr is not None:
+            pr.detach()  # one probe attached at a time: the others' hooks would fire too
+            pr.attach()
+        run(task, opt, 10, pr, False)
+        if pr is not None:
+            pr.detach()
+    cpu_clock = args.clock == "cpu"
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.repeats):
-        for k, kw in variants.items():
-            times[k].append(run(model, x, y, args.steps, **kw))
+        for k, pr in probes.items():
+            if pr is not None:
+                pr.attach()
+            times[k].append(run(task, opt, steps, pr, cpu_clock))
+            if pr is not None:
+                pr.detach()
     base = statistics.median(times["plain"])
-    print(f"20 x 128 tanh MLP, batch 128, SGD, {args.steps} steps x {args.repeats} interleaved "
-          f"repeats, {args.threads} thread(s), {args.clock} clock; medians")
-    print(f"{'variant':32s} {'ms/step':>8s} {'ratio':>7s}")
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
+    print(f"{task.name}, {args.dtype}; {dev}; torch {torch.__version__}")
+    print(f"{steps} steps x {args.repeats} interleaved repeats, {args.clock} clock, medians; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'variant':30s} {'ms/step':>8s} {'ratio':>7s}  target")
+    targets = {"probe: full, every step": 1.10, "probe: full, every 10th step": 1.02}
     for k, v in times.items():
         m = statistics.median(v)
-        print(f"{k:32s} {1e3 * m / args.steps:8.3f} {m / base:7.3f}x")
-    full = statistics.median(times["probe: full, every step"]) / base
-    print(f"\nfull probe every step: {full:.3f}x plain (target <= 1.10x): "
-          f"{'met' if full <= 1.10 else 'NOT met'}")
+        t = targets.get(k)
+        verdict = "" if t is None else f"<= {t:.2f}x: {'met' if m / base <= t else 'NOT met'}"
+        print(f"{k:30s} {1e3 * m / steps:8.2f} {m / base:7.3f}x  {verdict}")
+    if args.mem_steps > 0:
+        sb = state_bytes(task.model, opt)
+        plain = peak_bytes(task, opt, args.mem_steps, None)
+        print(f"\nmemory: model + optimiser state {sb / 2**20:.1f} MiB; peak above it during "
+              f"{args.mem_steps} plain steps {plain / 2**20:.1f} MiB")
+        for k, s in variants.items():
+            if s is None:
+                continue
+            extra = peak_bytes(task, opt, args.mem_steps, s) - plain
+            print(f"  {k:28s} extra peak {extra / 2**20:8.2f} MiB = {extra / sb:6.1%} of state "
+                  f"(target <= 5%: {'met' if extra <= 0.05 * sb else 'NOT met'})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

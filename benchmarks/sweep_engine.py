@@ -7,7 +7,11 @@ compilation and training; no evaluation). Also the engine's achieved GFLOP/s (ma
 forward and backward) against the float32 matmul peak of this machine, timed in the same run
 with the same thread count.
 
-Run:  .venv/bin/python benchmarks/sweep_engine.py [--threads 1] [--repeats 3] [--procs 2]
+Run:  .venv/bin/python benchmarks/sweep_engine.py [--device cpu|cuda] [--threads 1] [--repeats 3]
+    [--procs 2]
+
+``--device cuda`` runs every method on the GPU (times are wall clock after a device
+synchronisation; the CPU-time column then only shows the host's share).
 
 ``--procs 2`` adds the engine split over 2 single-threaded processes (one per core; the
 population is cut in two halves), timed from a warm pool.
@@ -28,6 +32,7 @@ from signalprop.data import load_dataset
 from signalprop.engine import Arch, Population
 
 K, STEPS, BATCH = 32, 200, 64
+DEVICE = torch.device("cpu")
 SHAPES = [(50, 32), (20, 64)]
 
 
@@ -35,6 +40,11 @@ def set_size(k: int, steps: int) -> None:
     """Change K and the number of steps (for a quick smoke run of this script)."""
     global K, STEPS
     K, STEPS = k, steps
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def lrs() -> list[float]:
@@ -61,9 +71,11 @@ class Clock:
     with other jobs: it does not count the time other processes held the cores)."""
 
     def __init__(self) -> None:
+        sync()
         self.w, self.c = time.perf_counter(), time.process_time()
 
     def read(self) -> tuple[float, float]:
+        sync()
         return time.perf_counter() - self.w, time.process_time() - self.c
 
 
@@ -74,7 +86,7 @@ def per_config_loop(depth: int, width: int, x: torch.Tensor, y: torch.Tensor,
     loss_fn = nn.CrossEntropyLoss()
     for lr in lrs():
         torch.manual_seed(0)
-        model = make_sequential(depth, width, x.shape[1], 10)
+        model = make_sequential(depth, width, x.shape[1], 10).to(DEVICE)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         for t in range(STEPS):
             opt.zero_grad()
@@ -91,11 +103,11 @@ def vmapped(depth: int, width: int, x: torch.Tensor, y: torch.Tensor,
 
     clock = Clock()
     torch.manual_seed(0)
-    models = [make_sequential(depth, width, x.shape[1], 10) for _ in range(K)]
+    models = [make_sequential(depth, width, x.shape[1], 10).to(DEVICE) for _ in range(K)]
     params, _ = stack_module_state(models)
     params = {n: p.detach() for n, p in params.items()}
     base = models[0].to("meta")
-    lr = torch.tensor(lrs())
+    lr = torch.tensor(lrs(), device=DEVICE)
 
     def loss_of(p: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(functional_call(base, p, (xb,)), yb)
@@ -115,7 +127,8 @@ def engine(depth: int, width: int, x: torch.Tensor, y: torch.Tensor, idx: torch.
     """The batched engine: the whole population in one computation."""
     clock = Clock()
     lr = members if members is not None else lrs()
-    pop = Population(Arch(x.shape[1], 10, depth, width, "tanh"), len(lr), hparams={"lr": lr})
+    pop = Population(Arch(x.shape[1], 10, depth, width, "tanh"), len(lr), hparams={"lr": lr},
+                     device=DEVICE)
     pop.init_(list(range(len(lr))))
     n = len(lr)
     for b in idx:
@@ -128,10 +141,11 @@ def matmuls_only(depth: int, width: int, d_in: int) -> tuple[float, float]:
     the bound on what fusing the rest could reach at these sizes."""
     g = torch.Generator().manual_seed(0)
     dims = [d_in] + [width] * depth + [10]
-    ws = [torch.randn(K, a, b, generator=g) / a**0.5 for a, b in zip(dims[:-1], dims[1:], strict=True)]
-    bs = [torch.zeros(K, 1, b) for b in dims[1:]]
+    ws = [(torch.randn(K, a, b, generator=g) / a**0.5).to(DEVICE)
+          for a, b in zip(dims[:-1], dims[1:], strict=True)]
+    bs = [torch.zeros(K, 1, b, device=DEVICE) for b in dims[1:]]
     gs = [torch.empty_like(w) for w in ws]
-    x = torch.randn(K, BATCH, d_in, generator=g)
+    x = torch.randn(K, BATCH, d_in, generator=g).to(DEVICE)
     clock = Clock()
     for _ in range(STEPS):
         acts = [x]
@@ -147,8 +161,8 @@ def matmuls_only(depth: int, width: int, d_in: int) -> tuple[float, float]:
 
 def matmul_peak(repeats: int = 3) -> tuple[float, float]:
     """float32 GFLOP/s of a large square matmul, best of ``repeats``: (by wall, by CPU time)."""
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n = 8192 if DEVICE.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     c = torch.empty(n, n)
     torch.mm(a, b, out=c)
     best_w = best_c = float("inf")
@@ -173,6 +187,7 @@ def med(xs: list[tuple[float, float]]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loop-repeats", type=int, default=1,
@@ -183,12 +198,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=K, help="(smoke tests only)")
     args = ap.parse_args(argv)
     set_size(args.k, args.steps)
+    global DEVICE
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available here", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and args.procs > 1:
+        print("--procs is for the CPU (one single-threaded process per core)", file=sys.stderr)
+        return 2
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    ds = load_dataset("digits")
-    x, y = ds.x_train, ds.y_train
+    try:
+        ds = load_dataset("digits")
+        x, y = ds.x_train, ds.y_train
+    except ImportError:  # a bare GPU machine without scikit-learn: same shapes, random values
+        print("scikit-learn missing: random data of the digits' shape (1437 x 64, 10 classes)")
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(1437, 64, generator=g), torch.randint(0, 10, (1437,), generator=g)
     idx = batches(x.shape[0])
+    x, y, idx = x.to(DEVICE), y.to(DEVICE), idx.to(DEVICE)
     load0 = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, {args.threads} thread(s); K={K}, {STEPS} SGD steps, "
+    where = (torch.cuda.get_device_name() if DEVICE.type == "cuda"
+             else f"CPU, {args.threads} thread(s)")
+    print(f"torch {torch.__version__}, {where}; K={K}, {STEPS} SGD steps, "
           f"batch {BATCH}, tanh; medians of {args.repeats} interleaved repeats (loop: "
           f"{args.loop_repeats}); load average {load0:.1f} on {os.cpu_count()} cores")
     pool = None

@@ -128,7 +128,10 @@ def vanishing(tmp_path_factory: pytest.TempPathFactory):
     model = MLP(depth=20, act=nn.Sigmoid)  # PyTorch's default init: chi_1 << 1
     mem = MemoryLogger()
     tb = TensorBoardLogger(tmp / "tb", name="", version=0)
-    cb = SignalpropCallback(every=1, diagnose_every=2, out_dir=tmp / "out")
+    # exact forward statistics (no sampling), so they can be checked against the model's own
+    cb = SignalpropCallback(
+        every=1, diagnose_every=2, out_dir=tmp / "out", probe_kwargs={"max_forward_samples": None}
+    )
     trainer = _trainer(
         tmp, cb, [mem, tb], max_steps=STEPS, accumulate_grad_batches=ACCUM, gradient_clip_val=CLIP
     )

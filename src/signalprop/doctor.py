@@ -12,171 +12,44 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
-import json
 import math
 import platform
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from signalprop import __version__, stats
+from signalprop import __version__
 from signalprop._callable import make_module_callable
+from signalprop._device import resolve_device
+from signalprop._progress import ProgressBar
 from signalprop.data import Dataset
 from signalprop.diagnosis import (
-    Finding,
-    Prescription,
     Thresholds,
     diagnose,
     merge_prescriptions,
 )
+from signalprop.diagnosis.architecture import architecture_facts
 from signalprop.diagnosis.explain import attach as attach_explanation
 from signalprop.diagnosis.explain import critical_remedy, explain_or_skip
-from signalprop.diagnosis.findings import SEVERITIES, json_number
-from signalprop.record import Record, atomic_write_text
-from signalprop.validation import check_batch_size, check_inputs, check_positive_int
 
-#: Version of the JSON written by :meth:`Report.to_json`.
-REPORT_SCHEMA = "signalprop.report/1"
+# Report, its JSON encoder and schema live in signalprop.diagnosis.report (so that the HTML page
+# can name the type without importing the doctor); re-exported here: signalprop.doctor.Report
+# and friends are public names.
+from signalprop.diagnosis.report import REPORT_SCHEMA as REPORT_SCHEMA
+from signalprop.diagnosis.report import Report as Report
+from signalprop.diagnosis.report import _jsonable as _jsonable
+from signalprop.train import check_finite_data, example_inputs, fit
+from signalprop.validation import check_batch_size, check_inputs, check_positive_int
 
 #: Probe at most about this many steps (evenly spaced) so that records stay a few MB.
 MAX_RECORDED_STEPS = 300
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-def _jsonable(obj: Any) -> Any:
-    """Recursively convert to JSON-safe values (non-finite floats -> None)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if obj is None or isinstance(obj, (str, bool)):
-        return obj
-    if isinstance(obj, (int, float)):
-        return json_number(obj)
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return json_number(float(obj))
-    if hasattr(obj, "to_dict"):
-        return _jsonable(obj.to_dict())
-    if hasattr(obj, "item"):
-        try:
-            return json_number(obj.item())
-        except (TypeError, ValueError):
-            pass
-    return str(obj)
-
-
-@dataclass
-class Report:
-    """What the doctor found.
-
-    Attributes:
-        findings: Findings, most severe first (empty: nothing found).
-        prescriptions: One ranked list of remedies over all findings.
-        record: The probe's record of the training run.
-        trials: Trial results when the doctor ran trials, else ``[]``: one dict per remedy
-            (baseline first) with the ``signalprop.trial.TrialRow`` fields (loss_mean, verdict,
-            grad_ratio, ...) and ``losses``, the loss curve averaged over seeds.
-        meta: Run settings and environment (model, data, optimiser, lr, steps, timings ...).
-        losses: The training loss at every step.
-        trial_table: The ``signalprop.trial.TrialTable`` behind ``trials`` (not serialised).
-        explanation: Mean-field prediction of the gradient profile beside the measurement
-            (:class:`signalprop.diagnosis.explain.Explanation`; ``None`` when the record does not
-            support one). In JSON under ``"explanation"``.
-    """
-
-    findings: list[Finding]
-    prescriptions: list[Prescription]
-    record: Record
-    trials: list[dict[str, Any]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-    losses: list[float] = field(default_factory=list)
-    trial_table: Any = field(default=None, repr=False)
-    explanation: Any = field(default=None, repr=False)
-
-    @property
-    def healthy(self) -> bool:
-        """No finding at all."""
-        return not self.findings
-
-    @property
-    def kinds(self) -> list[str]:
-        """Finding kinds, in report order."""
-        return [f.kind for f in self.findings]
-
-    def finding(self, kind: str) -> Finding | None:
-        """The first finding of ``kind`` or ``None``."""
-        return next((f for f in self.findings if f.kind == kind), None)
-
-    def summary(self) -> dict[str, Any]:
-        """Headline numbers: verdict, worst severity, losses, divergence, top remedies."""
-        worst = max((SEVERITIES.index(f.severity) for f in self.findings), default=-1)
-        finite = [v for v in self.losses if math.isfinite(v)]
-        return {
-            "healthy": self.healthy,
-            "n_findings": len(self.findings),
-            "kinds": self.kinds,
-            "worst_severity": SEVERITIES[worst] if worst >= 0 else None,
-            "steps": len(self.losses),
-            "initial_loss": finite[0] if finite else None,
-            # like FitResult.final_loss: a diverged run has no final loss
-            "final_loss": stats.final_loss(finite)
-            if finite and not self.meta.get("diverged", False) else None,
-            "diverged": self.meta.get("diverged", False),
-            "diverged_step": self.meta.get("diverged_step"),
-            "interrupted": self.meta.get("interrupted", False),
-            "trivial_loss": self.meta.get("trivial_loss"),
-            "prescriptions": [p.to_dict() for p in self.prescriptions],
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict with stable keys ``schema, findings, summary, trials, meta``
-        (and ``explanation`` when there is one)."""
-        d = {
-            "schema": REPORT_SCHEMA,
-            "findings": [f.to_dict() for f in self.findings],
-            "summary": _jsonable(self.summary()),
-            "trials": _jsonable(self.trials),
-            "meta": _jsonable(self.meta),
-        }
-        if self.explanation is not None:
-            d["explanation"] = _jsonable(self.explanation.to_dict())
-        return d
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """The report as JSON text (NaN/Inf written as ``null``)."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-    def to_html(self, path: str | Path) -> Path:
-        """Write a self-contained HTML report (figures embedded) to ``path``."""
-        from signalprop.report.doctor_page import render_report
-
-        path = Path(path)
-        atomic_write_text(path, render_report(self))
-        return path
-
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write ``report.html``, ``report.json`` and ``record.json.gz`` into ``out_dir``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "html": self.to_html(out / "report.html"),
-            "json": out / "report.json",
-            "record": self.record.save(out / "record.json.gz"),
-        }
-        atomic_write_text(paths["json"], self.to_json())
-        return paths
-
-    def __repr__(self) -> str:
-        kinds = ", ".join(f"{f.kind}({f.severity})" for f in self.findings) or "healthy"
-        return f"Report({kinds}; {len(self.losses)} steps, {len(self.trials)} trials)"
 
 
 # --- input checks --------------------------------------------------------------------------------
@@ -198,16 +71,7 @@ def _check_model(model: Any) -> nn.Module:
         ) from e
 
 
-def _check_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    return dev
+_check_device = resolve_device  # the one "auto" resolver (signalprop._device)
 
 
 def _count_nonfinite(data: Any) -> int | None:
@@ -251,33 +115,9 @@ def _schedule(steps: int) -> Any:
     return every(max(1, math.ceil(steps / MAX_RECORDED_STEPS)))
 
 
-class _Progress:
-    """A rich progress bar on stderr driven by ``train``'s ``progress(step, loss)`` callback."""
-
-    def __init__(self, total: int, label: str) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._p = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self._task = self._p.add_task(label, total=total, loss="-")
-
-    def __enter__(self) -> _Progress:
-        self._p.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._p.stop()
-
-    def __call__(self, step: int, loss: float) -> None:
-        self._p.update(self._task, completed=step + 1, loss=f"{loss:.4g}")
+def _Progress(total: int, label: str) -> ProgressBar:  # noqa: N802 - was a class here
+    """The doctor's bar: one task, the loss beside it, removed when done."""
+    return ProgressBar({label: total}, loss=True, transient=True)
 
 
 def _mean_curve(curves: list[list[float]]) -> list[float]:
@@ -393,9 +233,6 @@ def doctor(
         ValueError: model without parameters, non-scalar loss, NaN/Inf data with
             ``validate=True``, bad ``steps``/``lr``/device, unknown optimiser or remedy names.
     """
-    from signalprop.diagnosis.architecture import architecture_facts
-    from signalprop.train import check_finite_data, fit
-
     work = _check_model(model)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -449,10 +286,8 @@ def doctor(
     })
     for k, v in architecture_facts(work).items():
         record.meta.setdefault(k, v)
-    if step_fn is None:
-        from signalprop.trial import _example_batch
-
-        record.meta.setdefault("tensor_input", _example_batch(data, batch_size) is not None)
+    record.meta.setdefault("example_input", step_fn is None
+                           and example_inputs(data, batch_size) is not None)
     findings = diagnose(record, th)
     explanation = explain_or_skip(record, work, batch_size=batch_size)
     attach_explanation(findings, explanation)
@@ -481,6 +316,8 @@ def doctor(
         "trivial_loss": result.trivial_loss,
         "trivial_kind": result.trivial_kind,
         "train_seconds": result.wall_time,
+        # layers the probe could not check, and why (also in the record and the HTML report)
+        "unchecked": dict(record.meta.get("unchecked") or {}),
         "thresholds": th.to_dict(),
         "signalprop": __version__,
         "torch": torch.__version__,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,7 +160,23 @@ class _Stop(Exception):
     pass
 
 
-def _forward_order(model: nn.Module, batch: torch.Tensor) -> list[str]:
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on an example input: a tensor, a tuple of inputs, or a dict of keyword
+    arguments (a Hugging Face batch)."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, tuple):
+        return model(*batch)
+    return model(batch)
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(
+        batch, tuple) else [batch]
+    return next((t for t in items if isinstance(t, torch.Tensor)), None)
+
+
+def _forward_order(model: nn.Module, batch: Any) -> list[str]:
     """Names of the weight layers in the order the forward pass first calls them."""
     order: list[str] = []
     handles = []
@@ -171,14 +187,14 @@ def _forward_order(model: nn.Module, batch: torch.Tensor) -> list[str]:
         handles.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(batch)
+            call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
     return order
 
 
-def _output_var(model: nn.Module, layer: nn.Module, batch: torch.Tensor) -> float:
+def _output_var(model: nn.Module, layer: nn.Module, batch: Any) -> float:
     """Variance of ``layer``'s output (first call) on ``batch``; stops the forward pass there."""
     box: list[float] = []
 
@@ -189,7 +205,7 @@ def _output_var(model: nn.Module, layer: nn.Module, batch: torch.Tensor) -> floa
     h = layer.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            model(batch)
+            call_model(model, batch)
     except _Stop:
         pass
     finally:
@@ -201,7 +217,7 @@ def _output_var(model: nn.Module, layer: nn.Module, batch: torch.Tensor) -> floa
 
 def lsuv_(
     model: nn.Module,
-    batch: torch.Tensor,
+    batch: torch.Tensor | tuple[Any, ...] | Mapping[str, Any],
     tol: float = 0.1,
     max_iter: int = 10,
     pre_init: bool = True,
@@ -223,7 +239,9 @@ def lsuv_(
     Args:
         model: The model (its Linear/Conv layers are rescaled). Put it in the mode you want
             statistics for (batch norm in train mode uses batch statistics).
-        batch: An input mini-batch [B, ...] on the model's device.
+        batch: An input mini-batch [B, ...] on the model's device; a tuple of inputs
+            (``model(*batch)``) or a dict of keyword inputs (``model(**batch)``, e.g. a Hugging
+            Face batch) for models that take several.
         tol: Tolerance on |Var - 1|.
         max_iter: Rescalings allowed per layer.
         pre_init: Start from orthonormal weights.
@@ -235,9 +253,11 @@ def lsuv_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"lsuv_ needs an nn.Module, got {type(model).__name__}")
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"lsuv_ needs an input tensor batch, got {type(batch).__name__}")
-    if batch.shape[0] < 2:
+    first = _first_tensor(batch)
+    if first is None:
+        raise TypeError(f"lsuv_ needs an input batch (a tensor, a tuple or a dict of tensors), "
+                        f"got {type(batch).__name__}")
+    if first.dim() == 0 or first.shape[0] < 2:
         raise ValueError("lsuv_ needs a batch of at least 2 examples to estimate a variance")
     if tol <= 0 or max_iter < 1:
         raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")

@@ -27,12 +27,15 @@ SATURATION_DERIVATIVE_RATIO: float = 0.1
 #: Gaussian from 1024 samples: about 0.07 standard deviations).
 MAX_PERCENTILE_SAMPLES: int = 1024
 
-#: Forward statistics (moments, saturated fraction) are computed on the first rows of the batch
-#: holding at most this many values per layer (all rows when the output is smaller). Examples in
-#: a shuffled mini-batch are exchangeable, so this is an unbiased estimate at a fraction of the
-#: memory traffic. Dead fractions always use the whole batch (one active example keeps a unit
-#: alive).
-MAX_FORWARD_SAMPLES: int = 4096
+#: Forward statistics of a layer's output (moments, percentiles, saturated fraction, NaN/Inf
+#: count) are computed on a fixed strided sample of at most this many of its values (the whole
+#: output when it is smaller): the stride is ceil(numel / 256), bumped to be coprime with the
+#: row length so the sample spreads over units and examples. The probe copies the sample in the
+#: forward hook, so it keeps 1 KiB per layer alive through backward instead of the output
+#: (memory: under 5% of the weights of a 20 x 128 MLP at batch 128). Standard error of a
+#: Gaussian output's std from 256 values: about 4.4%; of its 5th percentile: about 0.13 std.
+#: Dead fractions always use the whole batch (one active example keeps a unit alive).
+MAX_FORWARD_SAMPLES: int = 256
 
 
 def percentile_key(q: float) -> str:
@@ -103,13 +106,22 @@ def percentiles(
     x = flat_rows(x)
     if max_samples is not None:
         x = x[:, subsample_index(x.shape[1], max_samples)]
-    q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype, device=x.device)
     # one sort per group: quantile() would re-sort for every q. On the CPU NumPy's SIMD sort is
-    # ~50x faster than torch.sort for these sizes; NaNs sort last in both.
+    # ~50x faster than torch.sort for these sizes, and the interpolation in NumPy costs a
+    # quarter of the same ops in torch (per-op overhead); NaNs sort last in both.
     if x.device.type == "cpu":
-        s = torch.from_numpy(np.sort(x.detach().numpy(), axis=1))
-    else:
-        s, _ = torch.sort(x, dim=1)
+        a = np.sort(x.detach().numpy(), axis=1)
+        n = a.shape[1]
+        pos = np.asarray([v / 100.0 for v in qs], dtype=a.dtype) * (n - 1)
+        lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 1)
+        hi = np.clip(np.ceil(pos).astype(np.int64), 0, n - 1)
+        w = pos - lo.astype(a.dtype)
+        res = a[:, lo] * (1 - w) + a[:, hi] * w
+        res[np.isnan(a[:, -1])] = np.nan  # a row holding NaN has it last
+        return torch.from_numpy(res)
+    q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype)
+    q = q.to(x.device, non_blocking=True)  # a copy that does not wait for the device
+    s, _ = torch.sort(x, dim=1)
     n = s.shape[1]
     pos = q * (n - 1)
     lo = pos.floor().long().clamp(0, n - 1)

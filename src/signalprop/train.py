@@ -220,6 +220,23 @@ def _split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def example_inputs(data: DataLike, batch_size: int = 64) -> Any:
+    """Example model *inputs* from a first batch, for remedies that look at data (LSUV, shape
+    checks): the input tensor of ``(x, y)``, the inputs tuple of ``(x1, x2, ..., y)``, or a dict
+    batch as it is (``model(**batch)``); ``None`` when there is none to take. Note that a
+    one-shot iterator (a generator) loses the batch taken here."""
+    try:
+        batch = next(iter(as_batches(data, batch_size=batch_size, seed=0)()))
+    except (StopIteration, TypeError, ValueError):
+        return None
+    if isinstance(batch, Mapping):
+        return batch["x"] if set(batch) == {"x", "y"} else batch
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        xs = tuple(batch[:-1])
+        return xs[0] if len(xs) == 1 else xs
+    return None
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor of a (nested) batch to ``device``, keeping its structure."""
     if isinstance(batch, torch.Tensor):

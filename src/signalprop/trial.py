@@ -28,9 +28,9 @@ from torch import nn
 
 from signalprop import stats
 from signalprop._callable import make_module_callable
-from signalprop.record import Record
+from signalprop.record import Record, to_jsonable
 from signalprop.remedies import Remedy, get_remedy
-from signalprop.train import fit
+from signalprop.train import example_inputs, fit, to_device
 
 BASELINE = "baseline"
 
@@ -122,11 +122,7 @@ class TrialRow:
 
 
 def _json(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, list):
-        return [_json(x) for x in v]
-    return v
+    return to_jsonable(v, strict=False)  # the one NaN policy (signalprop.record)
 
 
 _COLUMNS = [
@@ -212,7 +208,8 @@ class TrialTable:
 
     def to_dict(self, runs: bool = False) -> dict[str, Any]:
         """``{"meta": ..., "rows": [...]}``, JSON-compatible."""
-        return {"meta": dict(self.meta), "rows": [r.to_dict(runs) for r in self.rows]}
+        return {"meta": {k: _json(v) for k, v in self.meta.items()},
+                "rows": [r.to_dict(runs) for r in self.rows]}
 
     def to_dataframe(self) -> Any:
         """One row per remedy (``pandas.DataFrame``; the ``runs`` detail is left out)."""
@@ -291,22 +288,6 @@ def summarise_record(rec: Record) -> dict[str, float]:
     (the definitions of :mod:`signalprop.stats`)."""
     return {"grad_ratio": stats.grad_ratio(rec), "saturated_frac": stats.saturated_frac(rec),
             "dead_frac": stats.dead_frac(rec)}
-
-
-def _example_batch(data: Any, batch_size: int) -> torch.Tensor | None:
-    """The input tensor of a first batch, for remedies that look at data (LSUV, shape checks);
-    ``None`` when batches are not a single input tensor plus targets."""
-    from signalprop.train import as_batches
-
-    try:
-        batch = next(iter(as_batches(data, batch_size=batch_size, seed=0)()))
-    except (StopIteration, TypeError, ValueError):
-        return None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict) and set(batch) == {"x", "y"}:
-        return batch["x"]
-    return None
 
 
 def _fresh_model(factory: ModelFactory, seed: int) -> nn.Module:
@@ -416,9 +397,9 @@ def trial(
         raise ValueError(f"remedy names must be unique and not {BASELINE!r}: {names}")
     plan: list[Remedy | None] = ([None] if baseline else []) + list(resolved)
     dev = torch.device(device)
-    xb = _example_batch(data, batch_size)
+    xb = example_inputs(data, batch_size)
     if xb is not None:
-        xb = xb.to(dev)
+        xb = to_device(xb, dev)
     extra = dict(fit_kwargs or {})
 
     table = TrialTable(rows=[], meta={
@@ -442,7 +423,7 @@ def trial(
                 try:
                     model = rem.apply(model, xb).to(dev)
                     gt = rem.make_grad_transform()
-                except _APPLY_ERRORS as e:
+                except Exception as e:  # whatever the rewrite hits on this model: it does not fit
                     if strict:
                         raise
                     row.error = f"{type(e).__name__}: {e}"

@@ -176,43 +176,56 @@ def test_bert_trial_structural_remedies_not_applicable() -> None:
     torch.manual_seed(0)
     loader, labels = _bert_loader(learnable=True)
     t = trial(_bert, loader, None,
-              remedies=["warmup", "residual", "batchnorm", "kaiming_init", "clip_norm"],
+              remedies=["warmup", "residual", "batchnorm", "kaiming_init", "lsuv_init",
+                        "clip_norm"],
               steps=25, seeds=1, optimizer="adam", lr=3e-3)
     assert t.meta["trivial_loss"] == pytest.approx(_entropy(labels, 3), abs=0.06)
     for name in ("residual", "batchnorm"):
         assert t[name].verdict == "not applicable" and t[name].error
         assert f"{name}: not applicable" in str(t)
-    for name in ("baseline", "warmup", "kaiming_init", "clip_norm"):
+    # inits run on any model: LSUV rescales on the dict batch itself (model(**batch))
+    for name in ("baseline", "warmup", "kaiming_init", "lsuv_init", "clip_norm"):
         row = t[name]
         assert row.error is None and row.seeds == 1 and math.isfinite(row.loss_mean)
         assert row.verdict not in ("not applicable", "error")
 
 
-def test_post_ln_torch_transformer_gets_pre_ln_and_it_applies() -> None:
-    """A post-LN nn.TransformerEncoder that cannot learn (labels independent of the input):
-    pre_ln and warm-up are prescribed, and the pre_ln trial really runs on it."""
+class _Encoder(nn.Module):
+    """A 12-layer nn.TransformerEncoder classifier, post-LN or pre-LN."""
 
-    class Classifier(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(V, 16)
-            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-            self.enc = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
-            self.head = nn.Linear(16, 3)
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
+                                           norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
 
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.head(self.enc(self.emb(input_ids)).mean(1))
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(input_ids)).mean(1))
 
-    stream = [(b["input_ids"], b["labels"]) for b in FreshBatches(40)]  # fresh every step
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_prescriptions_follow_norm_placement(norm_first: bool) -> None:
+    """A 12-layer nn.TransformerEncoder that cannot learn (labels independent of the input,
+    fresh every step). Post-LN: pre_ln first and warm-up, and the pre_ln trial really runs on it.
+    Pre-LN: warm-up, never pre_ln (already there). Neither gets skips, batch norm or fewer
+    layers."""
+    stream = [(b["input_ids"], b["labels"]) for b in FreshBatches(30)]
     torch.manual_seed(0)
-    r = doctor(Classifier(), stream, nn.CrossEntropyLoss(), steps=40, optimizer="adam",
+    r = doctor(_Encoder(norm_first), stream, nn.CrossEntropyLoss(), steps=30, optimizer="adam",
                lr=3e-3, progress=False)
+    assert r.record.meta["norm_placement"] == ("pre" if norm_first else "post")
     f = finding(r.findings, "not_learning")
     rx = [p.remedy for p in f.prescriptions]
-    assert rx[0] == "pre_ln" and "warmup" in rx[:3]
-    assert not set(rx) & WRONG_FOR_TRANSFORMERS
-    t = trial(Classifier, stream, nn.functional.cross_entropy, remedies=["pre_ln"], steps=5,
-              seeds=1, optimizer="adam", lr=3e-3, probe=False)
+    assert not {p.remedy for g in r.findings for p in g.prescriptions} & WRONG_FOR_TRANSFORMERS
+    if norm_first:
+        assert "pre_ln" not in rx and "warmup" in rx[:2]
+        return
+    assert rx[0] == "pre_ln" and "warmup" in rx[:3] and "lower_lr" in rx[:4]
+    assert "post-LN transformer" in f.evidence
+    t = trial(lambda: _Encoder(False), stream, nn.functional.cross_entropy, remedies=["pre_ln"],
+              steps=3, seeds=1, optimizer="adam", lr=3e-3, probe=False)
     assert t["pre_ln"].error is None and t["pre_ln"].seeds == 1
 
 

@@ -95,3 +95,27 @@ def test_functional_cnn_gets_no_block_rewrites_and_trials_say_why() -> None:
         assert f"{name}: not applicable: " in str(t)
     for name in ("xavier_init", "clip_norm", "adam"):
         assert t[name].error is None and t[name].seeds == 1
+
+
+def test_each_architecture_fact_removes_what_cannot_apply() -> None:
+    from signalprop.diagnosis import Thresholds
+    from signalprop.diagnosis.architecture import architecture_facts
+    from signalprop.diagnosis.context import Context
+    from signalprop.diagnosis.prescriptions import not_applicable, rx_saturation, rx_vanishing
+
+    facts = architecture_facts(FunctionalCNN())
+    assert facts["activation_modules"] is False and facts["sequential_blocks"] is False
+    assert facts["residual"] is None  # a custom forward: unknown, never guessed
+    assert architecture_facts(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))["residual"] is False
+    nums = {"initial_fraction": 0.0, "mean_fraction": 0.9}
+    free = Context(activations={"a": "tanh"})
+    stuck = Context(activations={"a": "tanh"}, activation_modules=False, sequential_blocks=False,
+                    residual=True, has_bn=True)
+    assert {"relu", "batchnorm"} <= {p.remedy for p in rx_saturation(free, nums, Thresholds())}
+    got = {p.remedy for p in rx_saturation(stuck, nums, Thresholds())}
+    assert not got & {"relu", "scaled_activation", "batchnorm", "layernorm"}, got
+    got = {p.remedy for p in rx_vanishing(stuck, {}, Thresholds())}
+    assert not got & {"residual", "highway", "batchnorm", "fewer_layers", "relu"}, got
+    for remedy in ("relu", "residual", "batchnorm", "fewer_layers"):
+        assert not_applicable(stuck, remedy)  # each comes with its reason
+        assert not_applicable(free, remedy) is None

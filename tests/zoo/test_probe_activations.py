@@ -194,3 +194,19 @@ def test_hugging_face_gelu_module_is_known():
     p = run_probed(model, [(torch.randn(8, 4), torch.randint(0, 2, (8,)))], F.cross_entropy)
     assert p.record.layers["1"].activation == "gelu"
     assert p.record.layers["3"].activation == "gelu"  # computed from tanh, still a GELU
+
+
+def test_unchecked_layers_reach_the_doctor_json_and_html(tmp_path):
+    import json
+
+    import signalprop
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), Swish(), nn.Linear(8, 2))
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    rep = signalprop.doctor(model, (x, y), F.cross_entropy, steps=3, progress=False)
+    paths = rep.save(tmp_path)
+    d = json.loads(paths["json"].read_text()) if "json" in paths else rep.to_dict()
+    assert "custom activation" in d["meta"]["unchecked"]["1"]
+    html = rep.to_html(tmp_path / "r.html").read_text()
+    assert "Not checked: 1 (a custom activation" in html

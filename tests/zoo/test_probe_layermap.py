@@ -173,7 +173,7 @@ def test_transformer_reference_layers_are_input_and_head(norm_first):
     assert r.layers["pos"].depth < r.layers["encoder.layers.0.self_attn"].depth or \
         not r.layers["pos"].on_path
     got = r.get(1, "embed", "out_grad_norm") / r.get(1, "head", "out_grad_norm")
-    assert got == pytest.approx(truth, rel=1e-4)
+    assert got == pytest.approx(truth, rel=1e-4, abs=0)
     f = diagnose(r)
     assert ("vanishing_gradients" in kinds(f)) == (truth < 1e-2)
     assert ("exploding_gradients" in kinds(f)) == (truth > 1e2)
@@ -262,16 +262,56 @@ def test_ddp_style_wrapper_is_unwrapped():
     assert [n for n, _ in p.params] == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
-def test_compiled_model_is_refused_with_one_line():
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    compiled = torch.compile(model, backend="eager")
-    compiled(torch.randn(3, 4)).sum().backward()  # compiled and run before the probe
-    with pytest.raises(ValueError, match="compiled with torch.compile") as e:
-        Probe(compiled)
-    assert "\n" not in str(e.value)
-    # the uncompiled module it names works and diagnoses the dead ReLU as the eager net does
+@pytest.mark.parametrize("how", ["wrapper", "in_place"])
+def test_compiled_model_works_like_the_eager_one(how):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     with torch.no_grad():
-        model[0].bias.fill_(-100.0)
+        model[0].bias.fill_(-100.0)  # truth: layer '1' is 100% dead
     x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-    p = run_probed(compiled._orig_mod, [(x, y)] * 2, F.cross_entropy, lr=0.1)
-    assert finding(diagnose(p.record), "dead_units").layers == ["1"]
+    if how == "wrapper":
+        compiled = torch.compile(model, backend="eager")
+    else:
+        model.compile(backend="eager")
+        compiled = model
+    compiled(x).sum().backward()  # compiled and run before the probe attaches
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.0)
+    with Probe(compiled, optimizer=opt, schedule=[0, 2]) as p:
+        for _ in range(4):
+            opt.zero_grad()
+            loss = F.cross_entropy(compiled(x), y)
+            loss.backward()
+            p.log(loss=loss)
+            opt.step()
+    r = p.record
+    assert r.steps == [0, 2] and p.layer_map == ["0", "1", "2", "3", "4"]
+    with torch.no_grad():  # truth, eagerly (lr 0: the weights do not move)
+        h1 = model[1](model[0](x))
+        h3 = model[3](model[2](h1))
+    truth = [1.0 - (h > 0).any(0).double().mean().item() for h in (h1, h3)]
+    assert [r.get(2, "1", "dead_frac"), r.get(2, "3", "dead_frac")] == truth
+    assert truth[0] == 1.0
+    assert finding(diagnose(r), "dead_units").layers == [
+        n for n, t in zip(["1", "3"], truth, strict=True) if t >= 0.4]
+    # the compiled path is restored for the unrecorded steps
+    if how == "wrapper":
+        assert "forward" in vars(compiled) and compiled.forward is not model.__call__
+    else:
+        assert model._compiled_call_impl is not None
+
+
+def test_scheduler_rate_is_recorded_per_step():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    truth = []
+    with Probe(model, optimizer=opt) as p:
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            truth.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+    assert [p.record.get(s, MODEL, "lr") for s in p.record.steps] == pytest.approx(truth)
+    assert truth[0] == 0.1 and truth[-1] == 0.025

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from signalprop.remedies.transforms import _sequentials
+from signalprop.remedies.transforms import _sequentials, _units
 
 #: Class names of blocks that add their input to their output (ResNet, transformer and
 #: Hugging Face layers).
@@ -45,7 +45,9 @@ def architecture_facts(model: nn.Module) -> dict[str, Any]:
         layers, ``transformer`` (attention modules present), ``recurrent`` (``nn.RNN/LSTM/GRU``
         or cells), ``sequential_blocks`` (an ``nn.Sequential`` of (layer, activation) blocks
         exists: what the structural remedies rewrite) and ``pre_ln_switchable`` (post-LN
-        ``torch.nn.Transformer*Layer`` modules that the ``pre_ln`` remedy can switch).
+        ``torch.nn.Transformer*Layer`` modules that the ``pre_ln`` remedy can switch) and
+        ``activation_modules`` (activation modules exist: what ``relu`` / ``scaled_activation``
+        swap; activations called as functions cannot be swapped).
     """
     mods = list(model.modules())
     names = [type(m).__name__ for m in mods]
@@ -72,4 +74,12 @@ def architecture_facts(model: nn.Module) -> dict[str, Any]:
         "recurrent": any(isinstance(m, (nn.RNNBase, nn.RNNCellBase)) for m in mods),
         "sequential_blocks": bool(_sequentials(model)),
         "pre_ln_switchable": any(not m.norm_first for m in torch_layers),
+        "activation_modules": _has_activation_modules(model),
     }
+
+
+def _has_activation_modules(model: nn.Module) -> bool:
+    try:
+        return bool(_units(model))
+    except ValueError:  # the model itself is one activation
+        return True

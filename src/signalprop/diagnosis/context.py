@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from signalprop import stats
+from signalprop._format import fmt_number
 from signalprop.record import Record
 
 _BN_TYPES = ("BatchNorm",)
@@ -45,8 +46,14 @@ class Context:
             which the structural remedies rewrite (``None``: unknown).
         pre_ln_switchable: Post-LN ``torch.nn.Transformer*Layer`` modules exist (the
             ``pre_ln`` remedy applies).
-        tensor_input: Batches are ``(x, y)`` with one input tensor (what data-driven inits such
-            as LSUV need); ``None``: unknown.
+        activation_modules: The model has activation modules that ``relu`` /
+            ``scaled_activation`` can swap (``None``: unknown).
+        example_input: An example input can be taken from the batches (what data-driven inits
+            such as LSUV need; not with a ``step_fn``); ``None``: unknown.
+        residual_blocks: Blocks the probe saw add their own input to their output, forward
+            order (their ``in_grad_norm`` is the residual stream); empty when none was seen.
+        recurrent_layers: Layers with a per-time-step gradient profile, forward order.
+        unchecked: Layer -> why a statistic of it could not be measured (from the probe).
 
     The architecture facts come from ``record.meta`` (see
     :func:`signalprop.diagnosis.architecture.architecture_facts`).
@@ -66,7 +73,11 @@ class Context:
     recurrent: bool | None = None
     sequential_blocks: bool | None = None
     pre_ln_switchable: bool = False
-    tensor_input: bool | None = None
+    example_input: bool | None = None
+    activation_modules: bool | None = None
+    residual_blocks: list[str] = field(default_factory=list)
+    recurrent_layers: list[str] = field(default_factory=list)
+    unchecked: dict[str, str] = field(default_factory=dict)
 
     @property
     def depth(self) -> int:
@@ -158,10 +169,17 @@ def context_of(record: Record) -> Context:
     ctx.residual = bool(res) if res is not None else None
     placement = record.meta.get("norm_placement")
     ctx.norm_placement = placement if isinstance(placement, str) else None
-    for key in ("transformer", "recurrent", "sequential_blocks", "tensor_input"):
+    for key in ("transformer", "recurrent", "sequential_blocks", "example_input",
+                "activation_modules"):
         v = record.meta.get(key)
         setattr(ctx, key, bool(v) if v is not None else None)
     ctx.pre_ln_switchable = bool(record.meta.get("pre_ln_switchable", False))
+    blocks = [i for i in record.layers.values() if i.role == "block" and i.residual]
+    ctx.residual_blocks = [i.name for i in sorted(blocks, key=lambda i: i.depth)]
+    ctx.recurrent_layers = [m.name for m in modules if m.time_steps]
+    if ctx.recurrent_layers and ctx.recurrent is None:
+        ctx.recurrent = True
+    ctx.unchecked = dict(record.meta.get("unchecked") or {})
     opt = record.meta.get("optimizer")
     if isinstance(opt, str):
         ctx.optimizer = opt.lower()
@@ -193,19 +211,9 @@ def finite(values: np.ndarray) -> np.ndarray:
 
 
 def fmt(v: float, digits: int = 2) -> str:
-    """``3e-07``, ``0.13``, ``84``: compact numbers for evidence sentences."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "NaN"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if v == 0:
-        return "0"
-    a = abs(v)
-    if a >= 1e4 or a < 1e-2:
-        return f"{v:.{max(digits - 1, 0)}e}".replace("e-0", "e-").replace("e+0", "e+").replace(
-            "e+", "e"
-        )
-    return f"{v:.{digits}g}"
+    """``3.0e-7``, ``0.13``, ``84``: compact numbers for evidence sentences
+    (:func:`signalprop._format.fmt_number`)."""
+    return fmt_number(v, digits, missing="NaN", small=1e-2, compact_exp=True)
 
 
 def pct(v: float) -> str:

@@ -41,8 +41,10 @@ def not_applicable(ctx: Context, remedy: str) -> str | None:
         return "the critical init is derived for a stack of (layer, activation) blocks"
     if remedy == "pre_ln" and not ctx.pre_ln_switchable:
         return "no post-LN torch.nn.Transformer layer to switch"
-    if remedy == "lsuv_init" and ctx.tensor_input is False:
-        return "LSUV rescales layers on an input tensor; the batches are not (x, y) tensors"
+    if remedy in ("relu", "scaled_activation") and ctx.activation_modules is False:
+        return "the activations are functions called in forward(), not modules to swap"
+    if remedy == "lsuv_init" and ctx.example_input is False:
+        return "LSUV rescales layers on example inputs, and none can be taken from the batches"
     return None
 
 

@@ -246,14 +246,23 @@ def _unwrap_fsdp(model: nn.Module) -> nn.Module:
 def distributed_probe(model: nn.Module, *, group: Any = None, **kwargs: Any) -> Probe:
     """A :class:`~signalprop.probe.Probe` whose values are combined across ranks (DDP and a
     root FSDP wrapper are unwrapped, so layer names are the model's own)."""
-    sharded = has_sharded_params(model)
     probe = Probe(_unwrap_fsdp(model), **kwargs)
-    probe.reducer = (DistributedReducer(sharded=sharded, group=group)
-                     if is_distributed(group) else None)
-    if probe.reducer is not None:
-        probe.record.meta["world_size"] = probe.reducer.world
-        probe.record.meta["sharded_params"] = probe.reducer.sharded
+    install_reducer(probe, model, group)
     return probe
+
+
+def install_reducer(probe: Probe, model: nn.Module | None = None, group: Any = None) -> bool:
+    """Give ``probe`` a :class:`DistributedReducer` when running distributed (the callbacks
+    call this at train start); the record's meta notes the world size. Returns whether one
+    was installed."""
+    if probe.reducer is not None or not is_distributed(group):
+        return False
+    probe.reducer = DistributedReducer(
+        sharded=has_sharded_params(model if model is not None else probe.model), group=group
+    )
+    probe.record.meta["world_size"] = probe.reducer.world
+    probe.record.meta["sharded_params"] = probe.reducer.sharded
+    return True
 
 
 def save_on_rank_zero(record: Record, path: str | os.PathLike[str]) -> Path | None:

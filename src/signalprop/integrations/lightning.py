@@ -223,10 +223,9 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             self.probe = Probe(
                 pl_module, schedule=self.schedule, record=self.record, **self.probe_kwargs
             )
-        if self.probe.reducer is None:  # DDP/FSDP: values combined across ranks
-            from signalprop.integrations.distributed import auto_reducer
+        from signalprop.integrations.distributed import install_reducer
 
-            self.probe.reducer = auto_reducer(pl_module)
+        install_reducer(self.probe, pl_module)  # DDP/FSDP: values combined across ranks
         # a resumed run continues its step count: record step == optimiser steps so far
         self.probe.step_index = int(trainer.global_step)
         self.probe.attach()

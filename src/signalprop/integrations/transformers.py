@@ -43,7 +43,7 @@ from signalprop.integrations.common import (
     summary_metrics,
     write_outputs,
 )
-from signalprop.integrations.distributed import auto_reducer
+from signalprop.integrations.distributed import install_reducer
 from signalprop.probe import Probe
 from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.record import MODEL, Record
@@ -178,8 +178,7 @@ class SignalpropCallback(TrainerCallback):
             self.probe = Probe(model, schedule=self.schedule, record=self.record,
                                **self.probe_kwargs)
         p = self.probe
-        if p.reducer is None:  # DDP/FSDP: values combined across ranks before recording
-            p.reducer = auto_reducer(model)
+        install_reducer(p, model)  # DDP/FSDP: values combined across ranks before recording
         p.step_index = int(state.global_step)  # a resumed run continues its step count
         p.attach()
         self.warner.model = model

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from signalprop.lab.base import fmt, to_jsonable
+from signalprop.lab import STUDY_NAMES, get_study
+from signalprop.lab.base import fmt, read_json, to_jsonable, write_json
+from signalprop.lab.study_dir import is_study_dir, load_study
 
 _TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
@@ -144,8 +146,6 @@ def build_report(
     Raises:
         FileNotFoundError: if ``out`` does not exist or holds no study results.
     """
-    from signalprop.lab.runner import is_study_dir, load_study
-
     out = Path(out)
     if not out.is_dir():
         raise FileNotFoundError(f"no lab output directory at {out}")
@@ -178,9 +178,6 @@ def build_report(
 def _reconclude(workdir: Path) -> None:
     """Recompute a study's conclusion from its stored measurements (cheap, and the report then
     reflects the current conclusion code); failed or foreign directories are left alone."""
-    from signalprop.lab import STUDY_NAMES, get_study
-    from signalprop.lab.base import read_json, write_json
-
     meta = read_json(workdir / "meta.json")
     name = str(meta.get("name", workdir.name))
     results = workdir / "results.json"
@@ -197,8 +194,6 @@ def _reconclude(workdir: Path) -> None:
 
 
 def _study_view(d: dict[str, Any]) -> dict[str, Any]:
-    from signalprop.lab import STUDY_NAMES, get_study
-
     meta = d["meta"]
     name = str(meta.get("name", d["dir"].name))
     mod = get_study(name) if name in STUDY_NAMES else None

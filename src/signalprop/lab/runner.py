@@ -28,7 +28,13 @@ from types import ModuleType
 from typing import Any
 
 from signalprop._registry import check_choice
+from signalprop.lab import STUDY_NAMES, get_study
 from signalprop.lab.base import Conclusion, config_hash, read_json, write_json
+from signalprop.lab.report import build_report
+
+# re-exported: the readers were defined here before the report needed them without the runner
+from signalprop.lab.study_dir import is_study_dir as is_study_dir
+from signalprop.lab.study_dir import load_study as load_study
 
 EXECUTORS = ("local", "ray")
 #: Config keys that say where/how a study runs, not what it measures (excluded from the hash).
@@ -98,7 +104,6 @@ def run_study(
         A :class:`StudyOutcome`; a study that raises is recorded as ``failed`` (with the traceback
         in ``meta.json``) instead of stopping the lab.
     """
-    from signalprop.lab import get_study
     from signalprop.lab.common import resolve_device
 
     check_choice("executor", executor, EXECUTORS)
@@ -181,9 +186,6 @@ def run_lab(
     log: Callable[[str], None] | None = None,
 ) -> list[StudyOutcome]:
     """Run several studies (``["all"]`` means every registered one) and build the report."""
-    from signalprop.lab import STUDY_NAMES
-    from signalprop.lab.report import build_report
-
     check_choice("executor", executor, EXECUTORS)
     wanted = resolve_names(names)
     outcomes = []
@@ -198,8 +200,6 @@ def run_lab(
 
 def resolve_names(names: Sequence[str]) -> list[str]:
     """Expand ``all`` and validate names (unknown ones raise ``ValueError`` with the choices)."""
-    from signalprop.lab import STUDY_NAMES, get_study
-
     if not names:
         raise ValueError(f"name at least one study, or 'all'; studies: {', '.join(STUDY_NAMES)}")
     out: list[str] = []
@@ -213,25 +213,7 @@ def resolve_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def load_study(workdir: str | Path) -> dict[str, Any]:
-    """Read a study directory back (meta, config, conclusion, figure paths) for the report."""
-    workdir = Path(workdir)
-    meta = read_json(workdir / "meta.json")
-    d: dict[str, Any] = {"meta": meta, "dir": workdir}
-    d["config"] = read_json(workdir / "config.json") if (workdir / "config.json").exists() else {}
-    cpath = workdir / "conclusion.json"
-    d["conclusion"] = Conclusion.from_dict(read_json(cpath)) if cpath.exists() else None
-    d["figures"] = [workdir / f for f in meta.get("figures", []) if (workdir / f).exists()]
-    return d
-
-
-def is_study_dir(path: Path) -> bool:
-    return (path / "meta.json").exists()
-
-
 def study_module(name: str) -> ModuleType:
-    from signalprop.lab import get_study
-
     return get_study(name)
 
 
@@ -241,9 +223,6 @@ def run_smoke(
 ) -> list[StudyOutcome]:
     """Run studies in their smoke configuration (each module's ``SMOKE`` overrides on top of the
     quick configuration: seconds per study) and build the report; used by the test suite."""
-    from signalprop.lab import STUDY_NAMES, get_study
-    from signalprop.lab.report import build_report
-
     wanted = resolve_names(list(names) if names else ["all"])
     outcomes = [
         run_study(n, out, quick=True, force=force, overrides=dict(get_study(n).SMOKE), log=log)

@@ -1,10 +1,22 @@
 """The probe: hooks on a model's modules and optimiser that record the forward and backward
 signal per layer, per step, into a :class:`~signalprop.record.Record`.
 
-Cost model (see shared performance notes): per-module Python work on every step is what makes
-instrumentation slow. Hooks here only *stash references* to tensors that autograd keeps alive
-anyway; all statistics are computed at the end of the step in bulk (layers of one shape stacked
-into one tensor, norms through ``torch._foreach_norm``) and moved to the CPU in one transfer.
+Cost model (measured; see benchmarks/probe_overhead.py and the shared performance notes): on a
+GPU a small training step is bound by kernel launches and host synchronisation, on a CPU by
+per-operation dispatch; memory is bound by what the probe keeps alive while autograd holds the
+activations. So:
+
+- Unrecorded steps run with no module hooks (PyTorch's fast call path) and no host read.
+- On a recorded step each call site's forward hook copies a fixed strided *sample* of at most
+  ``max_forward_samples`` values of the output with one gather (outputs autograd would free are
+  not kept alive, and a later in-place op cannot change the sample) and, for rectifiers, which
+  units were active anywhere in the batch. The gradient hook reduces dL/dh to its norm at once.
+- At the end of the step every statistic is computed in bulk on the device (samples of all
+  sites stacked: one launch per metric family; norms through ``torch._foreach_norm``) and
+  reaches the host in ONE transfer (the step's only host synchronisation); the update ratios
+  of a step travel with the next step's transfer (or when :attr:`Probe.record` is read).
+- Update ratios come from the optimiser's own update where it has a closed form (SGD, Adam,
+  AdamW; :mod:`signalprop.probe.update`), else from a copy of the weights on recorded steps.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,9 +36,13 @@ from signalprop.probe import recurrent
 from signalprop.probe.functional import ProbeMode
 from signalprop.probe.modules import activation_kind, watched_modules
 from signalprop.probe.schedule import Schedule, as_schedule
+from signalprop.probe.update import UpdateNorms, device_norms, host_tensor
 from signalprop.record import MODEL, TIME_PREFIX, LayerInfo, Record
 
 _Metrics = list[tuple[str, str]]  # (layer, metric) names matching a flat value vector
+
+#: Default ``flush_every`` on an accelerator: recorded steps whose values wait on the device.
+FLUSH_EVERY_ACCELERATOR: int = 16
 
 
 class Probe:
@@ -56,14 +73,25 @@ class Probe:
         weights: Record parameter gradient norms, weight norms and update ratios.
         percentiles: Percentiles of each output (in percent).
         max_percentile_samples: Percentiles are estimated from a strided subsample of at most
-            this many values per layer (``None``: exact).
-        max_forward_samples: Moments and saturated fractions are computed on the first batch
-            rows holding at most this many values per layer (``None``: the whole output).
+            this many of the forward sample's values (``None``: all of them).
+        max_forward_samples: Moments, percentiles, saturated fractions and NaN/Inf counts of an
+            output are computed on a fixed strided sample of at most this many of its values,
+            copied in the forward hook (default :data:`signalprop.stats.MAX_FORWARD_SAMPLES`;
+            ``None``: the whole output, kept alive until the end of the step). Dead fractions
+            always use the whole batch.
         saturation_ratio: A unit counts as saturated when |phi'| < ratio * max|phi'|.
         modules: Optional filter ``(name, module) -> bool`` on the watched modules.
         record: An existing record to append to.
         on_record: Callables ``f(step, values)`` invoked after each recorded step with that
             step's ``values[layer][metric]`` (live writers: TensorBoard, Lightning loggers).
+        flush_every: Recorded steps whose values stay on the device before one non-blocking
+            copy to pinned host memory, stored in the record once it has landed (never
+            waiting for the device) or when :attr:`record` is read (``None``: 1 on the CPU,
+            :data:`FLUSH_EVERY_ACCELERATOR` on an accelerator). 1: each recorded step's values
+            reach the host at once, in one transfer (its one synchronisation). Deferred only
+            when the probe steps with its own optimiser and has no ``on_record`` listeners;
+            NaN/Inf counts of a step are then taken on the device once a non-finite value has
+            been seen (until then a non-finite norm records its count as NaN: not counted).
     """
 
     def __init__(
@@ -85,9 +113,13 @@ class Probe:
         | Iterable[Callable[[int, dict[str, dict[str, float]]], None]]
         | None = None,
         scaler: Any = None,
+        flush_every: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
+        # compiled modules (torch.compile's wrapper, or module.compile() in place) run their
+        # recorded steps eagerly: hooks added after compilation never run inside the graph
+        self._compiled = _compiled_modules(model)
         model = unwrap(model)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
@@ -109,7 +141,16 @@ class Probe:
         self.max_forward_samples = max_forward_samples
         self._buffers: list[torch.Tensor] | None = None
         self.saturation_ratio = float(saturation_ratio)
-        self.record = record if record is not None else Record()
+        self._record = record if record is not None else Record()
+        if flush_every is not None and (isinstance(flush_every, bool) or int(flush_every) < 1):
+            raise ValueError(f"flush_every must be an int >= 1 or None, got {flush_every!r}")
+        self._ratios: tuple[int, list[str], torch.Tensor] | None = None
+        self._since_transfer = 0
+        self._queue: list[tuple[int, str, _Metrics, torch.Tensor, bool]] = []
+        self._inflight: list[tuple[torch.Tensor, Any, list[Any]]] = []
+        dev = self.params[0][1].device if self.params else torch.device("cpu")
+        self.flush_every = int(flush_every) if flush_every is not None else (
+            1 if dev.type == "cpu" else FLUSH_EVERY_ACCELERATOR)
         self.step_index = 0
         if on_record is None:
             self.on_record: list[Callable[[int, dict[str, dict[str, float]]], None]] = []
@@ -160,6 +201,15 @@ class Probe:
         self._stepped_opts: set[int] = set()
         self._stash: dict[int, int] = {}  # data_ptr of a stashed output -> its site
         self._rnn_tmp: dict[int, tuple[list[list[torch.Tensor]], dict[str, Any]]] = {}
+        self._stride_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        # update ratios of the last recorded step, on the device until the next transfer
+        self._ratios: tuple[int, list[str], torch.Tensor] | None = None
+        self._updates: UpdateNorms | None = None
+        self._no_ratio = False
+        self._param_names = [n for n, _ in self.params]
+        self._param_of = dict(self.params)
+        self._ratio_names = [(n, "update_ratio") for n, _ in self.params]
+        self._uncounted = False
         # what module hooks cannot see (functional activations, residual adds, norm placement,
         # parameters used outside a module call) is read by a torch-function mode around the
         # forward: on the first recorded step (the mapping step), then only if needed
@@ -190,12 +240,117 @@ class Probe:
         # what the module types say (the measured facts below override these)
         for k, v in architecture_facts(model).items():
             if v is not None:
-                self.record.meta.setdefault(k, v)
-        self.record.meta.setdefault("model", type(model).__name__)
-        self.record.meta.setdefault("num_parameters", sum(p.numel() for _, p in self.params))
-        self.record.meta.setdefault("schedule", str(self.schedule))
-        self.record.meta.setdefault("percentiles", list(self.percentiles))
-        self.record.meta.setdefault("saturation_ratio", self.saturation_ratio)
+                self._record.meta.setdefault(k, v)
+        self._record.meta.setdefault("model", type(model).__name__)
+        self._record.meta.setdefault("num_parameters", sum(p.numel() for _, p in self.params))
+        self._record.meta.setdefault("schedule", str(self.schedule))
+        self._record.meta.setdefault("percentiles", list(self.percentiles))
+        self._record.meta.setdefault("saturation_ratio", self.saturation_ratio)
+
+    @property
+    def record(self) -> Record:
+        """The record, with every recorded step's values (reading it brings the values still
+        on the device to the host: it may wait for the device)."""
+        self.flush()
+        return self._record
+
+    @record.setter
+    def record(self, value: Record) -> None:
+        self.flush()
+        self._record = value
+
+    def flush(self, wait: bool = True) -> None:
+        """Bring every value still on the device into the record.
+
+        Args:
+            wait: Wait for copies in flight (``False``: store only the copies that have
+                landed; the training path never waits).
+        """
+        if wait:
+            self._start_transfer()
+        while self._inflight:
+            host, event, entries = self._inflight[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self._inflight.pop(0)
+            self._materialise(host, entries)
+        if wait:
+            self._flush_ratios()
+
+    @property
+    def _deferring(self) -> bool:
+        return (self.flush_every > 1 and bool(self.optimizers) and not self.on_record
+                and self.reducer is None)
+
+    def _start_transfer(self) -> None:
+        """One non-blocking copy of every queued value to pinned host memory."""
+        if not self._queue:
+            return
+        entries, self._queue = self._queue, []
+        vec = torch.cat([e[3] for e in entries])
+        if vec.device.type == "cuda":
+            host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
+            host.copy_(vec, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        elif vec.device.type == "cpu":
+            host, event = vec, None
+        else:  # other accelerators: a plain copy
+            host, event = vec.cpu(), None
+        self._inflight.append((host, event, entries))
+
+    def _materialise(self, host: torch.Tensor, entries: list[Any]) -> None:
+        flat = host.tolist()
+        pos = 0
+        for step, kind, names, vec, uncounted in entries:
+            vals = flat[pos : pos + vec.numel()]
+            pos += vec.numel()
+            row = self._record.data.setdefault(int(step), {})
+            for (layer, metric), v in zip(names, vals, strict=True):
+                d = row.get(layer)
+                if d is None:
+                    d = row[layer] = {}
+                d[metric] = v
+            if kind == "pre":
+                self._fix_deferred(row, uncounted)
+
+    def _fix_deferred(self, row: dict[str, dict[str, float]], uncounted: bool) -> None:
+        """Host-side fix-ups of a deferred step (its tensors are gone): clip bookkeeping, and
+        NaN/Inf counts where the device did not take them (NaN: not counted)."""
+        d = row.get(MODEL, {})
+        a, b = d.get("grad_norm_total"), d.get("grad_norm_total_clipped")
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
+            if abs(a - b) <= 1e-5 * max(abs(a), 1e-30):
+                del d["grad_norm_total_clipped"]
+        for d in row.values():
+            n = d.get("out_grad_norm")
+            if n is not None and not math.isfinite(n):
+                _COUNT_NONFINITE[0] = True
+                if uncounted:
+                    d["out_grad_nonfinite"] = math.nan
+            m = d.get("out_mean")
+            if m is not None and "out_nonfinite" not in d:  # exact mode: outputs are gone
+                d["out_nonfinite"] = 0.0 if math.isfinite(m) else math.nan
+            g = d.get("grad_norm")
+            if g is not None and "grad_nonfinite" not in d:
+                if math.isfinite(g):
+                    d["grad_nonfinite"] = 0.0
+                else:
+                    _COUNT_NONFINITE[0] = True
+                    d["grad_nonfinite"] = math.nan
+
+    def _flush_ratios(self) -> None:
+        if self._ratios is not None:
+            step, names, t = self._ratios
+            self._ratios = None
+            self._store_ratios(step, names, t.tolist())
+
+    def _store_ratios(self, step: int, names: list[str], vals: list[float]) -> None:
+        row = self._record.data.setdefault(int(step), {})
+        for n, r in zip(names, vals, strict=True):
+            row.setdefault(n, {})["update_ratio"] = r
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -228,6 +383,9 @@ class Probe:
             )
         if self.scaler is not None:
             self._handles.append(_ScalerHook(self.scaler, ref))
+        if self.weights and len(self.optimizers) == 1 and self._updates is None:
+            # ||dW|| from the optimiser's own state where it has a closed form (no weight copy)
+            self._updates = UpdateNorms(self.optimizers[0], [p for _, p in self.params])
         self._stepped_opts: set[int] = set()
         self._set_active(bool(self.schedule(self.step_index)))
         return self
@@ -235,6 +393,8 @@ class Probe:
     def _set_active(self, active: bool) -> None:
         if active and not self._fwd_handles and self._handles:
             ref = self._ref
+            for cm in self._compiled:
+                self._fwd_handles.append(_EagerPatch(cm))
             self._fwd_handles.append(
                 self.model.register_forward_pre_hook(partial(_root_pre_hook, ref))
             )
@@ -262,7 +422,8 @@ class Probe:
                     self._fwd_handles.append(
                         _ForwardPatch(m, partial(fn, m, partial(_rnn_stash, ref, i)))
                     )
-            if self.forward:
+            if self.forward and self.max_forward_samples is None:
+                # (sampled outputs are copies taken as the module returns: nothing to guard)
                 for m in self.model.modules():
                     if getattr(m, "inplace", False) is True:
                         # an in-place activation overwrites the output of the layer before
@@ -292,6 +453,9 @@ class Probe:
             h.remove()
         self._handles.clear()
         self._clear()
+        if self._updates is not None:
+            self._updates.release()
+        self.flush()
 
     def __enter__(self) -> Probe:
         # nested ``with probe:`` blocks: only the outermost exit detaches (an inner exit used to
@@ -354,6 +518,7 @@ class Probe:
         the weights; finish the step's record and advance the step counter."""
         if not update_ratios:
             self._snapshot = None
+            self._no_ratio = True
         self._post_step()
 
     def pending(self) -> dict[str, dict[str, float]] | None:
@@ -382,6 +547,25 @@ class Probe:
                 s.outs[k] = o.clone()
         del self._stash[x.data_ptr()]
 
+    def _sample(self, t: torch.Tensor) -> torch.Tensor:
+        """A fixed strided sample of at most ``max_forward_samples`` values of ``t``, copied
+        with one gather (row-major order, any layout)."""
+        k = self.max_forward_samples
+        assert k is not None
+        n = t.numel()
+        key = (n, t.shape[-1] if t.dim() else 1, t.device)
+        idx = self._stride_cache.get(key)
+        if idx is None:
+            row = key[1]
+            # a stride coprime with the row length, so the sample visits every unit position
+            # rather than the same few units of each example
+            step = max(1, -(-n // k))
+            while step > 1 and math.gcd(step, row) != 1:
+                step += 1
+            idx = torch.arange(0, n, step, device=t.device)[:k]
+            self._stride_cache[key] = idx
+        return torch.take(t, idx)
+
     @property
     def layer_map(self) -> list[str]:
         """Names of the recorded call sites in forward execution order (the signal path)."""
@@ -396,6 +580,8 @@ class Probe:
             self._pre_step()
 
     def _opt_post(self, k: int) -> None:
+        if self._updates is not None:
+            self._updates.advance()  # every step, recorded or not: Adam's step count
         self._stepped_opts.add(k)
         if len(self._stepped_opts) >= len(self.optimizers):
             self._post_step()
@@ -417,6 +603,7 @@ class Probe:
             if self._pending is not None:
                 self._pending.setdefault(MODEL, {})["skipped_step"] = 1.0
         self._snapshot = None
+        self._no_ratio = True
         self._post_step()
 
     # ---- internals ------------------------------------------------------------------------------
@@ -438,6 +625,7 @@ class Probe:
         self._stepped_opts = set()
         self._stash = {}
         self._rnn_tmp = {}
+        self._no_ratio = False
         self._producer = {}
         self._stack = []
         for v in self._block_grads.values():
@@ -506,9 +694,13 @@ class Probe:
         for name, mod, x in reversed(self._stack):
             if x is not None and next(mod.children(), None) is not None and any(
                     a is x for a in ops):
-                self._blocks.setdefault(name, {"type": type(mod).__name__,
-                                               "depth": self._entry.get(name, 0),
-                                               "norm_placement": None})
+                if name not in self._blocks:
+                    self._blocks[name] = {"type": type(mod).__name__,
+                                          "depth": self._entry.get(name, 0),
+                                          "norm_placement": None}
+                    if self.backward and x.requires_grad:  # the mapping step's own stream
+                        x.register_hook(partial(
+                            _grad_hook, self._block_grads.setdefault(name, []), None))
                 break
         if isinstance(out, torch.Tensor):
             self._producer[id(out)] = ("add", out)
@@ -544,8 +736,8 @@ class Probe:
         every parameter, placed at the first site of the module that owns it."""
         for j in range(self._declared, len(self._sites)):
             s = self._sites[j]
-            shape = list(s.outs[0].shape[1:]) if s.outs else None
-            self.record.add_layer(
+            shape = list(s.shape) if s.shape is not None else None
+            self._record.add_layer(
                 LayerInfo(
                     name=s.name,
                     type=s.type,
@@ -603,7 +795,7 @@ class Probe:
                     info.placement = (
                         "used outside any module call: not placed on the signal path"
                     )
-            self.record.add_layer(info)
+            self._record.add_layer(info)
         self._params_declared = True
         self._declare_blocks()
 
@@ -612,15 +804,15 @@ class Probe:
         if not self._blocks:
             return
         for name, b in self._blocks.items():
-            self.record.add_layer(LayerInfo(
+            self._record.add_layer(LayerInfo(
                 name=name, type=b["type"], role="block", depth=b["depth"] or 0,
                 module=name, residual=True, norm_placement=b["norm_placement"]))
         # measured: a block added its own input to its output
-        self.record.meta["residual"] = True
-        self.record.meta["residual_blocks"] = list(self._blocks)
+        self._record.meta["residual"] = True
+        self._record.meta["residual_blocks"] = list(self._blocks)
         places = {b["norm_placement"] for b in self._blocks.values() if b["norm_placement"]}
         if places:
-            self.record.meta["norm_placement"] = places.pop() if len(places) == 1 else "mixed"
+            self._record.meta["norm_placement"] = places.pop() if len(places) == 1 else "mixed"
 
     def _pre_step(self) -> None:
         """Gradients are ready: compute everything except update ratios."""
@@ -652,7 +844,7 @@ class Probe:
             tensors += [p.detach() for p in params]
             tnames += [(n, "weight_norm") for n, _ in self.params]
         if tensors:
-            allnorms = stats.norms(tensors)
+            allnorms = device_norms(tensors)  # no host read (CPU underflow: re-checked below)
             if n_grads and scale != 1.0:
                 allnorms = torch.cat([allnorms[:n_grads] / scale, allnorms[n_grads:]])
             values.append(allnorms)
@@ -676,12 +868,16 @@ class Probe:
             ):
                 # gradients changed in place since backward (clip_grad_norm_, unscale_): the
                 # global norm the optimiser will actually use
-                after = stats.norms(grads).square().sum().sqrt()
+                after = device_norms(grads).square().sum().sqrt()
                 if not self._unscaled_by_scaler():
                     after = after / scale
                 values.append(after.reshape(1))
                 names.append((MODEL, "grad_norm_total_clipped"))
-        if self.weights:
+        if self.weights and self._updates is not None:
+            # update norms from the optimiser's state after the step (SGD: known now)
+            self._updates.before(self._current_grad_norms(pre, allnorms if tensors else None,
+                                                          n_grads, scale))
+        elif self.weights:
             if self.optimizers:
                 # one fused copy of all parameters into persistent buffers, for
                 # ||W_after - W_before|| after the step
@@ -695,16 +891,75 @@ class Probe:
                 self._snapshot = self._buffers
         for k, v in self._scalars.items():
             n = self._scalar_counts.get(k, 1)
-            t = torch.as_tensor(v, dtype=torch.float32).reshape(-1)[:1].cpu()
-            values.append(t / n if n > 1 else t)
+            t = v if isinstance(v, torch.Tensor) else torch.tensor([v], dtype=torch.float32)
+            values.append(t / n if n > 1 else t)  # stays on its device until the transfer
             names.append((MODEL, k))
         if self.scaler is not None:
             values.append(torch.tensor([scale], dtype=torch.float64))
             names.append((MODEL, "loss_scale"))
+        if self.optimizers:
+            # the rate this step uses (learning-rate schedulers change it between steps)
+            lr = self.optimizers[0].param_groups[0].get("lr")
+            if isinstance(lr, int | float) or (isinstance(lr, torch.Tensor) and lr.numel() == 1):
+                # (a tensor rate stays where it is: it travels with the step's one transfer)
+                values.append(torch.as_tensor(lr, dtype=torch.float64).reshape(1))
+                names.append((MODEL, "lr"))
+        if self._deferring:
+            # values stay on the device; host-side additions (skipped_step) go to _pending
+            if self.weights and _COUNT_NONFINITE[0]:
+                with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+                if with_grad:
+                    values.append(torch.stack([(~torch.isfinite(g)).sum() for _, g in with_grad]))
+                    names += [(n, "grad_nonfinite") for n, _ in with_grad]
+            self._enqueue("pre", values, names, self._uncounted)
+            self._uncounted = False
+            self._pending = {}
+            self._note_unchecked()
+            return
         self._pending = self._to_dict(values, names)
         self._note_unchecked()
         self._drop_unchanged_clip()
-        self._fix_nonfinite_counts()
+        self._fix_nonfinite_counts(scale)
+
+    def _current_grad_norms(
+        self, pre: Any, allnorms: torch.Tensor | None, n_grads: int, scale: float
+    ) -> torch.Tensor | None:
+        """||g|| of every parameter as the optimiser will see it (0 without a gradient); only
+        the closed form of plain SGD needs it."""
+        if self._updates is None or self._updates.method != "sgd":
+            return None
+        have = [i for i, (_, p) in enumerate(self.params) if p.grad is not None]
+        if not have:
+            return None
+        grads = [self.params[i][1].grad for i in have]
+        reuse = None
+        if pre is not None:
+            pnames, pnorms, versions = pre
+            if scale == 1.0 and len(versions) == len(grads) and all(
+                g._version == v for g, v in zip(grads, versions, strict=True)
+            ):
+                reuse = pnorms
+        elif allnorms is not None and n_grads == len(grads) and scale == 1.0:
+            reuse = allnorms[:n_grads]
+        norms = reuse if reuse is not None else device_norms(grads)
+        if len(have) == len(self.params):
+            return norms
+        out = torch.zeros(len(self.params), dtype=torch.float64, device=norms.device)
+        return out.index_copy_(0, host_tensor(have, torch.long, norms.device), norms)
+
+    def _enqueue(self, kind: str, values: list[torch.Tensor], names: _Metrics,
+                 uncounted: bool) -> None:
+        parts = [v.detach().reshape(-1) for v in values]
+        if not parts:
+            return
+        devs = [p.device for p in parts if p.device.type != "cpu"]
+        dev = devs[0] if devs else torch.device("cpu")
+        vec = torch.cat(
+            [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts]
+        ).to(torch.float64)
+        if vec.numel() != len(names):  # a bug, never user error
+            raise RuntimeError(f"probe bookkeeping mismatch: {vec.numel()} values, {len(names)} names")
+        self._queue.append((self.step_index, kind, names, vec, uncounted))
 
     def _gate_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
         # recurrent gates (sigmoid): saturated fraction and mean over batch, units, time steps
@@ -718,16 +973,16 @@ class Probe:
 
     def _note_unchecked(self) -> None:
         """Write down, once per layer, which statistic could not be measured and why."""
-        notes = self.record.meta.setdefault("unchecked", {})
+        notes = self._record.meta.setdefault("unchecked", {})
         for j in self._used:
             s = self._sites[j]
             if s.unchecked and s.name not in notes:
                 notes[s.name] = s.unchecked
-                info = self.record.layers.get(s.name)
+                info = self._record.layers.get(s.name)
                 if info is not None and info.unchecked is None:
                     info.unchecked = s.unchecked
         if not notes:
-            del self.record.meta["unchecked"]
+            del self._record.meta["unchecked"]
 
     def _drop_unchanged_clip(self) -> None:
         # the gradients were touched in place but their global norm did not change (unscale_
@@ -767,28 +1022,51 @@ class Probe:
         if not with_grad:
             return
         grads = [g for _, g in with_grad]
-        self._witness = dict(self.params).get(with_grad[0][0])
-        self._preclip = ([n for n, _ in with_grad], stats.norms(grads), [g._version for g in grads])
+        self._witness = self._param_of[with_grad[0][0]]
+        self._preclip = ([n for n, _ in with_grad], device_norms(grads), [g._version for g in grads])
 
     def _post_step(self) -> None:
         """The optimiser has stepped: update ratios, then move to the next step."""
         if self._active and self._pending is not None:
-            if self._snapshot is not None:
-                params = [p.detach() for _, p in self.params]
-                den = self._pending_weight_norms
-                torch._foreach_sub_(self._snapshot, params)  # in place: buffer := W_before - W_after
-                num = stats.norms(self._snapshot)
+            num: torch.Tensor | None = None
+            den = self._pending_weight_norms
+            if self.weights and not self._no_ratio:
+                if self._snapshot is not None:
+                    params = [p.detach() for _, p in self.params]
+                    torch._foreach_sub_(self._snapshot, params)  # buffer := W_before - W_after
+                    num = device_norms(self._snapshot)
+                elif self._updates is not None and self._updates.ready:
+                    num = self._updates.after()
+            if num is not None:
                 if self.reducer is not None:
                     num, den = self.reducer.update_norms(num, den)
-                ratio = (num / den.clamp_min(1e-30)).tolist()
-                for (n, _), r in zip(self.params, ratio, strict=True):
-                    self._pending.setdefault(n, {})["update_ratio"] = r
+                ratio = num / den.clamp_min(1e-30)
+                if self.on_record or self.reducer is not None or self._updates is None:
+                    # listeners, other ranks and hand-driven steps see the step complete now
+                    for (n, _), r in zip(self.params, ratio.tolist(), strict=True):
+                        self._pending.setdefault(n, {})["update_ratio"] = r
+                elif self._deferring:
+                    self._enqueue("post", [ratio], self._ratio_names, False)
+                else:
+                    # on the device until the next step's transfer (or reading the record)
+                    self._ratios = (self.step_index, self._param_names, ratio)
             self._commit()
+            if self._deferring:
+                self._since_transfer += 1
+                if self._since_transfer >= self.flush_every:
+                    self._since_transfer = 0
+                    self._start_transfer()  # non-blocking; stored once landed
+                if self._inflight:
+                    self.flush(wait=False)  # store copies that have landed; never wait
+        if self._updates is not None:
+            self._updates.ready = False
+            if self._active and not self.schedule(self.step_index + 1):
+                self._updates.release()  # no weight copy held through unrecorded steps
         if self._active and self._mapping and self._sites:
             # the map is drawn: keep the function mode only where module hooks cannot see
             # (functional activations); residual blocks get their input hooks from now on
             if self._nforward == 0 and not self._root_watched and self._use_mode:
-                self.record.meta.setdefault("unchecked", {})[type(self.model).__name__] = (
+                self._record.meta.setdefault("unchecked", {})[type(self.model).__name__] = (
                     "the model itself was never called (the loop calls its submodules): "
                     "functional activations, residual additions and parameters used outside "
                     "module calls were not observed")
@@ -801,7 +1079,11 @@ class Probe:
 
     def _commit(self) -> None:
         if self._pending is not None:
-            self.record.add_many(self.step_index, self._pending)
+            if self.step_index not in self._record.data:
+                # the step's fresh dicts become the record's row (no copy of ~10 values/layer)
+                self._record.data[self.step_index] = self._pending
+            else:
+                self._record.add_many(self.step_index, self._pending)
             for fn in self.on_record:
                 fn(self.step_index, self._pending)
         self._pending = None
@@ -812,7 +1094,9 @@ class Probe:
             s = self._sites[j]
             if not s.outs:
                 continue
-            if any(t._version != v for t, v in zip(s.outs, s.versions, strict=True)):
+            if s.versions and any(
+                t._version != v for t, v in zip(s.outs, s.versions, strict=True)
+            ):
                 # overwritten in place after it was recorded (an in-place op the probe did not
                 # see coming): its statistics would describe another tensor
                 s.unchecked = "its output was modified in place after it was recorded"
@@ -820,7 +1104,8 @@ class Probe:
                 continue
             t = s.outs[0]
             if len(s.outs) > 1:
-                # micro-batches, time steps of a recurrent cell (same trailing shape)
+                # micro-batches, time steps of a recurrent cell (same trailing shape; samples
+                # are 1-D)
                 t = torch.cat(s.outs, 0)
                 if s.ins:
                     same_in = all(x.shape[1:] == s.ins[0].shape[1:] for x in s.ins)
@@ -828,14 +1113,20 @@ class Probe:
             s.outs = [t]
             groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(j)
         for idx in groups.values():
-            full = [self._sites[j].outs[0] for j in idx]
-            rows = _rows_for(full[0], self.max_forward_samples)
-            x = torch.stack([t[:rows] for t in full]) if rows else torch.stack(full)  # [G, b, ...]
-            mean, std = stats.moments(x)
-            pct = stats.percentiles(x, self.percentiles, self.max_percentile_samples)
+            x = torch.stack([self._sites[j].outs[0] for j in idx])  # [G, k] samples, or outputs
+            xf = stats.flat_rows(x)
+            mean, std = stats.moments(xf)
+            pct = stats.percentiles(xf, self.percentiles, self.max_percentile_samples)
             values += [mean, std, pct.T.reshape(-1)]
             names += self._group_names(tuple(idx))
-            self._activation_stats(idx, x, rows, values, names)
+            if self._deferring and self.max_forward_samples is not None:
+                # NaN/Inf in the samples, scaled to the outputs' size (tensors gone by the
+                # time the host sees the values)
+                sc = host_tensor([self._sites[j].numel / xf.shape[1] for j in idx],
+                                 torch.float64, xf.device)
+                values.append(stats.nonfinite_count(xf).double() * sc)
+                names += [(self._sites[j].name, "out_nonfinite") for j in idx]
+            self._activation_stats(idx, x, xf, values, names)
 
     def _group_names(self, idx: tuple[int, ...]) -> _Metrics:
         # the (layer, metric) labels of a group's moments and percentiles; cached because the
@@ -866,7 +1157,7 @@ class Probe:
         self,
         idx: list[int],
         x: torch.Tensor,
-        rows: int | None,
+        xf: torch.Tensor,
         values: list[torch.Tensor],
         names: _Metrics,
     ) -> None:
@@ -880,7 +1171,8 @@ class Probe:
             layer = [s.name for s in sites]
             if kind in stats.SATURATING:
                 if stats.SATURATING[kind][0]:
-                    src = x[js]
+                    src = xf if len(js) == len(idx) else xf.index_select(
+                        0, host_tensor(js, torch.long, xf.device))  # (a list index syncs)
                 else:
                     ins = [s.ins[0] if s.ins else None for s in sites]
                     ok = [j for j, t in zip(js, ins, strict=True) if t is not None
@@ -890,11 +1182,20 @@ class Probe:
                             s.unchecked = s.unchecked or "its input was not available"
                         src = None
                     else:
-                        src = torch.stack([t[:rows] for t in ins])
+                        src = torch.stack(ins)
                 if src is not None:
                     values.append(stats.saturated_fraction(src, kind, self.saturation_ratio).float())
                     names += [(n, "saturated_frac") for n in layer]
-            if kind in stats.RECTIFIERS:
+            if kind in stats.RECTIFIERS and all(s.alive for s in sites):
+                # dead = inactive for the WHOLE batch: active units were noted in the hook
+                dead = [
+                    1.0 - (s.alive[0] if len(s.alive) == 1 else torch.stack(s.alive).any(0))
+                    .float().mean()
+                    for s in sites
+                ]
+                values.append(torch.stack(dead))
+                names += [(n, "dead_frac") for n in layer]
+            elif kind in stats.RECTIFIERS:
                 # dead = inactive for the WHOLE batch: use every row, not the subsample
                 chan = [s.conv or s.outs[0].dim() >= 4 for s in sites]
                 for flag in (True, False):
@@ -947,7 +1248,11 @@ class Probe:
             bv = torch.tensor(bads, dtype=torch.float64)
         else:
             nv = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in norms])
-            bv = torch.stack([torch.as_tensor(v) for v in bads]).to(torch.float64)
+            if any(b is None for b in bads):  # not counted (healthy so far): see _fix_...
+                bv = torch.zeros(len(bads), dtype=torch.float64, device=nv.device)
+                self._uncounted = True
+            else:
+                bv = torch.stack([torch.as_tensor(v) for v in bads]).to(torch.float64)
         if scale != 1.0:
             nv = nv / scale  # dL/dh of the unscaled loss
         values += [nv[: len(layer)], bv]
@@ -958,11 +1263,24 @@ class Probe:
             names += tnames
 
     def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
-        vec = (
-            torch.cat([v.detach().reshape(-1).to("cpu", torch.float64) for v in values])
-            if values
-            else torch.zeros(0, dtype=torch.float64)
-        )
+        parts = [v.detach().reshape(-1) for v in values]
+        carried = self._ratios  # the previous recorded step's update ratios ride along
+        self._ratios = None
+        if carried is not None:
+            parts.append(carried[2].reshape(-1))
+        if parts:
+            devs = [p.device for p in parts if p.device.type != "cpu"]
+            dev = devs[0] if devs else torch.device("cpu")
+            vec = torch.cat(
+                [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts]
+            ).to(torch.float64)
+            vec = vec.cpu()  # the step's ONE transfer (its only host synchronisation)
+        else:
+            vec = torch.zeros(0, dtype=torch.float64)
+        if carried is not None:
+            n = len(carried[1])
+            self._store_ratios(carried[0], carried[1], vec[len(vec) - n :].tolist())
+            vec = vec[: len(vec) - n]
         if self.reducer is not None:  # across ranks, before anything is recorded
             names, vec = self.reducer.reduce(names, vec)
         flat = vec.tolist()
@@ -970,19 +1288,31 @@ class Probe:
             raise RuntimeError(f"probe bookkeeping mismatch: {len(flat)} values, {len(names)} names")
         out: dict[str, dict[str, float]] = {}
         for (layer, metric), v in zip(names, flat, strict=True):
-            out.setdefault(layer, {})[metric] = v
+            d = out.get(layer)
+            if d is None:
+                d = out[layer] = {}
+            d[metric] = v
         return out
 
-    def _fix_nonfinite_counts(self) -> None:
-        """Count NaN/Inf entries exactly, but only where a norm or moment was non-finite.
-
-        A norm or mean is non-finite whenever any entry is, so healthy steps pay nothing here.
+    def _fix_nonfinite_counts(self, scale: float = 1.0) -> None:
+        """Host-side fix-ups, right after the step's transfer (rare paths: healthy steps only
+        scan). NaN/Inf entries are counted exactly (on the forward sample when the output was
+        sampled, scaled to the output's size) where a norm or moment was non-finite; float32
+        parameter norms (the CPU's) that may have under- or overflowed are redone in float64.
         Counts are recorded (as 0 or more) for every layer so a NaN is counted, never dropped.
         """
         pending = self._pending
         assert pending is not None
         pos = {s.name: s for s in self._sites}
-        pidx = {n: p for n, p in self.params}
+        pidx = dict(self.params)
+        refix = False
+        uncounted, self._uncounted = self._uncounted, False
+        for d in pending.values():
+            n = d.get("out_grad_norm")
+            if n is not None and not math.isfinite(n):
+                _COUNT_NONFINITE[0] = True  # count from the next recorded step on
+                if uncounted:
+                    d["out_grad_nonfinite"] = math.nan  # not counted on this step
         for layer, d in pending.items():
             if layer == MODEL:
                 continue
@@ -990,17 +1320,44 @@ class Probe:
                 s = pos[layer]
                 if "out_mean" in d:
                     bad = not (math.isfinite(d["out_mean"]) and math.isfinite(d["out_std"]))
-                    d["out_nonfinite"] = (
-                        float(stats.nonfinite_count(s.outs[0].unsqueeze(0))[0])
-                        if bad and s.outs
-                        else 0.0
-                    )
-            elif layer in pidx and "grad_norm" in d:
-                g = pidx[layer].grad
-                bad = not math.isfinite(d["grad_norm"])
+                    cnt = 0.0
+                    if bad and s.outs:
+                        t = s.outs[0]
+                        cnt = float(stats.nonfinite_count(t.reshape(1, -1))[0])
+                        if s.numel > t.numel():  # a sample: scaled to the whole output
+                            cnt = round(cnt * s.numel / t.numel())
+                    d["out_nonfinite"] = cnt
+                continue
+            p = pidx.get(layer)
+            if p is None:
+                continue
+            if "grad_norm" in d:
+                g = p.grad
+                gn = d["grad_norm"]
                 d["grad_nonfinite"] = (
-                    float(stats.nonfinite_count(g.unsqueeze(0))[0]) if bad and g is not None else 0.0
+                    float(stats.nonfinite_count(g.unsqueeze(0))[0])
+                    if not math.isfinite(gn) and g is not None
+                    else 0.0
                 )
+                if (
+                    g is not None
+                    and g.is_floating_point()
+                    and g.dtype != torch.float64
+                    and not _RECHECK_BELOW <= gn < math.inf
+                ):
+                    v = float(torch.linalg.vector_norm(g.double())) / scale
+                    if v != gn and not (math.isnan(v) and math.isnan(gn)):
+                        d["grad_norm"] = v
+                        refix = True
+            wn = d.get("weight_norm")
+            if wn is not None and not _RECHECK_BELOW <= wn < math.inf:
+                w = p.detach()
+                if w.is_floating_point() and w.dtype != torch.float64:
+                    d["weight_norm"] = float(torch.linalg.vector_norm(w.double()))
+        if refix and "grad_norm_total" in pending.get(MODEL, {}):
+            tot = [pending[n]["grad_norm"] for n, _ in self.params
+                   if "grad_norm" in pending.get(n, {})]
+            pending[MODEL]["grad_norm_total"] = math.sqrt(math.fsum(v * v for v in tot))
 
     def __repr__(self) -> str:
         return (
@@ -1026,7 +1383,8 @@ class _Site:
     """One call site of a watched module: one layer of the signal path."""
 
     __slots__ = ("name", "module", "type", "kind", "call", "loop", "outs", "ins", "versions",
-                 "ograds", "tgrads", "used", "unchecked", "gates", "depth", "conv")
+                 "ograds", "tgrads", "used", "unchecked", "gates", "depth", "conv", "shape", "numel",
+                 "alive")
 
     def __init__(self, name: str, module: str, type: str, kind: str | None, call: int,
                  loop: bool) -> None:
@@ -1043,6 +1401,9 @@ class _Site:
         self.used = False
         self.unchecked: str | None = None
         self.gates: dict[str, list[torch.Tensor]] = {}  # recurrent gate values this step
+        self.shape: tuple[int, ...] | None = None  # output shape without the batch dimension
+        self.numel = 0  # values output this step (a sample holds at most max_forward_samples)
+        self.alive: list[torch.Tensor] = []  # rectifiers: units active in the batch, per call
         self.depth = 0  # position on the signal path
         self.conv = False  # output of a convolutional stack: channel-first units
 
@@ -1053,6 +1414,7 @@ class _Site:
 
     def clear(self) -> None:
         self.outs, self.ins, self.versions = [], [], []
+        self.shape, self.numel, self.alive = None, 0, []
         self.ograds = []
         self.tgrads = []
         self.gates = {}
@@ -1066,8 +1428,10 @@ def _pool(g: list[tuple[Any, Any]]) -> tuple[Any, Any]:
         return g[0]
     if isinstance(g[0][0], float):
         return math.hypot(*(n for n, _ in g)), sum(b for _, b in g)
+    bads = [b for _, b in g]
     return (torch.linalg.vector_norm(torch.stack([n for n, _ in g])),
-            torch.stack([torch.as_tensor(b) for _, b in g]).sum())
+            None if any(b is None for b in bads)
+            else torch.stack([torch.as_tensor(b) for b in bads]).sum())
 
 
 class _Sentinel:
@@ -1101,26 +1465,56 @@ class _ScalerHook:
         vars(self.scaler).pop("update", None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module that actually runs: DDP/DataParallel wrappers are unwrapped to ``.module``.
+def _is_optimized(m: nn.Module) -> bool:
+    return type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")
 
-    Raises:
-        ValueError: for a model compiled with ``torch.compile`` (the compiled graph skips the
-            hooks registered after compilation, so the probe would record nothing).
-    """
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that actually runs: DDP/DataParallel wrappers are unwrapped to ``.module``,
+    ``torch.compile``'s wrapper to the original module (``._orig_mod``)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, DistributedDataParallel | DataParallel):
-        model = model.module
-    for name, m in model.named_modules():
-        if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
-            where = f"submodule {name!r} of the model" if name else "the model"
-            raise ValueError(
-                f"{where} was compiled with torch.compile: hooks added after compilation never "
-                "run, so the probe would record nothing; attach the probe to the uncompiled "
-                "module (model._orig_mod) or call model.compile() in place instead"
-            )
+    while isinstance(model, DistributedDataParallel | DataParallel) or _is_optimized(model):
+        model = model._orig_mod if _is_optimized(model) else model.module
     return model
+
+
+def _compiled_modules(model: nn.Module) -> list[nn.Module]:
+    """Compiled modules in ``model`` (torch.compile wrappers, modules compiled in place)."""
+    out = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if _is_optimized(m) or getattr(m, "_compiled_call_impl", None) is not None:
+            out.append(m)
+        stack.extend(m.children())
+        if isinstance(getattr(m, "module", None), nn.Module):
+            stack.append(m.module)
+    return out
+
+
+class _EagerPatch:
+    """Runs a compiled module eagerly until removed (the recorded steps only), so the probe's
+    hooks run; the compiled graph serves every other step."""
+
+    def __init__(self, m: nn.Module) -> None:
+        self.m = m
+        if _is_optimized(m):
+            self.attr, self.saved = "forward", vars(m).get("forward")
+            m.forward = m._orig_mod.__call__  # type: ignore[method-assign]
+        else:
+            self.attr, self.saved = "_compiled_call_impl", m._compiled_call_impl
+            m._compiled_call_impl = None
+
+    def remove(self) -> None:
+        if self.saved is None and self.attr == "forward":
+            vars(self.m).pop("forward", None)
+        else:
+            setattr(self.m, self.attr, self.saved)
 
 
 def _as_optimizers(
@@ -1202,6 +1596,9 @@ def _push_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
     p._stack.append((name, module, x if p._mapping else None))
     if p._mapping:
         p._entry.setdefault(name, len(p._path))
+        if name in p._blocks and p.backward and x is not None and x.requires_grad:
+            # a block found in an earlier forward of this step (micro-batches)
+            x.register_hook(partial(_grad_hook, p._block_grads.setdefault(name, []), None))
 
 
 def _pop_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -> None:
@@ -1283,14 +1680,24 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
     if not s.used:
         s.used = True
         p._used.append(j)
-    if p.forward and (not s.outs or s.outs[0].shape[1:] == out.shape[1:]):
+    if p.forward and (s.shape is None or s.shape == out.shape[1:]):
         # pooled over micro-batches and time steps when their shapes agree; an output of
         # another shape (dynamic padding) is left out of the forward statistics
-        s.outs.append(out.detach())
-        s.versions.append(out._version)
-        p._stash[out.data_ptr()] = j
-        if s.needs_input and inp is not None:
-            s.ins.append(inp.detach())
+        o = out.detach()
+        s.shape = o.shape[1:]
+        if p.max_forward_samples is None:  # exact: keep the output until the end of the step
+            s.outs.append(o)
+            s.versions.append(out._version)
+            p._stash[out.data_ptr()] = j
+            if s.needs_input and inp is not None:
+                s.ins.append(inp.detach())
+        else:  # a small copy now: nothing of the output is kept alive or seen overwritten
+            s.outs.append(p._sample(o))
+            s.numel += o.numel()
+            if s.needs_input and inp is not None:
+                s.ins.append(p._sample(inp.detach()))
+            if s.kind in stats.RECTIFIERS:
+                s.alive.append(_active_units(o, s.conv or o.dim() >= 4))
     if p.backward and out.requires_grad:
         if t >= 0:
             while len(s.tgrads) <= t:
@@ -1340,6 +1747,19 @@ def _attach_time(p: Probe, i: int, s: _Site, module: nn.Module) -> None:
                 h.register_hook(partial(_grad_hook, s.tgrads[t], None))
 
 
+def _active_units(h: torch.Tensor, channels: bool) -> torch.Tensor:
+    """Which units of a rectifier's output are active for some example: [units] bool. A unit
+    is a feature (the last dim, over batch and sequence positions) or, for convolutional maps
+    (``channels``), a channel (dim 1, over batch and all positions)."""
+    if h.dim() <= 1:
+        return (h.amax() > 0).reshape(1)
+    if h.dim() == 2:
+        return h.amax(dim=0) > 0
+    if channels:
+        return h.amax(dim=(0, *range(2, h.dim()))) > 0
+    return h.amax(dim=tuple(range(h.dim() - 1))) > 0
+
+
 def _inplace_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
     p = ref()
     if p is None or not p._active or not args or not isinstance(args[0], torch.Tensor):
@@ -1381,20 +1801,48 @@ def _requeue_end(ref: weakref.ref) -> None:
 
 def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tensor) -> None:
     # Runs inside backward for every watched output: reduce to a norm now, keep no tensor.
-    if g.device.type == "cpu":
-        n = float(torch.linalg.vector_norm(g))
-        bad = 0.0
-        if not 1e-18 <= n < math.inf:  # under/overflow while squaring in float32, or NaN/Inf
-            if g.is_floating_point() and g.dtype != torch.float64:
-                n = float(torch.linalg.vector_norm(g.to(torch.float64)))
-            if not math.isfinite(n):
-                bad = float((~torch.isfinite(g)).sum())
-        v = (n, bad)
-    else:  # no host synchronisation inside backward on an accelerator
-        v = (torch.linalg.vector_norm(g, dtype=torch.float64), (~torch.isfinite(g)).sum())
+    # Float32 squares underflow below ~1e-19 (vanishing gradients are exactly what is measured)
+    # and the gradient is gone by the time a host sees the norm, so the norm must be robust
+    # here. On the CPU: BLAS nrm2 (scaled, so no underflow; no temporary; ~4 us for 16k
+    # values), whose result is a host float: the CPU is the host, there is no device to wait
+    # for, and a NaN/Inf norm is followed by an exact count at once. On an accelerator: a
+    # float64 norm and the NaN/Inf count on the device, no host synchronisation.
+    nrm2 = _NRM2.get(g.dtype) if g.device.type == "cpu" else None
+    if nrm2 is not None and not g.requires_grad:
+        a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
+        n = float(nrm2(a))
+        v = (n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a))))
+    else:
+        # the NaN/Inf count costs launches and a bool temporary of g's size (412 MB for a
+        # GPT-2 logit gradient), so it is only taken once some probe has seen a non-finite
+        # value (None: not counted; recorded as NaN if the norm turns out non-finite)
+        v = (
+            torch.linalg.vector_norm(g, dtype=torch.float64),
+            (~torch.isfinite(g)).sum() if _COUNT_NONFINITE[0] else None,
+        )
     store.append(v)
     if tstore is not None:
         tstore.append(v)
+
+
+#: Whether gradient hooks on an accelerator count NaN/Inf entries: switched on for good once a
+#: probe has seen a non-finite norm (a diverging run), off while training is healthy.
+_COUNT_NONFINITE = [False]
+
+
+def _blas_nrm2() -> dict[torch.dtype, Callable[[np.ndarray], float]]:
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # then the CPU takes the accelerators' path (float64 norm)
+        return {}
+    return {torch.float32: blas.snrm2, torch.float64: blas.dnrm2}
+
+
+_NRM2 = _blas_nrm2()
+
+#: float32 norms below this (around the square root of the smallest normal float32) may have
+#: lost precision or underflowed while squaring: re-checked in float64 on the host.
+_RECHECK_BELOW = 1e-18
 
 
 def probe(model: nn.Module, **kwargs: Any) -> Probe:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from signalprop._registry import Registry, check_choice
+from signalprop.init import call_model
 from signalprop.remedies.activations import (
     RBF,
     RBFKernel,
@@ -82,7 +83,7 @@ def _no_units_error(model: nn.Module, what: str) -> ValueError:
     )
 
 
-def _io_shapes(model: nn.Module, batch: torch.Tensor, modules: list[nn.Module]) -> dict[int, Any]:
+def _io_shapes(model: nn.Module, batch: Any, modules: list[nn.Module]) -> dict[int, Any]:
     """id(module) -> (input shape, output shape, calls) from one forward pass on ``batch``."""
     seen: dict[int, list[Any]] = {}
     handles = []
@@ -99,7 +100,7 @@ def _io_shapes(model: nn.Module, batch: torch.Tensor, modules: list[nn.Module]) 
     try:
         model.eval()  # no batch-statistics side effects from the shape pass
         with torch.no_grad():
-            model(batch)
+            call_model(model, batch)  # a tensor, a tuple of inputs or a dict of keyword inputs
     finally:
         model.train(was)
         for h in handles:
@@ -191,6 +192,15 @@ def insert_norm(
     """
     check_choice("norm kind", kind, ("batchnorm", "layernorm"))
     check_choice("norm position", position, ("before", "after"))
+    seq = next((type(m).__name__ for m in model.modules() if isinstance(
+        m, (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)) or "Attention" in type(m).__name__),
+        None)
+    if seq is not None:
+        # their activations see [batch, time, features]: a norm chosen by the feature shape
+        # would normalise over time steps; these models place their own (layer) norms
+        raise ValueError(f"cannot insert {kind} into {type(model).__name__}: it has attention or "
+                         f"recurrent layers ({seq}), whose token/time features this rewrite "
+                         "does not handle")
     new = copy.deepcopy(model)
     units = _units(new)
     if not units:

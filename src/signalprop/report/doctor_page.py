@@ -9,7 +9,7 @@ from signalprop.report import figures as F
 from signalprop.report.html import figure_to_data_uri, render
 
 if TYPE_CHECKING:  # pragma: no cover
-    from signalprop.doctor import Report
+    from signalprop.diagnosis.report import Report
 
 TITLES = {
     "nonfinite": "Non-finite values (NaN/Inf)",

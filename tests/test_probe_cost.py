@@ -1,0 +1,286 @@
+"""The probe's cost contract, structurally (speed itself is in benchmarks/probe_overhead.py):
+
+- no host read of a tensor on the training path except in the recorded step's one transfer
+  (counted through a TorchFunctionMode that sees every ``.item()``, ``.tolist()``, ``.cpu()``,
+  ``bool()``, ...), none at all on unrecorded steps;
+- update ratios from the optimiser's own state agree with a copy of the weights (the oracle),
+  and no copy of the weights is held for SGD / Adam / AdamW;
+- update ratios that travel with the next transfer are never lost.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from signalprop.probe import Probe, core, every
+
+READS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.cpu,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+}
+
+
+PACKAGE = os.path.dirname(os.path.dirname(core.__file__))  # .../signalprop
+
+#: the probe's functions that move a step's values to the host (the "flush")
+FLUSH = {"_to_dict", "_flush_ratios", "_fix_nonfinite_counts", "flush", "_materialise",
+         "_start_transfer", "_fix_deferred"}
+
+
+class CountReads(TorchFunctionMode):
+    """Counts host reads of tensor values, split by whether a flush is on the call stack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flush = 0
+        self.transfers = 0  # .cpu() / .to("cpu") inside a flush
+        self.outside: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        is_read = func in READS or (
+            func in (torch.Tensor.to,) and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))
+        )
+        if is_read:
+            f = sys._getframe(1)
+            flushing = by_probe = False
+            while f is not None:
+                if f.f_code.co_filename.startswith(PACKAGE):
+                    by_probe = True  # (the optimiser's own reads are not the probe's)
+                if f.f_code.co_name in FLUSH and f.f_code.co_filename == core.__file__:
+                    flushing = True
+                    break
+                f = f.f_back
+            if not by_probe and not flushing:
+                pass
+            elif flushing:
+                self.in_flush += 1
+                self.transfers += func in (torch.Tensor.cpu, torch.Tensor.to)
+            else:
+                self.outside.append(getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
+def _mlp(depth: int = 4, width: int = 16) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = 8
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.Tanh()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, 3))
+
+
+def _train(model, opt, probe, steps, x, y):
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        probe.log(loss=loss)
+        opt.step()
+
+
+@pytest.mark.parametrize("device_path", [False, True], ids=["cpu-path", "accelerator-path"])
+@pytest.mark.parametrize("opt_name", ["sgd-momentum", "adamw"])
+@pytest.mark.parametrize("flush_every", [1, 4])
+def test_no_host_read_on_the_training_path_except_one_transfer(
+    monkeypatch, device_path, opt_name, flush_every
+):
+    if device_path:
+        # the code path an accelerator takes (no BLAS norm on the host in the gradient hook)
+        monkeypatch.setattr(core, "_NRM2", {})
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt_name != "adamw"
+           else torch.optim.AdamW(model.parameters(), lr=1e-3))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    p = Probe(model, optimizer=opt, schedule=every(2), flush_every=flush_every).attach()
+    _train(model, opt, p, 2, x, y)  # first recorded step declares the layers
+    mode = CountReads()
+    with mode:
+        _train(model, opt, p, 12, x, y)  # 6 recorded steps
+    assert mode.outside == [], f"host reads outside a flush: {mode.outside}"
+    if flush_every == 1:
+        assert 1 <= mode.transfers <= 6  # at most one transfer to the host per recorded step
+    else:
+        assert mode.in_flush <= 6 // flush_every  # one read per landed copy
+    p.detach()
+    assert p.record.steps == list(range(0, 14, 2))
+    assert all(p.record.get(s, "0.weight", "update_ratio") > 0 for s in p.record.steps)
+
+
+def test_read_counter_sees_the_probes_reads(monkeypatch):
+    mode = CountReads()
+    monkeypatch.setattr(core.Probe, "_input_stats", lambda self, v, n: torch.ones(2).tolist())
+    model = _mlp()
+    with mode, Probe(model) as p:
+        t = torch.ones(2)
+        t.sum().item()  # not the probe's
+        model(torch.randn(4, 8)).sum().backward()
+        p.step()
+    assert mode.outside == ["tolist"]
+
+
+def test_unrecorded_steps_run_without_hooks_or_reads():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    p = Probe(model, optimizer=opt, schedule=[0]).attach()
+    _train(model, opt, p, 1, x, y)
+    assert not p._fwd_handles
+    mode = CountReads()
+    with mode:
+        _train(model, opt, p, 3, x, y)
+    assert mode.outside == [] and mode.in_flush == 0
+    p.detach()
+
+
+def _oracle_ratios(make_opt, steps=3, dtype=torch.float64, **probe_kw):
+    torch.manual_seed(0)
+    model = _mlp().to(dtype)
+    ref = _mlp().to(dtype)
+    ref.load_state_dict(model.state_dict())
+    opt, ref_opt = make_opt(model.parameters()), make_opt(ref.parameters())
+    x = torch.randn(32, 8, dtype=dtype)
+    y = torch.randint(0, 3, (32,))
+    p = Probe(model, optimizer=opt, **probe_kw).attach()
+    expect: list[dict[str, float]] = []
+    for _ in range(steps):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+        before = {n: q.detach().clone() for n, q in ref.named_parameters()}
+        opt.step()
+        ref_opt.step()
+        expect.append(
+            {
+                n: ((q.detach() - before[n]).norm() / before[n].norm()).item()
+                for n, q in ref.named_parameters()
+            }
+        )
+    p.detach()
+    return p, expect
+
+
+OPTIMISERS = {
+    "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.3), "sgd"),
+    "sgd-wd": (lambda ps: torch.optim.SGD(ps, lr=0.3, weight_decay=0.1), "sgd"),
+    "sgd-momentum": (
+        lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9, dampening=0.1, weight_decay=0.01),
+        "sgd-momentum",
+    ),
+    "nesterov": (lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9, nesterov=True), "copy"),
+    "adam": (lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.01), "adam"),
+    "adam-amsgrad": (lambda ps: torch.optim.Adam(ps, lr=0.01, amsgrad=True), "adam"),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1), "adam"),
+    "adamw-maximize": (lambda ps: torch.optim.AdamW(ps, lr=0.01, maximize=True), "adam"),
+    "rmsprop": (lambda ps: torch.optim.RMSprop(ps, lr=0.01), "copy"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMISERS))
+def test_update_ratios_from_optimiser_state_match_weight_copy(name):
+    make, method = OPTIMISERS[name]
+    p, expect = _oracle_ratios(make)
+    assert p._updates is not None and p._updates.method == method
+    for step, ex in enumerate(expect):
+        for n, v in ex.items():
+            got = p.record.get(step, n, "update_ratio")
+            assert got == pytest.approx(v, rel=1e-7, abs=1e-300), (name, step, n)
+    if method != "copy":
+        assert p._updates._copy is None and p._buffers is None  # never held a weight copy
+
+
+def test_update_ratio_copy_is_released_between_recorded_steps():
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    p = Probe(model, optimizer=opt, schedule=every(3)).attach()
+    _train(model, opt, p, 1, x, y)
+    assert p._updates._copy is None  # step 1 is not recorded: the copy is gone
+    _train(model, opt, p, 5, x, y)
+    p.detach()
+    assert p.record.steps == [0, 3] and p.record.has("update_ratio")
+
+
+def test_update_ratios_travel_with_the_next_transfer_and_listeners_see_complete_steps():
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    seen: list[tuple[int, bool]] = []
+    p = Probe(
+        model, optimizer=opt, on_record=lambda s, v: seen.append((s, "update_ratio" in v["0.weight"])),
+    ).attach()
+    _train(model, opt, p, 4, x, y)
+    assert seen == [(s, True) for s in range(4)]  # listeners: ratios read with their step
+    p.detach()
+    q = Probe(model, optimizer=opt).attach()
+    _train(model, opt, q, 4, x, y)
+    assert "update_ratio" not in q._record.data[3]["0.weight"]  # still on the device
+    assert "update_ratio" in q._record.data[2]["0.weight"]  # came with step 3's transfer
+    assert all("update_ratio" in q.record.data[s]["0.weight"] for s in range(4))  # read: all
+    q.detach()
+
+
+def test_forward_sample_is_fixed_small_and_spread_over_units():
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh())
+    p = Probe(model, max_forward_samples=100)
+    out = torch.arange(128 * 64, dtype=torch.float32).reshape(128, 64)
+    s = p._sample(out)
+    assert s.numel() <= 100
+    units = set((s.long() % 64).tolist())
+    assert len(units) >= 50  # the stride is coprime with the row length: most units visited
+    assert torch.equal(s, p._sample(out.clone()))  # fixed positions
+
+
+def test_nonfinite_output_gradients_counted_from_the_first_sighting_on(monkeypatch):
+    # the accelerators' path: a healthy run takes no NaN/Inf count in the gradient hooks; the
+    # first non-finite dL/dh is marked "not counted" (NaN) and counting starts from then on
+    monkeypatch.setattr(core, "_NRM2", {})
+    monkeypatch.setattr(core, "_COUNT_NONFINITE", [False])
+    model = _mlp()
+    x = torch.randn(8, 8)
+    x[0, 0] = float("nan")
+    with Probe(model) as p:
+        for _ in range(2):
+            out = model(x)
+            out.sum().backward()
+            p.step(out.sum())
+    r = p.record
+    assert torch.isnan(torch.tensor(r.get(0, "0", "out_grad_nonfinite")))
+    assert r.get(1, "0", "out_grad_nonfinite") > 0
+    assert r.get(0, "0.weight", "grad_nonfinite") > 0  # parameters: counted at the transfer
+
+
+def test_deferred_values_reach_the_record_in_order_and_match_immediate_ones():
+    recs = []
+    for flush_every in (1, 3):
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        p = Probe(model, optimizer=opt, flush_every=flush_every).attach()
+        _train(model, opt, p, 7, x, y)
+        if flush_every == 3:
+            assert p._queue or p._inflight  # some values are still waiting
+        recs.append(p.record)  # reading the record brings them
+        p.detach()
+    a, b = recs
+    assert a.steps == b.steps == list(range(7))
+    for s in a.steps:
+        for layer, metrics in a.data[s].items():
+            for k, v in metrics.items():
+                assert b.data[s][layer][k] == pytest.approx(v, rel=1e-12, nan_ok=True), (s, layer, k)
+
