@@ -366,7 +366,7 @@ CASES: list[tuple[str, list[str], str, int]] = [
     ("factory-returns-model", ["doctor", "{f}:net"], "must return (model, data, loss_fn), got a Sequential", 2),
     ("factory-is-a-folder", ["doctor", "{d}:good"], "is not a module path", 2),
     ("factory-no-module", ["doctor", "nosuchmodule:f"], "cannot import module 'nosuchmodule'", 2),
-    ("lab-device", ["lab", "run", "bn-depth", "--device", "tpu"], "unknown device 'tpu'", 2),
+    ("lab-device", ["lab", "run", "bn-depth", "--device", "tpu"], "device 'tpu'", 2),
     ("lab-list-extra", ["lab", "list", "extra"], "Got unexpected extra argument", 2),
     ("diagnose-not-a-record", ["diagnose", "{d}/afile"], "corrupt or truncated record", 2),
     ("diagnose-missing", ["diagnose", "{d}/nope.json.gz"], "no record at", 2),
