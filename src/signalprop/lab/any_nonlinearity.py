@@ -112,10 +112,10 @@ def get_config(quick: bool) -> dict[str, Any]:
     return {
         "data": "digits",
         "width": 64,
-        "depths": [12] if quick else [24],
-        "steps": 400 if quick else 800,
+        "depths": [12] if quick else [16],
+        "steps": 400 if quick else 500,
         "batch_size": 64,
-        "lrs": [0.01, 0.1] if quick else [0.01, 0.03, 0.1],
+        "lrs": [0.01, 0.1],
         "opt_lr_factors": [1.0, 3.0],
         "seeds": 3 if quick else 5,
         "activations": list(ACTIVATIONS),

@@ -588,6 +588,10 @@ class Probe:
 
     def _scaler_update(self) -> None:
         """GradScaler.update(): a step whose optimisers did not run was skipped (inf/NaN)."""
+        if not self.optimizers:
+            # no optimiser bound: the loop closes steps itself (gradients_ready / stepped, as
+            # the Lightning callback does); the scaler only supplies the loss scale
+            return
         if self._stepped_opts:
             self._post_step()  # some optimisers stepped, others are not bound to the scaler
             return
