@@ -176,6 +176,7 @@ class _Progress:
         self.p = None
         if not enabled or n_groups == 0:
             return
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -191,6 +192,7 @@ class _Progress:
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            console=Console(stderr=True),  # stdout stays for results (``sweep --json``)
         )
         self.p.start()
         self.g = self.p.add_task("groups", total=n_groups)
