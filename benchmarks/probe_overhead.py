@@ -133,20 +133,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(task: Task, opt: torch.optim.Optimizer, steps: int, schedule: int | None,
+def run(task: Task, opt: torch.optim.Optimizer, steps: int, p: Probe | None,
         cpu_clock: bool) -> float:
-    """Seconds for ``steps`` steps (the probe's attach/detach and final flush included)."""
+    """Seconds for ``steps`` more steps with probe ``p`` attached (or none); reading the record
+    at the end (which brings the last values to the host) is part of the measured cost.
+
+    Each variant keeps one probe across its runs: the first recorded step of a probe (which
+    maps the layers) belongs to the warm-up, as it would to a long training run."""
     dev = task.x.device.type
     clock = time.process_time if cpu_clock else time.perf_counter
     sync(dev)
     t0 = clock()
-    p = Probe(task.model, optimizer=opt, schedule=schedule).attach() if schedule else None
+    before = len(p.record.data) if p is not None else 0
     train(task, opt, steps, p)
     if p is not None:
-        p.detach()
-        n = len(p.record.steps)  # reading the record flushes it: part of the measured cost
-        if n != -(-steps // schedule):
-            raise RuntimeError(f"probe recorded {n} steps, expected {-(-steps // schedule)}")
+        n = len(p.record.steps) - before
+        every = p.schedule.n  # type: ignore[attr-defined]
+        if n != steps // every:
+            raise RuntimeError(f"probe recorded {n} steps, expected {steps // every}")
     sync(dev)
     return clock() - t0
 
@@ -191,21 +195,33 @@ def cpu_peak_bytes(fn: Callable[[], None]) -> int:
 
 
 def peak_bytes(task: Task, opt: torch.optim.Optimizer, steps: int, schedule: int | None) -> int:
+    """Peak memory above the start of ``steps`` steps, with a probe recording every
+    ``schedule``-th step (warmed up so that the first measured step is a recorded one)."""
+    p = None
+    if schedule:
+        p = Probe(task.model, optimizer=opt, schedule=schedule).attach()
+        train(task, opt, schedule, p)  # the mapping step, then up to the next recorded step
+
     def body() -> None:
-        p = Probe(task.model, optimizer=opt, schedule=schedule).attach() if schedule else None
         train(task, opt, steps, p)
         if p is not None:
-            p.detach()
             len(p.record.steps)
 
-    if task.x.device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        body()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return cpu_peak_bytes(body)
+    # start without gradients: blocks allocated before a profiling session are freed with an
+    # unknown size, which would make the CPU accounting depend on what ran before
+    opt.zero_grad(set_to_none=True)
+    try:
+        if task.x.device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            body()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        return cpu_peak_bytes(body)
+    finally:
+        if p is not None:
+            p.detach()
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -242,13 +258,29 @@ def main(argv: list[str] | None = None) -> int:
         "probe: full, every step": 1,
         "probe: full, every 10th step": 10,
     }
-    for s in variants.values():  # warm-up: allocator, optimiser state, kernels
-        run(task, opt, 10, s, False)
+    if steps % 10:
+        print("--steps must be a multiple of 10", file=sys.stderr)
+        return 2
+    probes = {
+        k: Probe(task.model, optimizer=opt, schedule=s).attach() if s else None
+        for k, s in variants.items()
+    }
+    for pr in probes.values():  # warm-up: allocator, optimiser state, kernels, layer map
+        if pr is not None:
+            pr.detach()  # one probe attached at a time: the others' hooks would fire too
+            pr.attach()
+        run(task, opt, 10, pr, False)
+        if pr is not None:
+            pr.detach()
     cpu_clock = args.clock == "cpu"
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.repeats):
-        for k, s in variants.items():
-            times[k].append(run(task, opt, steps, s, cpu_clock))
+        for k, pr in probes.items():
+            if pr is not None:
+                pr.attach()
+            times[k].append(run(task, opt, steps, pr, cpu_clock))
+            if pr is not None:
+                pr.detach()
     base = statistics.median(times["plain"])
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
     print(f"{task.name}, {args.dtype}; {dev}; torch {torch.__version__}")
@@ -263,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:30s} {1e3 * m / steps:8.2f} {m / base:7.3f}x  {verdict}")
     if args.mem_steps > 0:
         sb = state_bytes(task.model, opt)
-        peak_bytes(task, opt, args.mem_steps, None)  # discarded: the first pass reads high
         plain = peak_bytes(task, opt, args.mem_steps, None)
         print(f"\nmemory: model + optimiser state {sb / 2**20:.1f} MiB; peak above it during "
               f"{args.mem_steps} plain steps {plain / 2**20:.1f} MiB")

@@ -130,4 +130,4 @@ def test_lab_run_json(tmp_path, capsys, monkeypatch) -> None:
     (study,) = got["studies"]
     assert study["name"] == name and study["status"] == "done"
     assert study["conclusion"]["verdict"] == "supports"
-    assert study["conclusion"]["numbers"] == {"x": None, "y": 2.0}  # NaN -> null, valid JSON
+    assert study["conclusion"]["numbers"] == {"x": "NaN", "y": 2.0}  # record.py's policy, valid JSON

@@ -158,7 +158,8 @@ def test_json_schema(sigmoid_report: Report, diverging_report: Report) -> None:
             assert f["kind"] in KINDS and f["severity"] in SEVERITIES
             assert isinstance(f["evidence"], str) and f["evidence"]
             assert all(isinstance(n, str) for n in f["layers"])
-            assert all(v is None or isinstance(v, (int, float)) for v in f["numbers"].values())
+            assert all(v is None or v in ("NaN", "Infinity", "-Infinity") or isinstance(v, (int, float))
+                       for v in f["numbers"].values())
             for p in f["prescriptions"]:
                 assert set(p) == {"rank", "remedy", "reason"}
                 assert p["remedy"] in REMEDY_NAMES

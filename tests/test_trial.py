@@ -72,7 +72,7 @@ def test_table_outputs(sigmoid_table: TrialTable) -> None:
     for name in ("baseline", "batchnorm", "residual", "relu_lr5", "diverged", "2/2"):
         assert name in text
     d = sigmoid_table.to_dict(runs=True)
-    json.dumps(d, allow_nan=False)  # NaN became null
+    json.dumps(d, allow_nan=False)  # NaN became "NaN" (signalprop.record's policy)
     assert [r["remedy"] for r in d["rows"]] == ["baseline", "batchnorm", "residual", "relu_lr5"]
     assert len(d["rows"][1]["runs"]) == 2 and d["meta"]["steps"] == 100
     df = sigmoid_table.to_dataframe()

@@ -24,6 +24,8 @@ from torch import nn
 
 from signalprop import __version__
 from signalprop._callable import make_module_callable
+from signalprop._device import resolve_device
+from signalprop._progress import ProgressBar
 from signalprop.data import Dataset
 from signalprop.diagnosis import (
     Thresholds,
@@ -69,16 +71,7 @@ def _check_model(model: Any) -> nn.Module:
         ) from e
 
 
-def _check_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    return dev
+_check_device = resolve_device  # the one "auto" resolver (signalprop._device)
 
 
 def _count_nonfinite(data: Any) -> int | None:
@@ -122,33 +115,9 @@ def _schedule(steps: int) -> Any:
     return every(max(1, math.ceil(steps / MAX_RECORDED_STEPS)))
 
 
-class _Progress:
-    """A rich progress bar on stderr driven by ``train``'s ``progress(step, loss)`` callback."""
-
-    def __init__(self, total: int, label: str) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._p = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self._task = self._p.add_task(label, total=total, loss="-")
-
-    def __enter__(self) -> _Progress:
-        self._p.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._p.stop()
-
-    def __call__(self, step: int, loss: float) -> None:
-        self._p.update(self._task, completed=step + 1, loss=f"{loss:.4g}")
+def _Progress(total: int, label: str) -> ProgressBar:  # noqa: N802 - was a class here
+    """The doctor's bar: one task, the loss beside it, removed when done."""
+    return ProgressBar({label: total}, loss=True, transient=True)
 
 
 def _mean_curve(curves: list[list[float]]) -> list[float]:

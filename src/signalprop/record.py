@@ -33,6 +33,13 @@ Metric names (a contract: reports, JSON and the tidy table use them):
 | `lr` | MODEL: the learning rate of the first parameter group |
 | `accuracy` | MODEL: training accuracy when known |
 | `input_mean`, `input_std`, `input_absmax` | MODEL: statistics of the model's input batch |
+
+JSON and non-finite numbers (the one policy of every JSON signalprop writes: records, reports,
+findings, trial tables, study results, the CLI's ``--json``): JSON has no NaN or infinity, and a
+NaN gradient norm means something else than an infinite one, so they are written as the strings
+``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (the JSON stays valid and nothing is lost), by
+:func:`json_number` / :func:`to_jsonable`, and read back by :func:`from_jsonable`. A value that
+does not exist (a diverged run's final loss) is ``null``, which readers also take as NaN.
 """
 
 from __future__ import annotations
@@ -138,16 +145,88 @@ class LayerInfo:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def _enc(v: float) -> Any:
-    # JSON has no NaN/Inf; keep them explicit rather than dropping them
-    if isinstance(v, float) and not math.isfinite(v):
-        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
-    return v
+#: The strings that stand for the floats JSON cannot write (see the module docstring).
+NONFINITE: dict[str, float] = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def json_number(v: Any) -> Any:
+    """One number as JSON writes it: non-finite floats as ``"NaN"``/``"Infinity"``/``"-Infinity"``.
+
+    Bools and ints stay as they are; numpy scalars and one-element tensors become floats; a value
+    that is not a number is returned unchanged.
+
+    >>> json_number(float("nan")), json_number(float("-inf")), json_number(2), json_number(0.5)
+    ('NaN', '-Infinity', 2, 0.5)
+    """
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if not isinstance(v, float):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return v
+    if math.isfinite(v):
+        return v
+    return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+
+
+def to_jsonable(obj: Any, *, strict: bool = True) -> Any:
+    """Recursively convert to plain JSON types under the one NaN policy (:func:`json_number`).
+
+    Mappings (keys as strings), lists and tuples recurse; numpy arrays and tensors become lists,
+    their scalars numbers; paths become strings.
+
+    Args:
+        obj: What to convert.
+        strict: Raise ``TypeError`` on a type JSON cannot hold; when false, objects with
+            ``to_dict()`` are converted through it and anything else becomes ``str(obj)`` (for
+            free-form metadata).
+
+    >>> to_jsonable({"a": [1, float("inf")], "b": None})
+    {'a': [1, 'Infinity'], 'b': None}
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v, strict=strict) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, strict=strict) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return json_number(obj)
+    if isinstance(obj, np.generic):
+        return json_number(obj.item())
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy arrays, torch tensors
+        return to_jsonable(obj.tolist(), strict=strict)
+    if isinstance(obj, Path):
+        return str(obj)
+    if strict:
+        raise TypeError(f"cannot write a {type(obj).__name__} as JSON")
+    if hasattr(obj, "to_dict"):
+        return to_jsonable(obj.to_dict(), strict=strict)
+    return str(obj)
+
+
+def from_jsonable(obj: Any) -> Any:
+    """Inverse of :func:`to_jsonable` for the non-finite markers (recursive).
+
+    >>> from_jsonable({"a": ["NaN", "Infinity", 1.0]})
+    {'a': [nan, inf, 1.0]}
+    """
+    if isinstance(obj, dict):
+        return {k: from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    if isinstance(obj, str) and obj in NONFINITE:
+        return NONFINITE[obj]
+    return obj
+
+
+_enc = json_number  # the record's values: one number each
 
 
 def _dec(v: Any) -> float:
+    if v is None:
+        return math.nan
     if isinstance(v, str):
-        return float({"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}.get(v, v))
+        return NONFINITE[v] if v in NONFINITE else float(v)
     return float(v)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from signalprop import stats
 from signalprop._callable import make_module_callable
-from signalprop.record import Record
+from signalprop.record import Record, to_jsonable
 from signalprop.remedies import Remedy, get_remedy
 from signalprop.train import example_inputs, fit, to_device
 
@@ -122,11 +122,7 @@ class TrialRow:
 
 
 def _json(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, list):
-        return [_json(x) for x in v]
-    return v
+    return to_jsonable(v, strict=False)  # the one NaN policy (signalprop.record)
 
 
 _COLUMNS = [

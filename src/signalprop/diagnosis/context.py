@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from signalprop import stats
+from signalprop._format import fmt_number
 from signalprop.record import Record
 
 _BN_TYPES = ("BatchNorm",)
@@ -210,19 +211,9 @@ def finite(values: np.ndarray) -> np.ndarray:
 
 
 def fmt(v: float, digits: int = 2) -> str:
-    """``3e-07``, ``0.13``, ``84``: compact numbers for evidence sentences."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "NaN"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if v == 0:
-        return "0"
-    a = abs(v)
-    if a >= 1e4 or a < 1e-2:
-        return f"{v:.{max(digits - 1, 0)}e}".replace("e-0", "e-").replace("e+0", "e+").replace(
-            "e+", "e"
-        )
-    return f"{v:.{digits}g}"
+    """``3.0e-7``, ``0.13``, ``84``: compact numbers for evidence sentences
+    (:func:`signalprop._format.fmt_number`)."""
+    return fmt_number(v, digits, missing="NaN", small=1e-2, compact_exp=True)
 
 
 def pct(v: float) -> str:

@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# the one JSON number policy lives with the record; json_number is re-exported (a public name)
+from signalprop.record import from_jsonable
+from signalprop.record import json_number as json_number
+
 #: Finding kinds, in the order a report lists them when severities tie.
 KINDS: tuple[str, ...] = (
     "nonfinite",
@@ -64,21 +68,6 @@ REMEDY_NAMES: tuple[str, ...] = (
 def severity_rank(severity: str) -> int:
     """0 for ``"info"`` .. 2 for ``"critical"``."""
     return SEVERITIES.index(severity)
-
-
-def json_number(v: Any) -> Any:
-    """A JSON-safe number: NaN/Inf become ``None`` (JSON has no NaN); ints stay ints."""
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return v
-    return f if math.isfinite(f) else None
 
 
 @dataclass(frozen=True)
@@ -150,7 +139,7 @@ class Finding:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:
-        """Inverse of :meth:`to_dict` (``null`` numbers come back as NaN)."""
+        """Inverse of :meth:`to_dict` (``"NaN"``/``"Infinity"`` and ``null`` numbers come back as floats)."""
         return cls(
             kind=d["kind"],
             layers=list(d.get("layers", [])),
@@ -158,7 +147,8 @@ class Finding:
             severity=d.get("severity", "warning"),
             prescriptions=[Prescription(**p) for p in d.get("prescriptions", [])],
             numbers={
-                k: (math.nan if v is None else v) for k, v in d.get("numbers", {}).items()
+                k: (math.nan if v is None else from_jsonable(v))
+                for k, v in d.get("numbers", {}).items()
             },
         )
 

@@ -9,42 +9,23 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from signalprop import stats
-from signalprop.diagnosis.findings import SEVERITIES, Finding, json_number
+from signalprop.diagnosis.findings import SEVERITIES, Finding
 from signalprop.diagnosis.prescriptions import Prescription
-from signalprop.record import Record, atomic_write_text
+from signalprop.record import Record, atomic_write_text, to_jsonable
 
 #: Version of the JSON written by :meth:`Report.to_json`.
 REPORT_SCHEMA = "signalprop.report/1"
 
 
 def _jsonable(obj: Any) -> Any:
-    """Recursively convert to JSON-safe values (non-finite floats -> None)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if obj is None or isinstance(obj, (str, bool)):
-        return obj
-    if isinstance(obj, (int, float)):
-        return json_number(obj)
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return json_number(float(obj))
-    if hasattr(obj, "to_dict"):
-        return _jsonable(obj.to_dict())
-    if hasattr(obj, "item"):
-        try:
-            return json_number(obj.item())
-        except (TypeError, ValueError):
-            pass
-    return str(obj)
+    """JSON-safe values for the report: :func:`signalprop.record.to_jsonable`, lenient (objects
+    with ``to_dict`` through it, anything else as ``str``)."""
+    return to_jsonable(obj, strict=False)
 
 
 @dataclass
@@ -125,7 +106,8 @@ class Report:
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
-        """The report as JSON text (NaN/Inf written as ``null``)."""
+        """The report as JSON text (NaN/Inf written as ``"NaN"``/``"Infinity"``, see
+        :mod:`signalprop.record`)."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def to_html(self, path: str | Path) -> Path:

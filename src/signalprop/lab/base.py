@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# the one JSON encoder and NaN policy (see signalprop.record); re-exported, the lab's names
+from signalprop._format import fmt_number
 from signalprop.record import atomic_write_text
+from signalprop.record import from_jsonable as from_jsonable
+from signalprop.record import to_jsonable as to_jsonable
 
 SUPPORTS = "supports"
 CONTRADICTS = "contradicts"
@@ -100,49 +104,6 @@ def combine_verdicts(verdicts: list[str]) -> str:
     return INCONCLUSIVE
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Recursively convert numpy/torch scalars and arrays to plain JSON types; non-finite floats
-    become the strings ``"NaN"``/``"Infinity"``/``"-Infinity"`` (JSON has no such numbers)."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np = None  # type: ignore[assignment]
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if np is not None and isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if np is not None and isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # torch tensors
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot store a {type(obj).__name__} in a study's JSON results")
-
-
-def from_jsonable(obj: Any) -> Any:
-    """Inverse of :func:`to_jsonable` for the non-finite float markers."""
-    if isinstance(obj, dict):
-        return {k: from_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [from_jsonable(v) for v in obj]
-    if obj == "NaN":
-        return math.nan
-    if obj == "Infinity":
-        return math.inf
-    if obj == "-Infinity":
-        return -math.inf
-    return obj
-
-
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as pretty JSON, atomically."""
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=1, sort_keys=False) + "\n")
@@ -188,20 +149,9 @@ def finite_or_nan(x: float) -> float:
 
 
 def fmt(x: float, digits: int = 3) -> str:
-    """Format a number for a conclusion sentence: 3 significant digits, scientific when tiny/huge."""
-    if x is None:
-        return "n/a"
-    x = float(x)
-    if math.isnan(x):
-        return "n/a"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0"
-    a = abs(x)
-    if a >= 1e4 or a < 1e-3:
-        return f"{x:.{digits - 1}e}"
-    return f"{x:.{digits}g}"
+    """Format a number for a conclusion sentence: 3 significant digits, scientific when tiny/huge
+    (:func:`signalprop._format.fmt_number`)."""
+    return fmt_number(float(x) if x is not None else None, digits)
 
 
 def pct(x: float) -> str:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from signalprop import stats
+from signalprop._device import resolve_device as _resolve_device
 from signalprop._registry import check_choice
 from signalprop.data import Dataset, load_dataset
 
@@ -453,8 +454,6 @@ def seeded(seed: int) -> torch.Generator:
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; other values pass through."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    check_choice("device", device.split(":")[0], ["cpu", "cuda", "mps"])
-    return device
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; others are checked and kept
+    (:func:`signalprop._device.resolve_device`, as a string)."""
+    return str(_resolve_device(device))

@@ -209,7 +209,7 @@ def _effective_step(config: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     init_linears_(model.linears(), "gaussian", 1.0, generator=g)
     r = fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=config["step_steps"],
             optimizer="sgd", lr=config["step_lr"], batch_size=config["batch_size"],
-            probe={"forward": False, "backward": False}, schedule=1, device=config["device"],
+            probe={"forward": False, "backward": False}, schedule=2, device=config["device"],
             seed=seed)
     names = [f"blocks.{i}.linear.weight" for i in range(config["step_depth"])]
     st, _, wn = r.record.matrix("weight_norm", names)

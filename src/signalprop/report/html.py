@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from signalprop._format import fmt_number as _fmt_number
 from signalprop.record import atomic_write_text
 
 #: Default resolution of embedded figures (dots per inch).
@@ -51,22 +51,11 @@ def img_tag(fig: Any, alt: str = "", dpi: int = DPI) -> Markup:
 
 
 def fmt_number(v: Any, digits: int = 3) -> str:
-    """Compact number formatting for tables (``None``/NaN -> ``"–"``)."""
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "–"
-        if math.isinf(v):
-            return "∞" if v > 0 else "-∞"
-        if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
-            return f"{v:.{digits - 1}e}"
-        return f"{v:.{digits}g}"
-    return str(v)
+    """Compact number formatting for tables (``None``/NaN -> ``"–"``; see
+    :func:`signalprop._format.fmt_number`)."""
+    if v is not None and not isinstance(v, (bool, int, float)):
+        return str(v)  # numpy scalars and the like stay as the table always showed them
+    return _fmt_number(v, digits, missing="–", infinity=("∞", "-∞"), exact_ints=True)
 
 
 def environment() -> jinja2.Environment:

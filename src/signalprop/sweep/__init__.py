@@ -4,6 +4,7 @@
 - :data:`SCHEMA`, :func:`validate_config`: the flat run config (docs/sweep.md).
 - :func:`expand_grid`, :func:`group_runs`: grids -> runs -> populations.
 - :class:`SweepResult`: ``to_dataframe()``, ``to_csv()``, ``record(run_id)``.
+- :class:`RunOutcome`: what training one run gave (the store's input, every executor's output).
 """
 
 
@@ -12,7 +13,7 @@ from signalprop.sweep.config import PER_RUN, SCHEMA, config_hash, group_key, val
 from signalprop.sweep.grid import RunSpec, expand_grid, group_runs, load_grid_file
 from signalprop.sweep.result import METRICS, SweepResult, load
 from signalprop.sweep.runner import EXECUTORS, run_group, sweep
-from signalprop.sweep.store import STATUSES, Store
+from signalprop.sweep.store import STATUSES, RunOutcome, Store
 
 __all__ = [
     "EXECUTORS",
@@ -20,6 +21,7 @@ __all__ = [
     "PER_RUN",
     "SCHEMA",
     "STATUSES",
+    "RunOutcome",
     "RunSpec",
     "Store",
     "SweepResult",

@@ -31,11 +31,13 @@ from typing import Any
 
 import torch
 
+from signalprop._device import resolve_device
+from signalprop._progress import ProgressBar
 from signalprop._registry import check_choice
 from signalprop.sweep.config import optimizer_hparams
 from signalprop.sweep.grid import MAX_RUNS, RunSpec, expand_grid, group_runs
 from signalprop.sweep.result import SweepResult
-from signalprop.sweep.store import FINISHED, Store, encode_record
+from signalprop.sweep.store import FINISHED, RunOutcome, Store, encode_record
 
 EXECUTORS = ("local", "ray")
 
@@ -69,7 +71,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
-def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -> list[dict]:
+def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -> list[RunOutcome]:
     """Train one architecture group as a population and return one result per run.
 
     Never raises for a training error: the runs are returned as ``failed`` with the error, so
@@ -80,18 +82,17 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
         callback: Progress, called with the number of steps done.
 
     Returns:
-        ``[{run_id, status, metrics, record (gzip'd JSON), wall_time, env, error}]``.
+        One :class:`~signalprop.sweep.store.RunOutcome` per run, in the payload's order.
     """
     from signalprop.engine import Arch, Population
 
     cfgs = [c for _, c in payload]
     c0 = dict(cfgs[0])
     if c0["device"] == "auto":  # resolved where the group runs (the config, its hash, stay put)
-        c0["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        c0["device"] = str(resolve_device("auto"))
     env = environment(c0["device"])
     try:
-        if c0["device"].startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {c0['device']!r} requested but CUDA is not available")
+        resolve_device(c0["device"])  # an unknown or absent device fails this group, clearly
         ds = _dataset(c0["data"], json.dumps(c0["data_args"], sort_keys=True))
         arch = Arch(
             ds.in_features,
@@ -131,11 +132,7 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
         )
     except Exception as e:  # a bad group must not take the sweep down
         err = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
-        return [
-            {"run_id": r, "status": "failed", "metrics": {}, "record": None, "wall_time": None,
-             "env": env, "error": err}
-            for r, _ in payload
-        ]
+        return [RunOutcome.failed(r, err, env) for r, _ in payload]
     per = res.wall_time / len(cfgs)
     out = []
     for k, (rid, cfg) in enumerate(payload):
@@ -144,21 +141,14 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
         metrics = dict(res.final[k])
         metrics["population_size"] = len(cfgs)
         metrics["population_wall_time"] = res.wall_time
-        out.append(
-            {
-                "run_id": rid,
-                "status": "diverged" if res.diverged_step[k] is not None else "done",
-                "metrics": metrics,
-                "record": encode_record(rec),
-                "wall_time": per,
-                "env": env,
-                "error": None,
-            }
-        )
+        out.append(RunOutcome(
+            rid, "diverged" if res.diverged_step[k] is not None else "done", metrics,
+            encode_record(rec), per, env,
+        ))
     return out
 
 
-def _pool_task(payload: Payload) -> list[dict]:
+def _pool_task(payload: Payload) -> list[RunOutcome]:
     torch.set_num_threads(1)  # one single-threaded worker per core is the fastest split
     return run_group(payload)
 
@@ -169,46 +159,17 @@ def default_out(specs: list[RunSpec]) -> Path:
     return Path("sweeps") / h
 
 
-class _Progress:
-    """A rich progress bar over groups and steps (or nothing)."""
+class _Progress(ProgressBar):
+    """The sweep's bar: a "groups" and a "steps" line (or nothing)."""
 
     def __init__(self, enabled: bool, n_groups: int, n_steps: int) -> None:
-        self.p = None
-        if not enabled or n_groups == 0:
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.p = Progress(
-            TextColumn("{task.description:>8}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),  # stdout stays for results (``sweep --json``)
-        )
-        self.p.start()
-        self.g = self.p.add_task("groups", total=n_groups)
-        self.s = self.p.add_task("steps", total=n_steps)
+        super().__init__({"groups": n_groups, "steps": n_steps}, enabled=enabled and n_groups > 0)
 
     def steps(self, n: int) -> None:
-        if self.p is not None:
-            self.p.advance(self.s, n)
+        self.advance("steps", n)
 
     def group_done(self) -> None:
-        if self.p is not None:
-            self.p.advance(self.g, 1)
-
-    def close(self) -> None:
-        if self.p is not None:
-            self.p.stop()
+        self.advance("groups", 1)
 
 
 def sweep(
@@ -390,11 +351,7 @@ def _run_ray(
                 try:
                     results = ray.get(ref)
                 except Exception as e:  # the task itself died (worker lost ...)
-                    results = [
-                        {"run_id": s.run_id, "status": "failed", "metrics": {}, "record": None,
-                         "wall_time": None, "env": {}, "error": f"ray task failed: {e}"}
-                        for s in g
-                    ]
+                    results = [RunOutcome.failed(s.run_id, f"ray task failed: {e}") for s in g]
                 store.finish(results)
                 bar.steps(g[0].config["steps"])
                 bar.group_done()
@@ -415,7 +372,7 @@ def ray_resources(group: list[RunSpec], cluster_gpus: float = 0.0) -> dict[str, 
     return {"num_cpus": 1, "num_gpus": 1 if wants else 0}
 
 
-def _ray_task(payload: Payload) -> list[dict]:
+def _ray_task(payload: Payload) -> list[RunOutcome]:
     torch.set_num_threads(1)
     try:
         import ray

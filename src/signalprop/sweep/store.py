@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,43 @@ DB_NAME = "sweep.db"
 STATUSES = ("pending", "running", "done", "diverged", "failed")
 FINISHED = ("done", "diverged")
 SCHEMA_VERSION = 1
+
+
+
+@dataclass
+class RunOutcome:
+    """What training one run of a sweep gave: the one shape every executor hands the store.
+
+    Attributes:
+        run_id: The run.
+        status: ``done``, ``diverged`` or ``failed``.
+        metrics: The engine's final metrics (:data:`signalprop.sweep.result.METRICS` and the
+            population's size and wall time); empty when the run failed.
+        record: The run's record as gzip'd JSON (:func:`encode_record`), or ``None``.
+        wall_time: Seconds of training attributed to the run (its population's share).
+        env: Where it ran (device, versions).
+        error: The error text of a failed run.
+    """
+
+    run_id: str
+    status: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    record: bytes | None = None
+    wall_time: float | None = None
+    env: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in ("done", "diverged", "failed"):
+            raise ValueError(
+                f"run outcome status must be done, diverged or failed, got {self.status!r}"
+            )
+
+    @classmethod
+    def failed(cls, run_id: str, error: str, env: dict[str, Any] | None = None) -> RunOutcome:
+        """A run that produced nothing but an error."""
+        return cls(run_id, "failed", env=dict(env or {}), error=error)
+
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -149,12 +187,8 @@ class Store:
                 [(now, r) for r in run_ids],
             )
 
-    def finish(self, results: list[dict[str, Any]]) -> None:
-        """Write the results of one population in one transaction.
-
-        Each result: ``run_id``, ``status``, ``metrics`` (dict), ``record`` (gzip'd JSON bytes or
-        None), ``wall_time``, ``env`` (dict), ``error`` (str or None).
-        """
+    def finish(self, results: list[RunOutcome]) -> None:
+        """Write the results of one population (:class:`RunOutcome` each) in one transaction."""
         now = time.time()
         with self.transaction() as c:
             c.executemany(
@@ -162,14 +196,14 @@ class Store:
                 "wall_time = ?, env = ?, error = ? WHERE run_id = ?",
                 [
                     (
-                        r["status"],
-                        _enc_json(r.get("metrics") or {}),
-                        r.get("record"),
+                        r.status,
+                        _enc_json(r.metrics),
+                        r.record,
                         now,
-                        r.get("wall_time"),
-                        _enc_json(r.get("env") or {}),
-                        r.get("error"),
-                        r["run_id"],
+                        r.wall_time,
+                        _enc_json(r.env),
+                        r.error,
+                        r.run_id,
                     )
                     for r in results
                 ],

@@ -1,0 +1,261 @@
+"""The batched training loop of a population (:meth:`Population.fit`), its result, the
+per-member mini-batch order, the final evaluation and the export of one record per member."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from signalprop.data import Dataset
+from signalprop.engine.layout import FIRST_WEIGHT, HEAD_WEIGHT
+from signalprop.record import Record
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Population.fit` returns.
+
+    Attributes:
+        records: One :class:`Record` per member.
+        losses: Mini-batch loss of every step and member, [steps, K] (NaN after divergence).
+        diverged_step: Per member, the step whose loss was non-finite, or None.
+        final: Per member, a dict of final metrics (see :meth:`Population.fit`).
+        wall_time: Seconds spent training (excluding the final evaluation).
+        eval_time: Seconds of the final evaluation.
+    """
+
+    records: list[Record]
+    losses: np.ndarray
+    diverged_step: list[int | None]
+    final: list[dict[str, Any]]
+    wall_time: float
+    eval_time: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def member(self, k: int, model: Any = None) -> Any:
+        """Member ``k`` as the package's one run result, :class:`signalprop.train.FitResult`
+        (its losses up to divergence, its record; ``model`` e.g. from
+        :meth:`Population.member_module`). The batched loop stops a member only on a non-finite
+        loss: the ``"nonfinite"`` branch of :func:`signalprop.train.divergence_reason`."""
+        from signalprop.train import FitResult as RunResult  # train imports the probe: lazy
+
+        d = self.diverged_step[k]
+        col = self.losses[:, k]
+        n = d + 1 if d is not None else int(np.isfinite(col).sum())
+        return RunResult(
+            record=self.records[k], losses=[float(v) for v in col[:n]], diverged=d is not None,
+            diverged_step=d, steps=n, wall_time=self.wall_time, model=model,
+            extra=dict(self.final[k]), diverged_reason="nonfinite" if d is not None else None,
+            trivial_kind="not computed by the batched engine")
+
+
+class BatchSampler:
+    """Per-member mini-batch order: each epoch a fresh permutation of the training set drawn from
+    the member's own generator (seeded ``2*seed+1``); the last incomplete batch is dropped.
+
+    :func:`member_batches` yields the same indices for one member (the single-model reference).
+    """
+
+    def __init__(self, seeds: Sequence[int], n: int, batch_size: int, device: torch.device):
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} is larger than the data set ({n})")
+        self.gens = [torch.Generator().manual_seed(2 * int(s) + 1) for s in seeds]
+        self.n, self.b, self.device = n, batch_size, device
+        self.per_epoch = n // batch_size
+        self._epoch: torch.Tensor | None = None
+        self._i = self.per_epoch
+
+    def next(self) -> torch.Tensor:
+        """Indices [K, B] of the next mini-batch of every member."""
+        if self._i >= self.per_epoch:
+            perms = torch.stack([torch.randperm(self.n, generator=g) for g in self.gens])
+            self._epoch = perms[:, : self.per_epoch * self.b].view(
+                len(self.gens), self.per_epoch, self.b
+            ).to(self.device)
+            self._i = 0
+        assert self._epoch is not None
+        idx = self._epoch[:, self._i]
+        self._i += 1
+        return idx
+
+
+def member_batches(seed: int, n: int, batch_size: int, steps: int) -> list[torch.Tensor]:
+    """The mini-batch indices (each [B]) that the engine feeds the member with this seed."""
+    s = BatchSampler([seed], n, batch_size, torch.device("cpu"))
+    return [s.next()[0] for _ in range(steps)]
+
+
+class _Fitting:
+    """Part of :class:`~signalprop.engine.population.Population`: ``evaluate``, ``fit`` and the
+    records."""
+
+    @torch.no_grad()
+    def evaluate(
+        self, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and accuracy [K] of every member on the same data (evaluation mode: batch norm
+        uses its running statistics). Accuracy is NaN for regression."""
+        x = x.to(self.device, self.dtype)
+        y = y.to(self.device)
+        tot_loss = torch.zeros(self.K, dtype=torch.float64, device=self.device)
+        correct = torch.zeros(self.K, dtype=torch.float64, device=self.device)
+        n = x.shape[0]
+        for s in range(0, n, chunk):
+            xb, yb = x[s : s + chunk], y[s : s + chunk]
+            out = self._forward(xb.expand(self.K, *xb.shape), train=False).out
+            yk = yb.expand(self.K, *yb.shape)
+            if self.arch.task == "regression":
+                yk = yk.to(self.dtype)
+            loss, _ = self._loss(out, yk)
+            tot_loss += loss.double() * xb.shape[0]
+            if self.arch.task == "classification":
+                correct += (out.argmax(-1) == yk).double().sum(1)
+        acc = correct / n if self.arch.task == "classification" else torch.full_like(correct, math.nan)
+        return (tot_loss / n).cpu(), acc.cpu()
+
+    def fit(
+        self,
+        data: Dataset,
+        steps: int,
+        batch_size: int,
+        seeds: Sequence[int],
+        record_every: int = 10,
+        callback: Callable[[int], None] | None = None,
+        evaluate: bool = True,
+        record_steps: Sequence[int] | None = None,
+    ) -> FitResult:
+        """Train all members for ``steps`` steps; members that diverge are frozen.
+
+        Args:
+            data: The data set (moved to the population's device).
+            steps: Optimiser steps. batch_size: Mini-batch size.
+            seeds: Per-member data-order seeds (see :class:`BatchSampler`).
+            record_every: Probe every n steps, plus the first and last (0: those two only).
+            callback: Called with the number of steps done, every ~1% of the run.
+            evaluate: Compute loss/accuracy on the whole train and test splits at the end.
+            record_steps: Probe exactly these steps (plus the first and last) instead of every
+                ``record_every`` (e.g. log-spaced steps for a long run).
+
+        Returns:
+            :class:`FitResult`; ``final[k]`` has ``final_loss`` (mean mini-batch loss of the last
+            min(10, steps) steps; NaN if diverged), ``min_loss``, ``train_loss``, ``test_loss``,
+            ``train_accuracy``, ``test_accuracy``, ``diverged_step``, ``grad_ratio_init`` and
+            ``grad_ratio_final`` (first layer's weight gradient norm / the head's).
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if record_every < 0:
+            raise ValueError(f"record_every must be >= 0, got {record_every}")
+        wanted = None if record_steps is None else {int(s) for s in record_steps}
+        K = self.K
+        xtr = data.x_train.to(self.device, self.dtype)
+        ytr = data.y_train.to(self.device)
+        if self.arch.task == "regression":
+            ytr = ytr.to(self.dtype)
+        sampler = BatchSampler(seeds, xtr.shape[0], batch_size, self.device)
+        losses = torch.full((steps, K), math.nan, dtype=self.dtype, device=self.device)
+        rec_steps: list[int] = []
+        rec_keys: list[list[tuple[str, str]]] = []
+        rec_vals: list[np.ndarray] = []
+        rec_active: list[np.ndarray] = []
+        every = max(1, steps // 100)
+        t0 = time.perf_counter()
+        for t in range(steps):
+            probe = t == 0 or t == steps - 1 or (
+                t in wanted if wanted is not None else (record_every > 0 and t % record_every == 0)
+            )
+            idx = sampler.next()
+            was_active = self.active.clone()
+            loss, pr = self.train_step(xtr[idx], ytr[idx], probe=probe)
+            losses[t] = torch.where(was_active, loss, torch.full_like(loss, math.nan))
+            if pr is not None:
+                keys = list(pr)
+                vals = torch.stack([v.to(torch.float64) for v in pr.values()]).cpu().numpy()
+                rec_steps.append(t)
+                rec_keys.append(keys)
+                rec_vals.append(vals)
+                rec_active.append(was_active.cpu().numpy())
+            if callback is not None and ((t + 1) % every == 0 or t == steps - 1):
+                callback(t + 1)
+            if not bool(self.active.any()):
+                if callback is not None:
+                    callback(steps)
+                break
+        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if evaluate:
+            trl, tra = self.evaluate(data.x_train, data.y_train)
+            tel, tea = self.evaluate(data.x_test, data.y_test)
+        else:
+            trl = tra = tel = tea = torch.full((K,), math.nan, dtype=torch.float64)
+        eval_time = time.perf_counter() - t1
+        L = losses.cpu().double().numpy()
+        records = self._records(rec_steps, rec_keys, rec_vals, rec_active)
+        final = []
+        for k in range(K):
+            d = self.diverged_step[k]
+            lk = L[: (d if d is not None else steps), k]
+            lk = lk[np.isfinite(lk)]
+            tail = L[max(0, steps - 10) : steps, k]
+            ratios = _grad_ratios(records[k], FIRST_WEIGHT, HEAD_WEIGHT)
+            final.append(
+                {
+                    "final_loss": float(np.mean(tail)) if d is None else math.nan,
+                    "min_loss": float(lk.min()) if lk.size else math.nan,
+                    "train_loss": float(trl[k]),
+                    "test_loss": float(tel[k]),
+                    "train_accuracy": float(tra[k]),
+                    "test_accuracy": float(tea[k]),
+                    "diverged_step": d,
+                    "grad_ratio_init": ratios[0],
+                    "grad_ratio_final": ratios[1],
+                }
+            )
+        return FitResult(records, L, list(self.diverged_step), final, wall, eval_time)
+
+    def _records(self, steps, keys, vals, active) -> list[Record]:
+        infos = self.layer_infos()
+        recs = []
+        for k in range(self.K):
+            r = Record(
+                meta={
+                    "engine": "signalprop.engine",
+                    "member": k,
+                    "arch": dict(self.arch.__dict__),
+                    "optimizer": self.optimizer_name,
+                    "hparams": {n: float(v[k]) for n, v in self.hparams.items()},
+                    "clip": self.clip,
+                    "clip_threshold": float(self.clip_threshold[k]),
+                    "act_scale": float(self.act_scale[k]),
+                    "dtype": str(self.dtype).replace("torch.", ""),
+                }
+            )
+            for info in infos:
+                r.add_layer(info)
+            recs.append(r)
+        for s, ks, v, act in zip(steps, keys, vals, active, strict=True):
+            for k in range(self.K):
+                if not act[k]:
+                    continue
+                row: dict[str, dict[str, float]] = {}
+                for (layer, metric), val in zip(ks, v[:, k], strict=True):
+                    row.setdefault(layer, {})[metric] = float(val)
+                recs[k].add_many(s, row)
+        return recs
+
+
+def _grad_ratios(rec: Record, first: str, last: str) -> tuple[float, float]:
+    steps = rec.steps
+    if not steps:
+        return math.nan, math.nan
+    out = []
+    for s in (steps[0], steps[-1]):
+        a, b = rec.get(s, first, "grad_norm"), rec.get(s, last, "grad_norm")
+        out.append(a / b if b and math.isfinite(b) and b > 0 else math.nan)
+    return out[0], out[1]
