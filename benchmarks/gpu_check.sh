@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks of the probe's cost (issue 12), for a fresh machine with torch + CUDA installed.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
-# Writes every log to "$OUT/" (default ./gpu-out); at most 6.5 minutes (the sum of the limits).
+# Writes every log to "$OUT/" (default ./gpu-out); at most 4.5 minutes (the sum of the limits;
+# about 3 minutes on an H100).
 # Each part has its own time limit, so one failure or hang does not hide the others.
 set -u
 OUT="${OUT:-gpu-out}"
@@ -32,22 +33,22 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 
 # 1. CUDA tests: the no-sync contract (sync debug mode "error"), CPU/CUDA agreement, underflow.
 if "$PY" -c "import pytest" 2>/dev/null; then
-    step tests_cuda 100 "$PY" -m pytest -q -p no:cacheprovider -rA tests/test_probe_cuda.py \
+    step tests_cuda 60 "$PY" -m pytest -q -p no:cacheprovider -rA tests/test_probe_cuda.py \
         tests/test_probe_cost.py tests/test_probe.py tests/test_stats.py
 else
-    step tests_cuda 100 "$PY" tests/test_probe_cuda.py
+    step tests_cuda 60 "$PY" tests/test_probe_cuda.py
 fi
 
 # 2. Probe overhead: plain vs probed (every step, every 10th), interleaved, medians; memory.
-step probe_mlp 60 "$PY" benchmarks/probe_overhead.py --device cuda --model mlp --repeats 7
-step probe_transformer_fp32 75 "$PY" benchmarks/probe_overhead.py --device cuda \
+step probe_mlp 45 "$PY" benchmarks/probe_overhead.py --device cuda --model mlp --repeats 7
+step probe_transformer_fp32 60 "$PY" benchmarks/probe_overhead.py --device cuda \
     --model transformer --repeats 5
-step probe_transformer_bf16 75 "$PY" benchmarks/probe_overhead.py --device cuda \
+step probe_transformer_bf16 60 "$PY" benchmarks/probe_overhead.py --device cuda \
     --model transformer --dtype bf16 --repeats 5
 
 # 3. The batched engine on the GPU (short: K 32, 50 steps, one repeat; the per-config loop of
 #    32 models is the slow part).
-step sweep_engine 80 "$PY" benchmarks/sweep_engine.py --device cuda \
+step sweep_engine 45 "$PY" benchmarks/sweep_engine.py --device cuda \
     --repeats 1 --skip-vmap --steps 50
 
 echo "done; logs in $OUT/" | tee -a "$summary"

@@ -261,13 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     if steps % 10:
         print("--steps must be a multiple of 10", file=sys.stderr)
         return 2
+    # one probe per variant, attached only while its variant runs (hooks of the others would
+    # fire too)
     probes = {
-        k: Probe(task.model, optimizer=opt, schedule=s).attach() if s else None
+        k: Probe(task.model, optimizer=opt, schedule=s) if s else None
         for k, s in variants.items()
     }
     for pr in probes.values():  # warm-up: allocator, optimiser state, kernels, layer map
         if pr is not None:
-            pr.detach()  # one probe attached at a time: the others' hooks would fire too
             pr.attach()
         run(task, opt, 10, pr, False)
         if pr is not None:

@@ -6,7 +6,8 @@ log10(||dL/dW_first|| / ||dL/dW_last||) and stops the others at its rungs. The R
 whose gradients reach the input, runs first and trains to the end; nets whose gradients vanish
 (sigmoid: about 1e-16 at the input) fall below its score at the first rung and are stopped.
 
-    python examples/ray_tune_asha.py [--steps 60] [--out examples-out/ray_tune]
+    python examples/ray_tune_asha.py [--steps 60] [--acts relu,tanh,sigmoid,hardsigmoid]
+                                     [--out examples-out/ray_tune]
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=60, help="optimiser steps per trial")
     ap.add_argument("--out", type=Path, default=Path("examples-out/ray_tune"))
+    ap.add_argument("--acts", default=",".join(ACTIVATIONS),
+                    help="comma-separated activations, one trial each, run in this order")
     args = ap.parse_args()
+    acts = args.acts.split(",")
+    for a in acts:
+        if a not in ACTIVATIONS:
+            raise SystemExit(f"unknown activation {a!r}; valid choices: {', '.join(ACTIVATIONS)}")
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -70,7 +77,7 @@ def main() -> None:
     reports = args.steps // EVERY
     tuner = tune.Tuner(
         trainable,
-        param_space={"act": tune.grid_search(list(ACTIVATIONS)), "steps": args.steps},
+        param_space={"act": tune.grid_search(acts), "steps": args.steps},
         tune_config=tune.TuneConfig(
             scheduler=ASHAScheduler(metric="log10_grad_ratio", mode="max", max_t=reports,
                                     grace_period=2, reduction_factor=2),

@@ -101,8 +101,7 @@ def test_sweep_json(tmp_path, capsys) -> None:
         "base: {data: spiral, data_args: {n: 200}, depth: 2, width: 8, steps: 4, "
         "batch_size: 32}\naxes: {lr: [1e-2, 0.1]}\n"
     )
-    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--no-progress",
-                 "--json"]) == 0
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "o"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)  # nothing but JSON on stdout
     assert got["status"] == {"done": 2} and got["n_runs"] == 2
     from signalprop.sweep import load

@@ -243,7 +243,7 @@ def dataloader_oob():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("faults")
-    (d / "userfx.py").write_text(USER)
+    (d / "userfx.py").write_text(USER + "\nNOT_CALLABLE = 3\n")
     (d / "broken.py").write_text("import torch\ndef factory(:\n")
     (d / "afile").write_text("not a folder")
     (d / "bin.yaml").write_bytes(b"\xff\xfe\x00garbage\x80")
@@ -354,6 +354,22 @@ CASES: list[tuple[str, list[str], str, int]] = [
     ("theory-phase-unwritable", ["theory", "phase", "-a", "tanh", "--out", "/proc/signalprop-phase.png"], "cannot write to the folder of --out '/proc'", 2),
     ("theory-bn-batch-1", ["theory", "bn-rate", "-a", "relu", "-B", "1"], "batch", 2),
     ("theory-bn-batch-0", ["theory", "bn-rate", "-a", "relu", "-B", "0"], "batch", 2),
+    ("theory-param-unknown", ["theory", "critical", "-a", "leaky_relu", "-p", "nope=1"], "does not take nope", 2),
+    ("theory-param-none", ["theory", "critical", "-a", "tanh", "-p", "x=1"], "activation 'tanh' does not take x", 2),
+    ("theory-activation-not-elementwise", ["theory", "critical", "-a", "os:getcwd"], "cannot be evaluated on a float64 array", 2),
+    ("seed-overflow", [*_D, "--seed", "99999999999999999999999"], "Invalid value for '--seed'", 2),
+    ("device-empty", [*_D, "--device", ""], "invalid device ''", 2),
+    ("optimizer-empty", [*_D, "--optimizer", ""], "unknown optimizer ''", 2),
+    ("lr-overflow", [*_D, "--lr", "1e400"], "lr must be a positive finite number, got inf", 2),
+    ("factory-bad-name", ["doctor", "x.py:1abc"], "expected path/to/file.py:factory", 2),
+    ("factory-not-callable", ["doctor", "{f}:NOT_CALLABLE"], "is not callable", 2),
+    ("factory-returns-model", ["doctor", "{f}:net"], "must return (model, data, loss_fn), got a Sequential", 2),
+    ("factory-is-a-folder", ["doctor", "{d}:good"], "is not a module path", 2),
+    ("factory-no-module", ["doctor", "nosuchmodule:f"], "cannot import module 'nosuchmodule'", 2),
+    ("lab-device", ["lab", "run", "bn-depth", "--device", "tpu"], "device 'tpu'", 2),
+    ("lab-list-extra", ["lab", "list", "extra"], "Got unexpected extra argument", 2),
+    ("diagnose-not-a-record", ["diagnose", "{d}/afile"], "corrupt or truncated record", 2),
+    ("diagnose-missing", ["diagnose", "{d}/nope.json.gz"], "no record at", 2),
     ("theory-subcommand", ["theory", "critcal"], "No such command 'critcal'", 2),
     # --- sweep ----------------------------------------------------------------------------------
     ("sweep-missing", ["sweep", "{d}/missing.yaml"], "no sweep config at", 2),
@@ -539,3 +555,17 @@ def test_failed_sweep_runs_print_their_reason(files: dict[str, str], tmp_path: P
     assert rc == 1 and "failed: 2" in out
     lines = [ln for ln in err.splitlines() if ln.startswith("failed run ")]
     assert len(lines) == 2 and all("CUDA is not available" in ln for ln in lines), err
+
+
+def test_lab_cuda_without_cuda_is_refused_up_front(capsys: Any) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["lab", "run", "bn-depth", "--device", "cuda", "--out", "/proc/never"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("signalprop: error:") == 1 and "CUDA is not available" in err
+
+
+def test_bare_command_prints_the_help(capsys: Any) -> None:
+    main([])
+    err = capsys.readouterr().err
+    assert "Usage:" in err and "signalprop: error" not in err

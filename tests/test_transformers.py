@@ -183,3 +183,11 @@ def test_saved_record_diagnoses_like_the_callback(bert_run, capsys) -> None:
     assert main(["diagnose", str(tmp_path / "out" / "signalprop"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)["findings"]
     assert got == [f.to_dict() for f in cb.findings]
+
+
+def test_runs_first_among_the_trainers_callbacks(bert_run) -> None:
+    cb, trainer, _ = bert_run
+    # before the TensorBoard reporter, so the reporter sees the summary in the same logs dict
+    assert trainer.callback_handler.callbacks[0] is cb
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert "TensorBoardCallback" in names

@@ -94,3 +94,26 @@ def test_skipped_steps_detected_without_the_scaler():
     assert r.steps == list(range(8))
     assert [r.get(s, MODEL, "skipped_step", 0.0) == 1.0 for s in r.steps] == skipped
     assert "nonfinite" not in kinds(diagnose(r))
+
+
+def test_scaler_with_manual_step_boundaries_does_not_close_steps_early():
+    # a loop that drives the probe itself (like the Lightning callback) and gives it the scaler
+    torch.manual_seed(0)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with Probe(model, scaler=scaler) as p:
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            p.gradients_ready()
+            scaler.step(opt)
+            scaler.update()
+            p.stepped()
+    r = p.record
+    assert r.steps == [0, 1, 2]
+    assert all(r.get(s, MODEL, "loss_scale") == 2.0**8 for s in r.steps)
+    assert not r.has("skipped_step")

@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as e:
         return int(e.exit_code)
     except click.ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare 'signalprop': the help, as asked
+            click.echo(e.format_message(), err=True)
+            return int(e.exit_code)
         # one line, like every other error (click's default adds a usage block)
         hint = ""
         if isinstance(e, click.UsageError) and e.ctx is not None:

@@ -151,7 +151,7 @@ def print_report(report: Any, console: Any, top: int = 6) -> None:
               "rprop, ... (default: the example's, else sgd).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Mini-batch size for tensor data.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for model "
+@click.option("--seed", type=click.IntRange(min=-(2**63), max=2**63 - 1), default=0, show_default=True, help="Seed for model "
               "construction and data order.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout only.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,

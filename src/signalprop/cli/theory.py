@@ -62,7 +62,13 @@ def resolve_cli_activation(name: str, params: tuple[str, ...] = ()) -> Any:
         if hp:
             raise ValueError("--param applies to registered activation names only")
         return get_activation(load_callable(name))
-    return get_activation(name, **hp)
+    try:
+        return get_activation(name, **hp)
+    except TypeError as e:
+        if hp and "unexpected keyword argument" in str(e):
+            raise ValueError(f"--param: activation {name!r} does not take {', '.join(hp)} "
+                             f"({e})") from None
+        raise
 
 
 _ACT_HELP = (

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,11 @@ class SignalpropCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        optimizer: Any = None, **kwargs: Any) -> None:
         self._place_first()  # added with trainer.add_callback after __init__
+        if not self._placed and self.log_summary:
+            warnings.warn(
+                "signalprop: could not find the Trainer's callback handler to run first; the "
+                "summary scalars reach state.log_history and the callbacks after this one, "
+                "not necessarily every report_to backend", RuntimeWarning, stacklevel=2)
         if model is None:
             raise ValueError("SignalpropCallback: the Trainer passed no model to on_train_begin")
         self._world_zero = bool(state.is_world_process_zero)

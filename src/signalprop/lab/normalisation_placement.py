@@ -85,7 +85,7 @@ SMOKE: dict[str, Any] = {"depths": [1, 2], "steps": 10, "seeds": [0, 1, 2],
 def get_config(quick: bool) -> dict[str, Any]:
     return {
         "depths": [2, 6] if quick else [4, 12, 24],
-        "steps": 120 if quick else 400,
+        "steps": 100 if quick else 150,
         "batch_size": 64,
         "lr": 1e-2,
         "warmup_fraction": 0.1,

@@ -116,7 +116,7 @@ def get_config(quick: bool) -> dict[str, Any]:
         "data": "digits",
         "width": 64,
         "batch_size": 64,
-        "steps": 300 if quick else 1000,
+        "steps": 200 if quick else 600,
         "seeds": 3 if quick else 5,
         "vanishing": {"activation": "sigmoid", "depth": 16 if quick else 30,
                       "init": "lecun", "init_scale": 1 / math.sqrt(3), "lr": 0.1},

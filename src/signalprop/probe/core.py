@@ -41,6 +41,9 @@ from signalprop.record import MODEL, TIME_PREFIX, LayerInfo, Record
 
 _Metrics = list[tuple[str, str]]  # (layer, metric) names matching a flat value vector
 
+#: Default ``flush_every`` on an accelerator: recorded steps whose values wait on the device.
+FLUSH_EVERY_ACCELERATOR: int = 16
+
 
 class Probe:
     """Records per-layer forward/backward statistics of ``model`` on a schedule.
@@ -81,6 +84,14 @@ class Probe:
         record: An existing record to append to.
         on_record: Callables ``f(step, values)`` invoked after each recorded step with that
             step's ``values[layer][metric]`` (live writers: TensorBoard, Lightning loggers).
+        flush_every: Recorded steps whose values stay on the device before one non-blocking
+            copy to pinned host memory, stored in the record once it has landed (never
+            waiting for the device) or when :attr:`record` is read (``None``: 1 on the CPU,
+            :data:`FLUSH_EVERY_ACCELERATOR` on an accelerator). 1: each recorded step's values
+            reach the host at once, in one transfer (its one synchronisation). Deferred only
+            when the probe steps with its own optimiser and has no ``on_record`` listeners;
+            NaN/Inf counts of a step are then taken on the device once a non-finite value has
+            been seen (until then a non-finite norm records its count as NaN: not counted).
     """
 
     def __init__(
@@ -102,6 +113,7 @@ class Probe:
         | Iterable[Callable[[int, dict[str, dict[str, float]]], None]]
         | None = None,
         scaler: Any = None,
+        flush_every: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
@@ -130,6 +142,15 @@ class Probe:
         self._buffers: list[torch.Tensor] | None = None
         self.saturation_ratio = float(saturation_ratio)
         self._record = record if record is not None else Record()
+        if flush_every is not None and (isinstance(flush_every, bool) or int(flush_every) < 1):
+            raise ValueError(f"flush_every must be an int >= 1 or None, got {flush_every!r}")
+        self._ratios: tuple[int, list[str], torch.Tensor] | None = None
+        self._since_transfer = 0
+        self._queue: list[tuple[int, str, _Metrics, torch.Tensor, bool]] = []
+        self._inflight: list[tuple[torch.Tensor, Any, list[Any]]] = []
+        dev = self.params[0][1].device if self.params else torch.device("cpu")
+        self.flush_every = int(flush_every) if flush_every is not None else (
+            1 if dev.type == "cpu" else FLUSH_EVERY_ACCELERATOR)
         self.step_index = 0
         if on_record is None:
             self.on_record: list[Callable[[int, dict[str, dict[str, float]]], None]] = []
@@ -187,6 +208,7 @@ class Probe:
         self._no_ratio = False
         self._param_names = [n for n, _ in self.params]
         self._param_of = dict(self.params)
+        self._ratio_names = [(n, "update_ratio") for n, _ in self.params]
         self._uncounted = False
         # what module hooks cannot see (functional activations, residual adds, norm placement,
         # parameters used outside a module call) is read by a torch-function mode around the
@@ -218,23 +240,106 @@ class Probe:
         # what the module types say (the measured facts below override these)
         for k, v in architecture_facts(model).items():
             if v is not None:
-                self.record.meta.setdefault(k, v)
-        self.record.meta.setdefault("model", type(model).__name__)
-        self.record.meta.setdefault("num_parameters", sum(p.numel() for _, p in self.params))
-        self.record.meta.setdefault("schedule", str(self.schedule))
-        self.record.meta.setdefault("percentiles", list(self.percentiles))
-        self.record.meta.setdefault("saturation_ratio", self.saturation_ratio)
+                self._record.meta.setdefault(k, v)
+        self._record.meta.setdefault("model", type(model).__name__)
+        self._record.meta.setdefault("num_parameters", sum(p.numel() for _, p in self.params))
+        self._record.meta.setdefault("schedule", str(self.schedule))
+        self._record.meta.setdefault("percentiles", list(self.percentiles))
+        self._record.meta.setdefault("saturation_ratio", self.saturation_ratio)
 
     @property
     def record(self) -> Record:
-        """The record (reading it brings the last recorded step's update ratios to the host)."""
-        self._flush_ratios()
+        """The record, with every recorded step's values (reading it brings the values still
+        on the device to the host: it may wait for the device)."""
+        self.flush()
         return self._record
 
     @record.setter
     def record(self, value: Record) -> None:
-        self._flush_ratios()
+        self.flush()
         self._record = value
+
+    def flush(self, wait: bool = True) -> None:
+        """Bring every value still on the device into the record.
+
+        Args:
+            wait: Wait for copies in flight (``False``: store only the copies that have
+                landed; the training path never waits).
+        """
+        if wait:
+            self._start_transfer()
+        while self._inflight:
+            host, event, entries = self._inflight[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self._inflight.pop(0)
+            self._materialise(host, entries)
+        if wait:
+            self._flush_ratios()
+
+    @property
+    def _deferring(self) -> bool:
+        return (self.flush_every > 1 and bool(self.optimizers) and not self.on_record
+                and self.reducer is None)
+
+    def _start_transfer(self) -> None:
+        """One non-blocking copy of every queued value to pinned host memory."""
+        if not self._queue:
+            return
+        entries, self._queue = self._queue, []
+        vec = torch.cat([e[3] for e in entries])
+        if vec.device.type == "cuda":
+            host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
+            host.copy_(vec, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        elif vec.device.type == "cpu":
+            host, event = vec, None
+        else:  # other accelerators: a plain copy
+            host, event = vec.cpu(), None
+        self._inflight.append((host, event, entries))
+
+    def _materialise(self, host: torch.Tensor, entries: list[Any]) -> None:
+        flat = host.tolist()
+        pos = 0
+        for step, kind, names, vec, uncounted in entries:
+            vals = flat[pos : pos + vec.numel()]
+            pos += vec.numel()
+            row = self._record.data.setdefault(int(step), {})
+            for (layer, metric), v in zip(names, vals, strict=True):
+                d = row.get(layer)
+                if d is None:
+                    d = row[layer] = {}
+                d[metric] = v
+            if kind == "pre":
+                self._fix_deferred(row, uncounted)
+
+    def _fix_deferred(self, row: dict[str, dict[str, float]], uncounted: bool) -> None:
+        """Host-side fix-ups of a deferred step (its tensors are gone): clip bookkeeping, and
+        NaN/Inf counts where the device did not take them (NaN: not counted)."""
+        d = row.get(MODEL, {})
+        a, b = d.get("grad_norm_total"), d.get("grad_norm_total_clipped")
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
+            if abs(a - b) <= 1e-5 * max(abs(a), 1e-30):
+                del d["grad_norm_total_clipped"]
+        for d in row.values():
+            n = d.get("out_grad_norm")
+            if n is not None and not math.isfinite(n):
+                _COUNT_NONFINITE[0] = True
+                if uncounted:
+                    d["out_grad_nonfinite"] = math.nan
+            m = d.get("out_mean")
+            if m is not None and "out_nonfinite" not in d:  # exact mode: outputs are gone
+                d["out_nonfinite"] = 0.0 if math.isfinite(m) else math.nan
+            g = d.get("grad_norm")
+            if g is not None and "grad_nonfinite" not in d:
+                if math.isfinite(g):
+                    d["grad_nonfinite"] = 0.0
+                else:
+                    _COUNT_NONFINITE[0] = True
+                    d["grad_nonfinite"] = math.nan
 
     def _flush_ratios(self) -> None:
         if self._ratios is not None:
@@ -350,7 +455,7 @@ class Probe:
         self._clear()
         if self._updates is not None:
             self._updates.release()
-        self._flush_ratios()
+        self.flush()
 
     def __enter__(self) -> Probe:
         # nested ``with probe:`` blocks: only the outermost exit detaches (an inner exit used to
@@ -483,6 +588,10 @@ class Probe:
 
     def _scaler_update(self) -> None:
         """GradScaler.update(): a step whose optimisers did not run was skipped (inf/NaN)."""
+        if not self.optimizers:
+            # no optimiser bound: the loop closes steps itself (gradients_ready / stepped, as
+            # the Lightning callback does); the scaler only supplies the loss scale
+            return
         if self._stepped_opts:
             self._post_step()  # some optimisers stepped, others are not bound to the scaler
             return
@@ -699,15 +808,15 @@ class Probe:
         if not self._blocks:
             return
         for name, b in self._blocks.items():
-            self.record.add_layer(LayerInfo(
+            self._record.add_layer(LayerInfo(
                 name=name, type=b["type"], role="block", depth=b["depth"] or 0,
                 module=name, residual=True, norm_placement=b["norm_placement"]))
         # measured: a block added its own input to its output
-        self.record.meta["residual"] = True
-        self.record.meta["residual_blocks"] = list(self._blocks)
+        self._record.meta["residual"] = True
+        self._record.meta["residual_blocks"] = list(self._blocks)
         places = {b["norm_placement"] for b in self._blocks.values() if b["norm_placement"]}
         if places:
-            self.record.meta["norm_placement"] = places.pop() if len(places) == 1 else "mixed"
+            self._record.meta["norm_placement"] = places.pop() if len(places) == 1 else "mixed"
 
     def _pre_step(self) -> None:
         """Gradients are ready: compute everything except update ratios."""
@@ -799,6 +908,18 @@ class Probe:
                 # (a tensor rate stays where it is: it travels with the step's one transfer)
                 values.append(torch.as_tensor(lr, dtype=torch.float64).reshape(1))
                 names.append((MODEL, "lr"))
+        if self._deferring:
+            # values stay on the device; host-side additions (skipped_step) go to _pending
+            if self.weights and _COUNT_NONFINITE[0]:
+                with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+                if with_grad:
+                    values.append(torch.stack([(~torch.isfinite(g)).sum() for _, g in with_grad]))
+                    names += [(n, "grad_nonfinite") for n, _ in with_grad]
+            self._enqueue("pre", values, names, self._uncounted)
+            self._uncounted = False
+            self._pending = {}
+            self._note_unchecked()
+            return
         self._pending = self._to_dict(values, names)
         self._note_unchecked()
         self._drop_unchanged_clip()
@@ -829,6 +950,20 @@ class Probe:
             return norms
         out = torch.zeros(len(self.params), dtype=torch.float64, device=norms.device)
         return out.index_copy_(0, host_tensor(have, torch.long, norms.device), norms)
+
+    def _enqueue(self, kind: str, values: list[torch.Tensor], names: _Metrics,
+                 uncounted: bool) -> None:
+        parts = [v.detach().reshape(-1) for v in values]
+        if not parts:
+            return
+        devs = [p.device for p in parts if p.device.type != "cpu"]
+        dev = devs[0] if devs else torch.device("cpu")
+        vec = torch.cat(
+            [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts]
+        ).to(torch.float64)
+        if vec.numel() != len(names):  # a bug, never user error
+            raise RuntimeError(f"probe bookkeeping mismatch: {vec.numel()} values, {len(names)} names")
+        self._queue.append((self.step_index, kind, names, vec, uncounted))
 
     def _gate_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
         # recurrent gates (sigmoid): saturated fraction and mean over batch, units, time steps
@@ -914,10 +1049,19 @@ class Probe:
                     # listeners, other ranks and hand-driven steps see the step complete now
                     for (n, _), r in zip(self.params, ratio.tolist(), strict=True):
                         self._pending.setdefault(n, {})["update_ratio"] = r
+                elif self._deferring:
+                    self._enqueue("post", [ratio], self._ratio_names, False)
                 else:
                     # on the device until the next step's transfer (or reading the record)
                     self._ratios = (self.step_index, self._param_names, ratio)
             self._commit()
+            if self._deferring:
+                self._since_transfer += 1
+                if self._since_transfer >= self.flush_every:
+                    self._since_transfer = 0
+                    self._start_transfer()  # non-blocking; stored once landed
+                if self._inflight:
+                    self.flush(wait=False)  # store copies that have landed; never wait
         if self._updates is not None:
             self._updates.ready = False
             if self._active and not self.schedule(self.step_index + 1):
@@ -926,7 +1070,7 @@ class Probe:
             # the map is drawn: keep the function mode only where module hooks cannot see
             # (functional activations); residual blocks get their input hooks from now on
             if self._nforward == 0 and not self._root_watched and self._use_mode:
-                self.record.meta.setdefault("unchecked", {})[type(self.model).__name__] = (
+                self._record.meta.setdefault("unchecked", {})[type(self.model).__name__] = (
                     "the model itself was never called (the loop calls its submodules): "
                     "functional activations, residual additions and parameters used outside "
                     "module calls were not observed")
@@ -979,6 +1123,13 @@ class Probe:
             pct = stats.percentiles(xf, self.percentiles, self.max_percentile_samples)
             values += [mean, std, pct.T.reshape(-1)]
             names += self._group_names(tuple(idx))
+            if self._deferring and self.max_forward_samples is not None:
+                # NaN/Inf in the samples, scaled to the outputs' size (tensors gone by the
+                # time the host sees the values)
+                sc = host_tensor([self._sites[j].numel / xf.shape[1] for j in idx],
+                                 torch.float64, xf.device)
+                values.append(stats.nonfinite_count(xf).double() * sc)
+                names += [(self._sites[j].name, "out_nonfinite") for j in idx]
             self._activation_stats(idx, x, xf, values, names)
 
     def _group_names(self, idx: tuple[int, ...]) -> _Metrics:
