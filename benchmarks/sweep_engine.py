@@ -163,7 +163,7 @@ def matmul_peak(repeats: int = 3) -> tuple[float, float]:
     """float32 GFLOP/s of a large square matmul, best of ``repeats``: (by wall, by CPU time)."""
     n = 8192 if DEVICE.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
-    c = torch.empty(n, n)
+    c = torch.empty(n, n, device=DEVICE)
     torch.mm(a, b, out=c)
     best_w = best_c = float("inf")
     for _ in range(repeats):
