@@ -112,6 +112,35 @@ class SignalpropWarning(UserWarning):
     ``warnings.filterwarnings("ignore", category=SignalpropWarning)``)."""
 
 
+
+def check_callback_args(
+    every: Any, diagnose_every: Any, probe_kwargs: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Validate the arguments every signalprop training callback shares (one message each).
+
+    Returns:
+        A copy of ``probe_kwargs`` (``{}`` for None).
+
+    Raises:
+        ValueError: ``every`` is not an int >= 1, ``diagnose_every`` not None or an int >= 0, or
+            ``probe_kwargs`` sets something the callback manages itself.
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be an int >= 1, got {every!r}")
+    if diagnose_every is not None and (
+        isinstance(diagnose_every, bool) or not isinstance(diagnose_every, int)
+        or diagnose_every < 0
+    ):
+        raise ValueError(f"diagnose_every must be None or an int >= 0, got {diagnose_every!r}")
+    kw = dict(probe_kwargs or {})
+    for bad in ("optimizer", "schedule", "on_record", "record"):
+        if bad in kw:
+            raise ValueError(
+                f"probe_kwargs may not set {bad!r}: the callback manages it "
+                "(use the callback's own argument where there is one)"
+            )
+    return kw
+
 def finding_key(finding: Any) -> tuple[str, str, str]:
     """``(kind, first layer, last layer)``: a finding is warned about once per key."""
     layers = list(getattr(finding, "layers", []) or [])

@@ -39,6 +39,7 @@ import torch
 from signalprop import stats
 from signalprop.integrations.common import (
     SignalpropWarning,
+    check_callback_args,
     diagnose_record,
     finding_key,
     format_finding,
@@ -164,13 +165,7 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         callback_metrics: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if diagnose_every is not None and (
-            isinstance(diagnose_every, bool) or not isinstance(diagnose_every, int)
-            or diagnose_every < 0
-        ):
-            raise ValueError(f"diagnose_every must be None or an int >= 0, got {diagnose_every!r}")
+        kw = check_callback_args(every, diagnose_every, probe_kwargs)
         if isinstance(log_metrics, str):
             if log_metrics != "all":
                 raise ValueError(
@@ -182,13 +177,6 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         self._log_nothing = log_metrics is None or (
             not isinstance(log_metrics, str) and not self.log_metrics
         )
-        kw = dict(probe_kwargs or {})
-        for bad in ("optimizer", "schedule", "on_record", "record"):
-            if bad in kw:
-                raise ValueError(
-                    f"probe_kwargs may not set {bad!r}: the callback manages it "
-                    "(use the callback's own argument where there is one)"
-                )
         self.every = every
         self.schedule = as_schedule(schedule if schedule is not None else every)
         self.diagnose_every = diagnose_every or None

@@ -41,6 +41,7 @@ from signalprop._optional import require
 from signalprop.integrations.common import (
     FindingWarner,
     SignalpropWarning,
+    check_callback_args,
     summary_metrics,
     write_outputs,
 )
@@ -100,17 +101,7 @@ class SignalpropCallback(TrainerCallback):
         on_record: Iterable[Callable[[int, Mapping[str, Mapping[str, float]]], None]] = (),
         report: bool = True,
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if diagnose_every is not None and (
-            isinstance(diagnose_every, bool) or not isinstance(diagnose_every, int)
-            or diagnose_every < 0
-        ):
-            raise ValueError(f"diagnose_every must be None or an int >= 0, got {diagnose_every!r}")
-        kw = dict(probe_kwargs or {})
-        for bad in ("optimizer", "schedule", "on_record", "record"):
-            if bad in kw:
-                raise ValueError(f"probe_kwargs may not set {bad!r}: the callback manages it")
+        kw = check_callback_args(every, diagnose_every, probe_kwargs)
         self.schedule = as_schedule(schedule if schedule is not None else every)
         self.diagnose_every = diagnose_every or None
         self.out_dir = Path(out_dir) if out_dir is not None else None
