@@ -19,8 +19,9 @@ from signalprop.engine.activations import get_activation
 from signalprop.vocab.norms import BN_MOMENTUM, NORM_EPS, norm_module  # noqa: F401 (public names)
 from signalprop.vocab.norms import NORMS as VOCAB_NORMS
 
-#: The norms (canonical names; the aliases ``bn``, ``ln`` resolve to them): the vocabulary's.
-NORMS = tuple(VOCAB_NORMS.names())
+#: The norms (canonical names; the aliases ``bn``, ``ln`` resolve to them): the vocabulary's,
+#: "none" first.
+NORMS = tuple(sorted(VOCAB_NORMS.names(), key=lambda n: n != "none"))
 NORM_POSITIONS = ("pre", "post")
 
 
