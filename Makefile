@@ -28,7 +28,7 @@ demo: venv
 
 test: venv
 	@# the browser test drives the system Chromium through Playwright (skipped if it cannot be had)
-	-@bash scripts/ensure_chromium.sh >/dev/null || echo "no Chromium: tests/test_browser_report.py will be skipped"
+	-@bash scripts/ensure_chromium.sh >/dev/null || echo "no Chromium: tests/report/test_browser_report.py will be skipped"
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: venv

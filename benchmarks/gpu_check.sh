@@ -33,10 +33,10 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 
 # 1. CUDA tests: the no-sync contract (sync debug mode "error"), CPU/CUDA agreement, underflow.
 if "$PY" -c "import pytest" 2>/dev/null; then
-    step tests_cuda 60 "$PY" -m pytest -q -p no:cacheprovider -rA tests/test_probe_cuda.py \
-        tests/test_probe_cost.py tests/test_probe.py tests/test_stats.py
+    step tests_cuda 60 "$PY" -m pytest -q -p no:cacheprovider -rA tests/probe/test_probe_cuda.py \
+        tests/probe/test_probe_cost.py tests/probe/test_probe.py tests/test_stats.py
 else
-    step tests_cuda 60 "$PY" tests/test_probe_cuda.py
+    step tests_cuda 60 "$PY" tests/probe/test_probe_cuda.py
 fi
 
 # 2. Probe overhead: plain vs probed (every step, every 10th), interleaved, medians; memory.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure a headless-capable Chromium is available for the browser test of the lab report
-# (tests/test_browser_report.py). Debian/Ubuntu: installs the distribution's `chromium` package
+# (tests/report/test_browser_report.py). Debian/Ubuntu: installs the distribution's `chromium` package
 # when /usr/bin/chromium is missing. Prints the path of the browser on success; exits non-zero
 # (with the reason on stderr) when it cannot be installed (no root, no apt, no network).
 set -euo pipefail

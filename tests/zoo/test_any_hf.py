@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from zoo_helpers import finding
 
 from signalprop.doctor import doctor
 from signalprop.trial import trial
+
+from .zoo_helpers import finding
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,12 +16,13 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from zoo_helpers import finding, kinds
 
 from signalprop.doctor import doctor
 from signalprop.remedies import Remedy
 from signalprop.train import FitResult, TrainResult, fit, train
 from signalprop.trial import trial
+
+from .zoo_helpers import finding, kinds
 
 C = 4  # classes
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from zoo_helpers import finding
 
 from signalprop.doctor import doctor
 from signalprop.trial import trial
+
+from .zoo_helpers import finding
 
 D, C = 16, 4
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from zoo_helpers import finding, kinds, run_probed
 
 from signalprop import stats
 from signalprop.diagnosis import diagnose
+
+from .zoo_helpers import finding, kinds, run_probed
 
 
 def _dead_channels(h: torch.Tensor) -> float:

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from zoo_helpers import kinds
 
 from signalprop.diagnosis import diagnose
 from signalprop.probe import Probe
 from signalprop.record import MODEL
+
+from .zoo_helpers import kinds
 
 
 def _net() -> nn.Sequential:

@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from zoo_helpers import finding, kinds, run_probed
 
 from signalprop.diagnosis import diagnose
 from signalprop.diagnosis.context import context_of
 from signalprop.probe import Probe
 from signalprop.record import MODEL
+
+from .zoo_helpers import finding, kinds, run_probed
 
 
 class ReusedAct(nn.Module):

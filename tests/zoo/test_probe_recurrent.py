@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from zoo_helpers import finding, kinds, run_probed
 
 from signalprop.diagnosis import diagnose
 from signalprop.report import figures
+
+from .zoo_helpers import finding, kinds, run_probed
 
 T = 150
 

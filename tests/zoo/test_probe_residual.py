@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from zoo_helpers import finding, kinds
 
 from signalprop.diagnosis import diagnose
 from signalprop.diagnosis.context import context_of
 from signalprop.probe import Probe
+
+from .zoo_helpers import finding, kinds
 
 LAYERS = 12
 

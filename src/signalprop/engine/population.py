@@ -65,9 +65,12 @@ class Population(_Layout, _Initialiser, _BatchedMLP, _Clipper, _Fitting):
             2 sigmoid(2z) - 1, absolute error <= 1.8e-7). Default: on for float32 on the CPU.
 
     Example:
+        >>> from signalprop.data import load_dataset
         >>> pop = Population(Arch(64, 10, depth=3, width=32), 4, hparams={"lr": [0.01, 0.1, 0.3, 1]})
-        >>> pop.init_(seeds=[0, 1, 2, 3])
+        >>> _ = pop.init_(seeds=[0, 1, 2, 3])
         >>> out = pop.fit(load_dataset("digits"), steps=100, batch_size=64, seeds=[0, 1, 2, 3])
+        >>> out.losses.shape, out.diverged_step
+        ((100, 4), [None, None, None, None])
     """
 
     def __init__(

@@ -201,7 +201,7 @@ def bn_gradient_rate_relu(batch_size: int) -> float:
     1/4 + asin(rho)/(2 pi) and E[z1 z2 1(z1, z2 > 0)] = J(rho)/2 (up to the chi^2 radius, which is
     independent of the direction). The same derivation gives (B-2)/(B-3) for the linear network.
     Checked against the sphere quadrature for general phi and against simulations of wide
-    networks (tests/test_theory_batchnorm.py).
+    networks (tests/theory/test_theory_batchnorm.py).
     """
     b = _check_batch(batch_size)
     rho = -1.0 / (b - 1.0)

@@ -2,7 +2,7 @@
 each recorded step (checked by CUDA itself: ``torch.cuda.set_sync_debug_mode("error")`` with
 the transfer alone exempted), records equal to the CPU's, bf16 autocast.
 
-Skipped without CUDA. Runs as a script too (``python tests/test_probe_cuda.py``) for machines
+Skipped without CUDA. Runs as a script too (``python tests/probe/test_probe_cuda.py``) for machines
 without pytest.
 """
 

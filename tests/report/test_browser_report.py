@@ -21,7 +21,7 @@ from signalprop.lab import STUDY_NAMES
 from signalprop.lab.base import read_json
 from signalprop.lab.runner import run_smoke
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

@@ -14,7 +14,7 @@ import pytest
 from signalprop import docs_build
 from signalprop.docs_build import build, find_docs_dir, public_modules, render_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
 # a page must not load anything from the network

@@ -163,7 +163,7 @@ def test_kill_minus_9_and_resume(tmp_path):
     out = tmp_path / "sw"
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     proc = subprocess.Popen([sys.executable, str(script), str(out)], env=env)
     db = out / "sweep.db"
     deadline = time.time() + 120
@@ -219,7 +219,7 @@ def test_cli_sweep(tmp_path, capsys):
 
 
 def test_example_config_runs(tmp_path, capsys):
-    example = Path(__file__).parents[1] / "examples" / "sweep.yaml"
+    example = Path(__file__).parents[2] / "examples" / "sweep.yaml"
     specs = expand_grid(example)
     assert len(specs) == 12 and len(group_runs(specs)) == 2
     assert main(["sweep", str(example), "--out", str(tmp_path), "--no-progress"]) == 0
