@@ -19,6 +19,7 @@ SMORMS3, VSGD, LARS); initialisations live in :mod:`signalprop.init` (INITS).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -80,6 +81,7 @@ from signalprop.remedies.transforms import (
     swap_activation,
     weight_norm,
 )
+from signalprop.vocab.optimizers import optimizer
 
 ModelTransform = Callable[[nn.Module, "torch.Tensor | None"], nn.Module]
 
@@ -208,6 +210,7 @@ def _critical_init(sigma_b2: float = 0.0, orthogonal: bool = False,
             kind = infer_activation(new)  # a clear error when the activation cannot be inferred
             _init.critical_(new, activation=kind, sigma_b2=sigma_b2, orthogonal=orthogonal)
             return new
+        # lazy: the mean-field theory (scipy) adds ~0.8 s to importing the remedies (measured)
         from signalprop.theory.torch_adapter import mean_field_init_
 
         for name, sw2 in per_layer.items():
@@ -318,33 +321,21 @@ def _optimizer_remedy(name: str, optimizer: str, description: str, lr: float | N
     return Remedy(name, optimizer=optimizer, lr=lr, description=description)
 
 
-@REMEDIES.register("adam", lr=1e-3)
-def _adam(lr: float = 1e-3) -> Remedy:
-    return _optimizer_remedy("adam", "adam", "Adam (Kingma & Ba 2015)", lr)
+#: The optimiser switches: each at the optimiser's one registered learning rate (the vocabulary's).
+for _name, _desc in (
+    ("adam", "Adam (Kingma & Ba 2015)"),
+    ("rmsprop", "RMSProp (Tieleman & Hinton 2012)"),
+    ("rprop", "sign-based Rprop (Riedmiller & Braun 1993)"),
+    ("smorms3", "SMORMS3 (Funk 2015)"),
+    ("vsgd", "vSGD adaptive rates (Schaul, Zhang & LeCun 2013)"),
+):
+    REMEDIES.register(_name, functools.partial(_optimizer_remedy, _name, _name, _desc),
+                      lr=DEFAULT_LR[_name])
 
 
-@REMEDIES.register("rmsprop", lr=1e-3)
-def _rmsprop(lr: float = 1e-3) -> Remedy:
-    return _optimizer_remedy("rmsprop", "rmsprop", "RMSProp (Tieleman & Hinton 2012)", lr)
-
-
-@REMEDIES.register("rprop", lr=1e-2)
-def _rprop(lr: float = 1e-2) -> Remedy:
-    return _optimizer_remedy("rprop", "rprop", "sign-based Rprop (Riedmiller & Braun 1993)", lr)
-
-
-@REMEDIES.register("smorms3", lr=1e-3)
-def _smorms3(lr: float = 1e-3) -> Remedy:
-    return _optimizer_remedy("smorms3", "smorms3", "SMORMS3 (Funk 2015)", lr)
-
-
-@REMEDIES.register("vsgd", lr=1.0)
-def _vsgd(lr: float = 1.0) -> Remedy:
-    return _optimizer_remedy("vsgd", "vsgd", "vSGD adaptive rates (Schaul, Zhang & LeCun 2013)", lr)
-
-
-@REMEDIES.register("layerwise_lr", lr=1.0, trust=0.01, momentum=0.9)
-def _layerwise_lr(lr: float = 1.0, trust: float = 0.01, momentum: float = 0.9) -> Remedy:
+@REMEDIES.register("layerwise_lr", **{k: optimizer("lars").defaults[k]
+                                      for k in ("lr", "trust", "momentum")})
+def _layerwise_lr(lr: float, trust: float, momentum: float) -> Remedy:
     return Remedy("layerwise_lr", optimizer="lars", lr=lr,
                   optimizer_kwargs={"trust": trust, "momentum": momentum},
                   description="LARS per-layer trust ratio ||w||/||g|| (You et al. 2017)")

@@ -4,12 +4,16 @@
   phi and phi' for the theory, ``nn.Module``, the batched engine's kernel, the probe's saturation
   and dead-unit rules, default hyper-parameters).
 - :data:`NORMS` (:mod:`signalprop.vocab.norms`): ``none``, ``batch``, ``layer``.
+- :data:`OPTIMIZERS` (:mod:`signalprop.vocab.optimizers`): the torch optimiser, the batched
+  engine's kernel where one exists, and one set of default hyper-parameters (``lr`` included).
 
 Canonical names are the ones the docs and the CLI use; the other spellings found in the package
 are aliases (``"bn"`` -> ``"batch"``), so old configs keep working. Unknown names raise
 ``ValueError`` naming the value and the valid choices. The older tables (``theory.ACTIVATIONS``,
 ``engine.ACTIVATIONS``, ``remedies.ACTIVATIONS``, ``stats.SATURATING`` ...) are views of these.
-This package depends on nothing in signalprop but :mod:`signalprop._registry`.
+This package depends on nothing in signalprop but :mod:`signalprop._registry` (the optimiser
+implementations it registers live in it: :mod:`~signalprop.vocab.torch_optim`,
+:mod:`~signalprop.vocab.batched_optim`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from signalprop.vocab.activations import (
     infer_activation,
 )
 from signalprop.vocab.norms import NORMS, norm_module
+from signalprop.vocab.optimizers import OPTIMIZERS, OptimizerDef, optimizer
 
 __all__ = [
-    "ACTIVATIONS", "NORMS", "ActivationDef", "Kernel", "Saturation", "activation",
-    "activation_kind", "infer_activation", "norm_module",
+    "ACTIVATIONS", "NORMS", "OPTIMIZERS", "ActivationDef", "Kernel", "OptimizerDef",
+    "Saturation", "activation", "activation_kind", "infer_activation", "norm_module", "optimizer",
 ]

@@ -1,4 +1,7 @@
-"""Batched optimisers over one flat parameter buffer.
+"""Batched optimisers over one flat parameter buffer: the engine face of the optimiser vocabulary.
+
+The names and default hyper-parameters are registered once, in
+:data:`signalprop.vocab.optimizers.OPTIMIZERS`; :mod:`signalprop.engine.optim` is its view.
 
 All parameters of all K members live in one flat buffer ``p`` (layer-major: each parameter is a
 contiguous ``[K, ...]`` block), their gradients in ``g`` of the same layout. An optimiser step is
@@ -30,12 +33,7 @@ from typing import Any, Union
 
 import torch
 
-from signalprop._registry import Registry
-
 Hyper = Union[float, torch.Tensor]
-
-OPTIMIZERS: Registry = Registry("optimizer")
-
 
 def _axpy_(y: torch.Tensor, a: Hyper, x: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
     """y += sign * a * x in one pass, for a float or element-wise tensor ``a``."""
@@ -123,7 +121,6 @@ def _is_zero(h: Hyper) -> bool:
     return not isinstance(h, torch.Tensor) and h == 0.0
 
 
-@OPTIMIZERS.register("sgd", lr=0.1, momentum=0.0, weight_decay=0.0)
 class SGD(BatchedOptimizer):
     name = "sgd"
     keys = ("lr", "momentum", "weight_decay")
@@ -141,7 +138,6 @@ class SGD(BatchedOptimizer):
         self.axpy_(p, "lr", g, -1.0)
 
 
-@OPTIMIZERS.register("rmsprop", lr=0.01, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0)
 class RMSProp(BatchedOptimizer):
     name = "rmsprop"
     keys = ("lr", "alpha", "eps", "momentum", "weight_decay")
@@ -170,7 +166,6 @@ class RMSProp(BatchedOptimizer):
             p.addcdiv_(g, avg, value=-self.hp["lr"])
 
 
-@OPTIMIZERS.register("adam", lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
 class Adam(BatchedOptimizer):
     name = "adam"
     keys = ("lr", "beta1", "beta2", "eps", "weight_decay")
@@ -198,9 +193,6 @@ class Adam(BatchedOptimizer):
             p.addcdiv_(m, denom, value=-(lr / bc1))
 
 
-@OPTIMIZERS.register(
-    "rprop", lr=0.01, eta_minus=0.5, eta_plus=1.2, step_min=1e-6, step_max=50.0, weight_decay=0.0
-)
 class Rprop(BatchedOptimizer):
     name = "rprop"
     keys = ("lr", "eta_minus", "eta_plus", "step_min", "step_max", "weight_decay")
@@ -231,7 +223,6 @@ class Rprop(BatchedOptimizer):
         prev.copy_(g)
 
 
-@OPTIMIZERS.register("smorms3", lr=1e-3, eps=1e-16, weight_decay=0.0)
 class SMORMS3(BatchedOptimizer):
     name = "smorms3"
     keys = ("lr", "eps", "weight_decay")
@@ -251,20 +242,3 @@ class SMORMS3(BatchedOptimizer):
         rate = torch.minimum(x, lr if isinstance(lr, torch.Tensor) else torch.full_like(x, lr))
         p.sub_(g * rate / (v.sqrt() + eps))
         mem.mul_(1.0 - x).add_(1.0)
-
-
-def optimizer_defaults(name: str) -> dict[str, float]:
-    """Default hyper-parameters of a batched optimiser (``ValueError`` for unknown names)."""
-    return OPTIMIZERS.defaults(name)
-
-
-def make_optimizer(
-    name: str,
-    p: torch.Tensor,
-    hp: dict[str, Hyper],
-    layout: tuple[int, list[tuple[int, int]]] | None = None,
-) -> BatchedOptimizer:
-    """Build the batched optimiser ``name`` over the flat buffer ``p`` (``layout``: see
-    :class:`BatchedOptimizer`)."""
-    cls = OPTIMIZERS.get(name)
-    return cls(p, hp, layout)

@@ -1,20 +1,17 @@
-"""Optimisers torch lacks, and the :data:`OPTIMIZERS` registry naming torch's own as well.
+"""Optimisers torch lacks (the torch face of some entries of the optimiser vocabulary).
 
 - :class:`SMORMS3` (Simon Funk 2015, "RMSprop loses to SMORMS3 - Beware the Epsilon!").
 - :class:`VSGD` (Schaul, Zhang & LeCun 2013, "No More Pesky Learning Rates"; finite-difference
   curvature from Schaul & LeCun 2013, "Adaptive learning rates and parallelization ...").
 - :class:`LARS` (You, Gitman & Ginsburg 2017): a per-layer trust ratio ||w|| / ||g||.
-- :func:`layerwise` : per-layer parameter groups whose learning rate is scaled by depth.
 
-Registry entries are called as ``fn(params, lr=lr, **defaults)`` (or ``fn(model, lr=...)`` when
-the factory has ``signalprop_takes_model = True``), which is how
-:func:`signalprop.train.make_optimizer` builds them. :data:`DEFAULT_LR` holds a sensible learning
-rate per optimiser for remedies that switch optimiser.
+Their names, default hyper-parameters and learning rates are registered in
+:data:`signalprop.vocab.optimizers.OPTIMIZERS` (with :func:`~signalprop.vocab.optimizers.layerwise`,
+which needs the registry for its base optimiser).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,7 +19,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from signalprop._registry import Registry
+from signalprop._registry import unknown_name_message
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -136,8 +133,6 @@ class VSGD(Optimizer):
         eps: float = 1e-12,
     ) -> None:
         if curvature not in ("secant", "fd"):
-            from signalprop._registry import unknown_name_message
-
             raise ValueError(unknown_name_message("vSGD curvature", curvature, ["fd", "secant"]))
         if not lr > 0 or not init_lr > 0 or slow_start < 1 or eps <= 0:
             raise ValueError(
@@ -325,97 +320,3 @@ def depth_groups(model: nn.Module) -> list[list[torch.nn.Parameter]]:
         if ps:
             groups.append(ps)
     return groups
-
-
-def layerwise(
-    model: nn.Module,
-    lr: float = 0.1,
-    base: str = "sgd",
-    first_layer_factor: float = 10.0,
-    **base_kwargs: Any,
-) -> Optimizer:
-    """Per-layer learning rates scaled geometrically with depth.
-
-    Layer l of L (registration order, 0 = input side) gets
-    lr_l = lr * first_layer_factor ** ((L - 1 - l) / (L - 1)): the first layer ``lr *
-    first_layer_factor``, the last ``lr``. Factor > 1 counters gradients that vanish towards the
-    input; < 1 counters ones that explode there.
-
-    Args:
-        model: The model (its parameters are grouped by owning module).
-        lr: Rate of the last layer.
-        base: Registered optimiser name used for the groups (not ``layerwise``/``lars``).
-        first_layer_factor: Ratio of the first layer's rate to the last one's.
-        **base_kwargs: Passed to the base optimiser.
-    """
-    if not first_layer_factor > 0:
-        raise ValueError(f"first_layer_factor must be > 0, got {first_layer_factor}")
-    if base in ("layerwise",):
-        raise ValueError("layerwise cannot be its own base optimiser")
-    groups = depth_groups(model)
-    if not groups:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters")
-    n = len(groups)
-    pg = []
-    for i, ps in enumerate(groups):
-        frac = (n - 1 - i) / (n - 1) if n > 1 else 0.0
-        pg.append({"params": ps, "lr": lr * first_layer_factor**frac, "depth": i})
-    entry = OPTIMIZERS.entry(base)
-    kw = {**entry.defaults, **base_kwargs}
-    return entry.fn(pg, lr=lr, **kw)
-
-
-layerwise.signalprop_takes_model = True  # type: ignore[attr-defined]
-
-OPTIMIZERS: Registry = Registry("optimizer")
-OPTIMIZERS.register("sgd", torch.optim.SGD, doc="plain SGD")
-OPTIMIZERS.register("momentum", torch.optim.SGD, momentum=0.9, doc="SGD with momentum 0.9")
-OPTIMIZERS.register(
-    "nesterov", torch.optim.SGD, momentum=0.9, nesterov=True, doc="Nesterov momentum 0.9"
-)
-OPTIMIZERS.register("adam", torch.optim.Adam, doc="Adam (Kingma & Ba 2015)")
-OPTIMIZERS.register("adamw", torch.optim.AdamW, doc="AdamW (Loshchilov & Hutter 2019)")
-OPTIMIZERS.register("rmsprop", torch.optim.RMSprop, doc="RMSProp (Tieleman & Hinton 2012)")
-OPTIMIZERS.register("rprop", torch.optim.Rprop, doc="iRprop- (Riedmiller & Braun 1993)")
-OPTIMIZERS.register("adagrad", torch.optim.Adagrad, doc="Adagrad (Duchi et al. 2011)")
-OPTIMIZERS.register("smorms3", SMORMS3, eps=1e-16, doc="SMORMS3 (Funk 2015)")
-OPTIMIZERS.register("vsgd", VSGD, curvature="secant", doc="vSGD (Schaul, Zhang & LeCun 2013)")
-OPTIMIZERS.register("lars", LARS, momentum=0.9, trust=0.01, doc="LARS trust ratio (You et al. 2017)")
-OPTIMIZERS.register("layerwise", layerwise, base="sgd", first_layer_factor=10.0,
-                    doc="depth-scaled per-layer rates")
-
-#: A reasonable learning rate for each optimiser, used by remedies that switch optimiser (the
-#: user's SGD rate is rarely right for Adam).
-DEFAULT_LR: dict[str, float] = {
-    "sgd": 0.1,
-    "momentum": 0.01,
-    "nesterov": 0.01,
-    "adam": 1e-3,
-    "adamw": 1e-3,
-    "rmsprop": 1e-3,
-    "rprop": 1e-2,
-    "adagrad": 1e-2,
-    "smorms3": 1e-3,
-    "vsgd": 1.0,
-    "lars": 1.0,
-    "layerwise": 0.1,
-}
-
-
-def make_optimizer(
-    name: str, model_or_params: nn.Module | Params, lr: float | None = None, **overrides: Any
-) -> Optimizer:
-    """Build the registered optimiser ``name`` (``lr`` defaults to :data:`DEFAULT_LR`)."""
-    entry = OPTIMIZERS.entry(name)
-    lr = DEFAULT_LR.get(entry.name, 1e-3) if lr is None else lr
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"learning rate must be a positive number, got {lr}")
-    kw = {**entry.defaults, **overrides}
-    if getattr(entry.fn, "signalprop_takes_model", False):
-        if not isinstance(model_or_params, nn.Module):
-            raise TypeError(f"optimizer {name!r} needs the model, not a parameter list")
-        return entry.fn(model_or_params, lr=lr, **kw)
-    params = (
-        model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
-    )
-    return entry.fn(params, lr=lr, **kw)
