@@ -1,4 +1,5 @@
-"""Weight initialisations, in place, in ``torch.nn.init`` style (names end in ``_``).
+"""The initialisation vocabulary: weight initialisations, in place, in ``torch.nn.init`` style
+(names end in ``_``), registered once in :data:`INITS` (public module: :mod:`signalprop.init`).
 
 Each function takes a tensor (a weight) or a module; given a module it initialises the weight of
 every ``nn.Linear`` and ``nn.ConvNd`` inside it and sets their biases to ``bias`` (0 by default;
@@ -6,14 +7,21 @@ every ``nn.Linear`` and ``nn.ConvNd`` inside it and sets their biases to ``bias`
 
 Formulas (Var W for a layer with fan_in inputs and fan_out outputs):
 
+- :func:`lecun_`: Var W = 1 / fan_in (LeCun et al. 1998; alias ``gaussian``, the lab's name).
 - :func:`xavier_`: Var W = gain^2 * 2 / (fan_in + fan_out) (Glorot & Bengio 2010).
-- :func:`kaiming_`: Var W = gain^2 / fan_mode with gain^2 = 2 for ReLU (He et al. 2015).
+- :func:`kaiming_`: Var W = gain^2 / fan_mode with gain^2 = 2 for ReLU (He et al. 2015; alias
+  ``he``).
 - :func:`orthogonal_`: W = gain * Q with Q orthogonal (Saxe, McClelland & Ganguli 2013).
 - :func:`lsuv_`: orthonormal pre-init, then W <- W / sqrt(Var(layer output)) layer by layer on a
   data batch until |Var - 1| < tol (Mishkin & Matas 2016, "All you need is a good init").
 - :func:`scale_`: W <- factor * W (a global multiplier, e.g. to move sigma_w).
 - :func:`critical_`: weights at the edge of chaos for the model's activation, from
   :mod:`signalprop.theory.torch_adapter` (imported lazily).
+- :func:`default_`: PyTorch's own initialisation, left as the layers built it.
+
+Each :class:`InitDef` of :data:`INITS` is callable as its in-place initialiser and carries the
+batched engine's face: ``std(fan_in, fan_out)`` for the Gaussian schemes, and ``engine`` (the
+engine implements it: :mod:`signalprop.engine.initialise`).
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ from torch import nn
 from signalprop._registry import Registry, check_choice
 
 Target = torch.Tensor | nn.Module
+
+#: LSUV (Mishkin & Matas 2016): tolerance on |Var - 1| and the most rescaling passes per layer.
+LSUV_TOL = 0.1
+LSUV_MAX_ITER = 10
 
 #: Module types whose ``weight`` the module-level initialisers touch.
 WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -111,6 +123,17 @@ def kaiming_(
     for w, b in _targets(target):
         fn(w, a=a, mode=mode, nonlinearity=nonlinearity)
         _set_bias(b, bias)
+    return target
+
+
+def lecun_(target: Target, distribution: str = "normal", bias: float | None = 0.0) -> Target:
+    """LeCun initialisation: Var W = 1 / fan_in (:func:`kaiming_` with a linear gain)."""
+    return kaiming_(target, "linear", distribution=distribution, bias=bias)
+
+
+def default_(target: Target) -> Target:
+    """Leave the weights as PyTorch's layers initialised them (the baseline scheme)."""
+    _targets(target)  # the same errors as the other schemes for a non-weight target
     return target
 
 
@@ -218,8 +241,8 @@ def _output_var(model: nn.Module, layer: nn.Module, batch: Any) -> float:
 def lsuv_(
     model: nn.Module,
     batch: torch.Tensor | tuple[Any, ...] | Mapping[str, Any],
-    tol: float = 0.1,
-    max_iter: int = 10,
+    tol: float = LSUV_TOL,
+    max_iter: int = LSUV_MAX_ITER,
     pre_init: bool = True,
     zero_bias: bool = True,
     warn: bool = True,
@@ -301,6 +324,7 @@ def critical_(*args: Any, **kwargs: Any) -> Any:
     Schoenholz et al. 2017), imported on first use so this module imports without it.
     """
     try:
+        # lazy: the mean-field theory (scipy) costs ~0.4-0.8 s to import (measured)
         from signalprop.theory.torch_adapter import critical_ as _critical
     except ImportError as e:  # the theory engine is optional at import time
         raise ImportError(
@@ -310,13 +334,42 @@ def critical_(*args: Any, **kwargs: Any) -> Any:
     return _critical(*args, **kwargs)
 
 
-INITS: Registry[Callable[..., Any]] = Registry("initialisation")
-INITS.register("xavier", xavier_, gain=1.0, distribution="normal")
-INITS.register("kaiming", kaiming_, nonlinearity="relu", mode="fan_in", distribution="normal")
-INITS.register("orthogonal", orthogonal_, gain=1.0)
-INITS.register("lsuv", lsuv_, tol=0.1, max_iter=10)
-INITS.register("scale", scale_, factor=1.0)
-INITS.register("critical", critical_)
+@dataclass(frozen=True)
+class InitDef:
+    """One initialisation: its in-place initialiser (``torch``; the entry is callable as it) and
+    the batched engine's face (``std(fan_in, fan_out)`` of a Gaussian scheme; ``engine``: the
+    engine implements the scheme)."""
+
+    name: str
+    torch: Callable[..., Any]
+    std: Callable[[int, int], float] | None = None
+    engine: bool = False
+
+    def __call__(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.torch(target, *args, **kwargs)
+
+
+INITS: Registry[InitDef] = Registry("initialisation")
+for _d, _defaults in (
+    (InitDef("default", default_), {}),
+    (InitDef("lecun", lecun_, lambda fi, fo: 1.0 / math.sqrt(fi), True), {"distribution": "normal"}),
+    (InitDef("xavier", xavier_, lambda fi, fo: math.sqrt(2.0 / (fi + fo)), True),
+     {"gain": 1.0, "distribution": "normal"}),
+    (InitDef("kaiming", kaiming_, lambda fi, fo: math.sqrt(2.0 / fi), True),
+     {"nonlinearity": "relu", "mode": "fan_in", "distribution": "normal"}),
+    (InitDef("orthogonal", orthogonal_, engine=True), {"gain": 1.0}),
+    (InitDef("lsuv", lsuv_, engine=True), {"tol": LSUV_TOL, "max_iter": LSUV_MAX_ITER}),
+    (InitDef("scale", scale_), {"factor": 1.0}),
+    (InitDef("critical", critical_), {}),
+):
+    INITS.register(_d.name, _d, doc=(_d.torch.__doc__ or "").split("\n")[0], **_defaults)
+INITS.alias("he", "kaiming")
+INITS.alias("gaussian", "lecun")
+
+
+def init(name: str) -> InitDef:
+    """The :class:`InitDef` of ``name`` or an alias (``ValueError`` listing the valid names)."""
+    return INITS.get(name)
 
 
 def apply_init(name: str, target: Target, *args: Any, **overrides: Any) -> Any:
