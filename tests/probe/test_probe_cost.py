@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from signalprop.probe import Probe, core, every
+from signalprop.probe import Probe, core, every, hooks
 
 READS = {
     torch.Tensor.item,
@@ -32,6 +32,7 @@ READS = {
 
 
 PACKAGE = os.path.dirname(os.path.dirname(core.__file__))  # .../signalprop
+PROBE = os.path.dirname(core.__file__)  # .../signalprop/probe (the flush lives in its modules)
 
 #: the probe's functions that move a step's values to the host (the "flush")
 FLUSH = {"_to_dict", "_flush_ratios", "_fix_nonfinite_counts", "flush", "_materialise",
@@ -58,7 +59,7 @@ class CountReads(TorchFunctionMode):
             while f is not None:
                 if f.f_code.co_filename.startswith(PACKAGE):
                     by_probe = True  # (the optimiser's own reads are not the probe's)
-                if f.f_code.co_name in FLUSH and f.f_code.co_filename == core.__file__:
+                if f.f_code.co_name in FLUSH and f.f_code.co_filename.startswith(PROBE):
                     flushing = True
                     break
                 f = f.f_back
@@ -98,7 +99,7 @@ def test_no_host_read_on_the_training_path_except_one_transfer(
 ):
     if device_path:
         # the code path an accelerator takes (no BLAS norm on the host in the gradient hook)
-        monkeypatch.setattr(core, "_NRM2", {})
+        monkeypatch.setattr(hooks, "_NRM2", {})
     torch.manual_seed(0)
     model = _mlp()
     opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt_name != "adamw"
@@ -248,8 +249,8 @@ def test_forward_sample_is_fixed_small_and_spread_over_units():
 def test_nonfinite_output_gradients_counted_from_the_first_sighting_on(monkeypatch):
     # the accelerators' path: a healthy run takes no NaN/Inf count in the gradient hooks; the
     # first non-finite dL/dh is marked "not counted" (NaN) and counting starts from then on
-    monkeypatch.setattr(core, "_NRM2", {})
-    monkeypatch.setattr(core, "_COUNT_NONFINITE", [False])
+    monkeypatch.setattr(hooks, "_NRM2", {})
+    monkeypatch.setattr(hooks, "_COUNT_NONFINITE", [False])
     model = _mlp()
     x = torch.randn(8, 8)
     x[0, 0] = float("nan")

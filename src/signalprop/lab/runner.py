@@ -25,8 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any
 
+from signalprop._device import resolve_device as _resolve_device
 from signalprop._registry import check_choice
 from signalprop.lab import STUDY_NAMES, get_study
 from signalprop.lab.base import Conclusion, config_hash, read_json, write_json
@@ -35,9 +36,6 @@ from signalprop.lab.report import build_report
 # re-exported: the readers were defined here before the report needed them without the runner
 from signalprop.lab.study_dir import is_study_dir as is_study_dir
 from signalprop.lab.study_dir import load_study as load_study
-
-if TYPE_CHECKING:  # typing.Unpack is Python 3.11+
-    from typing_extensions import Unpack
 
 EXECUTORS = ("local", "ray")
 #: Config keys that say where/how a study runs, not what it measures (excluded from the hash).
@@ -78,62 +76,6 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def _study_config(mod: ModuleType, name: str, quick: bool, overrides: dict[str, Any] | None
-                  ) -> dict[str, Any]:
-    """The study's (quick) configuration with ``overrides`` (unknown keys raise)."""
-    config = mod.get_config(quick)
-    if overrides:
-        unknown = sorted(set(overrides) - set(config))
-        if unknown:
-            raise ValueError(
-                f"unknown config key(s) for study {name!r}: {', '.join(unknown)}; "
-                f"valid: {', '.join(sorted(config))}"
-            )
-        config.update(overrides)
-    return config
-
-
-def _run_keys(config: dict[str, Any], device: str, executor: str, workers: int
-              ) -> dict[str, Any]:
-    """The :data:`RUN_KEYS` of a run (``device="cpu"`` keeps a study's own device choice)."""
-    from signalprop.lab.common import resolve_device
-
-    dev = resolve_device(device if device != "cpu" else config.get("device", "cpu"))
-    return {"device": dev, "executor": executor, "workers": int(workers)}
-
-
-def _stored_or_run(mod: ModuleType, config: dict[str, Any], workdir: Path, h: str, *,
-                   quick: bool, force: bool, say: Callable[[str], None]
-                   ) -> tuple[Any, str, float]:
-    """The study's measurements: stored ones whose hash is ``h`` (unless ``force``), else a run
-    written to ``results.json``. Returns (data, "cached" | "done", run seconds)."""
-    name = workdir.name
-    results_path = workdir / "results.json"
-    stored = read_json(results_path) if results_path.exists() and not force else None
-    if stored is not None and stored.get("config_hash") == h:
-        say(f"{name}: results found, not re-running")
-        return stored["data"], "cached", float(stored.get("run_s", 0.0))
-    say(f"{name}: running ({'quick' if quick else 'full'} configuration)")
-    t1 = time.perf_counter()
-    data = mod.run(config, workdir)
-    run_s = time.perf_counter() - t1
-    write_json(results_path, {"config_hash": h, "run_s": run_s, "data": data})
-    return read_json(results_path)["data"], "done", run_s  # conclude from what is on disk
-
-
-def _conclude_and_draw(mod: ModuleType, data: Any, workdir: Path, meta: dict[str, Any]
-                       ) -> tuple[Conclusion, list[Path]]:
-    """The study's conclusion (written to ``conclusion.json``) and figures (listed and timed in
-    ``meta``)."""
-    conclusion = mod.conclude(data)
-    write_json(workdir / "conclusion.json", conclusion.to_dict())
-    t2 = time.perf_counter()
-    figs = [Path(p) for p in mod.figures(data, workdir)]
-    meta["figures_s"] = time.perf_counter() - t2
-    meta["figures"] = [str(p.relative_to(workdir)) for p in figs]
-    return conclusion, figs
-
-
 def run_study(
     name: str,
     out: str | Path,
@@ -168,55 +110,99 @@ def run_study(
     say = log or (lambda s: None)
     workdir = Path(out) / name
     workdir.mkdir(parents=True, exist_ok=True)
-    config = _study_config(mod, name, quick, overrides)
-    config.update(_run_keys(config, device, executor, workers))
-    # where and how it runs does not change the measurements' meaning: keep it out of the hash
-    # a study's VERSION changes when its measurements change meaning (stored results go stale)
-    h = config_hash({**{k: v for k, v in config.items() if k not in RUN_KEYS},
-                     "__version__": getattr(mod, "VERSION", 1)})
+    config = study_config(mod, name, quick, overrides)
+    dev = device if device != "cpu" else config.get("device", "cpu")
+    config.update(device=str(_resolve_device(dev)), executor=executor, workers=int(workers))
+    h = _results_hash(mod, config)
     write_json(workdir / "config.json", config)
-    meta: dict[str, Any] = {"name": name, "title": mod.TITLE, "quick": quick, "config_hash": h,
-                            "environment": environment(),
-                            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta: dict[str, Any] = {
+        "name": name, "title": mod.TITLE, "quick": quick, "config_hash": h,
+        "environment": environment(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     t0 = time.perf_counter()
     run_s = 0.0
     try:
-        data, status, run_s = _stored_or_run(mod, config, workdir, h, quick=quick, force=force,
-                                             say=say)
-        conclusion, figs = _conclude_and_draw(mod, data, workdir, meta)
-        meta.update(status=status, run_s=run_s, total_s=time.perf_counter() - t0)
-        meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        data, status, run_s = _measure(mod, name, config, workdir, h, force, quick, say)
+        conclusion = mod.conclude(data)
+        write_json(workdir / "conclusion.json", conclusion.to_dict())
+        t2 = time.perf_counter()
+        figs = [Path(p) for p in mod.figures(data, workdir)]
+        meta.update(figures_s=time.perf_counter() - t2,
+                    figures=[str(p.relative_to(workdir)) for p in figs],
+                    status=status, run_s=run_s, total_s=time.perf_counter() - t0,
+                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         write_json(workdir / "meta.json", meta)
         say(f"{name}: {conclusion.verdict}: {conclusion.sentence}")
         return StudyOutcome(name, status, conclusion, figs, run_s, meta["total_s"])
     except Exception as e:  # a failing study is reported, the lab carries on
-        tb = traceback.format_exc()
-        meta.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=tb)
-        meta.update(run_s=run_s, total_s=time.perf_counter() - t0)
+        meta.update(status="failed", error=f"{type(e).__name__}: {e}",
+                    traceback=traceback.format_exc(), run_s=run_s,
+                    total_s=time.perf_counter() - t0)
         write_json(workdir / "meta.json", meta)
         say(f"{name}: FAILED: {type(e).__name__}: {e}")
         return StudyOutcome(name, "failed", None, [], run_s, meta["total_s"], meta["error"])
 
 
-class LabOptions(TypedDict, total=False):
-    """How :func:`run_lab` runs each study: the keywords of :func:`run_study` (defaults there)."""
+def study_config(
+    mod: ModuleType, name: str, quick: bool, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A study's quick or full configuration with ``overrides`` applied (unknown keys raise
+    ``ValueError`` naming them and the valid ones)."""
+    config = mod.get_config(quick)
+    if overrides:
+        unknown = sorted(set(overrides) - set(config))
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) for study {name!r}: {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(config))}"
+            )
+        config.update(overrides)
+    return config
 
-    quick: bool
-    executor: str
-    device: str
-    force: bool
-    workers: int
-    log: Callable[[str], None] | None
+
+def _results_hash(mod: ModuleType, config: dict[str, Any]) -> str:
+    # where and how it runs does not change the measurements' meaning: keep it out of the hash;
+    # a study's VERSION changes when its measurements change meaning (stored results go stale)
+    return config_hash({**{k: v for k, v in config.items() if k not in RUN_KEYS},
+                        "__version__": getattr(mod, "VERSION", 1)})
 
 
-def run_lab(names: Sequence[str], out: str | Path, **options: Unpack[LabOptions]
-            ) -> list[StudyOutcome]:
+def _measure(
+    mod: ModuleType, name: str, config: dict[str, Any], workdir: Path, h: str, force: bool,
+    quick: bool, say: Callable[[str], None],
+) -> tuple[Any, str, float]:
+    """The study's measurements: stored ones when they match ``h`` (and not ``force``), else
+    a fresh run written to ``results.json``. Returns ``(data, status, run seconds)``."""
+    results_path = workdir / "results.json"
+    stored = read_json(results_path) if results_path.exists() and not force else None
+    if stored is not None and stored.get("config_hash") == h:
+        say(f"{name}: results found, not re-running")
+        return stored["data"], "cached", float(stored.get("run_s", 0.0))
+    say(f"{name}: running ({'quick' if quick else 'full'} configuration)")
+    t1 = time.perf_counter()
+    data = mod.run(config, workdir)
+    run_s = time.perf_counter() - t1
+    write_json(results_path, {"config_hash": h, "run_s": run_s, "data": data})
+    return read_json(results_path)["data"], "done", run_s  # conclude from what is on disk
+
+
+def run_lab(
+    names: Sequence[str],
+    out: str | Path,
+    *,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> list[StudyOutcome]:
     """Run several studies (``["all"]`` means every registered one) and build the report.
 
-    ``options`` (``quick``, ``executor``, ``device``, ``force``, ``workers``, ``log``) are passed
-    to :func:`run_study` for each study."""
+    ``options`` are :func:`run_study`'s keyword arguments (``quick``, ``executor``, ``device``,
+    ``force``, ``workers``), the same for every study.
+    """
+    unknown = sorted(set(options) - {"quick", "executor", "device", "force", "workers"})
+    if unknown:
+        raise TypeError(f"run_lab() got unexpected keyword argument(s): {', '.join(unknown)}")
     check_choice("executor", options.get("executor", "local"), EXECUTORS)
-    outcomes = [run_study(n, out, **options) for n in resolve_names(names)]
+    outcomes = [run_study(n, out, log=log, **options) for n in resolve_names(names)]
     build_report(out, order=STUDY_NAMES)
     return outcomes
 

@@ -102,18 +102,10 @@ def unrolled_rnn(m: nn.RNNBase, stash: Stash, input: Any, hx: Any = None) -> Any
     x = input.unsqueeze(1 if not m.batch_first else 0) if unbatched else input
     if m.batch_first:
         x = x.transpose(0, 1)  # [T, B, F]
-    T, B = x.shape[0], x.shape[1]
+    T = x.shape[0]
     dirs = 2 if m.bidirectional else 1
-    L, H = m.num_layers, m.hidden_size
-    if hx is None:
-        z = x.new_zeros(L * dirs, B, H)
-        h0, c0 = z, (z if kind == "LSTM" else None)
-    elif kind == "LSTM":
-        h0, c0 = hx
-        if unbatched:
-            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-    else:
-        h0, c0 = (hx.unsqueeze(1) if unbatched else hx), None
+    L = m.num_layers
+    h0, c0 = _initial_state(m, kind, x, hx, unbatched)
     keep = _time_index(T)
     hs_first: list[list[torch.Tensor]] = [[] for _ in range(T)]
     gates: dict[str, list[torch.Tensor]] = {}
@@ -154,6 +146,19 @@ def unrolled_rnn(m: nn.RNNBase, stash: Stash, input: Any, hx: Any = None) -> Any
         cn = torch.stack(c_n)
         return out, (hn, cn.squeeze(1) if unbatched else cn)
     return out, hn
+
+
+def _initial_state(m: nn.RNNBase, kind: str, x: torch.Tensor, hx: Any,
+                   unbatched: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(h0, c0) of every layer and direction, batched ([L * dirs, B, H]; c0 None but for LSTM)."""
+    if hx is None:
+        dirs = 2 if m.bidirectional else 1
+        z = x.new_zeros(m.num_layers * dirs, x.shape[1], m.hidden_size)
+        return z, (z if kind == "LSTM" else None)
+    if kind == "LSTM":
+        h0, c0 = hx
+        return (h0.unsqueeze(1), c0.unsqueeze(1)) if unbatched else (h0, c0)
+    return (hx.unsqueeze(1) if unbatched else hx), None
 
 
 def unrolled_cell(m: nn.RNNCellBase, stash: Stash, input: torch.Tensor, hx: Any = None) -> Any:

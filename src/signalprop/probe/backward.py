@@ -1,0 +1,194 @@
+"""Backward and weight statistics of a recorded step: output-gradient norms pooled from the
+gradient hooks, parameter gradient and weight norms in one fused call, norms before clipping,
+and what the optimiser needs for update ratios."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from signalprop.probe.sites import _Metrics, _pool, time_metric
+from signalprop.probe.update import device_norms, host_tensor
+from signalprop.record import MODEL
+
+
+class BackwardStats:
+    """Mixin of :class:`~signalprop.probe.core.Probe`: gradients, weights, update norms."""
+
+    def _weight_values(self, values: list[torch.Tensor], names: _Metrics, scale: float) -> None:
+        """Every norm of this step in ONE fused call (parameter grads, weights), the norms
+        before clipping, and the optimiser's side of the update ratios."""
+        tensors: list[torch.Tensor] = []
+        tnames: _Metrics = []
+        params = [p for _, p in self.params]
+        n_grads = 0
+        pre = self._preclip
+        if self.weights:
+            if pre is None:
+                with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+                tensors += [g for _, g in with_grad]
+                tnames += [(n, "grad_norm") for n, _ in with_grad]
+                n_grads = len(with_grad)
+            tensors += [p.detach() for p in params]
+            tnames += [(n, "weight_norm") for n, _ in self.params]
+        allnorms = None
+        if tensors:
+            allnorms = device_norms(tensors)  # no host read (CPU underflow: re-checked later)
+            if n_grads and scale != 1.0:
+                allnorms = torch.cat([allnorms[:n_grads] / scale, allnorms[n_grads:]])
+            values.append(allnorms)
+            names += tnames
+            if self.weights:
+                k = len(tensors) - len(params)
+                self._pending_weight_norms = allnorms[k:]
+                if n_grads:
+                    gn = allnorms[k - n_grads : k]
+                    values.append(gn.square().sum().sqrt().reshape(1))
+                    names.append((MODEL, "grad_norm_total"))
+        if pre is not None:
+            self._preclip_values(pre, values, names, scale)
+        if self.weights and self._updates is not None:
+            # update norms from the optimiser's state after the step (SGD: known now)
+            self._updates.before(self._current_grad_norms(pre, allnorms, n_grads, scale))
+        elif self.weights and self.optimizers:
+            self._copy_weights()
+
+    def _preclip_values(self, pre: Any, values: list[torch.Tensor], names: _Metrics,
+                        scale: float) -> None:
+        """Norms taken at the end of backward, before any clipping by the user's loop."""
+        pnames, pnorms, versions = pre
+        pnorms = pnorms / scale if scale != 1.0 else pnorms
+        values += [pnorms, pnorms.square().sum().sqrt().reshape(1)]
+        names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
+        grads = [p.grad for _, p in self.params if p.grad is not None]
+        if len(grads) == len(versions) and any(
+            g._version != v for g, v in zip(grads, versions, strict=True)
+        ):
+            # gradients changed in place since backward (clip_grad_norm_, unscale_): the
+            # global norm the optimiser will actually use
+            after = device_norms(grads).square().sum().sqrt()
+            if not self._unscaled_by_scaler():
+                after = after / scale
+            values.append(after.reshape(1))
+            names.append((MODEL, "grad_norm_total_clipped"))
+
+    def _copy_weights(self) -> None:
+        """One fused copy of all parameters into persistent buffers, for
+        ||W_after - W_before|| after the step."""
+        det = [p.detach() for _, p in self.params]
+        if self._buffers is None or any(
+            b.shape != q.shape or b.dtype != q.dtype or b.device != q.device
+            for b, q in zip(self._buffers, det, strict=True)
+        ):
+            self._buffers = [torch.empty_like(q) for q in det]
+        torch._foreach_copy_(self._buffers, det)
+        self._snapshot = self._buffers
+
+    def _current_grad_norms(
+        self, pre: Any, allnorms: torch.Tensor | None, n_grads: int, scale: float
+    ) -> torch.Tensor | None:
+        """||g|| of every parameter as the optimiser will see it (0 without a gradient); only
+        the closed form of plain SGD needs it."""
+        if self._updates is None or self._updates.method != "sgd":
+            return None
+        have = [i for i, (_, p) in enumerate(self.params) if p.grad is not None]
+        if not have:
+            return None
+        grads = [self.params[i][1].grad for i in have]
+        reuse = None
+        if pre is not None:
+            pnames, pnorms, versions = pre
+            if scale == 1.0 and len(versions) == len(grads) and all(
+                g._version == v for g, v in zip(grads, versions, strict=True)
+            ):
+                reuse = pnorms
+        elif allnorms is not None and n_grads == len(grads) and scale == 1.0:
+            reuse = allnorms[:n_grads]
+        norms = reuse if reuse is not None else device_norms(grads)
+        if len(have) == len(self.params):
+            return norms
+        out = torch.zeros(len(self.params), dtype=torch.float64, device=norms.device)
+        return out.index_copy_(0, host_tensor(have, torch.long, norms.device), norms)
+    def _loss_scale(self) -> float:
+        if self.scaler is None:
+            return 1.0
+        try:
+            s = float(self.scaler.get_scale())
+        except Exception:  # a disabled scaler
+            return 1.0
+        return s if s > 0 and math.isfinite(s) else 1.0
+
+    def _unscaled_by_scaler(self) -> bool:
+        """Whether the scaler has already divided the gradients by the loss scale."""
+        sc = self.scaler
+        if sc is None or not self.optimizers:
+            return False
+        states = getattr(sc, "_per_optimizer_states", {})
+        st = states.get(id(self.optimizers[0]), {}).get("stage")
+        return st is not None and getattr(st, "name", "") in ("UNSCALED", "STEPPED")
+
+    def _on_backward_end(self) -> None:
+        """Runs once at the end of each backward pass of a recorded step: parameter gradient
+        norms before the user's loop clips or unscales them (the last micro-batch's backward
+        leaves the accumulated gradient)."""
+        self._cb_queued = False
+        if not self._active or not self.weights:
+            return
+        with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+        if not with_grad:
+            return
+        grads = [g for _, g in with_grad]
+        self._witness = self._param_of[with_grad[0][0]]
+        self._preclip = ([n for n, _ in with_grad], device_norms(grads), [g._version for g in grads])
+    def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: float) -> None:
+        norms: list[Any] = []
+        bads: list[Any] = []
+        layer = []
+        tvals: list[Any] = []
+        tnames: _Metrics = []
+        for j in self._used:
+            s = self._sites[j]
+            g = s.ograds
+            if not g:
+                continue
+            layer.append(s.name)
+            n, b = _pool(g)
+            norms.append(n)
+            bads.append(b)
+            if s.tgrads:
+                for t, gt in enumerate(s.tgrads):
+                    if gt:
+                        tvals.append(_pool(gt)[0])
+                        tnames.append((s.name, time_metric(t)))
+        blocks = [(b, _pool(g)[0]) for b, g in self._block_grads.items() if g]
+        if not layer and not blocks:
+            return
+        if not layer:
+            nv = torch.stack([torch.as_tensor(v, dtype=torch.float64) for _, v in blocks])
+            values.append(nv / scale if scale != 1.0 else nv)
+            names += [(b, "in_grad_norm") for b, _ in blocks]
+            return
+        norms += tvals
+        tnames += [(b, "in_grad_norm") for b, _ in blocks]
+        tvals += [v for _, v in blocks]
+        norms += [v for _, v in blocks]
+        if isinstance(norms[0], float):
+            nv = torch.tensor(norms, dtype=torch.float64)
+            bv = torch.tensor(bads, dtype=torch.float64)
+        else:
+            nv = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in norms])
+            if any(b is None for b in bads):  # not counted (healthy so far): see _fix_...
+                bv = torch.zeros(len(bads), dtype=torch.float64, device=nv.device)
+                self._uncounted = True
+            else:
+                bv = torch.stack([torch.as_tensor(v) for v in bads]).to(torch.float64)
+        if scale != 1.0:
+            nv = nv / scale  # dL/dh of the unscaled loss
+        values += [nv[: len(layer)], bv]
+        names += [(n, "out_grad_norm") for n in layer]
+        names += [(n, "out_grad_nonfinite") for n in layer]
+        if tvals:
+            values.append(nv[len(layer):])
+            names += tnames

@@ -1,0 +1,196 @@
+"""Forward statistics of a recorded step: the strided sample each call site keeps, then every
+statistic computed in bulk at the end of the step (sites of one shape stacked: one launch per
+metric family)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from signalprop import stats
+from signalprop.probe.sites import _Metrics, _Site
+from signalprop.probe.update import host_tensor
+from signalprop.record import MODEL
+
+
+class ForwardStats:
+    """Mixin of :class:`~signalprop.probe.core.Probe`: outputs, inputs and gates."""
+
+    def save_before_inplace(self, x: torch.Tensor) -> None:
+        """``x`` is about to be modified in place: if it is a recorded output of this step,
+        record a copy instead (one copy, only on recorded steps)."""
+        j = self._stash.get(x.data_ptr())
+        if j is None:
+            return
+        self._inplace_seen = True
+        s = self._sites[j]
+        for k, o in enumerate(s.outs):
+            if o.data_ptr() == x.data_ptr() and o._version == s.versions[k]:
+                s.outs[k] = o.clone()
+        del self._stash[x.data_ptr()]
+
+    def _sample(self, t: torch.Tensor) -> torch.Tensor:
+        """A fixed strided sample of at most ``max_forward_samples`` values of ``t``, copied
+        with one gather (row-major order, any layout)."""
+        k = self.max_forward_samples
+        assert k is not None
+        n = t.numel()
+        key = (n, t.shape[-1] if t.dim() else 1, t.device)
+        idx = self._stride_cache.get(key)
+        if idx is None:
+            row = key[1]
+            # a stride coprime with the row length, so the sample visits every unit position
+            # rather than the same few units of each example
+            step = max(1, -(-n // k))
+            while step > 1 and math.gcd(step, row) != 1:
+                step += 1
+            idx = torch.arange(0, n, step, device=t.device)[:k]
+            self._stride_cache[key] = idx
+        return torch.take(t, idx)
+
+    def _forward_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
+        groups: dict[tuple, list[int]] = {}
+        for j in self._used:
+            t = self._pooled_output(self._sites[j])
+            if t is not None:
+                groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(j)
+        for idx in groups.values():
+            x = torch.stack([self._sites[j].outs[0] for j in idx])  # [G, k] samples, or outputs
+            xf = stats.flat_rows(x)
+            mean, std = stats.moments(xf)
+            pct = stats.percentiles(xf, self.percentiles, self.max_percentile_samples)
+            values += [mean, std, pct.T.reshape(-1)]
+            names += self._group_names(tuple(idx))
+            if self._deferring and self.max_forward_samples is not None:
+                # NaN/Inf in the samples, scaled to the outputs' size (tensors gone by the
+                # time the host sees the values)
+                sc = host_tensor([self._sites[j].numel / xf.shape[1] for j in idx],
+                                 torch.float64, xf.device)
+                values.append(stats.nonfinite_count(xf).double() * sc)
+                names += [(self._sites[j].name, "out_nonfinite") for j in idx]
+            self._activation_stats(idx, x, xf, values, names)
+
+    @staticmethod
+    def _pooled_output(s: _Site) -> torch.Tensor | None:
+        """The site's outputs of this step as one tensor (None: nothing usable recorded)."""
+        if not s.outs:
+            return None
+        if s.versions and any(
+            t._version != v for t, v in zip(s.outs, s.versions, strict=True)
+        ):
+            # overwritten in place after it was recorded (an in-place op the probe did not
+            # see coming): its statistics would describe another tensor
+            s.unchecked = "its output was modified in place after it was recorded"
+            s.outs, s.ins = [], []
+            return None
+        t = s.outs[0]
+        if len(s.outs) > 1:
+            # micro-batches, time steps of a recurrent cell (same trailing shape; samples
+            # are 1-D)
+            t = torch.cat(s.outs, 0)
+            if s.ins:
+                same_in = all(x.shape[1:] == s.ins[0].shape[1:] for x in s.ins)
+                s.ins = [torch.cat(s.ins, 0) if same_in else s.ins[0]]
+        s.outs = [t]
+        return t
+
+    def _group_names(self, idx: tuple[int, ...]) -> _Metrics:
+        # the (layer, metric) labels of a group's moments and percentiles; cached because the
+        # same groups recur every step and building ~10 labels per layer is measurable
+        cached = self._name_cache.get(idx)
+        if cached is None:
+            layer = [self._sites[j].name for j in idx]
+            cached = [(n, "out_mean") for n in layer] + [(n, "out_std") for n in layer]
+            for q in self.percentiles:
+                key = stats.percentile_key(q)
+                cached += [(n, key) for n in layer]
+            self._name_cache[idx] = cached
+        return cached
+
+    def _input_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
+        # the model's own input: badly scaled inputs are a common cause of first-layer saturation
+        xs = [x for x in self._inputs if x.is_floating_point()]
+        if not xs:
+            return
+        x = xs[0] if len(xs) == 1 else torch.cat([t.reshape(-1) for t in xs])
+        x = x.reshape(1, -1)  # three cheap passes over the whole input; NaN propagates
+        mean, std = stats.moments(x)
+        absmax = x.abs().amax(dim=1)
+        values += [mean, std, absmax]
+        names += [(MODEL, "input_mean"), (MODEL, "input_std"), (MODEL, "input_absmax")]
+
+    def _activation_stats(
+        self,
+        idx: list[int],
+        x: torch.Tensor,
+        xf: torch.Tensor,
+        values: list[torch.Tensor],
+        names: _Metrics,
+    ) -> None:
+        by_kind: dict[str, list[int]] = {}
+        for j, i in enumerate(idx):
+            k = self._sites[i].kind
+            if k is not None:
+                by_kind.setdefault(k, []).append(j)
+        for kind, js in by_kind.items():
+            sites = [self._sites[idx[j]] for j in js]
+            layer = [s.name for s in sites]
+            if kind in stats.SATURATING:
+                self._saturation(kind, js, len(idx), xf, sites, values, names)
+            if kind in stats.RECTIFIERS and all(s.alive for s in sites):
+                # dead = inactive for the WHOLE batch: active units were noted in the hook
+                dead = [
+                    1.0 - (s.alive[0] if len(s.alive) == 1 else torch.stack(s.alive).any(0))
+                    .float().mean()
+                    for s in sites
+                ]
+                values.append(torch.stack(dead))
+                names += [(n, "dead_frac") for n in layer]
+            elif kind in stats.RECTIFIERS:
+                self._dead_exact(sites, values, names)
+
+    def _saturation(self, kind: str, js: list[int], ngroup: int, xf: torch.Tensor,
+                    sites: list[_Site], values: list[torch.Tensor], names: _Metrics) -> None:
+        """Saturated fractions of one activation kind's sites in a group."""
+        if stats.SATURATING[kind][0]:
+            src = xf if len(js) == ngroup else xf.index_select(
+                0, host_tensor(js, torch.long, xf.device))  # (a list index syncs)
+        else:
+            ins = [s.ins[0] if s.ins else None for s in sites]
+            ok = [j for j, t in zip(js, ins, strict=True) if t is not None
+                  and t.shape == ins[0].shape]
+            if len(ok) != len(js) or ins[0] is None:
+                for s in sites:
+                    s.unchecked = s.unchecked or "its input was not available"
+                return
+            src = torch.stack(ins)
+        values.append(stats.saturated_fraction(src, kind, self.saturation_ratio).float())
+        names += [(s.name, "saturated_frac") for s in sites]
+
+    @staticmethod
+    def _dead_exact(sites: list[_Site], values: list[torch.Tensor], names: _Metrics) -> None:
+        """Dead fractions from whole outputs (exact mode): every row, not the subsample."""
+        chan = [s.conv or s.outs[0].dim() >= 4 for s in sites]
+        for flag in (True, False):
+            sub = [s for s, c in zip(sites, chan, strict=True) if c == flag]
+            if not sub:
+                continue
+            h = torch.stack([s.outs[0] for s in sub])
+            if h.dim() > 3 and flag:  # conv maps [G, B, C, ...]: a unit is a channel
+                h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], -1).transpose(1, 2)
+                h = h.reshape(h.shape[0], -1, h.shape[-1])
+            elif h.dim() > 3:  # sequences [G, B, T, F]: a unit is a feature
+                h = h.reshape(h.shape[0], -1, h.shape[-1])
+            values.append(stats.dead_fraction(h).float())
+            names += [(s.name, "dead_frac") for s in sub]
+
+    def _gate_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
+        # recurrent gates (sigmoid): saturated fraction and mean over batch, units, time steps
+        for j in self._used:
+            s = self._sites[j]
+            for g, vals in s.gates.items():
+                v = torch.cat([t.reshape(-1) for t in vals]).unsqueeze(0)
+                values.append(stats.saturated_fraction(v, "sigmoid", self.saturation_ratio))
+                values.append(v.float().mean(dim=1))
+                names += [(s.name, f"gate_{g}_saturated_frac"), (s.name, f"gate_{g}_mean")]

@@ -1,0 +1,332 @@
+"""The probe's hooks: module forward hooks and gradient hooks, the hot path of a recorded step.
+
+Every hook holds a weak reference to its probe and does the least it can: stash a sample or a
+norm for the end of the step (see :mod:`signalprop.probe.core` for the cost model).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from signalprop import stats
+from signalprop.probe import recurrent
+from signalprop.probe.functional import ProbeMode
+from signalprop.probe.sites import _NORMS, MAX_SITES, _active_units, _Site
+from signalprop.probe.wrappers import _call, _EagerPatch, _ForwardPatch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from signalprop.probe.core import Probe
+
+
+def add_step_hooks(p: Probe) -> None:
+    """The hooks of a recorded step (removed at its end)."""
+    ref, add = p._ref, p._fwd_handles.append
+    for cm in p._compiled:
+        add(_EagerPatch(cm))
+    add(p.model.register_forward_pre_hook(partial(_root_pre_hook, ref)))
+    if p._use_mode:
+        add(p.model.register_forward_hook(partial(_root_post_hook, ref), always_call=True))
+        for m in p.model.modules():
+            if m is not p.model:
+                add(m.register_forward_pre_hook(partial(_push_hook, ref)))
+                add(m.register_forward_hook(partial(_pop_hook, ref), always_call=True))
+    if p.backward:
+        for name in p._blocks:
+            mod = p.model.get_submodule(name)
+            add(mod.register_forward_pre_hook(partial(_block_pre_hook, ref, name)))
+    for i, (_, m) in enumerate(p._mods):
+        add(m.register_forward_hook(partial(_fwd_hook, ref, i)))
+    for i, (_, m) in enumerate(p._mods):
+        if recurrent.kind_of(m) is not None and recurrent.unsupported(m) is None:
+            # step-by-step forward on recorded steps: dL/dh_t and the gates
+            fn = recurrent.unrolled_rnn if isinstance(m, nn.RNNBase) else \
+                recurrent.unrolled_cell
+            add(_ForwardPatch(m, partial(fn, m, partial(_rnn_stash, ref, i))))
+    if p.forward and p.max_forward_samples is None:
+        # (sampled outputs are copies taken as the module returns: nothing to guard)
+        for m in p.model.modules():
+            if getattr(m, "inplace", False) is True:
+                # an in-place activation overwrites the output of the layer before
+                # it: keep that layer's recorded output intact
+                add(m.register_forward_pre_hook(partial(_inplace_pre_hook, ref)))
+    if p.weights and not p.backward:
+        # the end of every backward pass: parameter gradients before any clipping
+        # (with output hooks, the first of them queues it: no hook per parameter)
+        for _, prm in p.params:
+            add(prm.register_post_accumulate_grad_hook(partial(_param_hook, ref)))
+
+
+def _root_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
+    # a new forward pass of the whole model: call sites are counted from here
+    p = ref()
+    if p is None or not p._active or not torch.is_grad_enabled():
+        return
+    if p._root_watched:
+        # the model is itself one watched module (a bare cell or layer): each call is one of
+        # its calls or time steps, not a new forward pass
+        if p.forward:
+            p._inputs.append(args[0].detach()) if args and isinstance(args[0], torch.Tensor) else None
+        return
+    if p._grads_seen and p._witness is not None and \
+            p._witness.grad is None and p.optimizers and not p._stepped_opts and \
+            p._pending is None:
+        # a backward happened, then the gradients were zeroed without an optimiser step: the
+        # step was skipped (e.g. a GradScaler not given to the probe found inf/NaN gradients)
+        p._skip_step()
+        if not p._active:
+            return
+    p._nforward += 1
+    p._calls.clear()
+    p._new_pass = False
+    if p._use_mode:
+        if p._mode is None:
+            p._mode = ProbeMode(p)
+            p._mode.__enter__()
+            p._stack = []
+        p._mode_depth += 1
+    if p.forward and args and isinstance(args[0], torch.Tensor):
+        p._inputs.append(args[0].detach())
+
+
+def _root_post_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -> None:
+    p = ref()
+    if p is None or p._mode is None:
+        return
+    p._mode_depth -= 1
+    if p._mode_depth == 0:
+        p._mode.__exit__(None, None, None)
+        p._mode = None
+        p._stack = []
+
+
+def _push_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
+    p = ref()
+    if p is None or p._mode is None:
+        return
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    name = p._names.get(id(module), type(module).__name__)
+    p._stack.append((name, module, x if p._mapping else None))
+    if p._mapping:
+        p._entry.setdefault(name, len(p._path))
+        if name in p._blocks and p.backward and x is not None and x.requires_grad:
+            # a block found in an earlier forward of this step (micro-batches)
+            x.register_hook(partial(_grad_hook, p._block_grads.setdefault(name, []), None))
+
+
+def _pop_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -> None:
+    p = ref()
+    if p is None or p._mode is None or not p._stack:
+        return
+    name = p._stack.pop()[0]
+    if p._mapping and name in p._blocks:
+        p._block_done(name, out)
+    elif p._mapping and p._stack and isinstance(module, _NORMS):
+        for n, _, _ in p._stack:
+            if n in p._blocks:
+                p._blocks[n]["has_norm"] = True
+
+
+def _block_pre_hook(ref: weakref.ref, name: str, module: nn.Module, args: tuple) -> None:
+    # the residual stream: ||dL/dx|| at the block's input
+    p = ref()
+    if p is None or not p._active or not torch.is_grad_enabled():
+        return
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if x is not None and x.requires_grad:
+        x.register_hook(partial(_grad_hook, p._block_grads.setdefault(name, []), None))
+
+
+def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any) -> None:
+    # Hot path: runs for every watched module on every forward. Stash references only.
+    p = ref()
+    if p is None or not p._active or not torch.is_grad_enabled():
+        return
+    if isinstance(out, tuple | list) and out:  # RNN (output, h_n), cells' (h, c): the first
+        out = out[0]
+    if isinstance(out, nn.utils.rnn.PackedSequence):
+        out = out.data
+    if not isinstance(out, torch.Tensor):
+        return
+    if p._new_pass:
+        # the first call after a backward pass (a micro-batch of gradient accumulation, also
+        # when the loop calls submodules rather than the model): call sites count from here
+        p._new_pass = False
+        p._calls.clear()
+    cand = p._infer.pop(i, None) if p._infer else None
+    if cand is not None and cand[1] is out and p._kinds[i] is None:
+        p._kinds[i] = cand[0]
+        for st in p._sites:
+            if st.module == p._mods[i][0]:
+                st.kind = cand[0]
+        cand = None
+    k = p._calls.get(i, 0)
+    p._calls[i] = k + 1
+    if p._loop[i]:
+        t, k = k, 0
+    else:
+        t, k = -1, min(k, MAX_SITES - 1)
+    j = p._site_of.get((i, k))
+    if j is None:
+        j = p._new_site(i, k)
+    s = p._sites[j]
+    if cand is not None and s.kind is None and s.unchecked is None:
+        s.unchecked = (f"a custom activation (it calls {cand[0]} inside): no saturation or "
+                       "dead-unit check is defined for its function")
+    if not s.used:
+        s.used = True
+        p._used.append(j)
+    if p._recurrent[i]:
+        _attach_time(p, i, s, module)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        p._conv_context = True
+    elif isinstance(module, nn.Linear | nn.Embedding | nn.MultiheadAttention | nn.RNNBase):
+        p._conv_context = False
+    _record_output(p, j, s, out, inp[0] if inp and isinstance(inp[0], torch.Tensor) else None, t)
+
+
+def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Tensor | None,
+                   t: int) -> None:
+    if not s.used:
+        s.used = True
+        p._used.append(j)
+    if p.forward and (s.shape is None or s.shape == out.shape[1:]):
+        # pooled over micro-batches and time steps when their shapes agree; an output of
+        # another shape (dynamic padding) is left out of the forward statistics
+        o = out.detach()
+        s.shape = o.shape[1:]
+        if p.max_forward_samples is None:  # exact: keep the output until the end of the step
+            s.outs.append(o)
+            s.versions.append(out._version)
+            p._stash[out.data_ptr()] = j
+            if s.needs_input and inp is not None:
+                s.ins.append(inp.detach())
+        else:  # a small copy now: nothing of the output is kept alive or seen overwritten
+            s.outs.append(p._sample(o))
+            s.numel += o.numel()
+            if s.needs_input and inp is not None:
+                s.ins.append(p._sample(inp.detach()))
+            if s.kind in stats.RECTIFIERS:
+                s.alive.append(_active_units(o, s.conv or o.dim() >= 4))
+    if p.backward and out.requires_grad:
+        if t >= 0:
+            while len(s.tgrads) <= t:
+                s.tgrads.append([])
+            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, s.tgrads[t]))
+        else:
+            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, None))
+
+def _rnn_stash(ref: weakref.ref, i: int, hs: list[list[torch.Tensor]],
+               gates: dict[str, list[torch.Tensor]]) -> None:
+    p = ref()
+    if p is not None and p._active and torch.is_grad_enabled():
+        p._rnn_tmp[i] = (hs, gates)
+
+
+def _attach_time(p: Probe, i: int, s: _Site, module: nn.Module) -> None:
+    """Hook the hidden states of one unrolled recurrent call (per-time-step dL/dh_t)."""
+    tmp = p._rnn_tmp.pop(i, None)
+    if tmp is None:
+        if not s.loop and s.unchecked is None:
+            s.unchecked = recurrent.unsupported(module) or (
+                "no per-time-step gradients: packed sequences are not unrolled")
+        return
+    hs, gates = tmp
+    if p.forward:
+        for g, v in gates.items():
+            s.gates.setdefault(g, []).extend(v)
+    if not p.backward:
+        return
+    while len(s.tgrads) < len(hs):
+        s.tgrads.append([])
+    for t, hl in enumerate(hs):
+        for h in hl:
+            if h.requires_grad:
+                h.register_hook(partial(_grad_hook, s.tgrads[t], None))
+
+def _inplace_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
+    p = ref()
+    if p is None or not p._active or not args or not isinstance(args[0], torch.Tensor):
+        return
+    p.save_before_inplace(args[0])
+
+
+def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
+    _backward_started(ref)
+
+
+def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,
+                   g: torch.Tensor) -> None:
+    p = ref()
+    if p is not None and not p._cb_queued:
+        _backward_started(ref)
+    _grad_hook(store, tstore, g)
+
+
+def _backward_started(ref: weakref.ref) -> None:
+    p = ref()
+    if p is None or not p._active:
+        return
+    p._grads_seen = True
+    p._new_pass = True
+    if not p._cb_queued:
+        p._cb_queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(partial(_requeue_end, ref))
+
+
+def _requeue_end(ref: weakref.ref) -> None:
+    # at the end of backward: queue the real work behind every callback queued during the
+    # pass, so DDP's all-reduce finalisation has written the averaged gradients before we read
+    # them (final callbacks may queue more; they run in order)
+    torch.autograd.Variable._execution_engine.queue_callback(
+        partial(_call, ref, "_on_backward_end")
+    )
+
+
+def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tensor) -> None:
+    # Runs inside backward for every watched output: reduce to a norm now, keep no tensor.
+    # Float32 squares underflow below ~1e-19 (vanishing gradients are exactly what is measured)
+    # and the gradient is gone by the time a host sees the norm, so the norm must be robust
+    # here. On the CPU: BLAS nrm2 (scaled, so no underflow; no temporary; ~4 us for 16k
+    # values), whose result is a host float: the CPU is the host, there is no device to wait
+    # for, and a NaN/Inf norm is followed by an exact count at once. On an accelerator: a
+    # float64 norm and the NaN/Inf count on the device, no host synchronisation.
+    nrm2 = _NRM2.get(g.dtype) if g.device.type == "cpu" else None
+    if nrm2 is not None and not g.requires_grad:
+        a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
+        n = float(nrm2(a))
+        v = (n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a))))
+    else:
+        # the NaN/Inf count costs launches and a bool temporary of g's size (412 MB for a
+        # GPT-2 logit gradient), so it is only taken once some probe has seen a non-finite
+        # value (None: not counted; recorded as NaN if the norm turns out non-finite)
+        v = (
+            torch.linalg.vector_norm(g, dtype=torch.float64),
+            (~torch.isfinite(g)).sum() if _COUNT_NONFINITE[0] else None,
+        )
+    store.append(v)
+    if tstore is not None:
+        tstore.append(v)
+
+
+#: Whether gradient hooks on an accelerator count NaN/Inf entries: switched on for good once a
+#: probe has seen a non-finite norm (a diverging run), off while training is healthy.
+_COUNT_NONFINITE = [False]
+
+
+def _blas_nrm2() -> dict[torch.dtype, Callable[[np.ndarray], float]]:
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # then the CPU takes the accelerators' path (float64 norm)
+        return {}
+    return {torch.float32: blas.snrm2, torch.float64: blas.dnrm2}
+
+
+_NRM2 = _blas_nrm2()

@@ -1,0 +1,283 @@
+"""How a recorded step's values reach the record: one flat vector per step, moved to the host
+in one transfer (deferred and non-blocking on accelerators), then host-side fix-ups (NaN/Inf
+counts, float32 norms that may have underflowed, idle clipping)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from signalprop import stats
+from signalprop.probe import hooks
+from signalprop.probe.sites import _Metrics, _Site
+from signalprop.record import MODEL, Record
+
+#: float32 norms below this (around the square root of the smallest normal float32) may have
+#: lost precision or underflowed while squaring: re-checked in float64 on the host.
+_RECHECK_BELOW = 1e-18
+
+
+class Transfer:
+    """Mixin of :class:`~signalprop.probe.core.Probe`: from device values to the record."""
+
+    @property
+    def record(self) -> Record:
+        """The record, with every recorded step's values (reading it brings the values still
+        on the device to the host: it may wait for the device)."""
+        self.flush()
+        return self._record
+
+    @record.setter
+    def record(self, value: Record) -> None:
+        self.flush()
+        self._record = value
+
+    def flush(self, wait: bool = True) -> None:
+        """Bring every value still on the device into the record.
+
+        Args:
+            wait: Wait for copies in flight (``False``: store only the copies that have
+                landed; the training path never waits).
+        """
+        if wait:
+            self._start_transfer()
+        while self._inflight:
+            host, event, entries = self._inflight[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self._inflight.pop(0)
+            self._materialise(host, entries)
+        if wait:
+            self._flush_ratios()
+
+    @property
+    def _deferring(self) -> bool:
+        return (self.flush_every > 1 and bool(self.optimizers) and not self.on_record
+                and self.reducer is None)
+
+    def _start_transfer(self) -> None:
+        """One non-blocking copy of every queued value to pinned host memory."""
+        if not self._queue:
+            return
+        entries, self._queue = self._queue, []
+        vec = torch.cat([e[3] for e in entries])
+        if vec.device.type == "cuda":
+            host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
+            host.copy_(vec, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        elif vec.device.type == "cpu":
+            host, event = vec, None
+        else:  # other accelerators: a plain copy
+            host, event = vec.cpu(), None
+        self._inflight.append((host, event, entries))
+
+    def _materialise(self, host: torch.Tensor, entries: list[Any]) -> None:
+        flat = host.tolist()
+        pos = 0
+        for step, kind, names, vec, uncounted in entries:
+            vals = flat[pos : pos + vec.numel()]
+            pos += vec.numel()
+            row = self._record.data.setdefault(int(step), {})
+            for (layer, metric), v in zip(names, vals, strict=True):
+                d = row.get(layer)
+                if d is None:
+                    d = row[layer] = {}
+                d[metric] = v
+            if kind == "pre":
+                self._fix_deferred(row, uncounted)
+
+    def _fix_deferred(self, row: dict[str, dict[str, float]], uncounted: bool) -> None:
+        """Host-side fix-ups of a deferred step (its tensors are gone): clip bookkeeping, and
+        NaN/Inf counts where the device did not take them (NaN: not counted)."""
+        d = row.get(MODEL, {})
+        a, b = d.get("grad_norm_total"), d.get("grad_norm_total_clipped")
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
+            if abs(a - b) <= 1e-5 * max(abs(a), 1e-30):
+                del d["grad_norm_total_clipped"]
+        for d in row.values():
+            n = d.get("out_grad_norm")
+            if n is not None and not math.isfinite(n):
+                hooks._COUNT_NONFINITE[0] = True
+                if uncounted:
+                    d["out_grad_nonfinite"] = math.nan
+            m = d.get("out_mean")
+            if m is not None and "out_nonfinite" not in d:  # exact mode: outputs are gone
+                d["out_nonfinite"] = 0.0 if math.isfinite(m) else math.nan
+            g = d.get("grad_norm")
+            if g is not None and "grad_nonfinite" not in d:
+                if math.isfinite(g):
+                    d["grad_nonfinite"] = 0.0
+                else:
+                    hooks._COUNT_NONFINITE[0] = True
+                    d["grad_nonfinite"] = math.nan
+
+    def _flush_ratios(self) -> None:
+        if self._ratios is not None:
+            step, names, t = self._ratios
+            self._ratios = None
+            self._store_ratios(step, names, t.tolist())
+
+    def _store_ratios(self, step: int, names: list[str], vals: list[float]) -> None:
+        row = self._record.data.setdefault(int(step), {})
+        for n, r in zip(names, vals, strict=True):
+            row.setdefault(n, {})["update_ratio"] = r
+
+    def _enqueue(self, kind: str, values: list[torch.Tensor], names: _Metrics,
+                 uncounted: bool) -> None:
+        parts = [v.detach().reshape(-1) for v in values]
+        if not parts:
+            return
+        devs = [p.device for p in parts if p.device.type != "cpu"]
+        dev = devs[0] if devs else torch.device("cpu")
+        vec = torch.cat(
+            [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts]
+        ).to(torch.float64)
+        if vec.numel() != len(names):  # a bug, never user error
+            raise RuntimeError(f"probe bookkeeping mismatch: {vec.numel()} values, {len(names)} names")
+        self._queue.append((self.step_index, kind, names, vec, uncounted))
+
+    def _note_unchecked(self) -> None:
+        """Write down, once per layer, which statistic could not be measured and why."""
+        notes = self._record.meta.setdefault("unchecked", {})
+        for j in self._used:
+            s = self._sites[j]
+            if s.unchecked and s.name not in notes:
+                notes[s.name] = s.unchecked
+                info = self._record.layers.get(s.name)
+                if info is not None and info.unchecked is None:
+                    info.unchecked = s.unchecked
+        if not notes:
+            del self._record.meta["unchecked"]
+
+    def _drop_unchanged_clip(self) -> None:
+        # the gradients were touched in place but their global norm did not change (unscale_
+        # with nothing to clip, an idle clip_grad_norm_): nothing was clipped
+        d = self._pending.get(MODEL, {}) if self._pending else {}
+        a, b = d.get("grad_norm_total"), d.get("grad_norm_total_clipped")
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
+            if abs(a - b) <= 1e-5 * max(abs(a), 1e-30):
+                del d["grad_norm_total_clipped"]
+
+    def _commit(self) -> None:
+        if self._pending is not None:
+            if self.step_index not in self._record.data:
+                # the step's fresh dicts become the record's row (no copy of ~10 values/layer)
+                self._record.data[self.step_index] = self._pending
+            else:
+                self._record.add_many(self.step_index, self._pending)
+            for fn in self.on_record:
+                fn(self.step_index, self._pending)
+        self._pending = None
+
+    def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
+        parts = [v.detach().reshape(-1) for v in values]
+        carried = self._ratios  # the previous recorded step's update ratios ride along
+        self._ratios = None
+        if carried is not None:
+            parts.append(carried[2].reshape(-1))
+        if parts:
+            devs = [p.device for p in parts if p.device.type != "cpu"]
+            dev = devs[0] if devs else torch.device("cpu")
+            vec = torch.cat(
+                [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts]
+            ).to(torch.float64)
+            vec = vec.cpu()  # the step's ONE transfer (its only host synchronisation)
+        else:
+            vec = torch.zeros(0, dtype=torch.float64)
+        if carried is not None:
+            n = len(carried[1])
+            self._store_ratios(carried[0], carried[1], vec[len(vec) - n :].tolist())
+            vec = vec[: len(vec) - n]
+        if self.reducer is not None:  # across ranks, before anything is recorded
+            names, vec = self.reducer.reduce(names, vec)
+        flat = vec.tolist()
+        if len(flat) != len(names):  # a bug, never user error
+            raise RuntimeError(f"probe bookkeeping mismatch: {len(flat)} values, {len(names)} names")
+        out: dict[str, dict[str, float]] = {}
+        for (layer, metric), v in zip(names, flat, strict=True):
+            d = out.get(layer)
+            if d is None:
+                d = out[layer] = {}
+            d[metric] = v
+        return out
+
+    def _fix_nonfinite_counts(self, scale: float = 1.0) -> None:
+        """Host-side fix-ups, right after the step's transfer (rare paths: healthy steps only
+        scan). NaN/Inf entries are counted exactly (on the forward sample when the output was
+        sampled, scaled to the output's size) where a norm or moment was non-finite; float32
+        parameter norms (the CPU's) that may have under- or overflowed are redone in float64.
+        Counts are recorded (as 0 or more) for every layer so a NaN is counted, never dropped.
+        """
+        pending = self._pending
+        assert pending is not None
+        pos = {s.name: s for s in self._sites}
+        pidx = dict(self.params)
+        refix = False
+        uncounted, self._uncounted = self._uncounted, False
+        for d in pending.values():
+            n = d.get("out_grad_norm")
+            if n is not None and not math.isfinite(n):
+                hooks._COUNT_NONFINITE[0] = True  # count from the next recorded step on
+                if uncounted:
+                    d["out_grad_nonfinite"] = math.nan  # not counted on this step
+        for layer, d in pending.items():
+            if layer == MODEL:
+                continue
+            if layer in pos:
+                if "out_mean" in d:
+                    d["out_nonfinite"] = _output_nonfinite(pos[layer], d)
+                continue
+            p = pidx.get(layer)
+            if p is not None:
+                refix = _fix_param(p, d, scale) or refix
+        if refix and "grad_norm_total" in pending.get(MODEL, {}):
+            tot = [pending[n]["grad_norm"] for n, _ in self.params
+                   if "grad_norm" in pending.get(n, {})]
+            pending[MODEL]["grad_norm_total"] = math.sqrt(math.fsum(v * v for v in tot))
+
+
+def _output_nonfinite(s: _Site, d: dict[str, float]) -> float:
+    """NaN/Inf entries of a site's output (counted on the sample, scaled to the output)."""
+    bad = not (math.isfinite(d["out_mean"]) and math.isfinite(d["out_std"]))
+    cnt = 0.0
+    if bad and s.outs:
+        t = s.outs[0]
+        cnt = float(stats.nonfinite_count(t.reshape(1, -1))[0])
+        if s.numel > t.numel():  # a sample: scaled to the whole output
+            cnt = round(cnt * s.numel / t.numel())
+    return cnt
+
+
+def _fix_param(p: torch.Tensor, d: dict[str, float], scale: float) -> bool:
+    """A parameter's NaN/Inf gradient count, and its float32 norms redone in float64 where
+    they may have under- or overflowed. Returns whether the gradient norm changed."""
+    refix = False
+    if "grad_norm" in d:
+        g = p.grad
+        gn = d["grad_norm"]
+        d["grad_nonfinite"] = (
+            float(stats.nonfinite_count(g.unsqueeze(0))[0])
+            if not math.isfinite(gn) and g is not None
+            else 0.0
+        )
+        if (
+            g is not None
+            and g.is_floating_point()
+            and g.dtype != torch.float64
+            and not _RECHECK_BELOW <= gn < math.inf
+        ):
+            v = float(torch.linalg.vector_norm(g.double())) / scale
+            if v != gn and not (math.isnan(v) and math.isnan(gn)):
+                d["grad_norm"] = v
+                refix = True
+    wn = d.get("weight_norm")
+    if wn is not None and not _RECHECK_BELOW <= wn < math.inf:
+        w = p.detach()
+        if w.is_floating_point() and w.dtype != torch.float64:
+            d["weight_norm"] = float(torch.linalg.vector_norm(w.double()))
+    return refix

@@ -1,0 +1,125 @@
+"""What the probe puts around a model and its optimisers: unwrapping (DDP, torch.compile),
+temporary patches removed when the probe detaches, and the scaler hook."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _Sentinel:
+    """Marks an attached probe that has no optimiser hooks."""
+
+    def remove(self) -> None:
+        pass
+
+
+class _ScalerHook:
+    """Wraps ``GradScaler.update`` (restored on remove): the update that follows a step the
+    scaler skipped (inf/NaN gradients) closes that step as skipped instead of merging it into
+    the next one."""
+
+    def __init__(self, scaler: Any, ref: weakref.ref) -> None:
+        self.scaler = scaler
+        orig = scaler.update
+        self.had_attr = "update" in vars(scaler)
+
+        def update(*a: Any, **k: Any) -> Any:
+            p = ref()
+            if p is not None:
+                p._scaler_update()
+            return orig(*a, **k)
+
+        scaler.update = update
+
+    def remove(self) -> None:
+        if self.had_attr:
+            return
+        vars(self.scaler).pop("update", None)
+
+
+def _is_optimized(m: nn.Module) -> bool:
+    return type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that actually runs: DDP/DataParallel wrappers are unwrapped to ``.module``,
+    ``torch.compile``'s wrapper to the original module (``._orig_mod``)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel | DataParallel) or _is_optimized(model):
+        model = model._orig_mod if _is_optimized(model) else model.module
+    return model
+
+
+def _compiled_modules(model: nn.Module) -> list[nn.Module]:
+    """Compiled modules in ``model`` (torch.compile wrappers, modules compiled in place)."""
+    out = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if _is_optimized(m) or getattr(m, "_compiled_call_impl", None) is not None:
+            out.append(m)
+        stack.extend(m.children())
+        if isinstance(getattr(m, "module", None), nn.Module):
+            stack.append(m.module)
+    return out
+
+
+class _EagerPatch:
+    """Runs a compiled module eagerly until removed (the recorded steps only), so the probe's
+    hooks run; the compiled graph serves every other step."""
+
+    def __init__(self, m: nn.Module) -> None:
+        self.m = m
+        if _is_optimized(m):
+            self.attr, self.saved = "forward", vars(m).get("forward")
+            m.forward = m._orig_mod.__call__  # type: ignore[method-assign]
+        else:
+            self.attr, self.saved = "_compiled_call_impl", m._compiled_call_impl
+            m._compiled_call_impl = None
+
+    def remove(self) -> None:
+        if self.saved is None and self.attr == "forward":
+            vars(self.m).pop("forward", None)
+        else:
+            setattr(self.m, self.attr, self.saved)
+
+
+def _as_optimizers(
+    optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None,
+) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    for o in opts:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(o).__name__}")
+    return opts
+
+
+
+class _ForwardPatch:
+    """Replaces ``module.forward`` by an instance attribute until removed."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        self.module = module
+        module.forward = fn  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        vars(self.module).pop("forward", None)
+
+
+
+def _call(ref: weakref.ref, method: str, *args: Any) -> None:
+    p = ref()
+    if p is not None:
+        getattr(p, method)(*args)
