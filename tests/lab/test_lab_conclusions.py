@@ -176,24 +176,31 @@ def remedies_data(claim_true: bool) -> dict:
 
 
 # --- clipping ----------------------------------------------------------------------------------
-def clipping_data(claim_true: bool) -> dict:
+def clipping_data(claim_true: bool, explodes: bool = True) -> dict:
+    """Claim true: unclipped runs diverge at the largest rate and end worse at their best rate,
+    clipped ones train; claim false: the reverse. ``explodes``: the set-up checks (first/output
+    gradient ratio, ||dL/dh_1|| / ||dL/dh_T|| at init) show gradients growing."""
     mlp, rnn = [], []
+    g = 1e3 if explodes else 0.5
     for m in ("none", "norm", "value", "agc"):
         for lr in (0.01, 0.1):
             for seed in range(4):
-                # claim true: unclipped runs stall at every rate, clipped ones train
                 bad = (m == "none") if claim_true else (m != "none")
                 div = bad and lr == 0.1
                 mlp.append({"method": m, "lr": lr, "seed": seed,
                             "status": "diverged" if div else "done",
                             "final_loss": math.nan if div else (2.2 if bad else 0.3 + 0.01 * seed),
-                            "test_accuracy": 0.8})
-    for m in ("none", "norm", "value", "agc", "none, lr/10"):
-        for seed in range(4):
-            div = (m == "none") if claim_true else (m != "none")
-            rnn.append({"method": m, "seed": seed, "diverged": div,
-                        "final_loss": math.nan if div else 0.05, "max_grad_norm": 10.0,
-                        "losses": [1.0, 0.5]})
+                            "test_accuracy": 0.8, "grad_ratio_init": g * (1 + 0.1 * seed)})
+    for m, lrs in (("none", (0.01, 0.1)), ("norm", (0.01, 0.1)), ("value", (0.01, 0.1)),
+                   ("agc", (0.01, 0.1)), ("none, lr/10", (0.1,))):
+        for lr in lrs:
+            for seed in range(4):
+                bad = (m == "none") if claim_true else (m not in ("none", "none, lr/10"))
+                div = bad and lr == 0.1
+                rnn.append({"method": m, "lr": lr, "seed": seed, "diverged": div,
+                            "final_loss": math.nan if div else (0.16 if bad else 0.05),
+                            "max_grad_norm": 10.0, "losses": [1.0, 0.5],
+                            "grad_t_init": [g * (1 + 0.1 * seed), 1.0]})
     chi = {"runs": [{"seed": s, "measured": 1.86, "predicted": 1.86} for s in range(3)]}
     return {"mlp": mlp, "rnn": rnn, "rnn_baseline": 1 / 6, "chi1": chi,
             "chance_loss": math.log(10)}
@@ -429,6 +436,28 @@ def test_recurrent_interval_and_budget() -> None:
     assert {r["lr"] for r in mod.best_rate_runs(rows, "GRU", 30)} == {0.001}
 
 
+def test_recurrent_gating_is_judged_where_the_budget_trains_the_reference() -> None:
+    """The gated cells are compared at the longest T the LSTM solves in >= 80% of seeds; when it
+    solves none, the budget is too small and the gating part cannot support the claim."""
+    from signalprop.lab.recurrent import BUDGET_SUCCESS
+
+    mod = get_study("recurrent")
+    d = recurrent_data(True)
+    for r in d["runs"]:
+        if r["arm"] in ("LSTM", "GRU") and r["T"] == 30:
+            r["test_mse"] = r["val_mse"] = 0.17
+    c = mod.conclude(d)
+    assert c.numbers["budget T (reference solves)"] == 10 and c.verdict == SUPPORTS
+    lo, hi = c.numbers["success LSTM - tanh RNN (T=10) 95% CI"]
+    assert lo > 0
+    for r in d["runs"]:
+        if r["arm"] == "LSTM":
+            r["test_mse"] = r["val_mse"] = 0.17 if r["seed"] >= 4 * BUDGET_SUCCESS - 1 else 0.01
+    c = mod.conclude(d)
+    assert c.numbers["budget T (reference solves)"] is None
+    assert "Budget criterion NOT met" in c.sentence and c.verdict != SUPPORTS
+
+
 def test_placement_reference_must_train() -> None:
     from signalprop.lab.base import INCONCLUSIVE
 
@@ -491,6 +520,22 @@ def test_clipping_compares_each_method_at_its_best_rate() -> None:
     d["chi1"]["runs"][0]["measured"] = 3.0
     c = get_study("clipping").conclude(d)
     assert c.numbers["chi_1 theory check"]["ok"] is False
+    # the effect the verdict rests on is quoted with its interval, and it excludes 0
+    lo, hi = c.numbers["MLP final loss, clip norm - none (each at its best rate) 95% CI"]
+    assert hi < 0 and c.verdict == SUPPORTS
+
+
+def test_clipping_needs_gradients_that_really_explode() -> None:
+    """Set-ups whose gradients do not grow towards the input / back through time cannot test the
+    claim: inconclusive whatever the losses say, and the sentence says why."""
+    from signalprop.lab.base import INCONCLUSIVE
+
+    for claim in (True, False):
+        c = get_study("clipping").conclude(clipping_data(claim, explodes=False))
+        assert c.verdict == INCONCLUSIVE, c.sentence
+        assert any("NOT exploding" in d for d in c.details)
+        lo, hi = c.numbers["RNN log10 ||dL/dh_1||/||dL/dh_T|| at init 95% CI"]
+        assert hi < 0
 
 
 def test_remedies_noise_is_no_decision() -> None:

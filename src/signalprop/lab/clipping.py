@@ -1,12 +1,16 @@
 """Does gradient clipping tame exploding gradients?
 
 Two settings where gradients explode: (1) a deep tanh MLP in the chaotic phase (sigma_w = 3,
-sigma_b = 0: chi_1 ~ 1.86, so the squared gradient norm grows by that factor per layer towards the
+sigma_b = 0: chi_1 ~ 1.9, so the squared gradient norm grows by that factor per layer towards the
 input while the bounded outputs stay finite: gradients exploding with depth, not an output-scale
-blow-up) trained with SGD through the sweep runner, each method at its own best rate of a grid; (2) a vanilla tanh RNN with a chaotic recurrent matrix
-(W_hh ~ N(0, g^2/H), g > 1) on the adding problem (Hochreiter & Schmidhuber 1997), a long-sequence
-task. Each is trained without clipping, with clipping by global norm, by value, and with adaptive
-gradient clipping (AGC, Brock et al. 2021), from several seeds: divergence rate and final loss.
+blow-up; the study measures the first/output gradient ratio at initialisation to show it) trained
+with SGD through the sweep runner; (2) a vanilla tanh RNN with a chaotic recurrent matrix
+(W_hh ~ N(0, g^2/H), g > 1) on the adding problem (Hochreiter & Schmidhuber 1997), trained by the
+package's loop (:func:`signalprop.train.fit`) with the clipping remedies applied by their registry
+names (``clip_norm``, ``clip_value``, ``agc``, ``lower_lr``); its ||dL/dh_t|| through time and
+gradient norms come from the probe's record. Every method trains at every rate of a grid and is
+compared at its own best rate; divergence is compared at the largest rate, and against no clipping
+at a 10x smaller rate.
 """
 
 from __future__ import annotations
@@ -18,23 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from signalprop.lab import base as B
 from signalprop.lab import evidence as E
+from signalprop.lab import grid as G
 from signalprop.lab import plotting as P
-from signalprop.lab.base import (
-    CONTRADICTS,
-    INCONCLUSIVE,
-    Conclusion,
-    cached,
-    combine_verdicts,
-    conclusion,
-    fmt,
-    pct,
-)
-from signalprop.lab.grid import grid_options, run_grid
+from signalprop.remedies import get_remedy
+from signalprop.theory.torch_adapter import measure_gradient_profile
+from signalprop.train import fit
 
 #: Bumped when the measurements change meaning (stored results then go stale).
-VERSION = 2
+VERSION = 3
 NAME = "clipping"
 TITLE = "Gradient clipping against exploding gradients"
 QUESTION = "Does gradient clipping stop exploding gradients from wrecking training?"
@@ -47,18 +46,23 @@ CLAIM = (
 SETUP = (
     "MLP: tanh, 12 (full: 20) hidden layers of 64, Gaussian weights with sigma_w = 3, zero "
     "biases (chaotic phase: the per-layer growth of the squared gradient norm, chi_1 from "
-    "signalprop.theory, is held against a measurement in a wide random net), SGD on "
-    "scikit-learn digits (sweep runner); rate policy: every method trains at every rate of the "
-    "grid and is compared at its own best rate (lowest mean final training loss; a diverged run "
-    "counts as chance, ln 10); metric: final training loss, Welch 95% interval over seeds (3 "
-    "quick, 5 full); divergence counted at the largest rate. RNN: nn.RNN (tanh) with 32 hidden units, recurrent "
+    "signalprop.theory, is held against a measurement in a wide random net, and the first/output "
+    "gradient ratio at initialisation must exceed 1: gradients explode with depth), SGD on "
+    "scikit-learn digits (sweep runner). RNN: nn.RNN (tanh) with 32 hidden units, recurrent "
     "weights N(0, 1.5^2/H), a linear read-out of the last state, SGD with batch 32 on the adding "
     "problem (inputs: uniform values and two markers, one in each half; target: the sum of the "
-    "two marked values; MSE; predicting the mean scores 1/6). Methods: none; clip by global norm "
-    "(1.0); clip by value (0.1); AGC (lambda 0.01, output layer excluded); for the RNN also no "
-    "clipping at a 10x smaller rate (the matched baseline: does clipping beat just stepping "
-    "less?). A run diverges when its loss becomes non-finite (MLP) or exceeds 100x its initial "
-    "value (RNN). Divergence rates are compared with Newcombe 95% intervals."
+    "two marked values; MSE; predicting the mean scores 1/6), trained by signalprop.train.fit; "
+    "the probe's through-time record gives ||dL/dh_1|| / ||dL/dh_T|| at initialisation (> 1: "
+    "exploding back through time) and the global gradient norm before clipping. Methods "
+    "(remedy registry names): none; clip_norm (1.0); clip_value (0.1); agc (lambda 0.01, output "
+    "layer excluded); and lower_lr (no clipping at a 10x smaller rate than the largest of the "
+    "grid: does clipping beat just stepping less?). Rate policy: every method trains at every "
+    "rate of a grid (wide enough upwards for clipping to use larger rates; a best rate at the "
+    "grid's edge is flagged) and is compared at its own best rate (lowest mean final loss; a "
+    "diverged run counts as chance, ln 10 for the MLP, 1/6 for the RNN); metric: final training "
+    "loss (MLP) / test MSE (RNN), Welch 95% intervals over seeds (3 quick, 5 full); divergence "
+    "(the package's one policy: a non-finite loss or gradient, or a loss above 100x max(initial, "
+    "1)) is compared at the largest rate with Newcombe 95% intervals."
 )
 REFERENCES = [
     "Pascanu, Mikolov & Bengio 2013, On the difficulty of training recurrent neural networks",
@@ -68,14 +72,17 @@ REFERENCES = [
 ]
 CAPTIONS = {
     "clipping_divergence": "Fraction of seeds that diverged, per clipping method (Wilson 95% "
-    "intervals), for the exploding MLP at the largest rate of its grid and the vanilla RNN.",
-    "clipping_loss": "Final loss per clipping method (one dot per seed; diverged runs drawn at "
-    "the top as crosses).",
+    "intervals), for the exploding MLP and the vanilla RNN at the largest rate of their grids.",
+    "clipping_loss": "Final loss per clipping method at its best rate (one dot per seed; "
+    "diverged runs drawn at the top as crosses).",
 }
 
 METHODS = ("none", "norm", "value", "agc")
-#: RNN only: no clipping at a 10x smaller rate.
+#: No clipping at a 10x smaller rate than the largest of the grid (remedy ``lower_lr``).
 SLOW = "none, lr/10"
+#: method -> remedy registry name (``None``: no remedy)
+REMEDY_NAMES: dict[str, str | None] = {"none": None, "norm": "clip_norm", "value": "clip_value",
+                                       "agc": "agc", SLOW: "lower_lr"}
 #: Tolerance on the measured chi_1 (per-layer growth of the squared gradient norm).
 CHI_TOL = 0.10
 
@@ -83,28 +90,32 @@ CHI_TOL = 0.10
 #: Overrides that shrink the study to a few seconds (used by the test suite).
 SMOKE: dict[str, Any] = {
     "mlp": {"data": "digits", "depth": 4, "width": 32, "activation": "tanh", "init": "lecun",
-            "init_scale": 3.0, "lr": 0.1, "steps": 30, "batch_size": 64},
+            "init_scale": 3.0, "steps": 30, "batch_size": 64},
     "mlp_seeds": 3, "mlp_lrs": [0.1], "profile_width": 64,
-    "rnn": {"hidden": 16, "length": 10, "gain": 1.5, "lr": 0.05, "steps": 30, "batch_size": 16,
+    "rnn": {"hidden": 16, "length": 10, "gain": 1.5, "steps": 30, "batch_size": 16,
             "test_size": 100},
-    "rnn_seeds": [0, 1],
+    "rnn_lrs": [0.05], "rnn_seeds": [0, 1],
 }
+
 
 def get_config(quick: bool) -> dict[str, Any]:
     return {
         "mlp": {
             "data": "digits", "depth": 12 if quick else 20, "width": 64, "activation": "tanh",
-            "init": "lecun", "init_scale": 3.0, "lr": 0.1, "steps": 300 if quick else 1000,
+            "init": "lecun", "init_scale": 3.0, "steps": 300 if quick else 1000,
             "batch_size": 64,
         },
-        "mlp_lrs": [0.01, 0.03, 0.1, 0.3] if quick else [0.003, 0.01, 0.03, 0.1, 0.3],
+        # wide upwards: clipping caps the step, so a clipped net may want a larger rate
+        "mlp_lrs": ([0.03, 0.1, 0.3, 1.0, 3.0] if quick
+                    else [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]),
         "mlp_seeds": 3 if quick else 5,
         "profile_width": 256 if quick else 512,
         "thresholds": {"norm": 1.0, "value": 0.1, "agc": 0.01},
         "rnn": {
-            "hidden": 32, "length": 30 if quick else 60, "gain": 1.5, "lr": 0.05,
+            "hidden": 32, "length": 30 if quick else 60, "gain": 1.5,
             "steps": 300 if quick else 1000, "batch_size": 32, "test_size": 1000,
         },
+        "rnn_lrs": [0.015, 0.05] if quick else [0.005, 0.015, 0.05, 0.15],
         "rnn_seeds": [0, 1, 2] if quick else [0, 1, 2, 3, 4],
         "device": "cpu",
     }
@@ -119,10 +130,10 @@ def _mlp(config: dict[str, Any], workdir: str | Path) -> list[dict[str, Any]]:
     grid = {
         "base": {**config["mlp"], "optimizer": "sgd", "record_every": 0,
                  "device": config["device"]},
-        "axes": {"method": variants, "lr": list(config.get("mlp_lrs", [config["mlp"]["lr"]]))},
+        "axes": {"method": variants, "lr": list(config["mlp_lrs"])},
         "seeds": config["mlp_seeds"],
     }
-    rows = run_grid(grid, workdir, "mlp", **grid_options(config))
+    rows = G.run_grid(grid, workdir, "mlp", **G.grid_options(config))
     return [{"method": r["method"], "lr": r["lr"], "seed": r["seed"], "status": r["status"],
              "final_loss": r["train_loss"], "test_accuracy": r["test_accuracy"],
              "grad_ratio_init": r.get("grad_ratio_init")} for r in rows]
@@ -130,8 +141,6 @@ def _mlp(config: dict[str, Any], workdir: str | Path) -> list[dict[str, Any]]:
 
 def _chi1(config: dict[str, Any]) -> dict[str, Any]:
     """chi_1 of the MLP's set-up: theory vs the per-layer growth measured in a wide random net."""
-    from signalprop.theory.torch_adapter import measure_gradient_profile
-
     c = config["mlp"]
     sw2 = float(c["init_scale"]) ** 2
     out = []
@@ -176,84 +185,77 @@ class VanillaRNN(nn.Module):
         return self.out(self.rnn(x)[0][:, -1])
 
 
-def _transform(method: str, th: dict[str, float]) -> Any:
-    if method == "none":
+def remedy(method: str, thresholds: dict[str, float]) -> Any:
+    """The registry's remedy for a clipping method (``None`` for no clipping)."""
+    name = REMEDY_NAMES[method]
+    if name is None:
         return None
-    from signalprop.remedies.gradients import adaptive_clip, clip_by_global_norm, clip_by_value
-
-    return {"norm": lambda: clip_by_global_norm(th["norm"]),
-            "value": lambda: clip_by_value(th["value"]),
-            "agc": lambda: adaptive_clip(th["agc"])}[method]()
+    kw = {"norm": {"max_norm": thresholds["norm"]}, "value": {"clip_value": thresholds["value"]},
+          "agc": {"clipping": thresholds["agc"]}}.get(method, {})
+    return get_remedy(name, **kw)
 
 
-def _rnn_one(config: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
-    c = config["rnn"]
-    dev = config["device"]
+def time_profile(record: Any, step: int) -> list[float]:
+    """||dL/dh_t|| per time step of the record's recurrent layer (``[]`` when absent)."""
+    layer = next((n for n in record.layer_names() if n.endswith("rnn")), None)
+    if layer is None:
+        return []
+    return record.time_profile(layer, step)[1].tolist()
+
+
+def _rnn_one(config: dict[str, Any], method: str, lr: float, seed: int) -> dict[str, Any]:
+    c, dev = config["rnn"], config["device"]
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    net = VanillaRNN(c["hidden"], c["gain"]).to(dev)
-    opt = torch.optim.SGD(net.parameters(), lr=c["lr"] / (10 if method == SLOW else 1))
-    tr = _transform("none" if method == SLOW else method, config["thresholds"])
+    net = VanillaRNN(c["hidden"], c["gain"])
+    rem = remedy(method, config["thresholds"])
+    opt, lr_used, kw = rem.optimizer_config("sgd", lr) if rem is not None else ("sgd", lr, {})
+    steps = int(c["steps"])
+    # fresh examples every step (one pass over steps x batch examples)
+    train = adding_problem(steps * c["batch_size"], c["length"],
+                           torch.Generator().manual_seed(seed))
+    res = fit(net, train, F.mse_loss, steps=steps, optimizer=opt, lr=lr_used,
+              optimizer_kwargs=kw, batch_size=c["batch_size"],
+              grad_transform=rem.make_grad_transform() if rem is not None else None,
+              probe={"forward": False, "weights": False},
+              schedule=lambda s: s % 10 == 0, device=dev, seed=seed)
     xt, yt = adding_problem(c["test_size"], c["length"], torch.Generator().manual_seed(10**6))
-    xt, yt = xt.to(dev), yt.to(dev)
-    losses, gnorms = [], []
-    diverged, dstep, bound = False, None, math.inf
-    for step in range(c["steps"]):
-        x, y = adding_problem(c["batch_size"], c["length"], g)
-        loss = ((net(x.to(dev)) - y.to(dev)) ** 2).mean()
-        lv = float(loss.detach())
-        if step == 0:
-            bound = 100.0 * max(lv, 1.0)
-        if not math.isfinite(lv) or lv > bound:
-            diverged, dstep = True, step
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorms.append(float(torch.sqrt(sum((p.grad**2).sum() for p in net.parameters()))))
-        if tr is not None:
-            tr(net)
-        opt.step()
-        losses.append(lv)
+    net.eval()
     with torch.no_grad():
-        test = float(((net(xt) - yt) ** 2).mean()) if not diverged else math.nan
-    return {"method": method, "seed": seed, "diverged": diverged, "diverged_step": dstep,
+        test = float(F.mse_loss(net(xt.to(dev)), yt.to(dev))) if not res.diverged else math.nan
+    _, gn = res.record.scalar("grad_norm_total")
+    gn = gn[np.isfinite(gn)]
+    return {"method": method, "lr": lr, "lr_used": lr_used, "seed": seed,
+            "diverged": res.diverged, "diverged_step": res.diverged_step,
             "final_loss": test if math.isfinite(test) else math.nan,
-            "max_grad_norm": max(gnorms) if gnorms else math.nan,
-            "losses": losses[:: max(1, len(losses) // 100)]}
+            "max_grad_norm": float(gn.max()) if gn.size else math.nan,
+            "grad_t_init": time_profile(res.record, 0),
+            "losses": res.losses[:: max(1, len(res.losses) // 100)]}
+
+
+def _rnn(config: dict[str, Any], workdir: str | Path) -> list[dict[str, Any]]:
+    rkey = {"rnn": config["rnn"], "thresholds": config["thresholds"], "device": config["device"]}
+    top = max(config["rnn_lrs"])
+    todo = [(m, lr) for m in METHODS for lr in config["rnn_lrs"]] + [(SLOW, top)]
+    return [B.cached(workdir, {**rkey, "method": m, "lr": lr, "seed": s},
+                     lambda m=m, lr=lr, s=s: _rnn_one(config, m, lr, s), tag="rnn")
+            for m, lr in todo for s in config["rnn_seeds"]]
 
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
-    rkey = {"rnn": config["rnn"], "thresholds": config["thresholds"], "device": config["device"]}
-    rnn = [cached(workdir, {**rkey, "method": m, "seed": s},
-                  lambda m=m, s=s: _rnn_one(config, m, s), tag="rnn")
-           for m in (*METHODS, SLOW) for s in config["rnn_seeds"]]
-    chi = cached(workdir, {"mlp": config["mlp"], "w": config.get("profile_width", 256),
-                           "device": config["device"]}, lambda: _chi1(config), tag="chi1")
-    return {"mlp": _mlp(config, workdir), "rnn": rnn, "rnn_baseline": 1.0 / 6.0, "chi1": chi,
-            "chance_loss": math.log(10)}
+    chi = B.cached(workdir, {"mlp": config["mlp"], "w": config.get("profile_width", 256),
+                             "device": config["device"]}, lambda: _chi1(config), tag="chi1")
+    return {"mlp": _mlp(config, workdir), "rnn": _rnn(config, workdir),
+            "rnn_baseline": 1.0 / 6.0, "chi1": chi, "chance_loss": math.log(10)}
 
 
-# --- conclusions -----------------------------------------------------------------------------
-def _summ(rows: list[dict[str, Any]], diverged_key: str) -> dict[str, dict[str, float]]:
-    out = {}
-    for m in (*METHODS, SLOW):
-        rs = [r for r in rows if r["method"] == m]
-        if not rs:
-            continue
-        if diverged_key == "status":
-            div = [r["status"] != "done" for r in rs]
-        else:
-            div = [bool(r["diverged"]) for r in rs]
-        fl = [float(r["final_loss"]) for r, d in zip(rs, div, strict=True)
-              if not d and r["final_loss"] is not None and math.isfinite(float(r["final_loss"]))]
-        out[m] = {"div": int(sum(div)), "div_rate": float(np.mean(div)), "n": len(rs),
-                  "final_loss": float(np.median(fl)) if fl else math.nan}
-    return out
+# --- measure ---------------------------------------------------------------------------------
+def _diverged(r: dict[str, Any]) -> bool:
+    return r["status"] != "done" if "status" in r else bool(r["diverged"])
 
 
 def _score(r: dict[str, Any], chance: float) -> float:
     fl = r.get("final_loss")
-    if r.get("status") != "done" or fl is None or not math.isfinite(float(fl)):
+    if _diverged(r) or fl is None or not math.isfinite(float(fl)):
         return chance
     return min(float(fl), chance)
 
@@ -273,126 +275,178 @@ def best_rate_losses(rows: list[dict[str, Any]], method: str, chance: float
     return best
 
 
-def conclude(data: dict[str, Any]) -> Conclusion:
-    nums: dict[str, Any] = {}
-    details: list[str] = []
-    verdicts: list[str] = []
+def divergence(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per method: diverged seeds, seeds, the rate and the median final loss of the others."""
+    out = {}
+    for m in (*METHODS, SLOW):
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        div = [_diverged(r) for r in rs]
+        fl = [float(r["final_loss"]) for r, d in zip(rs, div, strict=True)
+              if not d and r["final_loss"] is not None and math.isfinite(float(r["final_loss"]))]
+        out[m] = {"div": int(sum(div)), "div_rate": float(np.mean(div)), "n": len(rs),
+                  "final_loss": float(np.median(fl)) if fl else math.nan}
+    return out
+
+
+def at_top_rate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs at the largest rate of the grid (and the lower-rate baseline made from it)."""
+    top = max((r.get("lr", 0) for r in rows), default=0)
+    return [r for r in rows if r.get("lr", 0) == top or r["method"] == SLOW]
+
+
+def _measure_part(rows: list[dict[str, Any]], chance: float, part: str) -> dict[str, Any]:
+    """A part's effects: clip norm - none at each one's best rate, divergence at the largest rate,
+    and every method's best rate (flagged when it is the edge of the grid)."""
+    if not any(r["method"] == "none" for r in rows):
+        return {}
+    grid = sorted({r["lr"] for r in rows if r["method"] in METHODS})
+    best = {m: best_rate_losses(rows, m, chance) for m in (*METHODS, SLOW)
+            if any(r["method"] == m for r in rows)}
+    loss = E.diff_effect(best["norm"][1], best["none"][1],
+                         f"{part} final loss, clip norm - none (each at its best rate)")
+    s = divergence(at_top_rate(rows))
+    div = E.rate_diff_effect(s["norm"]["div"], s["norm"]["n"], s["none"]["div"],
+                             s["none"]["n"], f"{part} divergence at lr {B.fmt(grid[-1])}, "
+                             "clip norm - none")
+    edge = [m for m in METHODS if m in best and len(grid) > 1 and best[m][0] == grid[-1]]
+    return {"loss": loss, "div": div, "best": best, "top": s, "edge": edge, "grid": grid}
+
+
+def _explodes(data: dict[str, Any]) -> dict[str, E.Effect]:
+    """Set-up checks: gradients grow towards the input (MLP, first/output ratio at init) and
+    back through time (RNN, ||dL/dh_1|| / ||dL/dh_T|| at init), as log10 with 95% intervals."""
+    out = {}
+    g = [float(r["grad_ratio_init"]) for r in data["mlp"] if r["method"] == "none"
+         and r.get("grad_ratio_init") is not None and float(r["grad_ratio_init"]) > 0]
+    if g:
+        out["mlp"] = E.mean_effect(np.log10(g), "MLP log10 ||dL/dW_first||/||dL/dW_out|| at "
+                                   "init")
+    t = [math.log10(r["grad_t_init"][0] / r["grad_t_init"][-1]) for r in data["rnn"]
+         if r["method"] == "none" and len(r.get("grad_t_init") or []) > 1
+         and r["grad_t_init"][0] > 0 and r["grad_t_init"][-1] > 0]
+    if t:
+        out["rnn"] = E.mean_effect(t, "RNN log10 ||dL/dh_1||/||dL/dh_T|| at init")
+    return out
+
+
+def measure(data: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the conclusion quotes (effects with intervals, set-up checks)."""
     chance = float(data.get("chance_loss", math.log(10)))
+    out: dict[str, Any] = {"explodes": _explodes(data)}
     chi = (data.get("chi1") or {}).get("runs") or []
     if chi:
-        chk = E.theory_check("chi_1 (per-layer growth of the squared gradient norm)",
-                             chi[0]["predicted"], float(np.mean([c["measured"] for c in chi])),
-                             CHI_TOL)
-        nums["chi_1 theory check"] = chk.to_dict()
-        details.append("Theory vs measurement (MLP set-up): " + chk.text() + ".")
-    # MLP: each method at its own best rate
-    mlp = data["mlp"]
-    if any(r["method"] == "none" for r in mlp):
-        lr0, base = best_rate_losses(mlp, "none", chance)
-        lrn, normd = best_rate_losses(mlp, "norm", chance)
-        eff = E.diff_effect(normd, base, "MLP final loss, clip norm - none (each at its best "
-                            "rate)")
-        v = E.verdict(eff, -1)
-        nums.update(E.numbers(eff))
-        parts = []
-        for m in METHODS:
-            lr, sc = best_rate_losses(mlp, m, chance)
-            nums[f"MLP: best lr, {m}"] = lr
-            nums[f"MLP: final loss at best lr, {m}"] = float(np.mean(sc)) if sc else math.nan
-            parts.append(f"{m} {fmt(float(np.mean(sc)) if sc else math.nan)} (lr {fmt(lr)})")
-        top = max({r.get("lr", 0) for r in mlp})
-        s_top = _summ([r for r in mlp if r.get("lr", 0) == top], "status")
-        if "none" in s_top and "norm" in s_top:
-            dv = E.rate_diff_effect(s_top["norm"]["div"], s_top["norm"]["n"],
-                                    s_top["none"]["div"], s_top["none"]["n"],
-                                    f"MLP divergence at lr {fmt(top)}, norm - none")
-            nums.update(E.numbers(dv))
-            details.append(f"MLP divergence at the largest rate: {E.describe(dv, E.verdict(dv, -1), pct)}.")
-        details.append(
-            "MLP (chaotic tanh, exploding with depth): final training loss at each method's best "
-            "rate: " + ", ".join(parts) + f"; {E.describe(eff, v)}"
-            + (" (clipping did NOT help beyond choosing the rate)." if v == CONTRADICTS else ".")
-        )
+        out["chi"] = E.theory_check(
+            "chi_1 (per-layer growth of the squared gradient norm)", chi[0]["predicted"],
+            float(np.mean([c["measured"] for c in chi])), CHI_TOL)
+    out["mlp"] = _measure_part(data["mlp"], chance, "MLP")
+    out["rnn"] = _measure_part(data["rnn"], float(data.get("rnn_baseline", 1 / 6)), "RNN")
+    return out
+
+
+# --- say -------------------------------------------------------------------------------------
+def _say_part(m: dict[str, Any], part: str, key: str, nums: dict[str, Any]) -> tuple[str, str]:
+    """(sentence, verdict) of one part: clipping must prevent divergence where the unclipped net
+    diverges, and must not end worse than no clipping at each one's best rate."""
+    loss, div, s = m["loss"], m["div"], m["top"]
+    vl, vd = E.verdict(loss, -1), E.verdict(div, -1)
+    if s["none"]["div"] == 0 and s["norm"]["div"] == 0:
+        vd = B.INCONCLUSIVE  # nothing diverged: there was nothing to prevent
+    for e in (loss, div):
+        nums.update(E.numbers(e))
+    for meth, (lr, sc) in m["best"].items():
+        nums[f"{part}: best lr, {meth}"] = lr
+        nums[f"{part}: {key} at best lr, {meth}"] = float(np.mean(sc)) if sc else math.nan
+    best = ", ".join(f"{meth} {B.fmt(float(np.mean(sc)) if sc else math.nan)} (lr {B.fmt(lr)})"
+                     for meth, (lr, sc) in m["best"].items())
+    divs = ", ".join(f"{meth} {st['div']}/{st['n']}" for meth, st in s.items())
+    text = (f"{key} at each method's best rate: {best}; {E.describe(loss, vl)}"
+            + (" (clipping ended WORSE than choosing the rate)" if vl == B.CONTRADICTS else "")
+            + f". Diverged at the largest rate: {divs}; {E.describe(div, vd, B.pct)}"
+            + (" (clipping did NOT reduce divergence)" if vd == B.CONTRADICTS else "") + ".")
+    if m["edge"]:
+        text += (f" Best rate at the top of the grid for {', '.join(m['edge'])}: a larger rate "
+                 "might do better.")
+    # the claim is about divergence; a clipped net that ends worse at its best rate contradicts
+    # "taming" even when nothing diverged
+    v = B.CONTRADICTS if B.CONTRADICTS in (vl, vd) else (
+        B.SUPPORTS if B.SUPPORTS in (vl, vd) else B.INCONCLUSIVE)
+    return text, v
+
+
+def _say_setup(m: dict[str, Any], nums: dict[str, Any]) -> tuple[list[str], dict[str, bool]]:
+    """Sentences on the set-up checks and, per part, whether its gradients really explode."""
+    out, ok = [], {}
+    if "chi" in m:
+        nums["chi_1 theory check"] = m["chi"].to_dict()
+        out.append("Theory vs measurement (MLP set-up): " + m["chi"].text() + ".")
+    for part, e in m["explodes"].items():
+        v = E.verdict(e, +1)
+        ok[part] = v == B.SUPPORTS
+        nums.update(E.numbers(e))
+        out.append(f"Exploding-gradient check: {E.describe(e, v)}"
+                   + ("." if ok[part] else ": NOT exploding, so this part cannot test the "
+                      "claim."))
+    return out, ok
+
+
+def conclude(data: dict[str, Any]) -> B.Conclusion:
+    m = measure(data)
+    nums: dict[str, Any] = {}
+    details, ok = _say_setup(m, nums)
+    verdicts, parts = [], []
+    for part, key, label in (("mlp", "final training loss", "MLP (chaotic tanh, exploding "
+                                                            "with depth)"),
+                             ("rnn", "test MSE", "RNN (adding problem)")):
+        if not m[part]:
+            continue
+        text, v = _say_part(m[part], part.upper(), key, nums)
+        if not ok.get(part, True):
+            v = B.INCONCLUSIVE
+        parts.append(f"{label}: {text}")
         verdicts.append(v)
-    # RNN: divergence with and without clipping at the same rate; and vs a 10x smaller rate
-    s = _summ(data["rnn"], "diverged")
-    if "none" in s and "norm" in s:
-        for m, st in s.items():
-            nums[f"RNN: divergence rate, {m}"] = st["div_rate"]
-            nums[f"RNN: median final loss, {m}"] = st["final_loss"]
-        dv = E.rate_diff_effect(s["norm"]["div"], s["norm"]["n"], s["none"]["div"],
-                                s["none"]["n"], "RNN divergence, clip norm - none")
-        v = E.verdict(dv, -1)
-        if s["none"]["div"] == 0 and s["norm"]["div"] == 0:
-            v = INCONCLUSIVE
-        nums.update(E.numbers(dv))
-        details.append(
-            "RNN (adding problem): diverged " + ", ".join(
-                f"{m} {st['div']}/{st['n']}" for m, st in s.items()) + f"; {E.describe(dv, v, pct)}"
-            + (" (clipping did NOT reduce divergence)." if v == CONTRADICTS else ".")
-        )
-        verdicts.append(v)
-        bl = float(data.get("rnn_baseline", 1 / 6))
-        details.append(
-            "RNN: final test MSE (median over non-diverged seeds) "
-            + ", ".join(f"{m} {fmt(st['final_loss'])}" for m, st in s.items())
-            + f"; predicting the mean scores {fmt(bl)} (learning the task needs a gated cell or "
-            "an identity init: see the recurrent study)."
-        )
-    verdict = combine_verdicts(verdicts)
-    sentence = " ".join(d for d in details if d.startswith(("MLP (", "RNN (")))
-    if verdict == CONTRADICTS:
-        sentence = "The measurements contradict the claim: " + sentence
-    return conclusion(CLAIM, sentence or "No runs to compare.", verdict, nums, details)
+    details = parts + details
+    verdict = B.combine_verdicts(verdicts)
+    sentence = " ".join(parts) or "No runs to compare."
+    return B.conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
     d = P.figdir(workdir)
     out = []
-    top = max((r.get("lr", 0) for r in data["mlp"]), default=0)
-    parts = (("MLP (chaotic tanh), largest rate", [r for r in data["mlp"]
-                                                  if r.get("lr", 0) == top], "status"),
-             ("vanilla RNN, adding problem", data["rnn"], "diverged"))
-    fig, axes = P.subplots(1, 2, size=(4.2, 3.3), sharey=True)
+    parts = (("MLP (chaotic tanh)", data["mlp"], math.log(10)),
+             ("vanilla RNN, adding problem", data["rnn"], float(data.get("rnn_baseline", 1 / 6))))
     colors = [P.PLAIN, P.NORMED, P.THIRD, P.FOURTH, "#ff7f0e"]
-    for ax, (title, rows, key) in zip(axes[0], parts, strict=True):
-        s = _summ(rows, key)
+    fig, axes = P.subplots(1, 2, size=(4.2, 3.3), sharey=True)
+    for ax, (title, rows, _) in zip(axes[0], parts, strict=True):
+        s = divergence(at_top_rate(rows))
         ms = [m for m in (*METHODS, SLOW) if m in s]
         effs = [E.rate_effect(s[m]["div"], s[m]["n"], m) for m in ms]
         ax.bar(ms, [s[m]["div_rate"] for m in ms], color=(colors * 2)[: len(ms)])
         P.errorbars(ax, range(len(ms)), effs, color="#333333", ls="none")
         for i, m in enumerate(ms):
-            ax.text(i, s[m]["div_rate"] + 0.02, f"{s[m]['div_rate'] * s[m]['n']:.0f}/{s[m]['n']}",
-                    ha="center", fontsize=8)
+            ax.text(i, s[m]["div_rate"] + 0.02, f"{s[m]['div']}/{s[m]['n']}", ha="center",
+                    fontsize=8)
         ax.set_ylim(0, 1.1)
         ax.set_xlabel("clipping method")
         ax.set_ylabel("fraction of seeds diverged")
-        ax.set_title(title)
+        ax.set_title(f"{title}, largest rate")
     out.append(P.save(fig, d / "clipping_divergence.png"))
     fig, axes = P.subplots(1, 2, size=(4.2, 3.3))
-    for ax, (title, rows, key) in zip(axes[0], parts, strict=True):
-        fin = [float(r["final_loss"]) for r in rows if r["final_loss"] is not None
-               and math.isfinite(float(r["final_loss"]))]
-        top = max(fin) * 3 if fin else 10.0
+    for ax, (title, rows, chance) in zip(axes[0], parts, strict=True):
         for i, m in enumerate((*METHODS, SLOW)):
-            rs = [r for r in rows if r["method"] == m]
-            for j, r in enumerate(rs):
-                dv = (r["status"] != "done") if key == "status" else bool(r["diverged"])
-                x = i + (j - len(rs) / 2) * 0.05
-                if dv or r["final_loss"] is None or not math.isfinite(float(r["final_loss"])):
-                    ax.plot(x, top, "x", color=colors[i], ms=7)
-                else:
-                    ax.plot(x, float(r["final_loss"]), "o", color=colors[i], ms=4)
-        if key == "diverged":
-            ax.axhline(data.get("rnn_baseline", 1 / 6), color="#555", ls=":", lw=1,
-                       label="predict the mean (1/6)")
-            ax.legend(loc="center right")
+            lr, sc = best_rate_losses(rows, m, chance)
+            for j, v in enumerate(sc):
+                x = i + (j - len(sc) / 2) * 0.05
+                ax.plot(x, v, "x" if v >= chance else "o", color=colors[i], ms=5)
+        ax.axhline(chance, color="#555", ls=":", lw=1, label="chance / predict the mean")
+        ax.legend(loc="lower right", fontsize=7)
         ax.set_xticks(range(len(METHODS) + 1))
         ax.set_xticklabels([*METHODS, "lr/10"])
-        if key == "status":  # MLP losses span decades; the RNN's MSE stays near 1/6
-            ax.set_yscale("log")
-        ax.set_xlabel("clipping method (x = diverged)")
-        ax.set_ylabel("final training loss" if key == "status" else "final test MSE")
-        ax.set_title(title)
+        ax.set_yscale("log")
+        ax.set_xlabel("clipping method (x = diverged or no better than chance)")
+        ax.set_ylabel("final training loss" if rows is data["mlp"] else "final test MSE")
+        ax.set_title(f"{title}, best rate each")
     out.append(P.save(fig, d / "clipping_loss.png"))
     return out
