@@ -19,7 +19,6 @@ SMORMS3, VSGD, LARS); initialisations live in :mod:`signalprop.init` (INITS).
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -317,20 +316,27 @@ def _scaled_activation(a: float | str = "nf", learnable: bool = False) -> Remedy
                              a=a, learnable=learnable)
 
 
-def _optimizer_remedy(name: str, optimizer: str, description: str, lr: float | None) -> Remedy:
-    return Remedy(name, optimizer=optimizer, lr=lr, description=description)
+#: The remedies that switch optimiser (rate: :data:`DEFAULT_LR`), with their sources.
+_OPTIMIZER_REMEDIES = {
+    "adam": "Adam (Kingma & Ba 2015)",
+    "rmsprop": "RMSProp (Tieleman & Hinton 2012)",
+    "rprop": "sign-based Rprop (Riedmiller & Braun 1993)",
+    "smorms3": "SMORMS3 (Funk 2015)",
+    "vsgd": "vSGD adaptive rates (Schaul, Zhang & LeCun 2013)",
+}
 
 
-#: The optimiser switches: each at the optimiser's one registered learning rate (the vocabulary's).
-for _name, _desc in (
-    ("adam", "Adam (Kingma & Ba 2015)"),
-    ("rmsprop", "RMSProp (Tieleman & Hinton 2012)"),
-    ("rprop", "sign-based Rprop (Riedmiller & Braun 1993)"),
-    ("smorms3", "SMORMS3 (Funk 2015)"),
-    ("vsgd", "vSGD adaptive rates (Schaul, Zhang & LeCun 2013)"),
-):
-    REMEDIES.register(_name, functools.partial(_optimizer_remedy, _name, _name, _desc),
-                      lr=DEFAULT_LR[_name])
+def _register_optimizer_remedy(name: str, description: str) -> None:
+    default_lr = DEFAULT_LR[name]
+
+    def factory(lr: float = default_lr) -> Remedy:
+        return Remedy(name, optimizer=name, lr=lr, description=description)
+
+    REMEDIES.register(name, factory, lr=default_lr)
+
+
+for _name, _description in _OPTIMIZER_REMEDIES.items():
+    _register_optimizer_remedy(_name, _description)
 
 
 @REMEDIES.register("layerwise_lr", **{k: optimizer("lars").defaults[k]
