@@ -18,12 +18,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from signalprop._registry import check_choice, unknown_name_message
+from signalprop._registry import Registry, check_choice, unknown_name_message
 from signalprop.data import DATASETS
 from signalprop.engine.activations import ACTIVATIONS
 from signalprop.engine.optim import OPTIMIZERS
 from signalprop.engine.population import CLIP_DEFAULTS, CLIPS, INITS
 from signalprop.engine.reference import NORM_POSITIONS, NORMS
+from signalprop.vocab.norms import NORMS as VOCAB_NORMS
 
 DTYPES = ("float32", "float64")
 
@@ -40,6 +41,8 @@ class Key:
     rule: str = ""
     nullable: bool = False
     per_run: bool = False
+    #: For a choice backed by a vocabulary registry: aliases resolve to the canonical name.
+    registry: Registry | None = None
 
 
 def _pos(v: Any) -> bool:
@@ -59,9 +62,9 @@ SCHEMA: dict[str, Key] = {
     "data_args": Key({}, "mapping"),
     "depth": Key(4, "int", check=_pos, rule=">= 1"),
     "width": Key(64, "int", check=_pos, rule=">= 1"),
-    "activation": Key("tanh", "choice", ACTIVATIONS.names),
+    "activation": Key("tanh", "choice", ACTIVATIONS.names, registry=ACTIVATIONS),
     "act_scale": Key(1.0, "float", check=_pos, rule="> 0", per_run=True),
-    "norm": Key("none", "choice", lambda: list(NORMS)),
+    "norm": Key("none", "choice", lambda: list(NORMS), registry=VOCAB_NORMS),
     "norm_position": Key("pre", "choice", lambda: list(NORM_POSITIONS)),
     "norm_affine": Key(True, "bool"),
     "residual": Key(False, "bool"),
@@ -136,7 +139,10 @@ def _coerce(name: str, key: Key, v: Any) -> Any:
         if not isinstance(v, str):
             raise ValueError(f"run config: {name} must be a string, got {v!r}")
         assert key.choices is not None
-        v = check_choice(name, v.lower(), key.choices())
+        v = v.lower()
+        if key.registry is not None and v in key.registry:
+            v = key.registry.canonical(v)
+        v = check_choice(name, v, key.choices())
     elif key.kind == "str":
         if not isinstance(v, str):
             raise ValueError(f"run config: {name} must be a string, got {v!r}")
