@@ -27,3 +27,9 @@ def train_probed(
             probe.log(loss=loss)
             opt.step()
     return probe
+
+
+def mlp(width: int, depth: int, activation: Callable[[], nn.Module], out: int) -> nn.Sequential:
+    """``depth`` blocks (Linear(width, width), activation) and a Linear(width, out) head."""
+    blocks = [m for _ in range(depth) for m in (nn.Linear(width, width), activation())]
+    return nn.Sequential(*blocks, nn.Linear(width, out))
