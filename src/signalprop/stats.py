@@ -104,7 +104,8 @@ def percentiles(
             all values, exact).
 
     Returns:
-        Tensor [G, len(qs)]. Rows containing NaN give NaN.
+        Tensor [G, len(qs)]. Rows containing NaN give NaN; a percentile between two equal
+        values is that value (a row of +inf gives +inf, where ``numpy.percentile`` gives NaN).
     """
     x = flat_rows(x)
     if max_samples is not None:
@@ -119,7 +120,11 @@ def percentiles(
         lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 1)
         hi = np.clip(np.ceil(pos).astype(np.int64), 0, n - 1)
         w = pos - lo.astype(a.dtype)
-        res = a[:, lo] * (1 - w) + a[:, hi] * w
+        a_lo, a_hi = a[:, lo], a[:, hi]
+        with np.errstate(invalid="ignore"):  # inf * 0 below: replaced by the equal neighbour
+            res = a_lo * (1 - w) + a_hi * w
+        # equal neighbours (a row of +inf: inf * 0 = NaN in the interpolation) are the value
+        res = np.where(a_lo == a_hi, a_lo, res)
         res[np.isnan(a[:, -1])] = np.nan  # a row holding NaN has it last
         return torch.from_numpy(res)
     q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype)
@@ -130,7 +135,8 @@ def percentiles(
     lo = pos.floor().long().clamp(0, n - 1)
     hi = pos.ceil().long().clamp(0, n - 1)
     w = (pos - lo.to(pos.dtype)).unsqueeze(0)
-    out = s[:, lo] * (1 - w) + s[:, hi] * w
+    s_lo, s_hi = s[:, lo], s[:, hi]
+    out = torch.where(s_lo == s_hi, s_lo, s_lo * (1 - w) + s_hi * w)  # (+inf rows: not NaN)
     has_nan = torch.isnan(x).any(dim=1, keepdim=True)
     return torch.where(has_nan, torch.full_like(out, float("nan")), out)
 
