@@ -76,13 +76,18 @@ def probe_pass(probe: Probe, model: nn.Module, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Test accuracy in eval mode (the mode is restored)."""
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Predicted classes in eval mode (the mode is restored)."""
     was = model.training
     model.eval()
-    acc = float((model(x).argmax(1) == y).float().mean())
+    out = model(x).argmax(1)
     model.train(was)
-    return acc
+    return out
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Test accuracy in eval mode."""
+    return float((predict(model, x) == y).float().mean())
 
 
 def train(
