@@ -79,13 +79,22 @@ def _hh_weights(model: nn.Module, types: tuple[type, ...]) -> list[tuple[nn.Modu
     return out
 
 
+def _copy_with_hh_weights(model: nn.Module, types: tuple[type, ...], what: str
+                          ) -> tuple[nn.Module, list[tuple[nn.Module, str, str]]]:
+    """A copy of ``model`` and its recurrent weights (:func:`_hh_weights`); raises naming
+    ``what`` is missing when there are none."""
+    new = copy.deepcopy(model)
+    ws = _hh_weights(new, types)
+    if not ws:
+        raise _none(model, what)
+    return new, ws
+
+
 def orthogonal_recurrent_init(model: nn.Module, example_batch: Any = None,
                               gain: float = 1.0) -> nn.Module:
     """Orthogonal recurrent weights, one H x H block per gate."""
-    new = copy.deepcopy(model)
-    ws = _hh_weights(new, (nn.RNNBase, nn.RNNCellBase))
-    if not ws:
-        raise _none(model, "recurrent module (nn.RNN/LSTM/GRU or a cell)")
+    new, ws = _copy_with_hh_weights(model, (nn.RNNBase, nn.RNNCellBase),
+                                    "recurrent module (nn.RNN/LSTM/GRU or a cell)")
     with torch.no_grad():
         for m, wn, _ in ws:
             w = getattr(m, wn)
@@ -97,10 +106,8 @@ def orthogonal_recurrent_init(model: nn.Module, example_batch: Any = None,
 def identity_recurrent_init(model: nn.Module, example_batch: Any = None,
                             scale: float = 1.0) -> nn.Module:
     """W_hh = scale * I and a zero recurrent bias on vanilla RNNs (IRNN)."""
-    new = copy.deepcopy(model)
-    ws = _hh_weights(new, (nn.RNN, nn.RNNCell))
-    if not ws:
-        raise _none(model, "vanilla nn.RNN or nn.RNNCell (identity init is for plain RNNs)")
+    new, ws = _copy_with_hh_weights(model, (nn.RNN, nn.RNNCell),
+                                    "vanilla nn.RNN or nn.RNNCell (identity init is for plain RNNs)")
     with torch.no_grad():
         for m, wn, bn in ws:
             w = getattr(m, wn)

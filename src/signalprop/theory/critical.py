@@ -30,6 +30,11 @@ Q_SCAN_MIN, Q_SCAN_MID, Q_SCAN_MAX = 1e-7, 1e3, 1e6
 SIGMA_B2_RESOLUTION = 1e-12
 _SCAN_PER_DECADE = 8
 
+__all__ = [
+    "Q_SCAN_MIN", "Q_SCAN_MID", "Q_SCAN_MAX", "SIGMA_B2_RESOLUTION", "NoCriticalPoint",
+    "CriticalPoint", "CriticalLine", "critical_point", "critical_line", "phase_diagram",
+]
+
 
 class NoCriticalPoint(ValueError):
     """No finite (sigma_w, q*) puts this activation on the edge of chaos at this sigma_b^2.

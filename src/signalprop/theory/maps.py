@@ -20,6 +20,14 @@ ActivationSpec = str | Activation | Callable[..., Any]
 #: q above this counts as divergent (q* = inf); below Q_ZERO (with sigma_b = 0) as q* = 0.
 Q_INF = 1e12
 Q_ZERO = 1e-30
+
+__all__ = [
+    "Q_INF", "Q_ZERO", "ActivationSpec", "length_moments", "q_map", "q_map_slope", "q_star",
+    "chi_1", "gradient_growth", "gradient_profile", "c_map", "chi_c", "c_star", "xi_q", "xi_c",
+    "xi_grad",
+]
+
+
 def _check_sigmas(sigma_w2: float, sigma_b2: float) -> None:
     if not (math.isfinite(sigma_w2) and sigma_w2 > 0):
         raise ValueError(f"sigma_w2 must be finite and > 0, got {sigma_w2}")

@@ -27,6 +27,7 @@ from signalprop.theory.activations import ACTIVATIONS, Activation, get_activatio
 from signalprop.theory.batchnorm import bn_gradient_rate
 from signalprop.theory.isometry import jacobian_moments
 from signalprop.theory.meanfield import CriticalPoint, critical_point, gradient_profile
+from signalprop.vocab.activations import infer_activation
 
 ActivationSpec = str | Activation | Callable[..., Any]
 
@@ -219,11 +220,6 @@ def critical_(
         Sequential(...)
     """
     if activation is None:
-        try:
-            from signalprop.remedies.activations import infer_activation
-        except ImportError as e:  # pragma: no cover - remedies ships with the package
-            raise ValueError("pass activation= (cannot infer it without signalprop.remedies)") \
-                from e
         activation = infer_activation(model)
     cp = critical_point(resolve_activation(activation), sigma_b2)
     return mean_field_init_(model, cp.sigma_w2, sigma_b2, orthogonal=orthogonal,
