@@ -428,6 +428,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._no_ratio = False
         self._producer = {}
         self._stack = []
+        self._fn_counts = {}
         for v in self._block_grads.values():
             v.clear()
 
@@ -503,6 +504,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
                 self._updates.release()  # no weight copy held through unrecorded steps
         if self._active and self._mapping and self._sites:
             self._map_drawn()
+        elif self._active:
+            self._check_fn_patches()
         self._clear()
         self.step_index += 1
         self._set_active(bool(self.schedule(self.step_index)))
@@ -544,7 +547,22 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
                 "module calls were not observed")
         self._mapping = False
         self._use_mode = self._fn_found or self._inplace_seen
+        if self._fn_found and not self._inplace_seen:
+            # functional activations called through a module attribute are seen by patching
+            # that attribute on recorded steps: no torch-function mode around every op
+            self._fn_patches = self._fn_patch_plan()
+            self._fn_expected = self._fn_calls_per_pass()
+            self._use_mode = self._fn_patches is None
         self._set_active(False)
+
+    def _check_fn_patches(self) -> None:
+        """A recorded step with attribute patches saw fewer functional activation calls than
+        the mapping step (some are called directly): the mode again from the next step on."""
+        if self._fn_patches is not None and not self._use_mode and self._used and \
+                self._fn_calls_per_pass() != self._fn_expected:
+            self._fn_patches = None
+            self._use_mode = True
+            self._set_active(False)
 
     def __repr__(self) -> str:
         return (
