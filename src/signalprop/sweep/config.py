@@ -110,48 +110,52 @@ def defaults() -> dict[str, Any]:
     return {k: copy.deepcopy(v.default) for k, v in SCHEMA.items()}
 
 
+#: The type a value of each kind (beyond int and float) must have, and how an error names it.
+_KIND_TYPES: dict[str, tuple[type, str]] = {
+    "bool": (bool, "true or false"),
+    "choice": (str, "a string"),
+    "str": (str, "a string"),
+    "mapping": (Mapping, "a mapping"),
+}
+
+
+def _bad(name: str, what: str, v: Any) -> ValueError:
+    return ValueError(f"run config: {name} must be {what}, got {v!r}")
+
+
 def _coerce(name: str, key: Key, v: Any) -> Any:
     if v is None:
         if key.nullable:
             return None
         raise ValueError(f"run config: {name} must not be null")
+    if key.kind in _KIND_TYPES and not isinstance(v, _KIND_TYPES[key.kind][0]):
+        raise _bad(name, _KIND_TYPES[key.kind][1], v)
     if key.kind == "int":
         if isinstance(v, bool) or not isinstance(v, int):
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            else:
-                raise ValueError(f"run config: {name} must be an integer, got {v!r}")
+            if not (isinstance(v, float) and v.is_integer()):
+                raise _bad(name, "an integer", v)
+            v = int(v)
     elif key.kind == "float":
         if isinstance(v, bool):
-            raise ValueError(f"run config: {name} must be a number, got {v!r}")
+            raise _bad(name, "a number", v)
         if isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 v = float(v)
             except ValueError:
-                raise ValueError(f"run config: {name} must be a number, got {v!r}") from None
+                raise _bad(name, "a number", v) from None
         if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"run config: {name} must be a finite number, got {v!r}")
+            raise _bad(name, "a finite number", v)
         v = float(v)
-    elif key.kind == "bool":
-        if not isinstance(v, bool):
-            raise ValueError(f"run config: {name} must be true or false, got {v!r}")
     elif key.kind == "choice":
-        if not isinstance(v, str):
-            raise ValueError(f"run config: {name} must be a string, got {v!r}")
         assert key.choices is not None
         v = v.lower()
         if key.registry is not None and v in key.registry:
             v = key.registry.canonical(v)
         v = check_choice(name, v, key.choices())
-    elif key.kind == "str":
-        if not isinstance(v, str):
-            raise ValueError(f"run config: {name} must be a string, got {v!r}")
     elif key.kind == "mapping":
-        if not isinstance(v, Mapping):
-            raise ValueError(f"run config: {name} must be a mapping, got {v!r}")
         v = json.loads(json.dumps(dict(v), sort_keys=True))  # JSON-able, canonical order
     if key.check is not None and not key.check(v):
-        raise ValueError(f"run config: {name} must be {key.rule}, got {v!r}")
+        raise _bad(name, key.rule, v)
     return v
 
 
