@@ -126,9 +126,13 @@ def q_star(
         if q < Q_ZERO:
             return 0.0 if sigma_b2 == 0 else q
 
-    def f(x: float) -> float:
-        return qmap(x) - x
+    return _bracketed_fixed_point(lambda x: qmap(x) - x, q, sigma_b2, rtol)
 
+
+def _bracketed_fixed_point(f: Callable[[float], float], q: float, sigma_b2: float,
+                           rtol: float) -> float:
+    """The root of f(q) = q-map(q) - q found by stepping from ``q`` the way the map moves (by
+    factors of 2) until the sign changes, then Brent's method; 0 or inf when it runs off."""
     fq = f(q)
     if fq == 0:
         return q
