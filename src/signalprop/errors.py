@@ -31,25 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "UserCodeError",
-    "UserError",
-    "check_batch_size",
-    "check_out_dir",
-    "check_positive_int",
-    "check_signature",
-    "debug_requested",
-    "deliberate",
-    "explain_forward_error",
-    "explain_loss_error",
-    "first_line",
-    "not_attached_message",
-    "print_debug",
-    "raised_in_signalprop",
-    "user_code",
-    "user_location",
-]
-
 
 class UserError(ValueError):
     """Something the user asked for or gave cannot work; the message says what and how to fix it.
