@@ -16,6 +16,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from signalprop import __version__
+from signalprop.diagnosis import diagnose, merge_prescriptions
+from signalprop.diagnosis.explain import attach, explain
+from signalprop.diagnosis.report import Report
 from signalprop.record import MODEL, Record, atomic_write_text
 
 #: Step values as the probe hands them to ``on_record`` listeners: ``values[layer][metric]``.
@@ -177,9 +181,6 @@ def diagnose_record(
         ``(findings, explanation)``; the explanation is ``None`` when the record cannot
         support one.
     """
-    from signalprop.diagnosis import diagnose
-    from signalprop.diagnosis.explain import attach, explain
-
     findings = diagnose(record, thresholds)
     try:
         explanation = explain(record, model, batch_size=record.meta.get("batch_size"))
@@ -240,10 +241,6 @@ def report_from_record(
         thresholds: Diagnosis thresholds when ``findings`` is not given.
         explanation: The mean-field explanation that goes with ``findings``.
     """
-    import signalprop
-    from signalprop.diagnosis import merge_prescriptions
-    from signalprop.doctor import Report
-
     if findings is None:
         findings, explanation = diagnose_record(record, thresholds)
     m = record.meta
@@ -257,7 +254,7 @@ def report_from_record(
         "lr": m.get("lr", ""),
         "recorded_steps": len(record),
         "num_parameters": m.get("num_parameters"),
-        "signalprop": signalprop.__version__,
+        "signalprop": __version__,
     }
     if "diverged" in m:
         full["diverged"] = m["diverged"]

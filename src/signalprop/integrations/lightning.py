@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from signalprop import stats
+from signalprop import __version__, stats
 from signalprop.integrations.common import (
     SignalpropWarning,
     check_callback_args,
@@ -46,7 +46,8 @@ from signalprop.integrations.common import (
     report_from_record,
     summary_metrics,
 )
-from signalprop.integrations.tensorboard import scalar_tag
+from signalprop.integrations.distributed import install_reducer
+from signalprop.integrations.tensorboard import TensorBoardWriter, scalar_tag
 from signalprop.probe import Probe
 from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.record import MODEL, Record, atomic_write_text
@@ -97,14 +98,6 @@ DEFAULT_LOG_METRICS: tuple[str, ...] = (
 #: MODEL metric: the global gradient norm after Lightning's gradient clipping (equal to
 #: ``grad_norm_total`` when nothing was clipped).
 CLIPPED_NORM = "grad_norm_total_clipped"
-
-
-def _load_diagnose() -> Callable[..., list[Any]] | None:
-    try:
-        from signalprop.diagnosis import diagnose
-    except ImportError:  # pragma: no cover - the diagnosis package is part of signalprop
-        return None
-    return diagnose
 
 
 class SignalpropCallback(*_BASES):  # type: ignore[misc]
@@ -195,7 +188,6 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         self.findings: list[Any] = []
         self.warned: set[tuple[str, str, str]] = set()
         self.written: dict[str, Path] = {}
-        self._diagnose = _load_diagnose()
         self._model: Any = None
         self.explanation: Any = None
         self._stepped = False
@@ -211,8 +203,6 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             self.probe = Probe(
                 pl_module, schedule=self.schedule, record=self.record, **self.probe_kwargs
             )
-        from signalprop.integrations.distributed import install_reducer
-
         install_reducer(self.probe, pl_module)  # DDP/FSDP: values combined across ranks
         # a resumed run continues its step count: record step == optimiser steps so far
         self.probe.step_index = int(trainer.global_step)
@@ -240,8 +230,6 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         for logger in trainer.loggers:
             if type(logger).__name__ != "TensorBoardLogger" or not trainer.is_global_zero:
                 continue
-            from signalprop.integrations.tensorboard import TensorBoardWriter
-
             # scalars go through log_metrics like every other logger; only histograms here
             out.append(
                 TensorBoardWriter(writer=logger.experiment, scalars=False, histograms=True)
@@ -363,7 +351,7 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             logger.log_metrics(metrics, step=step)
 
     def _run_diagnosis(self, step: int | None) -> None:
-        if self._diagnose is None or not self.record.steps:
+        if not self.record.steps:
             return
         self._last_diagnosed = self.record.steps[-1]
         self.findings, self.explanation = diagnose_record(
@@ -396,8 +384,6 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         )
         self.written["findings"] = path
         if self.report:
-            import signalprop
-
             meta = {
                 "name": type(trainer.lightning_module).__name__,
                 "model": self.record.meta.get("model", ""),
@@ -407,7 +393,7 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
                 "lr": self.record.meta.get("lr", ""),
                 "recorded_steps": len(self.record),
                 "num_parameters": self.record.meta.get("num_parameters"),
-                "signalprop": signalprop.__version__,
+                "signalprop": __version__,
                 "torch": torch.__version__,
             }
             path = out / "report.html"
