@@ -12,7 +12,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from signalprop import __version__
 from signalprop.diagnosis import diagnose, merge_prescriptions
 from signalprop.diagnosis.explain import attach, explain
 from signalprop.diagnosis.report import Report
+from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.record import MODEL, Record, atomic_write_text
 
 #: Step values as the probe hands them to ``on_record`` listeners: ``values[layer][metric]``.
@@ -144,6 +145,28 @@ def check_callback_args(
                 "(use the callback's own argument where there is one)"
             )
     return kw
+
+def set_callback_core(
+    cb: Any, every: Any, diagnose_every: Any, out_dir: str | os.PathLike[str] | None, save: bool,
+    schedule: Schedule | Iterable[int] | None, probe_kwargs: Mapping[str, Any] | None,
+    on_record: Iterable[Callable[..., Any]], report: bool,
+) -> None:
+    """The settings and the starting state every signalprop training callback shares, checked
+    (:func:`check_callback_args`) and set on ``cb``."""
+    kw = check_callback_args(every, diagnose_every, probe_kwargs)
+    cb.schedule = as_schedule(schedule if schedule is not None else every)
+    cb.diagnose_every = diagnose_every or None
+    cb.out_dir = Path(out_dir) if out_dir is not None else None
+    cb.save = save
+    cb.report = report
+    cb.probe_kwargs = kw
+    cb.listeners = list(on_record)
+    cb.probe = None
+    cb.record = Record()
+    cb.written = {}
+    cb._loss_sum = None
+    cb._next_diagnosis = 0
+
 
 def finding_key(finding: Any) -> tuple[str, str, str]:
     """``(kind, first layer, last layer)``: a finding is warned about once per key."""

@@ -39,18 +39,18 @@ import torch
 from signalprop import __version__, stats
 from signalprop.integrations.common import (
     SignalpropWarning,
-    check_callback_args,
     diagnose_record,
     finding_key,
     format_finding,
     report_from_record,
+    set_callback_core,
     summary_metrics,
 )
 from signalprop.integrations.distributed import install_reducer
 from signalprop.integrations.tensorboard import TensorBoardWriter, scalar_tag
 from signalprop.probe import Probe
-from signalprop.probe.schedule import Schedule, as_schedule
-from signalprop.record import MODEL, Record, atomic_write_text
+from signalprop.probe.schedule import Schedule
+from signalprop.record import MODEL, atomic_write_text
 
 # Subclass the Callback of BOTH packages when both are installed: Lightning's trainers check
 # ``isinstance(cb, Callback)`` against their own package, so one class then serves
@@ -158,7 +158,8 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         callback_metrics: bool = True,
     ) -> None:
         super().__init__()
-        kw = check_callback_args(every, diagnose_every, probe_kwargs)
+        set_callback_core(self, every, diagnose_every, out_dir, save, schedule, probe_kwargs,
+                          on_record, report)
         if isinstance(log_metrics, str):
             if log_metrics != "all":
                 raise ValueError(
@@ -171,30 +172,20 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             not isinstance(log_metrics, str) and not self.log_metrics
         )
         self.every = every
-        self.schedule = as_schedule(schedule if schedule is not None else every)
-        self.diagnose_every = diagnose_every or None
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.save = save
         self.histograms = histograms
         self.warn = warn
         self.thresholds = thresholds
-        self.probe_kwargs = kw
-        self.listeners = list(on_record)
-        self.report = report
         self.callback_metrics = callback_metrics
 
-        self.probe: Probe | None = None
-        self.record = Record()
+        self.probe: Probe | None  # set by set_callback_core, as are record and schedule
         self.findings: list[Any] = []
         self.warned: set[tuple[str, str, str]] = set()
-        self.written: dict[str, Path] = {}
         self._model: Any = None
         self.explanation: Any = None
         self._stepped = False
-        self._loss_sum: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None
         self._tb_writers: list[Any] = []
         self._last_diagnosed: int | None = None
-        self._next_diagnosis = 0
         self._rank_zero = True
 
     # ---- set-up / tear-down --------------------------------------------------------------------
