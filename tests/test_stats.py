@@ -37,6 +37,23 @@ def test_percentiles_nan_row():
     assert torch.isfinite(p[0]).all() and torch.isnan(p[1]).all()
 
 
+@pytest.mark.parametrize("n", [1, 21, 64])  # 21: the 5th..95th percentiles fall on samples
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_percentiles_infinite_rows(device, n):
+    # a row of +inf (an overflowed layer) has every percentile +inf, not NaN (inf * 0 in the
+    # interpolation); a row of -inf likewise; finite rows next to it are unaffected
+    x = torch.randn(4, n, device=device)
+    x[1] = float("inf")
+    x[2] = -float("inf")
+    x[3, : max(1, n - 3)] = float("inf")  # mostly +inf: low percentiles finite or +inf, none NaN
+    p = stats.percentiles(x, stats.PERCENTILES).cpu()
+    assert torch.isfinite(p[0]).all()
+    assert (p[1] == float("inf")).all() and (p[2] == -float("inf")).all()
+    assert not torch.isnan(p[3]).any() and p[3, -1] == float("inf")
+    ref = np.percentile(x[0].cpu().double().numpy(), stats.PERCENTILES)
+    np.testing.assert_allclose(p[0].double().numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_nonfinite_count():
     x = torch.zeros(2, 5)
     x[0, 1] = float("inf")

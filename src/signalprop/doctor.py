@@ -26,12 +26,9 @@ from signalprop import __version__
 from signalprop._callable import make_module_callable
 from signalprop._device import resolve_device
 from signalprop._progress import ProgressBar
+from signalprop._registry import check_choice
 from signalprop.data import Dataset
-from signalprop.diagnosis import (
-    Thresholds,
-    diagnose,
-    merge_prescriptions,
-)
+from signalprop.diagnosis import REMEDY_NAMES, Thresholds, diagnose, merge_prescriptions
 from signalprop.diagnosis.architecture import architecture_facts
 from signalprop.diagnosis.explain import attach as attach_explanation
 from signalprop.diagnosis.explain import critical_remedy, explain_or_skip
@@ -42,7 +39,8 @@ from signalprop.diagnosis.explain import critical_remedy, explain_or_skip
 from signalprop.diagnosis.report import REPORT_SCHEMA as REPORT_SCHEMA
 from signalprop.diagnosis.report import Report as Report
 from signalprop.diagnosis.report import _jsonable as _jsonable
-from signalprop.train import check_finite_data, example_inputs, fit
+from signalprop.probe import every
+from signalprop.train import FitResult, check_finite_data, example_inputs, fit
 from signalprop.validation import check_batch_size, check_inputs, check_positive_int
 
 #: Probe at most about this many steps (evenly spaced) so that records stay a few MB.
@@ -110,8 +108,6 @@ def _describe_data(data: Any) -> str:
 
 
 def _schedule(steps: int) -> Any:
-    from signalprop.probe import every
-
     return every(max(1, math.ceil(steps / MAX_RECORDED_STEPS)))
 
 
@@ -173,6 +169,7 @@ def _run_trials(
     return rows, table, None
 
 
+# long: 19 documented arguments take 68 of its lines; the steps are named below it
 def doctor(
     model: nn.Module,
     data: Any,
@@ -233,6 +230,52 @@ def doctor(
         ValueError: model without parameters, non-scalar loss, NaN/Inf data with
             ``validate=True``, bad ``steps``/``lr``/device, unknown optimiser or remedy names.
     """
+    work, dev, th, remedies = _check_args(model, loss_fn, step_fn, steps, lr, batch_size, trial,
+                                          trial_seeds, max_trials, device, thresholds, remedies)
+    if validate:
+        check_finite_data(data)
+    data_bad = _count_nonfinite(data)
+    # the data against the model and the loss, before any training (signalprop.validation)
+    check_inputs(work, data, loss_fn, step_fn=step_fn, batch_size=batch_size, seed=seed or 0)
+
+    t0 = time.perf_counter()
+    settings: dict[str, Any] = dict(steps=steps, optimizer=optimizer, lr=lr,
+                                    batch_size=batch_size, device=dev, seed=seed)
+    if step_fn is not None:
+        settings["step_fn"] = step_fn
+    result = _diagnosis_run(work, data, loss_fn, settings, progress,
+                            f"doctor: {name or type(model).__name__}")
+    report = _diagnose_run(result, model, work, data, loss_fn, settings, data_bad, th, name)
+    meta = report.meta
+    if "data_ended" in result.extra:
+        why = (f"the data ran out after {result.steps} of {steps} steps (a one-shot iterator "
+               "cannot be cycled; pass a list, a DataLoader or tensors to train longer); the "
+               f"report covers the {result.steps} steps trained")
+        meta.setdefault("warnings", []).append(why)
+        warnings.warn(why, stacklevel=2)
+    stopped = result.extra.get("stopped")  # an error in the user's code after some steps
+    if stopped is not None:
+        # an error in the user's code mid-run: the steps trained are diagnosed and handed back
+        # with the error (``error.report``), so that nothing trained is lost
+        meta["stopped"] = {"reason": "error", "step": result.steps, "message": str(stopped)}
+        meta["total_seconds"] = time.perf_counter() - t0
+        stopped.report = report
+        raise stopped
+    if trial and result.interrupted:
+        meta["trials_skipped"] = "interrupted (Ctrl-C) during the diagnosis run"
+    elif trial:
+        _trial_prescriptions(report, model, data, loss_fn, remedies, max_trials, settings,
+                             trial_seeds, progress)
+    meta["total_seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _check_args(
+    model: Any, loss_fn: Any, step_fn: Any, steps: Any, lr: Any, batch_size: Any, trial: bool,
+    trial_seeds: Any, max_trials: Any, device: Any, thresholds: Any, remedies: Any,
+) -> tuple[nn.Module, torch.device, Thresholds, list[str] | None]:
+    """Refuse bad arguments before anything runs: ``(copy of the model, device, thresholds,
+    remedies by their canonical names)``."""
     work = _check_model(model)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -249,33 +292,31 @@ def doctor(
     dev = _check_device(device)
     th = Thresholds.coerce(thresholds)
     if remedies is not None:
-        from signalprop._registry import check_choice
-        from signalprop.diagnosis import REMEDY_NAMES
-
         remedies = [check_choice("remedy", r, REMEDY_NAMES) for r in remedies]
-    if validate:
-        check_finite_data(data)
-    data_bad = _count_nonfinite(data)
-    # the data against the model and the loss, before any training (signalprop.validation)
-    check_inputs(work, data, loss_fn, step_fn=step_fn, batch_size=batch_size, seed=seed or 0)
+    return work, dev, th, remedies
 
-    t0 = time.perf_counter()
-    settings: dict[str, Any] = dict(steps=steps, optimizer=optimizer, lr=lr,
-                                    batch_size=batch_size, device=dev, seed=seed)
-    if step_fn is not None:
-        settings["step_fn"] = step_fn
-    label = f"doctor: {name or type(model).__name__}"
-    # the diagnosis run goes on past fit's loss bound, up to non-finite values, so that the
-    # record shows where they first appear (the trials keep the bound)
-    run_kw: dict[str, Any] = dict(probe={"schedule": _schedule(steps)}, diverge_factor=None,
-                                  keep_partial=True)
+
+def _diagnosis_run(work: nn.Module, data: Any, loss_fn: LossFn | None, settings: dict[str, Any],
+                   progress: bool, label: str) -> FitResult:
+    """Train the copy under the probe. The diagnosis run goes on past fit's loss bound, up to
+    non-finite values, so that the record shows where they first appear (the trials keep the
+    bound)."""
+    run_kw: dict[str, Any] = dict(probe={"schedule": _schedule(settings["steps"])},
+                                  diverge_factor=None, keep_partial=True)
     if progress:
-        with _Progress(steps, label) as bar:
-            result = fit(work, data, loss_fn, progress=bar, **run_kw, **settings)
-    else:
-        result = fit(work, data, loss_fn, **run_kw, **settings)
-    stopped = result.extra.get("stopped")  # an error in the user's code after some steps
+        with _Progress(settings["steps"], label) as bar:
+            return fit(work, data, loss_fn, progress=bar, **run_kw, **settings)
+    return fit(work, data, loss_fn, **run_kw, **settings)
+
+
+def _diagnose_run(result: FitResult, model: nn.Module, work: nn.Module, data: Any,
+                  loss_fn: LossFn | None, settings: dict[str, Any], data_bad: int | None,
+                  th: Thresholds, name: str | None) -> Report:
+    """The run's record completed with what the diagnosis reads, its findings, explanation and
+    prescriptions, as a :class:`Report`."""
     record = result.record
+    optimizer, lr = settings["optimizer"], settings["lr"]
+    step_fn, batch_size = settings.get("step_fn"), settings["batch_size"]
     opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom")
     record.meta.update({
         "optimizer": opt_name,
@@ -291,8 +332,19 @@ def doctor(
     findings = diagnose(record, th)
     explanation = explain_or_skip(record, work, batch_size=batch_size)
     attach_explanation(findings, explanation)
-    prescriptions = merge_prescriptions(findings)
-    meta: dict[str, Any] = {
+    meta = _report_meta(result, model, work, data, loss_fn, settings, data_bad, th, name,
+                        opt_name)
+    return Report(findings, merge_prescriptions(findings), record, [], meta,
+                  list(result.losses), explanation=explanation)
+
+
+def _report_meta(result: FitResult, model: nn.Module, work: nn.Module, data: Any,
+                 loss_fn: LossFn | None, settings: dict[str, Any], data_bad: int | None,
+                 th: Thresholds, name: str | None, opt_name: str) -> dict[str, Any]:
+    """The report's ``meta``: what ran, on what, and how it ended."""
+    step_fn = settings.get("step_fn")
+    record = result.record
+    return {
         "name": name or type(model).__name__,
         "model": type(model).__name__,
         "num_parameters": sum(p.numel() for p in work.parameters()),
@@ -301,13 +353,13 @@ def doctor(
         "loss_fn": ("step_fn: " + getattr(step_fn, "__name__", type(step_fn).__name__))
         if step_fn is not None else "the model's own loss" if loss_fn is None
         else getattr(loss_fn, "__name__", type(loss_fn).__name__),
-        "steps": steps,
+        "steps": settings["steps"],
         "steps_run": result.steps,
         "optimizer": opt_name,
-        "lr": lr,
-        "batch_size": batch_size,
-        "device": str(dev),
-        "seed": seed,
+        "lr": settings["lr"],
+        "batch_size": settings["batch_size"],
+        "device": str(settings["device"]),
+        "seed": settings["seed"],
         "recorded_steps": len(record.steps),
         "diverged": result.diverged,
         "diverged_step": result.diverged_step,
@@ -324,42 +376,27 @@ def doctor(
         "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    report = Report(findings, prescriptions, record, [], meta, list(result.losses),
-                    explanation=explanation)
-    if "data_ended" in result.extra:
-        why = (f"the data ran out after {result.steps} of {steps} steps (a one-shot iterator "
-               "cannot be cycled; pass a list, a DataLoader or tensors to train longer); the "
-               f"report covers the {result.steps} steps trained")
-        meta.setdefault("warnings", []).append(why)
-        warnings.warn(why, stacklevel=2)
-    if stopped is not None:
-        # an error in the user's code mid-run: the steps trained are diagnosed and handed back
-        # with the error (``error.report``), so that nothing trained is lost
-        meta["stopped"] = {"reason": "error", "step": result.steps, "message": str(stopped)}
-        meta["total_seconds"] = time.perf_counter() - t0
-        stopped.report = report
-        raise stopped
-    if trial and result.interrupted:
-        meta["trials_skipped"] = "interrupted (Ctrl-C) during the diagnosis run"
-    elif trial:
-        chosen = list(remedies) if remedies is not None else [
-            p.remedy for p in prescriptions[:max_trials]
-        ]
-        if chosen:
-            # critical_init is tried with the sigma_w computed for this model
-            chosen = [critical_remedy(explanation) if r == "critical_init" else r
-                      for r in chosen]
-            trials, table, why = _run_trials(model, data, loss_fn, chosen, settings,
-                                             trial_seeds, progress)
-            report.trials, report.trial_table = trials, table
-            if why is not None:
-                warnings.warn(f"trials skipped: {why}", stacklevel=2)
-                meta["trials_skipped"] = why
-        else:
-            meta["trials_skipped"] = "no prescriptions to try"
-    meta["total_seconds"] = time.perf_counter() - t0
-    return report
 
+
+def _trial_prescriptions(report: Report, model: nn.Module, data: Any, loss_fn: LossFn | None,
+                         remedies: list[str] | None, max_trials: int, settings: dict[str, Any],
+                         trial_seeds: int, progress: bool) -> None:
+    """Train the chosen remedies (or the top prescriptions) side by side; into the report."""
+    chosen = list(remedies) if remedies is not None else [
+        p.remedy for p in report.prescriptions[:max_trials]
+    ]
+    if not chosen:
+        report.meta["trials_skipped"] = "no prescriptions to try"
+        return
+    # critical_init is tried with the sigma_w computed for this model
+    chosen = [critical_remedy(report.explanation) if r == "critical_init" else r
+              for r in chosen]
+    trials, table, why = _run_trials(model, data, loss_fn, chosen, settings, trial_seeds,
+                                     progress)
+    report.trials, report.trial_table = trials, table
+    if why is not None:
+        warnings.warn(f"trials skipped: {why}", stacklevel=3)
+        report.meta["trials_skipped"] = why
 
 
 # ``signalprop.doctor`` is both this module and the doctor() function (see signalprop._callable)

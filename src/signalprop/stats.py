@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from signalprop._registry import unknown_name_message
+from signalprop.vocab.activations import ACTIVATIONS
+
 #: Percentiles recorded for every layer output (in percent).
 PERCENTILES: tuple[float, ...] = (5.0, 15.0, 50.0, 85.0, 95.0)
 
@@ -101,7 +104,8 @@ def percentiles(
             all values, exact).
 
     Returns:
-        Tensor [G, len(qs)]. Rows containing NaN give NaN.
+        Tensor [G, len(qs)]. Rows containing NaN give NaN; a percentile between two equal
+        values is that value (a row of +inf gives +inf, where ``numpy.percentile`` gives NaN).
     """
     x = flat_rows(x)
     if max_samples is not None:
@@ -116,7 +120,11 @@ def percentiles(
         lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 1)
         hi = np.clip(np.ceil(pos).astype(np.int64), 0, n - 1)
         w = pos - lo.astype(a.dtype)
-        res = a[:, lo] * (1 - w) + a[:, hi] * w
+        a_lo, a_hi = a[:, lo], a[:, hi]
+        with np.errstate(invalid="ignore"):  # inf * 0 below: replaced by the equal neighbour
+            res = a_lo * (1 - w) + a_hi * w
+        # equal neighbours (a row of +inf: inf * 0 = NaN in the interpolation) are the value
+        res = np.where(a_lo == a_hi, a_lo, res)
         res[np.isnan(a[:, -1])] = np.nan  # a row holding NaN has it last
         return torch.from_numpy(res)
     q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype)
@@ -127,53 +135,28 @@ def percentiles(
     lo = pos.floor().long().clamp(0, n - 1)
     hi = pos.ceil().long().clamp(0, n - 1)
     w = (pos - lo.to(pos.dtype)).unsqueeze(0)
-    out = s[:, lo] * (1 - w) + s[:, hi] * w
+    s_lo, s_hi = s[:, lo], s[:, hi]
+    out = torch.where(s_lo == s_hi, s_lo, s_lo * (1 - w) + s_hi * w)  # (+inf rows: not NaN)
     has_nan = torch.isnan(x).any(dim=1, keepdim=True)
     return torch.where(has_nan, torch.full_like(out, float("nan")), out)
 
 
 # --- activation derivatives -------------------------------------------------------------------
 # |phi'| as a function of the activation's *output* h where that is possible (no recomputation),
-# else of its input z. Each entry: (uses_output, fn, max|phi'|).
+# else of its input z: the saturation face of each activation in the vocabulary.
 DerivFn = Callable[[torch.Tensor], torch.Tensor]
 
-
-def _sigmoid_d(h: torch.Tensor) -> torch.Tensor:
-    return h * (1 - h)
-
-
-def _tanh_d(h: torch.Tensor) -> torch.Tensor:
-    return 1 - h * h
-
-
-def _softsign_d(h: torch.Tensor) -> torch.Tensor:
-    # h = z / (1 + |z|)  =>  phi'(z) = 1 / (1 + |z|)^2 = (1 - |h|)^2
-    return (1 - h.abs()) ** 2
-
-
-def _gaussian_d_from_input(z: torch.Tensor) -> torch.Tensor:
-    # phi(z) = exp(-z^2/2), |phi'(z)| = |z| exp(-z^2/2)
-    return z.abs() * torch.exp(-0.5 * z * z)
-
-
-def _hardtanh_d_from_input(z: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
-    return ((z > lo) & (z < hi)).to(z.dtype)
-
-
-#: name -> (uses_output, |phi'| function, max |phi'|)
+#: name -> (uses_output, |phi'| function, max |phi'|): a view of the vocabulary's saturation rules,
+#: plus the RBF unit h = exp(-u / (2 s^2)) of the squared distance u (a layer, not an element-wise
+#: activation): dh/du = -h / (2 s^2), so the derivative relative to its maximum (u = 0) is h itself
 SATURATING: dict[str, tuple[bool, DerivFn, float]] = {
-    "sigmoid": (True, _sigmoid_d, 0.25),
-    "tanh": (True, _tanh_d, 1.0),
-    "softsign": (True, _softsign_d, 1.0),
-    "gaussian": (False, _gaussian_d_from_input, math.exp(-0.5)),
-    "hardtanh": (False, _hardtanh_d_from_input, 1.0),
-    # RBF unit h = exp(-u / (2 s^2)) of the squared distance u: dh/du = -h / (2 s^2), so the
-    # derivative relative to its maximum (at u = 0) is h itself
+    **{n: (d.saturation.uses_output, d.saturation.derivative, d.saturation.dmax)
+       for n, d in ((n, ACTIVATIONS.get(n)) for n in ACTIVATIONS) if d.saturation is not None},
     "rbf": (True, lambda h: h.abs(), 1.0),
 }
 
 #: Activations whose units can die (zero output and zero derivative for all inputs of a batch).
-RECTIFIERS: frozenset[str] = frozenset({"relu", "relu6", "leaky_relu", "rrelu"})
+RECTIFIERS: frozenset[str] = frozenset(n for n in ACTIVATIONS if ACTIVATIONS.get(n).rectifier)
 
 
 def saturated_fraction(
@@ -192,8 +175,6 @@ def saturated_fraction(
         Tensor [G] in [0, 1].
     """
     if kind not in SATURATING:
-        from signalprop._registry import unknown_name_message
-
         raise ValueError(unknown_name_message("saturating activation", kind, sorted(SATURATING)))
     _, fn, dmax = SATURATING[kind]
     t = flat_rows(t)

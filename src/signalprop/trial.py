@@ -30,7 +30,7 @@ from signalprop import stats
 from signalprop._callable import make_module_callable
 from signalprop.record import Record, to_jsonable
 from signalprop.remedies import Remedy, get_remedy
-from signalprop.train import example_inputs, fit, to_device
+from signalprop.train import FitResult, example_inputs, fit, to_device
 
 BASELINE = "baseline"
 
@@ -314,6 +314,7 @@ def _mean(xs: list[float]) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
+# long: 22 documented arguments take 71 of its lines; the runs are in _Runner below it
 def trial(
     model_factory: ModelFactory,
     data: Any,
@@ -382,6 +383,37 @@ def trial(
     Raises:
         ValueError: an unknown remedy name (listing the valid ones), steps/seeds < 1.
     """
+    plan = _plan(remedies, baseline, steps, seeds, optimizer)
+    dev = torch.device(device)
+    xb = example_inputs(data, batch_size)
+    if xb is not None:
+        xb = to_device(xb, dev)
+    table = TrialTable(rows=[], meta={
+        "steps": steps, "seeds": seeds, "seed": seed, "optimizer": optimizer if isinstance(
+            optimizer, str) else getattr(optimizer, "__name__", "custom"),
+        "lr": lr, "batch_size": batch_size, "device": str(dev),
+    })
+    runner = _Runner(model_factory, data, loss_fn, step_fn, steps, optimizer, lr,
+                     optimizer_kwargs, batch_size, dev, probe, diverge_above, keep_records,
+                     strict, progress, dict(fit_kwargs or {}), xb, table)
+    interrupted = False
+    for rem in plan:
+        row = TrialRow(remedy=BASELINE if rem is None else rem.name,
+                       description="untreated model" if rem is None else rem.description)
+        interrupted = runner.run_row(rem, row, range(seed, seed + seeds))
+        _aggregate(row)
+        table.rows.append(row)
+        if interrupted:
+            break
+    table.meta["trivial_loss"] = float(np.mean(runner.trivial)) if runner.trivial else math.nan
+    table.meta["interrupted"] = interrupted
+    _compare(table, rel_tol)
+    return table
+
+
+def _plan(remedies: Sequence[str | Remedy] | str | Remedy, baseline: bool, steps: int,
+          seeds: int, optimizer: Any) -> list[Remedy | None]:
+    """Refuse bad arguments before any training; the rows to run (``None``: the baseline)."""
     if steps < 1 or seeds < 1:
         raise ValueError(f"steps and seeds must be >= 1, got steps={steps}, seeds={seeds}")
     if isinstance(optimizer, torch.optim.Optimizer):
@@ -395,88 +427,98 @@ def trial(
     names = [r.name for r in resolved]
     if len(set(names)) != len(names) or BASELINE in names:
         raise ValueError(f"remedy names must be unique and not {BASELINE!r}: {names}")
-    plan: list[Remedy | None] = ([None] if baseline else []) + list(resolved)
-    dev = torch.device(device)
-    xb = example_inputs(data, batch_size)
-    if xb is not None:
-        xb = to_device(xb, dev)
-    extra = dict(fit_kwargs or {})
+    return ([None] if baseline else []) + list(resolved)
 
-    table = TrialTable(rows=[], meta={
-        "steps": steps, "seeds": seeds, "seed": seed, "optimizer": optimizer if isinstance(
-            optimizer, str) else getattr(optimizer, "__name__", "custom"),
-        "lr": lr, "batch_size": batch_size, "device": str(dev),
-    })
-    trivial: list[float] = []
-    interrupted = False
-    for rem in plan:
-        name = BASELINE if rem is None else rem.name
-        row = TrialRow(remedy=name, description="untreated model" if rem is None
-                       else rem.description)
-        opt, rlr, kw = (optimizer, lr, dict(optimizer_kwargs or {})) if rem is None else \
-            rem.optimizer_config(optimizer, lr, optimizer_kwargs)
-        warm = int(round(rem.warmup * steps)) if rem is not None else 0
-        for s in range(seed, seed + seeds):
-            model = _fresh_model(model_factory, s).to(dev)
+
+@dataclass
+class _Runner:
+    """The settings every run of one :func:`trial` shares, and the runs of one row."""
+
+    model_factory: ModelFactory
+    data: Any
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None
+    step_fn: Callable[[nn.Module, Any], torch.Tensor] | None
+    steps: int
+    optimizer: Any
+    lr: float
+    optimizer_kwargs: dict[str, Any] | None
+    batch_size: int
+    dev: torch.device
+    probe: bool
+    diverge_above: float | None
+    keep_records: bool
+    strict: bool
+    progress: Callable[[str, int, RunSummary], None] | None
+    extra: dict[str, Any]
+    xb: Any
+    table: TrialTable
+    trivial: list[float] = field(default_factory=list)
+
+    def run_row(self, rem: Remedy | None, row: TrialRow, seeds: range) -> bool:
+        """Train ``rem`` (``None``: the baseline) once per seed into ``row``; whether Ctrl-C
+        stopped a run. A remedy that does not fit the model ends the row with its error."""
+        opt, rlr, kw = (self.optimizer, self.lr, dict(self.optimizer_kwargs or {})) \
+            if rem is None else rem.optimizer_config(self.optimizer, self.lr,
+                                                     self.optimizer_kwargs)
+        warm = int(round(rem.warmup * self.steps)) if rem is not None else 0
+        for s in seeds:
+            model = _fresh_model(self.model_factory, s).to(self.dev)
             gt = None
             if rem is not None:
                 try:
-                    model = rem.apply(model, xb).to(dev)
+                    model = rem.apply(model, self.xb).to(self.dev)
                     gt = rem.make_grad_transform()
                 except Exception as e:  # whatever the rewrite hits on this model: it does not fit
-                    if strict:
+                    if self.strict:
                         raise
                     row.error = f"{type(e).__name__}: {e}"
                     row.verdict = "not applicable"
-                    break
-            probe_cfg: Any = {"schedule": sorted({0, steps - 1})} if probe else None
+                    return False
+            probe_cfg: Any = {"schedule": sorted({0, self.steps - 1})} if self.probe else None
             try:
-                res = fit(model, data, loss_fn, step_fn=step_fn, steps=steps, optimizer=opt,
-                          lr=rlr, optimizer_kwargs=kw, batch_size=batch_size, probe=probe_cfg,
-                          grad_transform=gt, device=dev, seed=s,
-                          **({"warmup": warm} if warm else {}), **extra)
+                res = fit(model, self.data, self.loss_fn, step_fn=self.step_fn, steps=self.steps,
+                          optimizer=opt, lr=rlr, optimizer_kwargs=kw,
+                          batch_size=self.batch_size, probe=probe_cfg, grad_transform=gt,
+                          device=self.dev, seed=s, **({"warmup": warm} if warm else {}),
+                          **self.extra)
             except _APPLY_ERRORS as e:
-                if strict or rem is None:
+                if self.strict or rem is None:
                     raise  # the baseline itself failing is the caller's error
                 row.error = f"{type(e).__name__}: {e}"
-                break
-            if math.isfinite(res.trivial_loss):
-                trivial.append(res.trivial_loss)
-            summ = summarise_record(res.record) if probe else {
-                "grad_ratio": math.nan, "saturated_frac": math.nan, "dead_frac": math.nan}
-            diverged = res.diverged
-            final = res.final_loss
-            if not diverged and diverge_above is not None and not final <= diverge_above:
-                diverged = True
-            run = RunSummary(
-                seed=s,
-                final_loss=math.nan if diverged else final,
-                init_loss=res.losses[0] if res.losses else math.nan,
-                diverged=diverged,
-                diverged_step=res.diverged_step if res.diverged else (
-                    len(res.losses) - 1 if diverged else None),
-                grad_ratio=summ["grad_ratio"],
-                saturated_frac=summ["saturated_frac"],
-                dead_frac=summ["dead_frac"],
-                wall_time=res.wall_time,
-                losses=list(res.losses),
-            )
+                return False
+            run = self.summarise(res, s)
             row.runs.append(run)
-            if keep_records:
-                table.records.setdefault(name, []).append(res.record)
-            if progress is not None:
-                progress(name, s, run)
+            if self.keep_records:
+                self.table.records.setdefault(row.remedy, []).append(res.record)
+            if self.progress is not None:
+                self.progress(row.remedy, s, run)
             if res.interrupted:
-                interrupted = True
-                break
-        _aggregate(row)
-        table.rows.append(row)
-        if interrupted:
-            break
-    table.meta["trivial_loss"] = float(np.mean(trivial)) if trivial else math.nan
-    table.meta["interrupted"] = interrupted
-    _compare(table, rel_tol)
-    return table
+                return True
+        return False
+
+    def summarise(self, res: FitResult, s: int) -> RunSummary:
+        """One run's summary; ``diverge_above`` also counts a final loss above it."""
+        if math.isfinite(res.trivial_loss):
+            self.trivial.append(res.trivial_loss)
+        summ = summarise_record(res.record) if self.probe else {
+            "grad_ratio": math.nan, "saturated_frac": math.nan, "dead_frac": math.nan}
+        diverged = res.diverged
+        final = res.final_loss
+        if not diverged and self.diverge_above is not None and not final <= self.diverge_above:
+            diverged = True
+        return RunSummary(
+            seed=s,
+            final_loss=math.nan if diverged else final,
+            init_loss=res.losses[0] if res.losses else math.nan,
+            diverged=diverged,
+            diverged_step=res.diverged_step if res.diverged else (
+                len(res.losses) - 1 if diverged else None),
+            grad_ratio=summ["grad_ratio"],
+            saturated_frac=summ["saturated_frac"],
+            dead_frac=summ["dead_frac"],
+            wall_time=res.wall_time,
+            losses=list(res.losses),
+        )
 
 
 def _aggregate(row: TrialRow) -> None:

@@ -14,6 +14,8 @@ import signalprop
 from signalprop.cli import main
 from signalprop.probe import Probe
 
+from ..helpers import train_probed
+
 
 def _deep_sigmoid(depth: int = 12) -> nn.Module:
     layers: list[nn.Module] = []
@@ -69,14 +71,7 @@ def test_probe_record_terminal_output(tmp_path, capsys) -> None:
     model = _deep_sigmoid()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
-    probe = Probe(model, optimizer=opt)
-    with probe:
-        for _ in range(8):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            probe.log(loss=loss)
-            opt.step()
+    probe = train_probed(model, Probe(model, optimizer=opt), opt, [(x, y)] * 8)
     path = probe.record.save(tmp_path / "run.json.gz")
     assert main(["diagnose", str(path), "--fail-on-findings"]) == 1
     text = capsys.readouterr().out

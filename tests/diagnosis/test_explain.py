@@ -25,6 +25,7 @@ from signalprop.diagnosis.findings import Finding
 from signalprop.probe import Probe
 from signalprop.theory import critical_point, q_star
 from signalprop.theory.torch_adapter import mean_field_init_
+from signalprop.vocab.activations import Erf, Gaussian
 
 WIDE_TOL = 1.5
 
@@ -34,20 +35,6 @@ class Swish(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(x)
-
-
-class Gauss(nn.Module):
-    signalprop_activation = "gaussian"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-0.5 * x * x)
-
-
-class ErfAct(nn.Module):
-    signalprop_activation = "erf"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.erf(x)
 
 
 class RowSoftmax(nn.Module):
@@ -86,8 +73,8 @@ def _probed(act: type[nn.Module], sw2: float, sb2: float, *, bn: bool = False,
     ("tanh", nn.Tanh, 1.5, 0.05, False),
     ("sigmoid", nn.Sigmoid, 4.0, 0.05, False),
     ("relu", nn.ReLU, 2.0, 0.0, False),
-    ("gaussian", Gauss, 2.0, 0.05, False),
-    ("erf", ErfAct, 1.2, 0.05, False),
+    ("gaussian", Gaussian, 2.0, 0.05, False),
+    ("erf", Erf, 1.2, 0.05, False),
     ("custom callable", Swish, 3.0, 0.05, False),
     ("tanh+bn", nn.Tanh, 1.0, 0.0, True),
     ("relu+bn", nn.ReLU, 2.0, 0.0, True),

@@ -200,17 +200,23 @@ def _sweep_metrics(out: Path) -> dict[str, tuple[str, dict[str, Any]]]:
     return {r["run_id"]: (r["status"], r["metrics"]) for r in SweepResult(out).runs}
 
 
-@pytest.fixture(scope="module")
-def sweep_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def _sweep_one_thread(out: Path) -> None:
+    """GRID swept (or resumed) into ``out`` in this process on one thread, as the workers run."""
     from signalprop.sweep import sweep
 
-    out = tmp_path_factory.mktemp("sweep-ref")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         sweep(copy.deepcopy(GRID), out=out, progress=False)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sweep_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+
+    out = tmp_path_factory.mktemp("sweep-ref")
+    _sweep_one_thread(out)
     return _sweep_metrics(out)
 
 
@@ -232,14 +238,7 @@ def _start_sweep(tmp_path: Path, procs: list[Proc]) -> tuple[Proc, Path]:
 
 
 def _resume_and_compare(out: Path, reference: dict[str, Any]) -> None:
-    from signalprop.sweep import sweep
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sweep(copy.deepcopy(GRID), out=out, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    _sweep_one_thread(out)
     got = _sweep_metrics(out)
     assert set(got) == set(reference)
     for rid, (status, metrics) in reference.items():

@@ -16,6 +16,8 @@ from torch import nn
 from signalprop.probe import Probe
 from signalprop.record import MODEL, Record
 
+from ..helpers import train_probed
+
 WORLD = 2
 STEPS = 3
 TIMEOUT = 120
@@ -32,13 +34,7 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(model: nn.Module, probe: Probe, opt: torch.optim.Optimizer, x, y) -> None:
-    with probe:
-        for _ in range(STEPS):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            probe.log(loss=loss)
-            opt.step()
+    train_probed(model, probe, opt, [(x, y)] * STEPS)
 
 
 PROBE_KW = dict(max_forward_samples=None, max_percentile_samples=None)

@@ -13,6 +13,8 @@ from signalprop.integrations.common import depth_profile, summary_metrics
 from signalprop.probe import Probe
 from signalprop.record import MODEL
 
+from ..helpers import train_probed
+
 
 def _train(on_record: list, steps: int = 6, seed: int = 0) -> Probe:
     torch.manual_seed(seed)
@@ -20,15 +22,8 @@ def _train(on_record: list, steps: int = 6, seed: int = 0) -> Probe:
                           nn.Linear(8, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-    probe = Probe(model, optimizer=opt, on_record=on_record)
-    with probe:
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            probe.log(loss=loss)
-            opt.step()
-    return probe
+    return train_probed(model, Probe(model, optimizer=opt, on_record=on_record), opt,
+                        [(x, y)] * steps)
 
 
 def test_summary_metrics_match_the_record() -> None:

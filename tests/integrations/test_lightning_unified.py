@@ -14,14 +14,13 @@ L = pytest.importorskip("lightning.pytorch")
 from signalprop.integrations.lightning import SignalpropCallback  # noqa: E402
 from signalprop.record import MODEL, Record  # noqa: E402
 
+from ..helpers import mlp  # noqa: E402
+
 
 class Tiny(L.LightningModule):
     def __init__(self, depth: int = 3) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers += [nn.Linear(8, 8), nn.Tanh()]
-        self.net = nn.Sequential(*layers, nn.Linear(8, 2))
+        self.net = mlp(8, depth, nn.Tanh, 2)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

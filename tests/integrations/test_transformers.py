@@ -21,6 +21,8 @@ from signalprop.integrations.transformers import (  # noqa: E402
 )
 from signalprop.record import MODEL, Record  # noqa: E402
 
+from ..helpers import mlp  # noqa: E402
+
 MAX_GRAD_NORM = 0.05
 
 
@@ -137,10 +139,7 @@ class DeepSigmoid(nn.Module):
 
     def __init__(self, depth: int = 14) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers += [nn.Linear(16, 16), nn.Sigmoid()]
-        self.net = nn.Sequential(*layers, nn.Linear(16, 2))
+        self.net = mlp(16, depth, nn.Sigmoid, 2)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         logits = self.net(x)

@@ -11,18 +11,7 @@ import pytest
 
 from signalprop.cli import main
 from signalprop.lab import STUDIES, STUDY_NAMES, get_study
-from signalprop.lab.base import (
-    CONTRADICTS,
-    INCONCLUSIVE,
-    SUPPORTS,
-    Conclusion,
-    cached,
-    combine_verdicts,
-    conclusion,
-    config_hash,
-    read_json,
-    write_json,
-)
+from signalprop.lab import base as B
 from signalprop.lab.report import build_report
 from signalprop.lab.runner import resolve_names, run_study
 
@@ -63,29 +52,29 @@ def test_unknown_study_fails_loudly_with_choices() -> None:
 
 def test_conclusion_validates_and_roundtrips() -> None:
     with pytest.raises(ValueError, match="verdict must be one of"):
-        Conclusion("c", "s", "maybe")
-    c = conclusion("claim", "sentence", CONTRADICTS, {"x": math.nan}, ["d"])
+        B.Conclusion("c", "s", "maybe")
+    c = B.conclusion("claim", "sentence", B.CONTRADICTS, {"x": math.nan}, ["d"])
     assert c.sentence.lower().startswith("the measurements contradict")
     d = c.to_dict()
     assert d["numbers"]["x"] == "NaN"
-    back = Conclusion.from_dict(json.loads(json.dumps(d)))
-    assert back.verdict == CONTRADICTS and back.details == ["d"]
-    assert conclusion("c", "fine", SUPPORTS).sentence == "fine"
+    back = B.Conclusion.from_dict(json.loads(json.dumps(d)))
+    assert back.verdict == B.CONTRADICTS and back.details == ["d"]
+    assert B.conclusion("c", "fine", B.SUPPORTS).sentence == "fine"
 
 
 def test_combine_verdicts() -> None:
-    assert combine_verdicts([SUPPORTS, SUPPORTS]) == SUPPORTS
-    assert combine_verdicts([SUPPORTS, INCONCLUSIVE]) == INCONCLUSIVE
-    assert combine_verdicts([SUPPORTS, CONTRADICTS, INCONCLUSIVE]) == CONTRADICTS
-    assert combine_verdicts([]) == INCONCLUSIVE
+    assert B.combine_verdicts([B.SUPPORTS, B.SUPPORTS]) == B.SUPPORTS
+    assert B.combine_verdicts([B.SUPPORTS, B.INCONCLUSIVE]) == B.INCONCLUSIVE
+    assert B.combine_verdicts([B.SUPPORTS, B.CONTRADICTS, B.INCONCLUSIVE]) == B.CONTRADICTS
+    assert B.combine_verdicts([]) == B.INCONCLUSIVE
 
 
 def test_json_keeps_nonfinite_numbers(tmp_path: Path) -> None:
-    write_json(tmp_path / "a.json", {"a": [math.inf, -math.inf, math.nan, 1.5]})
-    a = read_json(tmp_path / "a.json")["a"]
+    B.write_json(tmp_path / "a.json", {"a": [math.inf, -math.inf, math.nan, 1.5]})
+    a = B.read_json(tmp_path / "a.json")["a"]
     assert a[0] == math.inf and a[1] == -math.inf and math.isnan(a[2]) and a[3] == 1.5
-    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
-    assert config_hash({"a": 1}) != config_hash({"a": 2})
+    assert B.config_hash({"a": 1, "b": 2}) == B.config_hash({"b": 2, "a": 1})
+    assert B.config_hash({"a": 1}) != B.config_hash({"a": 2})
 
 
 def test_cached_computes_once_and_ignores_executor(tmp_path: Path) -> None:
@@ -95,15 +84,15 @@ def test_cached_computes_once_and_ignores_executor(tmp_path: Path) -> None:
         calls.append(1)
         return {"v": math.nan, "w": 3}
 
-    a = cached(tmp_path, {"k": 1, "executor": "local"}, f)
-    b = cached(tmp_path, {"k": 1, "executor": "ray", "workers": 4}, f)
+    a = B.cached(tmp_path, {"k": 1, "executor": "local"}, f)
+    b = B.cached(tmp_path, {"k": 1, "executor": "ray", "workers": 4}, f)
     assert len(calls) == 1 and math.isnan(a["v"]) and math.isnan(b["v"]) and b["w"] == 3
-    cached(tmp_path, {"k": 2}, f)
+    B.cached(tmp_path, {"k": 2}, f)
     assert len(calls) == 2
     # a corrupt cache file is recomputed, not trusted
     for p in (tmp_path / "cache").iterdir():
         p.write_text("{not json")
-    cached(tmp_path, {"k": 2}, f)
+    B.cached(tmp_path, {"k": 2}, f)
     assert len(calls) == 3
 
 
@@ -125,7 +114,7 @@ def test_run_study_resumes_and_records_failures(tmp_path: Path) -> None:
     bad = run_study("mnist1d-baseline", tmp_path / "bad", quick=True,
                     overrides={**small, "seeds": "not-a-list-of-ints"})
     assert bad.status == "failed" and bad.error
-    meta = read_json(tmp_path / "bad" / "mnist1d-baseline" / "meta.json")
+    meta = B.read_json(tmp_path / "bad" / "mnist1d-baseline" / "meta.json")
     assert meta["status"] == "failed" and "Traceback" in meta["traceback"]
     page = build_report(tmp_path / "bad").read_text()
     assert "failed" in page
@@ -134,16 +123,16 @@ def test_run_study_resumes_and_records_failures(tmp_path: Path) -> None:
 def test_report_escapes_user_strings(tmp_path: Path) -> None:
     run_study("mnist1d-baseline", tmp_path, quick=True, overrides={"steps": 10, "eval_every": 5})
     d = tmp_path / "mnist1d-baseline"
-    cfg = read_json(d / "config.json")
+    cfg = B.read_json(d / "config.json")
     cfg["note"] = "<script>alert('x')</script>"
-    write_json(d / "config.json", cfg)
-    meta = read_json(d / "meta.json")
+    B.write_json(d / "config.json", cfg)
+    meta = B.read_json(d / "meta.json")
     meta["environment"]["platform"] = "<b onmouseover=alert(2)>linux</b>"
-    write_json(d / "meta.json", meta)
+    B.write_json(d / "meta.json", meta)
     # a failed study shows its error message in the index
     bad = tmp_path / "isometry"
     bad.mkdir()
-    write_json(bad / "meta.json", {"name": "isometry", "status": "failed", "quick": True,
+    B.write_json(bad / "meta.json", {"name": "isometry", "status": "failed", "quick": True,
                                    "error": "<img src=x onerror=alert(1)> & done",
                                    "traceback": "Traceback <tb>"})
     page = build_report(tmp_path).read_text()
@@ -183,5 +172,5 @@ def test_cli_report_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "index.html").exists()
     # the conclusion is recomputed from the stored measurements, nothing is trained
-    assert read_json(tmp_path / "mnist1d-baseline" / "conclusion.json")["verdict"]
+    assert B.read_json(tmp_path / "mnist1d-baseline" / "conclusion.json")["verdict"]
     assert str(tmp_path / "index.html") in capsys.readouterr().out

@@ -11,6 +11,8 @@ from signalprop import stats
 from signalprop.probe import Probe, at_steps, every, log_spaced
 from signalprop.record import MODEL
 
+from ..helpers import train_probed
+
 
 def _mlp(act=nn.Tanh, depth=3, width=16, d_in=8, d_out=3):
     layers, d = [], d_in
@@ -111,14 +113,8 @@ def test_schedule_records_only_scheduled_steps_and_hooks_are_removed():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
-    p = Probe(model, optimizer=opt, schedule=at_steps([0, 3, 4]))
-    with p:
-        for _ in range(6):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            p.log(loss=loss)
-            opt.step()
+    p = train_probed(model, Probe(model, optimizer=opt, schedule=at_steps([0, 3, 4])), opt,
+                     [(x, y)] * 6)
     assert p.record.steps == [0, 3, 4]
     assert not p.attached
     for m in model.modules():

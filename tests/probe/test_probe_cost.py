@@ -34,6 +34,8 @@ READS = {
 PACKAGE = os.path.dirname(os.path.dirname(core.__file__))  # .../signalprop
 PROBE = os.path.dirname(core.__file__)  # .../signalprop/probe (the flush lives in its modules)
 
+SCALER = os.path.join("torch", "amp", "grad_scaler.py")
+
 #: the probe's functions that move a step's values to the host (the "flush")
 FLUSH = {"_to_dict", "_flush_ratios", "_fix_nonfinite_counts", "flush", "_materialise",
          "_start_transfer", "_fix_deferred"}
@@ -56,6 +58,15 @@ class CountReads(TorchFunctionMode):
         if is_read:
             f = sys._getframe(1)
             flushing = by_probe = False
+            while f is not None:
+                if f.f_code.co_filename.endswith(SCALER) and f.f_code.co_name == "update":
+                    # the scaler's own update(), run by the probe's wrapper around it: its
+                    # reads are not the probe's (get_scale() called by the probe would be)
+                    return func(*args, **kwargs)
+                if f.f_code.co_filename.startswith(PACKAGE):
+                    break
+                f = f.f_back
+            f = sys._getframe(1)
             while f is not None:
                 if f.f_code.co_filename.startswith(PACKAGE):
                     by_probe = True  # (the optimiser's own reads are not the probe's)
@@ -118,6 +129,40 @@ def test_no_host_read_on_the_training_path_except_one_transfer(
     p.detach()
     assert p.record.steps == list(range(0, 14, 2))
     assert all(p.record.get(s, "0.weight", "update_ratio") > 0 for s in p.record.steps)
+
+
+def test_loss_scale_is_never_read_on_the_host(monkeypatch):
+    # GradScaler.get_scale() reads the scale (a device synchronisation on CUDA): the probe
+    # keeps it as a tensor that travels with the step's transfer, and divides norms by it there
+    monkeypatch.setattr(hooks, "_NRM2", {})  # the accelerators' path
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    p = Probe(model, optimizer=opt, scaler=scaler, schedule=every(2)).attach()
+
+    def train(steps):
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    train(2)
+    mode = CountReads()
+    with mode:
+        train(6)
+    assert mode.outside == [], f"host reads outside a flush: {mode.outside}"
+    p.detach()
+    rec = p.record
+    assert rec.get(6, "__model__", "loss_scale") == 1024.0
+    # the norms are those of the unscaled loss: the first layer's output gradient equals an
+    # unscaled autograd pass on the same weights (after the last step: compare the scale only)
+    ref = nn.functional.cross_entropy(model(x), y)
+    g = torch.autograd.grad(ref, list(model.parameters()))[0].norm().item()
+    assert 0.01 * g < rec.get(6, "0.weight", "grad_norm") < 100 * g
 
 
 def test_read_counter_sees_the_probes_reads(monkeypatch):

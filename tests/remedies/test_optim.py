@@ -10,15 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from signalprop.remedies.optimizers import (
-    DEFAULT_LR,
-    LARS,
-    OPTIMIZERS,
-    SMORMS3,
-    VSGD,
-    layerwise,
-    make_optimizer,
-)
+from signalprop.remedies import optimizers as O
 
 
 def _smorms3_reference(w0: np.ndarray, grads: list[np.ndarray], lr: float, eps: float):
@@ -45,13 +37,13 @@ def test_smorms3_matches_reference(lr: float) -> None:
     grads = [0.5 + rng.normal(size=(4, 3)) * s for s in np.linspace(0.1, 2.0, 40)]
     ref = _smorms3_reference(w0, grads, lr, 1e-16)
     p = torch.tensor(w0, requires_grad=True)
-    opt = SMORMS3([p], lr=lr)
+    opt = O.SMORMS3([p], lr=lr)
     for t, gr in enumerate(grads):
         p.grad = torch.tensor(gr)
         opt.step()
         np.testing.assert_allclose(p.detach().numpy(), ref[t], rtol=1e-12, atol=1e-14)
-    assert OPTIMIZERS.defaults("smorms3") == {"eps": 1e-16}
-    assert SMORMS3([torch.zeros(1, requires_grad=True)]).defaults["lr"] == 1e-3
+    assert O.OPTIMIZERS.defaults("smorms3") == {"eps": 1e-16}
+    assert O.SMORMS3([torch.zeros(1, requires_grad=True)]).defaults["lr"] == 1e-3
 
 
 def _vsgd_reference(w0, grad_fn, steps, init_lr=1e-3, c=2.0, eps=1e-12):
@@ -97,7 +89,7 @@ def test_vsgd_matches_reference_on_noisy_quadratic() -> None:
     w0 = np.zeros(4)
     ref = _vsgd_reference(w0, grad_fn, 60)
     p = torch.tensor(w0, requires_grad=True)
-    opt = VSGD([p])
+    opt = O.VSGD([p])
     for t in range(60):
         p.grad = torch.tensor(grad_fn(p.detach().numpy(), t))
         opt.step()
@@ -110,7 +102,7 @@ def test_vsgd_estimates_quadratic_curvature_and_converges(curvature: str) -> Non
     h = torch.tensor([0.05, 0.5, 5.0, 50.0], dtype=torch.float64)
     wstar = torch.tensor([1.0, -1.0, 2.0, 0.3], dtype=torch.float64)
     w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    opt = VSGD([w], curvature=curvature)
+    opt = O.VSGD([w], curvature=curvature)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -136,9 +128,9 @@ def test_vsgd_fd_needs_closure() -> None:
     p = torch.zeros(2, requires_grad=True)
     p.grad = torch.ones(2)
     with pytest.raises(ValueError, match="closure"):
-        VSGD([p], curvature="fd").step()
+        O.VSGD([p], curvature="fd").step()
     with pytest.raises(ValueError, match="valid choices"):
-        VSGD([p], curvature="bbprop")
+        O.VSGD([p], curvature="bbprop")
 
 
 def test_lars_first_step_closed_form() -> None:
@@ -148,7 +140,7 @@ def test_lars_first_step_closed_form() -> None:
         p.grad = torch.randn_like(p)
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
     gw, gb = lin.weight.grad.clone(), lin.bias.grad.clone()
-    LARS(lin.parameters(), lr=0.5, momentum=0.0, trust=0.02).step()
+    O.LARS(lin.parameters(), lr=0.5, momentum=0.0, trust=0.02).step()
     expected = w0 - 0.5 * 0.02 * w0.norm() / gw.norm() * gw
     torch.testing.assert_close(lin.weight.detach(), expected)
     torch.testing.assert_close(lin.bias.detach(), b0 - 0.5 * 0.02 * gb)  # 1-d: plain rate
@@ -157,28 +149,28 @@ def test_lars_first_step_closed_form() -> None:
         lin2 = nn.Linear(6, 4)
         lin2.weight.grad = torch.randn(4, 6) * scale
         w = lin2.weight.detach().clone()
-        LARS([lin2.weight], lr=1.0, momentum=0.0, trust=0.01).step()
+        O.LARS([lin2.weight], lr=1.0, momentum=0.0, trust=0.01).step()
         assert float((lin2.weight.detach() - w).norm() / w.norm()) == pytest.approx(0.01, rel=1e-4)
 
 
 def test_layerwise_rates_scale_with_depth() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
-    opt = layerwise(model, lr=0.1, first_layer_factor=100.0)
+    opt = O.layerwise(model, lr=0.1, first_layer_factor=100.0)
     lrs = [g["lr"] for g in opt.param_groups]
     np.testing.assert_allclose(lrs, [10.0, 1.0, 0.1])
     assert isinstance(opt, torch.optim.SGD)
-    opt2 = make_optimizer("layerwise", model, lr=0.2, base="adam", first_layer_factor=4.0)
+    opt2 = O.make_optimizer("layerwise", model, lr=0.2, base="adam", first_layer_factor=4.0)
     assert isinstance(opt2, torch.optim.Adam)
     np.testing.assert_allclose([g["lr"] for g in opt2.param_groups], [0.8, 0.4, 0.2])
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS.names()))
+@pytest.mark.parametrize("name", sorted(O.OPTIMIZERS.names()))
 def test_every_optimizer_builds_through_the_trainer_and_steps(name: str) -> None:
     from signalprop.train import make_optimizer as train_make
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    opt = train_make(name, model, lr=DEFAULT_LR[name])
+    opt = train_make(name, model, lr=O.DEFAULT_LR[name])
     x, y = torch.randn(16, 4), torch.randn(16, 2)
     losses = []
     for _ in range(30):
@@ -189,11 +181,11 @@ def test_every_optimizer_builds_through_the_trainer_and_steps(name: str) -> None
         losses.append(float(loss.detach()))
     assert all(math.isfinite(v) for v in losses)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert set(DEFAULT_LR) == set(OPTIMIZERS.names())
+    assert set(O.DEFAULT_LR) == set(O.OPTIMIZERS.names())
 
 
 def test_unknown_optimizer_lists_names() -> None:
     with pytest.raises(ValueError, match="smorms3"):
-        make_optimizer("smorm3", nn.Linear(2, 2))
+        O.make_optimizer("smorm3", nn.Linear(2, 2))
     with pytest.raises(ValueError, match="positive"):
-        make_optimizer("adam", nn.Linear(2, 2), lr=-1.0)
+        O.make_optimizer("adam", nn.Linear(2, 2), lr=-1.0)

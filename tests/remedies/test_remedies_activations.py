@@ -23,6 +23,8 @@ from signalprop.remedies.activations import (
 CANONICAL = [
     "linear", "relu", "leaky_relu", "rrelu", "elu", "selu", "gelu", "silu", "softplus",
     "sigmoid", "tanh", "softsign", "hardtanh", "erf", "gaussian", "sin",
+    # the probe always knew these torch classes; the vocabulary made them buildable too
+    "relu6", "celu", "mish", "hardsigmoid", "hardswish", "logsigmoid", "tanhshrink",
 ]
 
 

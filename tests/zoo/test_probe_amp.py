@@ -22,13 +22,35 @@ def _net() -> nn.Sequential:
                          nn.Linear(32, 3))
 
 
-def test_gradscaler_skipped_steps_and_unscaled_norms():
+def _setup(init_scale: float):
+    """A seeded net, SGD, a CPU GradScaler starting at ``init_scale`` and one fixed batch."""
     torch.manual_seed(0)
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return model, opt, scaler, torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+
+def _scaled_backward(model: nn.Module, opt, scaler, x, y) -> torch.Tensor:
+    """zero_grad, an fp16-autocast forward and the scaled loss's backward; returns the loss."""
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    return loss
+
+
+def _scaler_step(scaler, opt) -> bool:
+    """The scaler's step and update; True when it skipped the step (the scale went down)."""
+    before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return scaler.get_scale() < before
+
+
+def test_gradscaler_skipped_steps_and_unscaled_norms():
     # a scale this large overflows fp16 gradients: the scaler skips steps and halves it
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
-    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    model, opt, scaler, x, y = _setup(2.0**24)
     skipped, truth_out, truth_total = [], [], []
     with Probe(model, optimizer=opt, scaler=scaler) as p:
         for _ in range(9):
@@ -45,15 +67,8 @@ def test_gradscaler_skipped_steps_and_unscaled_norms():
             truth_total.append(
                 math.sqrt(sum(q.grad.double().norm().item() ** 2 for q in ref.parameters()))
                 / scaler.get_scale())
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = F.cross_entropy(model(x), y)
-            scaler.scale(loss).backward()
-            p.log(loss=loss)
-            before = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-            skipped.append(scaler.get_scale() < before)  # the scaler's own verdict
+            p.log(loss=_scaled_backward(model, opt, scaler, x, y))
+            skipped.append(_scaler_step(scaler, opt))  # the scaler's own verdict
     r = p.record
     assert r.steps == list(range(9))  # one record step per iteration: nothing merged
     assert any(skipped) and not all(skipped)
@@ -71,23 +86,12 @@ def test_gradscaler_skipped_steps_and_unscaled_norms():
 def test_skipped_steps_detected_without_the_scaler():
     # the scaler not given to the probe: a backward followed by zero_grad() without an
     # optimiser step still closes the step as skipped (norms then stay scaled)
-    torch.manual_seed(0)
-    model = _net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
-    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    model, opt, scaler, x, y = _setup(2.0**24)
     skipped = []
     with Probe(model, optimizer=opt) as p:
         for _ in range(8):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = F.cross_entropy(model(x), y)
-            scaler.scale(loss).backward()
-            p.log(loss=loss)
-            before = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-            skipped.append(scaler.get_scale() < before)
+            p.log(loss=_scaled_backward(model, opt, scaler, x, y))
+            skipped.append(_scaler_step(scaler, opt))
         opt.zero_grad()
         model(x)  # the next iteration's forward reveals whether the last step was skipped
     r = p.record
@@ -99,17 +103,10 @@ def test_skipped_steps_detected_without_the_scaler():
 
 def test_scaler_with_manual_step_boundaries_does_not_close_steps_early():
     # a loop that drives the probe itself (like the Lightning callback) and gives it the scaler
-    torch.manual_seed(0)
-    model = _net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    model, opt, scaler, x, y = _setup(2.0**8)
     with Probe(model, scaler=scaler) as p:
         for _ in range(3):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = F.cross_entropy(model(x), y)
-            scaler.scale(loss).backward()
+            _scaled_backward(model, opt, scaler, x, y)
             p.gradients_ready()
             scaler.step(opt)
             scaler.update()

@@ -15,7 +15,7 @@ from signalprop.diagnosis.context import context_of
 from signalprop.probe import Probe
 from signalprop.record import MODEL
 
-from .zoo_helpers import finding, kinds, run_probed
+from .zoo_helpers import PosTransformer, finding, kinds, run_probed
 
 
 class ReusedAct(nn.Module):
@@ -128,22 +128,6 @@ def test_accumulation_with_dynamic_padding_one_step_per_optimizer_step():
         assert r.get(s, MODEL, "grad_norm_total") == pytest.approx(truth_total[s], rel=1e-5)
     # forward statistics come from the first micro-batch (its shape differs from the second)
     assert math.isfinite(r.get(0, "act", "saturated_frac"))
-
-
-class PosTransformer(nn.Module):
-    """Token embedding + a root-level positional nn.Parameter + TransformerEncoder + head."""
-
-    def __init__(self, layers: int = 12, d: int = 16, norm_first: bool = False) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(12, d)
-        self.pos = nn.Parameter(torch.randn(10, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True,
-                                           norm_first=norm_first)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d, 2)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(tokens) + self.pos).mean(1))
 
 
 def _embed_head_grad_truth(model: PosTransformer, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -14,28 +14,19 @@ from signalprop.diagnosis import diagnose
 from signalprop.diagnosis.context import context_of
 from signalprop.probe import Probe
 
+from . import zoo_helpers
 from .zoo_helpers import finding, kinds
 
 LAYERS = 12
 
 
-class PosTransformer(nn.Module):
-    def __init__(self, norm_first: bool, d: int = 32) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(12, d)
-        self.pos = nn.Parameter(torch.randn(10, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True,
-                                           norm_first=norm_first)
-        self.encoder = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
-        self.head = nn.Linear(d, 2)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(t) + self.pos).mean(1))
+def _pos_transformer(norm_first: bool) -> zoo_helpers.PosTransformer:
+    return zoo_helpers.PosTransformer(LAYERS, d=32, heads=4, ff=64, norm_first=norm_first)
 
 
-def _truth(model: PosTransformer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def _truth(model: zoo_helpers.PosTransformer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Autograd on a hook-free copy: ||dL/dx|| at each block input, dL/dh at embed and head."""
-    ref = PosTransformer(model.encoder.layers[0].norm_first)
+    ref = _pos_transformer(model.encoder.layers[0].norm_first)
     ref.load_state_dict(model.state_dict())
     e = ref.embed(x)
     e.retain_grad()
@@ -55,7 +46,7 @@ def _truth(model: PosTransformer, x: torch.Tensor, y: torch.Tensor) -> dict[str,
 
 def _train(norm_first: bool, steps: int = 30) -> tuple[Probe, dict[str, float]]:
     torch.manual_seed(0)
-    model = PosTransformer(norm_first)
+    model = _pos_transformer(norm_first)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randint(0, 12, (32, 10))
     y = (x[:, 0] > 5).long()

@@ -14,7 +14,7 @@ import numpy as np
 
 from signalprop import stats
 from signalprop._format import fmt_number
-from signalprop.record import Record
+from signalprop.record import LayerInfo, Record
 
 _BN_TYPES = ("BatchNorm",)
 _OTHER_NORM_TYPES = ("LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "LocalResponseNorm")
@@ -126,26 +126,7 @@ def context_of(record: Record) -> Context:
     ctx = Context()
     params = [i for i in record.layers.values() if i.role == "param"]
     modules = [i for i in record.layers.values() if i.role == "module"]
-    # weight layers: call sites of modules owning a >= 2-D parameter, in forward order (a
-    # module called twice is two layers of the path); biases and norm gains are 1-D and do not
-    # make a layer. Parameters kept off the signal path (used outside any module call, place
-    # unknown) are never a reference layer.
-    first_weight: dict[str, tuple[int, str]] = {}
-    for p in sorted(params, key=lambda i: i.depth):
-        if p.shape is not None and len(p.shape) >= 2 and p.on_path:
-            owner = p.module or p.name
-            first_weight.setdefault(owner, (p.depth, p.name))
-    entries: list[tuple[int, int, str, str]] = []  # (depth, tie, layer, weight param)
-    sited: set[str] = set()
-    for m in modules:
-        owner = m.module or m.name
-        if owner in first_weight and m.on_path:
-            entries.append((m.depth, 0, m.name, first_weight[owner][1]))
-            sited.add(owner)
-    for owner, (d, pname) in first_weight.items():
-        if owner not in sited:  # a parameter acting without a module call of its own
-            entries.append((d, 1, owner, pname))
-    entries.sort(key=lambda e: (e[0], e[1]))
+    entries = _weight_layers(params, modules)
     ctx.weight_layers = [e[2] for e in entries]
     ctx.weight_params = {e[2]: e[3] for e in entries}
     depths = np.asarray([e[0] for e in entries], dtype=np.int64)
@@ -165,6 +146,45 @@ def context_of(record: Record) -> Context:
         ctx.block[n] = i + 1
         ctx.block.setdefault(ctx.weight_params[n], i + 1)
     ctx.sigma_w2 = _sigma_w2(record, ctx)
+    _read_meta(record, ctx)
+    blocks = [i for i in record.layers.values() if i.role == "block" and i.residual]
+    ctx.residual_blocks = [i.name for i in sorted(blocks, key=lambda i: i.depth)]
+    ctx.recurrent_layers = [m.name for m in modules if m.time_steps]
+    if ctx.recurrent_layers and ctx.recurrent is None:
+        ctx.recurrent = True
+    return ctx
+
+
+def _weight_layers(params: list[LayerInfo], modules: list[LayerInfo]
+                   ) -> list[tuple[int, int, str, str]]:
+    """``(depth, tie, layer, weight param)`` of each weight layer, in forward order.
+
+    Weight layers are the call sites of modules owning a >= 2-D parameter (a module called
+    twice is two layers of the path); biases and norm gains are 1-D and do not make a layer.
+    Parameters kept off the signal path (used outside any module call, place unknown) are
+    never a reference layer.
+    """
+    first_weight: dict[str, tuple[int, str]] = {}
+    for p in sorted(params, key=lambda i: i.depth):
+        if p.shape is not None and len(p.shape) >= 2 and p.on_path:
+            owner = p.module or p.name
+            first_weight.setdefault(owner, (p.depth, p.name))
+    entries: list[tuple[int, int, str, str]] = []
+    sited: set[str] = set()
+    for m in modules:
+        owner = m.module or m.name
+        if owner in first_weight and m.on_path:
+            entries.append((m.depth, 0, m.name, first_weight[owner][1]))
+            sited.add(owner)
+    for owner, (d, pname) in first_weight.items():
+        if owner not in sited:  # a parameter acting without a module call of its own
+            entries.append((d, 1, owner, pname))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    return entries
+
+
+def _read_meta(record: Record, ctx: Context) -> None:
+    """What ``record.meta`` says about the model and the run, into ``ctx``."""
     res = record.meta.get("residual")
     ctx.residual = bool(res) if res is not None else None
     placement = record.meta.get("norm_placement")
@@ -174,18 +194,12 @@ def context_of(record: Record) -> Context:
         v = record.meta.get(key)
         setattr(ctx, key, bool(v) if v is not None else None)
     ctx.pre_ln_switchable = bool(record.meta.get("pre_ln_switchable", False))
-    blocks = [i for i in record.layers.values() if i.role == "block" and i.residual]
-    ctx.residual_blocks = [i.name for i in sorted(blocks, key=lambda i: i.depth)]
-    ctx.recurrent_layers = [m.name for m in modules if m.time_steps]
-    if ctx.recurrent_layers and ctx.recurrent is None:
-        ctx.recurrent = True
     ctx.unchecked = dict(record.meta.get("unchecked") or {})
     opt = record.meta.get("optimizer")
     if isinstance(opt, str):
         ctx.optimizer = opt.lower()
     elif isinstance(opt, dict) and isinstance(opt.get("name"), str):
         ctx.optimizer = opt["name"].lower()
-    return ctx
 
 
 def _sigma_w2(record: Record, ctx: Context) -> float:

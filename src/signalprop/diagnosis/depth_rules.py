@@ -168,108 +168,149 @@ def rule_gradients(record: Record, ctx: Context, th: Thresholds) -> list[Finding
     out: list[Finding] = []
     dg = _depth_gradients(record, ctx)
     if dg is not None and ctx.depth >= th.min_layers:
-        metric, steps, g = dg
-        log_r = _log_ratios(g)
-        usable = int((~np.isnan(log_r[:, 0])).sum())
-        if usable:
-            ratio = _median_ratio(log_r[:, 0])
-            with np.errstate(invalid="ignore"):
-                rel = np.array([_median_ratio(log_r[:, j]) for j in range(g.shape[1])])
-            factor = _per_layer_factor(g)
-            zero_layers = int(np.sum(_nanmedian(np.where(np.isfinite(g), g, np.nan)) == 0))
-            dw = _weight_grad_ratio(record, ctx)
-            what = "||dL/dh||" if metric == "out_grad_norm" else "||dL/dW||"
-            first, last = ctx.weight_layers[0], ctx.weight_layers[-1]
-            nums: dict[str, Any] = {
-                "ratio": ratio,
-                "ratio_dW": dw,
-                "per_layer_factor": factor,
-                "n_layers": ctx.depth,
-                "steps_used": usable,
-                "zero_gradient_layers": zero_layers,
-                "sigma_w2": ctx.sigma_w2,
-            }
-            if ratio < th.vanishing_ratio:
-                flagged = [ctx.weight_layers[j] for j in range(g.shape[1])
-                           if rel[j] < th.vanishing_ratio]
-                nums["min_grad_rms"] = _min_grad_rms(record, ctx)
-                nums["n_flagged"] = len(flagged)
-                if ratio > 0:
-                    text = (
-                        f"Gradients vanish toward the input: {what} at layer 1 ({first!r}) is "
-                        f"{fmt(ratio)}x that at layer {ctx.depth} ({last!r}) (median over "
-                        f"{usable} recorded steps)"
-                    )
-                else:
-                    nz = [j for j in range(len(rel)) if rel[j] > 0]
-                    text = (
-                        f"Gradients vanish toward the input: {what} at layer 1 ({first!r}) "
-                        f"is exactly 0 (median over {usable} recorded steps: underflow or a dead path)"
-                    )
-                    if nz and nz[0] < len(rel) - 1:
-                        text += (f"; the first layer with a non-zero gradient, layer {nz[0] + 1}"
-                                 f", gets {fmt(float(rel[nz[0]]))}x the gradient of layer "
-                                 f"{ctx.depth} ({last!r})")
-                        nums["first_nonzero_layer"] = nz[0] + 1
-                        nums["first_nonzero_ratio"] = float(rel[nz[0]])
-                if dw == dw and metric == "out_grad_norm":
-                    text += ("; dL/dW of layer 1 is exactly 0" if dw == 0 else
-                             f"; dL/dW of layer 1 is {fmt(dw)}x that of layer {ctx.depth}")
-                br = _block_ratio(record, ctx)
-                if br == br:
-                    nums["block_ratio"] = br
-                    text += (f"; along the residual stream, ||dL/dx|| at the input of the first "
-                             f"block ({ctx.residual_blocks[0]!r}) is {fmt(br)}x that at the last "
-                             f"({ctx.residual_blocks[-1]!r})")
-                text += "."
-                if factor == factor:
-                    text += (f" Each layer multiplies the backward signal by ~{fmt(factor)}"
-                             f" on average.")
-                text += (f" {ctx.label(flagged).capitalize()} get less than "
-                         f"{fmt(th.vanishing_ratio)}x the last layer's gradient.")
-                if zero_layers:
-                    text += (f" {zero_layers} layer(s) receive exactly zero gradient "
-                             "(underflow or dead paths): they cannot learn at all.")
-                sev = "critical" if ratio < th.vanishing_critical_ratio else "warning"
-                out.append(Finding("vanishing_gradients", flagged, text, sev,
-                                   rx_vanishing(ctx, nums, th), nums))
-            elif ratio > th.exploding_ratio:
-                flagged = [ctx.weight_layers[j] for j in range(g.shape[1])
-                           if rel[j] > th.exploding_ratio]
-                nums["forward_growth"] = _forward_growth(record, ctx)
-                nums["n_flagged"] = len(flagged)
-                text = (
-                    f"Gradients explode toward the input: {what} at layer 1 ({first!r}) is "
-                    f"{fmt(ratio)}x that at layer {ctx.depth} ({last!r}) (median over {usable} "
-                    f"recorded steps); each layer multiplies the backward signal by "
-                    f"~{fmt(factor)}."
-                )
-                fg = nums["forward_growth"]
-                if fg == fg and fg > 10:
-                    text += f" Forward activations grow too: out_std x{fmt(fg)} across depth."
-                sev = "critical" if ratio > th.exploding_critical_ratio else "warning"
-                out.append(Finding("exploding_gradients", flagged, text, sev,
-                                   rx_exploding(ctx, nums, th), nums))
+        found = _depth_finding(record, ctx, th, dg[0], dg[2])
+        if found is not None:
+            out.append(found)
     # growth of the total gradient norm over training (no depth needed)
     if not any(f.kind == "exploding_gradients" for f in out):
-        steps, v = record.scalar("grad_norm_total")
-        ok = np.isfinite(v) & (v > 0)
-        if ok.sum() >= 2:
-            s, v = steps[ok], v[ok]
-            growth = float(v.max() / v[0])
-            if growth > th.growth_ratio:
-                at = int(s[int(np.argmax(v))])
-                nums = {"growth": growth, "initial": float(v[0]), "peak": float(v.max()),
-                        "peak_step": at, "forward_growth": _forward_growth(record, ctx)}
-                text = (
-                    f"The total gradient norm grew {fmt(growth)}x during training, from "
-                    f"{fmt(float(v[0]))} at step {int(s[0])} to {fmt(float(v.max()))} at step "
-                    f"{at}."
-                )
-                sev = "critical" if growth > th.exploding_critical_ratio else "warning"
-                out.append(Finding("exploding_gradients", list(ctx.weight_layers), text, sev,
-                                   rx_exploding(ctx, nums, th), nums))
+        found = _growth_finding(record, ctx, th)
+        if found is not None:
+            out.append(found)
     return out
+
+
+def _depth_finding(record: Record, ctx: Context, th: Thresholds, metric: str,
+                   g: np.ndarray) -> Finding | None:
+    """Vanishing or exploding gradients across depth from the backward signal ``g`` [S, L]."""
+    log_r = _log_ratios(g)
+    usable = int((~np.isnan(log_r[:, 0])).sum())
+    if not usable:
+        return None
+    ratio = _median_ratio(log_r[:, 0])
+    with np.errstate(invalid="ignore"):
+        rel = np.array([_median_ratio(log_r[:, j]) for j in range(g.shape[1])])
+    nums: dict[str, Any] = {
+        "ratio": ratio,
+        "ratio_dW": _weight_grad_ratio(record, ctx),
+        "per_layer_factor": _per_layer_factor(g),
+        "n_layers": ctx.depth,
+        "steps_used": usable,
+        "zero_gradient_layers": int(np.sum(_nanmedian(np.where(np.isfinite(g), g, np.nan)) == 0)),
+        "sigma_w2": ctx.sigma_w2,
+    }
+    if ratio < th.vanishing_ratio:
+        flagged = [ctx.weight_layers[j] for j in range(g.shape[1]) if rel[j] < th.vanishing_ratio]
+        _measure_vanishing(record, ctx, nums, rel, flagged)
+        sev = "critical" if ratio < th.vanishing_critical_ratio else "warning"
+        return Finding("vanishing_gradients", flagged,
+                       _say_vanishing(ctx, nums, metric, flagged, th), sev,
+                       rx_vanishing(ctx, nums, th), nums)
+    if ratio > th.exploding_ratio:
+        flagged = [ctx.weight_layers[j] for j in range(g.shape[1]) if rel[j] > th.exploding_ratio]
+        nums["forward_growth"] = _forward_growth(record, ctx)
+        nums["n_flagged"] = len(flagged)
+        sev = "critical" if ratio > th.exploding_critical_ratio else "warning"
+        return Finding("exploding_gradients", flagged, _say_exploding(ctx, nums, metric), sev,
+                       rx_exploding(ctx, nums, th), nums)
+    return None
+
+
+def _measure_vanishing(record: Record, ctx: Context, nums: dict[str, Any], rel: np.ndarray,
+                       flagged: list[str]) -> None:
+    """The numbers a vanishing finding adds: the smallest gradient RMS, the first layer that
+    still gets a gradient (when layer 1 gets none) and the residual stream's ratio."""
+    nums["min_grad_rms"] = _min_grad_rms(record, ctx)
+    nums["n_flagged"] = len(flagged)
+    if not nums["ratio"] > 0:
+        nz = [j for j in range(len(rel)) if rel[j] > 0]
+        if nz and nz[0] < len(rel) - 1:
+            nums["first_nonzero_layer"] = nz[0] + 1
+            nums["first_nonzero_ratio"] = float(rel[nz[0]])
+    br = _block_ratio(record, ctx)
+    if br == br:
+        nums["block_ratio"] = br
+
+
+def _what(metric: str) -> str:
+    return "||dL/dh||" if metric == "out_grad_norm" else "||dL/dW||"
+
+
+def _say_vanishing(ctx: Context, nums: dict[str, Any], metric: str, flagged: list[str],
+                   th: Thresholds) -> str:
+    """The vanishing finding in words, from its numbers."""
+    what, ratio, usable = _what(metric), nums["ratio"], nums["steps_used"]
+    first, last = ctx.weight_layers[0], ctx.weight_layers[-1]
+    if ratio > 0:
+        text = (
+            f"Gradients vanish toward the input: {what} at layer 1 ({first!r}) is "
+            f"{fmt(ratio)}x that at layer {ctx.depth} ({last!r}) (median over "
+            f"{usable} recorded steps)"
+        )
+    else:
+        text = (
+            f"Gradients vanish toward the input: {what} at layer 1 ({first!r}) "
+            f"is exactly 0 (median over {usable} recorded steps: underflow or a dead path)"
+        )
+        if "first_nonzero_layer" in nums:
+            text += (f"; the first layer with a non-zero gradient, layer "
+                     f"{nums['first_nonzero_layer']}, gets {fmt(nums['first_nonzero_ratio'])}x "
+                     f"the gradient of layer {ctx.depth} ({last!r})")
+    dw = nums["ratio_dW"]
+    if dw == dw and metric == "out_grad_norm":
+        text += ("; dL/dW of layer 1 is exactly 0" if dw == 0 else
+                 f"; dL/dW of layer 1 is {fmt(dw)}x that of layer {ctx.depth}")
+    if "block_ratio" in nums:
+        text += (f"; along the residual stream, ||dL/dx|| at the input of the first "
+                 f"block ({ctx.residual_blocks[0]!r}) is {fmt(nums['block_ratio'])}x that at "
+                 f"the last ({ctx.residual_blocks[-1]!r})")
+    text += "."
+    factor = nums["per_layer_factor"]
+    if factor == factor:
+        text += f" Each layer multiplies the backward signal by ~{fmt(factor)} on average."
+    text += (f" {ctx.label(flagged).capitalize()} get less than "
+             f"{fmt(th.vanishing_ratio)}x the last layer's gradient.")
+    if nums["zero_gradient_layers"]:
+        text += (f" {nums['zero_gradient_layers']} layer(s) receive exactly zero gradient "
+                 "(underflow or dead paths): they cannot learn at all.")
+    return text
+
+
+def _say_exploding(ctx: Context, nums: dict[str, Any], metric: str) -> str:
+    """The exploding finding in words, from its numbers."""
+    first, last = ctx.weight_layers[0], ctx.weight_layers[-1]
+    text = (
+        f"Gradients explode toward the input: {_what(metric)} at layer 1 ({first!r}) is "
+        f"{fmt(nums['ratio'])}x that at layer {ctx.depth} ({last!r}) (median over "
+        f"{nums['steps_used']} recorded steps); each layer multiplies the backward signal by "
+        f"~{fmt(nums['per_layer_factor'])}."
+    )
+    fg = nums["forward_growth"]
+    if fg == fg and fg > 10:
+        text += f" Forward activations grow too: out_std x{fmt(fg)} across depth."
+    return text
+
+
+def _growth_finding(record: Record, ctx: Context, th: Thresholds) -> Finding | None:
+    """Growth of the total gradient norm over training (no depth needed)."""
+    steps, v = record.scalar("grad_norm_total")
+    ok = np.isfinite(v) & (v > 0)
+    if ok.sum() < 2:
+        return None
+    s, v = steps[ok], v[ok]
+    growth = float(v.max() / v[0])
+    if not growth > th.growth_ratio:
+        return None
+    at = int(s[int(np.argmax(v))])
+    nums = {"growth": growth, "initial": float(v[0]), "peak": float(v.max()),
+            "peak_step": at, "forward_growth": _forward_growth(record, ctx)}
+    text = (
+        f"The total gradient norm grew {fmt(growth)}x during training, from "
+        f"{fmt(float(v[0]))} at step {int(s[0])} to {fmt(float(v.max()))} at step "
+        f"{at}."
+    )
+    sev = "critical" if growth > th.exploding_critical_ratio else "warning"
+    return Finding("exploding_gradients", list(ctx.weight_layers), text, sev,
+                   rx_exploding(ctx, nums, th), nums)
 
 
 # --- recurrent layers: gradients through time --------------------------------------------------
@@ -299,57 +340,84 @@ def rule_through_time(record: Record, ctx: Context, th: Thresholds) -> list[Find
     for name, info in record.layers.items():
         if info.role != "module" or not info.time_steps:
             continue
-        steps, t, g = _time_matrix(record, name)
-        if g.size == 0 or len(t) < 2:
+        nums = _measure_through_time(record, name)
+        if nums is None:
             continue
-        # the reference is the last time step (nearest the loss for sequence-to-one tasks)
-        ok = np.isfinite(g[:, [0, -1]]).all(axis=1) & (g[:, -1] > 0)
-        if not ok.any():
-            continue
-        with np.errstate(divide="ignore"):
-            lr = np.log10(g[ok, 0]) - np.log10(g[ok, -1])
-        ratio = _median_ratio(lr)
-        T = int(t[-1]) + 1
-        usable = int(ok.sum())
+        ratio = nums["ratio"]
         exploding = ratio > th.exploding_ratio
         if not (ratio < th.vanishing_ratio or exploding):
             continue
-        per_step = ratio ** (1.0 / (T - 1)) if ratio > 0 else 0.0
-        nums: dict[str, Any] = {"ratio": ratio, "per_step_factor": per_step, "time_steps": T,
-                                "steps_used": usable, "t_first": int(t[0]), "t_last": int(t[-1])}
-        med = _nanmedian(np.where(np.isfinite(g[ok]), g[ok], np.nan))
-        text = (f"Gradients {'explode' if exploding else 'vanish'} through time in {name!r} "
-                f"({info.type}): ||dL/dh_t|| at t={int(t[0])} is "
-                f"{'exactly 0' if ratio == 0 else fmt(ratio) + 'x'} that at t={int(t[-1])} "
-                f"(median over {usable} recorded steps)")
-        if ratio > 0:
-            text += f"; each time step multiplies it by ~{fmt(per_step)}"
-        else:
-            nz = np.nonzero(med > 0)[0]
-            if nz.size:
-                nums["first_nonzero_t"] = int(t[nz[0]])
-                text += (f"; the gradient reaches back only to t={int(t[nz[0]])}, "
-                         f"{int(t[-1]) - int(t[nz[0]])} steps before the end")
-        text += "."
-        cell = {"RNN": "RNN", "RNNCell": "RNN", "LSTM": "LSTM", "LSTMCell": "LSTM",
-                "GRU": "GRU", "GRUCell": "GRU"}.get(info.type)
-        gates = []
-        for gname in ("f", "i", "o", "z", "r"):
-            _, v = record.series(name, f"gate_{gname}_mean")
-            _, sv = record.series(name, f"gate_{gname}_saturated_frac")
-            v, sv = finite(v), finite(sv)
-            if v.size:
-                nums[f"gate_{gname}_mean"] = float(np.median(v))
-                gates.append(f"{gname} {fmt(float(np.median(v)))}")
-                if sv.size:
-                    nums[f"gate_{gname}_saturated_frac"] = float(np.median(sv))
+        nums.update(_gate_stats(record, name))
         if "gate_f_mean" in nums:
             nums["forget_gate_mean"] = nums["gate_f_mean"]
-        if gates:
-            text += f" Mean gate values: {', '.join(gates)}."
+        cell = {"RNN": "RNN", "RNNCell": "RNN", "LSTM": "LSTM", "LSTMCell": "LSTM",
+                "GRU": "GRU", "GRUCell": "GRU"}.get(info.type)
         sev_critical = (ratio > th.exploding_critical_ratio if exploding
                         else ratio < th.vanishing_critical_ratio)
         kind = "exploding_through_time" if exploding else "vanishing_through_time"
-        out.append(Finding(kind, [name], text, "critical" if sev_critical else "warning",
+        out.append(Finding(kind, [name], _say_through_time(name, info.type, nums, exploding),
+                           "critical" if sev_critical else "warning",
                            rx_through_time(ctx, nums, th, exploding=exploding, cell=cell), nums))
     return out
+
+
+def _measure_through_time(record: Record, name: str) -> dict[str, Any] | None:
+    """The ratio of ||dL/dh_t|| at the first time step to the last (median over the usable
+    recorded steps), per time step, and how far back a vanished gradient reaches."""
+    _, t, g = _time_matrix(record, name)
+    if g.size == 0 or len(t) < 2:
+        return None
+    # the reference is the last time step (nearest the loss for sequence-to-one tasks)
+    ok = np.isfinite(g[:, [0, -1]]).all(axis=1) & (g[:, -1] > 0)
+    if not ok.any():
+        return None
+    with np.errstate(divide="ignore"):
+        lr = np.log10(g[ok, 0]) - np.log10(g[ok, -1])
+    ratio = _median_ratio(lr)
+    T = int(t[-1]) + 1
+    per_step = ratio ** (1.0 / (T - 1)) if ratio > 0 else 0.0
+    nums: dict[str, Any] = {"ratio": ratio, "per_step_factor": per_step, "time_steps": T,
+                            "steps_used": int(ok.sum()), "t_first": int(t[0]),
+                            "t_last": int(t[-1])}
+    if not ratio > 0:
+        med = _nanmedian(np.where(np.isfinite(g[ok]), g[ok], np.nan))
+        nz = np.nonzero(med > 0)[0]
+        if nz.size:
+            nums["first_nonzero_t"] = int(t[nz[0]])
+    return nums
+
+
+_GATES = ("f", "i", "o", "z", "r")
+
+
+def _gate_stats(record: Record, name: str) -> dict[str, float]:
+    """Median gate values (and saturated fractions) of a recurrent layer, where recorded."""
+    out: dict[str, float] = {}
+    for gname in _GATES:
+        _, v = record.series(name, f"gate_{gname}_mean")
+        _, sv = record.series(name, f"gate_{gname}_saturated_frac")
+        v, sv = finite(v), finite(sv)
+        if v.size:
+            out[f"gate_{gname}_mean"] = float(np.median(v))
+            if sv.size:
+                out[f"gate_{gname}_saturated_frac"] = float(np.median(sv))
+    return out
+
+
+def _say_through_time(name: str, type_: str, nums: dict[str, Any], exploding: bool) -> str:
+    """A through-time finding in words, from its numbers."""
+    ratio, t0, t1 = nums["ratio"], nums["t_first"], nums["t_last"]
+    text = (f"Gradients {'explode' if exploding else 'vanish'} through time in {name!r} "
+            f"({type_}): ||dL/dh_t|| at t={t0} is "
+            f"{'exactly 0' if ratio == 0 else fmt(ratio) + 'x'} that at t={t1} "
+            f"(median over {nums['steps_used']} recorded steps)")
+    if ratio > 0:
+        text += f"; each time step multiplies it by ~{fmt(nums['per_step_factor'])}"
+    elif "first_nonzero_t" in nums:
+        nz = nums["first_nonzero_t"]
+        text += f"; the gradient reaches back only to t={nz}, {t1 - nz} steps before the end"
+    text += "."
+    gates = [f"{g} {fmt(nums[f'gate_{g}_mean'])}" for g in _GATES if f"gate_{g}_mean" in nums]
+    if gates:
+        text += f" Mean gate values: {', '.join(gates)}."
+    return text

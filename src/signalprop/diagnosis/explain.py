@@ -30,6 +30,7 @@ user's activation module into a callable the theory can integrate.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ from signalprop.diagnosis.transitions import (  # Transition is re-exported (a p
     _weight_scale,
 )
 from signalprop.record import MODEL, Record
+from signalprop.remedies import get_remedy
+from signalprop.theory import NoCriticalPoint, critical_point, length_moments
 
 #: Prediction and measurement of the end-to-end gradient-norm ratio "agree" within this factor.
 DISAGREEMENT_FACTOR = 2.0
@@ -228,38 +231,49 @@ def _reasons(record: Record, ts: list[Transition], step: int, ctx: Any, at_end: 
                    f"one by {fmt(100 * gm, 2)}% in the median layer): a few units or correlated "
                    "units carry the signal, where the theory assumes many independent ones")
     if len(cov) >= 2:
-        r = np.log([t.measured / t.chi for t in cov]) / 2  # per-layer log residual, norm units
-        n = len(r)
-        mean, sd = float(np.mean(r)), float(np.std(r, ddof=1))
-        width = _width(record, ctx, [t.layer for t in cov])
-        # a random walk of independent per-layer errors explains the total when it is within
-        # ~2.5 standard deviations; otherwise the error has a direction (systematic)
-        systematic = abs(mean) * math.sqrt(n) > 2.5 * sd
-        # finite width N makes each layer's factor fluctuate by ~1/sqrt(N) (a norm over N
-        # units); a scatter several times larger is not a width effect
-        width_sd = WIDTH_SCATTER / math.sqrt(width) if width else math.inf
-        unseen = ("a skip connection or other non-element-wise block the record does not show "
-                  "(x + f(x) adds 1 to a block's factor)")
-        if not systematic and sd <= width_sd:
-            out.append(f"narrow layers (width {width}): each layer's measured factor scatters by "
-                       f"~{fmt(100 * (math.exp(sd) - 1), 2)}% around the prediction, in both "
-                       f"directions, and the scatter accumulates over {n} layers; the mean-field "
-                       "limit assumes width >> depth")
-        elif not systematic:
-            out.append(f"each layer's measured factor scatters by "
-                       f"~{fmt(100 * (math.exp(sd) - 1), 2)}% around the prediction, far more "
-                       f"than width {width} explains (~{fmt(100 * (math.exp(width_sd) - 1), 2)}%)"
-                       f": {unseen}, or heavy-tailed units")
-        else:
-            direction = "larger" if mean > 0 else "smaller"
-            txt = (f"each layer's measured factor is systematically {direction} than "
-                   f"predicted (by {fmt(math.exp(abs(mean)), 3)}x on average): correlated "
-                   "units (the backward signal is not independent of the weights, as the "
-                   "mean-field limit assumes)")
-            if mean > 0:
-                txt += f", or {unseen}"
-            out.append(txt)
+        out.append(_say_scatter(**_measure_scatter(record, ctx, cov)))
     return out
+
+
+def _measure_scatter(record: Record, ctx: Any, cov: list[Transition]) -> dict[str, Any]:
+    """How the per-layer residuals log(measured / predicted) scatter: their mean and spread over
+    ``n`` layers, whether they have a direction, and the spread finite ``width`` explains."""
+    r = np.log([t.measured / t.chi for t in cov]) / 2  # per-layer log residual, norm units
+    n = len(r)
+    mean, sd = float(np.mean(r)), float(np.std(r, ddof=1))
+    width = _width(record, ctx, [t.layer for t in cov])
+    # finite width N makes each layer's factor fluctuate by ~1/sqrt(N) (a norm over N
+    # units); a scatter several times larger is not a width effect
+    width_sd = WIDTH_SCATTER / math.sqrt(width) if width else math.inf
+    # a random walk of independent per-layer errors explains the total when it is within
+    # ~2.5 standard deviations; otherwise the error has a direction (systematic)
+    return {"n": n, "mean": mean, "sd": sd, "width": width, "width_sd": width_sd,
+            "systematic": abs(mean) * math.sqrt(n) > 2.5 * sd}
+
+
+def _say_scatter(n: int, mean: float, sd: float, width: int | None, width_sd: float,
+                 systematic: bool) -> str:
+    """The scatter reason in words, from :func:`_measure_scatter`'s numbers."""
+    unseen = ("a skip connection or other non-element-wise block the record does not show "
+              "(x + f(x) adds 1 to a block's factor)")
+    if not systematic and sd <= width_sd:
+        return (f"narrow layers (width {width}): each layer's measured factor scatters by "
+                f"~{fmt(100 * (math.exp(sd) - 1), 2)}% around the prediction, in both "
+                f"directions, and the scatter accumulates over {n} layers; the mean-field "
+                "limit assumes width >> depth")
+    if not systematic:
+        return (f"each layer's measured factor scatters by "
+                f"~{fmt(100 * (math.exp(sd) - 1), 2)}% around the prediction, far more "
+                f"than width {width} explains (~{fmt(100 * (math.exp(width_sd) - 1), 2)}%)"
+                f": {unseen}, or heavy-tailed units")
+    direction = "larger" if mean > 0 else "smaller"
+    txt = (f"each layer's measured factor is systematically {direction} than "
+           f"predicted (by {fmt(math.exp(abs(mean)), 3)}x on average): correlated "
+           "units (the backward signal is not independent of the weights, as the "
+           "mean-field limit assumes)")
+    if mean > 0:
+        txt += f", or {unseen}"
+    return txt
 
 
 # --- cause -------------------------------------------------------------------------------------
@@ -326,19 +340,9 @@ def _cause(ts: list[Transition], act_obj: Any) -> str:
 # --- prescription --------------------------------------------------------------------------------
 def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Prescription | None,
                                                                              str]:
-    from signalprop.theory import NoCriticalPoint, critical_point, length_moments
-
-    acts = [b[2] for b in blocks if b[0] == "elementwise"]
-    if not acts:
-        if any(b[0] == "batchnorm" for b in blocks):
-            return None, ("batch norm sets the gradient rate whatever sigma_w is (Yang et al. "
-                          "2019, Theorem 9): tuning sigma_w, sigma_b cannot remove it.")
-        return None, "no element-wise activation between weight layers."
-    names = {a.name for a in acts}
-    if len(names) > 1:
-        return None, f"several activations ({', '.join(sorted(names))}); one critical point " \
-                     "per model is computed only for a single activation."
-    act = acts[0]
+    act, why = _single_activation(blocks)
+    if act is None:
+        return None, why
     sb2 = _bias_scale(record, step, ctx.weight_layers[:-1])
     note = ""
     try:
@@ -355,6 +359,42 @@ def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Presc
     L = ctx.weight_layers
     xm, xs = record.get(step, MODEL, "input_mean"), record.get(step, MODEL, "input_std")
     ex2 = xm * xm + xs * xs if math.isfinite(xm) and math.isfinite(xs) else math.nan
+    sw2, scale_note = _critical_scales(record, ctx, blocks, step, cp, sb2, ex2)
+    note += scale_note
+    if any(b[0] != "elementwise" for b in blocks):
+        note += ("; " if note else "") + "layers after batch-norm, residual or unknown blocks " \
+            "keep their scale (chi = sigma_w^2 E[phi'^2] does not set their factor)"
+    ratio = _predicted_ratio(record, blocks, L, step, sw2, sb2, ex2, cp)
+    # keyed by module (a module called at several sites has one set of weights: its first
+    # site's value)
+    by_module: dict[str, float] = {}
+    for m in L:
+        info = record.layers.get(m)
+        by_module.setdefault((info.module if info is not None and info.module else m), sw2[m])
+    return Prescription(by_module, sb2, float(cp.q_star), float(ex2), ratio, act.name, note), ""
+
+
+def _single_activation(blocks: list) -> tuple[Any, str]:
+    """The one element-wise activation between the weight layers, or ``None`` and why not."""
+    acts = [b[2] for b in blocks if b[0] == "elementwise"]
+    if not acts:
+        if any(b[0] == "batchnorm" for b in blocks):
+            return None, ("batch norm sets the gradient rate whatever sigma_w is (Yang et al. "
+                          "2019, Theorem 9): tuning sigma_w, sigma_b cannot remove it.")
+        return None, "no element-wise activation between weight layers."
+    names = {a.name for a in acts}
+    if len(names) > 1:
+        return None, f"several activations ({', '.join(sorted(names))}); one critical point " \
+                     "per model is computed only for a single activation."
+    return acts[0], ""
+
+
+def _critical_scales(record: Record, ctx: Any, blocks: list, step: int, cp: Any, sb2: float,
+                     ex2: float) -> tuple[dict[str, float], str]:
+    """Per-layer sigma_w^2 at the critical point (layer 1 scaled for the measured input; the
+    layers after blocks the theory does not cover keep theirs), and a note on layer 1."""
+    L = ctx.weight_layers
+    note = ""
     sw2 = {m: cp.sigma_w2 for m in L}
     # layer 1 sees the data, not phi(h): choose its scale so that q_1 = q* (the fixed point)
     if blocks[0][0] == "elementwise" and math.isfinite(cp.q_star) and cp.q_star > 0 \
@@ -367,10 +407,13 @@ def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Presc
     for j, b in enumerate(blocks):
         if b[0] != "elementwise":
             sw2[L[j + 1]] = _weight_scale(record, step, ctx.weight_params[L[j + 1]], cp.sigma_w2)
-    if any(b[0] != "elementwise" for b in blocks):
-        note += ("; " if note else "") + "layers after batch-norm, residual or unknown blocks " \
-            "keep their scale (chi = sigma_w^2 E[phi'^2] does not set their factor)"
-    # the ratio after the change: the length map iterated from the measured input scale
+    return sw2, note
+
+
+def _predicted_ratio(record: Record, blocks: list, L: list[str], step: int,
+                     sw2: dict[str, float], sb2: float, ex2: float, cp: Any) -> float:
+    """The end-to-end gradient-norm ratio after the change: the length map iterated from the
+    measured input scale."""
     q = sw2[L[0]] * ex2 + sb2 if math.isfinite(ex2) else (
         cp.q_star if math.isfinite(cp.q_star) else 1.0)
     log_r = 0.0
@@ -383,14 +426,7 @@ def _prescribe(record: Record, ctx: Any, blocks: list, step: int) -> tuple[Presc
         m = length_moments(b[2], q)
         log_r += 0.5 * math.log(sw2[L[j + 1]] * float(m[1]))
         q = sw2[L[j + 1]] * float(m[0]) + sb2
-    # keyed by module (a module called at several sites has one set of weights: its first
-    # site's value)
-    by_module: dict[str, float] = {}
-    for m in L:
-        info = record.layers.get(m)
-        by_module.setdefault((info.module if info is not None and info.module else m), sw2[m])
-    return Prescription(by_module, sb2, float(cp.q_star), float(ex2), float(math.exp(log_r)),
-                        act.name, note), ""
+    return float(math.exp(log_r))
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -428,8 +464,7 @@ def explain(
     if s0 is None or s1 is None:
         return None
     if batch_size is None:
-        b = record.meta.get("batch_size")
-        batch_size = int(b) if isinstance(b, (int, float)) and b == b else None
+        batch_size = _meta_batch_size(record)
     blocks, res = _blocks(record, model, ctx)
     init = _transitions(record, ctx, blocks, s0, batch_size, res)
     end = _transitions(record, ctx, blocks, s1, batch_size, res)
@@ -442,19 +477,8 @@ def explain(
     reasons_end = _reasons(record, end, s1, ctx, True, s0) if not off_e <= tolerance else []
     act_obj = next((b[2] for b in blocks if b[0] == "elementwise"), None)
     rx, note = _prescribe(record, ctx, blocks, s0)
-
-    def norms(ts: list[Transition], step: int) -> tuple[list[float], list[float]]:
-        g = [record.get(step, m, "out_grad_norm") for m in L]
-        p = [math.nan] * len(L)
-        p[-1] = g[-1]  # anchored at the output side, predicted towards the input
-        for j in range(len(L) - 2, -1, -1):
-            c = ts[j].chi
-            p[j] = p[j + 1] * math.sqrt(c) if math.isfinite(c) and math.isfinite(p[j + 1]) \
-                else math.nan
-        return g, p
-
-    g0, p0 = norms(init, s0)
-    g1, p1 = norms(end, s1)
+    g0, p0 = _norms(record, L, init, s0)
+    g1, p1 = _norms(record, L, end, s1)
     return Explanation(
         layers=list(L), step_init=s0, step_end=s1, init=init, end=end,
         predicted_ratio=pred, measured_ratio=meas,
@@ -466,6 +490,25 @@ def explain(
         norms={"measured_init": g0, "predicted_init": p0, "measured_end": g1,
                "predicted_end": p1},
     )
+
+
+def _meta_batch_size(record: Record) -> int | None:
+    b = record.meta.get("batch_size")
+    return int(b) if isinstance(b, (int, float)) and b == b else None
+
+
+def _norms(record: Record, L: list[str], ts: list[Transition], step: int
+           ) -> tuple[list[float], list[float]]:
+    """Measured ||dL/dh|| per weight layer at ``step`` and the prediction, anchored at the
+    output side and carried towards the input by sqrt(chi)."""
+    g = [record.get(step, m, "out_grad_norm") for m in L]
+    p = [math.nan] * len(L)
+    p[-1] = g[-1]  # anchored at the output side, predicted towards the input
+    for j in range(len(L) - 2, -1, -1):
+        c = ts[j].chi
+        p[j] = p[j + 1] * math.sqrt(c) if math.isfinite(c) and math.isfinite(p[j + 1]) \
+            else math.nan
+    return g, p
 
 
 def attach(findings: list[Any], explanation: Explanation | None) -> None:
@@ -488,8 +531,6 @@ def attach(findings: list[Any], explanation: Explanation | None) -> None:
 def critical_remedy(explanation: Explanation | None) -> Any:
     """The ``critical_init`` remedy with this model's prescribed per-layer sigma_w^2 and sigma_b^2
     (the plain registered remedy when there is no prescription)."""
-    from signalprop.remedies import get_remedy
-
     if explanation is None or explanation.prescription is None:
         return get_remedy("critical_init")
     p = explanation.prescription
@@ -500,8 +541,6 @@ def explain_or_skip(record: Record, model: Any = None, **kwargs: Any) -> Explana
     """:func:`explain` for the doctor: a model the theory cannot read must not cost the user the
     rest of the diagnosis, so an unexpected error becomes a warning and
     ``record.meta["explanation_skipped"]`` (with the error) instead of an exception."""
-    import warnings
-
     try:
         return explain(record, model, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported, not swallowed: warning + record.meta

@@ -136,73 +136,37 @@ def _optimizer_cands(
     return out
 
 
+#: Vanishing gradients in sigmoid nets: inits and activations beside switching to ReLU.
+_SIGMOID_CANDS: tuple[Candidate, ...] = (
+    ("critical_init", 6.5, "choose sigma_w so that chi_1 = sigma_w^2 E[phi'(z)^2] = 1 "
+     "(Schoenholz et al. 2017): the gradient is then preserved across depth"),
+    ("xavier_init", 5.5, "Glorot & Bengio 2010 scale the weights to keep gradient variance "
+     "constant across sigmoid/tanh layers"),
+    ("scaled_activation", 5.0, "a centred, rescaled activation (e.g. 4*sigmoid-2 or tanh) "
+     "removes the sigmoid's 1/4 derivative cap and its non-zero mean"),
+)
+
+#: Vanishing gradients in tanh-like nets.
+_TANH_CANDS: tuple[Candidate, ...] = (
+    ("critical_init", 8.0, "tanh-like nets at the edge of chaos (chi_1 = 1, Schoenholz et al. "
+     "2017) keep gradients O(1) over depth"),
+    ("orthogonal_init", 7.5, "orthogonal weights at criticality give dynamical isometry for "
+     "tanh nets (Pennington et al. 2017): all singular values near 1"),
+    ("relu", 5.0, "ReLU's derivative is exactly 1 on active units"),
+    ("xavier_init", 6.0, "Glorot & Bengio 2010 scale the weights to keep gradient variance "
+     "constant across tanh layers"),
+)
+
+
 def rx_vanishing(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescription]:
     """Vanishing gradients: restore an O(1) per-layer gradient factor."""
-    c: list[Candidate] = []
     factor = n.get("per_layer_factor", float("nan"))
     fac = f"each layer multiplies the gradient by ~{fmt(factor)}" if factor == factor else ""
     sat = ctx.saturating
     deep = ctx.depth >= 10
-    if not ctx.has_bn:
-        why = "normalising each pre-activation to zero mean, unit variance keeps "
-        if "sigmoid" in sat:
-            why += "the sigmoid's derivative near its maximum and "
-        why += "the per-layer gradient factor near 1" + (f" (now {fac})" if fac else "")
-        c.append(("batchnorm", 9.0 if sat else 7.5, why))
-    if ctx.residual is not True:
-        c.append((
-            "residual", 8.5 if deep else 6.5,
-            f"identity skips give each of the {ctx.depth} layers a direct gradient path, so the "
-            "backward signal no longer multiplies through every layer",
-        ))
-        c.append(("highway", 5.0, "gated skips (Srivastava et al. 2015) carry the gradient past "
-                  "layers whose own derivative is small"))
-    s2 = ctx.sigma_w2
-    if "sigmoid" in sat:
-        if s2 == s2 and s2 < 1.5:
-            # ReLU nets keep the gradient only at sigma_w^2 = 2 (He); per layer the backward
-            # factor is sqrt(sigma_w^2 / 2) (Poole et al. 2016 / He et al. 2015)
-            c.append((
-                "relu", 4.5,
-                f"alone it is not enough here: at the current weight scale sigma_w^2 = {fmt(s2)} "
-                f"ReLU would still shrink the gradient ~{fmt(math.sqrt(s2 / 2))}x per layer; "
-                "it needs He init (kaiming_init) as well",
-            ))
-        else:
-            c.append((
-                "relu", 8.0,
-                "sigmoid'(z) <= 1/4 shrinks the gradient at least 4x per layer; ReLU's "
-                "derivative is 1 on active units",
-            ))
-        c.append(("critical_init", 6.5, "choose sigma_w so that chi_1 = sigma_w^2 E[phi'(z)^2] "
-                  "= 1 (Schoenholz et al. 2017): the gradient is then preserved across depth"))
-        c.append(("xavier_init", 5.5, "Glorot & Bengio 2010 scale the weights to keep gradient "
-                  "variance constant across sigmoid/tanh layers"))
-        c.append(("scaled_activation", 5.0, "a centred, rescaled activation (e.g. 4*sigmoid-2 or "
-                  "tanh) removes the sigmoid's 1/4 derivative cap and its non-zero mean"))
-    elif sat:
-        c.append(("critical_init", 8.0, "tanh-like nets at the edge of chaos (chi_1 = 1, "
-                  "Schoenholz et al. 2017) keep gradients O(1) over depth"))
-        c.append(("orthogonal_init", 7.5, "orthogonal weights at criticality give dynamical "
-                  "isometry for tanh nets (Pennington et al. 2017): all singular values near 1"))
-        c.append(("relu", 5.0, "ReLU's derivative is exactly 1 on active units"))
-        c.append(("xavier_init", 6.0, "Glorot & Bengio 2010 scale the weights to keep gradient "
-                  "variance constant across tanh layers"))
+    c = _vanishing_structure(ctx, fac, deep) + _vanishing_activation(ctx)
     if ctx.rectifiers:
-        off = s2 == s2 and not 1.5 <= s2 <= 2.7
-        if ctx.has_bn:
-            score = 5.0  # BN rescales anyway; the init scale matters little
-        else:
-            score = 9.5 if off else 6.0
-        why = "He init (Var W = 2/fan_in, sigma_w^2 = 2) makes the per-layer gradient factor 1 " \
-              "for ReLU"
-        if off:
-            why += f"; the weights are at sigma_w^2 = {fmt(s2)}"
-        elif s2 == s2:
-            why += f" (the weights are already near it: sigma_w^2 = {fmt(s2)})"
-        c.append(("kaiming_init", score, why))
-        c.append(("orthogonal_init", 6.0, "orthogonal weights preserve norms exactly in the "
-                  "linear part of each layer"))
+        c += _rectifier_init(ctx)
     c.append(("lsuv_init", 6.0, "LSUV (Mishkin & Matas 2016) rescales each layer on real data "
               "until its output variance is 1, whatever the activation"))
     if "orthogonal_init" not in [x[0] for x in c]:
@@ -217,6 +181,66 @@ def rx_vanishing(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[P
                   f"{ctx.depth} layers multiply the per-layer factor {ctx.depth - 1} times; "
                   "a shallower net loses less"))
     return rank(c, ctx)
+
+
+def _vanishing_structure(ctx: Context, fac: str, deep: bool) -> list[Candidate]:
+    """Normalisation and skips, where the model lacks them."""
+    c: list[Candidate] = []
+    sat = ctx.saturating
+    if not ctx.has_bn:
+        why = "normalising each pre-activation to zero mean, unit variance keeps "
+        if "sigmoid" in sat:
+            why += "the sigmoid's derivative near its maximum and "
+        why += "the per-layer gradient factor near 1" + (f" (now {fac})" if fac else "")
+        c.append(("batchnorm", 9.0 if sat else 7.5, why))
+    if ctx.residual is not True:
+        c.append((
+            "residual", 8.5 if deep else 6.5,
+            f"identity skips give each of the {ctx.depth} layers a direct gradient path, so the "
+            "backward signal no longer multiplies through every layer",
+        ))
+        c.append(("highway", 5.0, "gated skips (Srivastava et al. 2015) carry the gradient past "
+                  "layers whose own derivative is small"))
+    return c
+
+
+def _vanishing_activation(ctx: Context) -> list[Candidate]:
+    """For saturating activations: ReLU (with the weight scale it needs) and inits."""
+    sat, s2 = ctx.saturating, ctx.sigma_w2
+    if "sigmoid" in sat:
+        if s2 == s2 and s2 < 1.5:
+            # ReLU nets keep the gradient only at sigma_w^2 = 2 (He); per layer the backward
+            # factor is sqrt(sigma_w^2 / 2) (Poole et al. 2016 / He et al. 2015)
+            relu: Candidate = (
+                "relu", 4.5,
+                f"alone it is not enough here: at the current weight scale sigma_w^2 = {fmt(s2)} "
+                f"ReLU would still shrink the gradient ~{fmt(math.sqrt(s2 / 2))}x per layer; "
+                "it needs He init (kaiming_init) as well",
+            )
+        else:
+            relu = ("relu", 8.0, "sigmoid'(z) <= 1/4 shrinks the gradient at least 4x per "
+                    "layer; ReLU's derivative is 1 on active units")
+        return [relu, *_SIGMOID_CANDS]
+    return list(_TANH_CANDS) if sat else []
+
+
+def _rectifier_init(ctx: Context) -> list[Candidate]:
+    """He init (scored by how far the weight scale is from sigma_w^2 = 2) and orthogonal."""
+    s2 = ctx.sigma_w2
+    off = s2 == s2 and not 1.5 <= s2 <= 2.7
+    if ctx.has_bn:
+        score = 5.0  # BN rescales anyway; the init scale matters little
+    else:
+        score = 9.5 if off else 6.0
+    why = "He init (Var W = 2/fan_in, sigma_w^2 = 2) makes the per-layer gradient factor 1 " \
+          "for ReLU"
+    if off:
+        why += f"; the weights are at sigma_w^2 = {fmt(s2)}"
+    elif s2 == s2:
+        why += f" (the weights are already near it: sigma_w^2 = {fmt(s2)})"
+    return [("kaiming_init", score, why),
+            ("orthogonal_init", 6.0, "orthogonal weights preserve norms exactly in the linear "
+             "part of each layer")]
 
 
 def rx_exploding(ctx: Context, n: Mapping[str, float], th: Thresholds) -> list[Prescription]:

@@ -78,15 +78,23 @@ def rule_saturation(record: Record, ctx: Context, th: Thresholds) -> list[Findin
     flagged, nums, layers = r
     kinds = sorted({ctx.activations.get(n, "?") for n in flagged})
     ratio = record.meta.get("saturation_ratio", 0.1)
-    text = (
-        f"{pct(nums['mean_fraction'])} of units in {ctx.label(flagged)} "
-        f"({nums['n_flagged']} of {nums['n_layers']} {'/'.join(kinds)} layers) are saturated "
-        f"(|phi'(z)| < {fmt(float(ratio))} x its maximum; median over the last "
-        f"{nums['tail_steps']} recorded steps, from step {nums['first_tail_step']}); at the "
-        f"first step: {pct(nums['initial_fraction'])}. Saturated units pass almost no gradient."
-    )
+    text = _say_fraction(
+        ctx, flagged, nums, "/".join(kinds), "saturated",
+        f"|phi'(z)| < {fmt(float(ratio))} x its maximum; median over the last "
+        f"{nums['tail_steps']} recorded steps, from step {nums['first_tail_step']}",
+        "Saturated units pass almost no gradient.")
     sev = "critical" if nums["mean_fraction"] >= th.saturation_critical_fraction else "warning"
     return [Finding("saturation", flagged, text, sev, rx_saturation(ctx, nums, th), nums)]
+
+
+def _say_fraction(ctx: Context, flagged: list[str], nums: dict[str, Any], layer_kind: str,
+                  state: str, how: str, consequence: str) -> str:
+    """A saturation or dead-unit finding in words, from :func:`_fraction_rule`'s numbers."""
+    return (
+        f"{pct(nums['mean_fraction'])} of units in {ctx.label(flagged)} ({nums['n_flagged']} "
+        f"of {nums['n_layers']} {layer_kind} layers) are {state} ({how}); at the first step: "
+        f"{pct(nums['initial_fraction'])}. {consequence}"
+    )
 
 
 def rule_dead(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
@@ -95,12 +103,10 @@ def rule_dead(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
     if r is None:
         return []
     flagged, nums, layers = r
-    text = (
-        f"{pct(nums['mean_fraction'])} of units in {ctx.label(flagged)} ({nums['n_flagged']} "
-        f"of {nums['n_layers']} rectifier layers) are dead: zero output for every example of "
-        f"the batch (median over the last {nums['tail_steps']} recorded steps); at the first "
-        f"step: {pct(nums['initial_fraction'])}. Dead units get no gradient and never recover."
-    )
+    text = _say_fraction(
+        ctx, flagged, nums, "rectifier", "dead: zero output for every example of the batch",
+        f"median over the last {nums['tail_steps']} recorded steps",
+        "Dead units get no gradient and never recover.")
     sev = "critical" if nums["mean_fraction"] >= th.dead_critical_fraction else "warning"
     return [Finding("dead_units", flagged, text, sev, rx_dead(ctx, nums, th), nums)]
 
@@ -118,54 +124,80 @@ def _bad(d: Mapping[str, float]) -> bool:
 
 def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:
     """NaN/Inf in the loss, activations, gradients or weights; where they appeared first."""
+    first = _first_nonfinite(record)
+    data_bad = float(record.meta.get("data_nonfinite", 0) or 0)
+    # a run stopped for a loss above the divergence bound is the divergence rule's
+    diverged_step = record.meta.get("diverged_step") if record.meta.get(
+        "diverged_reason") in (None, "nonfinite") else None
+    if first.step is None and not data_bad and diverged_step is None:
+        return []
+    if first.step is None:
+        first.step = int(diverged_step) if diverged_step is not None else -1
+    nums = _measure_nonfinite(record, first, data_bad)
+    layers = first.fwd_layers or ([] if first.in_loss else first.any_layers)
+    return [Finding("nonfinite", layers, _say_nonfinite(ctx, nums, first), "critical",
+                    rx_nonfinite(ctx, nums, th), nums)]
+
+
+@dataclasses.dataclass
+class _FirstNonfinite:
+    """Where non-finite values appeared first: the step (``None``: never), how many recorded
+    steps had any, the layers (forward-pass ones apart) and whether the loss made them."""
+
+    step: int | None = None
+    bad_steps: int = 0
+    fwd_layers: list[str] = dataclasses.field(default_factory=list)
+    any_layers: list[str] = dataclasses.field(default_factory=list)
+    in_loss: bool = False
+
+
+def _first_nonfinite(record: Record) -> _FirstNonfinite:
     order = {n: i for i, n in enumerate(record.layers)}
-    first_step: int | None = None
-    bad_steps = 0
-    fwd_layers: list[str] = []
-    any_layers: list[str] = []
-    in_loss = False
+    out = _FirstNonfinite()
     for s in record.steps:
         row = record.data[s]
         loss = row.get(MODEL, {}).get("loss")
         bad_loss = loss is not None and not math.isfinite(loss)
         bad = [n for n, d in row.items() if n != MODEL and _bad(d)]
-        if bad_loss or bad:
-            bad_steps += 1
-            if first_step is None:
-                first_step = s
-                bad.sort(key=lambda n: order.get(n, len(order)))
-                any_layers = bad
-                fwd_layers = [
-                    n for n in bad
-                    if row[n].get("out_nonfinite", 0.0) > 0
-                    or not math.isfinite(row[n].get("out_mean", 0.0))
-                ]
-                # a non-finite loss over a finite forward pass (its outputs were measured): the
-                # loss function made it (log of 0, division by zero), not the first layer whose
-                # gradient it then poisoned
-                seen_fwd = any("out_mean" in d for n, d in row.items() if n != MODEL)
-                in_loss = bad_loss and seen_fwd and not fwd_layers
-    data_bad = float(record.meta.get("data_nonfinite", 0) or 0)
-    # a run stopped for a loss above the divergence bound is the divergence rule's
-    diverged_step = record.meta.get("diverged_step") if record.meta.get(
-        "diverged_reason") in (None, "nonfinite") else None
-    if first_step is None and not data_bad and diverged_step is None:
-        return []
-    if first_step is None:
-        first_step = int(diverged_step) if diverged_step is not None else -1
+        if not (bad_loss or bad):
+            continue
+        out.bad_steps += 1
+        if out.step is not None:
+            continue
+        out.step = s
+        bad.sort(key=lambda n: order.get(n, len(order)))
+        out.any_layers = bad
+        out.fwd_layers = [
+            n for n in bad
+            if row[n].get("out_nonfinite", 0.0) > 0
+            or not math.isfinite(row[n].get("out_mean", 0.0))
+        ]
+        # a non-finite loss over a finite forward pass (its outputs were measured): the loss
+        # function made it (log of 0, division by zero), not the first layer whose gradient
+        # it then poisoned
+        seen_fwd = any("out_mean" in d for n, d in row.items() if n != MODEL)
+        out.in_loss = bad_loss and seen_fwd and not out.fwd_layers
+    return out
+
+
+def _measure_nonfinite(record: Record, first: _FirstNonfinite, data_bad: float
+                       ) -> dict[str, Any]:
+    """The nonfinite finding's numbers: when and how often, whether the inputs brought the
+    values in, and the gradient norm and loss before."""
+    first_step = first.step
+    assert first_step is not None
     mods_in_order = [n for n in record.layers if record.layers[n].role != "param"]
-    at_input = bool(fwd_layers) and bool(mods_in_order) and fwd_layers[0] == mods_in_order[0]
-    first_params_ok = True
+    at_input = bool(first.fwd_layers) and bool(mods_in_order) and \
+        first.fwd_layers[0] == mods_in_order[0]
     if at_input:
         # the first module's own weights were finite: the non-finite values came in with x
         for p, info in record.layers.items():
             if info.role == "param" and info.module == mods_in_order[0]:
                 w = record.get(first_step, p, "weight_norm")
-                first_params_ok &= not (w == w) or math.isfinite(w)
-        at_input = first_params_ok
+                at_input &= not (w == w) or math.isfinite(w)
     nums: dict[str, Any] = {
         "first_step": first_step,
-        "bad_steps": bad_steps,
+        "bad_steps": first.bad_steps,
         "recorded_steps": len(record.steps),
         "data_nonfinite": data_bad,
         "at_input": int(at_input),
@@ -179,23 +211,28 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
     if lbefore.size:
         nums["last_finite_loss"] = float(lbefore[-1])
         nums["initial_loss"] = float(lbefore[0])
-    parts = [f"Non-finite values (NaN/Inf) from step {first_step}"
-             f" ({bad_steps} of {len(record.steps)} recorded steps affected)"]
-    nums["in_loss"] = int(in_loss)
-    if fwd_layers:
-        parts.append(f"first in the forward pass of {fwd_layers[0]!r} "
-                     f"({ctx.label(fwd_layers[:1])})")
-    elif in_loss:
+    nums["in_loss"] = int(first.in_loss)
+    return nums
+
+
+def _say_nonfinite(ctx: Context, nums: dict[str, Any], first: _FirstNonfinite) -> str:
+    """The nonfinite finding in words, from its numbers and where the values appeared."""
+    parts = [f"Non-finite values (NaN/Inf) from step {nums['first_step']}"
+             f" ({nums['bad_steps']} of {nums['recorded_steps']} recorded steps affected)"]
+    if first.fwd_layers:
+        parts.append(f"first in the forward pass of {first.fwd_layers[0]!r} "
+                     f"({ctx.label(first.fwd_layers[:1])})")
+    elif first.in_loss:
         parts.append("first in the loss: the model's outputs were finite and the loss function "
                      "returned NaN/Inf (look for log of 0 or of a negative number, a division "
                      "by zero or sqrt of a negative number in the loss)")
-    elif any_layers:
-        parts.append(f"first in {any_layers[0]!r}")
+    elif first.any_layers:
+        parts.append(f"first in {first.any_layers[0]!r}")
     text = "; ".join(parts) + "."
-    if data_bad:
-        text += (f" The input data contain {int(data_bad)} NaN/Inf entries: clean or impute "
-                 "them (no training remedy can).")
-    elif at_input:
+    if nums["data_nonfinite"]:
+        text += (f" The input data contain {int(nums['data_nonfinite'])} NaN/Inf entries: clean "
+                 "or impute them (no training remedy can).")
+    elif nums["at_input"]:
         text += (" The very first layer's output is non-finite while its weights are finite: "
                  "the inputs are the likely source; check the data.")
     elif "grad_growth_before" in nums:
@@ -204,8 +241,7 @@ def rule_nonfinite(record: Record, ctx: Context, th: Thresholds) -> list[Finding
     if "last_finite_loss" in nums:
         text += (f" Loss went from {fmt(nums['initial_loss'])} to {fmt(nums['last_finite_loss'])}"
                  f" before becoming non-finite.")
-    layers = fwd_layers or ([] if in_loss else any_layers)
-    return [Finding("nonfinite", layers, text, "critical", rx_nonfinite(ctx, nums, th), nums)]
+    return text
 
 
 def rule_divergence(record: Record, ctx: Context, th: Thresholds) -> list[Finding]:

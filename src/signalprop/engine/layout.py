@@ -16,8 +16,9 @@ import torch
 
 from signalprop._registry import check_choice
 from signalprop.engine.activations import get_activation
-from signalprop.engine.reference import MLP, NORM_POSITIONS, NORMS
+from signalprop.engine.reference import MLP, NORM_POSITIONS
 from signalprop.record import LayerInfo
+from signalprop.vocab.norms import NORMS as VOCAB_NORMS
 
 TASKS = ("classification", "regression")
 _MODULE_TYPES = {"batch": "BatchNorm1d", "layer": "LayerNorm"}
@@ -52,8 +53,9 @@ class Arch:
     task: str = "classification"
 
     def __post_init__(self) -> None:
-        get_activation(self.activation)
-        check_choice("norm", self.norm, NORMS)
+        # aliases ("bn", "swish") resolve to the canonical names the records and layers use
+        object.__setattr__(self, "activation", get_activation(self.activation).name)
+        object.__setattr__(self, "norm", VOCAB_NORMS.canonical(self.norm))
         check_choice("norm_position", self.norm_position, NORM_POSITIONS)
         check_choice("task", self.task, TASKS)
         for k in ("in_features", "out_features", "depth", "width"):

@@ -16,12 +16,13 @@ from torch import nn
 
 from signalprop._registry import check_choice
 from signalprop.engine.activations import get_activation
+from signalprop.vocab.norms import BN_MOMENTUM, NORM_EPS, norm_module  # noqa: F401 (public names)
+from signalprop.vocab.norms import NORMS as VOCAB_NORMS
 
-NORMS = ("none", "batch", "layer")
+#: The norms (canonical names; the aliases ``bn``, ``ln`` resolve to them): the vocabulary's,
+#: "none" first.
+NORMS = tuple(sorted(VOCAB_NORMS.names(), key=lambda n: n != "none"))
 NORM_POSITIONS = ("pre", "post")
-#: Normalisation epsilon and batch-norm running-average momentum (torch's defaults).
-NORM_EPS = 1e-5
-BN_MOMENTUM = 0.1
 
 
 class RBF(nn.Module):
@@ -86,19 +87,14 @@ class Block(nn.Module):
         act_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        check_choice("norm", norm, NORMS)
+        norm = VOCAB_NORMS.canonical(norm)
         check_choice("norm_position", norm_position, NORM_POSITIONS)
         if residual and fan_in != fan_out:
             raise ValueError(f"a residual block needs fan_in == fan_out, got {fan_in}, {fan_out}")
         self.linear = nn.Linear(fan_in, fan_out)
-        if norm == "batch":
-            self.norm: nn.Module | None = nn.BatchNorm1d(
-                fan_out, eps=NORM_EPS, momentum=BN_MOMENTUM, affine=norm_affine
-            )
-        elif norm == "layer":
-            self.norm = nn.LayerNorm(fan_out, eps=NORM_EPS, elementwise_affine=norm_affine)
-        else:
-            self.norm = None
+        self.norm: nn.Module | None = (
+            None if norm == "none" else norm_module(norm, fan_out, affine=norm_affine)
+        )
         act = get_activation(activation).module()
         self.act = act if act_scale == 1.0 else nn.Sequential(act, Scale(act_scale))
         self.norm_position = norm_position

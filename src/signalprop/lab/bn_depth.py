@@ -18,19 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from signalprop.lab import base as B
 from signalprop.lab import evidence as E
+from signalprop.lab import grid as G
 from signalprop.lab import plotting as P
-from signalprop.lab.base import (
-    CONTRADICTS,
-    INCONCLUSIVE,
-    Conclusion,
-    cached,
-    combine_verdicts,
-    conclusion,
-    fmt,
-    pct,
-)
-from signalprop.lab.grid import grid_options, run_grid
 
 #: Bumped when the measurements change meaning (stored results then go stale).
 VERSION = 2
@@ -119,7 +110,7 @@ def _profile(config: dict[str, Any], act: str, b: int, seed: int) -> dict[str, A
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     pkey = {k: config[k] for k in ("profile_depth", "profile_width", "device")}
     profiles = [
-        cached(workdir, {**pkey, "act": a, "b": b, "seed": s},
+        B.cached(workdir, {**pkey, "act": a, "b": b, "seed": s},
                lambda a=a, b=b, s=s: _profile(config, a, b, s), tag="profile")
         for a in config["activations"] for b in config["batch_sizes"]
         for s in config["profile_seeds"]
@@ -129,7 +120,7 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
         "axes": {"depth": list(config["train_depths"]), "residual": [False, True]},
         "seeds": config["train_seeds"],
     }
-    rows = run_grid(grid, workdir, "training", **grid_options(config))
+    rows = G.run_grid(grid, workdir, "training", **G.grid_options(config))
     train = [{k: r.get(k) for k in ("depth", "residual", "seed", "status", "test_accuracy",
                                      "train_loss", "grad_ratio_init")} for r in rows]
     return {"profiles": profiles, "train": train, "activations": config["activations"],
@@ -151,7 +142,7 @@ def rate_table(profiles: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def conclude(data: dict[str, Any]) -> Conclusion:
+def conclude(data: dict[str, Any]) -> B.Conclusion:
     nums: dict[str, Any] = {}
     details: list[str] = []
     verdicts: list[str] = []
@@ -163,7 +154,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
                              note="finite width/depth" if r["batch_size"] > 32 else "")
         checks.append(chk)
         nums[f"{r['activation']} B={r['batch_size']}: measured / predicted rate"] = (
-            f"{fmt(r['measured'])} / {fmt(r['predicted'])}"
+            f"{B.fmt(r['measured'])} / {B.fmt(r['predicted'])}"
         )
     if table:
         errs = [c.rel_error for c in checks]
@@ -177,15 +168,15 @@ def conclude(data: dict[str, Any]) -> Conclusion:
                            f"B={weakest['batch_size']} (weakest)", null=1.0)
         v_ex = E.verdict(ex, +1)
         nums.update(E.numbers(ex))
-        v1 = v_ex if med <= RATE_TOLERANCE or v_ex == CONTRADICTS else INCONCLUSIVE
+        v1 = v_ex if med <= RATE_TOLERANCE or v_ex == B.CONTRADICTS else B.INCONCLUSIVE
         if med > 3 * RATE_TOLERANCE:
-            v1 = CONTRADICTS
+            v1 = B.CONTRADICTS
         details.append(
             f"Measured per-layer growth of the squared gradient norm vs the mean-field prediction: "
-            f"median relative error {pct(med)} (largest {pct(worst)}, tolerance "
-            f"{pct(RATE_TOLERANCE)}) over {len(table)} (activation, batch size) pairs; "
+            f"median relative error {B.pct(med)} (largest {B.pct(worst)}, tolerance "
+            f"{B.pct(RATE_TOLERANCE)}) over {len(table)} (activation, batch size) pairs; "
             f"{E.describe(ex, v_ex)}"
-            + ("; NO explosion at the largest batch." if v_ex == CONTRADICTS else ".")
+            + ("; NO explosion at the largest batch." if v_ex == B.CONTRADICTS else ".")
         )
         details.append("Theory vs measurement: " + "; ".join(c.text() for c in checks) + ".")
         verdicts.append(v1)
@@ -200,9 +191,9 @@ def conclude(data: dict[str, Any]) -> Conclusion:
                 vs.append(E.verdict(e, +1))
                 nums.update(E.numbers(e))
                 details.append(f"Smaller batches explode faster: {E.describe(e, vs[-1])}"
-                               + ("; NOT faster." if vs[-1] == CONTRADICTS else "."))
+                               + ("; NOT faster." if vs[-1] == B.CONTRADICTS else "."))
         if vs:
-            verdicts.append(combine_verdicts(vs))
+            verdicts.append(B.combine_verdicts(vs))
     # training vs depth
     tr = data["train"]
     depths = sorted({r["depth"] for r in tr})
@@ -219,35 +210,35 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         shallow, deep = depths[0], depths[-1]
         a_ns, a_nd = acc(shallow, False), acc(deep, False)
         a_rs, a_rd = acc(shallow, True), acc(deep, True)
-        nums[f"test acc, no skips, depth {shallow} -> {deep}"] = f"{pct(a_ns)} -> {pct(a_nd)}"
-        nums[f"test acc, residual, depth {shallow} -> {deep}"] = f"{pct(a_rs)} -> {pct(a_rd)}"
+        nums[f"test acc, no skips, depth {shallow} -> {deep}"] = f"{B.pct(a_ns)} -> {B.pct(a_nd)}"
+        nums[f"test acc, residual, depth {shallow} -> {deep}"] = f"{B.pct(a_rs)} -> {B.pct(a_rd)}"
         drop = E.diff_effect(accs(shallow, False), accs(deep, False),
                              f"accuracy drop without skips, depth {shallow} -> {deep}")
         gain = E.diff_effect(accs(deep, True), accs(deep, False),
                              f"accuracy residual - plain at depth {deep}")
         vd, vg = E.verdict(drop, +1), E.verdict(gain, +1)
-        v3 = combine_verdicts([vd, vg])
+        v3 = B.combine_verdicts([vd, vg])
         nums.update(E.numbers(drop))
         nums.update(E.numbers(gain))
         details.append(
-            f"Training: without skips test accuracy goes from {pct(a_ns)} at depth {shallow} to "
-            f"{pct(a_nd)} at depth {deep}; with residual connections from {pct(a_rs)} to "
-            f"{pct(a_rd)}: {E.describe(drop, vd, pct)}; {E.describe(gain, vg, pct)}"
-            + (" (depth did NOT hurt the BN network without skips here)." if vd == CONTRADICTS
+            f"Training: without skips test accuracy goes from {B.pct(a_ns)} at depth {shallow} to "
+            f"{B.pct(a_nd)} at depth {deep}; with residual connections from {B.pct(a_rs)} to "
+            f"{B.pct(a_rd)}: {E.describe(drop, vd, B.pct)}; {E.describe(gain, vg, B.pct)}"
+            + (" (depth did NOT hurt the BN network without skips here)." if vd == B.CONTRADICTS
                else ".")
         )
         verdicts.append(v3)
-    verdict = combine_verdicts(verdicts)
+    verdict = B.combine_verdicts(verdicts)
     relu = [r for r in table if r["activation"] == "relu"]
     head = ""
     if relu:
-        head = (f"BN-ReLU gradients explode at initialisation by {fmt(relu[0]['measured'])}x per "
-                f"layer at B={relu[0]['batch_size']} and {fmt(relu[-1]['measured'])}x at "
-                f"B={relu[-1]['batch_size']} (theory {fmt(relu[0]['predicted'])} and "
-                f"{fmt(relu[-1]['predicted'])}). ")
+        head = (f"BN-ReLU gradients explode at initialisation by {B.fmt(relu[0]['measured'])}x per "
+                f"layer at B={relu[0]['batch_size']} and {B.fmt(relu[-1]['measured'])}x at "
+                f"B={relu[-1]['batch_size']} (theory {B.fmt(relu[0]['predicted'])} and "
+                f"{B.fmt(relu[-1]['predicted'])}). ")
     sentence = head + " ".join(d for d in details if not d.startswith("Theory")) \
         if details else "No measurements."
-    return conclusion(CLAIM, sentence, verdict, nums, details)
+    return B.conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:

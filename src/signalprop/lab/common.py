@@ -18,52 +18,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from signalprop import stats
+from signalprop import stats, vocab
 from signalprop._device import resolve_device as _resolve_device
 from signalprop._registry import check_choice
 from signalprop.data import Dataset, load_dataset
 
 
 # --- activations ------------------------------------------------------------------------------
-class Gaussian(nn.Module):
-    """phi(z) = exp(-z^2 / 2) (fallback when the remedies cabinet is not installed)."""
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-0.5 * z * z)
-
-
-_BUILTIN_ACTS: dict[str, Callable[[], nn.Module]] = {
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "leaky_relu": lambda: nn.LeakyReLU(0.01),
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-    "softplus": nn.Softplus,
-    "gaussian": Gaussian,
-    "linear": nn.Identity,
-}
-
-
 def make_activation(name: str) -> nn.Module:
-    """An activation module by name: the remedies cabinet's registry when installed, else a
-    built-in (sigmoid, tanh, relu, leaky_relu, elu, selu, softplus, gaussian, linear)."""
-    if name == "linear":
-        return nn.Identity()
-    try:
-        from signalprop.remedies import ACTIVATIONS  # type: ignore[attr-defined]
-
-        if name in ACTIVATIONS:
-            return ACTIVATIONS.build(name)
-    except (ImportError, AttributeError):
-        pass
-    if name not in _BUILTIN_ACTS:
-        check_choice("activation", name, sorted(_BUILTIN_ACTS))
-    return _BUILTIN_ACTS[name]()
+    """An activation module by name or alias (the vocabulary's ``nn.Module`` face)."""
+    return vocab.activation(name)()
 
 
 # --- the MLP ----------------------------------------------------------------------------------
-NORMS = ("none", "bn", "ln")
+#: The norms a Block takes (aliases ``bn``, ``ln`` included): the vocabulary's.
+NORMS = tuple(vocab.NORMS.names())
 
 
 class Block(nn.Module):
@@ -80,14 +49,8 @@ class Block(nn.Module):
         norm_affine: bool = True,
     ) -> None:
         super().__init__()
-        check_choice("norm", norm, NORMS)
         self.linear = nn.Linear(fan_in, fan_out)
-        if norm == "bn":
-            self.norm: nn.Module = nn.BatchNorm1d(fan_out, affine=norm_affine)
-        elif norm == "ln":
-            self.norm = nn.LayerNorm(fan_out, elementwise_affine=norm_affine)
-        else:
-            self.norm = nn.Identity()
+        self.norm: nn.Module = vocab.norm_module(norm, fan_out, affine=norm_affine)
         self.act = make_activation(activation)
         self.residual = bool(residual) and fan_in == fan_out
         #: the last pre-activation (input of the activation), kept when ``capture`` is set

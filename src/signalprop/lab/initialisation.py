@@ -24,19 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from signalprop.lab import base as B
 from signalprop.lab import evidence as E
 from signalprop.lab import plotting as P
-from signalprop.lab.base import (
-    CONTRADICTS,
-    INCONCLUSIVE,
-    SUPPORTS,
-    Conclusion,
-    cached,
-    combine_verdicts,
-    conclusion,
-    fmt,
-    pct,
-)
 from signalprop.lab.common import (
     MLP,
     get_data,
@@ -235,12 +225,12 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
         for sc in config["scales"]:
             for s in config["seeds"]:
                 key = {**base, "variant": variant, "scale": sc, "seed": s}
-                runs.append(cached(workdir, key, lambda v=variant, sc=sc, s=s: _one(
+                runs.append(B.cached(workdir, key, lambda v=variant, sc=sc, s=s: _one(
                     config, v, sc, s), tag="run"))
     lkey = {k: v for k, v in config.items()
             if k not in ("scales", "seeds", "executor", "steps", "lr", "landscape_depths",
                          "landscape_seeds")}
-    land = [cached(workdir, {**lkey, "variant": v, "ldepth": d, "lseed": sd},
+    land = [B.cached(workdir, {**lkey, "variant": v, "ldepth": d, "lseed": sd},
                    lambda v=v, d=d, sd=sd: _landscape(config, v, d, sd), tag="land")
             for d in config.get("landscape_depths", [config["depth"]])
             for v in ("plain", "bn") for sd in config.get("landscape_seeds", [0])]
@@ -310,7 +300,7 @@ LANDSCAPE = (("loss_range_rel", "relative loss variation along the gradient"),
              ("beta", "effective beta-smoothness"))
 
 
-def conclude(data: dict[str, Any]) -> Conclusion:
+def conclude(data: dict[str, Any]) -> B.Conclusion:
     scales = data["scales"]
     s = summarise(data["runs"], scales)
     p, b = s["plain"], s["bn"]
@@ -325,17 +315,17 @@ def conclude(data: dict[str, Any]) -> Conclusion:
                        "loss range across scales BN - plain")
     v1 = E.verdict(e1, -1)
     details.append(
-        f"Final training loss across init scales {fmt(min(scales))}..{fmt(max(scales))}: ranges "
-        f"over {fmt(rng_b)} with BN vs {fmt(rng_p)} without; per seed, {E.describe(e1, v1)}"
-        + (" (BN is NOT less sensitive)." if v1 == CONTRADICTS else ".")
+        f"Final training loss across init scales {B.fmt(min(scales))}..{B.fmt(max(scales))}: ranges "
+        f"over {B.fmt(rng_b)} with BN vs {B.fmt(rng_p)} without; per seed, {E.describe(e1, v1)}"
+        + (" (BN is NOT less sensitive)." if v1 == B.CONTRADICTS else ".")
     )
     e2 = E.mean_effect([x - y for x, y in zip(b["std"], p["std"], strict=True)],
                        "seed spread (std) BN - plain, over scales")
     v2 = E.verdict(e2, -1)
     details.append(
-        f"Spread across seeds (std of the final loss): {fmt(float(np.nanmean(b['std'])))} with BN "
-        f"vs {fmt(float(np.nanmean(p['std'])))} without; {E.describe(e2, v2)}"
-        + (" (BN does NOT reduce it)." if v2 == CONTRADICTS else "."))
+        f"Spread across seeds (std of the final loss): {B.fmt(float(np.nanmean(b['std'])))} with BN "
+        f"vs {B.fmt(float(np.nanmean(p['std'])))} without; {E.describe(e2, v2)}"
+        + (" (BN does NOT reduce it)." if v2 == B.CONTRADICTS else "."))
     ag_p, ag_b = float(np.nanmean(p["agree"])), float(np.nanmean(b["agree"]))
     nums["prediction agreement between seeds, plain"] = ag_p
     nums["prediction agreement between seeds, BN"] = ag_b
@@ -343,9 +333,9 @@ def conclude(data: dict[str, Any]) -> Conclusion:
                        "prediction agreement BN - plain, over scales")
     v3 = E.verdict(e3, +1)
     details.append(
-        f"Differently seeded networks agree on {pct(ag_b)} of test predictions with BN vs "
-        f"{pct(ag_p)} without; {E.describe(e3, v3, pct)}"
-        + (" (BN networks agree LESS)." if v3 == CONTRADICTS else ".")
+        f"Differently seeded networks agree on {B.pct(ag_b)} of test predictions with BN vs "
+        f"{B.pct(ag_p)} without; {E.describe(e3, v3, B.pct)}"
+        + (" (BN networks agree LESS)." if v3 == B.CONTRADICTS else ".")
     )
     for e in (e1, e2, e3):
         nums.update(E.numbers(e))
@@ -354,8 +344,8 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         nums["gradient norm at init, max/min over scales, plain"] = float(gp.max() / gp.min())
         nums["gradient norm at init, max/min over scales, BN"] = float(gb.max() / gb.min())
         details.append(
-            f"Gradient norm at initialisation varies by a factor {fmt(gp.max() / gp.min())} over "
-            f"the scales without BN and {fmt(gb.max() / gb.min())} with BN (BN's hidden layers "
+            f"Gradient norm at initialisation varies by a factor {B.fmt(gp.max() / gp.min())} over "
+            f"the scales without BN and {B.fmt(gb.max() / gb.min())} with BN (BN's hidden layers "
             "are scale-invariant: their gradients scale as 1/s)."
         )
     verdicts += [v1, v2, v3]
@@ -376,7 +366,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
             vs.append(v)
             details.append(f"Landscape, depth {dep}, median {lab}: "
                            f"{E.describe(e, v)}" + (" (BN is NOT smoother here)."
-                                                   if v == CONTRADICTS else "."))
+                                                   if v == B.CONTRADICTS else "."))
         lvl = {v: [float(np.nanmedian([x for x in r.get("losses", []) if math.isfinite(x)]
                                       or [math.nan]))
                    for r in runs if r["variant"] == v and r.get("depth", 0) == dep]
@@ -385,22 +375,22 @@ def conclude(data: dict[str, Any]) -> Conclusion:
             lvl["plain"])) if lvl["plain"] else math.nan
         nums[f"landscape depth {dep}: median training loss, BN"] = float(np.nanmean(
             lvl["bn"])) if lvl["bn"] else math.nan
-        by_depth.append(combine_verdicts(vs))
+        by_depth.append(B.combine_verdicts(vs))
     if by_depth:
-        if all(v == SUPPORTS for v in by_depth):
-            v_land = SUPPORTS
-        elif all(v == CONTRADICTS for v in by_depth):
-            v_land = CONTRADICTS
+        if all(v == B.SUPPORTS for v in by_depth):
+            v_land = B.SUPPORTS
+        elif all(v == B.CONTRADICTS for v in by_depth):
+            v_land = B.CONTRADICTS
         else:
-            v_land = INCONCLUSIVE
-            if SUPPORTS in by_depth or CONTRADICTS in by_depth:
+            v_land = B.INCONCLUSIVE
+            if B.SUPPORTS in by_depth or B.CONTRADICTS in by_depth:
                 details.append("The landscape answer depends on the regime: "
                                + ", ".join(f"depth {d}: {v}" for d, v in
                                            zip(depths, by_depth, strict=True)) + ".")
         verdicts.append(v_land)
-    verdict = combine_verdicts(verdicts)
+    verdict = B.combine_verdicts(verdicts)
     sentence = " ".join(d for d in details if not d.startswith("Gradient norm"))
-    return conclusion(CLAIM, sentence, verdict, nums, details)
+    return B.conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:

@@ -18,18 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from signalprop.lab import base as B
 from signalprop.lab import evidence as E
+from signalprop.lab import grid as G
 from signalprop.lab import plotting as P
-from signalprop.lab.base import (
-    CONTRADICTS,
-    INCONCLUSIVE,
-    Conclusion,
-    cached,
-    combine_verdicts,
-    conclusion,
-    fmt,
-)
-from signalprop.lab.grid import grid_options, run_grid
 
 #: Bumped when the measurements change meaning (stored results then go stale).
 VERSION = 2
@@ -142,7 +134,7 @@ def _spectrum(config: dict[str, Any], act: str, orth: bool, seed: int) -> dict[s
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     skey = {k: config[k] for k in ("tanh_sigma_b2", "spectrum_depth", "spectrum_width", "device")}
-    spectra = [cached(workdir, {**skey, "act": a, "orth": o, "seed": s},
+    spectra = [B.cached(workdir, {**skey, "act": a, "orth": o, "seed": s},
                       lambda a=a, o=o, s=s: _spectrum(config, a, o, s), tag="spectrum")
                for a, o in KINDS for s in config["spectrum_seeds"]]
     variants = {}
@@ -156,7 +148,7 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
         "axes": {"kind": variants, "lr": list(config.get("lrs", [config["train"]["lr"]]))},
         "seeds": config["train_seeds"],
     }
-    rows = run_grid(grid, workdir, "training", **grid_options(config),
+    rows = G.run_grid(grid, workdir, "training", **G.grid_options(config),
                     curves=("loss",))
     train = [{"kind": r["kind"], "lr": r["lr"], "seed": r["seed"], "status": r["status"],
               "train_loss": r["train_loss"], "test_accuracy": r["test_accuracy"],
@@ -201,7 +193,7 @@ def best_rate(train: list[dict[str, Any]], kind: str, target: float, budget: flo
     return min(lrs, key=score) if lrs else math.nan
 
 
-def conclude(data: dict[str, Any]) -> Conclusion:
+def conclude(data: dict[str, Any]) -> B.Conclusion:
     nums: dict[str, Any] = {}
     details: list[str] = []
     verdicts: list[str] = []
@@ -220,7 +212,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
                              note="finite width: the spectrum's tail is under-sampled"
                              if a == "relu" or not o else "")
         checks.append(chk)
-        nums[f"{k}: Jacobian s^2 variance measured / predicted"] = f"{fmt(mv)} / {fmt(pv)}"
+        nums[f"{k}: Jacobian s^2 variance measured / predicted"] = f"{B.fmt(mv)} / {B.fmt(pv)}"
         nums[f"{k}: Jacobian s^2 mean (theory 1)"] = mm
         nums[f"{k}: theory check"] = chk.to_dict()
     L = data["depth"]
@@ -233,9 +225,9 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         nums.update(E.numbers(eff))
         details.append(
             f"Jacobian spectrum at depth {L}: variance of the squared singular values "
-            + ", ".join(f"{fmt(float(np.mean(v)))} ({k})" for k, v in per_seed.items())
+            + ", ".join(f"{B.fmt(float(np.mean(v)))} ({k})" for k, v in per_seed.items())
             + f"; {E.describe(eff, v1)}"
-            + ("." if v1 != CONTRADICTS else "; orthogonal tanh is NOT the best conditioned."))
+            + ("." if v1 != B.CONTRADICTS else "; orthogonal tanh is NOT the best conditioned."))
         verdicts.append(v1)
     details.append("Theory vs measurement: " + "; ".join(c.text() for c in checks) + ".")
     target = float(data["target_loss"])
@@ -246,32 +238,32 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     st = {k: _steps(data["train"], k, target, budget, best[k]) for k in kinds}
     for k in kinds:
         nums[f"{k}: best lr"] = best[k]
-        nums[f"{k}: median steps to loss {fmt(target)}"] = float(np.median(st[k])) if st[k] \
+        nums[f"{k}: median steps to loss {B.fmt(target)}"] = float(np.median(st[k])) if st[k] \
             else math.nan
     others = [k for k in kinds if k != "tanh, orthogonal" and st[k]]
     if st.get("tanh, orthogonal") and others:
         rival = min(others, key=lambda k: float(np.median(st[k])))
         eff = E.log_ratio_effect(st["tanh, orthogonal"], st[rival],
-                                 f"steps to loss {fmt(target)} orthogonal tanh / {rival}")
+                                 f"steps to loss {B.fmt(target)} orthogonal tanh / {rival}")
         v2 = E.verdict(eff, -1)
         if all(x >= budget for x in st["tanh, orthogonal"] + st[rival]):
-            v2 = INCONCLUSIVE  # neither reached the target: the budget is too small
+            v2 = B.INCONCLUSIVE  # neither reached the target: the budget is too small
         nums.update(E.numbers(eff))
         details.append(
             f"Training at depth {data['train_depth']}, each kind at its best SGD rate "
-            + ", ".join(f"{k} lr {fmt(best[k])}: {fmt(float(np.median(st[k])))} steps"
+            + ", ".join(f"{k} lr {B.fmt(best[k])}: {B.fmt(float(np.median(st[k])))} steps"
                         for k in kinds if st[k])
-            + f" (median; budget {fmt(budget)}); {E.describe(eff, v2)}"
-            + ("." if v2 != CONTRADICTS else f"; the fastest is NOT orthogonal tanh but {rival}."))
+            + f" (median; budget {B.fmt(budget)}); {E.describe(eff, v2)}"
+            + ("." if v2 != B.CONTRADICTS else f"; the fastest is NOT orthogonal tanh but {rival}."))
     else:
-        v2 = INCONCLUSIVE
+        v2 = B.INCONCLUSIVE
         details.append(f"Training at depth {data['train_depth']}: no runs to compare.")
     verdicts.append(v2)
-    verdict = combine_verdicts(verdicts)
+    verdict = B.combine_verdicts(verdicts)
     sentence = " ".join(d for d in details if not d.startswith("Theory"))
-    if verdict == CONTRADICTS:
+    if verdict == B.CONTRADICTS:
         sentence = "The measurements contradict part of the claim. " + sentence
-    return conclusion(CLAIM, sentence, verdict, nums, details)
+    return B.conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
@@ -337,7 +329,7 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
             continue
         n = min(len(r["losses"]) for r in rs)
         P.mean_band(ax, rs[0]["loss_steps"][:n], [r["losses"][:n] for r in rs],
-                    color=colors[k], label=f"{k} (lr {fmt(lr)})")
+                    color=colors[k], label=f"{k} (lr {B.fmt(lr)})")
     ax.axhline(data["target_loss"], color="#555", ls=":", lw=1, label="target")
     ax.set_yscale("log")
     ax.set_xlabel("training step (SGD)")

@@ -25,20 +25,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from signalprop.lab import base as B
 from signalprop.lab import evidence as E
+from signalprop.lab import grid as G
 from signalprop.lab import plotting as P
-from signalprop.lab.base import (
-    CONTRADICTS,
-    INCONCLUSIVE,
-    SUPPORTS,
-    Conclusion,
-    cached,
-    combine_verdicts,
-    conclusion,
-    fmt,
-)
 from signalprop.lab.common import MLP, get_data, init_linears_, seeded
-from signalprop.lab.grid import grid_options, run_grid
 
 #: Bumped when the measurements change meaning (stored results then go stale).
 VERSION = 2
@@ -132,7 +123,7 @@ def _sweep(config: dict[str, Any], workdir: str | Path) -> list[dict[str, Any]]:
         "axes": {"arch": ARCHS, "lr": list(config["lrs"])},
         "seeds": config["seeds"],
     }
-    rows = run_grid(grid, workdir, "lr-sweep", **grid_options(config))
+    rows = G.run_grid(grid, workdir, "lr-sweep", **G.grid_options(config))
     keep = ("arch", "lr", "seed", "status", "final_loss", "train_loss", "test_accuracy",
             "diverged_step")
     return [{k: r.get(k) for k in keep} for r in rows]
@@ -223,10 +214,10 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     key = {k: v for k, v in config.items() if k != "executor"}
     return {
         "sweep": _sweep(config, workdir),
-        "chain": cached(workdir, {**key, "part": "chain"}, lambda: _chain(config), tag="chain"),
-        "invariance": cached(workdir, {**key, "part": "inv"}, lambda: _invariance(config),
+        "chain": B.cached(workdir, {**key, "part": "chain"}, lambda: _chain(config), tag="chain"),
+        "invariance": B.cached(workdir, {**key, "part": "inv"}, lambda: _invariance(config),
                              tag="inv"),
-        "effective_step": [cached(workdir, {**key, "part": "step", "seed": sd},
+        "effective_step": [B.cached(workdir, {**key, "part": "step", "seed": sd},
                                   lambda sd=sd: _effective_step(config, sd), tag="step")
                            for sd in config.get("step_seeds", [0])],
         "chance_loss": math.log(10),
@@ -257,7 +248,7 @@ def largest_trainable_lr(rows: list[dict[str, Any]], arch: str, chance_loss: flo
     return best
 
 
-def conclude(data: dict[str, Any]) -> Conclusion:
+def conclude(data: dict[str, Any]) -> B.Conclusion:
     nums: dict[str, Any] = {}
     details: list[str] = []
     verdicts: list[str] = []
@@ -274,18 +265,18 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         per_p = [largest_trainable_lr(rows, act, chance, s) for s in seeds]
         per_b = [largest_trainable_lr(rows, f"{act}+BN", chance, s) for s in seeds]
         if all(math.isnan(x) for x in per_p):
-            v = INCONCLUSIVE
+            v = B.INCONCLUSIVE
             details.append(
-                f"{act}: the plain network trained at no rate in {fmt(min(data['lrs']))}.."
-                f"{fmt(lr_max)} (any seed)"
-                + (f"; with BN up to lr = {fmt(lb)}" if not math.isnan(lb) else
+                f"{act}: the plain network trained at no rate in {B.fmt(min(data['lrs']))}.."
+                f"{B.fmt(lr_max)} (any seed)"
+                + (f"; with BN up to lr = {B.fmt(lb)}" if not math.isnan(lb) else
                    ", nor did the BN network")
                 + ": BN makes it trainable, but with no plain rate to compare no rate ratio "
                 "can be formed (inconclusive for the claim about larger rates).")
         elif all(math.isnan(x) for x in per_b):
-            v = CONTRADICTS
+            v = B.CONTRADICTS
             ratios[act] = 0.0
-            details.append(f"{act}: the plain network trained up to lr = {fmt(lp)} but the BN "
+            details.append(f"{act}: the plain network trained up to lr = {B.fmt(lp)} but the BN "
                            "network at no rate: BN did NOT allow larger rates.")
         else:
             # a seed that trains at no rate counts at the grid's lowest rate / 3 (a bound)
@@ -299,9 +290,9 @@ def conclude(data: dict[str, Any]) -> Conclusion:
             extra = " (the largest rate in the grid: the true limit may be higher)" \
                 if lb == lr_max else ""
             details.append(
-                f"{act}: largest rate that trains (all seeds) {fmt(lb)} with BN vs {fmt(lp)} "
+                f"{act}: largest rate that trains (all seeds) {B.fmt(lb)} with BN vs {B.fmt(lp)} "
                 f"without; per seed, {E.describe(eff, v)}{extra}"
-                + ("; BN did NOT allow a larger rate." if v == CONTRADICTS else ".")
+                + ("; BN did NOT allow a larger rate." if v == B.CONTRADICTS else ".")
             )
         nums[f"lr ratio BN/plain, {act}"] = ratios.get(act, math.nan)
         verdicts.append(v)
@@ -321,15 +312,15 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     nums["chain: largest dy/da, normalised"] = float(na.max())
     nums["chain: smallest dy/da, plain"] = float(pa.min())
     v_chain = (
-        SUPPORTS if span_plain > 10 and span_norm_e < 1.5 and na.max() < 1e-3 * pa.min()
-        else CONTRADICTS if span_norm_e >= span_plain_e
-        else INCONCLUSIVE
+        B.SUPPORTS if span_plain > 10 and span_norm_e < 1.5 and na.max() < 1e-3 * pa.min()
+        else B.CONTRADICTS if span_norm_e >= span_plain_e
+        else B.INCONCLUSIVE
     )
     details.append(
-        f"Chain y = x a b c d e: as the other weights go from {fmt(min(s))} to {fmt(max(s))}, "
-        f"dy/da (RMS over the batch) spans a factor {fmt(span_plain)} without normalisation; "
-        f"with it, dy/da is at most {fmt(float(na.max()))} (the lower weight no longer matters) "
-        f"and dy/de varies by a factor {fmt(span_norm_e)} (plain: {fmt(span_plain_e)})."
+        f"Chain y = x a b c d e: as the other weights go from {B.fmt(min(s))} to {B.fmt(max(s))}, "
+        f"dy/da (RMS over the batch) spans a factor {B.fmt(span_plain)} without normalisation; "
+        f"with it, dy/da is at most {B.fmt(float(na.max()))} (the lower weight no longer matters) "
+        f"and dy/de varies by a factor {B.fmt(span_norm_e)} (plain: {B.fmt(span_plain_e)})."
     )
     verdicts.append(v_chain)
     # invariance: exact with eps = 0 (float64 rounding only); eps = 1e-5 shown as the deviation
@@ -341,17 +332,17 @@ def conclude(data: dict[str, Any]) -> Conclusion:
     nums["a dBN/d(aW) vs dBN/dW, max rel err (eps 0)"] = gw_err
     nums["dBN/du at aW vs at W, max rel err (eps 0)"] = gu_err
     tol = 1e-10  # float64 rounding through a batch of 128 and 64 features
-    v_inv = SUPPORTS if max(out_err, gw_err, gu_err) < tol else CONTRADICTS
+    v_inv = B.SUPPORTS if max(out_err, gw_err, gu_err) < tol else B.CONTRADICTS
     inv_eps = data["invariance"].get("rows_eps") or []
     eps_err = max((max(r["out_max_abs_diff"], r["grad_w_rel_err"]) for r in inv_eps),
                   default=math.nan)
     nums["deviation with eps 1e-5"] = eps_err
     details.append(
-        f"Scale invariance (float64, eps = 0, a in {fmt(min(r['a'] for r in inv))}.."
-        f"{fmt(max(r['a'] for r in inv))}; an exact computation, no seeds): max |BN((aW)u) - "
-        f"BN(Wu)| = {fmt(out_err)}, relative error of a dBN/d(aW) = dBN/dW: {fmt(gw_err)}, of "
-        f"dBN/du: {fmt(gu_err)} (tolerance {fmt(tol)}); with PyTorch's eps = 1e-5 the deviation "
-        f"is {fmt(eps_err)}, all of it from eps."
+        f"Scale invariance (float64, eps = 0, a in {B.fmt(min(r['a'] for r in inv))}.."
+        f"{B.fmt(max(r['a'] for r in inv))}; an exact computation, no seeds): max |BN((aW)u) - "
+        f"BN(Wu)| = {B.fmt(out_err)}, relative error of a dBN/d(aW) = dBN/dW: {B.fmt(gw_err)}, of "
+        f"dBN/du: {B.fmt(gu_err)} (tolerance {B.fmt(tol)}); with PyTorch's eps = 1e-5 the deviation "
+        f"is {B.fmt(eps_err)}, all of it from eps."
     )
     verdicts.append(v_inv)
     # effective step (probe record: weight_norm, update_ratio), one value per seed
@@ -369,7 +360,7 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         eg = E.mean_effect([math.log(g) for g in growth], "log weight-norm growth")
         ed = E.mean_effect([math.log(d) for d in drop], "log relative-update change")
         vg, vd = E.verdict(eg, +1), E.verdict(ed, -1)
-        v_step = combine_verdicts([vg, vd])
+        v_step = B.combine_verdicts([vg, vd])
         gm = math.exp(eg.estimate)
         nums["weight norm growth (last/first 10% of steps)"] = gm
         nums["weight norm growth 95% CI"] = [math.exp(eg.lo), math.exp(eg.hi)]
@@ -378,25 +369,25 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         nums["predicted effective-lr factor 1/growth^2"] = 1.0 / gm**2
         details.append(
             f"Effective step (probe's weight_norm and update_ratio, {len(growth)} seeds): under "
-            f"SGD at lr = {fmt(runs[0].get('lr', math.nan))} the hidden weights' norm grew by a "
-            f"factor {fmt(gm)} [95% CI {fmt(math.exp(eg.lo))}, {fmt(math.exp(eg.hi))}] "
-            f"(effective rate x {fmt(1 / gm**2)}) and the relative update changed by a factor "
-            f"{fmt(math.exp(ed.estimate))} [95% CI {fmt(math.exp(ed.lo))}, "
-            f"{fmt(math.exp(ed.hi))}] from the first to the last 10% of steps"
-            + (" (the weights did NOT grow)." if vg == CONTRADICTS else ".")
+            f"SGD at lr = {B.fmt(runs[0].get('lr', math.nan))} the hidden weights' norm grew by a "
+            f"factor {B.fmt(gm)} [95% CI {B.fmt(math.exp(eg.lo))}, {B.fmt(math.exp(eg.hi))}] "
+            f"(effective rate x {B.fmt(1 / gm**2)}) and the relative update changed by a factor "
+            f"{B.fmt(math.exp(ed.estimate))} [95% CI {B.fmt(math.exp(ed.lo))}, "
+            f"{B.fmt(math.exp(ed.hi))}] from the first to the last 10% of steps"
+            + (" (the weights did NOT grow)." if vg == B.CONTRADICTS else ".")
         )
         verdicts.append(v_step)
-    verdict = combine_verdicts(verdicts)
+    verdict = B.combine_verdicts(verdicts)
     sentence = (
         " ".join(d for d in details[:2])
         + " In the chain, normalisation removes the dependence of one weight's "
-        f"gradient on the others (spread {fmt(span_plain)} -> {fmt(span_norm_e)}); BN is scale "
-        f"invariant to {fmt(max(out_err, gw_err))}."
+        f"gradient on the others (spread {B.fmt(span_plain)} -> {B.fmt(span_norm_e)}); BN is scale "
+        f"invariant to {B.fmt(max(out_err, gw_err))}."
     )
     contra = [d for d in details if "NOT" in d]
     if contra:
         sentence += " Contradicted: " + " ".join(contra)
-    return conclusion(CLAIM, sentence, verdict, nums, details)
+    return B.conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 # --- figures ---------------------------------------------------------------------------------

@@ -192,3 +192,38 @@ def errorbars(ax: Any, x: Sequence[float], effects: Sequence[Any], *, color: str
     hi = np.array([e.hi if np.isfinite(e.hi) else e.estimate for e in effects], dtype=float)
     ax.errorbar(np.asarray(x, dtype=float), m, yerr=[np.clip(m - lo, 0, None), np.clip(hi - m, 0, None)], color=color, label=label,
                 capsize=3, marker="o", ms=4, **kw)
+
+
+def panel(size: tuple[float, float] = (5.2, 3.6)) -> tuple[Any, Any]:
+    """One-panel figure: ``(fig, ax)``."""
+    fig, axes = subplots(1, 1, size=size)
+    return fig, axes[0, 0]
+
+
+def finish(
+    ax: Any,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    *,
+    xscale: str | None = None,
+    yscale: str | None = None,
+    legend: str | None = "best",
+    **legend_kw: Any,
+) -> None:
+    """Label a panel: axis scales (``"log"``, ``"log2"`` with plain tick labels), labels, title
+    and legend (``legend=None``: none)."""
+    for axis, scale in (("x", xscale), ("y", yscale)):
+        if scale is None:
+            continue
+        setter = ax.set_xscale if axis == "x" else ax.set_yscale
+        if scale == "log2":
+            setter("log", base=2)
+            plain_ticks(ax, axis)
+        else:
+            setter(scale)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend is not None:
+        ax.legend(loc=legend, **legend_kw)

@@ -21,34 +21,20 @@ from signalprop.lab import STUDY_NAMES, get_study
 from signalprop.lab.base import fmt, read_json, to_jsonable, write_json
 from signalprop.lab.study_dir import is_study_dir, load_study
 
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>{{ title }}</title>
+# The page layout and the shared styles are the doctor's page's (report/templates/base.html);
+# the lab adds its verdict badges.
+_TEMPLATE = """{% extends "base.html" %}
+{% block body %}
 <style>
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
-       max-width: 1100px; padding: 1em 2em; color: #222; line-height: 1.45; }
-h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-top: 1em; }
-table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.92em; }
-td, th { border: 1px solid #ddd; padding: 3px 8px; vertical-align: top; text-align: left; }
-th { background: #f3f3f3; }
 .verdict { font-weight: bold; padding: 1px 6px; border-radius: 3px; white-space: nowrap; }
 .supports { background: #d8f0d8; color: #185c18; }
 .contradicts { background: #f8d8d8; color: #8a1010; }
 .inconclusive { background: #f3ecd0; color: #6a5510; }
 .failed { background: #555; color: #fff; }
 .question { font-size: 1.05em; font-style: italic; }
-figure { margin: 0.8em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { font-size: 0.85em; color: #555; }
 pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; font-size: 0.82em; }
-details { margin: 0.4em 0; } .muted { color: #666; font-size: 0.9em; }
 .nowrap { white-space: nowrap; }
 </style>
-</head>
-<body>
 <h1>{{ title }}</h1>
 <p class="muted">Built {{ built }} from <code>{{ out_dir }}</code>.
 {{ n_studies }} stud{{ "y" if n_studies == 1 else "ies" }}; mode: {{ modes }}.
@@ -94,8 +80,7 @@ Each conclusion below is computed from the study's own measurements.</p>
 <p class="muted"><a href="#index">back to the index</a></p>
 </section>
 {% endfor %}
-</body>
-</html>
+{% endblock %}
 """
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from signalprop._device import resolve_device as _resolve_device
 from signalprop._registry import check_choice
 from signalprop.lab import STUDY_NAMES, get_study
 from signalprop.lab.base import Conclusion, config_hash, read_json, write_json
@@ -104,13 +105,49 @@ def run_study(
         A :class:`StudyOutcome`; a study that raises is recorded as ``failed`` (with the traceback
         in ``meta.json``) instead of stopping the lab.
     """
-    from signalprop.lab.common import resolve_device
-
     check_choice("executor", executor, EXECUTORS)
     mod = get_study(name)
     say = log or (lambda s: None)
     workdir = Path(out) / name
     workdir.mkdir(parents=True, exist_ok=True)
+    config = study_config(mod, name, quick, overrides)
+    dev = device if device != "cpu" else config.get("device", "cpu")
+    config.update(device=str(_resolve_device(dev)), executor=executor, workers=int(workers))
+    h = _results_hash(mod, config)
+    write_json(workdir / "config.json", config)
+    meta: dict[str, Any] = {
+        "name": name, "title": mod.TITLE, "quick": quick, "config_hash": h,
+        "environment": environment(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    t0 = time.perf_counter()
+    run_s = 0.0
+    try:
+        data, status, run_s = _measure(mod, name, config, workdir, h, force, quick, say)
+        conclusion = mod.conclude(data)
+        write_json(workdir / "conclusion.json", conclusion.to_dict())
+        t2 = time.perf_counter()
+        figs = [Path(p) for p in mod.figures(data, workdir)]
+        meta.update(figures_s=time.perf_counter() - t2,
+                    figures=[str(p.relative_to(workdir)) for p in figs],
+                    status=status, run_s=run_s, total_s=time.perf_counter() - t0,
+                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        write_json(workdir / "meta.json", meta)
+        say(f"{name}: {conclusion.verdict}: {conclusion.sentence}")
+        return StudyOutcome(name, status, conclusion, figs, run_s, meta["total_s"])
+    except Exception as e:  # a failing study is reported, the lab carries on
+        meta.update(status="failed", error=f"{type(e).__name__}: {e}",
+                    traceback=traceback.format_exc(), run_s=run_s,
+                    total_s=time.perf_counter() - t0)
+        write_json(workdir / "meta.json", meta)
+        say(f"{name}: FAILED: {type(e).__name__}: {e}")
+        return StudyOutcome(name, "failed", None, [], run_s, meta["total_s"], meta["error"])
+
+
+def study_config(
+    mod: ModuleType, name: str, quick: bool, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A study's quick or full configuration with ``overrides`` applied (unknown keys raise
+    ``ValueError`` naming them and the valid ones)."""
     config = mod.get_config(quick)
     if overrides:
         unknown = sorted(set(overrides) - set(config))
@@ -120,80 +157,52 @@ def run_study(
                 f"valid: {', '.join(sorted(config))}"
             )
         config.update(overrides)
-    config["device"] = resolve_device(device if device != "cpu" else config.get("device", "cpu"))
-    config["executor"] = executor
-    config["workers"] = int(workers)
-    # where and how it runs does not change the measurements' meaning: keep it out of the hash
+    return config
+
+
+def _results_hash(mod: ModuleType, config: dict[str, Any]) -> str:
+    # where and how it runs does not change the measurements' meaning: keep it out of the hash;
     # a study's VERSION changes when its measurements change meaning (stored results go stale)
-    h = config_hash({**{k: v for k, v in config.items() if k not in RUN_KEYS},
-                     "__version__": getattr(mod, "VERSION", 1)})
-    write_json(workdir / "config.json", config)
-    meta: dict[str, Any] = {
-        "name": name,
-        "title": mod.TITLE,
-        "quick": quick,
-        "config_hash": h,
-        "environment": environment(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    t0 = time.perf_counter()
+    return config_hash({**{k: v for k, v in config.items() if k not in RUN_KEYS},
+                        "__version__": getattr(mod, "VERSION", 1)})
+
+
+def _measure(
+    mod: ModuleType, name: str, config: dict[str, Any], workdir: Path, h: str, force: bool,
+    quick: bool, say: Callable[[str], None],
+) -> tuple[Any, str, float]:
+    """The study's measurements: stored ones when they match ``h`` (and not ``force``), else
+    a fresh run written to ``results.json``. Returns ``(data, status, run seconds)``."""
     results_path = workdir / "results.json"
-    status = "done"
-    run_s = 0.0
-    try:
-        stored = read_json(results_path) if results_path.exists() and not force else None
-        if stored is not None and stored.get("config_hash") == h:
-            data = stored["data"]
-            run_s = float(stored.get("run_s", 0.0))
-            status = "cached"
-            say(f"{name}: results found, not re-running")
-        else:
-            say(f"{name}: running ({'quick' if quick else 'full'} configuration)")
-            t1 = time.perf_counter()
-            data = mod.run(config, workdir)
-            run_s = time.perf_counter() - t1
-            write_json(results_path, {"config_hash": h, "run_s": run_s, "data": data})
-            data = read_json(results_path)["data"]  # conclude from what is on disk
-        conclusion = mod.conclude(data)
-        write_json(workdir / "conclusion.json", conclusion.to_dict())
-        t2 = time.perf_counter()
-        figs = [Path(p) for p in mod.figures(data, workdir)]
-        meta["figures_s"] = time.perf_counter() - t2
-        meta["figures"] = [str(p.relative_to(workdir)) for p in figs]
-        meta.update(status=status, run_s=run_s, total_s=time.perf_counter() - t0)
-        meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        write_json(workdir / "meta.json", meta)
-        say(f"{name}: {conclusion.verdict}: {conclusion.sentence}")
-        return StudyOutcome(name, status, conclusion, figs, run_s, meta["total_s"])
-    except Exception as e:  # a failing study is reported, the lab carries on
-        tb = traceback.format_exc()
-        meta.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=tb)
-        meta.update(run_s=run_s, total_s=time.perf_counter() - t0)
-        write_json(workdir / "meta.json", meta)
-        say(f"{name}: FAILED: {type(e).__name__}: {e}")
-        return StudyOutcome(name, "failed", None, [], run_s, meta["total_s"], meta["error"])
+    stored = read_json(results_path) if results_path.exists() and not force else None
+    if stored is not None and stored.get("config_hash") == h:
+        say(f"{name}: results found, not re-running")
+        return stored["data"], "cached", float(stored.get("run_s", 0.0))
+    say(f"{name}: running ({'quick' if quick else 'full'} configuration)")
+    t1 = time.perf_counter()
+    data = mod.run(config, workdir)
+    run_s = time.perf_counter() - t1
+    write_json(results_path, {"config_hash": h, "run_s": run_s, "data": data})
+    return read_json(results_path)["data"], "done", run_s  # conclude from what is on disk
 
 
 def run_lab(
     names: Sequence[str],
     out: str | Path,
     *,
-    quick: bool = False,
-    executor: str = "local",
-    device: str = "cpu",
-    force: bool = False,
-    workers: int = 1,
     log: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> list[StudyOutcome]:
-    """Run several studies (``["all"]`` means every registered one) and build the report."""
-    check_choice("executor", executor, EXECUTORS)
-    wanted = resolve_names(names)
-    outcomes = []
-    for n in wanted:
-        outcomes.append(
-            run_study(n, out, quick=quick, executor=executor, device=device, force=force,
-                      workers=workers, log=log)
-        )
+    """Run several studies (``["all"]`` means every registered one) and build the report.
+
+    ``options`` are :func:`run_study`'s keyword arguments (``quick``, ``executor``, ``device``,
+    ``force``, ``workers``), the same for every study.
+    """
+    unknown = sorted(set(options) - {"quick", "executor", "device", "force", "workers"})
+    if unknown:
+        raise TypeError(f"run_lab() got unexpected keyword argument(s): {', '.join(unknown)}")
+    check_choice("executor", options.get("executor", "local"), EXECUTORS)
+    outcomes = [run_study(n, out, log=log, **options) for n in resolve_names(names)]
     build_report(out, order=STUDY_NAMES)
     return outcomes
 

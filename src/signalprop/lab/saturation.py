@@ -19,19 +19,9 @@ import torch
 from torch import nn
 
 from signalprop import stats
+from signalprop.lab import base as B
 from signalprop.lab import evidence as E
 from signalprop.lab import plotting as P
-from signalprop.lab.base import (
-    CONTRADICTS,
-    INCONCLUSIVE,
-    SUPPORTS,
-    Conclusion,
-    cached,
-    combine_verdicts,
-    conclusion,
-    fmt,
-    pct,
-)
 from signalprop.lab.common import MLP, get_data, init_linears_, seeded, train_classifier
 
 #: Bumped when the measurements change meaning (stored results then go stale).
@@ -195,7 +185,7 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
                 for s in config["seeds"]:
                     key = {**base, "dataset": ds, "variant": variant, "seed": s, "relu": False,
                            "scale": sc}
-                    runs.append(cached(workdir, key, lambda ds=ds, v=variant, s=s, sc=sc:
+                    runs.append(B.cached(workdir, key, lambda ds=ds, v=variant, s=s, sc=sc:
                                        _train_one(config, ds, v, s, relu=False, scale=sc),
                                        tag="sig"))
     relu_runs = []
@@ -203,7 +193,7 @@ def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     for variant in ("bn", "bn-frozen-beta"):
         for s in config["seeds"]:
             key = {**base, "dataset": ds0, "variant": variant, "seed": s, "relu": True}
-            relu_runs.append(cached(workdir, key, lambda v=variant, s=s: _train_one(
+            relu_runs.append(B.cached(workdir, key, lambda v=variant, s=s: _train_one(
                 config, ds0, v, s, relu=True), tag="relu"))
     return {"runs": runs, "relu_runs": relu_runs, "unit": config["unit"],
             "datasets": config["datasets"],
@@ -248,7 +238,7 @@ def per_seed(runs: list[dict[str, Any]], variant: str, dataset: str,
     return out
 
 
-def conclude(data: dict[str, Any]) -> Conclusion:
+def conclude(data: dict[str, Any]) -> B.Conclusion:
     nums: dict[str, Any] = {}
     verdicts: list[str] = []
     details: list[str] = []
@@ -258,40 +248,40 @@ def conclude(data: dict[str, Any]) -> Conclusion:
             p, b = per_seed(data["runs"], "plain", ds, sc), per_seed(data["runs"], "bn", ds, sc)
             if not p["saturated"] or not b["saturated"]:
                 continue
-            tag = f"{ds}" + (f", init x{fmt(sc)}" if sc is not None else "")
+            tag = f"{ds}" + (f", init x{B.fmt(sc)}" if sc is not None else "")
             for k in ("saturated", "drift", "mean_acc", "final_acc"):
                 nums[f"{tag}: {k} plain"] = float(np.mean(p[k]))
                 nums[f"{tag}: {k} BN"] = float(np.mean(b[k]))
             # 1) saturation
             e1 = E.diff_effect(b["saturated"], p["saturated"], f"{tag}: saturated BN - plain")
             if max(np.mean(p["saturated"]), np.mean(b["saturated"])) < 0.01:
-                v1 = INCONCLUSIVE
+                v1 = B.INCONCLUSIVE
                 details.append(
                     f"{tag}: the plain sigmoid network barely saturated "
-                    f"({pct(float(np.mean(p['saturated'])))} of units, second half of training), "
+                    f"({B.pct(float(np.mean(p['saturated'])))} of units, second half of training), "
                     "so there was little saturation for BN to stop.")
             else:
                 v1 = E.verdict(e1, -1)
                 details.append(
-                    f"{tag}: saturated fraction {pct(float(np.mean(b['saturated'])))} with BN vs "
-                    f"{pct(float(np.mean(p['saturated'])))} without; {E.describe(e1, v1, pct)}"
-                    + (" (BN did NOT reduce saturation)." if v1 == CONTRADICTS else "."))
+                    f"{tag}: saturated fraction {B.pct(float(np.mean(b['saturated'])))} with BN vs "
+                    f"{B.pct(float(np.mean(p['saturated'])))} without; {E.describe(e1, v1, B.pct)}"
+                    + (" (BN did NOT reduce saturation)." if v1 == B.CONTRADICTS else "."))
             # 2) stability of the input distribution
             e2 = E.log_ratio_effect(b["drift"], p["drift"], f"{tag}: drift BN / plain")
             v2 = E.verdict(e2, -1)
             details.append(
                 f"{tag}: the median input of a last-layer sigmoid travelled "
-                f"{fmt(float(np.mean(b['drift'])))} widths with BN vs "
-                f"{fmt(float(np.mean(p['drift'])))} without; {E.describe(e2, v2)}"
-                + (" (BN is NOT more stable here)." if v2 == CONTRADICTS else "."))
+                f"{B.fmt(float(np.mean(b['drift'])))} widths with BN vs "
+                f"{B.fmt(float(np.mean(p['drift'])))} without; {E.describe(e2, v2)}"
+                + (" (BN is NOT more stable here)." if v2 == B.CONTRADICTS else "."))
             # 3) speed
             e3 = E.diff_effect(b["mean_acc"], p["mean_acc"],
                                f"{tag}: mean test accuracy over training BN - plain")
             v3 = E.verdict(e3, +1)
             details.append(
-                f"{E.describe(e3, v3, pct)} (final {pct(float(np.mean(b['final_acc'])))} "
-                f"vs {pct(float(np.mean(p['final_acc'])))})"
-                + ("; BN did NOT train faster." if v3 == CONTRADICTS else "."))
+                f"{E.describe(e3, v3, B.pct)} (final {B.pct(float(np.mean(b['final_acc'])))} "
+                f"vs {B.pct(float(np.mean(p['final_acc'])))})"
+                + ("; BN did NOT train faster." if v3 == B.CONTRADICTS else "."))
             for e in (e1, e2, e3):
                 nums.update(E.numbers(e))
             verdicts += [v1, v2, v3]
@@ -315,21 +305,21 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         nums["BN-ReLU off fraction, beta frozen at 0"] = float(np.mean(off_of("bn-frozen-beta")))
         nums["BN-ReLU off fraction, beta learnable"] = float(np.mean(off_of("bn")))
         details.append(
-            f"BN-ReLU at the end of training: {pct(float(np.mean(off_of('bn-frozen-beta'))))} of "
+            f"BN-ReLU at the end of training: {B.pct(float(np.mean(off_of('bn-frozen-beta'))))} of "
             f"units off per example with beta frozen at 0 vs "
-            f"{pct(float(np.mean(off_of('bn'))))} with a learnable beta; "
-            f"{E.describe(e4, v4, pct)}; {E.describe(ea, E.verdict(ea, +1), pct)}"
-            + (" (a learnable beta did NOT lower the off fraction)." if v4 == CONTRADICTS
+            f"{B.pct(float(np.mean(off_of('bn'))))} with a learnable beta; "
+            f"{E.describe(e4, v4, B.pct)}; {E.describe(ea, E.verdict(ea, +1), B.pct)}"
+            + (" (a learnable beta did NOT lower the off fraction)." if v4 == B.CONTRADICTS
                else "."))
         verdicts.append(v4)
-    verdict = combine_verdicts(verdicts)
+    verdict = B.combine_verdicts(verdicts)
     head = {
-        SUPPORTS: "Batch norm behaved as claimed",
-        CONTRADICTS: "The measurements contradict part of the claim",
-        INCONCLUSIVE: "The measurements only partly settle the claim",
+        B.SUPPORTS: "Batch norm behaved as claimed",
+        B.CONTRADICTS: "The measurements contradict part of the claim",
+        B.INCONCLUSIVE: "The measurements only partly settle the claim",
     }[verdict]
     sentence = f"{head}. " + " ".join(details)
-    return conclusion(CLAIM, sentence, verdict, nums, details)
+    return B.conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def _band(ax: Any, runs: list[dict[str, Any]], key_x: str, key_y: str, color: str, label: str):

@@ -17,7 +17,7 @@ from signalprop.record import MODEL
 class BackwardStats:
     """Mixin of :class:`~signalprop.probe.core.Probe`: gradients, weights, update norms."""
 
-    def _weight_values(self, values: list[torch.Tensor], names: _Metrics, scale: float) -> None:
+    def _weight_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
         """Every norm of this step in ONE fused call (parameter grads, weights), the norms
         before clipping, and the optimiser's side of the update ratios."""
         tensors: list[torch.Tensor] = []
@@ -36,7 +36,7 @@ class BackwardStats:
         allnorms = None
         if tensors:
             allnorms = device_norms(tensors)  # no host read (CPU underflow: re-checked later)
-            if n_grads and scale != 1.0:
+            if n_grads and scale is not None:
                 allnorms = torch.cat([allnorms[:n_grads] / scale, allnorms[n_grads:]])
             values.append(allnorms)
             names += tnames
@@ -56,10 +56,10 @@ class BackwardStats:
             self._copy_weights()
 
     def _preclip_values(self, pre: Any, values: list[torch.Tensor], names: _Metrics,
-                        scale: float) -> None:
+                        scale: torch.Tensor | None) -> None:
         """Norms taken at the end of backward, before any clipping by the user's loop."""
         pnames, pnorms, versions = pre
-        pnorms = pnorms / scale if scale != 1.0 else pnorms
+        pnorms = pnorms / scale if scale is not None else pnorms
         values += [pnorms, pnorms.square().sum().sqrt().reshape(1)]
         names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
         grads = [p.grad for _, p in self.params if p.grad is not None]
@@ -69,7 +69,7 @@ class BackwardStats:
             # gradients changed in place since backward (clip_grad_norm_, unscale_): the
             # global norm the optimiser will actually use
             after = device_norms(grads).square().sum().sqrt()
-            if not self._unscaled_by_scaler():
+            if scale is not None and not self._unscaled_by_scaler():
                 after = after / scale
             values.append(after.reshape(1))
             names.append((MODEL, "grad_norm_total_clipped"))
@@ -87,7 +87,7 @@ class BackwardStats:
         self._snapshot = self._buffers
 
     def _current_grad_norms(
-        self, pre: Any, allnorms: torch.Tensor | None, n_grads: int, scale: float
+        self, pre: Any, allnorms: torch.Tensor | None, n_grads: int, scale: torch.Tensor | None
     ) -> torch.Tensor | None:
         """||g|| of every parameter as the optimiser will see it (0 without a gradient); only
         the closed form of plain SGD needs it."""
@@ -100,25 +100,35 @@ class BackwardStats:
         reuse = None
         if pre is not None:
             pnames, pnorms, versions = pre
-            if scale == 1.0 and len(versions) == len(grads) and all(
+            if scale is None and len(versions) == len(grads) and all(
                 g._version == v for g, v in zip(grads, versions, strict=True)
             ):
                 reuse = pnorms
-        elif allnorms is not None and n_grads == len(grads) and scale == 1.0:
+        elif allnorms is not None and n_grads == len(grads) and scale is None:
             reuse = allnorms[:n_grads]
         norms = reuse if reuse is not None else device_norms(grads)
         if len(have) == len(self.params):
             return norms
         out = torch.zeros(len(self.params), dtype=torch.float64, device=norms.device)
         return out.index_copy_(0, host_tensor(have, torch.long, norms.device), norms)
-    def _loss_scale(self) -> float:
-        if self.scaler is None:
-            return 1.0
-        try:
-            s = float(self.scaler.get_scale())
-        except Exception:  # a disabled scaler
-            return 1.0
-        return s if s > 0 and math.isfinite(s) else 1.0
+    def _loss_scale(self) -> torch.Tensor | None:
+        """The scaler's current loss scale as a 0-dim float64 tensor, never read on the host
+        (``GradScaler.get_scale()`` would synchronise with the device); ``None`` without an
+        enabled scaler. A copy: the scaler's ``update()`` changes its tensor in place, and the
+        value travels with the step's (possibly deferred) transfer."""
+        sc = self.scaler
+        if sc is None or not getattr(sc, "is_enabled", lambda: True)():
+            return None
+        get_async = getattr(sc, "_get_scale_async", None)
+        t = get_async() if callable(get_async) else None
+        if not isinstance(t, torch.Tensor):
+            try:  # not scaled yet, or another scaler type: a host value, no device involved
+                s = float(sc.get_scale())
+            except Exception:  # a disabled scaler
+                return None
+            return torch.tensor(s if s > 0 and math.isfinite(s) else 1.0, dtype=torch.float64)
+        t = t.detach().reshape(()).to(torch.float64, copy=True)
+        return torch.where(torch.isfinite(t) & (t > 0), t, torch.ones_like(t))
 
     def _unscaled_by_scaler(self) -> bool:
         """Whether the scaler has already divided the gradients by the loss scale."""
@@ -142,7 +152,7 @@ class BackwardStats:
         grads = [g for _, g in with_grad]
         self._witness = self._param_of[with_grad[0][0]]
         self._preclip = ([n for n, _ in with_grad], device_norms(grads), [g._version for g in grads])
-    def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: float) -> None:
+    def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
         norms: list[Any] = []
         bads: list[Any] = []
         layer = []
@@ -167,7 +177,7 @@ class BackwardStats:
             return
         if not layer:
             nv = torch.stack([torch.as_tensor(v, dtype=torch.float64) for _, v in blocks])
-            values.append(nv / scale if scale != 1.0 else nv)
+            values.append(nv / scale if scale is not None else nv)
             names += [(b, "in_grad_norm") for b, _ in blocks]
             return
         norms += tvals
@@ -184,7 +194,7 @@ class BackwardStats:
                 self._uncounted = True
             else:
                 bv = torch.stack([torch.as_tensor(v) for v in bads]).to(torch.float64)
-        if scale != 1.0:
+        if scale is not None:
             nv = nv / scale  # dL/dh of the unscaled loss
         values += [nv[: len(layer)], bv]
         names += [(n, "out_grad_norm") for n in layer]

@@ -452,17 +452,19 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._pending = self._to_dict(values, names)
         self._note_unchecked()
         self._drop_unchanged_clip()
-        self._fix_nonfinite_counts(scale)
+        self._fix_nonfinite_counts()
 
-    def _step_scalars(self, values: list[torch.Tensor], names: _Metrics, scale: float) -> None:
+    def _step_scalars(self, values: list[torch.Tensor], names: _Metrics,
+                      scale: torch.Tensor | None) -> None:
         """Logged scalars, the loss scale and the learning rate of this step."""
         for k, v in self._scalars.items():
             n = self._scalar_counts.get(k, 1)
             t = v if isinstance(v, torch.Tensor) else torch.tensor([v], dtype=torch.float32)
             values.append(t / n if n > 1 else t)  # stays on its device until the transfer
             names.append((MODEL, k))
-        if self.scaler is not None:
-            values.append(torch.tensor([scale], dtype=torch.float64))
+        if self.scaler is not None:  # (1 for a disabled scaler)
+            values.append(scale.reshape(1) if scale is not None
+                          else torch.ones(1, dtype=torch.float64))
             names.append((MODEL, "loss_scale"))
         if self.optimizers:
             # the rate this step uses (learning-rate schedulers change it between steps)

@@ -4,29 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-# torch classes -> canonical activation names (shared with theory and remedies registries).
-# Order matters: ReLU6 subclasses Hardtanh, so it is checked first.
-_TORCH_ACTIVATIONS: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.ReLU6, "relu6"),
-    (nn.Sigmoid, "sigmoid"),
-    (nn.Tanh, "tanh"),
-    (nn.Softsign, "softsign"),
-    (nn.Hardtanh, "hardtanh"),
-    (nn.ReLU, "relu"),
-    (nn.LeakyReLU, "leaky_relu"),
-    (nn.RReLU, "rrelu"),
-    (nn.ELU, "elu"),
-    (nn.SELU, "selu"),
-    (nn.CELU, "celu"),
-    (nn.GELU, "gelu"),
-    (nn.SiLU, "silu"),
-    (nn.Mish, "mish"),
-    (nn.Softplus, "softplus"),
-    (nn.Hardsigmoid, "hardsigmoid"),
-    (nn.Hardswish, "hardswish"),
-    (nn.LogSigmoid, "logsigmoid"),
-    (nn.Tanhshrink, "tanhshrink"),
-)
+# the canonical name of a module (torch classes, Hugging Face class names, custom
+# ``signalprop_activation``) is defined once, in the activation vocabulary
+from signalprop.vocab.activations import activation_kind
+
+__all__ = ["activation_kind", "watched_modules"]
 
 # Leaf modules that only reshape or pass data through: watching them adds cost and no signal.
 _PASSTHROUGH: tuple[type[nn.Module], ...] = (
@@ -39,30 +21,6 @@ _PASSTHROUGH: tuple[type[nn.Module], ...] = (
     nn.Dropout3d,
     nn.AlphaDropout,
 )
-
-
-#: Activation modules known by class name (Hugging Face ``transformers.activations``): some
-#: compute their function from others (NewGELU from tanh), so the name is the only safe guide.
-_BY_NAME: dict[str, str] = {
-    "GELUActivation": "gelu", "NewGELUActivation": "gelu", "FastGELUActivation": "gelu",
-    "QuickGELUActivation": "gelu", "GELUTanh": "gelu", "ClippedGELUActivation": "gelu",
-    "AccurateGELUActivation": "gelu", "PytorchGELUTanh": "gelu", "SiLUActivation": "silu",
-    "MishActivation": "mish",
-}
-
-
-def activation_kind(module: nn.Module) -> str | None:
-    """Canonical activation name of ``module`` or ``None``.
-
-    Custom modules declare theirs with a class attribute ``signalprop_activation = "gaussian"``.
-    """
-    custom = getattr(module, "signalprop_activation", None)
-    if isinstance(custom, str):
-        return custom
-    for cls, name in _TORCH_ACTIVATIONS:
-        if isinstance(module, cls):
-            return name
-    return _BY_NAME.get(type(module).__name__)
 
 
 def watched_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

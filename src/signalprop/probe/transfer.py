@@ -206,7 +206,7 @@ class Transfer:
             d[metric] = v
         return out
 
-    def _fix_nonfinite_counts(self, scale: float = 1.0) -> None:
+    def _fix_nonfinite_counts(self) -> None:
         """Host-side fix-ups, right after the step's transfer (rare paths: healthy steps only
         scan). NaN/Inf entries are counted exactly (on the forward sample when the output was
         sampled, scaled to the output's size) where a norm or moment was non-finite; float32
@@ -215,6 +215,7 @@ class Transfer:
         """
         pending = self._pending
         assert pending is not None
+        scale = pending.get(MODEL, {}).get("loss_scale", 1.0)  # on the host by now
         pos = {s.name: s for s in self._sites}
         pidx = dict(self.params)
         refix = False

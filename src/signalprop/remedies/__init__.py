@@ -314,33 +314,27 @@ def _scaled_activation(a: float | str = "nf", learnable: bool = False) -> Remedy
                              a=a, learnable=learnable)
 
 
-def _optimizer_remedy(name: str, optimizer: str, description: str, lr: float | None) -> Remedy:
-    return Remedy(name, optimizer=optimizer, lr=lr, description=description)
+#: The remedies that switch optimiser (rate: :data:`DEFAULT_LR`), with their sources.
+_OPTIMIZER_REMEDIES = {
+    "adam": "Adam (Kingma & Ba 2015)",
+    "rmsprop": "RMSProp (Tieleman & Hinton 2012)",
+    "rprop": "sign-based Rprop (Riedmiller & Braun 1993)",
+    "smorms3": "SMORMS3 (Funk 2015)",
+    "vsgd": "vSGD adaptive rates (Schaul, Zhang & LeCun 2013)",
+}
 
 
-@REMEDIES.register("adam", lr=1e-3)
-def _adam(lr: float = 1e-3) -> Remedy:
-    return _optimizer_remedy("adam", "adam", "Adam (Kingma & Ba 2015)", lr)
+def _register_optimizer_remedy(name: str, description: str) -> None:
+    default_lr = DEFAULT_LR[name]
+
+    def factory(lr: float = default_lr) -> Remedy:
+        return Remedy(name, optimizer=name, lr=lr, description=description)
+
+    REMEDIES.register(name, factory, lr=default_lr)
 
 
-@REMEDIES.register("rmsprop", lr=1e-3)
-def _rmsprop(lr: float = 1e-3) -> Remedy:
-    return _optimizer_remedy("rmsprop", "rmsprop", "RMSProp (Tieleman & Hinton 2012)", lr)
-
-
-@REMEDIES.register("rprop", lr=1e-2)
-def _rprop(lr: float = 1e-2) -> Remedy:
-    return _optimizer_remedy("rprop", "rprop", "sign-based Rprop (Riedmiller & Braun 1993)", lr)
-
-
-@REMEDIES.register("smorms3", lr=1e-3)
-def _smorms3(lr: float = 1e-3) -> Remedy:
-    return _optimizer_remedy("smorms3", "smorms3", "SMORMS3 (Funk 2015)", lr)
-
-
-@REMEDIES.register("vsgd", lr=1.0)
-def _vsgd(lr: float = 1.0) -> Remedy:
-    return _optimizer_remedy("vsgd", "vsgd", "vSGD adaptive rates (Schaul, Zhang & LeCun 2013)", lr)
+for _name, _description in _OPTIMIZER_REMEDIES.items():
+    _register_optimizer_remedy(_name, _description)
 
 
 @REMEDIES.register("layerwise_lr", lr=1.0, trust=0.01, momentum=0.9)

@@ -1,9 +1,10 @@
 """Activation functions as ``nn.Module`` s, registered by their canonical names.
 
-Canonical names (shared with :mod:`signalprop.theory` and the probe): ``linear, relu, leaky_relu,
-rrelu, elu, selu, gelu, silu, softplus, sigmoid, tanh, softsign, hardtanh, erf, gaussian, sin``.
-Where torch has a class, the registry builds torch's own module (the probe recognises those by
-class); the custom ones below carry a class attribute ``signalprop_activation`` with their name.
+:data:`ACTIVATIONS` is the ``nn.Module`` face of the activation vocabulary
+(:mod:`signalprop.vocab.activations`, shared with :mod:`signalprop.theory`, the engine and the
+probe). Where torch has a class, the registry builds torch's own module (the probe recognises
+those by class); the custom ones (:class:`Erf`, :class:`Gaussian`, :class:`Sin`,
+:class:`Identity`, defined in the vocabulary) carry a class attribute ``signalprop_activation``.
 
 Also here:
 
@@ -23,43 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from signalprop._registry import Registry, unknown_name_message
+from signalprop._registry import Registry
 
-
-class Identity(nn.Module):
-    """phi(z) = z (the ``linear`` activation: a deep linear network)."""
-
-    signalprop_activation = "linear"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-class Erf(nn.Module):
-    """phi(z) = erf(z) (its Gaussian expectations have closed forms; Williams 1997)."""
-
-    signalprop_activation = "erf"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.erf(x)
-
-
-class Gaussian(nn.Module):
-    """phi(z) = exp(-z^2 / 2), a bump saturating on both sides (|phi'| = |z| exp(-z^2/2))."""
-
-    signalprop_activation = "gaussian"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-0.5 * x * x)
-
-
-class Sin(nn.Module):
-    """phi(z) = sin(z) (periodic; never saturates for good)."""
-
-    signalprop_activation = "sin"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sin(x)
+# the activations themselves, and the canonical name of a module, are defined once in the vocabulary
+from signalprop.vocab.activations import ACTIVATIONS as VOCAB
+from signalprop.vocab.activations import (  # noqa: F401 (re-exported: public names of this module)
+    Erf,
+    Gaussian,
+    Identity,
+    Sin,
+    activation_kind,
+    infer_activation,
+)
 
 
 class SquaredDistance(nn.Module):
@@ -231,25 +207,8 @@ class Scaled(nn.Module):
         return f"a={float(self.a):.4g}, learnable={self.learnable}"
 
 
-ACTIVATIONS: Registry = Registry("activation")
-ACTIVATIONS.register("linear", Identity, doc="z")
-ACTIVATIONS.register("relu", nn.ReLU, doc="max(0, z)")
-ACTIVATIONS.register("leaky_relu", nn.LeakyReLU, negative_slope=0.01, doc="max(z, 0.01 z)")
-ACTIVATIONS.register(
-    "rrelu", nn.RReLU, lower=1.0 / 8, upper=1.0 / 3, doc="randomised leaky slope (Xu et al. 2015)"
-)
-ACTIVATIONS.register("elu", nn.ELU, alpha=1.0, doc="z>0: z; else alpha (e^z - 1)")
-ACTIVATIONS.register("selu", nn.SELU, doc="self-normalising ELU (Klambauer et al. 2017)")
-ACTIVATIONS.register("gelu", nn.GELU, doc="z Phi(z)")
-ACTIVATIONS.register("silu", nn.SiLU, doc="z sigmoid(z)")
-ACTIVATIONS.register("softplus", nn.Softplus, doc="log(1 + e^z)")
-ACTIVATIONS.register("sigmoid", nn.Sigmoid, doc="1 / (1 + e^-z)")
-ACTIVATIONS.register("tanh", nn.Tanh, doc="tanh z")
-ACTIVATIONS.register("softsign", nn.Softsign, doc="z / (1 + |z|)")
-ACTIVATIONS.register("hardtanh", nn.Hardtanh, doc="clip(z, -1, 1)")
-ACTIVATIONS.register("erf", Erf, doc="erf z")
-ACTIVATIONS.register("gaussian", Gaussian, doc="exp(-z^2/2)")
-ACTIVATIONS.register("sin", Sin, doc="sin z")
+#: The buildable activations: the ``nn.Module`` face of the vocabulary (aliases included).
+ACTIVATIONS: Registry = VOCAB.derive(lambda e: e.fn.module)
 
 
 def make_activation(name: str, **overrides: object) -> nn.Module:
@@ -257,47 +216,11 @@ def make_activation(name: str, **overrides: object) -> nn.Module:
     return ACTIVATIONS.build(name, **overrides)
 
 
-# the canonical name of a module (torch classes and custom ``signalprop_activation``) is defined
-# once, next to the probe that reads it
-from signalprop.probe.modules import activation_kind  # noqa: E402
-
-
 def is_activation(module: nn.Module) -> bool:
     """True for a module this package recognises as an activation (``Scaled`` included)."""
     return isinstance(module, Scaled) or activation_kind(module) is not None
 
 
-def infer_activation(model: nn.Module) -> str:
-    """The single activation kind used by ``model``'s hidden layers.
-
-    Raises:
-        ValueError: when the model has no recognisable activation module (functional calls such
-            as ``torch.tanh`` inside ``forward`` are invisible), or mixes several kinds.
-    """
-    kinds = []
-    for _, m in model.named_modules():
-        if isinstance(m, Scaled):
-            continue  # its child phi is visited and counted
-        k = activation_kind(m)
-        if k is not None:
-            kinds.append(k)
-    found = sorted(set(kinds))
-    if not found:
-        raise ValueError(
-            f"cannot infer the activation of {type(model).__name__}: it has no activation "
-            "modules (activations called functionally inside forward(), e.g. torch.tanh, are "
-            "invisible; use nn.Tanh() etc. or pass the activation explicitly)"
-        )
-    if len(found) > 1:
-        raise ValueError(
-            f"cannot infer one activation for {type(model).__name__}: it mixes {found}; "
-            "pass the activation explicitly"
-        )
-    return found[0]
-
-
 def check_activation_name(name: str) -> str:
-    """Validate a canonical activation name against :data:`ACTIVATIONS`."""
-    if name not in ACTIVATIONS:
-        raise ValueError(unknown_name_message("activation", name, ACTIVATIONS.names()))
-    return name.lower()
+    """The canonical spelling of an activation name or alias (``ValueError`` if unknown)."""
+    return ACTIVATIONS.canonical(name)

@@ -89,6 +89,8 @@ class GradientTransform:
     """
 
     name = "identity"
+    #: The attributes :meth:`hparams` reports (the constructor's arguments).
+    _hparams: tuple[str, ...] = ()
 
     def __init__(self, record_norms: bool = True) -> None:
         self.record_norms = record_norms
@@ -128,7 +130,13 @@ class GradientTransform:
         return f"{type(self).__name__}({args})"
 
     def hparams(self) -> dict[str, Any]:
-        return {}
+        return {k: getattr(self, k) for k in self._hparams}
+
+
+def _positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
 
 
 class Chain(GradientTransform):
@@ -171,12 +179,11 @@ class ClipByGlobalNorm(GradientTransform):
     """
 
     name = "clip_by_global_norm"
+    _hparams = ("max_norm",)
 
     def __init__(self, max_norm: float = 1.0, record_norms: bool = True) -> None:
-        if not max_norm > 0:
-            raise ValueError(f"max_norm must be > 0, got {max_norm}")
         super().__init__(record_norms)
-        self.max_norm = float(max_norm)
+        self.max_norm = _positive("max_norm", max_norm)
 
     def update(self, ctx: GradContext) -> None:
         total = stats.global_norm(ctx.grads).to(ctx.grads[0].device)
@@ -185,27 +192,20 @@ class ClipByGlobalNorm(GradientTransform):
         for g in ctx.grads:
             g.mul_(scale.to(g.dtype))
 
-    def hparams(self) -> dict[str, Any]:
-        return {"max_norm": self.max_norm}
-
 
 class ClipByValue(GradientTransform):
     """g <- clip(g, -clip_value, clip_value), elementwise."""
 
     name = "clip_by_value"
+    _hparams = ("clip_value",)
 
     def __init__(self, clip_value: float = 1.0, record_norms: bool = True) -> None:
-        if not clip_value > 0:
-            raise ValueError(f"clip_value must be > 0, got {clip_value}")
         super().__init__(record_norms)
-        self.clip_value = float(clip_value)
+        self.clip_value = _positive("clip_value", clip_value)
 
     def update(self, ctx: GradContext) -> None:
         for g in ctx.grads:
             g.clamp_(-self.clip_value, self.clip_value)
-
-    def hparams(self) -> dict[str, Any]:
-        return {"clip_value": self.clip_value}
 
 
 def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -230,6 +230,7 @@ class AdaptiveClip(GradientTransform):
     """
 
     name = "adaptive_clip"
+    _hparams = ("clipping", "eps", "exclude_final")
 
     def __init__(
         self,
@@ -254,9 +255,6 @@ class AdaptiveClip(GradientTransform):
                 clipped = g * (max_norm / gn.clamp_min(1e-6))
                 g.copy_(torch.where(gn > max_norm, clipped, g))
 
-    def hparams(self) -> dict[str, Any]:
-        return {"clipping": self.clipping, "eps": self.eps, "exclude_final": self.exclude_final}
-
 
 class AddDecayedWeights(GradientTransform):
     """g <- g + weight_decay * w (L2 regularisation; equals SGD's coupled weight decay).
@@ -265,6 +263,7 @@ class AddDecayedWeights(GradientTransform):
     """
 
     name = "add_decayed_weights"
+    _hparams = ("weight_decay", "skip_vectors")
 
     def __init__(
         self, weight_decay: float = 5e-4, skip_vectors: bool = True, record_norms: bool = True
@@ -280,9 +279,6 @@ class AddDecayedWeights(GradientTransform):
                 if self.skip_vectors and p.dim() <= 1:
                     continue
                 g.add_(p, alpha=self.weight_decay)
-
-    def hparams(self) -> dict[str, Any]:
-        return {"weight_decay": self.weight_decay, "skip_vectors": self.skip_vectors}
 
 
 def clip_by_global_norm(max_norm: float = 1.0) -> ClipByGlobalNorm:

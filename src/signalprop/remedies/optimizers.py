@@ -85,6 +85,12 @@ class SMORMS3(Optimizer):
         return loss
 
 
+def _refuse(bad: bool, needs: str, **got: Any) -> None:
+    """Raise "``needs``; got k=v, ..." when ``bad`` (an optimiser's hyper-parameter check)."""
+    if bad:
+        raise ValueError(f"{needs}; got " + ", ".join(f"{k}={v}" for k, v in got.items()))
+
+
 class VSGD(Optimizer):
     """vSGD: per-parameter learning rates from running estimates (Schaul, Zhang & LeCun 2013).
 
@@ -139,16 +145,11 @@ class VSGD(Optimizer):
             from signalprop._registry import unknown_name_message
 
             raise ValueError(unknown_name_message("vSGD curvature", curvature, ["fd", "secant"]))
-        if not lr > 0 or not init_lr > 0 or slow_start < 1 or eps <= 0:
-            raise ValueError(
-                f"vSGD needs lr > 0, init_lr > 0, slow_start >= 1, eps > 0; got lr={lr}, "
-                f"init_lr={init_lr}, slow_start={slow_start}, eps={eps}"
-            )
-        super().__init__(
-            params,
-            {"lr": lr, "curvature": curvature, "init_lr": init_lr, "slow_start": slow_start,
-             "eps": eps},
-        )
+        _refuse(not lr > 0 or not init_lr > 0 or slow_start < 1 or eps <= 0,
+                "vSGD needs lr > 0, init_lr > 0, slow_start >= 1, eps > 0",
+                lr=lr, init_lr=init_lr, slow_start=slow_start, eps=eps)
+        super().__init__(params, dict(lr=lr, curvature=curvature, init_lr=init_lr,
+                                      slow_start=slow_start, eps=eps))
 
     def _params(self) -> list[tuple[dict[str, Any], torch.Tensor]]:
         return [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -191,54 +192,58 @@ class VSGD(Optimizer):
             )
         hs = self._fd_curvature(closure) if fd and closure is not None else {}
         for group, p in self._params():
-            g = p.grad
-            st = self.state[p]
-            eps, c = group["eps"], group["slow_start"]
-            if group["curvature"] == "fd":
-                h = hs[p]
-            elif "prev_p" in st:
-                dp = p - st["prev_p"]
-                # a step below a few ulps of w is mostly rounding (or was absorbed entirely):
-                # no curvature from it; those elements keep their running estimate
-                ok = dp.abs() > torch.clamp(8 * torch.finfo(p.dtype).eps * p.abs(), min=1e-30)
-                h = torch.where(ok, (g - st["prev_g"]).abs() / torch.where(ok, dp.abs(), 1.0),
-                                torch.full_like(g, float("nan")))
-            else:
-                h = None
-            fresh_g = "gbar" not in st
-            if fresh_g:
-                st["gbar"] = g.clone()
-                st["vbar"] = c * (g * g + eps)
-                st["tau"] = torch.full_like(g, 2.0)
-            if h is None:
-                # secant mode, first step: no curvature yet -> a small plain SGD step
-                st["prev_g"], st["prev_p"] = g.clone(), p.clone()
-                p.sub_(group["init_lr"] * g)
-                continue
-            valid = ~torch.isnan(h)
-            hv = torch.nan_to_num(h, nan=0.0)
-            fresh_h = "hbar" not in st
-            if fresh_h:
-                st["hbar"] = hv.clone()
-                st["vhbar"] = c * (hv * hv) + eps
-            f = 1.0 / st["tau"]
-            if not fresh_g:  # a fresh average already holds this sample
-                st["gbar"].mul_(1 - f).add_(f * g)
-                st["vbar"].mul_(1 - f).add_(f * (g * g) + eps)
-            if not fresh_h:
-                st["hbar"].copy_(torch.where(valid, (1 - f) * st["hbar"] + f * hv, st["hbar"]))
-                st["vhbar"].copy_(
-                    torch.where(valid, (1 - f) * st["vhbar"] + f * hv * hv, st["vhbar"])
-                )
-            st["step"] = st.get("step", 0) + 1
-            vpart = st["gbar"] ** 2 / st["vbar"]
-            hpart = st["hbar"] / (st["vhbar"] + eps)
-            rate = group["lr"] * vpart * hpart
-            st["tau"].mul_(1 - vpart).add_(1.0)
-            if group["curvature"] == "secant":
-                st["prev_g"], st["prev_p"] = g.clone(), p.clone()
-            p.sub_(rate * g)
+            self._update(group, p, hs.get(p))
         return loss
+
+    def _update(self, group: dict[str, Any], p: torch.Tensor, h_fd: torch.Tensor | None) -> None:
+        """One parameter's step (``h_fd``: its finite-difference curvature in ``fd`` mode)."""
+        g = p.grad
+        st = self.state[p]
+        eps, c = group["eps"], group["slow_start"]
+        if group["curvature"] == "fd":
+            h = h_fd
+        elif "prev_p" in st:
+            dp = p - st["prev_p"]
+            # a step below a few ulps of w is mostly rounding (or was absorbed entirely):
+            # no curvature from it; those elements keep their running estimate
+            ok = dp.abs() > torch.clamp(8 * torch.finfo(p.dtype).eps * p.abs(), min=1e-30)
+            h = torch.where(ok, (g - st["prev_g"]).abs() / torch.where(ok, dp.abs(), 1.0),
+                            torch.full_like(g, float("nan")))
+        else:
+            h = None
+        fresh_g = "gbar" not in st
+        if fresh_g:
+            st["gbar"] = g.clone()
+            st["vbar"] = c * (g * g + eps)
+            st["tau"] = torch.full_like(g, 2.0)
+        if h is None:
+            # secant mode, first step: no curvature yet -> a small plain SGD step
+            st["prev_g"], st["prev_p"] = g.clone(), p.clone()
+            p.sub_(group["init_lr"] * g)
+            return
+        valid = ~torch.isnan(h)
+        hv = torch.nan_to_num(h, nan=0.0)
+        fresh_h = "hbar" not in st
+        if fresh_h:
+            st["hbar"] = hv.clone()
+            st["vhbar"] = c * (hv * hv) + eps
+        f = 1.0 / st["tau"]
+        if not fresh_g:  # a fresh average already holds this sample
+            st["gbar"].mul_(1 - f).add_(f * g)
+            st["vbar"].mul_(1 - f).add_(f * (g * g) + eps)
+        if not fresh_h:
+            st["hbar"].copy_(torch.where(valid, (1 - f) * st["hbar"] + f * hv, st["hbar"]))
+            st["vhbar"].copy_(
+                torch.where(valid, (1 - f) * st["vhbar"] + f * hv * hv, st["vhbar"])
+            )
+        st["step"] = st.get("step", 0) + 1
+        vpart = st["gbar"] ** 2 / st["vbar"]
+        hpart = st["hbar"] / (st["vhbar"] + eps)
+        rate = group["lr"] * vpart * hpart
+        st["tau"].mul_(1 - vpart).add_(1.0)
+        if group["curvature"] == "secant":
+            st["prev_g"], st["prev_p"] = g.clone(), p.clone()
+        p.sub_(rate * g)
 
 
 class LARS(Optimizer):
@@ -272,16 +277,11 @@ class LARS(Optimizer):
         trust: float = 0.01,
         exclude_vectors: bool = True,
     ) -> None:
-        if not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0 or not trust > 0:
-            raise ValueError(
-                f"LARS needs lr > 0, 0 <= momentum < 1, weight_decay >= 0, trust > 0; got "
-                f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}, trust={trust}"
-            )
-        super().__init__(
-            params,
-            {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "trust": trust,
-             "exclude_vectors": exclude_vectors},
-        )
+        _refuse(not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0 or not trust > 0,
+                "LARS needs lr > 0, 0 <= momentum < 1, weight_decay >= 0, trust > 0",
+                lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust)
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust=trust, exclude_vectors=exclude_vectors))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

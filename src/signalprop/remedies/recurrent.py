@@ -16,6 +16,7 @@ modules a remedy acts on raises ``ValueError`` naming what is missing (not appli
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,36 +80,44 @@ def _hh_weights(model: nn.Module, types: tuple[type, ...]) -> list[tuple[nn.Modu
     return out
 
 
+def _init_hh_weights(model: nn.Module, types: tuple[type, ...], what: str,
+                     init: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], None]
+                     ) -> nn.Module:
+    """A copy of ``model`` with ``init(module, W_hh, b_hh or None)`` applied to each recurrent
+    weight of a module of ``types``; raises naming ``what`` is missing when there is none."""
+    new = copy.deepcopy(model)
+    ws = _hh_weights(new, types)
+    if not ws:
+        raise _none(model, what)
+    with torch.no_grad():
+        for m, wn, bn in ws:
+            init(m, getattr(m, wn), getattr(m, bn, None))
+    return new
+
+
 def orthogonal_recurrent_init(model: nn.Module, example_batch: Any = None,
                               gain: float = 1.0) -> nn.Module:
     """Orthogonal recurrent weights, one H x H block per gate."""
-    new = copy.deepcopy(model)
-    ws = _hh_weights(new, (nn.RNNBase, nn.RNNCellBase))
-    if not ws:
-        raise _none(model, "recurrent module (nn.RNN/LSTM/GRU or a cell)")
-    with torch.no_grad():
-        for m, wn, _ in ws:
-            w = getattr(m, wn)
-            for block in w.split(m.hidden_size, 0):
-                nn.init.orthogonal_(block, gain=gain)
-    return new
+
+    def init(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        for block in w.split(m.hidden_size, 0):
+            nn.init.orthogonal_(block, gain=gain)
+
+    return _init_hh_weights(model, (nn.RNNBase, nn.RNNCellBase),
+                            "recurrent module (nn.RNN/LSTM/GRU or a cell)", init)
 
 
 def identity_recurrent_init(model: nn.Module, example_batch: Any = None,
                             scale: float = 1.0) -> nn.Module:
     """W_hh = scale * I and a zero recurrent bias on vanilla RNNs (IRNN)."""
-    new = copy.deepcopy(model)
-    ws = _hh_weights(new, (nn.RNN, nn.RNNCell))
-    if not ws:
-        raise _none(model, "vanilla nn.RNN or nn.RNNCell (identity init is for plain RNNs)")
-    with torch.no_grad():
-        for m, wn, bn in ws:
-            w = getattr(m, wn)
-            w.copy_(scale * torch.eye(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device))
-            b = getattr(m, bn, None)
-            if b is not None:
-                b.zero_()
-    return new
+
+    def init(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        w.copy_(scale * torch.eye(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device))
+        if b is not None:
+            b.zero_()
+
+    return _init_hh_weights(model, (nn.RNN, nn.RNNCell),
+                            "vanilla nn.RNN or nn.RNNCell (identity init is for plain RNNs)", init)
 
 
 def forget_gate_bias(model: nn.Module, example_batch: Any = None, value: float = 1.0) -> nn.Module:

@@ -353,19 +353,25 @@ def _sequentials(model: nn.Module) -> list[nn.Sequential]:
     return out
 
 
+def _copy_with_sequentials(model: nn.Module, cannot: str) -> tuple[nn.Module, list[nn.Sequential]]:
+    """A copy of ``model`` and its sequentials of blocks (:func:`_sequentials`); raises
+    "``cannot``: ... has no nn.Sequential ..." when there are none."""
+    new = copy.deepcopy(model)
+    seqs = _sequentials(new)
+    if not seqs:
+        raise ValueError(
+            f"{cannot}: {type(model).__name__} has no nn.Sequential of (layer, activation) blocks"
+        )
+    return new, seqs
+
+
 def _wrap_blocks(
     model: nn.Module,
     example_batch: Batch,
     wrap: Callable[[nn.Module, tuple[int, ...]], nn.Module],
     what: str,
 ) -> nn.Module:
-    new = copy.deepcopy(model)
-    seqs = _sequentials(new)
-    if not seqs:
-        raise ValueError(
-            f"cannot add {what} connections: {type(model).__name__} has no nn.Sequential of "
-            "(layer, activation) blocks"
-        )
+    new, seqs = _copy_with_sequentials(model, f"cannot add {what} connections")
     shapes: dict[int, Any] = {}
     if example_batch is not None:
         shapes = _io_shapes(new, example_batch, [c for s in seqs for c in s.children()])
@@ -461,13 +467,7 @@ def fewer_layers(
     """
     if keep is None and not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    new = copy.deepcopy(model)
-    seqs = _sequentials(new)
-    if not seqs:
-        raise ValueError(
-            f"cannot drop layers: {type(model).__name__} has no nn.Sequential of "
-            "(layer, activation) blocks"
-        )
+    new, seqs = _copy_with_sequentials(model, "cannot drop layers")
     seq = max(seqs, key=lambda s: len(_blocks(s)[0]))
     blocks, tail = _blocks(seq)
     n = len(blocks)

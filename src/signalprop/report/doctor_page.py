@@ -99,7 +99,37 @@ def render_report(report: Report, dpi: int = 100) -> str:
 
     matplotlib.use("Agg", force=False)  # headless; figures below do not use pyplot anyway
     record = report.record
-    ctx = context_of(record)
+    figs, missing = _figures(report, dpi)
+    meta = report.meta
+    verdict = ("healthy" if report.healthy else
+               f"{len(report.findings)} finding(s): " + ", ".join(report.kinds))
+    subtitle = (f"{meta.get('name', '')}: {meta.get('model', '')} on {meta.get('data', '')}, "
+                f"{meta.get('steps_run', '')} steps of {meta.get('optimizer', '')} "
+                f"(lr {meta.get('lr', '')}). Verdict: {verdict}.")
+    cols, rows = _trial_table(report.trials)
+    return render(
+        "doctor.html",
+        title=f"signalprop doctor: {meta.get('name', 'model')}",
+        subtitle=subtitle,
+        findings=_finding_rows(report, context_of(record)),
+        prescriptions=[p.to_dict() for p in report.prescriptions],
+        trials=report.trials,
+        trial_columns=cols,
+        trial_rows=rows,
+        trials_skipped=meta.get("trials_skipped", ""),
+        figures=figs,
+        missing_figures=missing,
+        unchecked=sorted((record.meta.get("unchecked") or {}).items()),
+        run=_run_rows(report),
+        thresholds=meta.get("thresholds", {}),
+        explanation=_explanation_rows(getattr(report, "explanation", None)),
+        version=meta.get("signalprop", ""),
+    )
+
+
+def _figures(report: Report, dpi: int) -> tuple[list[dict[str, str]], list[str]]:
+    """The page's figures (data URIs, titles, captions) and the titles of those missing."""
+    record = report.record
     figs, missing = [], []
     for name in _FIGURE_ORDER:
         fn = F.FIGURES.get(name)
@@ -122,6 +152,11 @@ def render_report(report: Report, dpi: int = 100) -> str:
         if fig is not None:
             figs.insert(1, {"src": figure_to_data_uri(fig, dpi), "title": "Trials",
                             "caption": "Training loss of each remedy trial."})
+    return figs, missing
+
+
+def _finding_rows(report: Report, ctx: Any) -> list[dict[str, Any]]:
+    """Each finding as a dict, with its title and the layers in words."""
     findings = []
     for f in report.findings:
         d = f.to_dict()
@@ -130,36 +165,19 @@ def render_report(report: Report, dpi: int = 100) -> str:
                                              else "")
         d["layers_text"] = f"{ctx.label(f.layers)} (modules {names})"
         findings.append(d)
-    meta = report.meta
-    verdict = ("healthy" if report.healthy else
-               f"{len(report.findings)} finding(s): " + ", ".join(report.kinds))
-    subtitle = (f"{meta.get('name', '')}: {meta.get('model', '')} on {meta.get('data', '')}, "
-                f"{meta.get('steps_run', '')} steps of {meta.get('optimizer', '')} "
-                f"(lr {meta.get('lr', '')}). Verdict: {verdict}.")
-    cols, rows = _trial_table(report.trials)
+    return findings
+
+
+_RUN_KEYS = ("name", "model", "num_parameters", "data", "data_nonfinite", "loss_fn",
+             "steps", "steps_run", "optimizer", "lr", "batch_size", "device", "seed",
+             "recorded_steps", "diverged", "diverged_step", "train_seconds", "signalprop",
+             "torch", "python", "created")
+
+
+def _run_rows(report: Report) -> list[tuple[str, Any]]:
+    """The run's settings table: the first and final loss, then the settings in the meta."""
     summary = report.summary()
-    run_keys = ["name", "model", "num_parameters", "data", "data_nonfinite", "loss_fn",
-                "steps", "steps_run", "optimizer", "lr", "batch_size", "device", "seed",
-                "recorded_steps", "diverged", "diverged_step", "train_seconds", "signalprop",
-                "torch", "python", "created"]
-    run = [(k, meta.get(k)) for k in run_keys if k in meta]
-    run.insert(0, ("final loss (mean of last 10)", summary["final_loss"]))
-    run.insert(0, ("initial loss", summary["initial_loss"]))
-    return render(
-        "doctor.html",
-        title=f"signalprop doctor: {meta.get('name', 'model')}",
-        subtitle=subtitle,
-        findings=findings,
-        prescriptions=[p.to_dict() for p in report.prescriptions],
-        trials=report.trials,
-        trial_columns=cols,
-        trial_rows=rows,
-        trials_skipped=meta.get("trials_skipped", ""),
-        figures=figs,
-        missing_figures=missing,
-        unchecked=sorted((record.meta.get("unchecked") or {}).items()),
-        run=run,
-        thresholds=meta.get("thresholds", {}),
-        explanation=_explanation_rows(expl),
-        version=meta.get("signalprop", ""),
-    )
+    meta = report.meta
+    return [("initial loss", summary["initial_loss"]),
+            ("final loss (mean of last 10)", summary["final_loss"]),
+            *((k, meta.get(k)) for k in _RUN_KEYS if k in meta)]

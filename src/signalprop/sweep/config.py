@@ -18,12 +18,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from signalprop._registry import check_choice, unknown_name_message
+from signalprop._registry import Registry, check_choice, unknown_name_message
 from signalprop.data import DATASETS
 from signalprop.engine.activations import ACTIVATIONS
 from signalprop.engine.optim import OPTIMIZERS
 from signalprop.engine.population import CLIP_DEFAULTS, CLIPS, INITS
 from signalprop.engine.reference import NORM_POSITIONS, NORMS
+from signalprop.vocab.norms import NORMS as VOCAB_NORMS
 
 DTYPES = ("float32", "float64")
 
@@ -40,6 +41,8 @@ class Key:
     rule: str = ""
     nullable: bool = False
     per_run: bool = False
+    #: For a choice backed by a vocabulary registry: aliases resolve to the canonical name.
+    registry: Registry | None = None
 
 
 def _pos(v: Any) -> bool:
@@ -59,9 +62,9 @@ SCHEMA: dict[str, Key] = {
     "data_args": Key({}, "mapping"),
     "depth": Key(4, "int", check=_pos, rule=">= 1"),
     "width": Key(64, "int", check=_pos, rule=">= 1"),
-    "activation": Key("tanh", "choice", ACTIVATIONS.names),
+    "activation": Key("tanh", "choice", ACTIVATIONS.names, registry=ACTIVATIONS),
     "act_scale": Key(1.0, "float", check=_pos, rule="> 0", per_run=True),
-    "norm": Key("none", "choice", lambda: list(NORMS)),
+    "norm": Key("none", "choice", lambda: list(NORMS), registry=VOCAB_NORMS),
     "norm_position": Key("pre", "choice", lambda: list(NORM_POSITIONS)),
     "norm_affine": Key(True, "bool"),
     "residual": Key(False, "bool"),
@@ -107,45 +110,52 @@ def defaults() -> dict[str, Any]:
     return {k: copy.deepcopy(v.default) for k, v in SCHEMA.items()}
 
 
+#: The type a value of each kind (beyond int and float) must have, and how an error names it.
+_KIND_TYPES: dict[str, tuple[type, str]] = {
+    "bool": (bool, "true or false"),
+    "choice": (str, "a string"),
+    "str": (str, "a string"),
+    "mapping": (Mapping, "a mapping"),
+}
+
+
+def _bad(name: str, what: str, v: Any) -> ValueError:
+    return ValueError(f"run config: {name} must be {what}, got {v!r}")
+
+
 def _coerce(name: str, key: Key, v: Any) -> Any:
     if v is None:
         if key.nullable:
             return None
         raise ValueError(f"run config: {name} must not be null")
+    if key.kind in _KIND_TYPES and not isinstance(v, _KIND_TYPES[key.kind][0]):
+        raise _bad(name, _KIND_TYPES[key.kind][1], v)
     if key.kind == "int":
         if isinstance(v, bool) or not isinstance(v, int):
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            else:
-                raise ValueError(f"run config: {name} must be an integer, got {v!r}")
+            if not (isinstance(v, float) and v.is_integer()):
+                raise _bad(name, "an integer", v)
+            v = int(v)
     elif key.kind == "float":
         if isinstance(v, bool):
-            raise ValueError(f"run config: {name} must be a number, got {v!r}")
+            raise _bad(name, "a number", v)
         if isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 v = float(v)
             except ValueError:
-                raise ValueError(f"run config: {name} must be a number, got {v!r}") from None
+                raise _bad(name, "a number", v) from None
         if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"run config: {name} must be a finite number, got {v!r}")
+            raise _bad(name, "a finite number", v)
         v = float(v)
-    elif key.kind == "bool":
-        if not isinstance(v, bool):
-            raise ValueError(f"run config: {name} must be true or false, got {v!r}")
     elif key.kind == "choice":
-        if not isinstance(v, str):
-            raise ValueError(f"run config: {name} must be a string, got {v!r}")
         assert key.choices is not None
-        v = check_choice(name, v.lower(), key.choices())
-    elif key.kind == "str":
-        if not isinstance(v, str):
-            raise ValueError(f"run config: {name} must be a string, got {v!r}")
+        v = v.lower()
+        if key.registry is not None and v in key.registry:
+            v = key.registry.canonical(v)
+        v = check_choice(name, v, key.choices())
     elif key.kind == "mapping":
-        if not isinstance(v, Mapping):
-            raise ValueError(f"run config: {name} must be a mapping, got {v!r}")
         v = json.loads(json.dumps(dict(v), sort_keys=True))  # JSON-able, canonical order
     if key.check is not None and not key.check(v):
-        raise ValueError(f"run config: {name} must be {key.rule}, got {v!r}")
+        raise _bad(name, key.rule, v)
     return v
 
 

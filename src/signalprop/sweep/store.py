@@ -178,36 +178,25 @@ class Store:
             return {r: d[r] for r in run_ids if r in d}
         return d
 
+    def _update_runs(self, assignments: str, rows: list[tuple[Any, ...]]) -> None:
+        """``UPDATE runs SET <assignments> WHERE run_id = ?`` for each row (its last value is
+        the run id), in one transaction."""
+        with self.transaction() as c:
+            c.executemany(f"UPDATE runs SET {assignments} WHERE run_id = ?", rows)
+
     def mark_running(self, run_ids: list[str]) -> None:
         now = time.time()
-        with self.transaction() as c:
-            c.executemany(
-                "UPDATE runs SET status = 'running', started = ?, attempts = attempts + 1 "
-                "WHERE run_id = ?",
-                [(now, r) for r in run_ids],
-            )
+        self._update_runs("status = 'running', started = ?, attempts = attempts + 1",
+                          [(now, r) for r in run_ids])
 
     def finish(self, results: list[RunOutcome]) -> None:
         """Write the results of one population (:class:`RunOutcome` each) in one transaction."""
         now = time.time()
-        with self.transaction() as c:
-            c.executemany(
-                "UPDATE runs SET status = ?, metrics = ?, record = ?, finished = ?, "
-                "wall_time = ?, env = ?, error = ? WHERE run_id = ?",
-                [
-                    (
-                        r.status,
-                        _enc_json(r.metrics),
-                        r.record,
-                        now,
-                        r.wall_time,
-                        _enc_json(r.env),
-                        r.error,
-                        r.run_id,
-                    )
-                    for r in results
-                ],
-            )
+        self._update_runs(
+            "status = ?, metrics = ?, record = ?, finished = ?, wall_time = ?, env = ?, error = ?",
+            [(r.status, _enc_json(r.metrics), r.record, now, r.wall_time, _enc_json(r.env),
+              r.error, r.run_id) for r in results],
+        )
 
     def rows(self, run_ids: list[str] | None = None) -> list[dict[str, Any]]:
         """All runs (or the given ones, in that order) without their records."""

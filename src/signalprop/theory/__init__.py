@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from signalprop.theory import meanfield
 from signalprop.theory.activations import (
     ACTIVATIONS,
     Activation,
@@ -32,27 +33,7 @@ from signalprop.theory.activations import (
 from signalprop.theory.batchnorm import bn_gradient_rate, bn_gradient_rate_mc
 from signalprop.theory.closed_forms import bn_gradient_rate_linear, bn_gradient_rate_relu
 from signalprop.theory.isometry import derivative_moments, jacobian_moments
-from signalprop.theory.meanfield import (
-    CriticalLine,
-    CriticalPoint,
-    NoCriticalPoint,
-    c_map,
-    c_star,
-    chi_1,
-    chi_c,
-    critical_line,
-    critical_point,
-    gradient_growth,
-    gradient_profile,
-    length_moments,
-    phase_diagram,
-    q_map,
-    q_map_slope,
-    q_star,
-    xi_c,
-    xi_grad,
-    xi_q,
-)
+from signalprop.theory.meanfield import *  # noqa: F403  (the maps and the edge of chaos)
 from signalprop.theory.quadrature import (
     QuadratureWarning,
     bivariate_gaussian_expectation,
@@ -73,49 +54,13 @@ _TORCH = {
 }
 
 __all__ = [
-    "ACTIVATIONS",
-    "Activation",
-    "CriticalLine",
-    "CriticalPoint",
-    "GradientProfile",
-    "NoCriticalPoint",
-    "QuadratureWarning",
-    "activation_names",
-    "bivariate_gaussian_expectation",
-    "bn_gradient_rate",
-    "bn_gradient_rate_linear",
-    "bn_gradient_rate_mc",
-    "bn_gradient_rate_relu",
-    "build_mlp",
-    "c_map",
-    "c_star",
-    "chi_1",
-    "chi_c",
-    "critical_",
-    "critical_line",
-    "critical_point",
-    "derivative_moments",
-    "gaussian_expectation",
-    "gaussian_expectations",
-    "get_activation",
-    "gradient_growth",
-    "gradient_profile",
-    "jacobian_moments",
-    "jacobian_sq_singular_values",
-    "length_moments",
-    "limit_input_variance",
-    "mean_field_init_",
-    "measure_gradient_profile",
-    "phase_diagram",
-    "q_map",
-    "q_map_slope",
-    "q_star",
-    "resolve_activation",
-    "torch_activation",
-    "xi_c",
-    "xi_grad",
-    "xi_q",
+    "ACTIVATIONS", "Activation", "QuadratureWarning", "activation_names",
+    "bivariate_gaussian_expectation", "bn_gradient_rate", "bn_gradient_rate_linear",
+    "bn_gradient_rate_mc", "bn_gradient_rate_relu", "derivative_moments", "gaussian_expectation",
+    "gaussian_expectations", "get_activation", "jacobian_moments",
 ]
+__all__ += meanfield.__all__
+__all__ += sorted(_TORCH)
 
 
 def __getattr__(name: str) -> Any:

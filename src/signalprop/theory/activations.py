@@ -2,8 +2,8 @@
 
 Every theory function accepts an *activation spec*, resolved by :func:`get_activation`:
 
-- a registered name (``"tanh"``, ``"relu"``, ...; the same canonical names as the ``nn.Module``
-  registry in :mod:`signalprop.remedies.activations`), optionally with hyper-parameters
+- a registered name (``"tanh"``, ``"relu"``, ...; the canonical names and aliases of
+  :mod:`signalprop.vocab.activations`, whose NumPy face this is), optionally with hyper-parameters
   (``get_activation("leaky_relu", negative_slope=0.2)``);
 - an :class:`Activation` (returned as is);
 - any Python callable: a torch function or ``nn.Module`` (``torch.tanh``, ``nn.GELU()``; phi' by
@@ -15,22 +15,19 @@ closed form (see :mod:`signalprop.theory.closed_forms`).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import special
 
-from signalprop._registry import Registry
+from signalprop._registry import Entry, Registry
+from signalprop.vocab.activations import ACTIVATIONS as VOCAB
+from signalprop.vocab.activations import SELU_ALPHA  # noqa: F401 (public name of this module)
+from signalprop.vocab.activations import SELU_SCALE as SELU_LAMBDA  # noqa: F401 (likewise)
 
 ArrayFn = Callable[[np.ndarray], np.ndarray]
-
-#: Points where a registered activation (or its derivative) is not smooth, in pre-activation
-#: units; the adaptive quadrature puts panel edges there.
-_KINKS_AT_ZERO = (0.0,)
 
 
 @dataclass(frozen=True)
@@ -71,150 +68,22 @@ class Activation:
         return f"Activation({self.name}{', ' + hp if hp else ''})"
 
 
-ACTIVATIONS: Registry = Registry("activation")
+def _theory_face(e: Entry[Any]) -> Callable[..., Activation] | None:
+    d = e.fn
+    if d.numpy is None:
+        return None
+
+    def build(**hparams: Any) -> Activation:
+        phi, dphi = d.numpy(**hparams)
+        return Activation(d.name, phi, dphi, {k: float(v) for k, v in hparams.items()},
+                          kinks=d.kinks, homogeneous=d.homogeneous)
+
+    return build
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return special.expit(x)
-
-
-@ACTIVATIONS.register("linear", doc="phi(x) = x")
-def _linear() -> Activation:
-    return Activation("linear", lambda x: np.array(x, dtype=np.float64, copy=True),
-                      lambda x: np.ones_like(x, dtype=np.float64), homogeneous=True)
-
-
-@ACTIVATIONS.register("relu", doc="max(0, x)")
-def _relu() -> Activation:
-    return Activation("relu", lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(np.float64),
-                      kinks=_KINKS_AT_ZERO, homogeneous=True)
-
-
-@ACTIVATIONS.register("leaky_relu", negative_slope=0.01, doc="max(x, a x); torch's default a")
-def _leaky_relu(negative_slope: float = 0.01) -> Activation:
-    a = float(negative_slope)
-    return Activation(
-        "leaky_relu",
-        lambda x: np.where(x > 0, x, a * x),
-        lambda x: np.where(x > 0, 1.0, a),
-        {"negative_slope": a},
-        kinks=_KINKS_AT_ZERO,
-        homogeneous=True,
-    )
-
-
-@ACTIVATIONS.register("elu", alpha=1.0, doc="x > 0: x; else alpha (e^x - 1)")
-def _elu(alpha: float = 1.0) -> Activation:
-    al = float(alpha)
-    return Activation(
-        "elu",
-        lambda x: np.where(x > 0, x, al * np.expm1(np.minimum(x, 0.0))),
-        lambda x: np.where(x > 0, 1.0, al * np.exp(np.minimum(x, 0.0))),
-        {"alpha": al},
-        kinks=_KINKS_AT_ZERO,
-    )
-
-
-#: SELU constants (Klambauer et al. 2017), as in torch.nn.SELU.
-SELU_LAMBDA = 1.0507009873554804934193349852946
-SELU_ALPHA = 1.6732632423543772848170429916717
-
-
-@ACTIVATIONS.register("selu", doc="lambda * elu(x, alpha) with Klambauer et al.'s constants")
-def _selu() -> Activation:
-    lam, al = SELU_LAMBDA, SELU_ALPHA
-    return Activation(
-        "selu",
-        lambda x: lam * np.where(x > 0, x, al * np.expm1(np.minimum(x, 0.0))),
-        lambda x: lam * np.where(x > 0, 1.0, al * np.exp(np.minimum(x, 0.0))),
-        kinks=_KINKS_AT_ZERO,
-    )
-
-
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-@ACTIVATIONS.register("gelu", doc="x Phi(x), Phi the standard normal cdf (torch's exact GELU)")
-def _gelu() -> Activation:
-    def phi(x: np.ndarray) -> np.ndarray:
-        return x * special.ndtr(x)
-
-    def dphi(x: np.ndarray) -> np.ndarray:
-        return special.ndtr(x) + x * _INV_SQRT_2PI * np.exp(-0.5 * x * x)
-
-    return Activation("gelu", phi, dphi)
-
-
-@ACTIVATIONS.register("silu", doc="x sigmoid(x) (swish)")
-def _silu() -> Activation:
-    def dphi(x: np.ndarray) -> np.ndarray:
-        s = _sigmoid(x)
-        return s * (1.0 + x * (1.0 - s))
-
-    return Activation("silu", lambda x: x * _sigmoid(x), dphi)
-
-
-@ACTIVATIONS.register("softplus", doc="log(1 + e^x)")
-def _softplus() -> Activation:
-    return Activation("softplus", lambda x: np.logaddexp(0.0, x), _sigmoid)
-
-
-@ACTIVATIONS.register("sigmoid", doc="1 / (1 + e^-x)")
-def _sigmoid_act() -> Activation:
-    def dphi(x: np.ndarray) -> np.ndarray:
-        s = _sigmoid(x)
-        return s * (1.0 - s)
-
-    return Activation("sigmoid", _sigmoid, dphi)
-
-
-@ACTIVATIONS.register("tanh", doc="tanh x")
-def _tanh() -> Activation:
-    def dphi(x: np.ndarray) -> np.ndarray:
-        # 1/cosh^2 stays accurate in the tails where 1 - tanh^2 cancels to 0
-        c = np.cosh(np.minimum(np.abs(x), 350.0))
-        return 1.0 / (c * c)
-
-    return Activation("tanh", np.tanh, dphi)
-
-
-@ACTIVATIONS.register("softsign", doc="x / (1 + |x|)")
-def _softsign() -> Activation:
-    return Activation(
-        "softsign",
-        lambda x: x / (1.0 + np.abs(x)),
-        lambda x: 1.0 / (1.0 + np.abs(x)) ** 2,
-        kinks=_KINKS_AT_ZERO,
-    )
-
-
-@ACTIVATIONS.register("hardtanh", doc="clip(x, -1, 1)")
-def _hardtanh() -> Activation:
-    return Activation(
-        "hardtanh",
-        lambda x: np.clip(x, -1.0, 1.0),
-        lambda x: (np.abs(x) < 1.0).astype(np.float64),
-        kinks=(-1.0, 1.0),
-    )
-
-
-@ACTIVATIONS.register("erf", doc="erf x")
-def _erf() -> Activation:
-    c = 2.0 / math.sqrt(math.pi)
-    return Activation("erf", special.erf, lambda x: c * np.exp(-x * x))
-
-
-@ACTIVATIONS.register("gaussian", doc="exp(-x^2 / 2)")
-def _gaussian() -> Activation:
-    return Activation(
-        "gaussian", lambda x: np.exp(-0.5 * x * x), lambda x: -x * np.exp(-0.5 * x * x)
-    )
-
-
-@ACTIVATIONS.register("sin", doc="sin x")
-def _sin() -> Activation:
-    return Activation("sin", np.sin, np.cos)
+#: The theory's activations: the NumPy face of the vocabulary (:mod:`signalprop.vocab`), built
+#: with the registered defaults updated by the caller's hyper-parameters.
+ACTIVATIONS: Registry = VOCAB.derive(_theory_face)
 
 
 def activation_names() -> list[str]:

@@ -30,6 +30,11 @@ Q_SCAN_MIN, Q_SCAN_MID, Q_SCAN_MAX = 1e-7, 1e3, 1e6
 SIGMA_B2_RESOLUTION = 1e-12
 _SCAN_PER_DECADE = 8
 
+__all__ = [
+    "Q_SCAN_MIN", "Q_SCAN_MID", "Q_SCAN_MAX", "SIGMA_B2_RESOLUTION", "NoCriticalPoint",
+    "CriticalPoint", "CriticalLine", "critical_point", "critical_line", "phase_diagram",
+]
+
 
 class NoCriticalPoint(ValueError):
     """No finite (sigma_w, q*) puts this activation on the edge of chaos at this sigma_b^2.
@@ -179,12 +184,11 @@ def critical_point(activation: ActivationSpec, sigma_b2: float = 0.0) -> Critica
     raise NoCriticalPoint(result, name, sigma_b2)
 
 
-def _critical_from_scan(act: Activation, sigma_b2: float, sc: dict[str, np.ndarray]
-                        ) -> CriticalPoint | str:
-    """A critical point from a scan, or the reason why there is none on it."""
-    q, s, x, d = sc["q"], sc["S"], sc["X"], sc["D"]
-    name = act.name
-    y = x - 1.0
+def _crossings(act: Activation, sigma_b2: float, q: np.ndarray, y: np.ndarray
+               ) -> tuple[list[tuple[float, float, float, float]],
+                          list[tuple[float, float, float, float]]]:
+    """The scan's crossings of chi_1 = 1 as (q*, sigma_w^2, chi_1, q-map slope), split into
+    stable and unstable fixed points."""
     stable: list[tuple[float, float, float, float]] = []
     unstable: list[tuple[float, float, float, float]] = []
 
@@ -200,6 +204,14 @@ def _critical_from_scan(act: Activation, sigma_b2: float, sc: dict[str, np.ndarr
         sw2, c1, slope = _fixed_point_quantities(act, qc, sigma_b2)
         (stable if abs(slope) < 1.0 else unstable).append((qc, sw2, c1, slope))
 
+    return stable, unstable
+
+
+def _critical_from_scan(act: Activation, sigma_b2: float, sc: dict[str, np.ndarray]
+                        ) -> CriticalPoint | str:
+    """A critical point from a scan, or the reason why there is none on it."""
+    name = act.name
+    stable, unstable = _crossings(act, sigma_b2, sc["q"], sc["X"] - 1.0)
     if stable:
         qc, sw2, c1, slope = stable[0]
         note = ""
@@ -209,6 +221,17 @@ def _critical_from_scan(act: Activation, sigma_b2: float, sc: dict[str, np.ndarr
         return CriticalPoint(name, sigma_b2, sw2, math.sqrt(sw2), qc, c1, slope, "fixed-point",
                              note)
 
+    limit = _zero_variance_limit(act, sigma_b2, sc)
+    if isinstance(limit, CriticalPoint):
+        return limit
+    return _no_critical_point(name, sigma_b2, sc, unstable, limit)
+
+
+def _zero_variance_limit(act: Activation, sigma_b2: float, sc: dict[str, np.ndarray]
+                         ) -> CriticalPoint | str:
+    """The q* -> 0 limit as the critical point when it is one (phi(0) = 0, no bias), else
+    what that limit does ("" when it does not apply)."""
+    name, s, x = act.name, sc["S"], sc["X"]
     phi0 = float(act.phi(np.array([0.0]))[0])
     # a sigma_b^2 so small that chi_1 - 1 at its fixed point is below the scan's resolution
     # (tanh at 1e-20: q* ~ 1e-7, chi_1 - 1 ~ 1e-14) is the sigma_b^2 -> 0 limit to that accuracy:
@@ -236,18 +259,21 @@ def _critical_from_scan(act: Activation, sigma_b2: float, sc: dict[str, np.ndarr
                     name, sigma_b2, s0, math.sqrt(s0), 0.0, 1.0, 1.0, "limit q*->0", note,
                 )
             if not attracting:
-                lim0 = (
+                return (
                     f"chi_1 -> 1 as q* -> 0 (sigma_w^2 = 1/phi'(0)^2 = {s0:.4g}), but there q = 0 "
                     "repels the variance (q-map(q) > q for small q > 0), so that limit is not "
                     "reached"
                 )
-            else:
-                lim0 = ""
-        else:
-            lim0 = "phi'(0) = 0, so chi_1 -> 0 as q* -> 0"
-    else:
-        lim0 = ""
+            return ""
+        return "phi'(0) = 0, so chi_1 -> 0 as q* -> 0"
+    return ""
 
+
+def _no_critical_point(name: str, sigma_b2: float, sc: dict[str, np.ndarray],
+                       unstable: list[tuple[float, float, float, float]], lim0: str) -> str:
+    """Why the scan holds no critical point, in words from its numbers."""
+    q, s, x, d = sc["q"], sc["S"], sc["X"], sc["D"]
+    y = x - 1.0
     parts: list[str] = []
     qmax, xmax_end = q[-1], x[-1]
     if unstable:
@@ -318,6 +344,42 @@ def critical_line(activation: ActivationSpec, sigma_b2s: Sequence[float] | np.nd
     return CriticalLine(act.name, sb, sw2, np.sqrt(sw2), qs, reasons)
 
 
+def _iterate_length_map(act: Activation, w2: np.ndarray, b2: np.ndarray, q0: float,
+                        max_iter: int, rtol: float) -> np.ndarray:
+    """q* on a grid of (sigma_w^2, sigma_b^2): the length map iterated from q0 for every entry at
+    once (plain steps, then guarded Newton steps), up to ``max_iter`` layers or ``rtol``."""
+    q = np.full(w2.shape, float(q0))
+    active = np.ones(w2.shape, dtype=bool)
+    for it in range(max_iter):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        qa = q.flat[idx]
+        m = length_moments(act, qa)
+        fa = w2.flat[idx] * m[0] + b2.flat[idx]  # one plain step of the length map
+        qn = fa
+        if it >= 3:
+            # Newton on F(q) = q-map(q) - q once in the basin (q-map'(q) = sigma_w^2 E[x phi
+            # phi'] / q), kept only when it moves the way the plain step does and stays > 0
+            slope = w2.flat[idx] * m[2] / np.maximum(qa, 1e-300)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                newton = qa - (fa - qa) / (slope - 1.0)
+            ok = np.isfinite(newton) & (newton > 0) & ((newton - qa) * (fa - qa) > 0)
+            qn = np.where(ok, newton, fa)
+        else:
+            slope = None
+        qn = np.minimum(qn, Q_INF)
+        if slope is not None:
+            # past 1e6 and still growing with a length-map slope >= 1: it diverges (geometrically
+            # or slower); record it as infinite instead of iterating to 1e12
+            runaway = (qn > 1e6) & (fa > qa) & (slope >= 1.0)
+            qn = np.where(runaway, Q_INF, qn)
+        q.flat[idx] = qn
+        done = (np.abs(qn - qa) <= rtol * np.maximum(qn, 1e-300)) | (qn >= Q_INF) | (qn < Q_ZERO)
+        active.flat[idx[done]] = False
+    return q
+
+
 def phase_diagram(
     activation: ActivationSpec,
     sigma_w: np.ndarray,
@@ -352,35 +414,7 @@ def phase_diagram(
         raise ValueError("sigma_w must be > 0 and sigma_b2 >= 0")
     w2 = np.broadcast_to((sw * sw)[None, :], (sb.size, sw.size))
     b2 = np.broadcast_to(sb[:, None], w2.shape)
-    q = np.full(w2.shape, float(q0))
-    active = np.ones(w2.shape, dtype=bool)
-    for it in range(max_iter):
-        idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
-        qa = q.flat[idx]
-        m = length_moments(act, qa)
-        fa = w2.flat[idx] * m[0] + b2.flat[idx]  # one plain step of the length map
-        qn = fa
-        if it >= 3:
-            # Newton on F(q) = q-map(q) - q once in the basin (q-map'(q) = sigma_w^2 E[x phi
-            # phi'] / q), kept only when it moves the way the plain step does and stays > 0
-            slope = w2.flat[idx] * m[2] / np.maximum(qa, 1e-300)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                newton = qa - (fa - qa) / (slope - 1.0)
-            ok = np.isfinite(newton) & (newton > 0) & ((newton - qa) * (fa - qa) > 0)
-            qn = np.where(ok, newton, fa)
-        else:
-            slope = None
-        qn = np.minimum(qn, Q_INF)
-        if slope is not None:
-            # past 1e6 and still growing with a length-map slope >= 1: it diverges (geometrically
-            # or slower); record it as infinite instead of iterating to 1e12
-            runaway = (qn > 1e6) & (fa > qa) & (slope >= 1.0)
-            qn = np.where(runaway, Q_INF, qn)
-        q.flat[idx] = qn
-        done = (np.abs(qn - qa) <= rtol * np.maximum(qn, 1e-300)) | (qn >= Q_INF) | (qn < Q_ZERO)
-        active.flat[idx[done]] = False
+    q = _iterate_length_map(act, w2, b2, q0, max_iter, rtol)
     q = np.where(q < Q_ZERO, 0.0, q)
     d2 = gaussian_expectations(lambda x: act.dphi(x) ** 2, np.minimum(q, Q_INF), kinks=act.kinks)
     chi = w2 * d2[0]

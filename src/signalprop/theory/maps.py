@@ -20,6 +20,14 @@ ActivationSpec = str | Activation | Callable[..., Any]
 #: q above this counts as divergent (q* = inf); below Q_ZERO (with sigma_b = 0) as q* = 0.
 Q_INF = 1e12
 Q_ZERO = 1e-30
+
+__all__ = [
+    "Q_INF", "Q_ZERO", "ActivationSpec", "length_moments", "q_map", "q_map_slope", "q_star",
+    "chi_1", "gradient_growth", "gradient_profile", "c_map", "chi_c", "c_star", "xi_q", "xi_c",
+    "xi_grad",
+]
+
+
 def _check_sigmas(sigma_w2: float, sigma_b2: float) -> None:
     if not (math.isfinite(sigma_w2) and sigma_w2 > 0):
         raise ValueError(f"sigma_w2 must be finite and > 0, got {sigma_w2}")
@@ -118,9 +126,13 @@ def q_star(
         if q < Q_ZERO:
             return 0.0 if sigma_b2 == 0 else q
 
-    def f(x: float) -> float:
-        return qmap(x) - x
+    return _bracketed_fixed_point(lambda x: qmap(x) - x, q, sigma_b2, rtol)
 
+
+def _bracketed_fixed_point(f: Callable[[float], float], q: float, sigma_b2: float,
+                           rtol: float) -> float:
+    """The root of f(q) = q-map(q) - q found by stepping from ``q`` the way the map moves (by
+    factors of 2) until the sign changes, then Brent's method; 0 or inf when it runs off."""
     fq = f(q)
     if fq == 0:
         return q

@@ -22,62 +22,10 @@ The maps live in :mod:`signalprop.theory.maps`, the edge of chaos in
 :mod:`signalprop.theory.critical`; this module is their one name (re-exported).
 """
 
-from signalprop.theory.critical import (
-    Q_SCAN_MAX,
-    Q_SCAN_MID,
-    Q_SCAN_MIN,
-    SIGMA_B2_RESOLUTION,
-    CriticalLine,
-    CriticalPoint,
-    NoCriticalPoint,
-    critical_line,
-    critical_point,
-    phase_diagram,
-)
-from signalprop.theory.maps import (
-    Q_INF,
-    Q_ZERO,
-    ActivationSpec,
-    c_map,
-    c_star,
-    chi_1,
-    chi_c,
-    gradient_growth,
-    gradient_profile,
-    length_moments,
-    q_map,
-    q_map_slope,
-    q_star,
-    xi_c,
-    xi_grad,
-    xi_q,
-)
+from signalprop.theory import critical, maps
+from signalprop.theory.critical import *  # noqa: F403
+from signalprop.theory.maps import *  # noqa: F403
 
-__all__ = [
-    "ActivationSpec",
-    "CriticalLine",
-    "CriticalPoint",
-    "NoCriticalPoint",
-    "Q_INF",
-    "Q_SCAN_MAX",
-    "Q_SCAN_MID",
-    "Q_SCAN_MIN",
-    "Q_ZERO",
-    "SIGMA_B2_RESOLUTION",
-    "c_map",
-    "c_star",
-    "chi_1",
-    "chi_c",
-    "critical_line",
-    "critical_point",
-    "gradient_growth",
-    "gradient_profile",
-    "length_moments",
-    "phase_diagram",
-    "q_map",
-    "q_map_slope",
-    "q_star",
-    "xi_c",
-    "xi_grad",
-    "xi_q",
-]
+__all__: list[str] = []
+__all__ += critical.__all__
+__all__ += maps.__all__

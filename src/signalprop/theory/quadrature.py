@@ -21,9 +21,13 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 from scipy import integrate
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+
+    from typing_extensions import Unpack
 
 #: Default Gauss-Hermite order (checked against twice as many nodes).
 DEFAULT_ORDER = 48
@@ -126,6 +130,52 @@ def _as_stack(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarra
     )
 
 
+def _refine_composite(f: Callable[[np.ndarray], np.ndarray], sq: np.ndarray, idx: np.ndarray,
+                      edges_all: np.ndarray, out: np.ndarray, err: np.ndarray, rtol: float,
+                      atol: float) -> np.ndarray:
+    """The composite rule on the columns ``idx`` of ``out``/``err`` (written in place); returns
+    the positions in ``idx`` still unresolved."""
+    g = lambda x: _as_stack(f, x)  # noqa: E731
+    pending = np.arange(idx.size)
+    # each panel split into 1, 4, 16, 64 pieces until 16 and 32 nodes per piece agree
+    # (oscillating integrands such as sin(sqrt(q) z) at large q need the splits)
+    for split in (1, 4, 16, 64):
+        if pending.size == 0:
+            break
+        s_, e_ = sq[idx[pending]], _split_edges(edges_all[pending], split)
+        c1 = _composite(g, s_, e_, 16)
+        c2 = _composite(g, s_, e_, 32)
+        e2 = np.abs(c2 - c1)
+        out[:, idx[pending]] = c2
+        err[:, idx[pending]] = e2
+        pending = pending[np.any(e2 > atol + rtol * np.abs(c2), axis=0)]
+    return pending
+
+
+def _refine_adaptive(f: Callable[[np.ndarray], np.ndarray], sq: np.ndarray, cols: np.ndarray,
+                     edges: np.ndarray, out: np.ndarray, err: np.ndarray, rtol: float,
+                     atol: float) -> list[float]:
+    """SciPy's adaptive ``quad`` on the columns ``cols`` (panel edges ``edges``), kept where its
+    error estimate is smaller; returns the q values still unresolved."""
+    unresolved = []
+    for i, panel_edges in zip(cols, edges, strict=True):
+        pts = np.unique(panel_edges[np.abs(panel_edges) < Z_MAX])
+        for kk in range(out.shape[0]):
+            def integrand(z: float, _s: float = sq[i], _k: int = kk) -> float:
+                v = _as_stack(f, np.array([_s * z]))[_k, 0]
+                return float(v) * math.exp(-0.5 * z * z) / _SQRT_2PI
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", integrate.IntegrationWarning)
+                val, e = integrate.quad(integrand, -Z_MAX, Z_MAX, points=pts, limit=1000,
+                                        epsabs=atol, epsrel=rtol)
+            if e < err[kk, i]:
+                out[kk, i], err[kk, i] = val, e
+        if np.any(err[:, i] > 1e3 * (atol + rtol * np.abs(out[:, i]))):
+            unresolved.append(float(sq[i] ** 2))
+    return unresolved
+
+
 def gaussian_expectations(
     f: Callable[[np.ndarray], np.ndarray],
     q: float | np.ndarray = 1.0,
@@ -173,38 +223,9 @@ def gaussian_expectations(
     out = i2
     if np.any(bad):
         idx = np.flatnonzero(bad)
-        g = lambda x: _as_stack(f, x)  # noqa: E731
         edges_all = _panel_edges(sq[idx], kinks)
-        pending = np.arange(idx.size)
-        # composite rule, each panel split into 1, 4, 16, 64 pieces until 16 and 32 nodes per
-        # piece agree (oscillating integrands such as sin(sqrt(q) z) at large q need the splits)
-        for split in (1, 4, 16, 64):
-            if pending.size == 0:
-                break
-            s_, e_ = sq[idx[pending]], _split_edges(edges_all[pending], split)
-            c1 = _composite(g, s_, e_, 16)
-            c2 = _composite(g, s_, e_, 32)
-            e2 = np.abs(c2 - c1)
-            out[:, idx[pending]] = c2
-            err[:, idx[pending]] = e2
-            pending = pending[np.any(e2 > atol + rtol * np.abs(c2), axis=0)]
-        unresolved = []
-        for j in pending:
-            i = idx[j]
-            pts = np.unique(edges_all[j][np.abs(edges_all[j]) < Z_MAX])
-            for kk in range(out.shape[0]):
-                def integrand(z: float, _s: float = sq[i], _k: int = kk) -> float:
-                    v = _as_stack(f, np.array([_s * z]))[_k, 0]
-                    return float(v) * math.exp(-0.5 * z * z) / _SQRT_2PI
-
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", integrate.IntegrationWarning)
-                    val, e = integrate.quad(integrand, -Z_MAX, Z_MAX, points=pts, limit=1000,
-                                           epsabs=atol, epsrel=rtol)
-                if e < err[kk, i]:
-                    out[kk, i], err[kk, i] = val, e
-            if np.any(err[:, i] > 1e3 * (atol + rtol * np.abs(out[:, i]))):
-                unresolved.append(float(sq[i] ** 2))
+        pending = _refine_composite(f, sq, idx, edges_all, out, err, rtol, atol)
+        unresolved = _refine_adaptive(f, sq, idx[pending], edges_all[pending], out, err, rtol, atol)
         if unresolved:
             warnings.warn(
                 f"Gaussian expectation not resolved to rtol={rtol} at q = {unresolved[:5]} "
@@ -220,14 +241,20 @@ def gaussian_expectations(
     return out
 
 
+class QuadratureOptions(TypedDict, total=False):
+    """The accuracy options of :func:`gaussian_expectations` (defaults there), for the functions
+    that pass them on."""
+
+    order: int
+    rtol: float
+    atol: float
+    kinks: Sequence[float]
+
+
 def gaussian_expectation(
     f: Callable[[np.ndarray], np.ndarray],
     q: float | np.ndarray = 1.0,
-    *,
-    order: int = DEFAULT_ORDER,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
-    kinks: Sequence[float] = (),
+    **options: Unpack[QuadratureOptions],
 ) -> np.ndarray:
     """E_{z ~ N(0,1)}[f(sqrt(q) z)] = integral of f(x) N(x; 0, q) dx, vectorised over q.
 
@@ -238,7 +265,8 @@ def gaussian_expectation(
     Args:
         f: Element-wise function of a float64 array.
         q: Variance(s) >= 0, shape S.
-        order, rtol, atol, kinks: See :func:`gaussian_expectations`.
+        **options: ``order``, ``rtol``, ``atol``, ``kinks`` (keywords) of
+            :func:`gaussian_expectations`.
 
     Returns:
         Float64 array of shape S (a 0-d array for scalar q).
@@ -247,7 +275,7 @@ def gaussian_expectation(
         >>> float(gaussian_expectation(lambda x: x**2, 2.5))  # E[x^2] = q
         2.5
     """
-    return gaussian_expectations(f, q, order=order, rtol=rtol, atol=atol, kinks=kinks)[0]
+    return gaussian_expectations(f, q, **options)[0]
 
 
 def bivariate_gaussian_expectation(

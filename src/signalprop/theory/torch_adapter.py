@@ -27,6 +27,7 @@ from signalprop.theory.activations import ACTIVATIONS, Activation, get_activatio
 from signalprop.theory.batchnorm import bn_gradient_rate
 from signalprop.theory.isometry import jacobian_moments
 from signalprop.theory.meanfield import CriticalPoint, critical_point, gradient_profile
+from signalprop.vocab.activations import infer_activation
 
 ActivationSpec = str | Activation | Callable[..., Any]
 
@@ -219,11 +220,6 @@ def critical_(
         Sequential(...)
     """
     if activation is None:
-        try:
-            from signalprop.remedies.activations import infer_activation
-        except ImportError as e:  # pragma: no cover - remedies ships with the package
-            raise ValueError("pass activation= (cannot infer it without signalprop.remedies)") \
-                from e
         activation = infer_activation(model)
     cp = critical_point(resolve_activation(activation), sigma_b2)
     return mean_field_init_(model, cp.sigma_w2, sigma_b2, orthogonal=orthogonal,
@@ -337,6 +333,58 @@ def limit_input_variance(
     return float(cands[ok[0]]) if ok.size else float(cands[-1])
 
 
+def _profile_variances(act: Activation, sigma_w2: float | None, sigma_b2: float,
+                       q_in: float | None, depth: int, batch_size: int, batch_norm: bool
+                       ) -> tuple[float, float, float]:
+    """sigma_w^2, sigma_b^2 and q_in of :func:`measure_gradient_profile` with its defaults."""
+    cp: CriticalPoint | None = None
+    if batch_norm:
+        if batch_size < 4:
+            raise ValueError(f"batch norm needs batch_size >= 4, got {batch_size}")
+        sigma_w2 = 1.0 if sigma_w2 is None else sigma_w2  # BN is invariant to the scale of W
+        sigma_b2 = 0.0
+    elif sigma_w2 is None:
+        cp = critical_point(act, sigma_b2)
+        sigma_w2 = cp.sigma_w2
+    if q_in is None:
+        if cp is None or not math.isfinite(cp.q_star):
+            q_in = 1.0
+        elif cp.q_star == 0.0:
+            q_in = limit_input_variance(act, cp.sigma_w2, depth)
+        else:
+            q_in = cp.q_star
+    return sigma_w2, sigma_b2, q_in
+
+
+def _backprop_sq_norms(net: nn.Sequential, fn: Callable[[torch.Tensor], torch.Tensor],
+                       q_in: float, batch_size: int, width: int, gen: torch.Generator,
+                       batch_norm: bool, device: str | torch.device, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """One forward/backward of L = sum(V * x^L): the input x^0, ||dL/dh^l||^2 and the measured
+    q^l = mean((h^l)^2) of every Linear output h^l."""
+    # inputs are drawn on the CPU (reproducible for a seed on any device), then moved
+    h0 = torch.randn(batch_size, width, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch_size, width, generator=gen, dtype=torch.float64)
+    h0 = h0.to(device=device, dtype=dtype)
+    v = v.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        x0 = h0 if batch_norm else fn(math.sqrt(q_in) * h0)
+
+    hs: list[torch.Tensor] = []
+    x = x0
+    with torch.enable_grad():
+        for m in net:
+            x = m(x)
+            if isinstance(m, nn.Linear):
+                x.retain_grad()
+                hs.append(x)
+        loss = (v * x).sum()
+        loss.backward()
+    g2 = np.array([float(h.grad.double().pow(2).sum()) for h in hs])
+    qm = np.array([float(h.detach().double().pow(2).mean()) for h in hs])
+    return x0, g2, qm
+
+
 def measure_gradient_profile(
     activation: ActivationSpec | nn.Module,
     sigma_w2: float | None = None,
@@ -382,49 +430,15 @@ def measure_gradient_profile(
     act = resolve_activation(activation)
     if depth < 2:
         raise ValueError(f"depth must be >= 2 to measure ratios, got {depth}")
-    cp: CriticalPoint | None = None
-    if batch_norm:
-        if batch_size < 4:
-            raise ValueError(f"batch norm needs batch_size >= 4, got {batch_size}")
-        sigma_w2 = 1.0 if sigma_w2 is None else sigma_w2  # BN is invariant to the scale of W
-        sigma_b2 = 0.0
-    elif sigma_w2 is None:
-        cp = critical_point(act, sigma_b2)
-        sigma_w2 = cp.sigma_w2
-    if q_in is None:
-        if cp is None or not math.isfinite(cp.q_star):
-            q_in = 1.0
-        elif cp.q_star == 0.0:
-            q_in = limit_input_variance(act, cp.sigma_w2, depth)
-        else:
-            q_in = cp.q_star
+    sigma_w2, sigma_b2, q_in = _profile_variances(act, sigma_w2, sigma_b2, q_in, depth,
+                                                  batch_size, batch_norm)
     gen = torch.Generator().manual_seed(seed)
     net = build_mlp(activation, width, depth, sigma_w2, sigma_b2, batch_norm=batch_norm,
                     orthogonal=orthogonal, generator=gen)
     net = net.to(device=device, dtype=dtype)
     net.train()
-    fn = torch_activation(activation)
-
-    # inputs are drawn on the CPU (reproducible for a seed on any device), then moved
-    h0 = torch.randn(batch_size, width, generator=gen, dtype=torch.float64)
-    v = torch.randn(batch_size, width, generator=gen, dtype=torch.float64)
-    h0 = h0.to(device=device, dtype=dtype)
-    v = v.to(device=device, dtype=dtype)
-    with torch.no_grad():
-        x0 = h0 if batch_norm else fn(math.sqrt(q_in) * h0)
-
-    hs: list[torch.Tensor] = []
-    x = x0
-    with torch.enable_grad():
-        for m in net:
-            x = m(x)
-            if isinstance(m, nn.Linear):
-                x.retain_grad()
-                hs.append(x)
-        loss = (v * x).sum()
-        loss.backward()
-    g2 = np.array([float(h.grad.double().pow(2).sum()) for h in hs])
-    qm = np.array([float(h.detach().double().pow(2).mean()) for h in hs])
+    x0, g2, qm = _backprop_sq_norms(net, torch_activation(activation), q_in, batch_size, width,
+                                    gen, batch_norm, device, dtype)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = g2[:-1] / g2[1:]
 
