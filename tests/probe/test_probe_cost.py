@@ -247,6 +247,34 @@ def test_update_ratios_from_optimiser_state_match_weight_copy(name):
         assert p._updates._copy is None and p._buffers is None  # never held a weight copy
 
 
+@pytest.mark.parametrize("name", ["sgd-momentum", "adamw"])
+def test_update_ratio_option_copy_matches_the_closed_form_oracle(name):
+    # update_ratio="copy" forces the weight copy where a closed form exists: both agree with
+    # the oracle to float rounding (float64 here, so rel 1e-7 is far above either's error)
+    make, _ = OPTIMISERS[name]
+    p, expect = _oracle_ratios(make, update_ratio="copy")
+    assert p._updates.method == "copy"
+    for step, ex in enumerate(expect):
+        for n, v in ex.items():
+            assert p.record.get(step, n, "update_ratio") == pytest.approx(v, rel=1e-7), (step, n)
+
+
+def test_update_ratio_option_false_and_bad_values():
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    p = Probe(model, optimizer=opt, update_ratio=False).attach()
+    _train(model, opt, p, 2, x, y)
+    p.detach()
+    assert p._updates is None and p._buffers is None  # nothing measured, nothing copied
+    assert not p.record.has("update_ratio") and p.record.has("weight_norm")
+    with pytest.raises(ValueError, match="update_ratio must be one of 'auto', 'optimizer'"):
+        Probe(model, optimizer=opt, update_ratio="closed")
+    rms = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="no closed-form update for RMSprop"):
+        Probe(model, optimizer=rms, update_ratio="optimizer").attach()
+
+
 def test_update_ratio_copy_is_released_between_recorded_steps():
     torch.manual_seed(0)
     model = _mlp()

@@ -22,6 +22,7 @@ from signalprop import stats, vocab
 from signalprop._device import resolve_device as _resolve_device
 from signalprop._registry import check_choice
 from signalprop.data import Dataset, load_dataset
+from signalprop.train import make_optimizer  # noqa: F401 (the optimiser vocabulary's torch face)
 
 
 # --- activations ------------------------------------------------------------------------------
@@ -119,7 +120,11 @@ class MLP(nn.Module):
 
 
 # --- initialisation ---------------------------------------------------------------------------
-INITS = ("default", "gaussian", "lecun", "xavier", "he", "orthogonal")
+#: The schemes :func:`init_linears_` takes: the initialisation vocabulary's Gaussian schemes
+#: (aliases ``gaussian`` -> ``lecun``, ``he`` -> ``kaiming`` included), ``orthogonal`` and
+#: ``default``.
+INITS = tuple(n for n in vocab.INITS
+              if vocab.init(n).std is not None or n in ("default", "orthogonal"))
 
 
 @torch.no_grad()
@@ -134,23 +139,22 @@ def init_linears_(
 
     Schemes (fan_in/fan_out of each layer):
       ``default``: PyTorch's own initialisation (left untouched, only scaled).
-      ``gaussian``/``lecun``: W ~ N(0, 1/fan_in) (LeCun et al. 1998).
+      ``lecun`` (alias ``gaussian``): W ~ N(0, 1/fan_in) (LeCun et al. 1998).
       ``xavier``: W ~ N(0, 2/(fan_in + fan_out)) (Glorot & Bengio 2010).
-      ``he``: W ~ N(0, 2/fan_in) (He et al. 2015).
+      ``kaiming`` (alias ``he``): W ~ N(0, 2/fan_in) (He et al. 2015).
+    The standard deviations are the vocabulary's (:data:`signalprop.vocab.INITS`).
       ``orthogonal``: a (semi-)orthogonal matrix times sqrt(1) (Saxe et al. 2013); with
       ``scale`` = sigma_w this is the orthogonal network of Pennington et al. 2017.
     Biases are set to N(0, sigma_b^2) (zero by default) unless the scheme is ``default``.
     """
+    scheme = vocab.INITS.canonical(scheme) if scheme in vocab.INITS else scheme
     check_choice("init scheme", scheme, INITS)
+    std = vocab.init(scheme).std
     for lin in linears:
         w = lin.weight
         fan_out, fan_in = w.shape
-        if scheme in ("gaussian", "lecun"):
-            w.copy_(torch.randn(w.shape, generator=generator) / math.sqrt(fan_in))
-        elif scheme == "xavier":
-            w.copy_(torch.randn(w.shape, generator=generator) * math.sqrt(2.0 / (fan_in + fan_out)))
-        elif scheme == "he":
-            w.copy_(torch.randn(w.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+        if std is not None:
+            w.copy_(torch.randn(w.shape, generator=generator) * std(fan_in, fan_out))
         elif scheme == "orthogonal":
             w.copy_(orthogonal_matrix(fan_out, fan_in, generator))
         w.mul_(scale)
@@ -176,26 +180,6 @@ def orthogonal_matrix(rows: int, cols: int, generator: torch.Generator | None = 
 def get_data(name: str, device: str = "cpu") -> Dataset:
     """A built-in data set moved to ``device``."""
     return load_dataset(name).to(device)
-
-
-# --- optimisers -------------------------------------------------------------------------------
-def make_optimizer(name: str, model: nn.Module, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
-    """An optimiser by name: the shared registry (signalprop.train / remedies) when present, else
-    torch's SGD/Adam/RMSprop/Rprop."""
-    try:
-        from signalprop.train import make_optimizer as _mk
-
-        return _mk(name, model, lr, **kwargs)
-    except ImportError:
-        pass
-    builtin = {
-        "sgd": torch.optim.SGD,
-        "adam": torch.optim.Adam,
-        "rmsprop": torch.optim.RMSprop,
-        "rprop": torch.optim.Rprop,
-    }
-    check_choice("optimizer", name, sorted(builtin))
-    return builtin[name](model.parameters(), lr=lr, **kwargs)
 
 
 # --- training ---------------------------------------------------------------------------------

@@ -33,6 +33,10 @@ class ForwardStats:
     def _sample(self, t: torch.Tensor) -> torch.Tensor:
         """A fixed strided sample of at most ``max_forward_samples`` values of ``t``, copied
         with one gather (row-major order, any layout)."""
+        return torch.take(t, self._sample_index(t))
+
+    def _sample_index(self, t: torch.Tensor) -> torch.Tensor:
+        """The flat indices of :meth:`_sample` (cached per size, row length and device)."""
         k = self.max_forward_samples
         assert k is not None
         n = t.numel()
@@ -47,7 +51,7 @@ class ForwardStats:
                 step += 1
             idx = torch.arange(0, n, step, device=t.device)[:k]
             self._stride_cache[key] = idx
-        return torch.take(t, idx)
+        return idx
 
     def _forward_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
         groups: dict[tuple, list[int]] = {}
@@ -138,6 +142,13 @@ class ForwardStats:
             layer = [s.name for s in sites]
             if kind in stats.SATURATING:
                 self._saturation(kind, js, len(idx), xf, sites, values, names)
+            if kind in stats.RECTIFIERS:
+                # off = output <= 0 for this example: a unit off per example, averaged over the
+                # batch (on the forward sample); a unit is dead only when off for every example
+                src = xf if len(js) == len(idx) else xf.index_select(
+                    0, host_tensor(js, torch.long, xf.device))
+                values.append((src <= 0).float().mean(dim=1))
+                names += [(n, "off_frac") for n in layer]
             if kind in stats.RECTIFIERS and all(s.alive for s in sites):
                 # dead = inactive for the WHOLE batch: active units were noted in the hook
                 dead = [

@@ -112,7 +112,8 @@ class UpdateNorms:
     ``method`` says how: ``"sgd"``, ``"sgd-momentum"``, ``"adam"`` or ``"copy"``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                 method: str = "auto") -> None:
         self.optimizer = optimizer
         self.params = params
         total = sum(p.numel() for p in params)
@@ -121,7 +122,14 @@ class UpdateNorms:
             for p in g["params"]:
                 group_of[id(p)] = gi
         self.group_idx = [group_of.get(id(p), -1) for p in params]
-        self.method = self._choose()
+        # "auto": the closed form where there is one; "copy": always the copy; "optimizer":
+        # the closed form or an error
+        self.method = "copy" if method == "copy" else self._choose()
+        if method == "optimizer" and self.method == "copy":
+            raise ValueError(
+                f"update_ratio='optimizer': no closed-form update for {type(optimizer).__name__}"
+                " with these settings (SGD without Nesterov, Adam, AdamW with float betas and a "
+                "float lr have one); use update_ratio='auto' or 'copy'")
         self.limit = max(MIN_CHUNK, int(CHUNK_FRACTION.get(self.method, 0.02) * total))
         self.steps_taken = [self._initial_step(g) for g in optimizer.param_groups]
         self._copy: list[torch.Tensor] | None = None

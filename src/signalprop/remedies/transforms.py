@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from signalprop._registry import Registry, check_choice
-from signalprop.init import call_model
+from signalprop.init import call_model, weight_layers
 from signalprop.remedies.activations import (
     RBF,
     RBFKernel,
@@ -35,6 +35,7 @@ from signalprop.remedies.activations import (
     activation_kind,
     make_activation,
 )
+from signalprop.vocab.norms import NORMS, norm_module
 
 Batch = torch.Tensor | None
 
@@ -137,21 +138,10 @@ def _width_before(parent: nn.Module, name: str) -> int | None:
 
 
 def _make_norm(kind: str, shape: tuple[int, ...]) -> nn.Module:
-    """A norm for features of ``shape`` (without the batch dim; dim 0 = channels)."""
-    if len(shape) == 0:
-        raise ValueError("cannot normalise a scalar output (shape [B])")
-    c = shape[0]
-    if kind == "batchnorm":
-        if len(shape) <= 2:
-            return nn.BatchNorm1d(c)
-        if len(shape) == 3:
-            return nn.BatchNorm2d(c)
-        if len(shape) == 4:
-            return nn.BatchNorm3d(c)
-        raise ValueError(f"no batch norm for feature shape {shape}")
-    # layer norm: over all features of an example; GroupNorm(1, C) keeps per-channel gains for
-    # conv maps and does not fix the spatial size
-    return nn.LayerNorm(c) if len(shape) == 1 else nn.GroupNorm(1, c)
+    """A norm for features of ``shape`` (without the batch dim; dim 0 = channels): the
+    vocabulary's module face (BatchNorm1d/2d/3d by shape; LayerNorm on [B, F], GroupNorm(1, C)
+    on conv maps, which keeps per-channel gains and does not fix the spatial size)."""
+    return norm_module(kind, shape)
 
 
 def _replace_children(parent: nn.Module, edits: dict[str, list[nn.Module]]) -> None:
@@ -182,7 +172,7 @@ def insert_norm(
         example_batch: An input batch, used to find feature shapes and to check that no
             activation module is reused; without it widths come from the preceding Linear/Conv
             in a Sequential.
-        kind: ``"batchnorm"`` (BatchNorm1d/2d/3d by shape) or ``"layernorm"`` (LayerNorm on
+        kind: ``"batchnorm"``/``"batch"`` (BatchNorm1d/2d/3d by shape) or ``"layernorm"``/``"layer"`` (LayerNorm on
             [B, F], GroupNorm(1, C) on conv maps).
         position: ``"before"`` (on the pre-activation; on an RBF layer its squared distance) or
             ``"after"`` the activation.
@@ -190,7 +180,9 @@ def insert_norm(
     Raises:
         ValueError: no activation modules, a reused activation module, unknown widths.
     """
-    check_choice("norm kind", kind, ("batchnorm", "layernorm"))
+    if kind not in NORMS or NORMS.canonical(kind) == "none":
+        # "batch" and "layer" are the canonical names; "batchnorm"/"layernorm" their aliases
+        check_choice("norm kind", kind, ("batchnorm", "layernorm"))
     check_choice("norm position", position, ("before", "after"))
     seq = next((type(m).__name__ for m in model.modules() if isinstance(
         m, (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)) or "Attention" in type(m).__name__),
@@ -260,7 +252,6 @@ def weight_norm(model: nn.Module, example_batch: Batch = None, dim: int = 0) -> 
 
     Uses ``torch.nn.utils.parametrizations.weight_norm`` (Salimans & Kingma 2016).
     """
-    from signalprop.init import weight_layers
 
     new = copy.deepcopy(model)
     layers = weight_layers(new)

@@ -24,6 +24,7 @@ from signalprop.engine.activations import ACTIVATIONS
 from signalprop.engine.optim import OPTIMIZERS
 from signalprop.engine.population import CLIP_DEFAULTS, CLIPS, INITS
 from signalprop.engine.reference import NORM_POSITIONS, NORMS
+from signalprop.vocab.inits import INITS as VOCAB_INITS
 from signalprop.vocab.norms import NORMS as VOCAB_NORMS
 
 DTYPES = ("float32", "float64")
@@ -69,7 +70,7 @@ SCHEMA: dict[str, Key] = {
     "norm_affine": Key(True, "bool"),
     "residual": Key(False, "bool"),
     "rbf": Key(0, "int", check=_nonneg, rule=">= 0"),
-    "init": Key("lecun", "choice", lambda: list(INITS), per_run=True),
+    "init": Key("lecun", "choice", lambda: list(INITS), per_run=True, registry=VOCAB_INITS),
     "init_scale": Key(1.0, "float", check=_pos, rule="> 0", per_run=True),
     "bias_std": Key(0.0, "float", check=_nonneg, rule=">= 0", per_run=True),
     "optimizer": Key("sgd", "choice", OPTIMIZERS.names),
