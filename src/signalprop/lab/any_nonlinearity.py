@@ -23,15 +23,15 @@ from signalprop.data import load_dataset
 from signalprop.lab import base as B
 from signalprop.lab import evidence as E
 from signalprop.lab import grid as G
+from signalprop.lab import nets
 from signalprop.lab import plotting as P
-from signalprop.lab.common import evaluate
 from signalprop.remedies import RBF, Scaled, get_remedy, make_activation, nf_gain
 from signalprop.theory import NoCriticalPoint, critical_point
 from signalprop.theory.torch_adapter import measure_gradient_profile
 from signalprop.train import fit
 
 #: Bumped when the measurements change meaning (stored results then go stale).
-VERSION = 2
+VERSION = 3
 NAME = "any-nonlinearity"
 TITLE = "Any non-linearity can be trained at depth"
 QUESTION = (
@@ -304,8 +304,8 @@ def _local_one(config: dict[str, Any], act: str, rem: str, depth: int, seed: int
               optimizer=opt, lr=lr, optimizer_kwargs=kw, batch_size=config["batch_size"],
               grad_transform=gt, probe={"forward": False, "backward": False}, schedule=[0],
               device=dev, seed=seed)
-    acc = math.nan if res.diverged else evaluate(model, data.x_test.to(dev),
-                                                 data.y_test.to(dev))[1]
+    acc = math.nan if res.diverged else nets.accuracy(model, data.x_test.to(dev),
+                                                      data.y_test.to(dev))
     return {"activation": act, "remedy": rem, "depth": depth, "seed": seed, "lr": lr,
             "status": "diverged" if res.diverged else "done", "test_accuracy": acc,
             "grad_ratio_init": res.grad_ratio, "source": "local",

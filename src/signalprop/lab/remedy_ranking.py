@@ -30,8 +30,8 @@ from signalprop.examples import mlp
 from signalprop.init import kaiming_, scale_
 from signalprop.lab import base as B
 from signalprop.lab import evidence as E
+from signalprop.lab import nets
 from signalprop.lab import plotting as P
-from signalprop.lab.common import evaluate
 from signalprop.remedies import TRANSFORMS, Remedy, get_remedy, make_activation
 from signalprop.train import fit
 
@@ -186,8 +186,8 @@ def _one(config: dict[str, Any], case_name: str, measure: str, seed: int) -> dic
     res = fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=steps, optimizer=opt,
               lr=lr, optimizer_kwargs=kw, batch_size=config["batch_size"], grad_transform=gt,
               probe={"forward": False, "backward": False}, schedule=[0], device=dev, seed=seed)
-    acc = math.nan if res.diverged else evaluate(model, data.x_test.to(dev),
-                                                 data.y_test.to(dev))[1]
+    acc = math.nan if res.diverged else nets.accuracy(model, data.x_test.to(dev),
+                                                      data.y_test.to(dev))
     return {"measure": measure, "seed": seed, "status": "diverged" if res.diverged else "done",
             "train_loss": res.final_loss, "test_accuracy": acc, "grad_ratio_init": res.grad_ratio,
             "steps": steps, "lr": lr}
