@@ -75,7 +75,8 @@ class MLP(nn.Module):
         in_features, out_features, width: Sizes.
         depth: Number of hidden layers (>= 1).
         activation: Activation name (see :func:`make_activation`).
-        norm: ``"none"``, ``"bn"`` (BatchNorm1d before each activation) or ``"ln"``.
+        norm: ``"none"``, ``"batch"`` (BatchNorm1d before each activation) or ``"layer"``
+            (aliases ``"bn"``, ``"ln"``).
         residual: Residual connections around every hidden layer whose input and output widths
             agree (all but the first).
         norm_affine: Whether the norm has learnable gain/shift.

@@ -35,21 +35,12 @@ from signalprop.remedies.activations import (
     activation_kind,
     make_activation,
 )
-from signalprop.vocab.norms import NORMS, norm_module
+from signalprop.vocab.norms import NORM_CLASSES, NORMS, norm_module
 
 Batch = torch.Tensor | None
 
-_NORMS: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.Dropout,
-    nn.AlphaDropout,
-)
+#: What may follow an activation inside its unit: a norm (the vocabulary's classes) or dropout.
+_NORMS: tuple[type[nn.Module], ...] = (*NORM_CLASSES, nn.Dropout, nn.AlphaDropout)
 
 
 def _is_unit(m: nn.Module) -> bool:
