@@ -11,7 +11,7 @@ from signalprop.engine.optim import OPTIMIZERS as ENGINE
 from signalprop.remedies import REMEDIES
 from signalprop.remedies.optimizers import DEFAULT_LR
 from signalprop.remedies.optimizers import OPTIMIZERS as REMEDIES_OPT
-from signalprop.sweep.config import validate_config
+from signalprop.sweep.config import SCHEMA, validate_config
 from signalprop.train import make_optimizer as train_make
 from signalprop.vocab import OPTIMIZERS, optimizer
 
@@ -93,3 +93,17 @@ def test_flat_names_map_to_torch_arguments() -> None:
         "lr": 0.1, "betas": (0.8, 0.9), "eps": 1e-6}
     assert optimizer("rprop").torch_defaults() == {"etas": (0.5, 1.2), "step_sizes": (1e-6, 50.0)}
     assert optimizer("momentum").torch_defaults() == {"momentum": 0.9}
+
+
+def test_a_hyper_parameter_shared_by_optimizers_has_one_default() -> None:
+    """The sweep's flat run config has one default per key: the batched optimisers that share a
+    key (momentum, weight_decay ...) must agree on it, and the schema reads it from them."""
+    seen: dict[str, set] = {}
+    for n in ENGINE:
+        for k, v in ENGINE.defaults(n).items():
+            seen.setdefault(k, set()).add(v)
+    varying = {k for k, vs in seen.items() if len(vs) > 1}
+    assert varying == {"lr", "eps"}  # resolved per optimiser from the config's null
+    for k, vs in seen.items():
+        if k not in varying:
+            assert SCHEMA[k].default == next(iter(vs))

@@ -35,21 +35,12 @@ from signalprop.remedies.activations import (
     activation_kind,
     make_activation,
 )
-from signalprop.vocab.norms import NORMS, norm_module
+from signalprop.vocab.norms import NORM_CLASSES, NORMS, norm_module
 
 Batch = torch.Tensor | None
 
-_NORMS: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.Dropout,
-    nn.AlphaDropout,
-)
+#: What may follow an activation inside its unit: a norm (the vocabulary's classes) or dropout.
+_NORMS: tuple[type[nn.Module], ...] = (*NORM_CLASSES, nn.Dropout, nn.AlphaDropout)
 
 
 def _is_unit(m: nn.Module) -> bool:
@@ -159,6 +150,34 @@ def _replace_children(parent: nn.Module, edits: dict[str, list[nn.Module]]) -> N
             setattr(parent, k, mods[0] if len(mods) == 1 else nn.Sequential(*mods))
 
 
+def _refuse_sequence_models(model: nn.Module, kind: str) -> None:
+    seq = next((type(m).__name__ for m in model.modules() if isinstance(
+        m, (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)) or "Attention" in type(m).__name__),
+        None)
+    if seq is not None:
+        # their activations see [batch, time, features]: a norm chosen by the feature shape
+        # would normalise over time steps; these models place their own (layer) norms
+        raise ValueError(f"cannot insert {kind} into {type(model).__name__}: it has attention or "
+                         f"recurrent layers ({seq}), whose token/time features this rewrite "
+                         "does not handle")
+
+
+def _norm_shape(parent: nn.Module, name: str, unit: nn.Module, shapes: dict[int, Any],
+                position: str) -> tuple[int, ...]:
+    """The feature shape a norm before/after activation ``unit`` sees: measured on the example
+    batch when there was one, else the width of the layer before it."""
+    if id(unit) in shapes:
+        in_shape, out_shape, _ = shapes[id(unit)]
+        return in_shape if position == "before" else out_shape
+    w = unit.out_features if isinstance(unit, RBF) else _width_before(parent, name)
+    if w is None:
+        raise ValueError(
+            f"cannot infer the width at activation {name!r} of {type(parent).__name__}; "
+            "pass an example input batch"
+        )
+    return (w,)
+
+
 def insert_norm(
     model: nn.Module,
     example_batch: Batch = None,
@@ -184,15 +203,7 @@ def insert_norm(
         # "batch" and "layer" are the canonical names; "batchnorm"/"layernorm" their aliases
         check_choice("norm kind", kind, ("batchnorm", "layernorm"))
     check_choice("norm position", position, ("before", "after"))
-    seq = next((type(m).__name__ for m in model.modules() if isinstance(
-        m, (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)) or "Attention" in type(m).__name__),
-        None)
-    if seq is not None:
-        # their activations see [batch, time, features]: a norm chosen by the feature shape
-        # would normalise over time steps; these models place their own (layer) norms
-        raise ValueError(f"cannot insert {kind} into {type(model).__name__}: it has attention or "
-                         f"recurrent layers ({seq}), whose token/time features this rewrite "
-                         "does not handle")
+    _refuse_sequence_models(model, kind)
     new = copy.deepcopy(model)
     units = _units(new)
     if not units:
@@ -210,18 +221,7 @@ def insert_norm(
                 raise ValueError(f"RBF layer {name!r} already has a norm on its distance")
             unit.norm = _make_norm(kind, (unit.out_features,))
             continue
-        if id(unit) in shapes:
-            in_shape, out_shape, _ = shapes[id(unit)]
-            shape = in_shape if position == "before" else out_shape
-        else:
-            w = unit.out_features if isinstance(unit, RBF) else _width_before(parent, name)
-            if w is None:
-                raise ValueError(
-                    f"cannot infer the width at activation {name!r} of {type(parent).__name__}; "
-                    "pass an example input batch"
-                )
-            shape = (w,)
-        norm = _make_norm(kind, shape)
+        norm = _make_norm(kind, _norm_shape(parent, name, unit, shapes, position))
         mods = [norm, unit] if position == "before" else [unit, norm]
         by_parent.setdefault(id(parent), (parent, {}))[1][name] = mods
     for parent, edits in by_parent.values():

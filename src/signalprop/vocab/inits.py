@@ -238,6 +238,35 @@ def _output_var(model: nn.Module, layer: nn.Module, batch: Any) -> float:
     return box[0]
 
 
+def _check_lsuv_args(model: Any, batch: Any, tol: float, max_iter: int) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lsuv_ needs an nn.Module, got {type(model).__name__}")
+    first = _first_tensor(batch)
+    if first is None:
+        raise TypeError(f"lsuv_ needs an input batch (a tensor, a tuple or a dict of tensors), "
+                        f"got {type(batch).__name__}")
+    if first.dim() == 0 or first.shape[0] < 2:
+        raise ValueError("lsuv_ needs a batch of at least 2 examples to estimate a variance")
+    if tol <= 0 or max_iter < 1:
+        raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+
+
+def _rescale_to_unit_variance(
+    model: nn.Module, layer: nn.Module, batch: Any, tol: float, max_iter: int
+) -> tuple[float, int]:
+    """W <- W / sqrt(Var(out)) until |Var - 1| < tol: (the last variance, rescalings used)."""
+    var = _output_var(model, layer, batch)
+    it = 0
+    while abs(var - 1.0) >= tol and it < max_iter:
+        if not math.isfinite(var) or var <= 0:
+            break  # a dead/constant layer (or overflow) cannot be rescaled to unit variance
+        with torch.no_grad():
+            layer.weight.div_(math.sqrt(var))
+        it += 1
+        var = _output_var(model, layer, batch)
+    return var, it
+
+
 def lsuv_(
     model: nn.Module,
     batch: torch.Tensor | tuple[Any, ...] | Mapping[str, Any],
@@ -274,16 +303,7 @@ def lsuv_(
     Returns:
         :class:`LSUVResult` (``converged`` False when some layer did not reach the tolerance).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"lsuv_ needs an nn.Module, got {type(model).__name__}")
-    first = _first_tensor(batch)
-    if first is None:
-        raise TypeError(f"lsuv_ needs an input batch (a tensor, a tuple or a dict of tensors), "
-                        f"got {type(batch).__name__}")
-    if first.dim() == 0 or first.shape[0] < 2:
-        raise ValueError("lsuv_ needs a batch of at least 2 examples to estimate a variance")
-    if tol <= 0 or max_iter < 1:
-        raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+    _check_lsuv_args(model, batch, tol, max_iter)
     layers = dict(weight_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv layers for LSUV")
@@ -291,16 +311,7 @@ def lsuv_(
         orthogonal_(model, bias=0.0 if zero_bias else None)
     res = LSUVResult(converged=True)
     for name in _forward_order(model, batch):
-        layer = layers[name]
-        var = _output_var(model, layer, batch)
-        it = 0
-        while abs(var - 1.0) >= tol and it < max_iter:
-            if not math.isfinite(var) or var <= 0:
-                break  # a dead/constant layer (or overflow) cannot be rescaled to unit variance
-            with torch.no_grad():
-                layer.weight.div_(math.sqrt(var))
-            it += 1
-            var = _output_var(model, layer, batch)
+        var, it = _rescale_to_unit_variance(model, layers[name], batch, tol, max_iter)
         res.variances[name] = var
         res.iterations[name] = it
         if not abs(var - 1.0) < tol:
