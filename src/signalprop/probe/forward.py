@@ -144,6 +144,13 @@ class ForwardStats:
             layer = [s.name for s in sites]
             if kind in stats.SATURATING:
                 self._saturation(kind, js, len(idx), xf, sites, values, names)
+            if kind in stats.RECTIFIERS:
+                # off = output <= 0 for this example: a unit off per example, averaged over the
+                # batch (on the forward sample); a unit is dead only when off for every example
+                src = xf if len(js) == len(idx) else xf.index_select(
+                    0, host_tensor(js, torch.long, xf.device))
+                values.append((src <= 0).float().mean(dim=1))
+                names += [(n, "off_frac") for n in layer]
             if kind in stats.RECTIFIERS and all(s.alive for s in sites):
                 # dead = inactive for the WHOLE batch: active units were noted in the hook
                 dead = [
