@@ -23,6 +23,7 @@ accounting, unaffected by other processes).
 
 Usage: python benchmarks/probe_overhead.py [--device cpu|cuda] [--model mlp|transformer]
     [--dtype fp32|bf16] [--steps 50] [--repeats 7] [--threads 1] [--clock wall|cpu]
+    [--update-ratio auto|optimizer|copy|off]
 """
 
 from __future__ import annotations
@@ -194,12 +195,13 @@ def cpu_peak_bytes(fn: Callable[[], None]) -> int:
     return peak
 
 
-def peak_bytes(task: Task, opt: torch.optim.Optimizer, steps: int, schedule: int | None) -> int:
+def peak_bytes(task: Task, opt: torch.optim.Optimizer, steps: int, schedule: int | None,
+               update_ratio: str | bool = "auto") -> int:
     """Peak memory above the start of ``steps`` steps, with a probe recording every
     ``schedule``-th step (warmed up so that the first measured step is a recorded one)."""
     p = None
     if schedule:
-        p = Probe(task.model, optimizer=opt, schedule=schedule).attach()
+        p = Probe(task.model, optimizer=opt, schedule=schedule, update_ratio=update_ratio).attach()
         train(task, opt, schedule, p)  # the mapping step, then up to the next recorded step
 
     def body() -> None:
@@ -238,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: elapsed time; cpu: this process's CPU time (CPU device only)")
     ap.add_argument("--mem-steps", type=int, default=3, help="steps of the memory pass (0: skip)")
+    ap.add_argument("--update-ratio", choices=["auto", "optimizer", "copy", "off"], default="auto",
+                    help="the probe's update_ratio option (off: False)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available here", file=sys.stderr)
@@ -263,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # one probe per variant, attached only while its variant runs (hooks of the others would
     # fire too)
+    ur = False if args.update_ratio == "off" else args.update_ratio
     probes = {
-        k: Probe(task.model, optimizer=opt, schedule=s) if s else None
+        k: Probe(task.model, optimizer=opt, schedule=s, update_ratio=ur) if s else None
         for k, s in variants.items()
     }
     for pr in probes.values():  # warm-up: allocator, optimiser state, kernels, layer map
@@ -284,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 pr.detach()
     base = statistics.median(times["plain"])
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
-    print(f"{task.name}, {args.dtype}; {dev}; torch {torch.__version__}")
+    print(f"{task.name}, {args.dtype}; {dev}; torch {torch.__version__}; "
+          f"update_ratio={args.update_ratio}")
     print(f"{steps} steps x {args.repeats} interleaved repeats, {args.clock} clock, medians; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'variant':30s} {'ms/step':>8s} {'ratio':>7s}  target")
@@ -302,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, s in variants.items():
             if s is None:
                 continue
-            extra = peak_bytes(task, opt, args.mem_steps, s) - plain
+            extra = peak_bytes(task, opt, args.mem_steps, s, ur) - plain
             print(f"  {k:28s} extra peak {extra / 2**20:8.2f} MiB = {extra / sb:6.1%} of state "
                   f"(target <= 5%: {'met' if extra <= 0.05 * sb else 'NOT met'})")
     return 0

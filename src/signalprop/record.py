@@ -15,6 +15,7 @@ Metric names (a contract: reports, JSON and the tidy table use them):
 | `out_nonfinite` | number of NaN/Inf entries in the output |
 | `saturated_frac` | activations: fraction of entries with abs(phi'(z)) below the threshold |
 | `dead_frac` | rectifiers: fraction of units inactive for the whole batch |
+| `off_frac` | rectifiers: fraction of entries <= 0 (units off per example, averaged over examples and units) |
 | `out_grad_norm` | norm of dL/dh, h the module's output |
 | `out_grad_nonfinite` | NaN/Inf entries in dL/dh |
 | `grad_norm` | parameters: norm of dL/dW |

@@ -56,15 +56,12 @@ def lab_run(
     """Run studies NAME... (or 'all') and build OUT/index.html."""
     import torch
 
+    from signalprop._device import resolve_device  # lazy: torch (see signalprop.cli)
     from signalprop.errors import check_out_dir  # lazy: torch (see signalprop.cli)
-    from signalprop.lab.common import resolve_device  # lazy: torch (see signalprop.cli)
     from signalprop.lab.runner import resolve_names, run_lab  # lazy: torch (see signalprop.cli)
 
     wanted = resolve_names(list(names))  # fail on a bad name before any work
-    dev = resolve_device(device)  # ... on a bad or absent device
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r} requested but CUDA is not available here "
-                         "(use --device cpu or auto)")
+    resolve_device(device)  # ... on a bad or absent device
     check_out_dir(out)  # ... and on a folder that cannot take the results
     # small models: one intra-op thread is faster than two and leaves a core to the rest
     torch.set_num_threads(threads or _env_threads())

@@ -54,12 +54,12 @@ REFERENCES = [
 ]
 CAPTIONS = {
     "bn_rate_vs_batch": "Per-layer growth factor of the squared gradient norm at initialisation vs "
-    "batch size: measured in wide random BN networks (dots, bars: min-max over seeds) and "
+    "batch size: measured in wide random BN networks (dots, bars: 95% t interval over seeds) and "
     "predicted by mean-field theory (lines).",
     "bn_grad_profile": "Squared gradient norm ||dL/dh^l||^2 per layer (log scale) in a deep "
     "random BN-ReLU network for several batch sizes: it grows geometrically towards the input.",
     "bn_training_depth": "Test accuracy after training vs depth, BN-ReLU MLPs with and without "
-    "residual connections (mean over seeds; bars: min-max).",
+    "residual connections (mean over seeds; bars: 95% t interval).",
 }
 
 #: The measured rate agrees with theory when within this relative error (finite width, finite
@@ -142,112 +142,129 @@ def rate_table(profiles: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def conclude(data: dict[str, Any]) -> B.Conclusion:
-    nums: dict[str, Any] = {}
-    details: list[str] = []
-    verdicts: list[str] = []
+def _train_accs(tr: list[dict[str, Any]], d: int, res: bool) -> list[float]:
+    """Per-seed test accuracy at depth ``d`` (a failed run counts at chance, 10%)."""
+    return [float(r["test_accuracy"]) if r["status"] == "done" and r["test_accuracy"]
+            is not None else 0.1 for r in tr if r["depth"] == d and bool(r["residual"]) == res]
+
+
+def measure(data: dict[str, Any]) -> dict[str, Any]:
+    """The numbers: the rate table with a theory check per (activation, batch size), the
+    weakest rate against 1, small/large batch rate ratios per activation, and the training
+    effects (accuracy drop with depth without skips; residual - plain at the deepest)."""
     table = rate_table(data["profiles"])
-    checks = []
-    for r in table:
-        chk = E.theory_check(f"{r['activation']} B={r['batch_size']} rate", r["predicted"],
-                             r["measured"], RATE_TOLERANCE,
-                             note="finite width/depth" if r["batch_size"] > 32 else "")
-        checks.append(chk)
-        nums[f"{r['activation']} B={r['batch_size']}: measured / predicted rate"] = (
-            f"{B.fmt(r['measured'])} / {B.fmt(r['predicted'])}"
-        )
+    m: dict[str, Any] = {"table": table, "checks": [
+        E.theory_check(f"{r['activation']} B={r['batch_size']} rate", r["predicted"],
+                       r["measured"], RATE_TOLERANCE,
+                       note="finite width/depth" if r["batch_size"] > 32 else "")
+        for r in table]}
     if table:
-        errs = [c.rel_error for c in checks]
-        worst, med = max(errs), float(np.median(errs))
-        nums["median relative error, measured vs theory"] = med
-        nums["largest relative error"] = worst
-        nums["theory checks within tolerance"] = f"{sum(c.ok for c in checks)}/{len(checks)}"
-        # the weakest explosion (largest batch) must still exceed 1 with its interval
         weakest = min(table, key=lambda r: r["measured"])
-        ex = E.mean_effect(weakest["rates"], f"rate at {weakest['activation']} "
-                           f"B={weakest['batch_size']} (weakest)", null=1.0)
-        v_ex = E.verdict(ex, +1)
-        nums.update(E.numbers(ex))
-        v1 = v_ex if med <= RATE_TOLERANCE or v_ex == B.CONTRADICTS else B.INCONCLUSIVE
-        if med > 3 * RATE_TOLERANCE:
-            v1 = B.CONTRADICTS
-        details.append(
-            f"Measured per-layer growth of the squared gradient norm vs the mean-field prediction: "
-            f"median relative error {B.pct(med)} (largest {B.pct(worst)}, tolerance "
-            f"{B.pct(RATE_TOLERANCE)}) over {len(table)} (activation, batch size) pairs; "
-            f"{E.describe(ex, v_ex)}"
-            + ("; NO explosion at the largest batch." if v_ex == B.CONTRADICTS else ".")
-        )
-        details.append("Theory vs measurement: " + "; ".join(c.text() for c in checks) + ".")
-        verdicts.append(v1)
-        # smaller batches explode faster
-        vs = []
+        m["explosion"] = E.mean_effect(weakest["rates"], f"rate at {weakest['activation']} "
+                                       f"B={weakest['batch_size']} (weakest)", null=1.0)
+        m["batch"] = []
         for a in data["activations"]:
             rs = sorted((r for r in table if r["activation"] == a), key=lambda r: r["batch_size"])
             if len(rs) >= 2:
-                e = E.log_ratio_effect(rs[0]["rates"], rs[-1]["rates"],
-                                       f"{a}: rate at B={rs[0]['batch_size']} / at "
-                                       f"B={rs[-1]['batch_size']}")
-                vs.append(E.verdict(e, +1))
-                nums.update(E.numbers(e))
-                details.append(f"Smaller batches explode faster: {E.describe(e, vs[-1])}"
-                               + ("; NOT faster." if vs[-1] == B.CONTRADICTS else "."))
-        if vs:
-            verdicts.append(B.combine_verdicts(vs))
-    # training vs depth
+                m["batch"].append(E.log_ratio_effect(
+                    rs[0]["rates"], rs[-1]["rates"],
+                    f"{a}: rate at B={rs[0]['batch_size']} / at B={rs[-1]['batch_size']}"))
     tr = data["train"]
     depths = sorted({r["depth"] for r in tr})
     if len(depths) >= 2:
-        def accs(d: int, res: bool) -> list[float]:
-            return [float(r["test_accuracy"]) if r["status"] == "done" and r["test_accuracy"]
-                    is not None else 0.1 for r in tr
-                    if r["depth"] == d and bool(r["residual"]) == res]
+        sh, dp = depths[0], depths[-1]
+        m["train"] = {
+            "shallow": sh, "deep": dp,
+            "acc": {(d, res): float(np.mean(_train_accs(tr, d, res)))
+                    if _train_accs(tr, d, res) else math.nan
+                    for d in (sh, dp) for res in (False, True)},
+            "drop": E.diff_effect(_train_accs(tr, sh, False), _train_accs(tr, dp, False),
+                                  f"accuracy drop without skips, depth {sh} -> {dp}"),
+            "gain": E.diff_effect(_train_accs(tr, dp, True), _train_accs(tr, dp, False),
+                                  f"accuracy residual - plain at depth {dp}"),
+        }
+    return m
 
-        def acc(d: int, res: bool) -> float:
-            xs = accs(d, res)
-            return float(np.mean(xs)) if xs else math.nan
 
-        shallow, deep = depths[0], depths[-1]
-        a_ns, a_nd = acc(shallow, False), acc(deep, False)
-        a_rs, a_rd = acc(shallow, True), acc(deep, True)
-        nums[f"test acc, no skips, depth {shallow} -> {deep}"] = f"{B.pct(a_ns)} -> {B.pct(a_nd)}"
-        nums[f"test acc, residual, depth {shallow} -> {deep}"] = f"{B.pct(a_rs)} -> {B.pct(a_rd)}"
-        drop = E.diff_effect(accs(shallow, False), accs(deep, False),
-                             f"accuracy drop without skips, depth {shallow} -> {deep}")
-        gain = E.diff_effect(accs(deep, True), accs(deep, False),
-                             f"accuracy residual - plain at depth {deep}")
-        vd, vg = E.verdict(drop, +1), E.verdict(gain, +1)
-        v3 = B.combine_verdicts([vd, vg])
-        nums.update(E.numbers(drop))
-        nums.update(E.numbers(gain))
-        details.append(
-            f"Training: without skips test accuracy goes from {B.pct(a_ns)} at depth {shallow} to "
-            f"{B.pct(a_nd)} at depth {deep}; with residual connections from {B.pct(a_rs)} to "
-            f"{B.pct(a_rd)}: {E.describe(drop, vd, B.pct)}; {E.describe(gain, vg, B.pct)}"
-            + (" (depth did NOT hurt the BN network without skips here)." if vd == B.CONTRADICTS
-               else ".")
-        )
-        verdicts.append(v3)
-    verdict = B.combine_verdicts(verdicts)
-    relu = [r for r in table if r["activation"] == "relu"]
+def _say_theory(m: dict[str, Any], nums: dict[str, Any]) -> tuple[list[str], list[str]]:
+    table, checks, ex = m["table"], m["checks"], m["explosion"]
+    for r in table:
+        nums[f"{r['activation']} B={r['batch_size']}: measured / predicted rate"] = (
+            f"{B.fmt(r['measured'])} / {B.fmt(r['predicted'])}")
+    errs = [c.rel_error for c in checks]
+    worst, med = max(errs), float(np.median(errs))
+    nums["median relative error, measured vs theory"] = med
+    nums["largest relative error"] = worst
+    nums["theory checks within tolerance"] = f"{sum(c.ok for c in checks)}/{len(checks)}"
+    v_ex = E.verdict(ex, +1)
+    nums.update(E.numbers(ex))
+    v1 = v_ex if med <= RATE_TOLERANCE or v_ex == B.CONTRADICTS else B.INCONCLUSIVE
+    if med > 3 * RATE_TOLERANCE:
+        v1 = B.CONTRADICTS
+    details = [
+        f"Measured per-layer growth of the squared gradient norm vs the mean-field prediction: "
+        f"median relative error {B.pct(med)} (largest {B.pct(worst)}, tolerance "
+        f"{B.pct(RATE_TOLERANCE)}) over {len(table)} (activation, batch size) pairs; "
+        f"{E.describe(ex, v_ex)}"
+        + ("; NO explosion at the largest batch." if v_ex == B.CONTRADICTS else "."),
+        "Theory vs measurement: " + "; ".join(c.text() for c in checks) + "."]
+    verdicts = [v1]
+    vs = [E.verdict(e, +1) for e in m["batch"]]
+    for e, v in zip(m["batch"], vs, strict=True):
+        nums.update(E.numbers(e))
+        details.append(f"Smaller batches explode faster: {E.describe(e, v)}"
+                       + ("; NOT faster." if v == B.CONTRADICTS else "."))
+    if vs:
+        verdicts.append(B.combine_verdicts(vs))
+    return details, verdicts
+
+
+def _say_training(t: dict[str, Any], nums: dict[str, Any]) -> tuple[str, str]:
+    sh, dp, acc = t["shallow"], t["deep"], t["acc"]
+    nums[f"test acc, no skips, depth {sh} -> {dp}"] = \
+        f"{B.pct(acc[sh, False])} -> {B.pct(acc[dp, False])}"
+    nums[f"test acc, residual, depth {sh} -> {dp}"] = \
+        f"{B.pct(acc[sh, True])} -> {B.pct(acc[dp, True])}"
+    vd, vg = E.verdict(t["drop"], +1), E.verdict(t["gain"], +1)
+    nums.update(E.numbers(t["drop"]))
+    nums.update(E.numbers(t["gain"]))
+    return (f"Training: without skips test accuracy goes from {B.pct(acc[sh, False])} at depth "
+            f"{sh} to {B.pct(acc[dp, False])} at depth {dp}; with residual connections from "
+            f"{B.pct(acc[sh, True])} to {B.pct(acc[dp, True])}: "
+            f"{E.describe(t['drop'], vd, B.pct)}; {E.describe(t['gain'], vg, B.pct)}"
+            + (" (depth did NOT hurt the BN network without skips here)."
+               if vd == B.CONTRADICTS else "."), B.combine_verdicts([vd, vg]))
+
+
+def conclude(data: dict[str, Any]) -> B.Conclusion:
+    m = measure(data)
+    nums: dict[str, Any] = {}
+    details: list[str] = []
+    verdicts: list[str] = []
+    if m["table"]:
+        details, verdicts = _say_theory(m, nums)
+    if "train" in m:
+        d, v = _say_training(m["train"], nums)
+        details.append(d)
+        verdicts.append(v)
+    relu = [r for r in m["table"] if r["activation"] == "relu"]
     head = ""
     if relu:
-        head = (f"BN-ReLU gradients explode at initialisation by {B.fmt(relu[0]['measured'])}x per "
-                f"layer at B={relu[0]['batch_size']} and {B.fmt(relu[-1]['measured'])}x at "
+        head = (f"BN-ReLU gradients explode at initialisation by {B.fmt(relu[0]['measured'])}x "
+                f"per layer at B={relu[0]['batch_size']} and {B.fmt(relu[-1]['measured'])}x at "
                 f"B={relu[-1]['batch_size']} (theory {B.fmt(relu[0]['predicted'])} and "
                 f"{B.fmt(relu[-1]['predicted'])}). ")
     sentence = head + " ".join(d for d in details if not d.startswith("Theory")) \
         if details else "No measurements."
-    return B.conclusion(CLAIM, sentence, verdict, nums, details)
+    return B.conclusion(CLAIM, sentence, B.combine_verdicts(verdicts), nums, details)
 
 
-def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
-    d = P.figdir(workdir)
-    out = []
+_COLORS = {"relu": P.PLAIN, "linear": P.NORMED, "tanh": P.THIRD}
+
+
+def _fig_rates(data: dict[str, Any], path: Path) -> Path:
     table = rate_table(data["profiles"])
-    colors = {"relu": P.PLAIN, "linear": P.NORMED, "tanh": P.THIRD}
-    fig, axes = P.subplots(1, 1, size=(5.2, 3.6))
-    ax = axes[0, 0]
+    fig, ax = P.panel((5.2, 3.6))
     for a in data["activations"]:
         rs = sorted((r for r in table if r["activation"] == a), key=lambda r: r["batch_size"])
         if not rs:
@@ -256,56 +273,51 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
         m = np.asarray([r["measured"] for r in rs])
         ax.errorbar(b, m, yerr=[m - np.asarray([r["lo"] for r in rs]),
                                 np.asarray([r["hi"] for r in rs]) - m],
-                    fmt="o", color=colors.get(a, P.FOURTH), capsize=3, label=f"{a}: measured")
-        ax.plot(b, [r["predicted"] for r in rs], "-", color=colors.get(a, P.FOURTH),
+                    fmt="o", color=_COLORS.get(a, P.FOURTH), capsize=3,
+                    label=f"{a}: measured (95% CI)")
+        ax.plot(b, [r["predicted"] for r in rs], "-", color=_COLORS.get(a, P.FOURTH),
                 label=f"{a}: theory")
     if "relu" in data["activations"]:
         ax.axhline(math.pi / (math.pi - 1), color="#555", ls=":", lw=1,
                    label="ReLU limit pi/(pi-1)")
     ax.axhline(1.0, color="k", lw=0.6)
-    ax.set_xscale("log", base=2)
-    P.plain_ticks(ax)
-    ax.set_xlabel("batch size B")
-    ax.set_ylabel("growth of ||dL/dh||^2 per layer")
-    ax.set_title("BN gradient explosion rate at initialisation")
-    ax.legend(loc="best")
-    out.append(P.save(fig, d / "bn_rate_vs_batch.png"))
-    # profile
-    fig, axes = P.subplots(1, 1, size=(5.2, 3.6))
-    ax = axes[0, 0]
-    rel = [p for p in data["profiles"] if p["activation"] == data["activations"][0]
+    P.finish(ax, "batch size B", "growth of ||dL/dh||^2 per layer",
+             "BN gradient explosion rate at initialisation", xscale="log2")
+    return P.save(fig, path)
+
+
+def _fig_profile(data: dict[str, Any], path: Path) -> Path:
+    fig, ax = P.panel((5.2, 3.6))
+    act = data["activations"][0]
+    rel = [p for p in data["profiles"] if p["activation"] == act
            and p["seed"] == min(q["seed"] for q in data["profiles"])]
     cm = matplotlib_colors(len(rel))
     for c, p in zip(cm, sorted(rel, key=lambda p: p["batch_size"]), strict=True):
         g = np.asarray(p["grad_sq_norms"], dtype=float)
         ax.plot(np.arange(1, len(g) + 1), g / g[-1], "-", color=c, label=f"B = {p['batch_size']}")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer l (1 = input side)")
-    ax.set_ylabel("||dL/dh^l||^2 / ||dL/dh^L||^2")
-    ax.set_title(f"BN-{data['activations'][0]} network at initialisation")
-    ax.legend(loc="best")
-    out.append(P.save(fig, d / "bn_grad_profile.png"))
-    # training
-    tr = data["train"]
-    fig, axes = P.subplots(1, 1, size=(5.0, 3.5))
-    ax = axes[0, 0]
-    for res, c, lab in ((False, P.PLAIN, "BN-ReLU, no skips"), (True, P.NORMED,
-                                                                "BN-ReLU + residual")):
-        depths = sorted({r["depth"] for r in tr})
-        vals = [[float(r["test_accuracy"]) if r["status"] == "done" and r["test_accuracy"]
-                 is not None else 0.1 for r in tr if r["depth"] == dd
-                 and bool(r["residual"]) == res] for dd in depths]
-        m = np.asarray([np.mean(v) for v in vals])
-        lo = np.asarray([np.min(v) for v in vals])
-        hi = np.asarray([np.max(v) for v in vals])
-        ax.errorbar(depths, m, yerr=[m - lo, hi - m], fmt="o-", color=c, capsize=3, label=lab)
-    ax.set_xlabel("depth (hidden layers)")
-    ax.set_ylabel("test accuracy after training")
+    P.finish(ax, "layer l (1 = input side)", "||dL/dh^l||^2 / ||dL/dh^L||^2",
+             f"BN-{act} network at initialisation", yscale="log")
+    return P.save(fig, path)
+
+
+def _fig_training(tr: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = P.panel((5.0, 3.5))
+    depths = sorted({r["depth"] for r in tr})
+    for res, c, lab in ((False, P.PLAIN, "BN-ReLU, no skips"),
+                        (True, P.NORMED, "BN-ReLU + residual")):
+        P.errorbars(ax, depths, [E.mean_effect(_train_accs(tr, d, res)) for d in depths],
+                    color=c, label=f"{lab} (mean, 95% CI)")
     ax.set_ylim(0, 1)
-    ax.set_title("Training success vs depth")
-    ax.legend(loc="best")
-    out.append(P.save(fig, d / "bn_training_depth.png"))
-    return out
+    P.finish(ax, "depth (hidden layers)", "test accuracy after training",
+             "Training success vs depth")
+    return P.save(fig, path)
+
+
+def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
+    d = P.figdir(workdir)
+    return [_fig_rates(data, d / "bn_rate_vs_batch.png"),
+            _fig_profile(data, d / "bn_grad_profile.png"),
+            _fig_training(data["train"], d / "bn_training_depth.png")]
 
 
 def matplotlib_colors(n: int) -> list[Any]:

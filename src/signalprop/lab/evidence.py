@@ -216,7 +216,7 @@ def seeds_to_resolve(e: Effect, sd: float, groups: int = 2) -> int | None:
         return None
     if not math.isfinite(sd) or sd <= 0:
         return max(3, e.n + 1)  # one seed, or no spread: the next seeds measure the spread
-    for n in range(max(2, e.n), MAX_SEEDS + 1):
+    for n in range(max(2, e.n + 1), MAX_SEEDS + 1):
         df = (groups * (n - 1)) if groups > 1 else n - 1
         if _tq(df) * sd * math.sqrt(groups / n) < d:
             return n

@@ -12,10 +12,8 @@ gradient change per unit distance moved ("effective beta-smoothness").
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +22,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from signalprop import stats
 from signalprop.lab import base as B
 from signalprop.lab import evidence as E
+from signalprop.lab import nets
 from signalprop.lab import plotting as P
-from signalprop.lab.common import (
-    MLP,
-    get_data,
-    init_linears_,
-    predictions,
-    seeded,
-    train_classifier,
-)
+from signalprop.record import MODEL
 
 #: Bumped when the measurements change meaning (stored results then go stale).
-VERSION = 2
+VERSION = 3
 NAME = "initialisation"
 TITLE = "Batch norm and the initial weight scale"
 QUESTION = "Does batch norm make initialisation easier (less sensitive to the initial scale)?"
@@ -102,42 +95,28 @@ def get_config(quick: bool) -> dict[str, Any]:
         # Santurkar et al. used ReLU networks (VGG): a ReLU MLP (He init) trains with and without
         # BN, so the comparison is between two networks that both learn
         "landscape_activation": "relu",
-        "landscape_init": "he",
+        "landscape_init": "kaiming",
         "landscape_lr": 0.1,
         "device": "cpu",
     }
 
 
 def _one(config: dict[str, Any], variant: str, scale: float, seed: int) -> dict[str, Any]:
-    data = get_data(config["data"], config["device"])
-    g = seeded(seed)
-    model = MLP(data.in_features, data.num_classes, config["width"], config["depth"],
-                activation="sigmoid", norm="bn" if variant == "bn" else "none")
-    init_linears_(model.linears(), "gaussian", scale, generator=g)
-    model.to(config["device"])
-    r = train_classifier(model, data, steps=config["steps"], batch_size=config["batch_size"],
-                         optimizer="sgd", lr=config["lr"], seed=seed, log_every=10)
+    data = nets.dataset(config["data"], config["device"])
+    model = nets.mlp(data, config["width"], config["depth"], "sigmoid",
+                     "batch" if variant == "bn" else "none", nonlinearity="linear", scale=scale,
+                     seed=seed)
+    # the probe records step 0 only: the gradient norm and first/last ratio at initialisation
+    r, _, accs = nets.train(model, data, steps=config["steps"], lr=config["lr"],
+                            batch_size=config["batch_size"], seed=seed,
+                            probe={"forward": False, "backward": False}, schedule=[0])
     return {
         "variant": variant, "scale": scale, "seed": seed,
-        "final_train_loss": r.final_train_loss, "final_test_acc": r.final_test_acc,
-        "diverged": r.diverged, "grad_norm_init": r.grad_norm_init,
-        "grad_ratio_init": r.grad_ratio_init,
-        "pred": predictions(model, data.x_test) if not r.diverged else None,
+        "final_train_loss": r.final_loss, "final_test_acc": accs[-1],
+        "diverged": r.diverged, "grad_norm_init": r.record.get(0, MODEL, "grad_norm_total"),
+        "grad_ratio_init": stats.grad_ratio(r.record, 0),
+        "pred": nets.predict(model, data.x_test).tolist() if not r.diverged else None,
     }
-
-
-@contextlib.contextmanager
-def _frozen_bn(model: nn.Module) -> Iterator[None]:
-    """Batch statistics in the forward pass, running statistics untouched."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, mom in zip(bns, saved, strict=True):
-            m.momentum = mom
 
 
 def landscape_probe(
@@ -152,7 +131,7 @@ def landscape_probe(
     The weights are restored afterwards.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    with _frozen_bn(model):
+    with nets.batch_stats_only(model):
         model.zero_grad(set_to_none=True)
         loss0 = F.cross_entropy(model(xb), yb)
         g0 = torch.autograd.grad(loss0, params)
@@ -185,33 +164,28 @@ def landscape_probe(
 
 def _landscape(config: dict[str, Any], variant: str, depth: int | None = None,
                seed: int = 0) -> dict[str, Any]:
-    data = get_data(config["data"], config["device"])
-    g = seeded(seed)
+    data = nets.dataset(config["data"], config["device"])
     depth = int(config["depth"] if depth is None else depth)
-    model = MLP(data.in_features, data.num_classes, config["width"], depth,
-                activation=config["landscape_activation"],
-                norm="bn" if variant == "bn" else "none")
-    init_linears_(model.linears(), config["landscape_init"], 1.0, generator=g)
-    model.to(config["device"])
-    lr = config["landscape_lr"]
+    act = config["landscape_activation"]
+    model = nets.mlp(data, config["width"], depth, act, "batch" if variant == "bn" else "none",
+                     init=config["landscape_init"], nonlinearity="relu", seed=seed)
+    lr, every = config["landscape_lr"], config["landscape_every"]
     etas = [lr * e for e in config["landscape_etas"]]
     gen = torch.Generator().manual_seed(123 + seed)
     n = data.x_train.shape[0]
-    steps, rows = [], []
+    rows = []
 
-    def cb(step: int, m: nn.Module, loss: float, res: Any) -> None:
-        if step % config["landscape_every"] == 0:
-            idx = torch.randperm(n, generator=gen)[: config["batch_size"]].to(data.x_train.device)
-            rows.append(landscape_probe(model, data.x_train[idx], data.y_train[idx], etas))
-            steps.append(step)
+    def on_record(step: int) -> None:
+        idx = torch.randperm(n, generator=gen)[: config["batch_size"]].to(data.x_train.device)
+        rows.append(landscape_probe(model, data.x_train[idx], data.y_train[idx], etas))
 
-    r = train_classifier(model, data, steps=config["landscape_steps"],
-                         batch_size=config["batch_size"], optimizer="sgd", lr=lr,
-                         seed=seed, callback=cb, log_every=config["landscape_every"])
+    r, steps, _ = nets.train(model, data, steps=config["landscape_steps"], lr=lr,
+                             batch_size=config["batch_size"], seed=seed, every=every,
+                             on_record=on_record)
     out: dict[str, Any] = {"steps": steps, "variant": variant, "diverged": r.diverged,
-                           "depth": depth, "seed": seed,
-                           "activation": config["landscape_activation"],
-                           "loss_steps": r.loss_steps, "losses": r.losses}
+                           "depth": depth, "seed": seed, "activation": act,
+                           "loss_steps": list(range(0, r.steps, every)),
+                           "losses": r.losses[::every]}
     for k in ("loss_range", "loss_range_rel", "grad_change", "beta", "grad_norm"):
         out[k] = [row[k] for row in rows]
     return out
@@ -300,141 +274,173 @@ LANDSCAPE = (("loss_range_rel", "relative loss variation along the gradient"),
              ("beta", "effective beta-smoothness"))
 
 
-def conclude(data: dict[str, Any]) -> B.Conclusion:
-    scales = data["scales"]
-    s = summarise(data["runs"], scales)
+def _land_medians(runs: list[dict[str, Any]], variant: str, key: str, dep: int) -> list[float]:
+    """Per seed: the median of a landscape measure over training."""
+    return [float(np.nanmedian(np.asarray(r.get(key) or r.get("loss_range") or [math.nan],
+                                          dtype=float)))
+            for r in runs if r["variant"] == variant and r.get("depth", 0) == dep]
+
+
+def _log_ratio_change(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> float:
+    """(geomean a / geomean b) / (geomean c / geomean d): how a BN/plain ratio moves between two
+    regimes (1: it does not)."""
+    lg = [float(np.mean(np.log(x[x > 0]))) if np.any(x > 0) else math.nan for x in (a, b, c, d)]
+    return math.exp(lg[0] - lg[1] - lg[2] + lg[3])
+
+
+def measure(data: dict[str, Any]) -> dict[str, Any]:
+    """The numbers: sensitivity to the init scale (per-seed range across scales, seed spread and
+    prediction agreement per scale, BN - plain) and Santurkar et al.'s landscape measures per
+    depth (BN / plain per seed, on the logs), with how each ratio moves from the shallowest to
+    the deepest network (percentile bootstrap)."""
+    s = summarise(data["runs"], data["scales"])
     p, b = s["plain"], s["bn"]
-    nums: dict[str, Any] = {}
-    details: list[str] = []
-    verdicts: list[str] = []
+    m: dict[str, Any] = {
+        "summary": s,
+        "range": E.diff_effect(_seed_ranges(data["runs"], "bn"),
+                               _seed_ranges(data["runs"], "plain"),
+                               "loss range across scales BN - plain"),
+        "spread": E.mean_effect([x - y for x, y in zip(b["std"], p["std"], strict=True)],
+                                "seed spread (std) BN - plain, over scales"),
+        "agree": E.mean_effect([x - y for x, y in zip(b["agree"], p["agree"], strict=True)],
+                               "prediction agreement BN - plain, over scales"),
+    }
+    runs = landscape_runs(data["landscape"])
+    depths = sorted({r.get("depth", 0) for r in runs})
+    m["depths"] = depths
+    m["landscape"] = {dep: {key: E.log_ratio_effect(_land_medians(runs, "bn", key, dep),
+                                                    _land_medians(runs, "plain", key, dep),
+                                                    f"depth {dep}: {key} BN / plain")
+                            for key, _ in LANDSCAPE} for dep in depths}
+    m["level"] = {dep: {v: [float(np.nanmedian([x for x in r.get("losses", [])
+                                                 if math.isfinite(x)] or [math.nan]))
+                            for r in runs if r["variant"] == v and r.get("depth", 0) == dep]
+                        for v in ("plain", "bn")} for dep in depths}
+    if len(depths) >= 2:
+        lo, hi = depths[0], depths[-1]
+        m["regime"] = {key: E.bootstrap_effect(
+            [_land_medians(runs, "bn", key, hi), _land_medians(runs, "plain", key, hi),
+             _land_medians(runs, "bn", key, lo), _land_medians(runs, "plain", key, lo)],
+            _log_ratio_change, f"{key}: BN/plain at depth {hi} over BN/plain at depth {lo}",
+            null=1.0) for key, _ in LANDSCAPE}
+    return m
+
+
+def _say_scales(m: dict[str, Any], scales: list[float],
+                nums: dict[str, Any]) -> tuple[list[str], list[str]]:
+    p, b = m["summary"]["plain"], m["summary"]["bn"]
+    e1, e2, e3 = m["range"], m["spread"], m["agree"]
+    v1, v2, v3 = E.verdict(e1, -1), E.verdict(e2, -1), E.verdict(e3, +1)
     rng_p = float(np.nanmax(p["mean"]) - np.nanmin(p["mean"]))
     rng_b = float(np.nanmax(b["mean"]) - np.nanmin(b["mean"]))
-    nums["final loss range over scales, plain"] = rng_p
-    nums["final loss range over scales, BN"] = rng_b
-    e1 = E.diff_effect(_seed_ranges(data["runs"], "bn"), _seed_ranges(data["runs"], "plain"),
-                       "loss range across scales BN - plain")
-    v1 = E.verdict(e1, -1)
-    details.append(
-        f"Final training loss across init scales {B.fmt(min(scales))}..{B.fmt(max(scales))}: ranges "
-        f"over {B.fmt(rng_b)} with BN vs {B.fmt(rng_p)} without; per seed, {E.describe(e1, v1)}"
-        + (" (BN is NOT less sensitive)." if v1 == B.CONTRADICTS else ".")
-    )
-    e2 = E.mean_effect([x - y for x, y in zip(b["std"], p["std"], strict=True)],
-                       "seed spread (std) BN - plain, over scales")
-    v2 = E.verdict(e2, -1)
-    details.append(
-        f"Spread across seeds (std of the final loss): {B.fmt(float(np.nanmean(b['std'])))} with BN "
-        f"vs {B.fmt(float(np.nanmean(p['std'])))} without; {E.describe(e2, v2)}"
-        + (" (BN does NOT reduce it)." if v2 == B.CONTRADICTS else "."))
     ag_p, ag_b = float(np.nanmean(p["agree"])), float(np.nanmean(b["agree"]))
-    nums["prediction agreement between seeds, plain"] = ag_p
-    nums["prediction agreement between seeds, BN"] = ag_b
-    e3 = E.mean_effect([x - y for x, y in zip(b["agree"], p["agree"], strict=True)],
-                       "prediction agreement BN - plain, over scales")
-    v3 = E.verdict(e3, +1)
-    details.append(
-        f"Differently seeded networks agree on {B.pct(ag_b)} of test predictions with BN vs "
-        f"{B.pct(ag_p)} without; {E.describe(e3, v3, B.pct)}"
-        + (" (BN networks agree LESS)." if v3 == B.CONTRADICTS else ".")
-    )
+    nums.update({"final loss range over scales, plain": rng_p,
+                 "final loss range over scales, BN": rng_b,
+                 "prediction agreement between seeds, plain": ag_p,
+                 "prediction agreement between seeds, BN": ag_b})
     for e in (e1, e2, e3):
         nums.update(E.numbers(e))
-    gp, gb = np.asarray(p["gnorm"]), np.asarray(b["gnorm"])
+    details = [
+        f"Final training loss across init scales {B.fmt(min(scales))}..{B.fmt(max(scales))}: "
+        f"ranges over {B.fmt(rng_b)} with BN vs {B.fmt(rng_p)} without; per seed, "
+        f"{E.describe(e1, v1)}" + (" (BN is NOT less sensitive)." if v1 == B.CONTRADICTS
+                                  else "."),
+        f"Spread across seeds (std of the final loss): {B.fmt(float(np.nanmean(b['std'])))} "
+        f"with BN vs {B.fmt(float(np.nanmean(p['std'])))} without; {E.describe(e2, v2)}"
+        + (" (BN does NOT reduce it)." if v2 == B.CONTRADICTS else "."),
+        f"Differently seeded networks agree on {B.pct(ag_b)} of test predictions with BN vs "
+        f"{B.pct(ag_p)} without; {E.describe(e3, v3, B.pct)}"
+        + (" (BN networks agree LESS)." if v3 == B.CONTRADICTS else "."),
+    ]
+    gp, gb = np.asarray(p["gnorm"], dtype=float), np.asarray(b["gnorm"], dtype=float)
     if np.all(gp > 0) and np.all(gb > 0):
         nums["gradient norm at init, max/min over scales, plain"] = float(gp.max() / gp.min())
         nums["gradient norm at init, max/min over scales, BN"] = float(gb.max() / gb.min())
         details.append(
-            f"Gradient norm at initialisation varies by a factor {B.fmt(gp.max() / gp.min())} over "
-            f"the scales without BN and {B.fmt(gb.max() / gb.min())} with BN (BN's hidden layers "
-            "are scale-invariant: their gradients scale as 1/s)."
-        )
-    verdicts += [v1, v2, v3]
-    # landscape, per depth (the regime), per seed: median over training
-    runs = landscape_runs(data["landscape"])
-    depths = sorted({r.get("depth", 0) for r in runs})
-    by_depth = []
-    for dep in depths:
+            f"Gradient norm at initialisation (probe record) varies by a factor "
+            f"{B.fmt(gp.max() / gp.min())} over the scales without BN and "
+            f"{B.fmt(gb.max() / gb.min())} with BN (BN's hidden layers are scale-invariant: "
+            "their gradients scale as 1/s).")
+    return details, [v1, v2, v3]
+
+
+def _say_landscape(m: dict[str, Any], nums: dict[str, Any]) -> tuple[list[str], str | None]:
+    details, by_depth = [], []
+    for dep in m["depths"]:
         vs = []
         for key, lab in LANDSCAPE:
-            def med(variant: str, key: str = key, dep: int = dep) -> list[float]:
-                return [float(np.nanmedian(np.asarray(r.get(key) or r.get("loss_range") or
-                                                      [math.nan], dtype=float)))
-                        for r in runs if r["variant"] == variant and r.get("depth", 0) == dep]
-            e = E.log_ratio_effect(med("bn"), med("plain"), f"depth {dep}: {key} BN / plain")
+            e = m["landscape"][dep][key]
             v = E.verdict(e, -1)
             nums.update(E.numbers(e))
             vs.append(v)
-            details.append(f"Landscape, depth {dep}, median {lab}: "
-                           f"{E.describe(e, v)}" + (" (BN is NOT smoother here)."
-                                                   if v == B.CONTRADICTS else "."))
-        lvl = {v: [float(np.nanmedian([x for x in r.get("losses", []) if math.isfinite(x)]
-                                      or [math.nan]))
-                   for r in runs if r["variant"] == v and r.get("depth", 0) == dep]
-               for v in ("plain", "bn")}
-        nums[f"landscape depth {dep}: median training loss, plain"] = float(np.nanmean(
-            lvl["plain"])) if lvl["plain"] else math.nan
-        nums[f"landscape depth {dep}: median training loss, BN"] = float(np.nanmean(
-            lvl["bn"])) if lvl["bn"] else math.nan
+            details.append(f"Landscape, depth {dep}, median {lab}: {E.describe(e, v)}"
+                           + (" (BN is NOT smoother here)." if v == B.CONTRADICTS else "."))
+        for v in ("plain", "bn"):
+            lv = m["level"][dep][v]
+            nums[f"landscape depth {dep}: median training loss, {'BN' if v == 'bn' else v}"] = \
+                float(np.nanmean(lv)) if lv else math.nan
         by_depth.append(B.combine_verdicts(vs))
-    if by_depth:
-        if all(v == B.SUPPORTS for v in by_depth):
-            v_land = B.SUPPORTS
-        elif all(v == B.CONTRADICTS for v in by_depth):
-            v_land = B.CONTRADICTS
-        else:
-            v_land = B.INCONCLUSIVE
-            if B.SUPPORTS in by_depth or B.CONTRADICTS in by_depth:
-                details.append("The landscape answer depends on the regime: "
-                               + ", ".join(f"depth {d}: {v}" for d, v in
-                                           zip(depths, by_depth, strict=True)) + ".")
+    if not by_depth:
+        return details, None
+    if len(set(by_depth)) == 1 and by_depth[0] != B.INCONCLUSIVE:
+        return details, by_depth[0]
+    if B.SUPPORTS in by_depth or B.CONTRADICTS in by_depth:
+        regime = [m["regime"][k] for k, _ in LANDSCAPE] if "regime" in m else []
+        for e in regime:
+            nums.update(E.numbers(e))
+        details.append(
+            "The landscape answer depends on the regime: "
+            + ", ".join(f"depth {d}: {v}" for d, v in zip(m["depths"], by_depth, strict=True))
+            + (" (" + "; ".join(E.describe(e, E.verdict(e, +1)) for e in regime) + ")"
+               if regime else "") + ".")
+    return details, B.INCONCLUSIVE
+
+
+def conclude(data: dict[str, Any]) -> B.Conclusion:
+    m = measure(data)
+    nums: dict[str, Any] = {}
+    details, verdicts = _say_scales(m, data["scales"], nums)
+    land, v_land = _say_landscape(m, nums)
+    details += land
+    if v_land is not None:
         verdicts.append(v_land)
-    verdict = B.combine_verdicts(verdicts)
     sentence = " ".join(d for d in details if not d.startswith("Gradient norm"))
-    return B.conclusion(CLAIM, sentence, verdict, nums, details)
+    return B.conclusion(CLAIM, sentence, B.combine_verdicts(verdicts), nums, details)
 
 
-def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
-    d = P.figdir(workdir)
-    scales = data["scales"]
-    s = summarise(data["runs"], scales)
-    out = []
-    labels = {"plain": ("sigmoid", P.PLAIN), "bn": ("BN + sigmoid", P.NORMED)}
-    fig, axes = P.subplots(1, 1, size=(5.0, 3.5))
-    ax = axes[0, 0]
-    for v, (lab, c) in labels.items():
+_LABELS = {"plain": ("sigmoid", P.PLAIN), "bn": ("BN + sigmoid", P.NORMED)}
+
+
+def _fig_loss(s: dict[str, Any], scales: list[float], path: Path) -> Path:
+    fig, ax = P.panel((5.0, 3.5))
+    for v, (lab, c) in _LABELS.items():
         m = np.asarray(s[v]["mean"])
         ax.errorbar(scales, m, yerr=[m - np.asarray(s[v]["lo"]), np.asarray(s[v]["hi"]) - m],
                     fmt="o-", color=c, capsize=3, label=lab)
     ax.axhline(math.log(10), color="#555555", ls=":", lw=1, label="chance ln(10)")
-    ax.set_xscale("log", base=2)
-    P.plain_ticks(ax)
-    ax.set_yscale("log")
-    ax.set_xlabel("initial weight scale s (std = s / sqrt(fan_in))")
-    ax.set_ylabel("final training loss")
-    ax.set_title("Sensitivity to the initial scale")
-    ax.legend(loc="best")
-    out.append(P.save(fig, d / "init_final_loss.png"))
+    P.finish(ax, "initial weight scale s (std = s / sqrt(fan_in))", "final training loss",
+             "Sensitivity to the initial scale", xscale="log2", yscale="log")
+    return P.save(fig, path)
+
+
+def _fig_agreement(s: dict[str, Any], scales: list[float], path: Path) -> Path:
     fig, axes = P.subplots(1, 2, size=(4.4, 3.4))
-    for v, (lab, c) in labels.items():
+    for v, (lab, c) in _LABELS.items():
         axes[0, 0].plot(scales, s[v]["agree"], "o-", color=c, label=lab)
         axes[0, 1].plot(scales, s[v]["gnorm"], "o-", color=c, label=lab)
-    axes[0, 0].set_ylabel("agreement of test predictions between seeds")
     axes[0, 0].set_ylim(0, 1.02)
-    axes[0, 1].set_ylabel("gradient norm at initialisation")
-    axes[0, 1].set_yscale("log")
-    for ax in axes[0]:
-        ax.set_xscale("log", base=2)
-        P.plain_ticks(ax)
-        ax.set_xlabel("initial weight scale s")
-        ax.legend(loc="best")
+    P.finish(axes[0, 0], "initial weight scale s", "agreement of test predictions between seeds",
+             "Do seeds agree?", xscale="log2")
+    P.finish(axes[0, 1], "initial weight scale s", "gradient norm at initialisation",
+             "Gradient at initialisation", xscale="log2", yscale="log")
     P.nice_log_ticks(axes[0, 1], "y")
-    axes[0, 0].set_title("Do seeds agree?")
-    axes[0, 1].set_title("Gradient at initialisation")
-    out.append(P.save(fig, d / "init_agreement.png"))
-    runs = landscape_runs(data["landscape"])
+    return P.save(fig, path)
+
+
+def _fig_landscape(runs: list[dict[str, Any]], path: Path) -> Path:
     act = runs[0].get("activation", "relu") if runs else "relu"
     depths = sorted({r.get("depth", 0) for r in runs})
-    fig, axes = P.subplots(len(depths), 3, size=(3.7, 3.0))
+    fig, axes = P.subplots(max(1, len(depths)), 3, size=(3.7, 3.0))
     for row, dep in enumerate(depths):
         for ax, key, lab in ((axes[row, 0], "loss_range_rel", "relative loss range"),
                              (axes[row, 1], "grad_change", "max ||g(w - eta g) - g||"),
@@ -442,15 +448,18 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
             for v, name, c in (("plain", act, P.PLAIN), ("bn", f"BN + {act}", P.NORMED)):
                 rs = [r for r in runs if r["variant"] == v and r.get("depth", 0) == dep
                       and r.get(key)]
-                if not rs:
-                    continue
-                n = min(len(r[key]) for r in rs)
-                P.mean_band(ax, rs[0]["steps"][:n],
-                            [np.log10(np.maximum(np.asarray(r[key][:n], float), 1e-12))
-                             for r in rs], color=c, label=name, lw=1)
-            ax.set_xlabel("training step")
-            ax.set_ylabel(f"log10 {lab}")
-            ax.legend(loc="best", fontsize=6)
-            ax.set_title(f"depth {dep}")
-    out.append(P.save(fig, d / "init_landscape.png"))
-    return out
+                if rs:
+                    n = min(len(r[key]) for r in rs)
+                    P.mean_band(ax, rs[0]["steps"][:n],
+                                [np.log10(np.maximum(np.asarray(r[key][:n], float), 1e-12))
+                                 for r in rs], color=c, label=name, lw=1)
+            P.finish(ax, "training step", f"log10 {lab}", f"depth {dep}", fontsize=6)
+    return P.save(fig, path)
+
+
+def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
+    d = P.figdir(workdir)
+    s = summarise(data["runs"], data["scales"])
+    return [_fig_loss(s, data["scales"], d / "init_final_loss.png"),
+            _fig_agreement(s, data["scales"], d / "init_agreement.png"),
+            _fig_landscape(landscape_runs(data["landscape"]), d / "init_landscape.png")]

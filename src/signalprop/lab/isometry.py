@@ -193,86 +193,111 @@ def best_rate(train: list[dict[str, Any]], kind: str, target: float, budget: flo
     return min(lrs, key=score) if lrs else math.nan
 
 
-def conclude(data: dict[str, Any]) -> B.Conclusion:
-    nums: dict[str, Any] = {}
-    details: list[str] = []
-    verdicts: list[str] = []
+def _spectra_of(data: dict[str, Any], a: str, o: bool) -> list[dict[str, Any]]:
+    return [s for s in data["spectra"] if s["activation"] == a and s["orthogonal"] == o]
+
+
+def measure(data: dict[str, Any]) -> dict[str, Any]:
+    """The numbers: per kind the Jacobian variance per seed and its theory check; orthogonal
+    tanh's variance over the nearest other kind's; per kind the best rate of the grid and the
+    steps to the target at it; orthogonal tanh's steps over the fastest other kind's."""
     per_seed: dict[str, list[float]] = {}
-    checks = []
+    checks, means = [], {}
     for a, o in KINDS:
-        k = _kind_name(a, o)
-        sp = [s for s in data["spectra"] if s["activation"] == a and s["orthogonal"] == o]
+        k, sp = _kind_name(a, o), _spectra_of(data, a, o)
         if not sp:
             continue
         per_seed[k] = [float(s["measured"]["variance"]) for s in sp]
-        mv = float(np.mean(per_seed[k]))
-        pv = float(sp[0]["predicted"]["variance"])
-        mm = float(np.mean([s["measured"]["mean"] for s in sp]))
-        chk = E.theory_check(f"{k}: Jacobian s^2 variance", pv, mv, THEORY_TOL,
-                             note="finite width: the spectrum's tail is under-sampled"
-                             if a == "relu" or not o else "")
-        checks.append(chk)
-        nums[f"{k}: Jacobian s^2 variance measured / predicted"] = f"{B.fmt(mv)} / {B.fmt(pv)}"
-        nums[f"{k}: Jacobian s^2 mean (theory 1)"] = mm
-        nums[f"{k}: theory check"] = chk.to_dict()
-    L = data["depth"]
-    if "tanh, orthogonal" in per_seed and len(per_seed) > 1:
-        others = {k: v for k, v in per_seed.items() if k != "tanh, orthogonal"}
+        means[k] = float(np.mean([s["measured"]["mean"] for s in sp]))
+        checks.append(E.theory_check(
+            f"{k}: Jacobian s^2 variance", float(sp[0]["predicted"]["variance"]),
+            float(np.mean(per_seed[k])), THEORY_TOL,
+            note="finite width: the spectrum's tail is under-sampled"
+            if a == "relu" or not o else ""))
+    m: dict[str, Any] = {"per_seed": per_seed, "means": means, "checks": checks}
+    ot = "tanh, orthogonal"
+    if ot in per_seed and len(per_seed) > 1:
+        others = {k: v for k, v in per_seed.items() if k != ot}
         nearest = min(others, key=lambda k: float(np.mean(others[k])))
-        eff = E.log_ratio_effect(per_seed["tanh, orthogonal"], others[nearest],
-                                 f"Jacobian variance orthogonal tanh / {nearest}")
-        v1 = E.verdict(eff, -1)
-        nums.update(E.numbers(eff))
-        details.append(
-            f"Jacobian spectrum at depth {L}: variance of the squared singular values "
-            + ", ".join(f"{B.fmt(float(np.mean(v)))} ({k})" for k, v in per_seed.items())
-            + f"; {E.describe(eff, v1)}"
-            + ("." if v1 != B.CONTRADICTS else "; orthogonal tanh is NOT the best conditioned."))
-        verdicts.append(v1)
-    details.append("Theory vs measurement: " + "; ".join(c.text() for c in checks) + ".")
+        m["conditioning"] = E.log_ratio_effect(per_seed[ot], others[nearest],
+                                               f"Jacobian variance orthogonal tanh / {nearest}")
     target = float(data["target_loss"])
     budget = float(data.get("steps") or max((max(r["loss_steps"] or [0]) for r in data["train"]),
-                                           default=0))
+                                            default=0))
     kinds = [_kind_name(a, o) for a, o in KINDS]
     best = {k: best_rate(data["train"], k, target, budget) for k in kinds}
     st = {k: _steps(data["train"], k, target, budget, best[k]) for k in kinds}
-    for k in kinds:
-        nums[f"{k}: best lr"] = best[k]
-        nums[f"{k}: median steps to loss {B.fmt(target)}"] = float(np.median(st[k])) if st[k] \
-            else math.nan
-    others = [k for k in kinds if k != "tanh, orthogonal" and st[k]]
-    if st.get("tanh, orthogonal") and others:
-        rival = min(others, key=lambda k: float(np.median(st[k])))
-        eff = E.log_ratio_effect(st["tanh, orthogonal"], st[rival],
-                                 f"steps to loss {B.fmt(target)} orthogonal tanh / {rival}")
-        v2 = E.verdict(eff, -1)
-        if all(x >= budget for x in st["tanh, orthogonal"] + st[rival]):
-            v2 = B.INCONCLUSIVE  # neither reached the target: the budget is too small
+    m.update(target=target, budget=budget, best=best, steps=st)
+    rivals = [k for k in kinds if k != ot and st[k]]
+    if st.get(ot) and rivals:
+        rival = min(rivals, key=lambda k: float(np.median(st[k])))
+        m["rival"] = rival
+        m["speed"] = E.log_ratio_effect(st[ot], st[rival],
+                                        f"steps to loss {B.fmt(target)} orthogonal tanh / {rival}")
+        m["unreached"] = all(x >= budget for x in st[ot] + st[rival])
+    return m
+
+
+def _say_spectra(m: dict[str, Any], depth: int, nums: dict[str, Any]) -> tuple[list[str], list[str]]:
+    for c in m["checks"]:
+        k = c.name.split(":")[0]
+        nums[f"{k}: Jacobian s^2 variance measured / predicted"] = \
+            f"{B.fmt(c.measured)} / {B.fmt(c.predicted)}"
+        nums[f"{k}: Jacobian s^2 mean (theory 1)"] = m["means"][k]
+        nums[f"{k}: theory check"] = c.to_dict()
+    details, verdicts = [], []
+    if "conditioning" in m:
+        eff = m["conditioning"]
+        v1 = E.verdict(eff, -1)
         nums.update(E.numbers(eff))
         details.append(
-            f"Training at depth {data['train_depth']}, each kind at its best SGD rate "
+            f"Jacobian spectrum at depth {depth}: variance of the squared singular values "
+            + ", ".join(f"{B.fmt(float(np.mean(v)))} ({k})" for k, v in m["per_seed"].items())
+            + f"; {E.describe(eff, v1)}"
+            + ("." if v1 != B.CONTRADICTS else "; orthogonal tanh is NOT the best conditioned."))
+        verdicts.append(v1)
+    details.append("Theory vs measurement: " + "; ".join(c.text() for c in m["checks"]) + ".")
+    return details, verdicts
+
+
+def _say_training(m: dict[str, Any], depth: int, nums: dict[str, Any]) -> tuple[str, str]:
+    best, st, target = m["best"], m["steps"], m["target"]
+    for k in best:
+        nums[f"{k}: best lr"] = best[k]
+        nums[f"{k}: median steps to loss {B.fmt(target)}"] = float(np.median(st[k])) \
+            if st[k] else math.nan
+    if "speed" not in m:
+        return f"Training at depth {depth}: no runs to compare.", B.INCONCLUSIVE
+    eff = m["speed"]
+    v2 = B.INCONCLUSIVE if m["unreached"] else E.verdict(eff, -1)  # budget too small
+    nums.update(E.numbers(eff))
+    return (f"Training at depth {depth}, each kind at its best SGD rate "
             + ", ".join(f"{k} lr {B.fmt(best[k])}: {B.fmt(float(np.median(st[k])))} steps"
-                        for k in kinds if st[k])
-            + f" (median; budget {B.fmt(budget)}); {E.describe(eff, v2)}"
-            + ("." if v2 != B.CONTRADICTS else f"; the fastest is NOT orthogonal tanh but {rival}."))
-    else:
-        v2 = B.INCONCLUSIVE
-        details.append(f"Training at depth {data['train_depth']}: no runs to compare.")
-    verdicts.append(v2)
-    verdict = B.combine_verdicts(verdicts)
+                        for k in best if st[k])
+            + f" (median; budget {B.fmt(m['budget'])}); {E.describe(eff, v2)}"
+            + ("." if v2 != B.CONTRADICTS
+               else f"; the fastest is NOT orthogonal tanh but {m['rival']}."), v2)
+
+
+def conclude(data: dict[str, Any]) -> B.Conclusion:
+    m = measure(data)
+    nums: dict[str, Any] = {}
+    details, verdicts = _say_spectra(m, data["depth"], nums)
+    d2, v2 = _say_training(m, data["train_depth"], nums)
+    details.append(d2)
+    verdict = B.combine_verdicts(verdicts + [v2])
     sentence = " ".join(d for d in details if not d.startswith("Theory"))
     if verdict == B.CONTRADICTS:
         sentence = "The measurements contradict part of the claim. " + sentence
     return B.conclusion(CLAIM, sentence, verdict, nums, details)
 
 
-def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
-    d = P.figdir(workdir)
-    out = []
-    colors = {"tanh, orthogonal": P.NORMED, "tanh, Gaussian": P.THIRD,
-              "relu, orthogonal": P.PLAIN, "relu, Gaussian": P.FOURTH}
-    fig, axes = P.subplots(1, 1, size=(5.6, 3.6))
-    ax = axes[0, 0]
+_COLORS = {"tanh, orthogonal": P.NORMED, "tanh, Gaussian": P.THIRD,
+           "relu, orthogonal": P.PLAIN, "relu, Gaussian": P.FOURTH}
+
+
+def _fig_spectra(data: dict[str, Any], path: Path) -> Path:
+    fig, ax = P.panel((5.6, 3.6))
     # rank-deficient ReLU Jacobians have singular values down to rounding level: gather every
     # value below 1e-6 into the first bin so the interesting range stays visible
     floor = -6.0
@@ -282,59 +307,61 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
     ax.set_xlim(floor - 0.2, max(hi, 1.0) + 0.2)
     for a, o in KINDS:
         k = _kind_name(a, o)
-        v = np.concatenate([np.asarray(s["s2"], dtype=float) for s in data["spectra"]
-                            if s["activation"] == a and s["orthogonal"] == o] or [np.zeros(0)])
+        v = np.concatenate([np.asarray(s["s2"], dtype=float) for s in _spectra_of(data, a, o)]
+                           or [np.zeros(0)])
         if v.size:
             # empirical CDF: a spectrum concentrated at 1 is a near-vertical step at 0
             lv = np.sort(np.clip(np.log10(np.maximum(v, 1e-300)), floor, None))
-            ax.plot(lv, np.arange(1, lv.size + 1) / lv.size, color=colors[k], lw=1.5, label=k)
+            ax.plot(lv, np.arange(1, lv.size + 1) / lv.size, color=_COLORS[k], lw=1.5, label=k)
     ax.axvline(0.0, color="k", lw=0.6)
-    ax.set_xlabel("log10 of squared singular value of the Jacobian (values < 1e-6 at -6)")
-    ax.set_ylabel("fraction of singular values <= x")
-    ax.set_title(f"Jacobian spectra at criticality, depth {data['depth']}")
-    ax.legend(loc="center left")
-    out.append(P.save(fig, d / "isometry_spectra.png"))
-    fig, axes = P.subplots(1, 1, size=(5.2, 3.4))
-    ax = axes[0, 0]
-    names, meas, pred = [], [], []
+    P.finish(ax, "log10 of squared singular value of the Jacobian (values < 1e-6 at -6)",
+             "fraction of singular values <= x",
+             f"Jacobian spectra at criticality, depth {data['depth']}", legend="center left")
+    return P.save(fig, path)
+
+
+def _fig_moments(data: dict[str, Any], path: Path) -> Path:
+    fig, ax = P.panel((5.2, 3.4))
+    names, meas, pred, effs = [], [], [], []
     for a, o in KINDS:
-        sp = [s for s in data["spectra"] if s["activation"] == a and s["orthogonal"] == o]
+        sp = _spectra_of(data, a, o)
         if sp:
             names.append(_kind_name(a, o))
             meas.append(float(np.mean([s["measured"]["variance"] for s in sp])))
             pred.append(float(sp[0]["predicted"]["variance"]))
+            effs.append(E.mean_effect([s["measured"]["variance"] for s in sp]))
     x = np.arange(len(names))
-    ax.bar(x, np.maximum(meas, 1e-6), color=[colors[n] for n in names], alpha=0.7,
+    ax.bar(x, np.maximum(meas, 1e-6), color=[_COLORS[n] for n in names], alpha=0.7,
            label="measured (mean, 95% CI)")
-    effs = [E.mean_effect([s["measured"]["variance"] for s in data["spectra"]
-                           if _kind_name(s["activation"], s["orthogonal"]) == n]) for n in names]
     P.errorbars(ax, x, effs, color="#333333", ls="none")
     ax.plot(x, np.maximum(pred, 1e-6), "k_", ms=25, mew=2, label="theory")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=15)
-    ax.set_yscale("log")
-    ax.set_ylabel("variance of squared singular values")
+    P.finish(ax, "", "variance of squared singular values",
+             "Measured vs predicted spectrum variance", yscale="log")
     P.nice_log_ticks(ax, "y")
-    ax.set_title("Measured vs predicted spectrum variance")
-    ax.legend(loc="best")
-    out.append(P.save(fig, d / "isometry_moments.png"))
-    fig, axes = P.subplots(1, 1, size=(5.4, 3.6))
-    ax = axes[0, 0]
+    return P.save(fig, path)
+
+
+def _fig_training(data: dict[str, Any], path: Path) -> Path:
+    fig, ax = P.panel((5.4, 3.6))
+    budget = float(data.get("steps") or 0)
     for a, o in KINDS:
         k = _kind_name(a, o)
-        budget = float(data.get("steps") or 0)
         lr = best_rate(data["train"], k, float(data["target_loss"]), budget)
         rs = [r for r in data["train"] if r["kind"] == k and r["losses"] and r.get("lr") == lr]
-        if not rs:
-            continue
-        n = min(len(r["losses"]) for r in rs)
-        P.mean_band(ax, rs[0]["loss_steps"][:n], [r["losses"][:n] for r in rs],
-                    color=colors[k], label=f"{k} (lr {B.fmt(lr)})")
+        if rs:
+            n = min(len(r["losses"]) for r in rs)
+            P.mean_band(ax, rs[0]["loss_steps"][:n], [r["losses"][:n] for r in rs],
+                        color=_COLORS[k], label=f"{k} (lr {B.fmt(lr)})")
     ax.axhline(data["target_loss"], color="#555", ls=":", lw=1, label="target")
-    ax.set_yscale("log")
-    ax.set_xlabel("training step (SGD)")
-    ax.set_ylabel("training loss (mini-batch)")
-    ax.set_title(f"Training deep critical networks (depth {data['train_depth']})")
-    ax.legend(loc="best")
-    out.append(P.save(fig, d / "isometry_training.png"))
-    return out
+    P.finish(ax, "training step (SGD)", "training loss (mini-batch)",
+             f"Training deep critical networks (depth {data['train_depth']})", yscale="log")
+    return P.save(fig, path)
+
+
+def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
+    d = P.figdir(workdir)
+    return [_fig_spectra(data, d / "isometry_spectra.png"),
+            _fig_moments(data, d / "isometry_moments.png"),
+            _fig_training(data, d / "isometry_training.png")]

@@ -23,16 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from signalprop.lab import base as B
 from signalprop.lab import evidence as E
 from signalprop.lab import grid as G
+from signalprop.lab import nets
 from signalprop.lab import plotting as P
-from signalprop.lab.common import MLP, get_data, init_linears_, seeded
 
 #: Bumped when the measurements change meaning (stored results then go stale).
-VERSION = 2
+VERSION = 3
 NAME = "learning-rate"
 TITLE = "Batch norm and the learning rate"
 QUESTION = "How does batch norm allow larger learning rates?"
@@ -44,7 +43,8 @@ CLAIM = (
     "step (Ioffe & Szegedy 2015, 3.3)."
 )
 SETUP = (
-    "Sweep: MLPs of moderate depth (LeCun init for sigmoid, He init for ReLU, zero biases) on "
+    "Sweep: MLPs (ReLU: depth 8 quick / 10 full, He init; sigmoid: depth 3, where the plain "
+    "network trains at some rate, LeCun init; zero biases) on "
     "scikit-learn digits, plain SGD, batch 64, learning rates from 1e-3 to 30, with and without "
     "batch norm before each activation. 'Trains' means: did not diverge and the final training "
     "loss is below 0.9 x ln(10) (chance level); per seed, the largest rate of the grid at which "
@@ -96,6 +96,9 @@ def get_config(quick: bool) -> dict[str, Any]:
     return {
         "data": "digits",
         "depth": 8 if quick else 10,
+        # the plain sigmoid network must train at some rate for a rate ratio to exist: at depth
+        # 8 it trains at none (vanishing gradients), at depth 3 it does
+        "sigmoid_depth": 3,
         "width": 64,
         "steps": 300 if quick else 1000,
         "batch_size": 64,
@@ -120,7 +123,10 @@ def _sweep(config: dict[str, Any], workdir: str | Path) -> list[dict[str, Any]]:
             "steps": config["steps"], "batch_size": config["batch_size"], "optimizer": "sgd",
             "record_every": 0, "device": config["device"],
         },
-        "axes": {"arch": ARCHS, "lr": list(config["lrs"])},
+        "axes": {"arch": {k: {**v, **({"depth": config["sigmoid_depth"]} if v["activation"] ==
+                                      "sigmoid" and "sigmoid_depth" in config else {})}
+                          for k, v in ARCHS.items()},
+                 "lr": list(config["lrs"])},
         "seeds": config["seeds"],
     }
     rows = G.run_grid(grid, workdir, "lr-sweep", **G.grid_options(config))
@@ -191,18 +197,13 @@ def _invariance(config: dict[str, Any]) -> dict[str, Any]:
 def _effective_step(config: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     """Weight norm and relative update of the BN-normalised hidden layers, read from the probe's
     record (``weight_norm``, ``update_ratio``) of a run of the package's loop."""
-    from signalprop.train import fit
-
-    data = get_data(config["data"], config["device"])
-    g = seeded(seed)
-    model = MLP(data.in_features, data.num_classes, config["width"], config["step_depth"],
-                activation="sigmoid", norm="bn")
-    init_linears_(model.linears(), "gaussian", 1.0, generator=g)
-    r = fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=config["step_steps"],
-            optimizer="sgd", lr=config["step_lr"], batch_size=config["batch_size"],
-            probe={"forward": False, "backward": False}, schedule=2, device=config["device"],
-            seed=seed)
-    names = [f"blocks.{i}.linear.weight" for i in range(config["step_depth"])]
+    data = nets.dataset(config["data"], config["device"])
+    model = nets.mlp(data, config["width"], config["step_depth"], "sigmoid", "batch",
+                     nonlinearity="linear", seed=seed)
+    r, _, _ = nets.train(model, data, steps=config["step_steps"], lr=config["step_lr"],
+                         batch_size=config["batch_size"], seed=seed,
+                         probe={"forward": False, "backward": False}, schedule=2)
+    names = [f"layers.{i}.linear.weight" for i in range(config["step_depth"])]
     st, _, wn = r.record.matrix("weight_norm", names)
     st2, _, ur = r.record.matrix("update_ratio", names)
     n = min(len(st), len(st2))
@@ -248,105 +249,46 @@ def largest_trainable_lr(rows: list[dict[str, Any]], arch: str, chance_loss: flo
     return best
 
 
-def conclude(data: dict[str, Any]) -> B.Conclusion:
-    nums: dict[str, Any] = {}
-    details: list[str] = []
-    verdicts: list[str] = []
-    rows = data["sweep"]
-    chance = float(data["chance_loss"])
-    lr_max = max(data["lrs"])
-    ratios = {}
+def _span(v: Any) -> float:
+    a = np.asarray(v, dtype=float)
+    return float(a.max() / max(a.min(), 1e-300))
+
+
+def measure_sweep(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per activation: the largest trainable rate (all seeds, and per seed) with and without BN,
+    and the BN/plain ratio of the per-seed rates (a seed that trains at no rate counts at the
+    grid's lowest rate / 3, a bound) when both train somewhere."""
+    rows, chance = data["sweep"], float(data["chance_loss"])
     seeds = sorted({r.get("seed", 0) for r in rows})
+    floor = min(data["lrs"]) / 3
+    out = {}
     for act in ("sigmoid", "relu"):
-        lp = largest_trainable_lr(rows, act, chance)
-        lb = largest_trainable_lr(rows, f"{act}+BN", chance)
-        nums[f"largest trainable lr, {act}"] = lp
-        nums[f"largest trainable lr, {act}+BN"] = lb
         per_p = [largest_trainable_lr(rows, act, chance, s) for s in seeds]
         per_b = [largest_trainable_lr(rows, f"{act}+BN", chance, s) for s in seeds]
-        if all(math.isnan(x) for x in per_p):
-            v = B.INCONCLUSIVE
-            details.append(
-                f"{act}: the plain network trained at no rate in {B.fmt(min(data['lrs']))}.."
-                f"{B.fmt(lr_max)} (any seed)"
-                + (f"; with BN up to lr = {B.fmt(lb)}" if not math.isnan(lb) else
-                   ", nor did the BN network")
-                + ": BN makes it trainable, but with no plain rate to compare no rate ratio "
-                "can be formed (inconclusive for the claim about larger rates).")
-        elif all(math.isnan(x) for x in per_b):
-            v = B.CONTRADICTS
-            ratios[act] = 0.0
-            details.append(f"{act}: the plain network trained up to lr = {B.fmt(lp)} but the BN "
-                           "network at no rate: BN did NOT allow larger rates.")
-        else:
-            # a seed that trains at no rate counts at the grid's lowest rate / 3 (a bound)
-            floor = min(data["lrs"]) / 3
-            eff = E.log_ratio_effect([x if not math.isnan(x) else floor for x in per_b],
-                                     [x if not math.isnan(x) else floor for x in per_p],
-                                     f"largest trainable lr BN/plain, {act}")
-            v = E.verdict(eff, +1)
-            ratios[act] = eff.estimate
-            nums.update(E.numbers(eff))
-            extra = " (the largest rate in the grid: the true limit may be higher)" \
-                if lb == lr_max else ""
-            details.append(
-                f"{act}: largest rate that trains (all seeds) {B.fmt(lb)} with BN vs {B.fmt(lp)} "
-                f"without; per seed, {E.describe(eff, v)}{extra}"
-                + ("; BN did NOT allow a larger rate." if v == B.CONTRADICTS else ".")
-            )
-        nums[f"lr ratio BN/plain, {act}"] = ratios.get(act, math.nan)
-        verdicts.append(v)
-    # chain
-    ch = data["chain"]
-    pa = np.asarray(ch["plain"]["dy_da"])
-    na = np.asarray(ch["normalised"]["dy_da"])
-    ne = np.asarray(ch["normalised"]["dy_de"])
-    pe = np.asarray(ch["plain"]["dy_de"])
-    span_plain = float(pa.max() / max(pa.min(), 1e-300))
-    span_norm_e = float(ne.max() / max(ne.min(), 1e-300))
-    span_plain_e = float(pe.max() / max(pe.min(), 1e-300))
-    s = ch["scales"]
-    nums["chain: spread of dy/da over s, plain (max/min)"] = span_plain
-    nums["chain: spread of dy/de over s, plain"] = span_plain_e
-    nums["chain: spread of dy/de over s, normalised"] = span_norm_e
-    nums["chain: largest dy/da, normalised"] = float(na.max())
-    nums["chain: smallest dy/da, plain"] = float(pa.min())
-    v_chain = (
-        B.SUPPORTS if span_plain > 10 and span_norm_e < 1.5 and na.max() < 1e-3 * pa.min()
-        else B.CONTRADICTS if span_norm_e >= span_plain_e
-        else B.INCONCLUSIVE
-    )
-    details.append(
-        f"Chain y = x a b c d e: as the other weights go from {B.fmt(min(s))} to {B.fmt(max(s))}, "
-        f"dy/da (RMS over the batch) spans a factor {B.fmt(span_plain)} without normalisation; "
-        f"with it, dy/da is at most {B.fmt(float(na.max()))} (the lower weight no longer matters) "
-        f"and dy/de varies by a factor {B.fmt(span_norm_e)} (plain: {B.fmt(span_plain_e)})."
-    )
-    verdicts.append(v_chain)
-    # invariance: exact with eps = 0 (float64 rounding only); eps = 1e-5 shown as the deviation
-    inv = data["invariance"]["rows"]
-    out_err = max(r["out_max_abs_diff"] for r in inv)
-    gw_err = max(r["grad_w_rel_err"] for r in inv)
-    gu_err = max(r["grad_u_rel_err"] for r in inv)
-    nums["BN(aW u) - BN(W u), max abs (eps 0)"] = out_err
-    nums["a dBN/d(aW) vs dBN/dW, max rel err (eps 0)"] = gw_err
-    nums["dBN/du at aW vs at W, max rel err (eps 0)"] = gu_err
-    tol = 1e-10  # float64 rounding through a batch of 128 and 64 features
-    v_inv = B.SUPPORTS if max(out_err, gw_err, gu_err) < tol else B.CONTRADICTS
-    inv_eps = data["invariance"].get("rows_eps") or []
-    eps_err = max((max(r["out_max_abs_diff"], r["grad_w_rel_err"]) for r in inv_eps),
-                  default=math.nan)
-    nums["deviation with eps 1e-5"] = eps_err
-    details.append(
-        f"Scale invariance (float64, eps = 0, a in {B.fmt(min(r['a'] for r in inv))}.."
-        f"{B.fmt(max(r['a'] for r in inv))}; an exact computation, no seeds): max |BN((aW)u) - "
-        f"BN(Wu)| = {B.fmt(out_err)}, relative error of a dBN/d(aW) = dBN/dW: {B.fmt(gw_err)}, of "
-        f"dBN/du: {B.fmt(gu_err)} (tolerance {B.fmt(tol)}); with PyTorch's eps = 1e-5 the deviation "
-        f"is {B.fmt(eps_err)}, all of it from eps."
-    )
-    verdicts.append(v_inv)
-    # effective step (probe record: weight_norm, update_ratio), one value per seed
-    runs = data["effective_step"]
+        m = {"plain": largest_trainable_lr(rows, act, chance),
+             "bn": largest_trainable_lr(rows, f"{act}+BN", chance),
+             "plain_never": all(math.isnan(x) for x in per_p),
+             "bn_never": all(math.isnan(x) for x in per_b), "ratio": None}
+        if not m["plain_never"] and not m["bn_never"]:
+            m["ratio"] = E.log_ratio_effect([x if not math.isnan(x) else floor for x in per_b],
+                                            [x if not math.isnan(x) else floor for x in per_p],
+                                            f"largest trainable lr BN/plain, {act}")
+        out[act] = m
+    return out
+
+
+def measure_chain(ch: dict[str, Any]) -> dict[str, float]:
+    """Spreads (max/min over the scales s) of the chain's gradients, plain and normalised."""
+    return {"span_a_plain": _span(ch["plain"]["dy_da"]),
+            "span_e_plain": _span(ch["plain"]["dy_de"]),
+            "span_e_norm": _span(ch["normalised"]["dy_de"]),
+            "max_a_norm": float(np.max(ch["normalised"]["dy_da"])),
+            "min_a_plain": float(np.min(ch["plain"]["dy_da"]))}
+
+
+def measure_step(runs: Any) -> dict[str, Any] | None:
+    """Per seed, from the probe record: weight-norm growth and relative-update change from the
+    first to the last 10% of recordings, as mean effects on the logs."""
     runs = runs if isinstance(runs, list) else [runs]
     growth, drop = [], []
     for es in runs:
@@ -356,62 +298,143 @@ def conclude(data: dict[str, Any]) -> B.Conclusion:
             k = max(1, wn.shape[0] // 10)
             growth.append(float(np.mean(wn[-k:].mean(0) / wn[:k].mean(0))))
             drop.append(float(np.nanmedian(ur[-k:]) / np.nanmedian(ur[:k])))
-    if growth:
-        eg = E.mean_effect([math.log(g) for g in growth], "log weight-norm growth")
-        ed = E.mean_effect([math.log(d) for d in drop], "log relative-update change")
-        vg, vd = E.verdict(eg, +1), E.verdict(ed, -1)
-        v_step = B.combine_verdicts([vg, vd])
-        gm = math.exp(eg.estimate)
-        nums["weight norm growth (last/first 10% of steps)"] = gm
-        nums["weight norm growth 95% CI"] = [math.exp(eg.lo), math.exp(eg.hi)]
-        nums["relative update late/early"] = math.exp(ed.estimate)
-        nums["relative update late/early 95% CI"] = [math.exp(ed.lo), math.exp(ed.hi)]
-        nums["predicted effective-lr factor 1/growth^2"] = 1.0 / gm**2
-        details.append(
-            f"Effective step (probe's weight_norm and update_ratio, {len(growth)} seeds): under "
-            f"SGD at lr = {B.fmt(runs[0].get('lr', math.nan))} the hidden weights' norm grew by a "
-            f"factor {B.fmt(gm)} [95% CI {B.fmt(math.exp(eg.lo))}, {B.fmt(math.exp(eg.hi))}] "
-            f"(effective rate x {B.fmt(1 / gm**2)}) and the relative update changed by a factor "
+    if not growth:
+        return None
+    return {"n": len(growth), "lr": runs[0].get("lr", math.nan),
+            "growth": E.mean_effect([math.log(g) for g in growth], "log weight-norm growth"),
+            "drop": E.mean_effect([math.log(d) for d in drop], "log relative-update change")}
+
+
+def _say_sweep(m: dict[str, Any], lrs: list[float], nums: dict[str, Any]) -> tuple[str, str]:
+    act = m["act"]
+    lp, lb = m["plain"], m["bn"]
+    nums[f"largest trainable lr, {act}"] = lp
+    nums[f"largest trainable lr, {act}+BN"] = lb
+    eff = m["ratio"]
+    nums[f"lr ratio BN/plain, {act}"] = eff.estimate if eff is not None else \
+        (0.0 if m["bn_never"] and not m["plain_never"] else math.nan)
+    if m["plain_never"]:
+        return (f"{act}: the plain network trained at no rate in {B.fmt(min(lrs))}.."
+                f"{B.fmt(max(lrs))} (any seed)"
+                + (f"; with BN up to lr = {B.fmt(lb)}" if not math.isnan(lb) else
+                   ", nor did the BN network")
+                + ": BN makes it trainable, but with no plain rate to compare no rate ratio "
+                "can be formed (inconclusive for the claim about larger rates).", B.INCONCLUSIVE)
+    if m["bn_never"]:
+        return (f"{act}: the plain network trained up to lr = {B.fmt(lp)} but the BN network at "
+                "no rate: BN did NOT allow larger rates.", B.CONTRADICTS)
+    v = E.verdict(eff, +1)
+    nums.update(E.numbers(eff))
+    extra = " (the largest rate in the grid: the true limit may be higher)" \
+        if lb == max(lrs) else ""
+    return (f"{act}: largest rate that trains (all seeds) {B.fmt(lb)} with BN vs {B.fmt(lp)} "
+            f"without; per seed, {E.describe(eff, v)}{extra}"
+            + ("; BN did NOT allow a larger rate." if v == B.CONTRADICTS else "."), v)
+
+
+def _say_chain(c: dict[str, float], s: list[float], nums: dict[str, Any]) -> tuple[str, str]:
+    nums.update({"chain: spread of dy/da over s, plain (max/min)": c["span_a_plain"],
+                 "chain: spread of dy/de over s, plain": c["span_e_plain"],
+                 "chain: spread of dy/de over s, normalised": c["span_e_norm"],
+                 "chain: largest dy/da, normalised": c["max_a_norm"],
+                 "chain: smallest dy/da, plain": c["min_a_plain"]})
+    v = (B.SUPPORTS if c["span_a_plain"] > 10 and c["span_e_norm"] < 1.5
+         and c["max_a_norm"] < 1e-3 * c["min_a_plain"]
+         else B.CONTRADICTS if c["span_e_norm"] >= c["span_e_plain"] else B.INCONCLUSIVE)
+    return (f"Chain y = x a b c d e: as the other weights go from {B.fmt(min(s))} to "
+            f"{B.fmt(max(s))}, dy/da (RMS over the batch) spans a factor "
+            f"{B.fmt(c['span_a_plain'])} without normalisation; with it, dy/da is at most "
+            f"{B.fmt(c['max_a_norm'])} (the lower weight no longer matters) and dy/de varies by "
+            f"a factor {B.fmt(c['span_e_norm'])} (plain: {B.fmt(c['span_e_plain'])}).", v)
+
+
+#: Scale invariance holds to float64 rounding through a batch of 128 and 64 features.
+INVARIANCE_TOL = 1e-10
+
+
+def _say_invariance(inv: dict[str, Any], nums: dict[str, Any]) -> tuple[str, str, float]:
+    rows = inv["rows"]
+    out_err = max(r["out_max_abs_diff"] for r in rows)
+    gw_err = max(r["grad_w_rel_err"] for r in rows)
+    gu_err = max(r["grad_u_rel_err"] for r in rows)
+    eps_err = max((max(r["out_max_abs_diff"], r["grad_w_rel_err"])
+                   for r in inv.get("rows_eps") or []), default=math.nan)
+    nums.update({"BN(aW u) - BN(W u), max abs (eps 0)": out_err,
+                 "a dBN/d(aW) vs dBN/dW, max rel err (eps 0)": gw_err,
+                 "dBN/du at aW vs at W, max rel err (eps 0)": gu_err,
+                 "deviation with eps 1e-5": eps_err})
+    v = B.SUPPORTS if max(out_err, gw_err, gu_err) < INVARIANCE_TOL else B.CONTRADICTS
+    return (f"Scale invariance (float64, eps = 0, a in {B.fmt(min(r['a'] for r in rows))}.."
+            f"{B.fmt(max(r['a'] for r in rows))}; an exact computation, no seeds): max "
+            f"|BN((aW)u) - BN(Wu)| = {B.fmt(out_err)}, relative error of a dBN/d(aW) = dBN/dW: "
+            f"{B.fmt(gw_err)}, of dBN/du: {B.fmt(gu_err)} (tolerance {B.fmt(INVARIANCE_TOL)}); "
+            f"with PyTorch's eps = 1e-5 the deviation is {B.fmt(eps_err)}, all of it from "
+            "eps.", v, max(out_err, gw_err))
+
+
+def _say_step(m: dict[str, Any], nums: dict[str, Any]) -> tuple[str, str]:
+    eg, ed = m["growth"], m["drop"]
+    vg, vd = E.verdict(eg, +1), E.verdict(ed, -1)
+    gm = math.exp(eg.estimate)
+    nums.update({"weight norm growth (last/first 10% of steps)": gm,
+                 "weight norm growth 95% CI": [math.exp(eg.lo), math.exp(eg.hi)],
+                 "relative update late/early": math.exp(ed.estimate),
+                 "relative update late/early 95% CI": [math.exp(ed.lo), math.exp(ed.hi)],
+                 "predicted effective-lr factor 1/growth^2": 1.0 / gm**2})
+    return (f"Effective step (probe's weight_norm and update_ratio, {m['n']} seeds): under SGD "
+            f"at lr = {B.fmt(m['lr'])} the hidden weights' norm grew by a factor {B.fmt(gm)} "
+            f"[95% CI {B.fmt(math.exp(eg.lo))}, {B.fmt(math.exp(eg.hi))}] (effective rate x "
+            f"{B.fmt(1 / gm**2)}) and the relative update changed by a factor "
             f"{B.fmt(math.exp(ed.estimate))} [95% CI {B.fmt(math.exp(ed.lo))}, "
             f"{B.fmt(math.exp(ed.hi))}] from the first to the last 10% of steps"
-            + (" (the weights did NOT grow)." if vg == B.CONTRADICTS else ".")
-        )
-        verdicts.append(v_step)
-    verdict = B.combine_verdicts(verdicts)
-    sentence = (
-        " ".join(d for d in details[:2])
-        + " In the chain, normalisation removes the dependence of one weight's "
-        f"gradient on the others (spread {B.fmt(span_plain)} -> {B.fmt(span_norm_e)}); BN is scale "
-        f"invariant to {B.fmt(max(out_err, gw_err))}."
-    )
+            + (" (the weights did NOT grow)." if vg == B.CONTRADICTS else "."),
+            B.combine_verdicts([vg, vd]))
+
+
+def conclude(data: dict[str, Any]) -> B.Conclusion:
+    nums: dict[str, Any] = {}
+    said = [_say_sweep({**m, "act": act}, data["lrs"], nums)
+            for act, m in measure_sweep(data).items()]
+    chain = measure_chain(data["chain"])
+    said.append(_say_chain(chain, data["chain"]["scales"], nums))
+    s_inv, v_inv, inv_err = _say_invariance(data["invariance"], nums)
+    said.append((s_inv, v_inv))
+    step = measure_step(data["effective_step"])
+    if step is not None:
+        said.append(_say_step(step, nums))
+    details = [d for d, _ in said]
+    sentence = (" ".join(details[:2]) + " In the chain, normalisation removes the dependence of "
+                f"one weight's gradient on the others (spread {B.fmt(chain['span_a_plain'])} -> "
+                f"{B.fmt(chain['span_e_norm'])}); BN is scale invariant to {B.fmt(inv_err)}.")
     contra = [d for d in details if "NOT" in d]
     if contra:
         sentence += " Contradicted: " + " ".join(contra)
-    return B.conclusion(CLAIM, sentence, verdict, nums, details)
+    return B.conclusion(CLAIM, sentence, B.combine_verdicts([v for _, v in said]), nums, details)
 
 
 # --- figures ---------------------------------------------------------------------------------
-def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
-    d = P.figdir(workdir)
-    out = []
-    rows = data["sweep"]
-    chance = float(data["chance_loss"])
+def _sweep_curve(rows: list[dict[str, Any]], arch: str) -> tuple[list, list, list]:
+    """(rates, mean final loss over seeds, whether any seed diverged) of one architecture."""
+    rs = [r for r in rows if r["arch"] == arch]
+    lrs = sorted({r["lr"] for r in rs})
+    mean, div = [], []
+    for lr in lrs:
+        v = np.asarray([float(r["train_loss"]) if r["status"] == "done" and r["train_loss"]
+                        is not None else math.nan for r in rs if r["lr"] == lr], dtype=float)
+        mean.append(np.nanmean(v) if np.isfinite(v).any() else math.nan)
+        div.append(not np.isfinite(v).all())
+    return lrs, mean, div
+
+
+def _fig_sweep(rows: list[dict[str, Any]], chance: float, path: Path) -> Path:
     fig, axes = P.subplots(1, 2, size=(4.6, 3.5), sharey=True)
     colors = {"sigmoid": P.PLAIN, "sigmoid+BN": P.NORMED, "relu": P.PLAIN, "relu+BN": P.NORMED}
-    finite_losses = [float(r["train_loss"]) for r in rows if r["train_loss"] is not None
-                     and np.isfinite(float(r["train_loss"]))]
-    top = max(finite_losses + [chance]) * 1.5 if finite_losses else 10.0
+    finite = [float(r["train_loss"]) for r in rows if r["train_loss"] is not None
+              and np.isfinite(float(r["train_loss"]))]
+    top = max(finite + [chance]) * 1.5 if finite else 10.0
     for ax, act in zip(axes[0], ("sigmoid", "relu"), strict=True):
         for arch in (act, f"{act}+BN"):
-            rs = [r for r in rows if r["arch"] == arch]
-            lrs = sorted({r["lr"] for r in rs})
-            mean, div = [], []
-            for lr in lrs:
-                vals = [float(r["train_loss"]) if r["status"] == "done" and r["train_loss"]
-                        is not None else math.nan for r in rs if r["lr"] == lr]
-                v = np.asarray(vals, dtype=float)
-                mean.append(np.nanmean(v) if np.isfinite(v).any() else math.nan)
-                div.append(not np.isfinite(v).all())
+            lrs, mean, div = _sweep_curve(rows, arch)
             ax.plot(lrs, mean, "o-", color=colors[arch], label=arch)
             xs = [lr for lr, dv in zip(lrs, div, strict=True) if dv]
             if xs:
@@ -421,15 +444,12 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
             if np.isfinite(best):
                 ax.axvline(best, color=colors[arch], ls="--", lw=0.8)
         ax.axhline(chance, color="#555555", ls=":", lw=1, label="chance ln(10)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("learning rate (SGD)")
-        ax.set_ylabel("final training loss")
-        ax.set_title(f"{act}: plain vs batch norm")
-        ax.legend(loc="best")
-    out.append(P.save(fig, d / "lr_sweep.png"))
-    # chain
-    ch = data["chain"]
+        P.finish(ax, "learning rate (SGD)", "final training loss",
+                 f"{act}: plain vs batch norm", xscale="log", yscale="log")
+    return P.save(fig, path)
+
+
+def _fig_chain(ch: dict[str, Any], path: Path) -> Path:
     fig, axes = P.subplots(1, 2, size=(4.4, 3.4))
     s = np.asarray(ch["scales"])
     floor = 1e-18
@@ -438,60 +458,54 @@ def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
         ax.plot(s, np.maximum(ch["plain"][key], floor), "o-", color=P.PLAIN, label="plain chain")
         ax.plot(s, np.maximum(ch["normalised"][key], floor), "s-", color=P.NORMED,
                 label="normalised hidden units")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        P.finish(ax, "scale s of the other weights", f"{title}, RMS over the batch",
+                 f"y = x a b c d e: {title}", xscale="log2", yscale="log")
         ax.set_xticks([0.25, 0.5, 1, 2, 4])
-        P.plain_ticks(ax)
-        ax.set_xlabel("scale s of the other weights")
-        ax.set_ylabel(f"{title}, RMS over the batch")
-        ax.set_title(f"y = x a b c d e: {title}")
-        ax.legend(loc="best")
-    out.append(P.save(fig, d / "lr_chain.png"))
-    # invariance
-    inv = data["invariance"]["rows"]
-    fig, axes = P.subplots(1, 1, size=(5.2, 3.4))
-    ax = axes[0, 0]
+    return P.save(fig, path)
+
+
+def _fig_invariance(inv: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = P.panel((5.2, 3.4))
     a = [r["a"] for r in inv]
     for key, lab, c in (("out_max_abs_diff", "max |BN((aW)u) - BN(Wu)|", P.PLAIN),
                         ("grad_w_rel_err", "rel. err. of a dBN/d(aW) = dBN/dW", P.NORMED),
                         ("grad_u_rel_err", "rel. err. of dBN/du (aW vs W)", P.THIRD)):
         # at a = 1 both sides are the same computation (difference exactly 0): left out
-        vals = [r[key] if r[key] > 0 else np.nan for r in inv]
-        ax.plot(a, vals, "o-", color=c, label=lab)
+        ax.plot(a, [r[key] if r[key] > 0 else np.nan for r in inv], "o-", color=c, label=lab)
     ax.plot(a, [r["grad_w_norm_ratio"] for r in inv], "k^", label="||dBN/d(aW)|| / ||dBN/dW||")
     ax.plot(a, [1.0 / x for x in a], "k:", lw=1, label="theory: 1/a")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("weight scale a")
-    ax.set_ylabel("difference / ratio")
-    ax.set_title("Batch norm under a rescaling W -> aW")
-    ax.legend(loc="best", fontsize=7)
-    out.append(P.save(fig, d / "lr_scale_invariance.png"))
-    # effective step
+    P.finish(ax, "weight scale a", "difference / ratio", "Batch norm under a rescaling W -> aW",
+             xscale="log", yscale="log", fontsize=7)
+    return P.save(fig, path)
+
+
+def _fig_step(runs: list[dict[str, Any]], path: Path) -> Path:
+    fig, axes = P.subplots(1, 2, size=(4.4, 3.4))
+    n = min(len(r["steps"]) for r in runs)
+    st = np.asarray(runs[0]["steps"][:n])
+    cols = [P.PLAIN, P.NORMED, P.THIRD, P.FOURTH, "#ff7f0e", "#8c564b"]
+    k = max(1, n // 30)
+    for li in range(np.asarray(runs[0]["weight_norm"]).shape[1]):
+        c = cols[li % len(cols)]
+        P.mean_band(axes[0, 0], st, [np.asarray(r["weight_norm"], float)[:n, li] for r in runs],
+                    color=c, label=f"hidden layer {li + 1}")
+        sm = [np.convolve(np.asarray(r["update_ratio"], float)[:n, li], np.ones(k) / k,
+                          mode="valid") for r in runs]
+        P.mean_band(axes[0, 1], st[k - 1:], sm, color=c)
+    P.finish(axes[0, 0], "training step", "||W||", "weight norm of the BN-normalised layers")
+    P.finish(axes[0, 1], "training step", "||dW|| / ||W|| (moving average)",
+             "relative update (effective step)", yscale="log", legend=None)
+    P.nice_log_ticks(axes[0, 1], "y")
+    return P.save(fig, path)
+
+
+def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:
+    d = P.figdir(workdir)
+    out = [_fig_sweep(data["sweep"], float(data["chance_loss"]), d / "lr_sweep.png"),
+           _fig_chain(data["chain"], d / "lr_chain.png"),
+           _fig_invariance(data["invariance"]["rows"], d / "lr_scale_invariance.png")]
     runs = data["effective_step"]
     runs = [r for r in (runs if isinstance(runs, list) else [runs]) if r["weight_norm"]]
     if runs:
-        fig, axes = P.subplots(1, 2, size=(4.4, 3.4))
-        n = min(len(r["steps"]) for r in runs)
-        st = np.asarray(runs[0]["steps"][:n])
-        layers = np.asarray(runs[0]["weight_norm"]).shape[1]
-        cols = [P.PLAIN, P.NORMED, P.THIRD, P.FOURTH, "#ff7f0e", "#8c564b"]
-        k = max(1, n // 30)
-        for li in range(layers):
-            c = cols[li % len(cols)]
-            P.mean_band(axes[0, 0], st, [np.asarray(r["weight_norm"], float)[:n, li]
-                                         for r in runs], color=c, label=f"hidden layer {li + 1}")
-            sm = [np.convolve(np.asarray(r["update_ratio"], float)[:n, li], np.ones(k) / k,
-                              mode="valid") for r in runs]
-            P.mean_band(axes[0, 1], st[k - 1:], sm, color=c)
-        axes[0, 0].set_xlabel("training step")
-        axes[0, 0].set_ylabel("||W||")
-        axes[0, 0].set_title("weight norm of the BN-normalised layers")
-        axes[0, 1].set_xlabel("training step")
-        axes[0, 1].set_ylabel("||dW|| / ||W|| (moving average)")
-        axes[0, 1].set_yscale("log")
-        P.nice_log_ticks(axes[0, 1], "y")
-        axes[0, 1].set_title("relative update (effective step)")
-        axes[0, 0].legend(loc="best")
-        out.append(P.save(fig, d / "lr_effective_step.png"))
+        out.append(_fig_step(runs, d / "lr_effective_step.png"))
     return out

@@ -128,19 +128,24 @@ def run_study(
         t2 = time.perf_counter()
         figs = [Path(p) for p in mod.figures(data, workdir)]
         meta.update(figures_s=time.perf_counter() - t2,
-                    figures=[str(p.relative_to(workdir)) for p in figs],
-                    status=status, run_s=run_s, total_s=time.perf_counter() - t0,
-                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        write_json(workdir / "meta.json", meta)
+                    figures=[str(p.relative_to(workdir)) for p in figs])
+        _write_meta(workdir, meta, status, run_s, t0)
         say(f"{name}: {conclusion.verdict}: {conclusion.sentence}")
         return StudyOutcome(name, status, conclusion, figs, run_s, meta["total_s"])
     except Exception as e:  # a failing study is reported, the lab carries on
-        meta.update(status="failed", error=f"{type(e).__name__}: {e}",
-                    traceback=traceback.format_exc(), run_s=run_s,
-                    total_s=time.perf_counter() - t0)
-        write_json(workdir / "meta.json", meta)
+        _write_meta(workdir, meta, "failed", run_s, t0, error=f"{type(e).__name__}: {e}",
+                    traceback=traceback.format_exc())
         say(f"{name}: FAILED: {type(e).__name__}: {e}")
         return StudyOutcome(name, "failed", None, [], run_s, meta["total_s"], meta["error"])
+
+
+def _write_meta(workdir: Path, meta: dict[str, Any], status: str, run_s: float, t0: float,
+                **extra: Any) -> None:
+    """Complete ``meta`` (status, timings, finish time, error) and write ``meta.json``."""
+    meta.update(status=status, run_s=run_s, total_s=time.perf_counter() - t0, **extra)
+    if status != "failed":
+        meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_json(workdir / "meta.json", meta)
 
 
 def study_config(

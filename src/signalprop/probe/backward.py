@@ -52,7 +52,7 @@ class BackwardStats:
         if self.weights and self._updates is not None:
             # update norms from the optimiser's state after the step (SGD: known now)
             self._updates.before(self._current_grad_norms(pre, allnorms, n_grads, scale))
-        elif self.weights and self.optimizers:
+        elif self.weights and self.optimizers and self.update_ratio:
             self._copy_weights()
 
     def _preclip_values(self, pre: Any, values: list[torch.Tensor], names: _Metrics,

@@ -104,6 +104,13 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             when the probe steps with its own optimiser and has no ``on_record`` listeners;
             NaN/Inf counts of a step are then taken on the device once a non-finite value has
             been seen (until then a non-finite norm records its count as NaN: not counted).
+        update_ratio: How update ratios ||W_after - W_before|| / ||W_before|| are measured
+            (with ``weights``): ``"auto"`` (default) from the optimiser's own state where it
+            has a closed form (SGD, Adam, AdamW: no copy of the weights; see
+            :mod:`signalprop.probe.update`), else from a copy of the weights taken on recorded
+            steps; ``"optimizer"``: the closed form only (ValueError for other optimisers);
+            ``"copy"``: always the copy (fastest on recorded steps, but it holds the
+            parameters' size in memory through the step); ``False``: no update ratios.
     """
 
     def __init__(
@@ -126,9 +133,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         | None = None,
         scaler: Any = None,
         flush_every: int | None = None,
+        update_ratio: str | bool = "auto",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
         # compiled modules (torch.compile's wrapper, or module.compile() in place) run their
@@ -150,6 +156,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self.scaler = scaler
         self.schedule = as_schedule(schedule)
         self.forward, self.backward, self.weights = forward, backward, weights
+        self.update_ratio = _check_update_ratio(update_ratio)
         self.percentiles = tuple(float(q) for q in percentiles)
         self.max_percentile_samples = max_percentile_samples
         self.max_forward_samples = max_forward_samples
@@ -160,9 +167,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             [] if on_record is None else [on_record] if callable(on_record) else list(on_record))
         # distributed hook (signalprop.integrations.distributed): reduce(names, flat) ->
         # (names, flat) combines one step's values across ranks (the union of every rank's
-        # names); update_norms(num, den) the per-parameter
-        # norms behind update ratios. None: single process.
-        self.reducer: Any = None
+        # names); update_norms(num, den) the per-parameter norms behind update ratios
+        self.reducer: Any = None  # None: single process
         self._init_state()
         self._init_map(modules)
         self._init_meta()
@@ -250,9 +256,14 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             )
         if self.scaler is not None:
             self._handles.append(_ScalerHook(self.scaler, ref))
-        if self.weights and len(self.optimizers) == 1 and self._updates is None:
+        if self.update_ratio == "optimizer" and len(self.optimizers) != 1 and self.weights:
+            raise ValueError("update_ratio='optimizer' needs exactly one optimizer bound to the "
+                             f"probe, got {len(self.optimizers)}")
+        if self.weights and self.update_ratio and len(self.optimizers) == 1 and \
+                self._updates is None:
             # ||dW|| from the optimiser's own state where it has a closed form (no weight copy)
-            self._updates = UpdateNorms(self.optimizers[0], [p for _, p in self.params])
+            self._updates = UpdateNorms(self.optimizers[0], [p for _, p in self.params],
+                                        method=self.update_ratio)
         self._stepped_opts: set[int] = set()
         self._set_active(bool(self.schedule(self.step_index)))
         return self
@@ -417,6 +428,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._no_ratio = False
         self._producer = {}
         self._stack = []
+        self._fn_counts = {}
         for v in self._block_grads.values():
             v.clear()
 
@@ -492,6 +504,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
                 self._updates.release()  # no weight copy held through unrecorded steps
         if self._active and self._mapping and self._sites:
             self._map_drawn()
+        elif self._active:
+            self._check_fn_patches()
         self._clear()
         self.step_index += 1
         self._set_active(bool(self.schedule(self.step_index)))
@@ -533,7 +547,22 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
                 "module calls were not observed")
         self._mapping = False
         self._use_mode = self._fn_found or self._inplace_seen
+        if self._fn_found and not self._inplace_seen:
+            # functional activations called through a module attribute are seen by patching
+            # that attribute on recorded steps: no torch-function mode around every op
+            self._fn_patches = self._fn_patch_plan()
+            self._fn_expected = self._fn_calls_per_pass()
+            self._use_mode = self._fn_patches is None
         self._set_active(False)
+
+    def _check_fn_patches(self) -> None:
+        """A recorded step with attribute patches saw fewer functional activation calls than
+        the mapping step (some are called directly): the mode again from the next step on."""
+        if self._fn_patches is not None and not self._use_mode and self._used and \
+                self._fn_calls_per_pass() != self._fn_expected:
+            self._fn_patches = None
+            self._use_mode = True
+            self._set_active(False)
 
     def __repr__(self) -> str:
         return (
@@ -542,6 +571,21 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             f"step={self.step_index})"
         )
 
+
+
+#: ``update_ratio`` choices: how ||W_after - W_before|| is measured.
+UPDATE_RATIO_CHOICES = ("auto", "optimizer", "copy")
+
+
+def _check_update_ratio(value: str | bool) -> str | bool:
+    if value is False:
+        return False
+    if value is True:
+        return "auto"
+    if value not in UPDATE_RATIO_CHOICES:
+        raise ValueError(f"update_ratio must be one of {', '.join(map(repr, UPDATE_RATIO_CHOICES))}"
+                         f" or False, got {value!r}")
+    return value
 
 
 def _flush_every(flush_every: int | None, dev: torch.device) -> int:

@@ -33,21 +33,27 @@ class ForwardStats:
     def _sample(self, t: torch.Tensor) -> torch.Tensor:
         """A fixed strided sample of at most ``max_forward_samples`` values of ``t``, copied
         with one gather (row-major order, any layout)."""
+        return torch.take(t, self._sample_index(t))
+
+    def _sample_index(self, t: torch.Tensor) -> torch.Tensor:
+        """The flat indices of :meth:`_sample` (cached per size, row length and device)."""
         k = self.max_forward_samples
         assert k is not None
         n = t.numel()
         key = (n, t.shape[-1] if t.dim() else 1, t.device)
         idx = self._stride_cache.get(key)
         if idx is None:
-            row = key[1]
-            # a stride coprime with the row length, so the sample visits every unit position
-            # rather than the same few units of each example
+            # a stride of at least n / k coprime with n (so with the row length too): the
+            # sample visits every unit position rather than the same few units of each example.
+            # Positions wrap around (modulo n; distinct, as the stride is coprime with n), so
+            # every output of at least k values gives exactly k: the samples of all such sites
+            # stack into one group (one launch per statistic at the end of the step)
             step = max(1, -(-n // k))
-            while step > 1 and math.gcd(step, row) != 1:
+            while step > 1 and math.gcd(step, n) != 1:
                 step += 1
-            idx = torch.arange(0, n, step, device=t.device)[:k]
+            idx = torch.arange(min(n, k), device=t.device) * step % max(n, 1)
             self._stride_cache[key] = idx
-        return torch.take(t, idx)
+        return idx
 
     def _forward_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
         groups: dict[tuple, list[int]] = {}
@@ -138,6 +144,13 @@ class ForwardStats:
             layer = [s.name for s in sites]
             if kind in stats.SATURATING:
                 self._saturation(kind, js, len(idx), xf, sites, values, names)
+            if kind in stats.RECTIFIERS:
+                # off = output <= 0 for this example: a unit off per example, averaged over the
+                # batch (on the forward sample); a unit is dead only when off for every example
+                src = xf if len(js) == len(idx) else xf.index_select(
+                    0, host_tensor(js, torch.long, xf.device))
+                values.append((src <= 0).float().mean(dim=1))
+                names += [(n, "off_frac") for n in layer]
             if kind in stats.RECTIFIERS and all(s.alive for s in sites):
                 # dead = inactive for the WHOLE batch: active units were noted in the hook
                 dead = [

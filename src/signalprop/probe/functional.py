@@ -95,7 +95,7 @@ class ProbeMode(TorchFunctionMode):
             p.save_before_inplace(args[0])  # x += y, x.mul_(...): on a recorded output
         out = func(*args, **kwargs)
         if kind is not None and isinstance(out, torch.Tensor):
-            p._functional_activation(kind, _fname(func), args, out)
+            p._functional_activation(kind, _fname(func), args, out, func)
         elif p._mapping:
             if func in _ADD:
                 p._seen_add(args, out)

@@ -20,7 +20,7 @@ from signalprop import stats
 from signalprop.probe import recurrent
 from signalprop.probe.functional import ProbeMode
 from signalprop.probe.sites import _NORMS, MAX_SITES, _active_units, _Site
-from signalprop.probe.wrappers import _call, _EagerPatch, _ForwardPatch
+from signalprop.probe.wrappers import _AttrPatch, _call, _EagerPatch, _ForwardPatch
 
 if TYPE_CHECKING:  # pragma: no cover
     from signalprop.probe.core import Probe
@@ -38,6 +38,9 @@ def add_step_hooks(p: Probe) -> None:
             if m is not p.model:
                 add(m.register_forward_pre_hook(partial(_push_hook, ref)))
                 add(m.register_forward_hook(partial(_pop_hook, ref), always_call=True))
+    if not p._use_mode and p._fn_patches:
+        for mod, attr, func, where, kind, fname in p._fn_patches:
+            add(_AttrPatch(mod, attr, partial(_functional_call, ref, func, where, kind, fname)))
     if p.backward:
         for name in p._blocks:
             mod = p.model.get_submodule(name)
@@ -62,6 +65,16 @@ def add_step_hooks(p: Probe) -> None:
         # (with output hooks, the first of them queues it: no hook per parameter)
         for _, prm in p.params:
             add(prm.register_post_accumulate_grad_hook(partial(_param_hook, ref)))
+
+
+def _functional_call(ref: weakref.ref, func: Callable[..., Any], where: str, kind: str,
+                     fname: str, *args: Any, **kwargs: Any) -> Any:
+    # an activation function called through a module attribute, patched on recorded steps
+    out = func(*args, **kwargs)
+    p = ref()
+    if p is not None and p._active and isinstance(out, torch.Tensor):
+        p._functional_site(where, kind, fname, args, out)
+    return out
 
 
 def _root_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
@@ -145,34 +158,29 @@ def _block_pre_hook(ref: weakref.ref, name: str, module: nn.Module, args: tuple)
 
 
 def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any) -> None:
-    # Hot path: runs for every watched module on every forward. Stash references only.
+    # Hot path: runs for every watched module on every forward of a recorded step. Checks in
+    # order of cost; module facts (conv or not) were looked up once when the map was made.
     p = ref()
-    if p is None or not p._active or not torch.is_grad_enabled():
+    if p is None or not p._active:
         return
-    if isinstance(out, tuple | list) and out:  # RNN (output, h_n), cells' (h, c): the first
-        out = out[0]
-    if isinstance(out, nn.utils.rnn.PackedSequence):
-        out = out.data
-    if not isinstance(out, torch.Tensor):
+    if type(out) is not torch.Tensor:
+        out = _output_tensor(out)
+        if out is None:
+            return
+    if not torch.is_grad_enabled():
         return
     if p._new_pass:
         # the first call after a backward pass (a micro-batch of gradient accumulation, also
         # when the loop calls submodules rather than the model): call sites count from here
         p._new_pass = False
         p._calls.clear()
-    cand = p._infer.pop(i, None) if p._infer else None
-    if cand is not None and cand[1] is out and p._kinds[i] is None:
-        p._kinds[i] = cand[0]
-        for st in p._sites:
-            if st.module == p._mods[i][0]:
-                st.kind = cand[0]
-        cand = None
+    cand = _inferred_kind(p, i, out) if p._infer else None
     k = p._calls.get(i, 0)
     p._calls[i] = k + 1
     if p._loop[i]:
         t, k = k, 0
     else:
-        t, k = -1, min(k, MAX_SITES - 1)
+        t, k = -1, (k if k < MAX_SITES else MAX_SITES - 1)
     j = p._site_of.get((i, k))
     if j is None:
         j = p._new_site(i, k)
@@ -180,16 +188,37 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
     if cand is not None and s.kind is None and s.unchecked is None:
         s.unchecked = (f"a custom activation (it calls {cand[0]} inside): no saturation or "
                        "dead-unit check is defined for its function")
-    if not s.used:
-        s.used = True
-        p._used.append(j)
     if p._recurrent[i]:
+        if not s.used:
+            s.used = True
+            p._used.append(j)
         _attach_time(p, i, s, module)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        p._conv_context = True
-    elif isinstance(module, nn.Linear | nn.Embedding | nn.MultiheadAttention | nn.RNNBase):
-        p._conv_context = False
+    ctx = p._ctx[i]
+    if ctx is not None:
+        p._conv_context = ctx
     _record_output(p, j, s, out, inp[0] if inp and isinstance(inp[0], torch.Tensor) else None, t)
+
+
+def _output_tensor(out: Any) -> torch.Tensor | None:
+    """The tensor a module's output stands for (RNN (output, h_n), cells' (h, c): the first)."""
+    if isinstance(out, tuple | list) and out:
+        out = out[0]
+    if isinstance(out, nn.utils.rnn.PackedSequence):
+        out = out.data
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _inferred_kind(p: Probe, i: int, out: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    """A parameter-free leaf module that called an activation function: it IS that activation
+    if it returned the function's output (then ``None``); else the candidate, for a note."""
+    cand = p._infer.pop(i, None)
+    if cand is not None and cand[1] is out and p._kinds[i] is None:
+        p._kinds[i] = cand[0]
+        for st in p._sites:
+            if st.module == p._mods[i][0]:
+                st.kind = cand[0]
+        return None
+    return cand
 
 
 def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Tensor | None,
@@ -209,8 +238,11 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
             if s.needs_input and inp is not None:
                 s.ins.append(inp.detach())
         else:  # a small copy now: nothing of the output is kept alive or seen overwritten
-            s.outs.append(p._sample(o))
-            s.numel += o.numel()
+            n = o.numel()
+            if s.idx_n != n or s.idx is None or s.idx.device != o.device:
+                s.idx, s.idx_n = p._sample_index(o), n
+            s.outs.append(torch.take(o, s.idx))
+            s.numel += n
             if s.needs_input and inp is not None:
                 s.ins.append(p._sample(inp.detach()))
             if s.kind in stats.RECTIFIERS:

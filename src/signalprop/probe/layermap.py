@@ -64,8 +64,19 @@ class LayerMap:
         self._blocks: dict[str, dict[str, Any]] = {}  # residual block -> facts
         self._block_grads: dict[str, list[tuple[Any, Any]]] = {}
         self._conv_context = False
+        # what a module's call says of the units that follow (True: conv channels; False:
+        # features; None: unchanged), looked up once rather than in every hook call
+        self._ctx = [True if isinstance(m, nn.modules.conv._ConvNd) else False
+                     if isinstance(m, nn.Linear | nn.Embedding | nn.MultiheadAttention |
+                                   nn.RNNBase) else None for _, m in mods]
         self._entry: dict[str, int] = {}  # module -> path position when first entered
         self._infer: dict[int, tuple[str, torch.Tensor]] = {}  # module -> (kind, its output)
+        # functional activations: where they were called, how often per forward pass, and the
+        # attribute patches that see them after mapping (None: the mode)
+        self._fn_seen: dict[tuple[str, Any], tuple[str, str]] = {}
+        self._fn_counts: dict[str, int] = {}
+        self._fn_expected: dict[str, float] = {}
+        self._fn_patches: list[tuple[nn.Module, str, Any, str, str, str]] | None = None
 
     @property
     def layer_map(self) -> list[str]:
@@ -94,7 +105,8 @@ class LayerMap:
         return j
 
     # ---- the torch-function mode's callbacks ------------------------------------------------------
-    def _functional_activation(self, kind: str, fname: str, args: tuple, out: torch.Tensor) -> None:
+    def _functional_activation(self, kind: str, fname: str, args: tuple, out: torch.Tensor,
+                               func: Any = None) -> None:
         """An activation called as a function (F.relu, torch.sigmoid, x.tanh() ...)."""
         if not torch.is_grad_enabled():
             return
@@ -113,12 +125,22 @@ class LayerMap:
                 self._infer[i] = (kind, out)
                 return
         self._fn_found = True
-        where = enclosing or type(self.model).__name__
+        if self._mapping:
+            # (where it was called, what): attribute patches replace the mode after mapping
+            self._fn_seen.setdefault((enclosing, func), (kind, fname))
+        self._functional_site(enclosing or type(self.model).__name__, kind, fname, args, out)
+
+    def _functional_site(self, where: str, kind: str, fname: str, args: tuple,
+                         out: torch.Tensor) -> None:
+        """Record one call of activation function ``fname`` inside module ``where``."""
+        if not torch.is_grad_enabled():
+            return
         base = f"{where}/{fname}"
         key = ("fn", base)
         if self._new_pass:
             self._new_pass = False
             self._calls.clear()
+        self._fn_counts[base] = self._fn_counts.get(base, 0) + 1
         k = self._calls.get(key, 0)  # type: ignore[call-overload]
         self._calls[key] = k + 1  # type: ignore[index]
         k = min(k, MAX_SITES - 1)
@@ -129,6 +151,26 @@ class LayerMap:
             j = self._add_site(site, (key, k))
         inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
         _record_output(self, j, self._sites[j], out, inp, -1)
+
+    def _fn_patch_plan(self) -> list[tuple[nn.Module, str, Any, str, str, str]] | None:
+        """After mapping: how to see the functional activations without the torch-function
+        mode, i.e. every one of them is called through an attribute of its module (as
+        ``nn.TransformerEncoderLayer`` calls ``self.activation``): (module, attribute,
+        function, where, kind, name) to patch on recorded steps; ``None``: keep the mode."""
+        plan = []
+        for (enclosing, func), (kind, fname) in self._fn_seen.items():
+            if func is None:
+                return None
+            mod = self.model.get_submodule(enclosing) if enclosing else self.model
+            attrs = [a for a, v in vars(mod).items() if v is func]
+            if len(attrs) != 1:
+                return None
+            plan.append((mod, attrs[0], func, enclosing or type(self.model).__name__, kind,
+                         fname))
+        return plan
+
+    def _fn_calls_per_pass(self) -> dict[str, float]:
+        return {k: v / max(1, self._nforward) for k, v in self._fn_counts.items()}
 
     def _seen_add(self, args: tuple, out: Any) -> None:
         ops = [a for a in args[:2] if isinstance(a, torch.Tensor)]

@@ -11,6 +11,7 @@ from torch import nn
 
 from signalprop import stats
 from signalprop.record import TIME_PREFIX
+from signalprop.vocab.norms import NORM_CLASSES
 
 _Metrics = list[tuple[str, str]]  # (layer, metric) names matching a flat value vector
 
@@ -20,7 +21,7 @@ MAX_SITES = 64
 
 _CELLS = (nn.RNNCellBase,)
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+_NORMS = NORM_CLASSES  # the norm vocabulary's module classes
 
 
 def time_metric(t: int) -> str:
@@ -33,7 +34,7 @@ class _Site:
 
     __slots__ = ("name", "module", "type", "kind", "call", "loop", "outs", "ins", "versions",
                  "ograds", "tgrads", "used", "unchecked", "gates", "depth", "conv", "shape", "numel",
-                 "alive")
+                 "alive", "idx", "idx_n")
 
     def __init__(self, name: str, module: str, type: str, kind: str | None, call: int,
                  loop: bool) -> None:
@@ -55,6 +56,8 @@ class _Site:
         self.alive: list[torch.Tensor] = []  # rectifiers: units active in the batch, per call
         self.depth = 0  # position on the signal path
         self.conv = False  # output of a convolutional stack: channel-first units
+        self.idx: torch.Tensor | None = None  # the forward sample's flat indices ...
+        self.idx_n = -1  # ... for outputs of this many values
 
     @property
     def needs_input(self) -> bool:

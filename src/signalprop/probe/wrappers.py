@@ -123,3 +123,17 @@ def _call(ref: weakref.ref, method: str, *args: Any) -> None:
     p = ref()
     if p is not None:
         getattr(p, method)(*args)
+
+
+class _AttrPatch:
+    """Replaces a function held in a module attribute (``layer.activation = F.gelu``) by a
+    wrapper until removed."""
+
+    def __init__(self, module: nn.Module, attr: str, fn: Callable[..., Any]) -> None:
+        self.module, self.attr = module, attr
+        self.saved = vars(module)[attr]
+        vars(module)[attr] = fn
+
+    def remove(self) -> None:
+        vars(self.module)[self.attr] = self.saved
+
