@@ -154,7 +154,7 @@ def test_lsuv_bad_input() -> None:
 
 def test_registry_and_critical_reexport() -> None:
     assert set(init.INITS.names()) == {"xavier", "kaiming", "orthogonal", "lsuv", "scale",
-                                       "critical"}
+                                       "critical", "lecun", "default"}
     w = torch.empty(64, 64)
     init.apply_init("orthogonal", w, gain=2.0)
     assert float(torch.linalg.svdvals(w).min()) == pytest.approx(2.0, rel=1e-4)

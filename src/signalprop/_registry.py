@@ -118,17 +118,24 @@ class Registry(Generic[T]):
         kwargs.update(overrides)
         return e.fn(**kwargs)  # type: ignore[operator]
 
-    def derive(self, face: Callable[[Entry[T]], Any], kind: str | None = None) -> Registry[Any]:
+    def derive(
+        self,
+        face: Callable[[Entry[T]], Any],
+        kind: str | None = None,
+        defaults: Callable[[Entry[T]], dict[str, Any]] | None = None,
+    ) -> Registry[Any]:
         """A registry holding ``face(entry)`` for each entry where it is not ``None``.
 
-        The derived entries keep their names, defaults and docs, and the aliases of the names
-        they keep: the derived table is a view of this one, not a second list of names.
+        The derived entries keep their names, docs and defaults (or ``defaults(entry)``: the
+        defaults as that face spells them), and the aliases of the names they keep: the derived
+        table is a view of this one, not a second list of names.
         """
         out: Registry[Any] = Registry(kind or self.kind)
         for e in self._entries.values():
             f = face(e)
             if f is not None:
-                out._entries[e.name] = Entry(e.name, f, dict(e.defaults), e.doc)
+                d = dict(e.defaults) if defaults is None else defaults(e)
+                out._entries[e.name] = Entry(e.name, f, d, e.doc)
         out._aliases = {a: c for a, c in self._aliases.items() if c in out._entries}
         return out
 

@@ -159,20 +159,43 @@ class _Fitting:
         if self.arch.task == "regression":
             ytr = ytr.to(self.dtype)
         sampler = BatchSampler(seeds, xtr.shape[0], batch_size, self.device)
-        losses = torch.full((steps, K), math.nan, dtype=self.dtype, device=self.device)
+
+        def probe_at(t: int) -> bool:
+            return t == 0 or t == steps - 1 or (
+                t in wanted if wanted is not None else (record_every > 0 and t % record_every == 0)
+            )
+
+        t0 = time.perf_counter()
+        losses, probed = self._train(xtr, ytr, sampler, steps, probe_at, callback)
+        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if evaluate:
+            trl, tra = self.evaluate(data.x_train, data.y_train)
+            tel, tea = self.evaluate(data.x_test, data.y_test)
+        else:
+            trl = tra = tel = tea = torch.full((K,), math.nan, dtype=torch.float64)
+        eval_time = time.perf_counter() - t1
+        L = losses.cpu().double().numpy()
+        records = self._records(*probed)
+        final = [self._final(k, L, steps, records[k], (trl[k], tel[k], tra[k], tea[k]))
+                 for k in range(K)]
+        return FitResult(records, L, list(self.diverged_step), final, wall, eval_time)
+
+    def _train(self, xtr: torch.Tensor, ytr: torch.Tensor, sampler: BatchSampler, steps: int,
+               probe_at: Callable[[int], bool], callback: Callable[[int], None] | None
+               ) -> tuple[torch.Tensor, tuple[list[Any], ...]]:
+        """The training steps: losses [steps, K] (NaN once a member is frozen) and the probed
+        steps, their keys, values and active members (the arguments of :meth:`_records`)."""
+        losses = torch.full((steps, self.K), math.nan, dtype=self.dtype, device=self.device)
         rec_steps: list[int] = []
         rec_keys: list[list[tuple[str, str]]] = []
         rec_vals: list[np.ndarray] = []
         rec_active: list[np.ndarray] = []
         every = max(1, steps // 100)
-        t0 = time.perf_counter()
         for t in range(steps):
-            probe = t == 0 or t == steps - 1 or (
-                t in wanted if wanted is not None else (record_every > 0 and t % record_every == 0)
-            )
             idx = sampler.next()
             was_active = self.active.clone()
-            loss, pr = self.train_step(xtr[idx], ytr[idx], probe=probe)
+            loss, pr = self.train_step(xtr[idx], ytr[idx], probe=probe_at(t))
             losses[t] = torch.where(was_active, loss, torch.full_like(loss, math.nan))
             if pr is not None:
                 keys = list(pr)
@@ -187,37 +210,29 @@ class _Fitting:
                 if callback is not None:
                     callback(steps)
                 break
-        wall = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        if evaluate:
-            trl, tra = self.evaluate(data.x_train, data.y_train)
-            tel, tea = self.evaluate(data.x_test, data.y_test)
-        else:
-            trl = tra = tel = tea = torch.full((K,), math.nan, dtype=torch.float64)
-        eval_time = time.perf_counter() - t1
-        L = losses.cpu().double().numpy()
-        records = self._records(rec_steps, rec_keys, rec_vals, rec_active)
-        final = []
-        for k in range(K):
-            d = self.diverged_step[k]
-            lk = L[: (d if d is not None else steps), k]
-            lk = lk[np.isfinite(lk)]
-            tail = L[max(0, steps - 10) : steps, k]
-            ratios = _grad_ratios(records[k], FIRST_WEIGHT, HEAD_WEIGHT)
-            final.append(
-                {
-                    "final_loss": float(np.mean(tail)) if d is None else math.nan,
-                    "min_loss": float(lk.min()) if lk.size else math.nan,
-                    "train_loss": float(trl[k]),
-                    "test_loss": float(tel[k]),
-                    "train_accuracy": float(tra[k]),
-                    "test_accuracy": float(tea[k]),
-                    "diverged_step": d,
-                    "grad_ratio_init": ratios[0],
-                    "grad_ratio_final": ratios[1],
-                }
-            )
-        return FitResult(records, L, list(self.diverged_step), final, wall, eval_time)
+        return losses, (rec_steps, rec_keys, rec_vals, rec_active)
+
+    def _final(self, k: int, L: np.ndarray, steps: int, record: Record,
+               evaluation: tuple[Any, Any, Any, Any]) -> dict[str, Any]:
+        """Member ``k``'s final metrics (see :meth:`fit`); ``evaluation``: its train loss, test
+        loss, train accuracy and test accuracy."""
+        trl, tel, tra, tea = evaluation
+        d = self.diverged_step[k]
+        lk = L[: (d if d is not None else steps), k]
+        lk = lk[np.isfinite(lk)]
+        tail = L[max(0, steps - 10) : steps, k]
+        ratios = _grad_ratios(record, FIRST_WEIGHT, HEAD_WEIGHT)
+        return {
+            "final_loss": float(np.mean(tail)) if d is None else math.nan,
+            "min_loss": float(lk.min()) if lk.size else math.nan,
+            "train_loss": float(trl),
+            "test_loss": float(tel),
+            "train_accuracy": float(tra),
+            "test_accuracy": float(tea),
+            "diverged_step": d,
+            "grad_ratio_init": ratios[0],
+            "grad_ratio_final": ratios[1],
+        }
 
     def _records(self, steps, keys, vals, active) -> list[Record]:
         infos = self.layer_infos()

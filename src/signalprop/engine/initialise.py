@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -10,11 +9,12 @@ import torch
 
 from signalprop._registry import check_choice
 from signalprop.engine.layout import _as_member_tensor
+from signalprop.vocab.inits import INITS as VOCAB_INITS
+from signalprop.vocab.inits import LSUV_MAX_ITER, LSUV_TOL, init
 
-INITS = ("lecun", "xavier", "kaiming", "orthogonal", "lsuv")
-#: LSUV (Mishkin & Matas 2016): tolerance on |Var - 1| and the most rescaling passes per layer.
-LSUV_TOL = 0.1
-LSUV_MAX_ITER = 10
+#: The schemes the engine implements: a view of the initialisation vocabulary (aliases ``he``,
+#: ``gaussian`` resolve to ``kaiming``, ``lecun``).
+INITS = tuple(n for n in VOCAB_INITS if init(n).engine)
 
 if TYPE_CHECKING:  # the annotation of init_'s return (Population is built from this mixin)
     from signalprop.engine.population import Population
@@ -51,6 +51,7 @@ class _Initialiser:
         inits = [init] * K if isinstance(init, str) else list(init)
         if len(inits) != K:
             raise ValueError(f"expected one init or {K}, got {len(inits)}")
+        inits = [VOCAB_INITS.canonical(s) if s in VOCAB_INITS else s for s in inits]
         for s in inits:
             check_choice("init", s, INITS)
         scale = _as_member_tensor(init_scale, K, "init_scale")
@@ -82,11 +83,7 @@ class _Initialiser:
             w = torch.empty(fo, fi, dtype=torch.float64)
             torch.nn.init.orthogonal_(w, gain=1.0, generator=g)
             return w.T * (scale if scheme == "orthogonal" else 1.0)
-        std = {
-            "lecun": 1.0 / math.sqrt(fi),
-            "xavier": math.sqrt(2.0 / (fi + fo)),
-            "kaiming": math.sqrt(2.0 / fi),
-        }[scheme]
+        std = init(scheme).std(fi, fo)  # type: ignore[misc] (the Gaussian schemes have one)
         return torch.randn(fi, fo, generator=g, dtype=torch.float64) * (std * scale)
 
     def _fix_lsuv(self, inits: list[str], scale: torch.Tensor, data_x: torch.Tensor | None) -> None:

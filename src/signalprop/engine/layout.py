@@ -19,9 +19,9 @@ from signalprop.engine.activations import get_activation
 from signalprop.engine.reference import MLP, NORM_POSITIONS
 from signalprop.record import LayerInfo
 from signalprop.vocab.norms import NORMS as VOCAB_NORMS
+from signalprop.vocab.norms import norm_module
 
 TASKS = ("classification", "regression")
-_MODULE_TYPES = {"batch": "BatchNorm1d", "layer": "LayerNorm"}
 #: The first hidden layer's weight (after the RBF centres and widths when there are some) and the
 #: output layer's: the two ends of the gradient ratio.
 FIRST_WEIGHT = "layers.0.linear.weight"
@@ -203,13 +203,14 @@ class _Layout:
         if a.rbf:
             order.append(("rbf", "RBF", None, [a.rbf]))
         act_type = type(self.act.module()).__name__
+        norm_type = type(norm_module(a.norm, a.width)).__name__  # the reference MLP's module
         for i in range(a.depth):
             order.append((f"layers.{i}.linear", "Linear", None, [a.width]))
             if a.norm != "none" and a.norm_position == "pre":
-                order.append((f"layers.{i}.norm", _MODULE_TYPES[a.norm], None, [a.width]))
+                order.append((f"layers.{i}.norm", norm_type, None, [a.width]))
             order.append((f"layers.{i}.act", act_type, a.activation, [a.width]))
             if a.norm != "none" and a.norm_position == "post":
-                order.append((f"layers.{i}.norm", _MODULE_TYPES[a.norm], None, [a.width]))
+                order.append((f"layers.{i}.norm", norm_type, None, [a.width]))
         order.append(("head", "Linear", None, [a.out_features]))
         for depth, (name, typ, actv, shape) in enumerate(order):
             infos.append(LayerInfo(name, typ, "module", depth, actv, None, shape))

@@ -18,6 +18,7 @@ from signalprop._registry import check_choice
 from signalprop.engine.activations import get_activation
 from signalprop.vocab.norms import BN_MOMENTUM, NORM_EPS, norm_module  # noqa: F401 (public names)
 from signalprop.vocab.norms import NORMS as VOCAB_NORMS
+from signalprop.vocab.optimizers import OPTIMIZERS as VOCAB_OPTIMIZERS
 
 #: The norms (canonical names; the aliases ``bn``, ``ln`` resolve to them): the vocabulary's,
 #: "none" first.
@@ -169,44 +170,14 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-#: torch.optim classes and the run-config keys that map to their arguments.
-_TORCH_OPTIMIZERS = {
-    "sgd": ("SGD", {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"}),
-    "adam": (
-        "Adam",
-        {"lr": "lr", "betas": ("beta1", "beta2"), "eps": "eps", "weight_decay": "weight_decay"},
-    ),
-    "rmsprop": (
-        "RMSprop",
-        {
-            "lr": "lr",
-            "alpha": "alpha",
-            "eps": "eps",
-            "momentum": "momentum",
-            "weight_decay": "weight_decay",
-        },
-    ),
-    "rprop": (
-        "Rprop",
-        {"lr": "lr", "etas": ("eta_minus", "eta_plus"), "step_sizes": ("step_min", "step_max")},
-    ),
-}
-
-
 def torch_optimizer(
     name: str, params: Any, hparams: dict[str, float]
 ) -> torch.optim.Optimizer:
-    """The ``torch.optim`` optimiser equivalent to the engine's ``name`` (not smorms3)."""
-    check_choice("torch optimizer", name, tuple(_TORCH_OPTIMIZERS))
-    cls_name, mapping = _TORCH_OPTIMIZERS[name]
-    kwargs: dict[str, Any] = {}
-    for arg, key in mapping.items():
-        if isinstance(key, tuple):
-            if all(k in hparams for k in key):
-                kwargs[arg] = tuple(float(hparams[k]) for k in key)
-        elif key in hparams:
-            kwargs[arg] = float(hparams[key])
-    return getattr(torch.optim, cls_name)(params, **kwargs)
+    """The torch optimiser equivalent to the engine's ``name``: the vocabulary's torch face, with
+    the run config's flat hyper-parameters (``beta1`` ...) over the registered defaults."""
+    d = VOCAB_OPTIMIZERS.get(name)
+    kw = d.torch_kwargs({**d.engine_defaults(), **hparams})
+    return d.torch(params, **kw)
 
 
 def fit_reference(

@@ -11,6 +11,7 @@ from torch import nn
 
 from signalprop import stats
 from signalprop.record import TIME_PREFIX
+from signalprop.vocab.norms import NORM_CLASSES
 
 _Metrics = list[tuple[str, str]]  # (layer, metric) names matching a flat value vector
 
@@ -20,7 +21,7 @@ MAX_SITES = 64
 
 _CELLS = (nn.RNNCellBase,)
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+_NORMS = NORM_CLASSES  # the norm vocabulary's module classes
 
 
 def time_metric(t: int) -> str:

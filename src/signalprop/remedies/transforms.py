@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from signalprop._registry import Registry, check_choice
-from signalprop.init import call_model
+from signalprop.init import call_model, weight_layers
 from signalprop.remedies.activations import (
     RBF,
     RBFKernel,
@@ -35,20 +35,12 @@ from signalprop.remedies.activations import (
     activation_kind,
     make_activation,
 )
+from signalprop.vocab.norms import NORM_CLASSES, NORMS, norm_module
 
 Batch = torch.Tensor | None
 
-_NORMS: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.Dropout,
-    nn.AlphaDropout,
-)
+#: What may follow an activation inside its unit: a norm (the vocabulary's classes) or dropout.
+_NORMS: tuple[type[nn.Module], ...] = (*NORM_CLASSES, nn.Dropout, nn.AlphaDropout)
 
 
 def _is_unit(m: nn.Module) -> bool:
@@ -137,21 +129,10 @@ def _width_before(parent: nn.Module, name: str) -> int | None:
 
 
 def _make_norm(kind: str, shape: tuple[int, ...]) -> nn.Module:
-    """A norm for features of ``shape`` (without the batch dim; dim 0 = channels)."""
-    if len(shape) == 0:
-        raise ValueError("cannot normalise a scalar output (shape [B])")
-    c = shape[0]
-    if kind == "batchnorm":
-        if len(shape) <= 2:
-            return nn.BatchNorm1d(c)
-        if len(shape) == 3:
-            return nn.BatchNorm2d(c)
-        if len(shape) == 4:
-            return nn.BatchNorm3d(c)
-        raise ValueError(f"no batch norm for feature shape {shape}")
-    # layer norm: over all features of an example; GroupNorm(1, C) keeps per-channel gains for
-    # conv maps and does not fix the spatial size
-    return nn.LayerNorm(c) if len(shape) == 1 else nn.GroupNorm(1, c)
+    """A norm for features of ``shape`` (without the batch dim; dim 0 = channels): the
+    vocabulary's module face (BatchNorm1d/2d/3d by shape; LayerNorm on [B, F], GroupNorm(1, C)
+    on conv maps, which keeps per-channel gains and does not fix the spatial size)."""
+    return norm_module(kind, shape)
 
 
 def _replace_children(parent: nn.Module, edits: dict[str, list[nn.Module]]) -> None:
@@ -169,6 +150,34 @@ def _replace_children(parent: nn.Module, edits: dict[str, list[nn.Module]]) -> N
             setattr(parent, k, mods[0] if len(mods) == 1 else nn.Sequential(*mods))
 
 
+def _refuse_sequence_models(model: nn.Module, kind: str) -> None:
+    seq = next((type(m).__name__ for m in model.modules() if isinstance(
+        m, (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)) or "Attention" in type(m).__name__),
+        None)
+    if seq is not None:
+        # their activations see [batch, time, features]: a norm chosen by the feature shape
+        # would normalise over time steps; these models place their own (layer) norms
+        raise ValueError(f"cannot insert {kind} into {type(model).__name__}: it has attention or "
+                         f"recurrent layers ({seq}), whose token/time features this rewrite "
+                         "does not handle")
+
+
+def _norm_shape(parent: nn.Module, name: str, unit: nn.Module, shapes: dict[int, Any],
+                position: str) -> tuple[int, ...]:
+    """The feature shape a norm before/after activation ``unit`` sees: measured on the example
+    batch when there was one, else the width of the layer before it."""
+    if id(unit) in shapes:
+        in_shape, out_shape, _ = shapes[id(unit)]
+        return in_shape if position == "before" else out_shape
+    w = unit.out_features if isinstance(unit, RBF) else _width_before(parent, name)
+    if w is None:
+        raise ValueError(
+            f"cannot infer the width at activation {name!r} of {type(parent).__name__}; "
+            "pass an example input batch"
+        )
+    return (w,)
+
+
 def insert_norm(
     model: nn.Module,
     example_batch: Batch = None,
@@ -182,7 +191,7 @@ def insert_norm(
         example_batch: An input batch, used to find feature shapes and to check that no
             activation module is reused; without it widths come from the preceding Linear/Conv
             in a Sequential.
-        kind: ``"batchnorm"`` (BatchNorm1d/2d/3d by shape) or ``"layernorm"`` (LayerNorm on
+        kind: ``"batchnorm"``/``"batch"`` (BatchNorm1d/2d/3d by shape) or ``"layernorm"``/``"layer"`` (LayerNorm on
             [B, F], GroupNorm(1, C) on conv maps).
         position: ``"before"`` (on the pre-activation; on an RBF layer its squared distance) or
             ``"after"`` the activation.
@@ -190,17 +199,11 @@ def insert_norm(
     Raises:
         ValueError: no activation modules, a reused activation module, unknown widths.
     """
-    check_choice("norm kind", kind, ("batchnorm", "layernorm"))
+    if kind not in NORMS or NORMS.canonical(kind) == "none":
+        # "batch" and "layer" are the canonical names; "batchnorm"/"layernorm" their aliases
+        check_choice("norm kind", kind, ("batchnorm", "layernorm"))
     check_choice("norm position", position, ("before", "after"))
-    seq = next((type(m).__name__ for m in model.modules() if isinstance(
-        m, (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)) or "Attention" in type(m).__name__),
-        None)
-    if seq is not None:
-        # their activations see [batch, time, features]: a norm chosen by the feature shape
-        # would normalise over time steps; these models place their own (layer) norms
-        raise ValueError(f"cannot insert {kind} into {type(model).__name__}: it has attention or "
-                         f"recurrent layers ({seq}), whose token/time features this rewrite "
-                         "does not handle")
+    _refuse_sequence_models(model, kind)
     new = copy.deepcopy(model)
     units = _units(new)
     if not units:
@@ -218,18 +221,7 @@ def insert_norm(
                 raise ValueError(f"RBF layer {name!r} already has a norm on its distance")
             unit.norm = _make_norm(kind, (unit.out_features,))
             continue
-        if id(unit) in shapes:
-            in_shape, out_shape, _ = shapes[id(unit)]
-            shape = in_shape if position == "before" else out_shape
-        else:
-            w = unit.out_features if isinstance(unit, RBF) else _width_before(parent, name)
-            if w is None:
-                raise ValueError(
-                    f"cannot infer the width at activation {name!r} of {type(parent).__name__}; "
-                    "pass an example input batch"
-                )
-            shape = (w,)
-        norm = _make_norm(kind, shape)
+        norm = _make_norm(kind, _norm_shape(parent, name, unit, shapes, position))
         mods = [norm, unit] if position == "before" else [unit, norm]
         by_parent.setdefault(id(parent), (parent, {}))[1][name] = mods
     for parent, edits in by_parent.values():
@@ -260,7 +252,6 @@ def weight_norm(model: nn.Module, example_batch: Batch = None, dim: int = 0) -> 
 
     Uses ``torch.nn.utils.parametrizations.weight_norm`` (Salimans & Kingma 2016).
     """
-    from signalprop.init import weight_layers
 
     new = copy.deepcopy(model)
     layers = weight_layers(new)

@@ -24,6 +24,7 @@ from signalprop.engine.activations import ACTIVATIONS
 from signalprop.engine.optim import OPTIMIZERS
 from signalprop.engine.population import CLIP_DEFAULTS, CLIPS, INITS
 from signalprop.engine.reference import NORM_POSITIONS, NORMS
+from signalprop.vocab.inits import INITS as VOCAB_INITS
 from signalprop.vocab.norms import NORMS as VOCAB_NORMS
 
 DTYPES = ("float32", "float64")
@@ -57,6 +58,12 @@ def _unit(v: Any) -> bool:
     return 0 <= v < 1
 
 
+#: The batched optimisers' hyper-parameter defaults (the vocabulary's; a key shared by several
+#: optimisers has one default, checked in tests/vocab), lr and eps apart: those depend on the
+#: optimiser and are resolved from ``null`` in :func:`validate_config`.
+_HP: dict[str, Any] = {k: v for n in OPTIMIZERS for k, v in OPTIMIZERS.defaults(n).items()
+                       if k not in ("lr", "eps")}
+
 SCHEMA: dict[str, Key] = {
     "data": Key("digits", "choice", DATASETS.names),
     "data_args": Key({}, "mapping"),
@@ -69,21 +76,21 @@ SCHEMA: dict[str, Key] = {
     "norm_affine": Key(True, "bool"),
     "residual": Key(False, "bool"),
     "rbf": Key(0, "int", check=_nonneg, rule=">= 0"),
-    "init": Key("lecun", "choice", lambda: list(INITS), per_run=True),
+    "init": Key("lecun", "choice", lambda: list(INITS), per_run=True, registry=VOCAB_INITS),
     "init_scale": Key(1.0, "float", check=_pos, rule="> 0", per_run=True),
     "bias_std": Key(0.0, "float", check=_nonneg, rule=">= 0", per_run=True),
     "optimizer": Key("sgd", "choice", OPTIMIZERS.names),
     "lr": Key(None, "float", check=_pos, rule="> 0", nullable=True, per_run=True),
-    "momentum": Key(0.0, "float", check=_unit, rule="in [0, 1)", per_run=True),
-    "weight_decay": Key(0.0, "float", check=_nonneg, rule=">= 0", per_run=True),
-    "beta1": Key(0.9, "float", check=_unit, rule="in [0, 1)", per_run=True),
-    "beta2": Key(0.999, "float", check=_unit, rule="in [0, 1)", per_run=True),
-    "alpha": Key(0.99, "float", check=_unit, rule="in [0, 1)", per_run=True),
+    "momentum": Key(_HP["momentum"], "float", check=_unit, rule="in [0, 1)", per_run=True),
+    "weight_decay": Key(_HP["weight_decay"], "float", check=_nonneg, rule=">= 0", per_run=True),
+    "beta1": Key(_HP["beta1"], "float", check=_unit, rule="in [0, 1)", per_run=True),
+    "beta2": Key(_HP["beta2"], "float", check=_unit, rule="in [0, 1)", per_run=True),
+    "alpha": Key(_HP["alpha"], "float", check=_unit, rule="in [0, 1)", per_run=True),
     "eps": Key(None, "float", check=_nonneg, rule=">= 0", nullable=True, per_run=True),
-    "eta_minus": Key(0.5, "float", check=lambda v: 0 < v < 1, rule="in (0, 1)", per_run=True),
-    "eta_plus": Key(1.2, "float", check=lambda v: v > 1, rule="> 1", per_run=True),
-    "step_min": Key(1e-6, "float", check=_pos, rule="> 0", per_run=True),
-    "step_max": Key(50.0, "float", check=_pos, rule="> 0", per_run=True),
+    "eta_minus": Key(_HP["eta_minus"], "float", check=lambda v: 0 < v < 1, rule="in (0, 1)", per_run=True),
+    "eta_plus": Key(_HP["eta_plus"], "float", check=lambda v: v > 1, rule="> 1", per_run=True),
+    "step_min": Key(_HP["step_min"], "float", check=_pos, rule="> 0", per_run=True),
+    "step_max": Key(_HP["step_max"], "float", check=_pos, rule="> 0", per_run=True),
     "clip": Key("none", "choice", lambda: list(CLIPS)),
     "clip_threshold": Key(None, "float", check=_pos, rule="> 0", nullable=True, per_run=True),
     "steps": Key(200, "int", check=_pos, rule=">= 1"),
@@ -99,8 +106,7 @@ SCHEMA: dict[str, Key] = {
 PER_RUN: frozenset[str] = frozenset(k for k, v in SCHEMA.items() if v.per_run)
 
 #: Optimiser hyper-parameter keys (the others are ignored by an optimiser that does not use them).
-OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "alpha", "eps",
-                  "eta_minus", "eta_plus", "step_min", "step_max")
+OPTIMIZER_KEYS = tuple(dict.fromkeys(k for n in OPTIMIZERS for k in OPTIMIZERS.defaults(n)))
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 

@@ -92,6 +92,11 @@ def expand_grid(grid: Any, max_runs: int | None = MAX_RUNS) -> list[RunSpec]:
     Raises:
         ValueError: for an unknown grid key, axis, config key or value (naming valid choices),
             an empty grid, or more than ``max_runs`` runs.
+
+    Example:
+        >>> specs = expand_grid({"axes": {"lr": [0.01, 0.1]}, "seeds": 2})
+        >>> [(s.config["lr"], s.config["seed"]) for s in specs]
+        [(0.01, 0), (0.01, 1), (0.1, 0), (0.1, 1)]
     """
     if max_runs is not None and (isinstance(max_runs, bool) or not isinstance(max_runs, int)
                                  or max_runs < 1):
@@ -115,27 +120,9 @@ def expand_grid(grid: Any, max_runs: int | None = MAX_RUNS) -> list[RunSpec]:
     axes = grid.get("axes") or {}
     if not isinstance(axes, Mapping):
         raise ValueError("grid: axes must be a mapping {name: [values]}")
-    seeds = grid.get("seeds")
-    if seeds is None:
-        seeds = [base.get("seed", 0)]
-    elif isinstance(seeds, (bool, str, bytes)) or not isinstance(seeds, (int, Sequence)):
-        raise ValueError(f"grid: seeds must be an int or a list of ints, got {seeds!r}")
-    elif isinstance(seeds, int):
-        if seeds < 1:
-            raise ValueError(f"grid: seeds must be >= 1, got {seeds}")
-        if max_runs is not None and seeds > max_runs:
-            raise _too_many(seeds, f"seeds: {seeds}", max_runs)
-        seeds = list(range(seeds))
+    seeds = _grid_seeds(grid.get("seeds"), base, max_runs)
     names = list(axes)
-    # count before expanding: the product of the axes' lengths times the seeds
-    n_runs = len(seeds)
-    for n in names:
-        v = axes[n]
-        n_runs *= len(v) if isinstance(v, (Mapping, Sequence)) and not isinstance(v, str) else 1
-    if max_runs is not None and n_runs > max_runs:
-        sizes = " x ".join(f"{n} {len(axes[n])}" for n in names
-                           if isinstance(axes[n], (Mapping, Sequence)))
-        raise _too_many(n_runs, f"{sizes or 'no axes'}, {len(seeds)} seed(s)", max_runs)
+    _check_run_count(axes, len(seeds), max_runs)
     choices = [_axis_values(n, axes[n]) for n in names]
     specs = []
     for combo in itertools.product(*choices):
@@ -150,6 +137,33 @@ def expand_grid(grid: Any, max_runs: int | None = MAX_RUNS) -> list[RunSpec]:
             c["seed"] = s
             specs.append(RunSpec(validate_config(c), labels, len(specs)))
     return _dedupe(specs)
+
+
+def _grid_seeds(seeds: Any, base: Mapping[str, Any], max_runs: int | None) -> list[Any]:
+    """The grid's seeds: a list as given, an int n as 0..n-1, none as the base config's seed."""
+    if seeds is None:
+        return [base.get("seed", 0)]
+    if isinstance(seeds, (bool, str, bytes)) or not isinstance(seeds, (int, Sequence)):
+        raise ValueError(f"grid: seeds must be an int or a list of ints, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"grid: seeds must be >= 1, got {seeds}")
+        if max_runs is not None and seeds > max_runs:
+            raise _too_many(seeds, f"seeds: {seeds}", max_runs)
+        return list(range(seeds))
+    return seeds
+
+
+def _check_run_count(axes: Mapping[str, Any], n_seeds: int, max_runs: int | None) -> None:
+    """Refuse more than ``max_runs`` runs, counted before expanding: the product of the axes'
+    lengths times the seeds."""
+    n_runs = n_seeds
+    for v in axes.values():
+        n_runs *= len(v) if isinstance(v, (Mapping, Sequence)) and not isinstance(v, str) else 1
+    if max_runs is not None and n_runs > max_runs:
+        sizes = " x ".join(f"{n} {len(v)}" for n, v in axes.items()
+                           if isinstance(v, (Mapping, Sequence)))
+        raise _too_many(n_runs, f"{sizes or 'no axes'}, {n_seeds} seed(s)", max_runs)
 
 
 def _dedupe(specs: list[RunSpec]) -> list[RunSpec]:

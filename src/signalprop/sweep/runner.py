@@ -71,68 +71,48 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
-def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -> list[RunOutcome]:
-    """Train one architecture group as a population and return one result per run.
-
-    Never raises for a training error: the runs are returned as ``failed`` with the error, so
-    that remote executors always hand back a result.
-
-    Args:
-        payload: ``[(run_id, config)]`` with normalised configs sharing a :func:`group_key`.
-        callback: Progress, called with the number of steps done.
-
-    Returns:
-        One :class:`~signalprop.sweep.store.RunOutcome` per run, in the payload's order.
-    """
+def _population(c0: dict[str, Any], cfgs: list[dict[str, Any]], ds: Any) -> Any:
+    """The group's initialised :class:`~signalprop.engine.Population` (one member per config)."""
     from signalprop.engine import Arch, Population
 
+    arch = Arch(
+        ds.in_features,
+        ds.out_features,
+        depth=c0["depth"],
+        width=c0["width"],
+        activation=c0["activation"],
+        norm=c0["norm"],
+        norm_position=c0["norm_position"],
+        norm_affine=c0["norm_affine"],
+        residual=c0["residual"],
+        rbf=c0["rbf"],
+        task="classification" if ds.num_classes else "regression",
+    )
+    hps = [optimizer_hparams(c) for c in cfgs]
+    pop = Population(
+        arch,
+        len(cfgs),
+        optimizer=c0["optimizer"],
+        hparams={k: [h[k] for h in hps] for k in hps[0]},
+        clip=c0["clip"],
+        clip_threshold=[c["clip_threshold"] for c in cfgs],
+        act_scale=[c["act_scale"] for c in cfgs],
+        dtype=getattr(torch, c0["dtype"]),
+        device=c0["device"],
+    )
+    pop.init_(
+        [c["seed"] for c in cfgs],
+        init=[c["init"] for c in cfgs],
+        init_scale=[c["init_scale"] for c in cfgs],
+        bias_std=[c["bias_std"] for c in cfgs],
+        data_x=ds.x_train,
+    )
+    return pop
+
+
+def _outcomes(payload: Payload, res: Any, env: dict[str, Any]) -> list[RunOutcome]:
+    """One :class:`RunOutcome` per run of a trained population (wall time shared equally)."""
     cfgs = [c for _, c in payload]
-    c0 = dict(cfgs[0])
-    if c0["device"] == "auto":  # resolved where the group runs (the config, its hash, stay put)
-        c0["device"] = str(resolve_device("auto"))
-    env = environment(c0["device"])
-    try:
-        resolve_device(c0["device"])  # an unknown or absent device fails this group, clearly
-        ds = _dataset(c0["data"], json.dumps(c0["data_args"], sort_keys=True))
-        arch = Arch(
-            ds.in_features,
-            ds.out_features,
-            depth=c0["depth"],
-            width=c0["width"],
-            activation=c0["activation"],
-            norm=c0["norm"],
-            norm_position=c0["norm_position"],
-            norm_affine=c0["norm_affine"],
-            residual=c0["residual"],
-            rbf=c0["rbf"],
-            task="classification" if ds.num_classes else "regression",
-        )
-        hps = [optimizer_hparams(c) for c in cfgs]
-        pop = Population(
-            arch,
-            len(cfgs),
-            optimizer=c0["optimizer"],
-            hparams={k: [h[k] for h in hps] for k in hps[0]},
-            clip=c0["clip"],
-            clip_threshold=[c["clip_threshold"] for c in cfgs],
-            act_scale=[c["act_scale"] for c in cfgs],
-            dtype=getattr(torch, c0["dtype"]),
-            device=c0["device"],
-        )
-        seeds = [c["seed"] for c in cfgs]
-        pop.init_(
-            seeds,
-            init=[c["init"] for c in cfgs],
-            init_scale=[c["init_scale"] for c in cfgs],
-            bias_std=[c["bias_std"] for c in cfgs],
-            data_x=ds.x_train,
-        )
-        res = pop.fit(
-            ds, c0["steps"], c0["batch_size"], seeds, c0["record_every"], callback=callback
-        )
-    except Exception as e:  # a bad group must not take the sweep down
-        err = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
-        return [RunOutcome.failed(r, err, env) for r, _ in payload]
     per = res.wall_time / len(cfgs)
     out = []
     for k, (rid, cfg) in enumerate(payload):
@@ -146,6 +126,38 @@ def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -
             encode_record(rec), per, env,
         ))
     return out
+
+
+def run_group(payload: Payload, callback: Callable[[int], None] | None = None) -> list[RunOutcome]:
+    """Train one architecture group as a population and return one result per run.
+
+    Never raises for a training error: the runs are returned as ``failed`` with the error, so
+    that remote executors always hand back a result.
+
+    Args:
+        payload: ``[(run_id, config)]`` with normalised configs sharing a :func:`group_key`.
+        callback: Progress, called with the number of steps done.
+
+    Returns:
+        One :class:`~signalprop.sweep.store.RunOutcome` per run, in the payload's order.
+    """
+    cfgs = [c for _, c in payload]
+    c0 = dict(cfgs[0])
+    if c0["device"] == "auto":  # resolved where the group runs (the config, its hash, stay put)
+        c0["device"] = str(resolve_device("auto"))
+    env = environment(c0["device"])
+    try:
+        resolve_device(c0["device"])  # an unknown or absent device fails this group, clearly
+        ds = _dataset(c0["data"], json.dumps(c0["data_args"], sort_keys=True))
+        pop = _population(c0, cfgs, ds)
+        seeds = [c["seed"] for c in cfgs]
+        res = pop.fit(
+            ds, c0["steps"], c0["batch_size"], seeds, c0["record_every"], callback=callback
+        )
+    except Exception as e:  # a bad group must not take the sweep down
+        err = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+        return [RunOutcome.failed(r, err, env) for r, _ in payload]
+    return _outcomes(payload, res, env)
 
 
 def _pool_task(payload: Payload) -> list[RunOutcome]:
@@ -212,21 +224,9 @@ def sweep(
     out = Path(out) if out is not None else default_out(specs)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out), Store(out) as store:
-        store.add_runs((s.run_id, s.index, s.group, s.config, s.labels) for s in specs)
-        store.reset_unfinished()
-        store.set_meta("last_grid", json.dumps(grid if not isinstance(grid, os.PathLike)
-                                               else str(grid), default=str))
-        status = store.statuses([s.run_id for s in specs])
-        todo = [s for s in specs if status.get(s.run_id) not in FINISHED]
-        cap = max_group_size
+        todo = _unfinished(store, specs, grid)
         n_par = workers if executor == "local" else 0
-        if executor == "local" and workers > 1 and cap is None:
-            n_groups = len(group_runs(todo))
-            if 0 < n_groups < workers:
-                biggest = max(len(g) for g in group_runs(todo))
-                # split so that every worker gets a share of the populations
-                cap = max(1, math.ceil(biggest / math.ceil(workers / n_groups)))
-        groups = group_runs(todo, cap)
+        groups = group_runs(todo, _group_cap(todo, executor, workers, max_group_size))
         bar = _Progress(progress, len(groups), sum(g[0].config["steps"] for g in groups))
         try:
             if executor == "ray":
@@ -238,6 +238,28 @@ def sweep(
         finally:
             bar.close()
     return SweepResult(out, [s.run_id for s in specs])
+
+
+def _unfinished(store: Store, specs: list[RunSpec], grid: Any) -> list[RunSpec]:
+    """Registers the runs (killed or failed ones go back to pending) and returns those not
+    finished yet."""
+    store.add_runs((s.run_id, s.index, s.group, s.config, s.labels) for s in specs)
+    store.reset_unfinished()
+    store.set_meta("last_grid", json.dumps(grid if not isinstance(grid, os.PathLike)
+                                           else str(grid), default=str))
+    status = store.statuses([s.run_id for s in specs])
+    return [s for s in specs if status.get(s.run_id) not in FINISHED]
+
+
+def _group_cap(todo: list[RunSpec], executor: str, workers: int, cap: int | None) -> int | None:
+    """The largest population: ``cap`` if given; with fewer groups than local workers, small
+    enough that every worker gets a share of the populations."""
+    if executor == "local" and workers > 1 and cap is None:
+        n_groups = len(group_runs(todo))
+        if 0 < n_groups < workers:
+            biggest = max(len(g) for g in group_runs(todo))
+            cap = max(1, math.ceil(biggest / math.ceil(workers / n_groups)))
+    return cap
 
 
 @contextlib.contextmanager

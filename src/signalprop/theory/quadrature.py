@@ -130,6 +130,19 @@ def _as_stack(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarra
     )
 
 
+def _hermite_pair(f: Callable[[np.ndarray], np.ndarray], sq: np.ndarray, order: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Hermite with 2 * ``order`` nodes [k, nq] and its difference from ``order`` nodes
+    (the error estimate)."""
+    x1, w1 = hermite_rule(order)
+    x2, w2 = hermite_rule(2 * order)
+    i1 = _as_stack(f, sq[:, None] * x1) @ w1  # [k, nq]
+    i2 = _as_stack(f, sq[:, None] * x2) @ w2
+    if not (np.all(np.isfinite(i1)) and np.all(np.isfinite(i2))):
+        raise ValueError("the integrand is not finite at some quadrature nodes")
+    return i2, np.abs(i2 - i1)
+
+
 def _refine_composite(f: Callable[[np.ndarray], np.ndarray], sq: np.ndarray, idx: np.ndarray,
                       edges_all: np.ndarray, out: np.ndarray, err: np.ndarray, rtol: float,
                       atol: float) -> np.ndarray:
@@ -208,19 +221,12 @@ def gaussian_expectations(
         raise ValueError(f"variances q must be finite and >= 0, got {q}")
     shape = q.shape
     sq = np.sqrt(q.ravel())
-    x1, w1 = hermite_rule(order)
-    x2, w2 = hermite_rule(2 * order)
-    i1 = _as_stack(f, sq[:, None] * x1) @ w1  # [k, nq]
-    i2 = _as_stack(f, sq[:, None] * x2) @ w2
-    if not (np.all(np.isfinite(i1)) and np.all(np.isfinite(i2))):
-        raise ValueError("the integrand is not finite at some quadrature nodes")
-    err = np.abs(i2 - i1)
-    bad = np.any(err > atol + rtol * np.abs(i2), axis=0)
+    out, err = _hermite_pair(f, sq, order)
+    bad = np.any(err > atol + rtol * np.abs(out), axis=0)
     # Order doubling cannot see a feature that falls between the nodes of *both* rules (both
     # then agree on the wrong answer). Activations vary on the scale |x| ~ 1, i.e. |z| ~
     # 1/sqrt(q): trust Gauss-Hermite only while its central node spacing, in x-units, is below 1.
     bad |= sq * _central_spacing(order) > 1.0
-    out = i2
     if np.any(bad):
         idx = np.flatnonzero(bad)
         edges_all = _panel_edges(sq[idx], kinks)

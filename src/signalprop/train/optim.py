@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from signalprop.remedies.optimizers import OPTIMIZERS
+from signalprop.vocab.optimizers import optimizer
 
 OptimizerSpec = str | torch.optim.Optimizer | Callable[..., torch.optim.Optimizer]
 
@@ -21,13 +21,10 @@ def make_optimizer(
     if isinstance(spec, torch.optim.Optimizer):
         return spec
     if isinstance(spec, str):
-        entry = OPTIMIZERS.entry(spec)
-        kw = {**entry.defaults, **kwargs}
-        fn = entry.fn
-        # registry entries may take the model (layer-wise rates) or its parameters
-        if getattr(fn, "signalprop_takes_model", False):
-            return fn(model, lr=lr, **kw)
-        return fn(_trainable(model), lr=lr, **kw)
+        # the vocabulary's torch face, with its registered defaults; some optimisers take the
+        # model (layer-wise rates), the others its trainable parameters
+        d = optimizer(spec)
+        return d.build(model if d.takes_model else _trainable(model), lr, **kwargs)
     if callable(spec):
         return spec(_trainable(model), lr=lr, **kwargs)
     raise TypeError(

@@ -19,6 +19,12 @@ from torch import nn
 
 from signalprop._registry import Registry
 
+#: The module classes recognised as a normalisation layer (batch, sync-batch and instance norms
+#: share ``_NormBase``; layer and group norm), by the probe and by the remedies.
+NORM_CLASSES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,
+)
+
 #: Normalisation epsilon and batch-norm running-average momentum (torch's defaults).
 NORM_EPS = 1e-5
 BN_MOMENTUM = 0.1
