@@ -32,8 +32,10 @@ MAX_PERCENTILE_SAMPLES: int = 1024
 
 #: Forward statistics of a layer's output (moments, percentiles, saturated fraction, NaN/Inf
 #: count) are computed on a fixed strided sample of at most this many of its values (the whole
-#: output when it is smaller): the stride is ceil(numel / 256), bumped to be coprime with the
-#: row length so the sample spreads over units and examples. The probe copies the sample in the
+#: output when it is smaller): 256 values at a stride of ceil(numel / 256), bumped to be coprime
+#: with numel (so with the row length too) so the sample spreads over units and examples; the
+#: positions wrap around modulo numel, so every output of at least 256 values gives exactly 256
+#: and the samples of all layers stack into one batch for the statistics. The probe copies the sample in the
 #: forward hook, so it keeps 1 KiB per layer alive through backward instead of the output
 #: (memory: under 5% of the weights of a 20 x 128 MLP at batch 128). Standard error of a
 #: Gaussian output's std from 256 values: about 4.4%; of its 5th percentile: about 0.13 std.

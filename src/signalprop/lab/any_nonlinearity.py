@@ -17,23 +17,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from signalprop.data import load_dataset
+from signalprop.lab import base as B
 from signalprop.lab import evidence as E
+from signalprop.lab import grid as G
+from signalprop.lab import nets
 from signalprop.lab import plotting as P
-from signalprop.lab.base import (
-    CONTRADICTS,
-    INCONCLUSIVE,
-    SUPPORTS,
-    Conclusion,
-    cached,
-    conclusion,
-    pct,
-)
-from signalprop.lab.common import get_data, make_activation, seeded, train_classifier
-from signalprop.lab.grid import grid_options, run_grid
+from signalprop.remedies import RBF, Scaled, get_remedy, make_activation, nf_gain
+from signalprop.theory import NoCriticalPoint, critical_point
+from signalprop.theory.torch_adapter import measure_gradient_profile
+from signalprop.train import fit
 
 #: Bumped when the measurements change meaning (stored results then go stale).
-VERSION = 2
+VERSION = 3
 NAME = "any-nonlinearity"
 TITLE = "Any non-linearity can be trained at depth"
 QUESTION = (
@@ -129,8 +127,6 @@ def get_config(quick: bool) -> dict[str, Any]:
 
 def critical_sigmas(act: str, sigma_b2: float) -> tuple[float, float] | str:
     """(sigma_w, sigma_b) at the edge of chaos, or the reason there is none."""
-    from signalprop.theory import NoCriticalPoint, critical_point
-
     try:
         cp = critical_point(act, sigma_b2)
     except NoCriticalPoint as e:
@@ -139,8 +135,6 @@ def critical_sigmas(act: str, sigma_b2: float) -> tuple[float, float] | str:
 
 
 def _nf_gain(act: str) -> float:
-    from signalprop.remedies import nf_gain
-
     return float(nf_gain(make_activation(act)))
 
 
@@ -201,7 +195,7 @@ def _sweep_part(config: dict[str, Any], workdir: str | Path) -> tuple[list[dict[
                             "record_every": 0, "seed": seed, "device": config["device"],
                             **v, "lr": lr, "tag": f"{act}|{rem}|{depth}",
                         })
-    rows = run_grid(configs, workdir, "grid", **grid_options(config))
+    rows = G.run_grid(configs, workdir, "grid", **G.grid_options(config))
     out = []
     for r in rows:
         act, rem, depth = r["tag"].split("|")
@@ -229,8 +223,6 @@ def calibrate_rbf_(model: nn.Module, x: torch.Tensor, generator: torch.Generator
     """Data-dependent RBF initialisation, layer by layer: centres are inputs the layer receives
     (a random sample of the batch) and the width is the median-distance heuristic
     s^2 = median ||x - c||^2 / 2, so that u / (2 s^2) ~ 1 and outputs spread over (0, 1)."""
-    from signalprop.remedies import RBF
-
     h = x
     for m in model:
         if isinstance(m, RBF):
@@ -260,8 +252,6 @@ def _local_model(act: str, depth: int, width: int, in_f: int, out_f: int,
                  ws: bool = False) -> nn.Module:
     layers: list[nn.Module] = []
     if act == "rbf":
-        from signalprop.remedies import RBF
-
         dims = [in_f] + [width] * depth
         layers = [RBF(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)]
     else:
@@ -275,8 +265,6 @@ def _local_model(act: str, depth: int, width: int, in_f: int, out_f: int,
                 lin.bias.zero_()
             phi = make_activation(act)
             if ws:
-                from signalprop.remedies.activations import Scaled
-
                 phi = Scaled(phi, _nf_gain(act))
             layers += [lin, phi]
     head = nn.Linear(width, out_f)
@@ -286,13 +274,18 @@ def _local_model(act: str, depth: int, width: int, in_f: int, out_f: int,
     return nn.Sequential(*layers, head)
 
 
+#: local remedy -> remedy registry name (``None``: no remedy, or the model's own ``scaled`` build)
+LOCAL_REMEDY = {"none": None, "scaled": None, "bn": "batchnorm", "ln": "layernorm",
+                "residual": "residual", "highway": "highway", "layerwise": "layerwise_lr",
+                **{k: k for k in OPT_LR}}
+
+
 def _local_one(config: dict[str, Any], act: str, rem: str, depth: int, seed: int,
                sgd_lr: float) -> dict[str, Any]:
-    from signalprop.remedies import get_remedy
-    from signalprop.remedies.optimizers import make_optimizer
-
-    data = get_data(config["data"], config["device"])
-    g = seeded(seed)
+    dev = config["device"]
+    data = load_dataset(config["data"])
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     model = _local_model(act, depth, config["width"], data.in_features, data.num_classes,
                          ws=rem == "scaled")
     batch = data.x_train[: max(config["batch_size"], 256)]
@@ -300,25 +293,22 @@ def _local_one(config: dict[str, Any], act: str, rem: str, depth: int, seed: int
     if act == "rbf":
         calibrate_rbf_(model, batch, g)
         spread = output_spread(model, batch)
-    name = {"none": None, "scaled": None, "bn": "batchnorm", "ln": "layernorm",
-            "residual": "residual", "highway": "highway", "layerwise": "layerwise_lr",
-            **{k: k for k in OPT_LR}}[rem]
-    remedy = get_remedy(name) if name else None
-    if remedy is not None:
+    name = LOCAL_REMEDY[rem]
+    opt, lr, kw, gt = "sgd", sgd_lr, {}, None
+    if name is not None:
+        remedy = get_remedy(name)
         model = remedy.apply(model, batch)
-        opt_name, lr, kw = remedy.optimizer_config("sgd", sgd_lr)
+        opt, lr, kw = remedy.optimizer_config("sgd", sgd_lr)
         gt = remedy.make_grad_transform()
-    else:
-        opt_name, lr, kw, gt = "sgd", sgd_lr, {}, None
-    model.to(config["device"])
-    r = train_classifier(
-        model, data, steps=config["steps"], batch_size=config["batch_size"],
-        optimizer=lambda m: make_optimizer(opt_name, m, lr, **kw), seed=seed,
-        grad_transform=gt, log_every=config["steps"],
-    )
+    res = fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=config["steps"],
+              optimizer=opt, lr=lr, optimizer_kwargs=kw, batch_size=config["batch_size"],
+              grad_transform=gt, probe={"forward": False, "backward": False}, schedule=[0],
+              device=dev, seed=seed)
+    acc = math.nan if res.diverged else nets.accuracy(model, data.x_test.to(dev),
+                                                      data.y_test.to(dev))
     return {"activation": act, "remedy": rem, "depth": depth, "seed": seed, "lr": lr,
-            "status": "diverged" if r.diverged else "done", "test_accuracy": r.final_test_acc,
-            "grad_ratio_init": r.grad_ratio_io_init, "source": "local",
+            "status": "diverged" if res.diverged else "done", "test_accuracy": acc,
+            "grad_ratio_init": res.grad_ratio, "source": "local",
             "output_spread_init": spread}
 
 
@@ -345,7 +335,7 @@ def _local_part(config: dict[str, Any], workdir: str | Path) -> tuple[list[dict[
         for depth in config["depths"]:
             for lr in lrs:
                 for seed in range(int(config["seeds"])):
-                    rows.append(cached(
+                    rows.append(B.cached(
                         workdir, {**key, "act": act, "rem": rem, "depth": depth, "seed": seed,
                                   "lr": lr},
                         lambda a=act, r=rem, d=depth, s=seed, lr=lr: _local_one(
@@ -357,8 +347,6 @@ def _local_part(config: dict[str, Any], workdir: str | Path) -> tuple[list[dict[
 def _chi1(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-layer growth of the squared gradient norm in wide random nets (width 256) at the
     'none' scale and at He scale, beside theory's chi_1."""
-    from signalprop.theory.torch_adapter import measure_gradient_profile
-
     out = []
     for act in config["activations"]:
         if act == "rbf":
@@ -376,7 +364,7 @@ def _chi1(config: dict[str, Any]) -> list[dict[str, Any]]:
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     sweep_rows, na1 = _sweep_part(config, workdir)
     local_rows, na2 = _local_part(config, workdir)
-    chi = cached(workdir, {"acts": config["activations"], "depths": config["depths"],
+    chi = B.cached(workdir, {"acts": config["activations"], "depths": config["depths"],
                            "device": config["device"]}, lambda: _chi1(config), tag="chi1")
     return {"runs": sweep_rows + local_rows, "not_applicable": {**na1, **na2}, "chi1": chi,
             "activations": config["activations"], "remedies": config["remedies"],
@@ -436,92 +424,122 @@ def best_cell(data: dict[str, Any], act: str, rem: str, depth: int) -> tuple[Any
     return best
 
 
-def conclude(data: dict[str, Any]) -> Conclusion:
-    nums: dict[str, Any] = {}
-    details: list[str] = []
-    deep = max(data["depths"])
-    rems = data["remedies"]
-    acts = list(data["activations"])
+def _measure_activation(data: dict[str, Any], a: str, deep: int) -> dict[str, Any]:
+    """One activation at the deepest depth: no remedy vs its best remedy other than BN (each at
+    its best rate), against the trainability bar."""
     bar = SUCCESS_ACCURACY
-    _, ref = best_cell(data, "relu", "none", deep)
-    ref_e = E.mean_effect(ref, f"ReLU (He) reference accuracy, depth {deep}", null=bar)
-    nums.update(E.numbers(ref_e))
-    budget_ok = bool(ref) and float(np.mean(ref)) >= bar
-    details.append(
-        f"Budget check: the ReLU reference (He init, best SGD rate) reaches "
-        f"{E.describe(ref_e, SUPPORTS, pct)} at depth {deep} after {data['steps']} steps "
-        f"(criterion: mean >= {pct(bar)})" + ("." if budget_ok else
-                                               ": the budget is too small to judge the others."))
-    failing, rescued, not_rescued, undecided = [], [], [], []
-    checks = []
-    for a in acts:
-        lr0, none = best_cell(data, a, "none", deep)
-        e0 = E.mean_effect(none, f"{a} no remedy", null=bar)
-        if none:
-            nums[f"{a}: accuracy with no remedy, depth {deep}"] = float(np.mean(none))
-        if none and E.verdict(e0, -1) == SUPPORTS:
-            failing.append(a)
-        cands = {}
-        for r in rems:
-            if r in ("none", "bn"):
-                continue
+    lr0, none = best_cell(data, a, "none", deep)
+    out: dict[str, Any] = {"none": none, "e0": E.mean_effect(none, f"{a} no remedy", null=bar)}
+    cands = {}
+    for r in data["remedies"]:
+        if r not in ("none", "bn"):
             lr, v = best_cell(data, a, r, deep)
             if v:
                 cands[r] = (lr, v)
-        if not cands:
-            continue
-        best = max(cands, key=lambda r: float(np.mean(cands[r][1])))
-        lr, v = cands[best]
-        eb = E.mean_effect(v, f"{a} + {best}", null=bar)
-        vb = E.verdict(eb, +1)
-        nums[f"{a}: best remedy (not BN), depth {deep}"] = f"{best} ({pct(float(np.mean(v)))})"
-        if none:
-            gain = E.diff_effect(v, none, f"{a}: {best} - no remedy")
-            nums.update(E.numbers(gain))
-        if vb == SUPPORTS:
-            rescued.append(f"{a} ({best}, lr {lr}: {eb.text(pct)})")
-        elif all(E.verdict(E.mean_effect(c[1], null=bar), -1) == SUPPORTS
-                 for c in cands.values()):
-            not_rescued.append(f"{a} (best {best}: {eb.text(pct)})")
-        else:
-            undecided.append(f"{a} (best {best}: {eb.text(pct)})")
-    for a in acts:
+    if not cands:
+        return out
+    best = max(cands, key=lambda r: float(np.mean(cands[r][1])))
+    lr, v = cands[best]
+    out.update(best=best, lr=lr, vals=v, eb=E.mean_effect(v, f"{a} + {best}", null=bar),
+               all_below=all(E.verdict(E.mean_effect(c[1], null=bar), -1) == B.SUPPORTS
+                             for c in cands.values()))
+    if none:
+        out["gain"] = E.diff_effect(v, none, f"{a}: {best} - no remedy")
+    return out
+
+
+def _theory_checks(data: dict[str, Any]) -> list[tuple[str, str, E.TheoryCheck]]:
+    """(activation, scale, check): chi_1 at the 'none' and He scales, theory vs the measured
+    per-layer growth."""
+    checks = []
+    for a in data["activations"]:
         for sw2, tag in ((DEFAULT_SCALE ** 2, "none"), (2.0, "He")):
             ms = [c for c in data.get("chi1", []) if c["activation"] == a
                   and abs(c["sigma_w2"] - sw2) < 1e-9]
-            if not ms or not all(math.isfinite(c["measured"]) for c in ms):
-                continue
-            chk = E.theory_check(f"{a} chi_1 at {tag} scale (sigma_w^2 = {sw2:.3g})",
-                                 ms[0]["predicted"], float(np.mean([c["measured"] for c in ms])),
-                                 0.10, note="finite width/depth")
-            checks.append(chk)
-            nums[f"{a}: chi_1 check ({tag})"] = chk.to_dict()
-            nums[f"{a}: chi_1^L at {tag} scale, depth {deep}"] = chk.predicted ** deep
+            if ms and all(math.isfinite(c["measured"]) for c in ms):
+                checks.append((a, tag, E.theory_check(
+                    f"{a} chi_1 at {tag} scale (sigma_w^2 = {sw2:.3g})", ms[0]["predicted"],
+                    float(np.mean([c["measured"] for c in ms])), 0.10,
+                    note="finite width/depth")))
+    return checks
+
+
+def measure(data: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the conclusion quotes: the ReLU reference (budget check), per activation its
+    no-remedy and best-remedy accuracies with intervals, and the chi_1 theory checks."""
+    deep = max(data["depths"])
+    _, ref = best_cell(data, "relu", "none", deep)
+    return {"deep": deep,
+            "ref": E.mean_effect(ref, f"ReLU (He) reference accuracy, depth {deep}",
+                                 null=SUCCESS_ACCURACY),
+            "budget_ok": bool(ref) and float(np.mean(ref)) >= SUCCESS_ACCURACY,
+            "acts": {a: _measure_activation(data, a, deep) for a in data["activations"]},
+            "checks": _theory_checks(data)}
+
+
+def _classify(m: dict[str, Any], nums: dict[str, Any]) -> dict[str, list[str]]:
+    """Activations sorted into failing (no remedy), rescued, not rescued and undecided."""
+    deep, out = m["deep"], {"failing": [], "rescued": [], "not": [], "undecided": []}
+    for a, am in m["acts"].items():
+        if am["none"]:
+            nums[f"{a}: accuracy with no remedy, depth {deep}"] = float(np.mean(am["none"]))
+            if E.verdict(am["e0"], -1) == B.SUPPORTS:
+                out["failing"].append(a)
+        if "best" not in am:
+            continue
+        nums[f"{a}: best remedy (not BN), depth {deep}"] = \
+            f"{am['best']} ({B.pct(float(np.mean(am['vals'])))})"
+        if "gain" in am:
+            nums.update(E.numbers(am["gain"]))
+        txt = am["eb"].text(B.pct)
+        if E.verdict(am["eb"], +1) == B.SUPPORTS:
+            out["rescued"].append(f"{a} ({am['best']}, lr {am['lr']}: {txt})")
+        elif am["all_below"]:
+            out["not"].append(f"{a} (best {am['best']}: {txt})")
+        else:
+            out["undecided"].append(f"{a} (best {am['best']}: {txt})")
+    return out
+
+
+def conclude(data: dict[str, Any]) -> B.Conclusion:
+    m = measure(data)
+    deep, bar, n = m["deep"], SUCCESS_ACCURACY, len(data["activations"])
+    nums: dict[str, Any] = {**E.numbers(m["ref"])}
+    details = [
+        f"Budget check: the ReLU reference (He init, best SGD rate) reaches "
+        f"{E.describe(m['ref'], B.SUPPORTS, B.pct)} at depth {deep} after {data['steps']} "
+        f"steps (criterion: mean >= {B.pct(bar)})"
+        + ("." if m["budget_ok"] else ": the budget is too small to judge the others.")]
+    c = _classify(m, nums)
+    for a, tag, chk in m["checks"]:
+        nums[f"{a}: chi_1 check ({tag})"] = chk.to_dict()
+        nums[f"{a}: chi_1^L at {tag} scale, depth {deep}"] = chk.predicted ** deep
     details.append(
-        f"Depth {deep}: with no remedy, {len(failing)}/{len(acts)} activations stay below "
-        f"{pct(bar)} test accuracy with the whole 95% interval: {', '.join(failing) or 'none'}.")
+        f"Depth {deep}: with no remedy, {len(c['failing'])}/{n} activations stay below "
+        f"{B.pct(bar)} test accuracy with the whole 95% interval: "
+        f"{', '.join(c['failing']) or 'none'}.")
     details.append(
-        f"Depth {deep}: a remedy other than BN brings {len(rescued)}/{len(acts)} above it "
-        f"(interval above {pct(bar)}): {'; '.join(rescued) or 'none'}"
-        + (f". NOT rescued by any remedy tried (every interval below): "
-           f"{'; '.join(not_rescued)}" if not_rescued else "")
-        + (f". Undecided: {'; '.join(undecided)}" if undecided else "") + ".")
-    if checks:
-        details.append("Theory vs measurement: " + "; ".join(c.text() for c in checks) + ".")
+        f"Depth {deep}: a remedy other than BN brings {len(c['rescued'])}/{n} above it "
+        f"(interval above {B.pct(bar)}): {'; '.join(c['rescued']) or 'none'}"
+        + (f". NOT rescued by any remedy tried (every interval below): {'; '.join(c['not'])}"
+           if c["not"] else "")
+        + (f". Undecided: {'; '.join(c['undecided'])}" if c["undecided"] else "") + ".")
+    if m["checks"]:
+        details.append("Theory vs measurement: " + "; ".join(k.text() for _, _, k in m["checks"]) + ".")
     for k, reason in data.get("not_applicable", {}).items():
         if k.endswith("|critical"):
             details.append(f"{k.split('|')[0]}: no critical initialisation: {reason}")
-    if not budget_ok:
-        verdict = INCONCLUSIVE
-    elif len(not_rescued) > len(acts) / 2:
-        verdict = CONTRADICTS
-    elif failing and len(rescued) == len(acts):
-        verdict = SUPPORTS
+    if not m["budget_ok"]:
+        verdict = B.INCONCLUSIVE
+    elif len(c["not"]) > n / 2:
+        verdict = B.CONTRADICTS
+    elif c["failing"] and len(c["rescued"]) == n:
+        verdict = B.SUPPORTS
     else:
-        verdict = INCONCLUSIVE
-    nums["rescued / not rescued / undecided"] = f"{len(rescued)}/{len(not_rescued)}/{len(undecided)}"
-    sentence = " ".join(details[:3])
-    return conclusion(CLAIM, sentence, verdict, nums, details)
+        verdict = B.INCONCLUSIVE
+    nums["rescued / not rescued / undecided"] = \
+        f"{len(c['rescued'])}/{len(c['not'])}/{len(c['undecided'])}"
+    return B.conclusion(CLAIM, " ".join(details[:3]), verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:

@@ -159,3 +159,12 @@ def pct(x: float) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     return f"{100 * float(x):.1f}%"
+
+
+def capped_loss(loss: float | None, failed: bool, chance: float) -> float:
+    """A run's final loss as a score: a failed run (diverged, no or a non-finite loss) and a
+    loss worse than chance count at the chance level, so a rate or measure where seeds diverge
+    is never preferred to one where they train."""
+    if failed or loss is None or not math.isfinite(float(loss)):
+        return chance
+    return min(float(loss), chance)

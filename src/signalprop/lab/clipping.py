@@ -216,7 +216,7 @@ def _rnn_one(config: dict[str, Any], method: str, lr: float, seed: int) -> dict[
     res = fit(net, train, F.mse_loss, steps=steps, optimizer=opt, lr=lr_used,
               optimizer_kwargs=kw, batch_size=c["batch_size"],
               grad_transform=rem.make_grad_transform() if rem is not None else None,
-              probe={"forward": False, "weights": False},
+              probe={"forward": False},
               schedule=lambda s: s % 10 == 0, device=dev, seed=seed)
     xt, yt = adding_problem(c["test_size"], c["length"], torch.Generator().manual_seed(10**6))
     net.eval()
@@ -254,10 +254,7 @@ def _diverged(r: dict[str, Any]) -> bool:
 
 
 def _score(r: dict[str, Any], chance: float) -> float:
-    fl = r.get("final_loss")
-    if _diverged(r) or fl is None or not math.isfinite(float(fl)):
-        return chance
-    return min(float(fl), chance)
+    return B.capped_loss(r.get("final_loss"), _diverged(r), chance)
 
 
 def best_rate_losses(rows: list[dict[str, Any]], method: str, chance: float

@@ -92,10 +92,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train(
     model: nn.Module, data: Dataset, *, steps: int, lr: float, batch_size: int, seed: int,
-    every: int = 0, on_record: Callable[[int], None] | None = None, **fit_kw: Any,
+    every: int = 0, on_record: Callable[[int], None] | None = None, optimizer: str = "sgd",
+    **fit_kw: Any,
 ) -> tuple[FitResult, list[int], list[float]]:
-    """:func:`signalprop.train.fit` with SGD and cross-entropy on the training split, plus test
-    accuracy (and ``on_record(step)``) before step 0, every ``every`` steps and at the end.
+    """:func:`signalprop.train.fit` with ``optimizer`` (a registered name; SGD by default) and
+    cross-entropy on the training split, plus test accuracy (and ``on_record(step)``) before
+    step 0, every ``every`` steps and at the end.
 
     Returns ``(fit result, evaluation steps, test accuracies)``.
     """
@@ -114,7 +116,7 @@ def train(
 
     fit_kw.setdefault("probe", None)
     record(0)
-    r = fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=steps, optimizer="sgd",
+    r = fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=steps, optimizer=optimizer,
             lr=lr, batch_size=batch_size, seed=seed, callback=cb, device=data.x_train.device,
             **fit_kw)
     record(r.steps)  # a diverged network is evaluated as it is (NaN outputs: chance level)

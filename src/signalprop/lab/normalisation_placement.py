@@ -22,17 +22,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from signalprop.lab import base as B
 from signalprop.lab import evidence as E
 from signalprop.lab import plotting as P
-from signalprop.lab.base import (
-    INCONCLUSIVE,
-    SUPPORTS,
-    Conclusion,
-    cached,
-    combine_verdicts,
-    conclusion,
-    pct,
-)
+from signalprop.remedies import get_remedy
+from signalprop.train import fit
 
 VERSION = 1
 NAME = "normalisation-placement"
@@ -123,8 +117,6 @@ class Encoder(nn.Module):
 
 def build(arm: str, depth: int, seed: int) -> tuple[nn.Module, float]:
     """The arm's model and its warm-up fraction (remedy registry: ``pre_ln``, ``warmup``)."""
-    from signalprop.remedies import get_remedy
-
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; valid: {', '.join(ARMS)}")
     torch.manual_seed(seed)
@@ -149,8 +141,6 @@ def profiles(record: Any, depth: int, pre: bool) -> dict[str, list[float]]:
 
 
 def _one(config: dict[str, Any], arm: str, depth: int, seed: int) -> dict[str, Any]:
-    from signalprop.train import fit
-
     dev = config["device"]
     xtr, ytr = majority_task(config["train_size"], torch.Generator().manual_seed(1))
     xte, yte = majority_task(config["test_size"], torch.Generator().manual_seed(2))
@@ -173,7 +163,7 @@ def _one(config: dict[str, Any], arm: str, depth: int, seed: int) -> dict[str, A
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     key = {k: v for k, v in config.items() if k not in ("depths", "seeds")}
-    runs = [cached(workdir, {**key, "arm": a, "depth": d, "seed": s},
+    runs = [B.cached(workdir, {**key, "arm": a, "depth": d, "seed": s},
                    lambda a=a, d=d, s=s: _one(config, a, d, s), tag=f"d{d}")
             for d in config["depths"] for a in ARMS for s in config["seeds"]]
     return {"runs": runs, "depths": config["depths"], "steps": config["steps"],
@@ -191,7 +181,7 @@ def last_first(r: dict[str, Any], key: str = "ffn_grad") -> float:
     return g[-1] / g[0] if len(g) >= 2 and g[0] > 0 else math.nan
 
 
-def conclude(data: dict[str, Any]) -> Conclusion:
+def conclude(data: dict[str, Any]) -> B.Conclusion:
     runs, depths = data["runs"], data["depths"]
     D = max(depths)
     nums: dict[str, Any] = {"depths": depths, "steps": data["steps"], "lr": data["lr"],
@@ -219,24 +209,24 @@ def conclude(data: dict[str, Any]) -> Conclusion:
         f"post-LN last/first FFN gradient {E.mean_effect([last_first(r) for r in _sel(runs, 'post-LN', D)]).text()}, "
         f"pre-LN {E.mean_effect([last_first(r) for r in _sel(runs, 'pre-LN', D)]).text()}.",
         "Accuracy by depth: " + "; ".join(
-            f"{a}: " + ", ".join(f"{d} blocks {pct(nums[f'{a} depth {d} accuracy'])}"
+            f"{a}: " + ", ".join(f"{d} blocks {B.pct(nums[f'{a} depth {d} accuracy'])}"
                                  for d in depths) for a in ARMS) + ".",
     ]
     if ref < TRAINABLE_ACC:
         # the budget is too small for the reference arm: the trainability part says nothing
-        details.append(f"The reference (pre-LN + warm-up) reaches only {pct(ref)} at depth {D}, "
-                       f"below the trainability criterion {pct(TRAINABLE_ACC)}: the training "
+        details.append(f"The reference (pre-LN + warm-up) reaches only {B.pct(ref)} at depth {D}, "
+                       f"below the trainability criterion {B.pct(TRAINABLE_ACC)}: the training "
                        "comparison is not decisive at this budget.")
-        v2 = v3 = INCONCLUSIVE
-    verdict = combine_verdicts([v1, v2, v3])
-    if verdict != SUPPORTS and v1 == SUPPORTS and INCONCLUSIVE in (v2, v3) and \
+        v2 = v3 = B.INCONCLUSIVE
+    verdict = B.combine_verdicts([v1, v2, v3])
+    if verdict != B.SUPPORTS and v1 == B.SUPPORTS and B.INCONCLUSIVE in (v2, v3) and \
             "contradicts" not in (v2, v3):
-        verdict = INCONCLUSIVE
+        verdict = B.INCONCLUSIVE
     sentence = (
         f"At depth {D}, Adam {data['lr']} for {data['steps']} steps: "
-        f"{E.describe(prof, v1)}; {E.describe(nw, v2, pct)}; {E.describe(wu, v3, pct)}."
+        f"{E.describe(prof, v1)}; {E.describe(nw, v2, B.pct)}; {E.describe(wu, v3, B.pct)}."
     )
-    return conclusion(CLAIM, sentence, verdict, nums, details)
+    return B.conclusion(CLAIM, sentence, verdict, nums, details)
 
 
 def figures(data: dict[str, Any], workdir: str | Path) -> list[Path]:

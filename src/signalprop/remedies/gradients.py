@@ -282,7 +282,17 @@ class AddDecayedWeights(GradientTransform):
 
 
 def clip_by_global_norm(max_norm: float = 1.0) -> ClipByGlobalNorm:
-    """Rescale all gradients so their global norm is at most ``max_norm``."""
+    """Rescale all gradients so their global norm is at most ``max_norm``.
+
+    Example:
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.zeros(3))
+        >>> p.grad = torch.tensor([3.0, 4.0, 0.0])
+        >>> clip_by_global_norm(1.0)([p]).stats()
+        {'norm_before': 5.0, 'norm_after': 1.0}
+        >>> p.grad
+        tensor([0.6000, 0.8000, 0.0000])
+    """
     return ClipByGlobalNorm(max_norm)
 
 

@@ -231,6 +231,7 @@ def theory_vs_measurement(record: Record, explanation: Any = None, model: Any = 
         model: The model, to resolve custom activation modules when computing it here.
     """
     if explanation is None:
+        # lazy: the diagnosis imports torch (~3 s; this module ~1 s): only this figure needs it
         from signalprop.diagnosis.explain import explain
 
         explanation = explain(record, model)

@@ -92,6 +92,11 @@ def expand_grid(grid: Any, max_runs: int | None = MAX_RUNS) -> list[RunSpec]:
     Raises:
         ValueError: for an unknown grid key, axis, config key or value (naming valid choices),
             an empty grid, or more than ``max_runs`` runs.
+
+    Example:
+        >>> specs = expand_grid({"axes": {"lr": [0.01, 0.1]}, "seeds": 2})
+        >>> [(s.config["lr"], s.config["seed"]) for s in specs]
+        [(0.01, 0), (0.01, 1), (0.1, 0), (0.1, 1)]
     """
     if max_runs is not None and (isinstance(max_runs, bool) or not isinstance(max_runs, int)
                                  or max_runs < 1):

@@ -106,6 +106,10 @@ def q_star(
 
     Returns:
         q* (``0.0`` when the variance decays to 0, ``inf`` when it grows without bound).
+
+    Example:
+        >>> round(q_star("linear", 0.5, 1.0), 6)  # linear: q* = sigma_b^2 / (1 - sigma_w^2)
+        2.0
     """
     _check_sigmas(sigma_w2, sigma_b2)
     if not (math.isfinite(q0) and q0 >= 0):
@@ -181,6 +185,10 @@ def chi_1(
         sigma_w2, sigma_b2: Weight and bias variances.
         q: Variance to evaluate at (default: q* from :func:`q_star`; if q* diverges, its limit,
             evaluated at q = 1e12).
+
+    Example:
+        >>> round(chi_1("relu", 2.0), 6)  # He's sigma_w^2 = 2 puts ReLU on the edge of chaos
+        1.0
     """
     _check_sigmas(sigma_w2, sigma_b2)
     act = get_activation(activation)
