@@ -98,6 +98,22 @@ DEFAULT_LOG_METRICS: tuple[str, ...] = (
 CLIPPED_NORM = "grad_norm_total_clipped"
 
 
+class _FromWarner:
+    """An attribute of the callback kept on its :class:`FindingWarner` (same name there)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else getattr(obj.warner, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj.warner, self.name, value)
+
+
 class SignalpropCallback(*_BASES):  # type: ignore[misc]
     """Probe a LightningModule during ``Trainer.fit``.
 
@@ -338,42 +354,11 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         self.warner(self.record, step, emit=self._rank_zero)
 
     # the warner's state under the names this callback always had
-    @property
-    def findings(self) -> list[Any]:
-        """Findings of the latest diagnosis."""
-        return self.warner.findings
-
-    @property
-    def explanation(self) -> Any:
-        """The mean-field explanation of the latest diagnosis."""
-        return self.warner.explanation
-
-    @property
-    def warned(self) -> set[tuple[str, str, str]]:
-        """Findings already warned about (kind and layer range): warned once per run."""
-        return self.warner.warned
-
-    @warned.setter
-    def warned(self, keys: set[tuple[str, str, str]]) -> None:
-        self.warner.warned = keys
-
-    @property
-    def warn(self) -> bool:
-        """Emit findings as warnings."""
-        return self.warner.warn
-
-    @warn.setter
-    def warn(self, value: bool) -> None:
-        self.warner.warn = value
-
-    @property
-    def thresholds(self) -> Any:
-        """Diagnosis thresholds."""
-        return self.warner.thresholds
-
-    @thresholds.setter
-    def thresholds(self, value: Any) -> None:
-        self.warner.thresholds = value
+    findings = _FromWarner("Findings of the latest diagnosis.")
+    explanation = _FromWarner("The mean-field explanation of the latest diagnosis.")
+    warned = _FromWarner("Findings already warned about (kind and layer range).")
+    warn = _FromWarner("Emit findings as warnings.")
+    thresholds = _FromWarner("Diagnosis thresholds.")
 
     def _resolve_out_dir(self, trainer: pl.Trainer) -> Path:
         if self.out_dir is not None:
