@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from signalprop import stats
 from signalprop.data import Dataset, load_dataset
 from signalprop.engine import Arch, Population, member_batches, torch_optimizer
 from signalprop.engine.fit import REASONS, divergence_codes
-from signalprop.record import MODEL
+from signalprop.record import MODEL, Record
 from signalprop.train import DIVERGE_FACTOR, divergence_reason, fit
 
 STEPS, BATCH = 30, 32
@@ -149,3 +150,14 @@ def test_records_use_the_probes_schema_and_numbers(digits):
         assert stats.grad_ratio(res.records[k], "first") == res.final[k]["grad_ratio_init"]
     assert res.member(0).final_loss == pytest.approx(ref.final_loss, rel=1e-12)
     assert res.final[0]["grad_ratio_final"] == pytest.approx(ref.grad_ratio, rel=1e-9)
+
+
+def test_a_diverged_members_record_round_trips_through_json(digits):
+    """The record's meta holds the run's non-finite numbers (NaN trivial loss, the diverging
+    loss); they are written under the one NaN policy and read back."""
+    res, _ = _engine_and_fit(digits, RELU, 0.1, torch.float32, {"init_scale": 1e15})
+    rec = res.records[0]
+    back = Record.from_dict(json.loads(rec.to_json()))
+    assert back.meta["diverged_reason"] == "nonfinite" and back.meta["diverged_step"] == 0
+    assert math.isnan(back.meta["trivial_loss"]) and not math.isfinite(back.meta["diverged_loss"])
+    assert back.steps == rec.steps == [0]
