@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,13 @@ import torch
 
 from signalprop import __version__, stats
 from signalprop.integrations.common import (
-    SignalpropWarning,
-    diagnose_record,
-    finding_key,
-    format_finding,
+    FindingWarner,
     report_from_record,
     set_callback_core,
     summary_metrics,
 )
+from signalprop.integrations.common import SignalpropWarning as SignalpropWarning  # public here
+from signalprop.integrations.common import finding_key as finding_key  # public here
 from signalprop.integrations.distributed import install_reducer
 from signalprop.integrations.tensorboard import TensorBoardWriter, scalar_tag
 from signalprop.probe import Probe
@@ -98,6 +96,22 @@ DEFAULT_LOG_METRICS: tuple[str, ...] = (
 #: MODEL metric: the global gradient norm after Lightning's gradient clipping (equal to
 #: ``grad_norm_total`` when nothing was clipped).
 CLIPPED_NORM = "grad_norm_total_clipped"
+
+
+class _FromWarner:
+    """An attribute of the callback kept on its :class:`FindingWarner` (same name there)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else getattr(obj.warner, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj.warner, self.name, value)
 
 
 class SignalpropCallback(*_BASES):  # type: ignore[misc]
@@ -173,19 +187,13 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         )
         self.every = every
         self.histograms = histograms
-        self.warn = warn
-        self.thresholds = thresholds
+        self.warner = FindingWarner(thresholds, warn)
         self.callback_metrics = callback_metrics
 
         self.probe: Probe | None  # set by set_callback_core, as are record and schedule
-        self.findings: list[Any] = []
-        self.warned: set[tuple[str, str, str]] = set()
-        self._model: Any = None
-        self.explanation: Any = None
         self._stepped = False
         self._loss_sum: torch.Tensor | None
         self._tb_writers: list[Any] = []
-        self._last_diagnosed: int | None = None
         self._rank_zero = True
 
     # ---- set-up / tear-down --------------------------------------------------------------------
@@ -199,7 +207,7 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         self.probe.step_index = int(trainer.global_step)
         self.probe.attach()
         self._rank_zero = bool(trainer.is_global_zero)
-        self._model = pl_module
+        self.warner.model = pl_module
         meta = self.record.meta
         if trainer.optimizers:
             meta.setdefault("optimizer", type(trainer.optimizers[0]).__name__.lower())
@@ -246,7 +254,7 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             w.flush()
         self._tb_writers = []
         self.record.meta["steps_run"] = int(trainer.global_step)
-        if self.record.steps and self._last_diagnosed != self.record.steps[-1]:
+        if self.record.steps and self.warner.last_step != self.record.steps[-1]:
             self._run_diagnosis(None)
         if self.save and trainer.is_global_zero and self.record.steps:
             self._write(trainer)
@@ -342,21 +350,15 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             logger.log_metrics(metrics, step=step)
 
     def _run_diagnosis(self, step: int | None) -> None:
-        if not self.record.steps:
-            return
-        self._last_diagnosed = self.record.steps[-1]
-        self.findings, self.explanation = diagnose_record(
-            self.record, self.thresholds, self._model
-        )
-        for f in self.findings:
-            key = finding_key(f)
-            if key in self.warned:
-                continue
-            self.warned.add(key)
-            if self.warn and self._rank_zero:  # one warning per run, not one per process
-                at = step if step is not None else self.record.steps[-1]
-                # stacklevel 2 points at Lightning's hook call; the message carries the facts
-                warnings.warn(format_finding(f, at), SignalpropWarning, stacklevel=2)
+        # one warning per run, not one per process
+        self.warner(self.record, step, emit=self._rank_zero)
+
+    # the warner's state under the names this callback always had
+    findings = _FromWarner("Findings of the latest diagnosis.")
+    explanation = _FromWarner("The mean-field explanation of the latest diagnosis.")
+    warned = _FromWarner("Findings already warned about (kind and layer range).")
+    warn = _FromWarner("Emit findings as warnings.")
+    thresholds = _FromWarner("Diagnosis thresholds.")
 
     def _resolve_out_dir(self, trainer: pl.Trainer) -> Path:
         if self.out_dir is not None:
