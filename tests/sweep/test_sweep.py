@@ -112,6 +112,20 @@ def test_sweep_local_table_records_and_skip(tmp_path):
         == finished
 
 
+def test_diverged_runs_carry_the_policys_reason(tmp_path):
+    """A run stopped by the loss bound is 'diverged' with its reason in the table and in its
+    stored record (whose meta holds its non-finite trivial loss, written as JSON)."""
+    grid = {"base": {**SMALL, "data": "digits", "activation": "relu", "depth": 3, "width": 16,
+                     "data_args": {}}, "axes": {"lr": [0.05, 100.0]}}
+    df = sweep(grid, out=tmp_path, progress=False).to_dataframe().sort_values("lr")
+    assert list(df.status) == ["done", "diverged"]
+    assert df.diverged_reason.isna().iloc[0] and df.diverged_reason.iloc[1] == "loss_bound"
+    rec = load(tmp_path).record(df.run_id.iloc[1])
+    assert rec.meta["diverged_reason"] == "loss_bound"
+    assert rec.meta["diverged_step"] == df.diverged_step.iloc[1]
+    assert rec.meta["diverged_loss"] > 100 * max(rec.meta["initial_loss"], 1.0)
+
+
 def test_failed_group_is_recorded_and_others_finish(tmp_path, monkeypatch):
     import signalprop.sweep.runner as runner
 

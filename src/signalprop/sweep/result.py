@@ -21,6 +21,7 @@ METRICS = (
     "train_accuracy",
     "test_accuracy",
     "diverged_step",
+    "diverged_reason",
     "grad_ratio_init",
     "grad_ratio_final",
 )
@@ -87,7 +88,7 @@ class SweepResult:
         cols = ["run_id", "group", *SCHEMA, *label_cols, "status", *METRICS, "wall_time", "error"]
         df = pd.DataFrame(rows, columns=cols)
         for m in METRICS:
-            if m != "diverged_step":
+            if m not in ("diverged_step", "diverged_reason"):
                 df[m] = pd.to_numeric(df[m], errors="coerce")
         df["diverged_step"] = df["diverged_step"].astype("Int64")
         return df
