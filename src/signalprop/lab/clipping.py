@@ -115,7 +115,7 @@ def get_config(quick: bool) -> dict[str, Any]:
             "hidden": 32, "length": 30 if quick else 60, "gain": 1.5,
             "steps": 300 if quick else 1000, "batch_size": 32, "test_size": 1000,
         },
-        "rnn_lrs": [0.015, 0.05] if quick else [0.005, 0.015, 0.05, 0.15],
+        "rnn_lrs": [0.015, 0.05] if quick else [0.015, 0.05, 0.15],
         "rnn_seeds": [0, 1, 2] if quick else [0, 1, 2, 3, 4],
         "device": "cpu",
     }
