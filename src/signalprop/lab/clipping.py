@@ -27,10 +27,10 @@ from torch.nn import functional as F
 from signalprop.lab import base as B
 from signalprop.lab import evidence as E
 from signalprop.lab import grid as G
+from signalprop.lab import nets
 from signalprop.lab import plotting as P
 from signalprop.remedies import get_remedy
 from signalprop.theory.torch_adapter import measure_gradient_profile
-from signalprop.train import fit
 
 #: Bumped when the measurements change meaning (stored results then go stale).
 VERSION = 3
@@ -213,7 +213,7 @@ def _rnn_one(config: dict[str, Any], method: str, lr: float, seed: int) -> dict[
     # fresh examples every step (one pass over steps x batch examples)
     train = adding_problem(steps * c["batch_size"], c["length"],
                            torch.Generator().manual_seed(seed))
-    res = fit(net, train, F.mse_loss, steps=steps, optimizer=opt, lr=lr_used,
+    res = nets.fit(net, train, F.mse_loss, steps=steps, optimizer=opt, lr=lr_used,
               optimizer_kwargs=kw, batch_size=c["batch_size"],
               grad_transform=rem.make_grad_transform() if rem is not None else None,
               probe={"forward": False},
