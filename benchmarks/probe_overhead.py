@@ -15,8 +15,9 @@ plain, ...) so machine load affects all alike; the medians of each variant's per
 ratios to plain are printed. Targets (issue 12): every step <= 1.10x, every 10th <= 1.02x.
 
 Memory: the probe's extra peak memory, measured in a separate pass after the timing (peak memory
-of ``--mem-steps`` probed steps minus that of the same plain steps, starting from the same warm
-state), against the bytes of model parameters + optimiser state (target: <= 5%). On CUDA from
+of 10 + ``--mem-steps`` probed steps, the probe created inside the window so that what it keeps
+across steps counts, minus that of the same plain steps, starting from the same warm state),
+against the bytes of model parameters + optimiser state (target: <= 5%). On CUDA from
 ``torch.cuda.max_memory_allocated``; on the CPU from the allocation events of PyTorch's own
 profiler (``profile_memory=True``: every tensor allocation and free, so the peak is exact tensor
 accounting, unaffected by other processes).
@@ -197,15 +198,17 @@ def cpu_peak_bytes(fn: Callable[[], None]) -> int:
 
 def peak_bytes(task: Task, opt: torch.optim.Optimizer, steps: int, schedule: int | None,
                update_ratio: str | bool = "auto") -> int:
-    """Peak memory above the start of ``steps`` steps, with a probe recording every
-    ``schedule``-th step (warmed up so that the first measured step is a recorded one)."""
+    """Peak memory above the start of 10 + ``steps`` steps, with a probe (created and attached
+    inside the measured window, so buffers it keeps across steps count too) recording every
+    ``schedule``-th step: the mapping step, then regular recorded steps."""
     p = None
-    if schedule:
-        p = Probe(task.model, optimizer=opt, schedule=schedule, update_ratio=update_ratio).attach()
-        train(task, opt, schedule, p)  # the mapping step, then up to the next recorded step
 
     def body() -> None:
-        train(task, opt, steps, p)
+        nonlocal p
+        if schedule:
+            p = Probe(task.model, optimizer=opt, schedule=schedule,
+                      update_ratio=update_ratio).attach()
+        train(task, opt, 10 + steps, p)
         if p is not None:
             len(p.record.steps)
 
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         sb = state_bytes(task.model, opt)
         plain = peak_bytes(task, opt, args.mem_steps, None)
         print(f"\nmemory: model + optimiser state {sb / 2**20:.1f} MiB; peak above it during "
-              f"{args.mem_steps} plain steps {plain / 2**20:.1f} MiB")
+              f"{10 + args.mem_steps} plain steps {plain / 2**20:.1f} MiB")
         for k, s in variants.items():
             if s is None:
                 continue

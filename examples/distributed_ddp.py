@@ -9,17 +9,18 @@ largest relative difference between the two records' gradient norms.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _common import parser
 from torch import nn
 
 from signalprop.integrations.distributed import distributed_probe, save_on_rank_zero
 from signalprop.probe import Probe
 from signalprop.record import Record
+from signalprop.train import fit
 
 WORLD = 2
 
@@ -32,17 +33,6 @@ def make() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(64, 10, generator=g), torch.randint(0, 4, (64,), generator=g)
 
 
-def train(model: nn.Module, probe: Probe, x: torch.Tensor, y: torch.Tensor, steps: int,
-          opt: torch.optim.Optimizer) -> None:
-    with probe:
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            probe.log(loss=loss)
-            opt.step()
-
-
 def worker(rank: int, steps: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank,
@@ -52,16 +42,14 @@ def worker(rank: int, steps: int, out: str) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     half = slice(rank * 32, (rank + 1) * 32)
     probe = distributed_probe(model, optimizer=opt)
-    train(model, probe, x[half], y[half], steps, opt)
+    fit(model, (x[half], y[half]), nn.functional.cross_entropy, steps=steps, optimizer=opt,
+        batch_size=32, probe=probe)
     save_on_rank_zero(probe.record, Path(out) / "record.json.gz")
     dist.destroy_process_group()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path("examples-out/ddp"))
-    args = ap.parse_args()
+    args = parser(__doc__, 5, "examples-out/ddp").parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "store").unlink(missing_ok=True)
     mp.spawn(worker, args=(args.steps, str(args.out.resolve())), nprocs=WORLD, join=True)
@@ -70,7 +58,8 @@ def main() -> None:
     model, x, y = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     single = Probe(model, optimizer=opt)
-    train(model, single, x, y, args.steps, opt)
+    fit(model, (x, y), nn.functional.cross_entropy, steps=args.steps, optimizer=opt,
+        batch_size=64, probe=single)
     worst = max(abs(ddp.get(s, n, m) / single.record.get(s, n, m) - 1)
                 for s in single.record.steps for n in single.record.layer_names(role="param")
                 for m in ("grad_norm", "update_ratio"))

@@ -14,10 +14,8 @@ The same from the shell, with a factory file:
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
+from _common import mlp_layers, parser
 from torch import nn
 
 import signalprop
@@ -28,13 +26,8 @@ class DeepSigmoid(nn.Module):
 
     def __init__(self, d_in: int, n_classes: int, depth: int = 20, width: int = 64) -> None:
         super().__init__()
-        blocks: list[nn.Module] = []
-        d = d_in
-        for _ in range(depth):
-            blocks += [nn.Linear(d, width), nn.Sigmoid()]
-            d = width
-        self.body = nn.Sequential(*blocks)
-        self.head = nn.Linear(d, n_classes)
+        self.body = nn.Sequential(*mlp_layers(d_in, depth, width, nn.Sigmoid))
+        self.head = nn.Linear(width, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -48,10 +41,8 @@ def factory() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], nn.Module]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap = parser(__doc__, 200, "examples-out/doctor")
     ap.add_argument("--trial", action="store_true", help="also train the top remedies")
-    ap.add_argument("--out", type=Path, default=Path("examples-out/doctor"))
     args = ap.parse_args()
     torch.manual_seed(0)
 

@@ -11,10 +11,8 @@ warns once per diagnosis finding and writes record.json.gz, findings.json and re
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
+from _common import parser
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from signalprop.integrations.transformers import SignalpropCallback
@@ -31,10 +29,7 @@ def toy_data(n: int = 256, seq: int = 16, vocab: int = 100) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help="optimiser steps")
-    ap.add_argument("--out", type=Path, default=Path("examples-out/hf"))
-    args = ap.parse_args()
+    args = parser(__doc__, 20, "examples-out/hf", "optimiser steps").parse_args()
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=32, num_labels=2)

@@ -13,12 +13,11 @@ The model is deliberately deep and sigmoid, so the callback has something to say
 
 from __future__ import annotations
 
-import argparse
 import warnings
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from _common import mlp_layers, parser
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
@@ -29,12 +28,8 @@ from signalprop.integrations.lightning import SignalpropCallback, SignalpropWarn
 class DeepSigmoid(pl.LightningModule):
     def __init__(self, d_in: int, n_classes: int, depth: int = 16, width: int = 64) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        d = d_in
-        for _ in range(depth):
-            layers += [nn.Linear(d, width), nn.Sigmoid()]
-            d = width
-        self.net = nn.Sequential(*layers, nn.Linear(d, n_classes))
+        self.net = nn.Sequential(*mlp_layers(d_in, depth, width, nn.Sigmoid),
+                                 nn.Linear(width, n_classes))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
@@ -47,10 +42,7 @@ class DeepSigmoid(pl.LightningModule):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=60, help="optimiser steps")
-    ap.add_argument("--out", type=Path, default=Path("examples-out/lightning"))
-    args = ap.parse_args()
+    args = parser(__doc__, 60, "examples-out/lightning", "optimiser steps").parse_args()
     torch.manual_seed(0)
 
     data = signalprop.load_dataset("digits")

@@ -7,23 +7,20 @@ one depth-profile figure (log10 gradient norm vs layer, a line per step) as an a
 
 from __future__ import annotations
 
-import argparse
 import os
-from pathlib import Path
 
 import mlflow
 import torch
+from _common import parser
 from torch import nn
 
 import signalprop
 from signalprop.integrations.mlflow import mlflow_writer
+from signalprop.train import fit
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--out", type=Path, default=Path("examples-out/mlflow"))
-    args = ap.parse_args()
+    args = parser(__doc__, 60, "examples-out/mlflow").parse_args()
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a local store, no server
     mlflow.set_tracking_uri((args.out / "mlruns").resolve().as_uri())
     torch.manual_seed(0)
@@ -36,13 +33,9 @@ def main() -> None:
     x, y = data.x_train, data.y_train
     with mlflow.start_run(run_name="deep-sigmoid") as run:
         writer = mlflow_writer(run, profile_every=5)
-        with signalprop.Probe(model, optimizer=opt, schedule=5, on_record=[writer]) as probe:
-            for _ in range(args.steps):
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                probe.log(loss=loss)
-                opt.step()
+        probe = signalprop.Probe(model, schedule=5, on_record=[writer])
+        fit(model, (x, y), nn.functional.cross_entropy, steps=args.steps, optimizer=opt,
+            batch_size=len(x), probe=probe)  # full batch
         writer.flush()
     client = mlflow.tracking.MlflowClient()
     hist = client.get_metric_history(run.info.run_id, "signalprop/grad_ratio_first_last")

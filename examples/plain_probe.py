@@ -9,29 +9,20 @@ diagnosis, and saves the record.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
+from _common import mlp_layers, parser
 from torch import nn
 
 import signalprop
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--out", type=Path, default=Path("examples-out/plain_probe"))
-    args = ap.parse_args()
+    args = parser(__doc__, 300, "examples-out/plain_probe").parse_args()
     torch.manual_seed(0)
 
     data = signalprop.load_dataset("digits")
-    layers: list[nn.Module] = []
-    d = data.x_train.shape[1]
-    for _ in range(12):
-        layers += [nn.Linear(d, 64), nn.Tanh()]
-        d = 64
-    model = nn.Sequential(*layers, nn.Linear(d, data.num_classes))
+    layers = mlp_layers(data.x_train.shape[1], 12, 64, nn.Tanh)
+    model = nn.Sequential(*layers, nn.Linear(64, data.num_classes))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     loss_fn = nn.CrossEntropyLoss()
 

@@ -12,17 +12,17 @@ whose gradients reach the input, runs first and trains to the end; nets whose gr
 
 from __future__ import annotations
 
-import argparse
 import os
-from pathlib import Path
 
 import torch
+from _common import parser
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from torch import nn
 
 import signalprop
 from signalprop.integrations.ray_tune import tune_reporter
+from signalprop.train import fit
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}
 EVERY = 5  # record (and report) every EVERY optimiser steps
@@ -42,27 +42,13 @@ def trainable(config: dict) -> None:
         d = 64
     model = nn.Sequential(*layers, nn.Linear(d, data.num_classes))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    batches = data.loader(batch_size=64)
-    probe = signalprop.Probe(model, optimizer=opt, schedule=EVERY, on_record=[tune_reporter()],
-                             forward=False)
-    step = 0
-    with probe:
-        while step < config["steps"]:
-            for x, y in batches:
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                probe.log(loss=loss)
-                opt.step()
-                step += 1
-                if step >= config["steps"]:
-                    break
+    probe = signalprop.Probe(model, schedule=EVERY, on_record=[tune_reporter()], forward=False)
+    fit(model, data, nn.functional.cross_entropy, steps=config["steps"], optimizer=opt,
+        probe=probe)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=60, help="optimiser steps per trial")
-    ap.add_argument("--out", type=Path, default=Path("examples-out/ray_tune"))
+    ap = parser(__doc__, 60, "examples-out/ray_tune", "optimiser steps per trial")
     ap.add_argument("--acts", default=",".join(ACTIVATIONS),
                     help="comma-separated activations, one trial each, run in this order")
     args = ap.parse_args()

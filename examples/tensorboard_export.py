@@ -13,21 +13,17 @@ Tags are ``signalprop/<metric>/<layer>`` (e.g. ``signalprop/grad_norm/3.weight``
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
+from _common import parser
 from torch import nn
 
 import signalprop
 from signalprop.integrations.tensorboard import TensorBoardWriter, load_scalars
+from signalprop.train import fit
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--out", type=Path, default=Path("examples-out/tensorboard"))
-    args = ap.parse_args()
+    args = parser(__doc__, 200, "examples-out/tensorboard").parse_args()
     torch.manual_seed(0)
 
     data = signalprop.load_dataset("digits")
@@ -40,19 +36,9 @@ def main() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     live_dir = args.out / "live"
     with TensorBoardWriter(live_dir) as tb:
-        probe = signalprop.Probe(model, optimizer=opt, schedule=10, on_record=[tb])
-        with probe:
-            step = 0
-            while step < args.steps:
-                for x, y in data.loader(batch_size=64, seed=step):
-                    opt.zero_grad()
-                    loss = nn.functional.cross_entropy(model(x), y)
-                    loss.backward()
-                    probe.log(loss=loss)
-                    opt.step()
-                    step += 1
-                    if step >= args.steps:
-                        break
+        probe = signalprop.Probe(model, schedule=10, on_record=[tb])
+        fit(model, data, nn.functional.cross_entropy, steps=args.steps, optimizer=opt,
+            probe=probe)
 
     # the same record, written after the fact (e.g. a record loaded from disk)
     saved = probe.record.save(args.out / "record.json.gz")

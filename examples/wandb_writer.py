@@ -8,23 +8,20 @@ per layer.
 
 from __future__ import annotations
 
-import argparse
 import os
-from pathlib import Path
 
 import torch
 import wandb
+from _common import parser
 from torch import nn
 
 import signalprop
 from signalprop.integrations.wandb import wandb_writer
+from signalprop.train import fit
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--out", type=Path, default=Path("examples-out/wandb"))
-    args = ap.parse_args()
+    args = parser(__doc__, 60, "examples-out/wandb").parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -36,19 +33,8 @@ def main() -> None:
 
     run = wandb.init(project="signalprop-example", dir=str(args.out), mode="offline")
     writer = wandb_writer(run, profile_every=5)
-    with signalprop.Probe(model, optimizer=opt, schedule=5, on_record=[writer]) as probe:
-        batches = iter(data.loader(batch_size=64))
-        for _ in range(args.steps):
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = iter(data.loader(batch_size=64))
-                x, y = next(batches)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            probe.log(loss=loss)
-            opt.step()
+    probe = signalprop.Probe(model, schedule=5, on_record=[writer])
+    fit(model, data, nn.functional.cross_entropy, steps=args.steps, optimizer=opt, probe=probe)
     writer.flush()
     summary = {k: run.summary[k] for k in ("signalprop/loss", "signalprop/grad_ratio_first_last")}
     run.finish()

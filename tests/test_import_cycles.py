@@ -68,3 +68,17 @@ def test_no_new_dependency_circle() -> None:
 def test_broken_circles_stay_broken(a: str, b: str) -> None:
     for c in _dependency_circles():
         assert not {a, b} <= set(c)
+
+
+def test_light_entry_points_do_not_import_torch() -> None:
+    """The package, its CLI and the lab runner import without torch (0.5-4 s): spawned sweep
+    workers re-import the caller's module and must reach their die-with-parent initialiser fast
+    (tests/faults/test_faults_signals.py kills the parent within seconds of their start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, signalprop, signalprop.cli, signalprop.lab, signalprop.lab.runner; "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(SRC), "PATH": ""})
+    assert "torch" not in out.stdout, out.stdout

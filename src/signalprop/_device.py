@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -17,6 +20,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     >>> resolve_device("cpu")
     device(type='cpu')
     """
+    # lazy: importing torch takes 0.5-4 s; the lab runner and the CLI import this module, and
+    # spawned sweep workers must reach their die-with-parent initialiser before that cost
+    import torch
+
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

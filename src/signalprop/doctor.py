@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import math
 import platform
 import time
@@ -41,6 +39,7 @@ from signalprop.diagnosis.report import Report as Report
 from signalprop.diagnosis.report import _jsonable as _jsonable
 from signalprop.probe import every
 from signalprop.train import FitResult, check_finite_data, example_inputs, fit
+from signalprop.trial import trial as run_trial
 from signalprop.validation import check_batch_size, check_inputs, check_positive_int
 
 #: Probe at most about this many steps (evenly spaced) so that records stay a few MB.
@@ -133,19 +132,13 @@ def _run_trials(
     settings: dict[str, Any],
     seeds: int,
     progress: bool,
-) -> tuple[list[dict[str, Any]], Any, str | None]:
-    """Run ``signalprop.trial.trial`` when it is installed.
+) -> tuple[list[dict[str, Any]], Any]:
+    """Run :func:`signalprop.trial.trial` on the chosen remedies.
 
     Returns:
-        ``(rows, table, why_skipped)``: one JSON-ready dict per remedy (baseline first) with the
-        mean loss curve under ``"losses"``, the ``TrialTable`` itself, and ``None`` (or why the
-        trials were skipped).
+        ``(rows, table)``: one JSON-ready dict per remedy (baseline first) with the mean loss
+        curve under ``"losses"``, and the ``TrialTable`` itself.
     """
-    if importlib.util.find_spec("signalprop.trial") is None:
-        return [], None, "signalprop.trial is not available in this installation"
-    fn = getattr(importlib.import_module("signalprop.trial"), "trial", None)
-    if fn is None:
-        return [], None, "signalprop.trial has no trial() function"
     kw = dict(settings)
     kw["seed"] = kw.get("seed") or 0
     total = (len(remedies) + 1) * seeds
@@ -157,16 +150,16 @@ def _run_trials(
                 bar(done[0], float(getattr(run, "final_loss", math.nan)))
                 done[0] += 1
 
-            table = fn(model, data, loss_fn, remedies=list(remedies), seeds=seeds, progress=cb,
-                       **kw)
+            table = run_trial(model, data, loss_fn, remedies=list(remedies), seeds=seeds,
+                              progress=cb, **kw)
     else:
-        table = fn(model, data, loss_fn, remedies=list(remedies), seeds=seeds, **kw)
+        table = run_trial(model, data, loss_fn, remedies=list(remedies), seeds=seeds, **kw)
     rows = []
     for row in table:
         d = row.to_dict()
         d["losses"] = _mean_curve([list(r.losses) for r in getattr(row, "runs", [])])
         rows.append(d)
-    return rows, table, None
+    return rows, table
 
 
 # long: 19 documented arguments take 68 of its lines; the steps are named below it
@@ -391,12 +384,8 @@ def _trial_prescriptions(report: Report, model: nn.Module, data: Any, loss_fn: L
     # critical_init is tried with the sigma_w computed for this model
     chosen = [critical_remedy(report.explanation) if r == "critical_init" else r
               for r in chosen]
-    trials, table, why = _run_trials(model, data, loss_fn, chosen, settings, trial_seeds,
-                                     progress)
-    report.trials, report.trial_table = trials, table
-    if why is not None:
-        warnings.warn(f"trials skipped: {why}", stacklevel=3)
-        report.meta["trials_skipped"] = why
+    report.trials, report.trial_table = _run_trials(model, data, loss_fn, chosen, settings,
+                                                    trial_seeds, progress)
 
 
 # ``signalprop.doctor`` is both this module and the doctor() function (see signalprop._callable)

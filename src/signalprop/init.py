@@ -11,30 +11,5 @@ theory), :func:`default_` (PyTorch's own); formulas and sources in :mod:`signalp
 
 from __future__ import annotations
 
-from signalprop.vocab.inits import (
-    INITS,
-    LSUV_MAX_ITER,
-    LSUV_TOL,
-    WEIGHT_LAYERS,
-    InitDef,
-    LSUVResult,
-    Target,
-    apply_init,
-    call_model,
-    critical_,
-    default_,
-    init,
-    kaiming_,
-    lecun_,
-    lsuv_,
-    orthogonal_,
-    scale_,
-    weight_layers,
-    xavier_,
-)
-
-__all__ = [
-    "INITS", "LSUV_MAX_ITER", "LSUV_TOL", "WEIGHT_LAYERS", "InitDef", "LSUVResult", "Target",
-    "apply_init", "call_model", "critical_", "default_", "init", "kaiming_", "lecun_", "lsuv_",
-    "orthogonal_", "scale_", "weight_layers", "xavier_",
-]
+from signalprop.vocab.inits import *  # noqa: F403 (this module is the vocabulary's public name)
+from signalprop.vocab.inits import __all__  # noqa: F401

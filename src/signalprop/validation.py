@@ -91,7 +91,6 @@ def _peek(data: Any, batch_size: int, seed: int) -> Any | None:
             return None
 
 
-
 def check_inputs(model: nn.Module, data: Any, loss_fn: Any = None, *, step_fn: Any = None,
                  batch_size: int = 64, seed: int = 0) -> None:
     """Check the data against the model and the loss before training: one forward pass and

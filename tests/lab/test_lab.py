@@ -174,3 +174,4 @@ def test_cli_report_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     # the conclusion is recomputed from the stored measurements, nothing is trained
     assert B.read_json(tmp_path / "mnist1d-baseline" / "conclusion.json")["verdict"]
     assert str(tmp_path / "index.html") in capsys.readouterr().out
+

@@ -580,3 +580,81 @@ def test_rbf_calibration_keeps_the_spread() -> None:
     cal = output_spread(m, x)
     assert raw[-1] < 1e-3 * raw[0]  # the uncalibrated stack collapses
     assert min(cal) > 0.05  # calibrated: every layer's outputs still vary across inputs
+
+
+# --- verdict AND interval, claim true and false (labA's studies) --------------------------------
+def _ci(c: Conclusion, prefix: str) -> tuple[float, float]:
+    """The 95% interval of the first effect whose name starts with ``prefix``."""
+    key = next(k for k in c.numbers if k.startswith(prefix) and k.endswith(" 95% CI"))
+    lo, hi = c.numbers[key]
+    return float(lo), float(hi)
+
+
+#: study -> (fabricator, effect name prefix, the null, the side the claim predicts: +1 above)
+EFFECTS = {
+    "saturation": (saturation_data, "digits, init x3: saturated BN - plain", 0.0, -1),
+    "learning-rate": (learning_rate_data, "largest trainable lr BN/plain, relu", 1.0, +1),
+    "initialisation": (initialisation_data, "loss range across scales BN - plain", 0.0, -1),
+    "bn-depth": (bn_depth_data, "rate at ", 1.0, +1),
+    "isometry": (isometry_data, "Jacobian variance orthogonal tanh /", 1.0, -1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EFFECTS))
+@pytest.mark.parametrize("claim_true", [True, False])
+def test_verdict_follows_the_interval(name: str, claim_true: bool) -> None:
+    make, prefix, null, side = EFFECTS[name]
+    c = get_study(name).conclude(make(claim_true))
+    lo, hi = _ci(c, prefix)
+    assert lo <= hi
+    on_claimed_side = lo > null if side > 0 else hi < null
+    on_other_side = hi < null if side > 0 else lo > null
+    assert on_claimed_side == claim_true and on_other_side == (not claim_true), (lo, hi)
+    assert c.verdict == (SUPPORTS if claim_true else CONTRADICTS)
+
+
+def test_saturation_needs_a_saturating_plain_net_and_reads_each_relu_rate() -> None:
+    from signalprop.lab.base import INCONCLUSIVE
+    from signalprop.lab.saturation import MIN_SATURATION
+
+    d = saturation_data(True)
+    for r in d["runs"]:
+        r["saturated"] = [[0.5 * MIN_SATURATION] * 3 for _ in r["saturated"]]
+    c = get_study("saturation").conclude(d)
+    assert "barely saturated" in c.sentence and c.verdict == INCONCLUSIVE
+    # two ReLU rates: each gets its own effect; a contradiction at one rate is reported
+    d = saturation_data(True)
+    extra = []
+    for r in d["relu_runs"]:
+        r["lr"] = 0.5
+        hi = dict(r, lr=3.0, off=[[0.7 if r["variant"] == "bn" else 0.5] * 3] * 12)
+        extra.append(hi)
+    d["relu_runs"] += extra
+    c = get_study("saturation").conclude(d)
+    lo05, hi05 = _ci(c, "ReLU units off per example at lr 0.5")
+    lo3, _ = _ci(c, "ReLU units off per example at lr 3")
+    assert hi05 < 0 < lo3 and c.verdict == CONTRADICTS
+
+
+def test_initialisation_regime_change_has_an_interval() -> None:
+    c = get_study("initialisation").conclude(initialisation_data(True, regime_flip=True))
+    lo, hi = _ci(c, "beta: BN/plain at depth 16 over BN/plain at depth 6")
+    assert lo > 1.0  # BN's advantage at depth 6 turns into a disadvantage at depth 16
+    assert "depends on the regime" in c.sentence and c.verdict != SUPPORTS
+    c = get_study("initialisation").conclude(initialisation_data(True))
+    assert not any(k.startswith("beta: BN/plain at depth") for k in c.numbers)
+
+
+def test_learning_rate_sigmoid_arms_use_their_own_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain sigmoid net must train at some rate for a ratio to exist: its arms run at
+    ``sigmoid_depth``, the ReLU arms at ``depth``."""
+    from signalprop.lab import grid as G
+    from signalprop.lab import learning_rate as lr_study
+
+    seen = {}
+    monkeypatch.setattr(G, "run_grid", lambda grid, *a, **k: seen.update(grid) or [])
+    cfg = lr_study.get_config(True)
+    lr_study._sweep(cfg, "unused")
+    arms = seen["axes"]["arch"]
+    assert arms["sigmoid"]["depth"] == arms["sigmoid+BN"]["depth"] == cfg["sigmoid_depth"] < 8
+    assert "depth" not in arms["relu"] and seen["base"]["depth"] == cfg["depth"]

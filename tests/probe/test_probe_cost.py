@@ -313,10 +313,69 @@ def test_forward_sample_is_fixed_small_and_spread_over_units():
     p = Probe(model, max_forward_samples=100)
     out = torch.arange(128 * 64, dtype=torch.float32).reshape(128, 64)
     s = p._sample(out)
-    assert s.numel() <= 100
+    assert s.numel() == 100  # exactly the sample size: every site's samples stack together
+    assert len(set(s.long().tolist())) == 100  # distinct positions (they wrap around)
     units = set((s.long() % 64).tolist())
     assert len(units) >= 50  # the stride is coprime with the row length: most units visited
+    assert len(set((s.long() // 64).tolist())) >= 50  # and spread over the examples
     assert torch.equal(s, p._sample(out.clone()))  # fixed positions
+    small = torch.arange(30, dtype=torch.float32).reshape(5, 6)
+    assert torch.equal(p._sample(small), small.reshape(-1))  # smaller outputs: all of it
+
+
+def test_mapping_step_keeps_no_forward_tensor_alive():
+    # the first recorded step maps residual blocks through the torch-function mode; it must not
+    # hold the forward's tensors (a residual stream kept alive through backward raised the
+    # GPT-2 benchmark's peak memory by 8% of its state)
+    import weakref
+
+    class Res(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.f = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(x + self.f(x))
+
+    model = nn.Sequential(nn.Linear(8, 8), Res(), Res())
+    with Probe(model) as p:
+        out = model(torch.randn(4, 8))
+        ref = weakref.ref(out)
+        loss = out.sum()  # (sum's backward keeps no input)
+        del out
+        assert ref() is None
+        loss.backward()
+        p.step()
+    assert p.record.meta.get("norm_placement") == "post"  # the map itself still drawn
+
+
+def test_sampled_forward_statistics_match_exact_ones_within_sampling_error():
+    # the forward sample (256 values per output) against the whole output, same forward pass:
+    # the stated standard errors (stats.MAX_FORWARD_SAMPLES) with a 4-sigma margin
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 96), nn.Sigmoid())
+    x = torch.randn(256, 32)
+    recs = []
+    for kw in ({}, {"max_forward_samples": None, "max_percentile_samples": None}):
+        with Probe(model, **kw) as p:
+            model(x).sum().backward()
+            p.step()
+        model.zero_grad()
+        recs.append(p.record.data[0])
+    sampled, exact = recs
+    for layer, ex in exact.items():
+        if "out_std" not in ex:
+            continue
+        got, sd = sampled[layer], ex["out_std"]
+        assert abs(got["out_mean"] - ex["out_mean"]) <= 4 * sd / 16, layer
+        assert abs(got["out_std"] - sd) <= 4 * 0.044 * sd, layer
+        for q in ("out_p05", "out_p15", "out_p50", "out_p85", "out_p95"):
+            assert abs(got[q] - ex[q]) <= 4 * 0.13 * sd, (layer, q)
+        if "saturated_frac" in ex:
+            f = ex["saturated_frac"]
+            assert abs(got["saturated_frac"] - f) <= 4 * (f * (1 - f) / 256) ** 0.5 + 1e-9, layer
+        assert got.keys() == ex.keys()
 
 
 def test_nonfinite_output_gradients_counted_from_the_first_sighting_on(monkeypatch):

@@ -104,6 +104,45 @@ def test_cuda_training_path_never_synchronises(opt_name, act, autocast, flush_ev
         assert rec.get(s, "0.weight", "update_ratio") > 0
 
 
+def test_cuda_loss_scale_is_not_read_on_the_host():
+    # GradScaler.step() reads found_inf itself (its own synchronisation); the probe's step
+    # computations inside it must not add one: get_scale() would (.item() on the scale)
+    torch.manual_seed(0)
+    model = _mlp().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+    x = torch.randn(64, 16, device="cuda")
+    y = torch.randint(0, 4, (64,), device="cuda")
+    p = Probe(model, optimizer=opt, scaler=scaler, flush_every=4).attach()
+    pre = core.Probe._pre_step
+    seen = []
+
+    def strict(self):  # the probe's end-of-gradients work, under "error" mode
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return pre(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            seen.append(1)
+
+    core.Probe._pre_step = strict
+    try:
+        for _ in range(6):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    finally:
+        core.Probe._pre_step = pre
+    p.detach()
+    assert len(seen) == 6
+    rec = p.record
+    assert rec.get(5, "__model__", "loss_scale") == 1024.0
+    assert math.isfinite(rec.get(5, "0.weight", "grad_norm"))
+
+
 def test_cuda_records_match_cpu():
     torch.manual_seed(0)
     cpu = _mlp(act=nn.ReLU).double()
@@ -160,6 +199,7 @@ if __name__ == "__main__":  # a machine without pytest
         (test_cuda_training_path_never_synchronises, ("adamw", nn.GELU, True, 3)),
         (test_cuda_training_path_never_synchronises, ("rmsprop", nn.Sigmoid, False, 3)),
         (test_cuda_training_path_never_synchronises, ("sgd", nn.Tanh, False, 3)),
+        (test_cuda_loss_scale_is_not_read_on_the_host, ()),
         (test_cuda_records_match_cpu, ()),
         (test_cuda_tiny_gradients_do_not_underflow, ()),
     ]

@@ -120,3 +120,32 @@ def test_a_subclass_and_a_hugging_face_name_find_their_kind() -> None:
     NewGELUActivation = type("NewGELUActivation", (nn.Module,), {})
     assert activation_kind(MyTanh()) == "tanh" and activation_kind(nn.ReLU6()) == "relu6"
     assert activation_kind(NewGELUActivation()) == "gelu" and activation_kind(nn.Linear(1, 1)) is None
+
+
+WITH_THRESHOLD = [n for n in WITH_SATURATION if activation(n).saturation.output_threshold]
+WITH_FUNCTIONS = [n for n in NAMES if activation(n).functions]
+
+
+@pytest.mark.parametrize("name", WITH_THRESHOLD)
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.3])
+def test_output_threshold_selects_the_same_units_as_the_derivative(name: str, ratio: float) -> None:
+    s = activation(name).saturation
+    z = torch.linspace(-8.0, 8.0, 4001, dtype=torch.float64)
+    h = activation(name)().double()(z)
+    center, c = s.output_threshold(ratio)
+    d = s.derivative(h)
+    by_derivative = d < ratio * s.dmax
+    margin = (d - ratio * s.dmax).abs() > 1e-9  # leave out points on the boundary itself
+    assert torch.equal(((h - center).abs() > c)[margin], by_derivative[margin])
+    lo, hi = activation(name).output_range
+    assert lo <= float(h.min()) and float(h.max()) <= hi
+
+
+@pytest.mark.parametrize("name", WITH_FUNCTIONS)
+def test_functional_forms_compute_the_module(name: str) -> None:
+    """Each functional form (in-place ones on a copy) equals the module's output exactly."""
+    d = activation(name)
+    want = d()(Z)
+    for f in d.functions:
+        torch.testing.assert_close(f(Z.clone()), want, rtol=0, atol=0)
+    assert set(d.inplace) <= set(d.functions)

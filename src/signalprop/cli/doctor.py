@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from signalprop._imports import load_callable
+
 
 def register(group: click.Group) -> None:
     """Add the ``doctor`` command to the CLI group."""
@@ -38,8 +40,7 @@ def load_target(target: str) -> dict[str, Any]:
     """
     from torch import nn
 
-    from signalprop._imports import load_callable
-    from signalprop.validation import check_signature, user_code
+    from signalprop.errors import check_signature, user_code  # lazy: torch (see signalprop.cli)
 
     _, sep, fn_name = target.rpartition(":")
     if not sep:
@@ -128,7 +129,7 @@ def print_report(report: Any, console: Any, top: int = 6) -> None:
     if report.trial_table is not None and hasattr(report.trial_table, "rich_table"):
         console.print(report.trial_table.rich_table())
     elif report.trials:
-        from signalprop.report.doctor_page import _trial_table
+        from signalprop.report.doctor_page import _trial_table  # lazy: torch (see signalprop.cli)
 
         cols, rows = _trial_table(report.trials)
         t = Table(title="trials")
@@ -190,11 +191,10 @@ def doctor_cmd(
     loss_fn may be None when the model returns its loss (Hugging Face models given labels), and
     a dict {model, data, step_fn} takes step_fn(model, batch) -> loss. Or use --example NAME.
     """
-    import torch
+    import torch  # lazy: torch takes ~5 s to import; `signalprop --help` stays at ~0.3 s
 
-    from signalprop.doctor import doctor
-    from signalprop.examples import EXAMPLES, load_example
-    from signalprop.validation import UserError, check_out_dir
+    from signalprop.examples import EXAMPLES  # lazy: imports torch (see above)
+    from signalprop.validation import check_out_dir  # lazy: imports torch (see above)
 
     if list_examples:
         for name in EXAMPLES.names():
@@ -207,6 +207,26 @@ def doctor_cmd(
     if out:  # before any training: a result that cannot be written is found out now
         check_out_dir(out)
     torch.manual_seed(seed)  # model construction in the factory / example
+    model, data, loss_fn, settings, name = _model_and_settings(
+        target, example, {"steps": steps, "lr": lr, "optimizer": optimizer,
+                          "batch_size": batch_size})
+    report = _diagnose(model, data, loss_fn, settings, name, as_json, out, device=device,
+                       validate=validate, trial=trial, trial_seeds=trial_seeds, seed=seed)
+    for w in report.meta.get("warnings", []):
+        click.echo(f"signalprop: warning: {w}", err=True)
+    _show(report, as_json, out)
+    if report.meta.get("interrupted"):  # Ctrl-C: the steps trained are reported and saved
+        _say_partial("interrupted", report, out)
+        return 130
+    return 1 if fail_on_findings and report.findings else 0
+
+
+def _model_and_settings(target: str | None, example: str | None, overrides: dict[str, Any]
+                        ) -> tuple[Any, Any, Any, dict[str, Any], str]:
+    """``(model, data, loss_fn, settings, name)`` of the example or the target, the options
+    given on the command line overriding the example's settings."""
+    from signalprop.examples import load_example  # lazy: imports torch (see doctor_cmd)
+
     if example is not None:
         (model, data, loss_fn), settings = load_example(example)
         name = example
@@ -217,19 +237,23 @@ def doctor_cmd(
         settings, name = {}, target.rpartition(":")[2]
         if parts["step_fn"] is not None:
             settings["step_fn"] = parts["step_fn"]
-    for key, val in (("steps", steps), ("lr", lr), ("optimizer", optimizer),
-                     ("batch_size", batch_size)):
-        if val is not None:
-            settings[key] = val
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return model, data, loss_fn, settings, name
+
+
+def _diagnose(model: Any, data: Any, loss_fn: Any, settings: dict[str, Any], name: str,
+              as_json: bool, out: str | None, **kw: Any) -> Any:
+    """Run the doctor; an error in the user's code after some steps shows and saves the
+    diagnosis of the steps trained before it is raised."""
+    from signalprop.doctor import doctor  # lazy: imports torch (see doctor_cmd)
+    from signalprop.errors import UserError  # lazy: imports torch (see doctor_cmd)
+
     try:
         with warnings.catch_warnings():
             # shown below as one 'signalprop: warning:' line each, not twice
             warnings.filterwarnings("ignore", message="the data ran out")
-            report = doctor(
-                model, data, loss_fn, device=device, validate=validate, trial=trial,
-                trial_seeds=trial_seeds, progress=sys.stderr.isatty(), seed=seed, name=name,
-                **settings,
-            )
+            return doctor(model, data, loss_fn, progress=sys.stderr.isatty(), name=name,
+                          **kw, **settings)
     except UserError as e:
         partial = getattr(e, "report", None)
         if partial is None:
@@ -238,13 +262,6 @@ def doctor_cmd(
         _show(partial, as_json, out)
         _say_partial("stopped by an error", partial, out)
         raise
-    for w in report.meta.get("warnings", []):
-        click.echo(f"signalprop: warning: {w}", err=True)
-    _show(report, as_json, out)
-    if report.meta.get("interrupted"):  # Ctrl-C: the steps trained are reported and saved
-        _say_partial("interrupted", report, out)
-        return 130
-    return 1 if fail_on_findings and report.findings else 0
 
 
 def _say_partial(what: str, report: Any, out: str | None) -> None:
@@ -265,15 +282,22 @@ def _env_threads() -> int:
     return n
 
 
-def _show(report: Any, as_json: bool, out: str | None) -> None:
-    """Print the report (first: a failed save must not hide the diagnosis), then save it."""
+def echo_report(report: Any, as_json: bool) -> Any:
+    """The report on stdout: its JSON only, or the tables; the rich console the tables went
+    to (``None`` with ``as_json``)."""
     from rich.console import Console
 
     if as_json:
         click.echo(report.to_json())
-    else:
-        console = Console(width=max(100, Console().width))
-        print_report(report, console)
+        return None
+    console = Console(width=max(100, Console().width))
+    print_report(report, console)
+    return console
+
+
+def _show(report: Any, as_json: bool, out: str | None) -> None:
+    """Print the report (first: a failed save must not hide the diagnosis), then save it."""
+    echo_report(report, as_json)
     if out:
         paths = report.save(out)
         if not as_json:

@@ -8,6 +8,9 @@ import time
 
 import click
 
+from signalprop.cli.doctor import _env_threads
+from signalprop.cli.records import is_record_path, write_record_report
+
 
 def _say(msg: str) -> None:
     click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
@@ -21,7 +24,7 @@ def lab() -> None:
 @lab.command("list")
 def lab_list() -> None:
     """List the studies: name, title and the claim each one tests."""
-    from signalprop.lab import STUDY_NAMES, get_study
+    from signalprop.lab import STUDY_NAMES, get_study  # lazy: numpy (see signalprop.cli)
 
     for name in STUDY_NAMES:
         mod = get_study(name)
@@ -53,10 +56,9 @@ def lab_run(
     """Run studies NAME... (or 'all') and build OUT/index.html."""
     import torch
 
-    from signalprop._device import resolve_device
-    from signalprop.cli.doctor import _env_threads
-    from signalprop.lab.runner import resolve_names, run_lab
-    from signalprop.validation import check_out_dir
+    from signalprop._device import resolve_device  # lazy: torch (see signalprop.cli)
+    from signalprop.errors import check_out_dir  # lazy: torch (see signalprop.cli)
+    from signalprop.lab.runner import resolve_names, run_lab  # lazy: torch (see signalprop.cli)
 
     wanted = resolve_names(list(names))  # fail on a bad name before any work
     resolve_device(device)  # ... on a bad or absent device
@@ -74,7 +76,7 @@ def lab_run(
         import json
         from dataclasses import asdict
 
-        from signalprop.doctor import _jsonable
+        from signalprop.doctor import _jsonable  # lazy: torch (see signalprop.cli)
 
         click.echo(json.dumps(_jsonable({
             "report": os.path.join(out, "index.html"), "total_seconds": total,
@@ -106,15 +108,13 @@ def report(out_dir: str, out: str | None) -> int:
     """(Re)build OUT_DIR/index.html from the lab results stored in OUT_DIR; or, when it is a saved
     record (record.json.gz from a Probe, a callback or doctor), write the doctor's page for it
     into --out."""
-    from signalprop.cli.records import is_record_path, write_record_report
-
     if is_record_path(out_dir):
         if out is None:
             raise click.UsageError("a RECORD needs --out DIR (where report.html goes)")
         click.echo(str(write_record_report(out_dir, out)))
         return 0
-    from signalprop.lab import STUDY_NAMES
-    from signalprop.lab.report import build_report
+    from signalprop.lab import STUDY_NAMES  # lazy: numpy (see signalprop.cli)
+    from signalprop.lab.report import build_report  # lazy: numpy (see signalprop.cli)
 
     path = build_report(out_dir, order=STUDY_NAMES)
     click.echo(str(path))

@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from signalprop.cli.doctor import echo_report
+
 
 def register(group: click.Group) -> None:
     """Add the ``diagnose`` command to the CLI group."""
@@ -25,7 +27,7 @@ def is_record_path(path: str | Path) -> bool:
 
 def load_record(path: str | Path) -> Any:
     """Load a record file, or ``DIR/record.json.gz`` for a folder a callback or doctor wrote."""
-    from signalprop.record import Record
+    from signalprop.record import Record  # lazy: numpy (see signalprop.cli)
 
     p = Path(path)
     if p.is_dir():
@@ -40,6 +42,7 @@ def load_record(path: str | Path) -> Any:
 
 def report_for(path: str | Path) -> Any:
     """The doctor's :class:`~signalprop.doctor.Report` of a saved record."""
+    # lazy: torch (see signalprop.cli)
     from signalprop.integrations.common import report_from_record
 
     return report_from_record(load_record(path))
@@ -56,17 +59,9 @@ def diagnose_cmd(record: str, as_json: bool, out: str | None, fail_on_findings: 
     folder holding it): the same findings and prescriptions as ``signalprop doctor``."""
     report = report_for(record)
     paths = report.save(out) if out else None
-    if as_json:
-        click.echo(report.to_json())
-    else:
-        from rich.console import Console
-
-        from signalprop.cli.doctor import print_report
-
-        console = Console(width=max(100, Console().width))
-        print_report(report, console)
-        if paths:
-            console.print(f"report: {paths['html']}", highlight=False)
+    console = echo_report(report, as_json)
+    if paths and console is not None:
+        console.print(f"report: {paths['html']}", highlight=False)
     return 1 if fail_on_findings and report.findings else 0
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from signalprop.cli.doctor import _env_threads
+
 
 def register(group: click.Group) -> None:
     """Add the ``sweep`` command to the CLI group."""
@@ -35,11 +37,14 @@ def sweep_cmd(config: str, out: str | None, executor: str, workers: int, threads
     """Train every run of the grid in CONFIG (YAML: base, axes, seeds; see docs/sweep.md)."""
     import torch
 
-    from signalprop.cli.doctor import _env_threads
-    from signalprop.sweep import expand_grid, load_grid_file, sweep
-    from signalprop.sweep.grid import MAX_RUNS
-    from signalprop.sweep.runner import default_out
-    from signalprop.validation import check_out_dir
+    from signalprop.errors import check_out_dir  # lazy: torch (see signalprop.cli)
+    from signalprop.sweep import (  # lazy: torch (see signalprop.cli)
+        expand_grid,
+        load_grid_file,
+        sweep,
+    )
+    from signalprop.sweep.grid import MAX_RUNS  # lazy: torch (see signalprop.cli)
+    from signalprop.sweep.runner import default_out  # lazy: torch (see signalprop.cli)
 
     max_runs = max_runs or MAX_RUNS
     grid = load_grid_file(config)
@@ -69,7 +74,7 @@ def sweep_cmd(config: str, out: str | None, executor: str, workers: int, threads
     if as_json:
         import json
 
-        from signalprop.doctor import _jsonable
+        from signalprop.doctor import _jsonable  # lazy: torch (see signalprop.cli)
 
         click.echo(json.dumps(_jsonable({
             "out": str(out_dir), "database": str(out_dir / "sweep.db"), "table": str(csv),

@@ -22,6 +22,8 @@ from typing import Any
 
 import click
 
+from signalprop._imports import load_callable as _load
+
 
 def register(group: click.Group) -> None:
     """Add the ``theory`` command group to the CLI."""
@@ -48,14 +50,12 @@ def _parse_params(params: tuple[str, ...]) -> dict[str, float]:
 
 def load_callable(target: str) -> Any:
     """Import ``package.module:attr`` or ``path/to/file.py:attr`` (see signalprop._imports)."""
-    from signalprop._imports import load_callable as _load
-
     return _load(target, what="activation")
 
 
 def resolve_cli_activation(name: str, params: tuple[str, ...] = ()) -> Any:
     """A registered activation (with ``--param`` hyper-parameters) or an imported callable."""
-    from signalprop.theory import get_activation
+    from signalprop.theory import get_activation  # lazy: torch (see signalprop.cli)
 
     hp = _parse_params(params)
     if ":" in name:
@@ -96,7 +96,11 @@ def _echo_json(obj: dict[str, Any]) -> None:
 def critical_cmd(activation: str, params: tuple[str, ...], sigma_b2: float, as_json: bool
                  ) -> None:
     """The edge of chaos: sigma_w with chi_1 = 1 (Schoenholz et al. 2017)."""
-    from signalprop.theory import NoCriticalPoint, critical_point, xi_q
+    from signalprop.theory import (  # lazy: torch (see signalprop.cli)
+        NoCriticalPoint,
+        critical_point,
+        xi_q,
+    )
 
     act = resolve_cli_activation(activation, params)
     if sigma_b2 < 0 or not math.isfinite(sigma_b2):
@@ -151,7 +155,12 @@ def phase_cmd(activation: str, params: tuple[str, ...], out: str, sigma_w_max: f
     gradient depth scale (Poole et al. 2016; Schoenholz et al. 2017)."""
     import numpy as np
 
-    from signalprop.theory import NoCriticalPoint, critical_line, critical_point, phase_diagram
+    from signalprop.theory import (  # lazy: torch (see signalprop.cli)
+        NoCriticalPoint,
+        critical_line,
+        critical_point,
+        phase_diagram,
+    )
 
     act = resolve_cli_activation(activation, params)
     if not (sigma_b2_max > 0 and math.isfinite(sigma_b2_max)):
@@ -167,7 +176,7 @@ def phase_cmd(activation: str, params: tuple[str, ...], out: str, sigma_w_max: f
     out_path = Path(out)
     if not out_path.parent.exists():
         raise FileNotFoundError(f"output directory {str(out_path.parent)!r} does not exist")
-    from signalprop.validation import check_out_dir
+    from signalprop.errors import check_out_dir  # lazy: torch (see signalprop.cli)
 
     check_out_dir(out_path.parent, what="the folder of --out")  # before the computation
 
@@ -246,7 +255,7 @@ def bn_rate_cmd(activation: str, params: tuple[str, ...], batch_size: int, metho
                 as_json: bool) -> None:
     """Gradient explosion rate of a deep batch-normalised network at initialisation (Yang et al.
     2019): per-layer growth factor of the squared gradient norm."""
-    from signalprop.theory import bn_gradient_rate
+    from signalprop.theory import bn_gradient_rate  # lazy: torch (see signalprop.cli)
 
     act = resolve_cli_activation(activation, params)
     rate = bn_gradient_rate(act, batch_size, method=method)

@@ -278,63 +278,93 @@ def _say_scatter(n: int, mean: float, sd: float, width: int | None, width_sd: fl
 
 # --- cause -------------------------------------------------------------------------------------
 def _cause(ts: list[Transition], act_obj: Any) -> str:
+    """Why the gradient shrinks or grows per layer, in words (:func:`_measure_cause` then
+    :func:`_say_cause`)."""
+    return _say_cause(_measure_cause(ts, act_obj))
+
+
+def _geomean_chi(ts: list[Transition]) -> float:
+    return float(np.exp(np.median(np.log([t.chi for t in ts]))))
+
+
+def _measure_cause(ts: list[Transition], act_obj: Any) -> dict[str, Any]:
+    """The numbers behind the cause sentence: per block kind, how many blocks and the median
+    factor; for element-wise activations the medians of sigma_w^2, q, E[phi'^2] and the mean,
+    and phi''s maximum."""
     el = [t for t in ts if t.block == "elementwise" and math.isfinite(t.chi)]
     bn = [t for t in ts if t.block == "batchnorm" and math.isfinite(t.chi)]
     rs = [t for t in ts if t.block == "residual" and math.isfinite(t.chi)]
-    skip = ""
-    if rs:
-        rate = float(np.exp(np.median(np.log([t.chi for t in rs]))))
-        skip = (f" Skip connections (x + alpha phi(W x + b)): each of the {len(rs)} residual "
-                f"blocks multiplies the squared gradient by 1 + alpha^2 sigma_w^2 E[phi'^2] "
-                f"(median {fmt(rate, 3)}), so it cannot vanish through them.")
     if rs and len(el) <= len(rs):  # a residual net: the chain factor is not the story
         el = []
-    if not el and not bn:
-        if rs:
+    m: dict[str, Any] = {"n_residual": len(rs), "residual_rate": _geomean_chi(rs) if rs else None,
+                         "n_elementwise": len(el), "n_batchnorm": len(bn)}
+    if bn and not el:
+        m.update(bn_rate=_geomean_chi(bn), bn_activation=bn[0].activation)
+    if not el:
+        return m
+    grid = np.linspace(-12.0, 12.0, 4801)
+    dmax = float(np.max(np.abs(act_obj.dphi(grid)))) if act_obj is not None else math.nan
+    e2 = float(np.median([t.e_dphi2 for t in el]))
+    m.update(sw2=float(np.median([t.sigma_w2 for t in el])), q=float(np.median([t.q for t in el])),
+             e2=e2, chi=_geomean_chi(el), name=el[0].activation or "phi", dmax=dmax,
+             frac=e2 / (dmax * dmax) if dmax > 0 else math.nan,
+             mean=float(np.median([t.mean for t in el])))
+    return m
+
+
+def _say_cause(m: dict[str, Any]) -> str:
+    """The cause sentence from :func:`_measure_cause`'s numbers."""
+    skip = ""
+    if m["n_residual"]:
+        skip = (f" Skip connections (x + alpha phi(W x + b)): each of the {m['n_residual']} "
+                f"residual blocks multiplies the squared gradient by 1 + alpha^2 sigma_w^2 "
+                f"E[phi'^2] (median {fmt(m['residual_rate'], 3)}), so it cannot vanish through "
+                "them.")
+    if not m["n_elementwise"] and not m["n_batchnorm"]:
+        if m["n_residual"]:
             return "Why (mean-field theory at the measured init):" + skip
         return ("The mean-field theory covers none of this model's blocks (no element-wise "
                 "activation between weight layers).")
-    if bn and not el:
-        rate = float(np.exp(np.median(np.log([t.chi for t in bn]))))
-        return skip.strip() + (" " if skip else "") + (f"Why (mean-field theory, Yang et al. 2019): batch norm before {bn[0].activation} "
-                f"multiplies the squared gradient by lambda_G = {fmt(rate, 3)} per layer "
-                f"(a factor {fmt(math.sqrt(rate), 3)} on the norm) whatever sigma_w is.")
-    sw2 = float(np.median([t.sigma_w2 for t in el]))
-    q = float(np.median([t.q for t in el]))
-    e2 = float(np.median([t.e_dphi2 for t in el]))
-    chi = float(np.exp(np.median(np.log([t.chi for t in el]))))
-    name = el[0].activation or "phi"
-    grid = np.linspace(-12.0, 12.0, 4801)
-    dmax = float(np.max(np.abs(act_obj.dphi(grid)))) if act_obj is not None else math.nan
-    frac = e2 / (dmax * dmax) if dmax > 0 else math.nan
+    if not m["n_elementwise"]:
+        rate = m["bn_rate"]
+        return skip.strip() + (" " if skip else "") + (
+            f"Why (mean-field theory, Yang et al. 2019): batch norm before {m['bn_activation']} "
+            f"multiplies the squared gradient by lambda_G = {fmt(rate, 3)} per layer "
+            f"(a factor {fmt(math.sqrt(rate), 3)} on the norm) whatever sigma_w is.")
+    return _say_chi(m) + skip
+
+
+def _say_chi(m: dict[str, Any]) -> str:
+    """The element-wise part of the cause: chi, its factors, and saturation or scale."""
+    sw2, q, e2, chi, name, dmax, frac = (m[k] for k in ("sw2", "q", "e2", "chi", "name", "dmax",
+                                                         "frac"))
     near = NEAR_CRITICAL[0] <= chi <= NEAR_CRITICAL[1]
     verb = "keeps" if near else ("shrinks" if chi < 1 else "grows")
-    mean = float(np.median([t.mean for t in el]))
     where = f"z ~ N(0, q), measured q = {fmt(q, 2)}"
-    if abs(mean) > 0.5 * math.sqrt(q):
-        where = (f"z ~ N(m, q - m^2) as measured, m = {fmt(mean, 2)}, q = {fmt(q, 2)}: the "
+    if abs(m["mean"]) > 0.5 * math.sqrt(q):
+        where = (f"z ~ N(m, q - m^2) as measured, m = {fmt(m['mean'], 2)}, q = {fmt(q, 2)}: the "
                  "biases shift every unit the same way")
     txt = (f"Why (mean-field theory at the measured init, Schoenholz et al. 2017): each layer "
            f"{verb} the squared gradient by chi = sigma_w^2 E[{name}'(z)^2] = {fmt(sw2, 3)} x "
            f"{fmt(e2, 2)} = {fmt(chi, 2)} ({where}), a factor "
            f"{fmt(math.sqrt(chi), 3)} per layer on the gradient norm.")
-    if math.isfinite(frac):
-        sat = (f" {name}' <= {fmt(dmax, 3)} and E[{name}'^2] is {fmt(100 * frac, 2)}% of its "
-               f"maximum {fmt(dmax * dmax, 3)}")
-        if near:
-            sat += ": chi is near 1, the edge of chaos (gradients keep their scale)."
-        elif chi < 1 and frac >= 0.8:
-            sat += (f", so the cause is {name}' <= {fmt(dmax, 3)} times sigma_w^2 = "
-                    f"{fmt(sw2, 3)}, not saturation.")
-        elif chi < 1 and frac <= 0.3:
-            sat += ": the cause is saturation (most pre-activations sit where the derivative "\
-                   "is small)."
-        elif chi > 1:
-            sat += f": the cause is sigma_w^2 = {fmt(sw2, 3)} too large for {name}."
-        else:
-            sat += "."
-        txt += sat
-    return txt + skip
+    if not math.isfinite(frac):
+        return txt
+    sat = (f" {name}' <= {fmt(dmax, 3)} and E[{name}'^2] is {fmt(100 * frac, 2)}% of its "
+           f"maximum {fmt(dmax * dmax, 3)}")
+    if near:
+        sat += ": chi is near 1, the edge of chaos (gradients keep their scale)."
+    elif chi < 1 and frac >= 0.8:
+        sat += (f", so the cause is {name}' <= {fmt(dmax, 3)} times sigma_w^2 = "
+                f"{fmt(sw2, 3)}, not saturation.")
+    elif chi < 1 and frac <= 0.3:
+        sat += ": the cause is saturation (most pre-activations sit where the derivative "\
+               "is small)."
+    elif chi > 1:
+        sat += f": the cause is sigma_w^2 = {fmt(sw2, 3)} too large for {name}."
+    else:
+        sat += "."
+    return txt + sat
 
 
 # --- prescription --------------------------------------------------------------------------------

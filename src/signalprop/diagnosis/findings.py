@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # the one JSON number policy lives with the record; json_number is re-exported (a public name)
+from signalprop._registry import check_choice, unknown_name_message
 from signalprop.record import from_jsonable
 from signalprop.record import json_number as json_number
 
@@ -86,8 +87,6 @@ class Prescription:
 
     def __post_init__(self) -> None:
         if self.remedy not in REMEDY_NAMES:
-            from signalprop._registry import unknown_name_message
-
             raise ValueError(unknown_name_message("remedy", self.remedy, list(REMEDY_NAMES)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,8 +115,6 @@ class Finding:
     numbers: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from signalprop._registry import check_choice
-
         check_choice("finding kind", self.kind, KINDS)
         check_choice("severity", self.severity, SEVERITIES)
 

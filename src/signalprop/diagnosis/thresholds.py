@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from signalprop._registry import unknown_name_message
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -99,8 +101,6 @@ class Thresholds:
             names = [f.name for f in dataclasses.fields(cls)]
             for k in value:
                 if k not in names:
-                    from signalprop._registry import unknown_name_message
-
                     raise ValueError(unknown_name_message("threshold", k, names))
             return cls(**dict(value))
         raise TypeError(

@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from signalprop.probe.modules import activation_kind
 from signalprop.record import Record
+from signalprop.theory import bn_gradient_rate, gaussian_expectations, get_activation
+from signalprop.theory.torch_adapter import resolve_activation
 
 _BN = "BatchNorm"
 
@@ -89,11 +93,7 @@ def _bias_scale(record: Record, step: int, layers: list[str]) -> float:
 def _resolve(kind: str | None, module: Any) -> Any:
     """A theory Activation for a block's activation: the module itself when we have it (exact for
     default-configured torch modules, autograd for anything else), else the recorded kind."""
-    from signalprop.theory import get_activation
-
     if module is not None:
-        from signalprop.theory.torch_adapter import resolve_activation
-
         try:
             return resolve_activation(module)
         except (TypeError, ValueError):
@@ -109,8 +109,6 @@ def _resolve(kind: str | None, module: Any) -> Any:
 def _is_elementwise(module: Any, shape: list[int] | None) -> bool:
     """Whether an unlabelled, parameter-free module acts element-wise: f(x)[perm] == f(x[perm])
     along the features, and a row's output does not depend on the other rows."""
-    import torch
-
     if module is None or any(True for _ in module.parameters()):
         return False
     n = int(np.prod(shape)) if shape else 16
@@ -136,8 +134,6 @@ def _acts_elementwise(info: Any, module: Any) -> bool:
     functional call, no model) the record's label is all there is."""
     if module is None:
         return info.activation is not None
-    from signalprop.probe.modules import activation_kind
-
     if activation_kind(module) is not None:
         return True
     return _is_elementwise(module, info.shape)
@@ -216,8 +212,6 @@ def _blocks(record: Record, model: Any, ctx: Any) -> list[tuple[str, list[str], 
 
 def _transitions(record: Record, ctx: Any, blocks: list, step: int, batch_size: int | None,
                  res: dict[str, tuple[str, float]] | None = None) -> list[Transition]:
-    from signalprop.theory import bn_gradient_rate
-
     L = ctx.weight_layers
     cache: dict[tuple[Any, ...], float] = {}
 
@@ -274,8 +268,6 @@ def _dphi2(act: Any, mean: float, std: float) -> float:
     """E[phi'(h)^2] for h ~ N(mean, std^2) as measured. With zero-mean weights and biases the
     mean is ~0 and this is E[phi'(sqrt(q) z)^2]; a constant bias shift (all units at -3) is kept
     where the zero-mean formula would put half the units on either side."""
-    from signalprop.theory import gaussian_expectations
-
     if abs(mean) <= 1e-3 * std:
         return float(gaussian_expectations(lambda x: act.dphi(x) ** 2, std * std,
                                            kinks=act.kinks)[0])
@@ -285,8 +277,6 @@ def _dphi2(act: Any, mean: float, std: float) -> float:
 
 def _bn_output_variance(act: Any) -> float:
     """Var[phi(z)], z ~ N(0, 1): the per-unit batch variance of phi after batch norm."""
-    from signalprop.theory import gaussian_expectations
-
     m = gaussian_expectations(lambda x: np.stack([act.phi(x), act.phi(x) ** 2]), 1.0,
                               kinks=act.kinks)
     return float(m[1] - m[0] ** 2)

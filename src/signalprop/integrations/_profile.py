@@ -5,7 +5,7 @@ plot per layer."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from signalprop.integrations.common import StepValues, depth_profile
 from signalprop.report.figures import pick_steps
@@ -46,6 +46,32 @@ class ProfileHistory:
         finite (a log axis cannot show it; the record keeps the value)."""
         steps = self.chosen()
         return steps, [[_log10(v) for v in self.steps[s]] for s in steps]
+
+
+class ProfileWriter:
+    """What the W&B and MLflow writers share: a prefix and the depth profiles of some metrics,
+    re-drawn every ``profile_every`` recorded steps.
+
+    Raises:
+        ValueError: ``profile_every`` below 1.
+    """
+
+    def __init__(self, prefix: str, profile_metrics: Iterable[str], max_lines: int,
+                 profile_every: int) -> None:
+        if profile_every < 1:
+            raise ValueError(f"profile_every must be >= 1, got {profile_every!r}")
+        self.prefix = prefix
+        self.profiles = [ProfileHistory(m, max_lines) for m in profile_metrics]
+        self.profile_every = profile_every
+        self._n = 0
+        self._dirty = False
+
+    def _add_profiles(self, step: int, values: StepValues) -> bool:
+        """Keep this step's profiles; whether the charts are due for a re-draw."""
+        for prof in self.profiles:
+            self._dirty |= prof.add(step, values)
+        self._n += 1
+        return self._dirty and self._n % self.profile_every == 0
 
 
 def _log10(v: float) -> float | None:

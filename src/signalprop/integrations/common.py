@@ -12,10 +12,15 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from signalprop import __version__
+from signalprop.diagnosis import diagnose, merge_prescriptions
+from signalprop.diagnosis.explain import attach, explain
+from signalprop.diagnosis.report import Report
+from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.record import MODEL, Record, atomic_write_text
 
 #: Step values as the probe hands them to ``on_record`` listeners: ``values[layer][metric]``.
@@ -141,6 +146,28 @@ def check_callback_args(
             )
     return kw
 
+def set_callback_core(
+    cb: Any, every: Any, diagnose_every: Any, out_dir: str | os.PathLike[str] | None, save: bool,
+    schedule: Schedule | Iterable[int] | None, probe_kwargs: Mapping[str, Any] | None,
+    on_record: Iterable[Callable[..., Any]], report: bool,
+) -> None:
+    """The settings and the starting state every signalprop training callback shares, checked
+    (:func:`check_callback_args`) and set on ``cb``."""
+    kw = check_callback_args(every, diagnose_every, probe_kwargs)
+    cb.schedule = as_schedule(schedule if schedule is not None else every)
+    cb.diagnose_every = diagnose_every or None
+    cb.out_dir = Path(out_dir) if out_dir is not None else None
+    cb.save = save
+    cb.report = report
+    cb.probe_kwargs = kw
+    cb.listeners = list(on_record)
+    cb.probe = None
+    cb.record = Record()
+    cb.written = {}
+    cb._loss_sum = None
+    cb._next_diagnosis = 0
+
+
 def finding_key(finding: Any) -> tuple[str, str, str]:
     """``(kind, first layer, last layer)``: a finding is warned about once per key."""
     layers = list(getattr(finding, "layers", []) or [])
@@ -177,9 +204,6 @@ def diagnose_record(
         ``(findings, explanation)``; the explanation is ``None`` when the record cannot
         support one.
     """
-    from signalprop.diagnosis import diagnose
-    from signalprop.diagnosis.explain import attach, explain
-
     findings = diagnose(record, thresholds)
     try:
         explanation = explain(record, model, batch_size=record.meta.get("batch_size"))
@@ -240,10 +264,6 @@ def report_from_record(
         thresholds: Diagnosis thresholds when ``findings`` is not given.
         explanation: The mean-field explanation that goes with ``findings``.
     """
-    import signalprop
-    from signalprop.diagnosis import merge_prescriptions
-    from signalprop.doctor import Report
-
     if findings is None:
         findings, explanation = diagnose_record(record, thresholds)
     m = record.meta
@@ -257,7 +277,7 @@ def report_from_record(
         "lr": m.get("lr", ""),
         "recorded_steps": len(record),
         "num_parameters": m.get("num_parameters"),
-        "signalprop": signalprop.__version__,
+        "signalprop": __version__,
     }
     if "diverged" in m:
         full["diverged"] = m["diverged"]

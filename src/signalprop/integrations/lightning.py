@@ -29,27 +29,26 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from signalprop import stats
+from signalprop import __version__, stats
 from signalprop.integrations.common import (
-    SignalpropWarning,
-    check_callback_args,
-    diagnose_record,
-    finding_key,
-    format_finding,
+    FindingWarner,
     report_from_record,
+    set_callback_core,
     summary_metrics,
 )
-from signalprop.integrations.tensorboard import scalar_tag
+from signalprop.integrations.common import SignalpropWarning as SignalpropWarning  # public here
+from signalprop.integrations.common import finding_key as finding_key  # public here
+from signalprop.integrations.distributed import install_reducer
+from signalprop.integrations.tensorboard import TensorBoardWriter, scalar_tag
 from signalprop.probe import Probe
-from signalprop.probe.schedule import Schedule, as_schedule
-from signalprop.record import MODEL, Record, atomic_write_text
+from signalprop.probe.schedule import Schedule
+from signalprop.record import MODEL, atomic_write_text
 
 # Subclass the Callback of BOTH packages when both are installed: Lightning's trainers check
 # ``isinstance(cb, Callback)`` against their own package, so one class then serves
@@ -99,12 +98,20 @@ DEFAULT_LOG_METRICS: tuple[str, ...] = (
 CLIPPED_NORM = "grad_norm_total_clipped"
 
 
-def _load_diagnose() -> Callable[..., list[Any]] | None:
-    try:
-        from signalprop.diagnosis import diagnose
-    except ImportError:  # pragma: no cover - the diagnosis package is part of signalprop
-        return None
-    return diagnose
+class _FromWarner:
+    """An attribute of the callback kept on its :class:`FindingWarner` (same name there)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else getattr(obj.warner, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj.warner, self.name, value)
 
 
 class SignalpropCallback(*_BASES):  # type: ignore[misc]
@@ -165,7 +172,8 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         callback_metrics: bool = True,
     ) -> None:
         super().__init__()
-        kw = check_callback_args(every, diagnose_every, probe_kwargs)
+        set_callback_core(self, every, diagnose_every, out_dir, save, schedule, probe_kwargs,
+                          on_record, report)
         if isinstance(log_metrics, str):
             if log_metrics != "all":
                 raise ValueError(
@@ -178,31 +186,14 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             not isinstance(log_metrics, str) and not self.log_metrics
         )
         self.every = every
-        self.schedule = as_schedule(schedule if schedule is not None else every)
-        self.diagnose_every = diagnose_every or None
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.save = save
         self.histograms = histograms
-        self.warn = warn
-        self.thresholds = thresholds
-        self.probe_kwargs = kw
-        self.listeners = list(on_record)
-        self.report = report
+        self.warner = FindingWarner(thresholds, warn)
         self.callback_metrics = callback_metrics
 
-        self.probe: Probe | None = None
-        self.record = Record()
-        self.findings: list[Any] = []
-        self.warned: set[tuple[str, str, str]] = set()
-        self.written: dict[str, Path] = {}
-        self._diagnose = _load_diagnose()
-        self._model: Any = None
-        self.explanation: Any = None
+        self.probe: Probe | None  # set by set_callback_core, as are record and schedule
         self._stepped = False
-        self._loss_sum: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None
         self._tb_writers: list[Any] = []
-        self._last_diagnosed: int | None = None
-        self._next_diagnosis = 0
         self._rank_zero = True
 
     # ---- set-up / tear-down --------------------------------------------------------------------
@@ -211,14 +202,12 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             self.probe = Probe(
                 pl_module, schedule=self.schedule, record=self.record, **self.probe_kwargs
             )
-        from signalprop.integrations.distributed import install_reducer
-
         install_reducer(self.probe, pl_module)  # DDP/FSDP: values combined across ranks
         # a resumed run continues its step count: record step == optimiser steps so far
         self.probe.step_index = int(trainer.global_step)
         self.probe.attach()
         self._rank_zero = bool(trainer.is_global_zero)
-        self._model = pl_module
+        self.warner.model = pl_module
         meta = self.record.meta
         if trainer.optimizers:
             meta.setdefault("optimizer", type(trainer.optimizers[0]).__name__.lower())
@@ -240,8 +229,6 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         for logger in trainer.loggers:
             if type(logger).__name__ != "TensorBoardLogger" or not trainer.is_global_zero:
                 continue
-            from signalprop.integrations.tensorboard import TensorBoardWriter
-
             # scalars go through log_metrics like every other logger; only histograms here
             out.append(
                 TensorBoardWriter(writer=logger.experiment, scalars=False, histograms=True)
@@ -267,7 +254,7 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             w.flush()
         self._tb_writers = []
         self.record.meta["steps_run"] = int(trainer.global_step)
-        if self.record.steps and self._last_diagnosed != self.record.steps[-1]:
+        if self.record.steps and self.warner.last_step != self.record.steps[-1]:
             self._run_diagnosis(None)
         if self.save and trainer.is_global_zero and self.record.steps:
             self._write(trainer)
@@ -363,21 +350,15 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
             logger.log_metrics(metrics, step=step)
 
     def _run_diagnosis(self, step: int | None) -> None:
-        if self._diagnose is None or not self.record.steps:
-            return
-        self._last_diagnosed = self.record.steps[-1]
-        self.findings, self.explanation = diagnose_record(
-            self.record, self.thresholds, self._model
-        )
-        for f in self.findings:
-            key = finding_key(f)
-            if key in self.warned:
-                continue
-            self.warned.add(key)
-            if self.warn and self._rank_zero:  # one warning per run, not one per process
-                at = step if step is not None else self.record.steps[-1]
-                # stacklevel 2 points at Lightning's hook call; the message carries the facts
-                warnings.warn(format_finding(f, at), SignalpropWarning, stacklevel=2)
+        # one warning per run, not one per process
+        self.warner(self.record, step, emit=self._rank_zero)
+
+    # the warner's state under the names this callback always had
+    findings = _FromWarner("Findings of the latest diagnosis.")
+    explanation = _FromWarner("The mean-field explanation of the latest diagnosis.")
+    warned = _FromWarner("Findings already warned about (kind and layer range).")
+    warn = _FromWarner("Emit findings as warnings.")
+    thresholds = _FromWarner("Diagnosis thresholds.")
 
     def _resolve_out_dir(self, trainer: pl.Trainer) -> Path:
         if self.out_dir is not None:
@@ -396,8 +377,6 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
         )
         self.written["findings"] = path
         if self.report:
-            import signalprop
-
             meta = {
                 "name": type(trainer.lightning_module).__name__,
                 "model": self.record.meta.get("model", ""),
@@ -407,7 +386,7 @@ class SignalpropCallback(*_BASES):  # type: ignore[misc]
                 "lr": self.record.meta.get("lr", ""),
                 "recorded_steps": len(self.record),
                 "num_parameters": self.record.meta.get("num_parameters"),
-                "signalprop": signalprop.__version__,
+                "signalprop": __version__,
                 "torch": torch.__version__,
             }
             path = out / "report.html"

@@ -23,17 +23,17 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from signalprop.integrations._profile import ProfileHistory, short_labels
+from signalprop._optional import require
+from signalprop.integrations._profile import ProfileHistory, ProfileWriter, short_labels
 from signalprop.integrations.common import StepValues, summary_metrics
+from signalprop.report.figures import new_figure
 
 
 def _mlflow() -> Any:
-    from signalprop._optional import require
-
     return require("mlflow", "mlflow", "the MLflow writer")
 
 
-class MlflowWriter:
+class MlflowWriter(ProfileWriter):
     """Probe listener ``f(step, values)`` logging to an MLflow run (see the module docstring).
 
     Args:
@@ -62,14 +62,8 @@ class MlflowWriter:
             if run is None:
                 raise ValueError("mlflow_writer needs a run: use mlflow.start_run() or pass run=")
         self.run_id = run if isinstance(run, str) else run.info.run_id
-        if profile_every < 1:
-            raise ValueError(f"profile_every must be >= 1, got {profile_every!r}")
+        super().__init__(prefix, profile_metrics, max_lines, profile_every)
         self.client = mlflow.tracking.MlflowClient(tracking_uri)
-        self.prefix = prefix
-        self.profiles = [ProfileHistory(m, max_lines) for m in profile_metrics]
-        self.profile_every = profile_every
-        self._n = 0
-        self._dirty = False
 
     def __call__(self, step: int, values: StepValues) -> None:
         from mlflow.entities import Metric
@@ -81,10 +75,7 @@ class MlflowWriter:
         ]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
-        for prof in self.profiles:
-            self._dirty |= prof.add(step, values)
-        self._n += 1
-        if self._dirty and self._n % self.profile_every == 0:
+        if self._add_profiles(step, values):
             self.flush()
 
     def flush(self) -> None:
@@ -107,8 +98,6 @@ class MlflowWriter:
 
 
 def _figure(prof: ProfileHistory) -> Any:
-    from signalprop.report.figures import new_figure
-
     fig, axes = new_figure(6.0, 3.4)
     ax = axes[0, 0]
     steps, ys = prof.log10_lines()

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from signalprop._optional import require
 from signalprop.integrations.common import StepValues, summary_metrics
 
 
@@ -44,8 +45,6 @@ def tune_reporter(
         report: The report function (default ``ray.tune.report``; pass another to test).
     """
     if report is None:
-        from signalprop._optional import require
-
         report = require("ray.tune", "ray", "the Ray Tune reporter").report
 
     def listener(step: int, values: StepValues) -> None:

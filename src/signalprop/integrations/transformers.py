@@ -41,14 +41,14 @@ from signalprop._optional import require
 from signalprop.integrations.common import (
     FindingWarner,
     SignalpropWarning,
-    check_callback_args,
+    set_callback_core,
     summary_metrics,
     write_outputs,
 )
 from signalprop.integrations.distributed import install_reducer
 from signalprop.probe import Probe
-from signalprop.probe.schedule import Schedule, as_schedule
-from signalprop.record import MODEL, Record
+from signalprop.probe.schedule import Schedule
+from signalprop.record import MODEL
 
 _tc = require("transformers.trainer_callback", "transformers", "the Hugging Face integration")
 TrainerCallback = _tc.TrainerCallback
@@ -101,29 +101,20 @@ class SignalpropCallback(TrainerCallback):
         on_record: Iterable[Callable[[int, Mapping[str, Mapping[str, float]]], None]] = (),
         report: bool = True,
     ) -> None:
-        kw = check_callback_args(every, diagnose_every, probe_kwargs)
-        self.schedule = as_schedule(schedule if schedule is not None else every)
-        self.diagnose_every = diagnose_every or None
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.save = save
+        set_callback_core(self, every, diagnose_every, out_dir, save, schedule, probe_kwargs,
+                          on_record, report)
         self.log_summary = log_summary
-        self.report = report
-        self.probe_kwargs = kw
-        self.listeners = list(on_record)
         self.warner = FindingWarner(thresholds, warn)
 
-        self.probe: Probe | None = None
-        self.record = Record()
-        self.written: dict[str, Path] = {}
+        self.probe: Probe | None  # set by set_callback_core, as are record and schedule
         self._hooks: list[Any] = []
         self._ready = False
-        self._loss_sum: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None
         self._loss_n = 0
         self._optimizer: Any = None
         self._summary: dict[str, float] = {}
         self._summary_step: int | None = None
         self._logged_step: int | None = None
-        self._next_diagnosis = 0
         self._world_zero = True
         self._placed = False
 

@@ -24,17 +24,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from signalprop.integrations._profile import ProfileHistory
+from signalprop._optional import require
+from signalprop.integrations._profile import ProfileWriter
 from signalprop.integrations.common import StepValues, summary_metrics
 
 
 def _wandb() -> Any:
-    from signalprop._optional import require
-
     return require("wandb", "wandb", "the W&B writer")
 
 
-class WandbWriter:
+class WandbWriter(ProfileWriter):
     """Probe listener ``f(step, values)`` logging to a W&B run (see the module docstring).
 
     Args:
@@ -59,23 +58,14 @@ class WandbWriter:
         self.run = run if run is not None else wandb.run
         if self.run is None:
             raise ValueError("wandb_writer needs a run: call wandb.init(...) first or pass run=")
-        if profile_every < 1:
-            raise ValueError(f"profile_every must be >= 1, got {profile_every!r}")
-        self.prefix = prefix
-        self.profiles = [ProfileHistory(m, max_lines) for m in profile_metrics]
-        self.profile_every = profile_every
-        self._n = 0
-        self._dirty = False
+        super().__init__(prefix, profile_metrics, max_lines, profile_every)
         self.run.define_metric(f"{prefix}/step")
         self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
 
     def __call__(self, step: int, values: StepValues) -> None:
         data: dict[str, Any] = {f"{self.prefix}/step": int(step)}
         data.update(summary_metrics(values, prefix=f"{self.prefix}/"))
-        for prof in self.profiles:
-            self._dirty |= prof.add(step, values)
-        self._n += 1
-        if self._dirty and self._n % self.profile_every == 0:
+        if self._add_profiles(step, values):
             data.update(self._charts())
         self.run.log(data)
 

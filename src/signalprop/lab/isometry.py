@@ -212,7 +212,8 @@ def measure(data: dict[str, Any]) -> dict[str, Any]:
         checks.append(E.theory_check(
             f"{k}: Jacobian s^2 variance", float(sp[0]["predicted"]["variance"]),
             float(np.mean(per_seed[k])), THEORY_TOL,
-            note="finite width: the spectrum's tail is under-sampled"
+            note="finite width: the theory is the infinite-width limit; the heavy tail is "
+            "both under-sampled and corrected by terms growing with depth / width"
             if a == "relu" or not o else ""))
     m: dict[str, Any] = {"per_seed": per_seed, "means": means, "checks": checks}
     ot = "tanh, orthogonal"

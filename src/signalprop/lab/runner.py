@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from signalprop._device import resolve_device as _resolve_device
+from signalprop._device import resolve_device
 from signalprop._registry import check_choice
 from signalprop.lab import STUDY_NAMES, get_study
 from signalprop.lab.base import Conclusion, config_hash, read_json, write_json
@@ -112,7 +112,7 @@ def run_study(
     workdir.mkdir(parents=True, exist_ok=True)
     config = study_config(mod, name, quick, overrides)
     dev = device if device != "cpu" else config.get("device", "cpu")
-    config.update(device=str(_resolve_device(dev)), executor=executor, workers=int(workers))
+    config.update(device=str(resolve_device(dev)), executor=executor, workers=int(workers))
     h = _results_hash(mod, config)
     write_json(workdir / "config.json", config)
     meta: dict[str, Any] = {

@@ -43,13 +43,15 @@ class ForwardStats:
         key = (n, t.shape[-1] if t.dim() else 1, t.device)
         idx = self._stride_cache.get(key)
         if idx is None:
-            row = key[1]
-            # a stride coprime with the row length, so the sample visits every unit position
-            # rather than the same few units of each example
+            # a stride of at least n / k coprime with n (so with the row length too): the
+            # sample visits every unit position rather than the same few units of each example.
+            # Positions wrap around (modulo n; distinct, as the stride is coprime with n), so
+            # every output of at least k values gives exactly k: the samples of all such sites
+            # stack into one group (one launch per statistic at the end of the step)
             step = max(1, -(-n // k))
-            while step > 1 and math.gcd(step, row) != 1:
+            while step > 1 and math.gcd(step, n) != 1:
                 step += 1
-            idx = torch.arange(0, n, step, device=t.device)[:k]
+            idx = torch.arange(min(n, k), device=t.device) * step % max(n, 1)
             self._stride_cache[key] = idx
         return idx
 

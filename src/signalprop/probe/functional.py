@@ -16,44 +16,21 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from signalprop.vocab.activations import ACTIVATIONS
+
 if TYPE_CHECKING:  # pragma: no cover
     from signalprop.probe.core import Probe
 
 _T = torch.Tensor
 
 
-def _table() -> dict[Any, str]:
-    out: dict[Any, str] = {}
-    for kind, fns in {
-        "relu": (F.relu, torch.relu, _T.relu, F.relu_, torch.relu_, _T.relu_),
-        "sigmoid": (torch.sigmoid, _T.sigmoid, F.sigmoid, torch.sigmoid_, _T.sigmoid_),
-        "tanh": (torch.tanh, _T.tanh, F.tanh, torch.tanh_, _T.tanh_),
-        "gelu": (F.gelu,),
-        "silu": (F.silu,),
-        "elu": (F.elu, F.elu_),
-        "selu": (F.selu, torch.selu, torch.selu_),
-        "celu": (F.celu,),
-        "leaky_relu": (F.leaky_relu, F.leaky_relu_),
-        "relu6": (F.relu6,),
-        "hardtanh": (F.hardtanh, F.hardtanh_),
-        "softsign": (F.softsign,),
-        "softplus": (F.softplus,),
-        "mish": (F.mish,),
-        "hardsigmoid": (F.hardsigmoid,),
-        "hardswish": (F.hardswish,),
-        "logsigmoid": (F.logsigmoid,),
-    }.items():
-        for f in fns:
-            out[f] = kind
-    return out
-
-
-#: torch function -> canonical activation kind (the names of ``probe.modules``).
-ACTIVATION_FUNCTIONS: dict[Any, str] = _table()
+#: torch function -> canonical activation kind: the functional forms of the vocabulary's entries.
+ACTIVATION_FUNCTIONS: dict[Any, str] = {
+    f: n for n in ACTIVATIONS for f in ACTIVATIONS.get(n).functions
+}
 
 #: In-place variants: their input is overwritten (a recorded output must be copied first).
-_INPLACE = {F.relu_, torch.relu_, _T.relu_, torch.sigmoid_, _T.sigmoid_, torch.tanh_, _T.tanh_,
-            F.elu_, torch.selu_, F.leaky_relu_, F.hardtanh_}
+_INPLACE = {f for n in ACTIVATIONS for f in ACTIVATIONS.get(n).inplace}
 
 _ADD = {torch.add, _T.add, _T.__add__, _T.__radd__, _T.add_, _T.__iadd__}
 _NORM = {F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm}

@@ -4,6 +4,7 @@ here too)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -60,7 +61,9 @@ class LayerMap:
             if (n.rsplit(".", 1)[0] if "." in n else "") not in watched_names
         }
         self._param_slot: dict[str, tuple[int, str]] = {}  # free param -> (path slot, where)
-        self._producer: dict[int, tuple[str, torch.Tensor]] = {}
+        # id of an add/norm output -> (which, a weak reference to it: the map must not keep
+        # the forward's tensors alive)
+        self._producer: dict[int, tuple[str, weakref.ref]] = {}
         self._blocks: dict[str, dict[str, Any]] = {}  # residual block -> facts
         self._block_grads: dict[str, list[tuple[Any, Any]]] = {}
         self._conv_context = False
@@ -186,11 +189,11 @@ class LayerMap:
                             _grad_hook, self._block_grads.setdefault(name, []), None))
                 break
         if isinstance(out, torch.Tensor):
-            self._producer[id(out)] = ("add", out)
+            self._producer[id(out)] = ("add", weakref.ref(out))
 
     def _seen_norm(self, out: Any) -> None:
         if isinstance(out, torch.Tensor):
-            self._producer[id(out)] = ("norm", out)
+            self._producer[id(out)] = ("norm", weakref.ref(out))
 
     def _seen_params(self, args: tuple, kwargs: dict) -> None:
         for a in (*args, *kwargs.values()):
@@ -209,7 +212,7 @@ class LayerMap:
         if isinstance(out, tuple | list) and out:
             out = out[0]
         prod = self._producer.get(id(out)) if isinstance(out, torch.Tensor) else None
-        if prod is not None and prod[1] is out:
+        if prod is not None and prod[1]() is out:
             # norm(x + f(x)): post-LN; x + f(norm(x)) with norms inside: pre-LN
             b["norm_placement"] = "post" if prod[0] == "norm" else (
                 "pre" if b.get("has_norm") else None)

@@ -133,6 +133,7 @@ class UpdateNorms:
         self.limit = max(MIN_CHUNK, int(CHUNK_FRACTION.get(self.method, 0.02) * total))
         self.steps_taken = [self._initial_step(g) for g in optimizer.param_groups]
         self._copy: list[torch.Tensor] | None = None
+        self._plan: tuple[Any, Any] | None = None  # Adam: cached chunk views (see _adam_plan)
         self._before: torch.Tensor | None = None
         self._had_grad: list[bool] = []
         self.ready = False  # before() ran for the current step
@@ -254,6 +255,20 @@ class UpdateNorms:
             out.index_copy_(0, host_tensor(idx, torch.long, dev), device_norms(bufs) * lrs)
         return out
 
+    def _adam_plan(self, ms: list[torch.Tensor], vs: list[torch.Tensor], ws: list[torch.Tensor],
+                   idx: list[int]) -> tuple[list[list[torch.Tensor]], ...]:
+        """The chunk views of Adam's state and the weights, cached while the state tensors
+        and parameters keep their memory (updated in place by the optimiser): cutting ~150
+        tensors into views costs as much as a pass over them."""
+        key = tuple(t.data_ptr() for t in (*ms, *vs, *ws))  # (a .data swap changes it too)
+        if self._plan is None or self._plan[0] != key:
+            mc, owner = _chunks(ms, self.limit)
+            vc, _ = _chunks(vs, self.limit)
+            wc, _ = _chunks(ws, self.limit)
+            # (the views keep their memory alive: no address in the key can be reused meanwhile)
+            self._plan = (key, (mc, vc, wc, owner))
+        return self._plan[1]
+
     def _adam(self) -> torch.Tensor:
         # dW = -lr * (m_hat / (sqrt(v_hat) + eps) + wd_dec * W_before). With
         # a = sqrt(bc2) / bc1 and e = eps * sqrt(bc2): m_hat / (sqrt(v_hat) + eps) =
@@ -286,9 +301,7 @@ class UpdateNorms:
         out = torch.zeros(len(self.params), dtype=torch.float64, device=dev)
         if not idx:
             return out
-        mc, owner = _chunks(ms, self.limit)
-        vc, _ = _chunks(vs, self.limit)
-        wc, _ = _chunks(ws, self.limit)
+        mc, vc, wc, owner = self._adam_plan(ms, vs, ws, idx)
         piece_norms = []
         k = 0
         for m_list, v_list, w_list in zip(mc, vc, wc, strict=True):

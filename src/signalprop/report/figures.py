@@ -25,6 +25,8 @@ from matplotlib.figure import Figure
 
 from signalprop._registry import Registry
 from signalprop.record import Record
+from signalprop.stats import SATURATION_DERIVATIVE_RATIO
+from signalprop.vocab.activations import ACTIVATIONS, ActivationDef
 
 FigureFn = Callable[..., Figure | None]
 
@@ -231,6 +233,7 @@ def theory_vs_measurement(record: Record, explanation: Any = None, model: Any = 
         model: The model, to resolve custom activation modules when computing it here.
     """
     if explanation is None:
+        # lazy: the diagnosis imports torch (~3 s; this module ~1 s): only this figure needs it
         from signalprop.diagnosis.explain import explain
 
         explanation = explain(record, model)
@@ -256,11 +259,18 @@ def theory_vs_measurement(record: Record, explanation: Any = None, model: Any = 
     return fig
 
 
-#: activation -> (min output, max output, saturation edges) with |phi'| < 0.1 max|phi'| beyond
-#: the edges: sigmoid h(1-h) < 0.025 <=> h < 0.0257 or h > 0.9743; tanh 1-h^2 < 0.1 <=> |h| > 0.949.
+def _output_range(d: ActivationDef) -> tuple[float, float, float, float] | None:
+    """(min output, max output, saturation edges): |phi'| < SATURATION_DERIVATIVE_RATIO max|phi'|
+    beyond the edges (sigmoid: h < 0.0257 or h > 0.9743; tanh: |h| > 0.949)."""
+    if d.output_range is None or d.saturation is None or d.saturation.output_threshold is None:
+        return None
+    center, c = d.saturation.output_threshold(SATURATION_DERIVATIVE_RATIO)
+    return (*d.output_range, center - c, center + c)
+
+
+#: activation -> (min output, max output, saturation edges), from the activation vocabulary.
 _OUTPUT_RANGE = {
-    "sigmoid": (0.0, 1.0, 0.0257, 0.9743),
-    "tanh": (-1.0, 1.0, -0.9487, 0.9487),
+    n: r for n in ACTIVATIONS if (r := _output_range(ACTIVATIONS.get(n))) is not None
 }
 
 

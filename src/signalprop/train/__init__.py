@@ -35,7 +35,6 @@ from signalprop.train.batches import (
     LossFn,
     StepFn,
     StepOutput,
-    _split_batch,
     as_batches,
     batch_tensors,
     check_finite_data,
@@ -46,6 +45,7 @@ from signalprop.train.batches import (
     target_of,
     to_device,
 )
+from signalprop.train.batches import _split_batch as _split_batch  # kept for old callers
 from signalprop.train.loop import fit, train
 from signalprop.train.optim import OptimizerSpec, make_optimizer, make_optimizers, optimizer_name
 from signalprop.train.result import DIVERGE_FACTOR, FitResult, TrainResult, divergence_reason
@@ -61,7 +61,6 @@ __all__ = [
     "StepOutput",
     "TrainResult",
     "TrivialBaseline",
-    "_split_batch",
     "as_batches",
     "batch_tensors",
     "check_finite_data",

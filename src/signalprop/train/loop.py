@@ -1,5 +1,5 @@
-"""The loop itself, :func:`fit`, shared by ``doctor``, ``trial`` and the lab.
-"""
+"""The loop itself, :func:`fit`, shared by ``doctor``, ``trial``, the lab and the examples; its
+steps are the methods of :class:`_Run`, called in the order that is the probe's contract."""
 
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from signalprop.train.result import DIVERGE_FACTOR, FitResult, _grads_finite, di
 
 class _DataEnded(Exception):
     """A one-shot data source ran out after some steps (internal signal of :func:`fit`)."""
-
 
 
 def _build_probe(

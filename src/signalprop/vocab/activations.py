@@ -11,7 +11,10 @@ Each :class:`ActivationDef` (registered in :data:`ACTIVATIONS` under its canonic
 - ``kernel``: the batched engine's forward and hand-written backward (:class:`Kernel`), at the
   default hyper-parameters (:mod:`signalprop.engine.activations`);
 - ``saturation``: the probe's saturation rule (:class:`Saturation`: |phi'| from the output or the
-  input, and max |phi'|), and ``rectifier``: whether its units can die (:mod:`signalprop.stats`).
+  input, and max |phi'|), and ``rectifier``: whether its units can die (:mod:`signalprop.stats`);
+  ``output_range``: the bounds of a bounded output (the report's histograms);
+- ``functions`` / ``inplace``: the functional torch forms the probe's functional mode reads as this
+  activation (``torch.tanh``, ``F.relu_`` ...), the in-place ones listed again in ``inplace``.
 
 A face is ``None`` where the package has no such implementation. The other tables of activations
 (theory, engine, remedies, probe, stats, lab) are views of this one (:meth:`Registry.derive`), so
@@ -37,6 +40,7 @@ from signalprop._registry import Registry
 ArrayFn = Callable[[np.ndarray], np.ndarray]
 DerivFn = Callable[[torch.Tensor], torch.Tensor]
 aten = torch.ops.aten
+_T = torch.Tensor
 
 #: SELU constants (Klambauer et al. 2017), as in torch.nn.SELU.
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -110,11 +114,15 @@ class Saturation:
         uses_output: ``derivative`` reads the output h (no recomputation) rather than the input z.
         derivative: |phi'| as a function of h (or z).
         dmax: max |phi'|.
+        output_threshold: The same rule as a threshold on h, where there is one.
     """
 
     uses_output: bool
     derivative: DerivFn
     dmax: float
+    #: ``ratio -> (center, c)`` with |phi'| < ratio * dmax <=> |h - center| > c, where the rule
+    #: is a threshold on the output h (one comparison instead of the derivative)
+    output_threshold: Callable[[float], tuple[float, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,9 @@ class ActivationDef:
     kernel: Kernel | None = None
     saturation: Saturation | None = None
     rectifier: bool = False
+    functions: tuple[Callable[..., Any], ...] = ()
+    inplace: tuple[Callable[..., Any], ...] = ()
+    output_range: tuple[float, float] | None = None
 
     def __call__(self, **hparams: Any) -> nn.Module:
         """The ``nn.Module`` with the defaults updated by ``hparams``."""
@@ -292,6 +303,20 @@ def _gaussian_d_from_input(z: torch.Tensor) -> torch.Tensor:
     return z.abs() * torch.exp(-0.5 * z * z)
 
 
+# sigmoid: h(1-h) < r/4 <=> |h - 1/2| > sqrt(1 - r)/2; tanh: 1 - h^2 < r <=> |h| > sqrt(1 - r);
+# softsign: (1 - |h|)^2 < r <=> |h| > 1 - sqrt(r)
+def _sigmoid_threshold(r: float) -> tuple[float, float]:
+    return 0.5, 0.5 * math.sqrt(max(1.0 - r, 0.0))
+
+
+def _tanh_threshold(r: float) -> tuple[float, float]:
+    return 0.0, math.sqrt(max(1.0 - r, 0.0))
+
+
+def _softsign_threshold(r: float) -> tuple[float, float]:
+    return 0.0, 1.0 - math.sqrt(max(r, 0.0))
+
+
 def _hardtanh_d_from_input(z: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
     return ((z > lo) & (z < hi)).to(z.dtype)
 
@@ -312,41 +337,61 @@ for _d in (
     ActivationDef("linear", Identity, "z", classes=(Identity,), numpy=_np_linear,
                   homogeneous=True, kernel=_K_LINEAR),
     ActivationDef("relu", nn.ReLU, "max(0, z)", classes=(nn.ReLU,), numpy=_np_relu, kinks=_K0,
-                  homogeneous=True, kernel=_K_RELU, rectifier=True),
+                  homogeneous=True, kernel=_K_RELU, rectifier=True,
+                  functions=(F.relu, torch.relu, _T.relu, F.relu_, torch.relu_, _T.relu_),
+                  inplace=(F.relu_, torch.relu_, _T.relu_)),
     ActivationDef("relu6", nn.ReLU6, "min(max(0, z), 6)", classes=(nn.ReLU6,), kernel=_K_RELU6,
-                  rectifier=True),
+                  rectifier=True, functions=(F.relu6,)),
     ActivationDef("leaky_relu", nn.LeakyReLU, "max(z, a z); torch's default a = 0.01",
                   {"negative_slope": LEAKY_SLOPE}, (nn.LeakyReLU,), numpy=_np_leaky_relu,
-                  kinks=_K0, homogeneous=True, kernel=_K_LEAKY, rectifier=True),
+                  kinks=_K0, homogeneous=True, kernel=_K_LEAKY, rectifier=True,
+                  functions=(F.leaky_relu, F.leaky_relu_), inplace=(F.leaky_relu_,)),
     ActivationDef("rrelu", nn.RReLU, "randomised leaky slope (Xu et al. 2015)",
                   {"lower": 1.0 / 8, "upper": 1.0 / 3}, (nn.RReLU,), rectifier=True),
     ActivationDef("elu", nn.ELU, "z > 0: z; else alpha (e^z - 1)", {"alpha": 1.0}, (nn.ELU,),
-                  numpy=_np_elu, kinks=_K0, kernel=_K_ELU),
+                  numpy=_np_elu, kinks=_K0, kernel=_K_ELU,
+                  functions=(F.elu, F.elu_), inplace=(F.elu_,)),
     ActivationDef("selu", nn.SELU, "self-normalising ELU (Klambauer et al. 2017)",
-                  classes=(nn.SELU,), numpy=_np_selu, kinks=_K0, kernel=_K_SELU),
-    ActivationDef("celu", nn.CELU, "continuously differentiable ELU", classes=(nn.CELU,)),
+                  classes=(nn.SELU,), numpy=_np_selu, kinks=_K0, kernel=_K_SELU,
+                  functions=(F.selu, torch.selu, torch.selu_), inplace=(torch.selu_,)),
+    ActivationDef("celu", nn.CELU, "continuously differentiable ELU", classes=(nn.CELU,),
+                  functions=(F.celu,)),
     ActivationDef("gelu", nn.GELU, "z Phi(z), Phi the standard normal cdf (torch's exact GELU)",
-                  classes=(nn.GELU,), class_names=_GELU_NAMES, numpy=_np_gelu, kernel=_K_GELU),
+                  classes=(nn.GELU,), class_names=_GELU_NAMES, numpy=_np_gelu, kernel=_K_GELU,
+                  functions=(F.gelu,)),
     ActivationDef("silu", nn.SiLU, "z sigmoid(z) (swish)", classes=(nn.SiLU,),
-                  class_names=("SiLUActivation",), numpy=_np_silu, kernel=_K_SILU),
+                  class_names=("SiLUActivation",), numpy=_np_silu, kernel=_K_SILU,
+                  functions=(F.silu,)),
     ActivationDef("mish", nn.Mish, "z tanh(softplus(z))", classes=(nn.Mish,),
-                  class_names=("MishActivation",)),
+                  class_names=("MishActivation",),
+                  functions=(F.mish,)),
     ActivationDef("softplus", nn.Softplus, "log(1 + e^z)", classes=(nn.Softplus,),
-                  numpy=_np_softplus, kernel=_K_SOFTPLUS),
+                  numpy=_np_softplus, kernel=_K_SOFTPLUS,
+                  functions=(F.softplus,)),
     ActivationDef("sigmoid", nn.Sigmoid, "1 / (1 + e^-z)", classes=(nn.Sigmoid,),
-                  numpy=_np_sigmoid, kernel=_K_SIGMOID, saturation=Saturation(True, _sigmoid_d, 0.25)),
+                  numpy=_np_sigmoid, kernel=_K_SIGMOID, saturation=Saturation(True, _sigmoid_d, 0.25, _sigmoid_threshold),
+                  output_range=(0.0, 1.0),
+                  functions=(torch.sigmoid, _T.sigmoid, F.sigmoid, torch.sigmoid_, _T.sigmoid_),
+                  inplace=(torch.sigmoid_, _T.sigmoid_)),
     ActivationDef("tanh", nn.Tanh, "tanh z", classes=(nn.Tanh,), numpy=_np_tanh, kernel=_K_TANH,
-                  saturation=Saturation(True, _tanh_d, 1.0)),
+                  saturation=Saturation(True, _tanh_d, 1.0, _tanh_threshold), output_range=(-1.0, 1.0),
+                  functions=(torch.tanh, _T.tanh, F.tanh, torch.tanh_, _T.tanh_),
+                  inplace=(torch.tanh_, _T.tanh_)),
     ActivationDef("softsign", nn.Softsign, "z / (1 + |z|)", classes=(nn.Softsign,),
                   numpy=_np_softsign, kinks=_K0, kernel=_K_SOFTSIGN,
-                  saturation=Saturation(True, _softsign_d, 1.0)),
+                  saturation=Saturation(True, _softsign_d, 1.0, _softsign_threshold),
+                  output_range=(-1.0, 1.0), functions=(F.softsign,)),
     ActivationDef("hardtanh", nn.Hardtanh, "clip(z, -1, 1)", classes=(nn.Hardtanh,),
                   numpy=_np_hardtanh, kinks=(-1.0, 1.0), kernel=_K_HARDTANH,
-                  saturation=Saturation(False, _hardtanh_d_from_input, 1.0)),
+                  saturation=Saturation(False, _hardtanh_d_from_input, 1.0),
+                  functions=(F.hardtanh, F.hardtanh_), inplace=(F.hardtanh_,)),
     ActivationDef("hardsigmoid", nn.Hardsigmoid, "clip(z/6 + 1/2, 0, 1)",
-                  classes=(nn.Hardsigmoid,)),
-    ActivationDef("hardswish", nn.Hardswish, "z hardsigmoid(z)", classes=(nn.Hardswish,)),
-    ActivationDef("logsigmoid", nn.LogSigmoid, "log sigmoid(z)", classes=(nn.LogSigmoid,)),
+                  classes=(nn.Hardsigmoid,),
+                  functions=(F.hardsigmoid,)),
+    ActivationDef("hardswish", nn.Hardswish, "z hardsigmoid(z)", classes=(nn.Hardswish,),
+                  functions=(F.hardswish,)),
+    ActivationDef("logsigmoid", nn.LogSigmoid, "log sigmoid(z)", classes=(nn.LogSigmoid,),
+                  functions=(F.logsigmoid,)),
     ActivationDef("tanhshrink", nn.Tanhshrink, "z - tanh z", classes=(nn.Tanhshrink,)),
     ActivationDef("erf", Erf, "erf z", classes=(Erf,), numpy=_np_erf),
     ActivationDef("gaussian", Gaussian, "exp(-z^2 / 2)", classes=(Gaussian,), numpy=_np_gaussian,

@@ -37,6 +37,12 @@ from torch import nn
 
 from signalprop._registry import Registry, check_choice
 
+__all__ = [
+    "INITS", "LSUV_MAX_ITER", "LSUV_TOL", "WEIGHT_LAYERS", "InitDef", "LSUVResult", "Target",
+    "apply_init", "call_model", "critical_", "default_", "init", "kaiming_", "lecun_", "lsuv_",
+    "orthogonal_", "scale_", "weight_layers", "xavier_",
+]
+
 Target = torch.Tensor | nn.Module
 
 #: LSUV (Mishkin & Matas 2016): tolerance on |Var - 1| and the most rescaling passes per layer.
