@@ -440,7 +440,8 @@ class Record:
         return {
             "format": "signalprop.record",
             "version": FORMAT_VERSION,
-            "meta": self.meta,
+            # the one NaN policy covers meta too (a diverged run's loss, an unknown baseline)
+            "meta": to_jsonable(self.meta, strict=False),
             "layers": [i.to_dict() for i in self.layers.values()],
             "data": {
                 str(s): {
@@ -463,7 +464,7 @@ class Record:
                 f"record format version {d.get('version')} is newer than this signalprop "
                 f"({FORMAT_VERSION}); upgrade signalprop"
             )
-        rec = cls(meta=dict(d.get("meta", {})))
+        rec = cls(meta=dict(from_jsonable(d.get("meta", {}))))
         for info in d.get("layers", []):
             rec.add_layer(LayerInfo(**info))
         for s, row in d.get("data", {}).items():

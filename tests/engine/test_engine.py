@@ -201,8 +201,11 @@ def test_diverging_member_does_not_disturb_the_others(digits):
     d = res.diverged_step[1]
     assert d is not None and 0 < d < 30
     assert res.diverged_step[0] is None and res.diverged_step[2] is None
-    assert not np.isfinite(res.losses[d, 1]) and np.isnan(res.losses[d + 1 :, 1]).all()
+    # the loss bound of the one policy stops it before its loss overflows
+    assert res.diverged_reason == [None, "loss_bound", None]
+    assert res.losses[d, 1] > 100 * max(res.losses[0, 1], 1) and np.isnan(res.losses[d + 1 :, 1]).all()
     assert math.isnan(res.final[1]["final_loss"]) and res.final[1]["diverged_step"] == d
+    assert res.final[1]["diverged_reason"] == "loss_bound"
     assert max(res.records[1].steps) <= d  # nothing recorded after the divergence
     # the same run as the package's one result type (signalprop.train.FitResult)
     from signalprop import stats
@@ -210,14 +213,14 @@ def test_diverging_member_does_not_disturb_the_others(digits):
 
     m1, m0 = res.member(1), res.member(0, model=pop.member_module(0))
     assert isinstance(m1, FitResult) and m1.diverged and m1.diverged_step == d
-    assert m1.diverged_reason == "nonfinite" and m1.steps == d + 1 and math.isnan(m1.final_loss)
+    assert m1.diverged_reason == "loss_bound" and m1.steps == d + 1 and math.isnan(m1.final_loss)
     assert not m0.diverged and m0.steps == 30 and isinstance(m0.model, torch.nn.Module)
     assert m0.final_loss == pytest.approx(res.final[0]["final_loss"], rel=1e-9)
     # one definition of the gradient ratio: the engine's numbers are stats.grad_ratio's
     assert m0.grad_ratio == pytest.approx(res.final[0]["grad_ratio_final"], rel=1e-12)
     assert stats.grad_ratio(res.records[0], "first") == pytest.approx(
         res.final[0]["grad_ratio_init"], rel=1e-12)
-    # frozen: never updated again, so its parameters stay those that gave the non-finite loss
+    # frozen: never updated again, so its parameters stay those that gave the rejected loss
     assert torch.isfinite(pop.flat).all()
     # the others: exactly what they do in populations of their own
     for k in (0, 2):

@@ -14,7 +14,8 @@ class _Clipper:
     """Part of :class:`~signalprop.engine.population.Population`: ``_clip_`` over the flat
     gradient buffer (each member clipped by its own threshold)."""
 
-    def _clip_(self) -> None:
+    def _clip_(self, norms: torch.Tensor | None = None) -> None:
+        """Clip ``self.grad`` in place; ``norms``: its :meth:`member_norms`, when already taken."""
         if self.clip == "none":
             return
         thr = self.clip_threshold.to(self.device, self.dtype)
@@ -26,7 +27,8 @@ class _Clipper:
                 self.grad.clamp_(-t, t)
         elif self.clip == "norm":
             # torch.nn.utils.clip_grad_norm_: g *= min(1, max_norm / (total_norm + 1e-6))
-            total = self.member_norms(self.grad).square().sum(0).sqrt()
+            gn = self.member_norms(self.grad) if norms is None else norms
+            total = gn.square().sum(0).sqrt()
             coef = (thr / (total + 1e-6)).clamp_max(1.0).unsqueeze(1)
             gb = self.blocks(self.grad)
             torch._foreach_mul_(gb, [coef] * len(gb))

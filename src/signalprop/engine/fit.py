@@ -12,9 +12,45 @@ from typing import Any
 import numpy as np
 import torch
 
+from signalprop import stats
 from signalprop.data import Dataset
-from signalprop.engine.layout import FIRST_WEIGHT, HEAD_WEIGHT
 from signalprop.record import Record
+
+#: The divergence reasons by the code :func:`divergence_codes` gives them.
+REASONS: tuple[str | None, ...] = (None, "nonfinite", "loss_bound")
+#: ``Population.fit``'s default ``diverge_factor``: the policy's ``DIVERGE_FACTOR``.
+POLICY_DEFAULT: Any = object()
+
+
+def divergence_policy() -> Any:
+    """The module of the package's one divergence policy, :mod:`signalprop.train.result`."""
+    # lazy: importing signalprop.train loads the probe (+0.35 s measured: scipy.linalg,
+    # torch._decomp), which a process that only runs populations never needs
+    from signalprop.train import result
+
+    return result
+
+
+def divergence_codes(loss: torch.Tensor, initial_loss: torch.Tensor, grad_total: torch.Tensor,
+                     diverge_factor: float | None) -> torch.Tensor:
+    """:func:`signalprop.train.divergence_reason` for all members at once, on the device.
+
+    Args:
+        loss: Each member's loss at this step [K]. initial_loss: Each member's first loss [K].
+        grad_total: Any per-member sum of gradient norms [K] (non-finite iff a gradient is).
+        diverge_factor: The loss bound's factor (``None``: non-finite values only).
+
+    Returns:
+        int8 [K]: the index in :data:`REASONS` of each member's reason (0: not diverged).
+    """
+    nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_total))
+    code = nonfinite.to(torch.int8)
+    if diverge_factor is not None:
+        # in float64, as the scalar policy compares Python floats
+        l0 = initial_loss.double()
+        over = torch.isfinite(l0) & (loss.double() > diverge_factor * l0.clamp_min(1.0))
+        code += 2 * (over & ~nonfinite).to(torch.int8)
+    return code
 
 
 @dataclass
@@ -24,7 +60,7 @@ class FitResult:
     Attributes:
         records: One :class:`Record` per member.
         losses: Mini-batch loss of every step and member, [steps, K] (NaN after divergence).
-        diverged_step: Per member, the step whose loss was non-finite, or None.
+        diverged_step: Per member, the step the divergence policy stopped it at, or None.
         final: Per member, a dict of final metrics (see :meth:`Population.fit`).
         wall_time: Seconds spent training (excluding the final evaluation).
         eval_time: Seconds of the final evaluation.
@@ -37,13 +73,15 @@ class FitResult:
     wall_time: float
     eval_time: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    #: Per member, ``"nonfinite"``, ``"loss_bound"`` or None (:func:`signalprop.train.divergence_reason`).
+    diverged_reason: list[str | None] = field(default_factory=list)
 
     def member(self, k: int, model: Any = None) -> Any:
         """Member ``k`` as the package's one run result, :class:`signalprop.train.FitResult`
         (its losses up to divergence, its record; ``model`` e.g. from
-        :meth:`Population.member_module`). The batched loop stops a member only on a non-finite
-        loss: the ``"nonfinite"`` branch of :func:`signalprop.train.divergence_reason`."""
-        from signalprop.train import FitResult as RunResult  # train imports the probe: lazy
+        :meth:`Population.member_module`); the batched loop applies the same divergence policy,
+        :func:`signalprop.train.divergence_reason`."""
+        RunResult = divergence_policy().FitResult
 
         d = self.diverged_step[k]
         col = self.losses[:, k]
@@ -51,7 +89,9 @@ class FitResult:
         return RunResult(
             record=self.records[k], losses=[float(v) for v in col[:n]], diverged=d is not None,
             diverged_step=d, steps=n, wall_time=self.wall_time, model=model,
-            extra=dict(self.final[k]), diverged_reason="nonfinite" if d is not None else None,
+            extra=dict(self.final[k]),
+            diverged_reason=self.diverged_reason[k] if self.diverged_reason
+            else ("nonfinite" if d is not None else None),
             trivial_kind="not computed by the batched engine")
 
 
@@ -129,8 +169,14 @@ class _Fitting:
         callback: Callable[[int], None] | None = None,
         evaluate: bool = True,
         record_steps: Sequence[int] | None = None,
+        diverge_factor: float | None = POLICY_DEFAULT,
     ) -> FitResult:
         """Train all members for ``steps`` steps; members that diverge are frozen.
+
+        Divergence is :func:`signalprop.train.fit`'s policy, per member: a non-finite loss or
+        gradient, or a loss above ``diverge_factor x max(L0, 1)``, L0 the member's loss at this
+        call's first step. The diverging step's loss (and probes, when recorded) are kept; its
+        update is not made.
 
         Args:
             data: The data set (moved to the population's device).
@@ -141,18 +187,24 @@ class _Fitting:
             evaluate: Compute loss/accuracy on the whole train and test splits at the end.
             record_steps: Probe exactly these steps (plus the first and last) instead of every
                 ``record_every`` (e.g. log-spaced steps for a long run).
+            diverge_factor: The loss bound (default ``DIVERGE_FACTOR``; ``None``: non-finite
+                values only).
 
         Returns:
             :class:`FitResult`; ``final[k]`` has ``final_loss`` (mean mini-batch loss of the last
             min(10, steps) steps; NaN if diverged), ``min_loss``, ``train_loss``, ``test_loss``,
-            ``train_accuracy``, ``test_accuracy``, ``diverged_step``, ``grad_ratio_init`` and
-            ``grad_ratio_final`` (first layer's weight gradient norm / the head's).
+            ``train_accuracy``, ``test_accuracy``, ``diverged_step``, ``diverged_reason``,
+            ``grad_ratio_init`` and ``grad_ratio_final`` (:func:`signalprop.stats.grad_ratio` of
+            the member's record at its first and last recorded steps).
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if record_every < 0:
             raise ValueError(f"record_every must be >= 0, got {record_every}")
         wanted = None if record_steps is None else {int(s) for s in record_steps}
+        if diverge_factor is not POLICY_DEFAULT:
+            self.diverge_factor = diverge_factor
+        self.initial_loss = None  # L0 is this call's first loss, as for a fresh fit()
         K = self.K
         xtr = data.x_train.to(self.device, self.dtype)
         ytr = data.y_train.to(self.device)
@@ -179,7 +231,23 @@ class _Fitting:
         records = self._records(*probed)
         final = [self._final(k, L, steps, records[k], (trl[k], tel[k], tra[k], tea[k]))
                  for k in range(K)]
-        return FitResult(records, L, list(self.diverged_step), final, wall, eval_time)
+        return FitResult(records, L, list(self.diverged_step), final, wall, eval_time,
+                         diverged_reason=list(self.diverged_reason))
+
+    def _apply_divergence_policy(self, loss: torch.Tensor, grad_norms: torch.Tensor) -> bool:
+        """Freeze the active members that this step's loss [K] and gradient norms
+        [n_params, K] make diverge (:func:`divergence_codes`); whether any member is frozen."""
+        if self.initial_loss is None:
+            self.initial_loss = loss.detach().clone()
+        code = divergence_codes(loss, self.initial_loss, grad_norms.sum(0), self.diverge_factor)
+        newly = self.active & (code > 0)
+        if bool(newly.any()):  # the step's one host sync (a device-side any otherwise)
+            ks = newly.nonzero().flatten()
+            for k, c in zip(ks.tolist(), code[ks].tolist(), strict=True):
+                self.diverged_step[k] = self.step_count
+                self.diverged_reason[k] = REASONS[c]
+            self.active &= ~newly
+        return any(d is not None for d in self.diverged_step)
 
     def _train(self, xtr: torch.Tensor, ytr: torch.Tensor, sampler: BatchSampler, steps: int,
                probe_at: Callable[[int], bool], callback: Callable[[int], None] | None
@@ -220,19 +288,30 @@ class _Fitting:
         d = self.diverged_step[k]
         lk = L[: (d if d is not None else steps), k]
         lk = lk[np.isfinite(lk)]
-        tail = L[max(0, steps - 10) : steps, k]
-        ratios = _grad_ratios(record, FIRST_WEIGHT, HEAD_WEIGHT)
+        ran = L[: (d + 1 if d is not None else steps), k].tolist()
+        self._write_meta(k, record, ran)
         return {
-            "final_loss": float(np.mean(tail)) if d is None else math.nan,
+            # one definition of each summary number: stats', as signalprop.train.FitResult's
+            "final_loss": stats.final_loss(ran) if d is None else math.nan,
             "min_loss": float(lk.min()) if lk.size else math.nan,
             "train_loss": float(trl),
             "test_loss": float(tel),
             "train_accuracy": float(tra),
             "test_accuracy": float(tea),
             "diverged_step": d,
-            "grad_ratio_init": ratios[0],
-            "grad_ratio_final": ratios[1],
+            "diverged_reason": self.diverged_reason[k],
+            "grad_ratio_init": stats.grad_ratio(record, "first"),
+            "grad_ratio_final": stats.grad_ratio(record, "last"),
         }
+
+    def _write_meta(self, k: int, record: Record, losses: list[float]) -> None:
+        """What :func:`signalprop.train.fit` writes in a record's meta about its run (the same
+        keys, by the same function), for member ``k``."""
+        from signalprop.train.loop import _write_meta  # lazy: see divergence_policy
+
+        _write_meta(record, self.optimizer_name, float(self.hparams["lr"][k]), losses,
+                    self.diverged_reason[k], self.diverged_step[k], self.diverge_factor, False,
+                    math.nan, "not computed by the batched engine", 0)
 
     def _records(self, steps, keys, vals, active) -> list[Record]:
         infos = self.layer_infos()
@@ -265,12 +344,7 @@ class _Fitting:
         return recs
 
 
-def _grad_ratios(rec: Record, first: str, last: str) -> tuple[float, float]:
-    steps = rec.steps
-    if not steps:
-        return math.nan, math.nan
-    out = []
-    for s in (steps[0], steps[-1]):
-        a, b = rec.get(s, first, "grad_norm"), rec.get(s, last, "grad_norm")
-        out.append(a / b if b and math.isfinite(b) and b > 0 else math.nan)
-    return out[0], out[1]
+def _grad_ratios(rec: Record, first: str = "", last: str = "") -> tuple[float, float]:
+    """(first, last) recorded :func:`signalprop.stats.grad_ratio` of ``rec`` (the layer names
+    are no longer used: the ratio is stats' one definition, the weights nearest input and loss)."""
+    return stats.grad_ratio(rec, "first"), stats.grad_ratio(rec, "last")

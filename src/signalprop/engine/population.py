@@ -10,8 +10,10 @@ block), with the gradients in a second buffer of the same layout. One training s
   views, a bias reduction;
 - clipping and the optimiser update: a few element-wise ops over the *whole* flat buffer
   (:mod:`signalprop.engine.optim`), whatever the depth;
-- per-member bookkeeping: the loss of every member, and divergence (a member whose loss is
-  non-finite is frozen, never updated again, and marked with that step).
+- per-member bookkeeping: the loss of every member, and divergence by the package's one policy
+  (:func:`signalprop.train.divergence_reason`: a non-finite loss or gradient, or a loss above
+  ``DIVERGE_FACTOR x max(L0, 1)`` with L0 the member's own first loss); a diverging member is
+  frozen before its update, never updated again, and marked with that step and the reason.
 
 Per-member hyper-parameters (learning rate, momentum, weight decay, optimiser constants, clip
 threshold, activation gain) are tensors over the members, expanded once to the flat layout.
@@ -32,7 +34,14 @@ from signalprop._registry import check_choice
 from signalprop.engine.activations import get_activation
 from signalprop.engine.batched_mlp import _UNSET, ForwardCache, _BatchedMLP
 from signalprop.engine.clipping import AGC_EPS, CLIP_DEFAULTS, CLIPS, _Clipper
-from signalprop.engine.fit import BatchSampler, FitResult, _Fitting, _grad_ratios, member_batches
+from signalprop.engine.fit import (
+    BatchSampler,
+    FitResult,
+    _Fitting,
+    _grad_ratios,
+    divergence_policy,
+    member_batches,
+)
 from signalprop.engine.initialise import INITS, LSUV_MAX_ITER, LSUV_TOL, _Initialiser
 from signalprop.engine.layout import TASKS, Arch, ParamSpec, _as_member_tensor, _Layout
 from signalprop.engine.optim import OPTIMIZERS, make_optimizer
@@ -118,6 +127,10 @@ class Population(_Layout, _Initialiser, _BatchedMLP, _Clipper, _Fitting):
         self._build_params()
         self.active = torch.ones(self.K, dtype=torch.bool, device=self.device)
         self.diverged_step: list[int | None] = [None] * self.K
+        self.diverged_reason: list[str | None] = [None] * self.K
+        #: The divergence policy's loss bound (``None``: non-finite values only); ``fit`` sets it.
+        self.diverge_factor: float | None = divergence_policy().DIVERGE_FACTOR
+        self.initial_loss: torch.Tensor | None = None  # per member, the first step's loss (L0)
         self.step_count = 0
         self._opt = None
         self._hp_cache: dict[str, Any] = {}  # hyper-parameter name -> its flat-layout value
@@ -143,32 +156,34 @@ class Population(_Layout, _Initialiser, _BatchedMLP, _Clipper, _Fitting):
 
         Returns:
             (loss [K] before the step, probe values {(layer, metric): [K]} or None).
+
+        A member whose step the divergence policy rejects (:meth:`_apply_divergence_policy`) is
+        frozen before the update: its parameters stay those that gave this step's loss.
         """
         # batch-norm running statistics are frozen with the member's parameters
         saved_running = {n: v.clone() for n, v in self.running.items()}
         cache = self._forward(x, train=True, keep=probe)
         loss, dout = self._loss(cache.out, y)
         pr: dict | None = {} if probe else None
-        finite = torch.isfinite(loss)
-        newly = self.active & ~finite
-        if bool(newly.any()):
-            for k in newly.nonzero().flatten().tolist():
-                self.diverged_step[k] = self.step_count
-            self.active &= finite
-        frozen = ~self.active
-        any_frozen = bool(frozen.any())
-        if any_frozen:
-            for n, v in self.running.items():
-                v.copy_(torch.where(frozen.view(-1, 1, 1), saved_running[n], v))
         if pr is not None:
             self._probe_forward(cache, loss, y, pr)
         self._backward(cache, dout, pr)
-        self._clip_()
+        # the gradients as backward left them (before clipping): the probe's grad_norm, the
+        # divergence policy's finiteness test and the norm clip's total, from one reduction
+        gn = self.member_norms(self.grad)
+        any_frozen = self._apply_divergence_policy(loss, gn)
+        frozen = ~self.active
+        if any_frozen:
+            for n, v in self.running.items():
+                v.copy_(torch.where(frozen.view(-1, 1, 1), saved_running[n], v))
+        self._clip_(gn)
         if pr is not None:
-            gn = self.member_norms(self.grad)
             for j, s in enumerate(self.specs):
                 pr[(s.name, "grad_norm")] = gn[j]
             pr[(MODEL, "grad_norm_total")] = gn.square().sum(0).sqrt()
+            if self.clip != "none":  # as the probe does when a loop clips in place
+                pr[(MODEL, "grad_norm_total_clipped")] = (
+                    self.member_norms(self.grad).square().sum(0).sqrt())
             before = self.flat.clone()
         if any_frozen:
             fmask = torch.repeat_interleave(frozen.repeat(len(self.specs)), self._seg_len)
@@ -179,9 +194,10 @@ class Population(_Layout, _Initialiser, _BatchedMLP, _Clipper, _Fitting):
         if pr is not None:
             wn = self.member_norms(before)
             dn = self.member_norms(self.flat - before)
+            ratio = dn / wn.clamp_min(1e-30)  # the probe's definition (a zero bias: not inf)
             for j, s in enumerate(self.specs):
                 pr[(s.name, "weight_norm")] = wn[j]
-                pr[(s.name, "update_ratio")] = dn[j] / wn[j]
+                pr[(s.name, "update_ratio")] = ratio[j]
         self.step_count += 1
         return loss, pr
 
