@@ -70,3 +70,23 @@ def test_clipping_rnn_run_reads_records() -> None:
 def test_recurrent_arms_are_registry_remedies() -> None:
     for _, names in R.ARMS.values():
         assert all(n in REMEDIES for n in names)
+
+
+def test_an_interrupted_run_is_not_returned_as_finished() -> None:
+    """fit hands a user the steps trained when Ctrl-C stops it; the lab's fit raises instead, so
+    a study never caches a partial run as a finished one."""
+    from torch.nn import functional as F
+
+    from signalprop.lab import nets
+    from signalprop.train import fit
+
+    def stop(step: int, model: nn.Module, loss: float) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    res = fit(nn.Linear(4, 2), (x, y), F.cross_entropy, steps=10, probe=None, callback=stop)
+    assert res.interrupted and res.steps == 3
+    with pytest.raises(KeyboardInterrupt):
+        nets.fit(nn.Linear(4, 2), (x, y), F.cross_entropy, steps=10, probe=None, callback=stop)
+    assert not nets.fit(nn.Linear(4, 2), (x, y), F.cross_entropy, steps=3, probe=None).interrupted

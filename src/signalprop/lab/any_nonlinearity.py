@@ -28,7 +28,6 @@ from signalprop.lab import plotting as P
 from signalprop.remedies import RBF, Scaled, get_remedy, make_activation, nf_gain
 from signalprop.theory import NoCriticalPoint, critical_point
 from signalprop.theory.torch_adapter import measure_gradient_profile
-from signalprop.train import fit
 
 #: Bumped when the measurements change meaning (stored results then go stale).
 VERSION = 3
@@ -300,7 +299,7 @@ def _local_one(config: dict[str, Any], act: str, rem: str, depth: int, seed: int
         model = remedy.apply(model, batch)
         opt, lr, kw = remedy.optimizer_config("sgd", sgd_lr)
         gt = remedy.make_grad_transform()
-    res = fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=config["steps"],
+    res = nets.fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=config["steps"],
               optimizer=opt, lr=lr, optimizer_kwargs=kw, batch_size=config["batch_size"],
               grad_transform=gt, probe={"forward": False, "backward": False}, schedule=[0],
               device=dev, seed=seed)

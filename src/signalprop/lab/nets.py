@@ -22,7 +22,8 @@ from signalprop.data import Dataset, load_dataset
 from signalprop.engine import MLP
 from signalprop.init import apply_init
 from signalprop.probe import Probe
-from signalprop.train import FitResult, fit
+from signalprop.train import FitResult
+from signalprop.train import fit as _fit
 
 
 def dataset(name: str, device: str = "cpu") -> Dataset:
@@ -46,6 +47,16 @@ def mlp(
     if scale != 1.0:
         apply_init("scale", model, factor=scale)
     return model
+
+
+def fit(*args: Any, **kwargs: Any) -> FitResult:
+    """:func:`signalprop.train.fit`, except that a run stopped by Ctrl-C raises
+    ``KeyboardInterrupt`` instead of returning its partial result: the loop hands a user the
+    steps trained, but a study would store that partial run in its cache as if it had finished."""
+    res = _fit(*args, **kwargs)
+    if res.interrupted:
+        raise KeyboardInterrupt
+    return res
 
 
 @contextlib.contextmanager

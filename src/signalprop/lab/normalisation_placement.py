@@ -24,9 +24,9 @@ from torch.nn import functional as F
 
 from signalprop.lab import base as B
 from signalprop.lab import evidence as E
+from signalprop.lab import nets
 from signalprop.lab import plotting as P
 from signalprop.remedies import get_remedy
-from signalprop.train import fit
 
 VERSION = 1
 NAME = "normalisation-placement"
@@ -146,7 +146,7 @@ def _one(config: dict[str, Any], arm: str, depth: int, seed: int) -> dict[str, A
     xte, yte = majority_task(config["test_size"], torch.Generator().manual_seed(2))
     model, warm = build(arm, depth, seed)
     steps = int(config["steps"])
-    res = fit(model, (xtr, ytr), F.cross_entropy, steps=steps, optimizer="adam",
+    res = nets.fit(model, (xtr, ytr), F.cross_entropy, steps=steps, optimizer="adam",
               lr=config["lr"], batch_size=config["batch_size"],
               probe={"forward": False}, schedule=[0], warmup=int(round(warm * steps)),
               device=dev, seed=seed)

@@ -28,10 +28,10 @@ from torch.nn import functional as F
 
 from signalprop.lab import base as B
 from signalprop.lab import evidence as E
+from signalprop.lab import nets
 from signalprop.lab import plotting as P
 from signalprop.lab.clipping import adding_problem, time_profile
 from signalprop.remedies import get_remedy
-from signalprop.train import fit
 
 VERSION = 2
 NAME = "recurrent"
@@ -163,7 +163,7 @@ def _one(config: dict[str, Any], arm: str, T: int, lr: float, seed: int) -> dict
     model, gt = build(arm, config["hidden"], seed, xtr[: config["batch_size"]])
     steps = int(config["steps"])
     last = steps - 1
-    res = fit(model, (xtr, ytr), F.mse_loss, steps=steps, optimizer="adam", lr=lr,
+    res = nets.fit(model, (xtr, ytr), F.mse_loss, steps=steps, optimizer="adam", lr=lr,
               batch_size=config["batch_size"], probe={"forward": False, "weights": False},
               schedule=[0, last], grad_transform=gt, device=dev, seed=seed)
     out: dict[str, Any] = {"arm": arm, "T": T, "lr": lr, "seed": seed, "diverged": res.diverged,

@@ -33,7 +33,6 @@ from signalprop.lab import evidence as E
 from signalprop.lab import nets
 from signalprop.lab import plotting as P
 from signalprop.remedies import TRANSFORMS, Remedy, get_remedy, make_activation
-from signalprop.train import fit
 
 #: Bumped when the measurements change meaning (stored results then go stale).
 VERSION = 3
@@ -183,7 +182,7 @@ def _one(config: dict[str, Any], case_name: str, measure: str, seed: int) -> dic
         opt, lr, kw = rem.optimizer_config("sgd", case["lr"])
         gt = rem.make_grad_transform()
         steps = round(steps / rem.lr_scale)  # the same lr x steps budget for a lower rate
-    res = fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=steps, optimizer=opt,
+    res = nets.fit(model, (data.x_train, data.y_train), F.cross_entropy, steps=steps, optimizer=opt,
               lr=lr, optimizer_kwargs=kw, batch_size=config["batch_size"], grad_transform=gt,
               probe={"forward": False, "backward": False}, schedule=[0], device=dev, seed=seed)
     acc = math.nan if res.diverged else nets.accuracy(model, data.x_test.to(dev),

@@ -108,8 +108,7 @@ def run_study(
     check_choice("executor", executor, EXECUTORS)
     mod = get_study(name)
     say = log or (lambda s: None)
-    workdir = Path(out) / name
-    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir := Path(out) / name).mkdir(parents=True, exist_ok=True)
     config = study_config(mod, name, quick, overrides)
     dev = device if device != "cpu" else config.get("device", "cpu")
     config.update(device=str(resolve_device(dev)), executor=executor, workers=int(workers))

@@ -4,7 +4,10 @@ parameters used outside a module call, read from the torch functions a forward p
 A :class:`torch.overrides.TorchFunctionMode` is pushed around the model's forward on recorded
 steps only (and, after the first recorded step, only when that step found something that needs
 it), so unrecorded steps run at full speed. Inside, each torch function call is checked against
-small tables; everything else passes straight through.
+small tables; everything else passes straight through. Functional activations that a module
+calls through one of its attributes (``nn.TransformerEncoderLayer.activation``) are seen after
+the first recorded step by patching that attribute on recorded steps instead (no mode around
+every op); if a patched step sees fewer calls than the first one, the mode comes back.
 """
 
 from __future__ import annotations

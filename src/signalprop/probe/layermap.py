@@ -300,3 +300,30 @@ class LayerMap:
         places = {b["norm_placement"] for b in self._blocks.values() if b["norm_placement"]}
         if places:
             self._record.meta["norm_placement"] = places.pop() if len(places) == 1 else "mixed"
+
+    def _map_drawn(self) -> None:
+        """After the mapping step: keep the function mode only where module hooks cannot see
+        (functional activations); residual blocks get their input hooks from now on."""
+        if self._nforward == 0 and not self._root_watched and self._use_mode:
+            self._record.meta.setdefault("unchecked", {})[type(self.model).__name__] = (
+                "the model itself was never called (the loop calls its submodules): "
+                "functional activations, residual additions and parameters used outside "
+                "module calls were not observed")
+        self._mapping = False
+        self._use_mode = self._fn_found or self._inplace_seen
+        if self._fn_found and not self._inplace_seen:
+            # functional activations called through a module attribute are seen by patching
+            # that attribute on recorded steps: no torch-function mode around every op
+            self._fn_patches = self._fn_patch_plan()
+            self._fn_expected = self._fn_calls_per_pass()
+            self._use_mode = self._fn_patches is None
+        self._set_active(False)
+
+    def _check_fn_patches(self) -> None:
+        """A recorded step with attribute patches saw fewer functional activation calls than
+        the mapping step (some are called directly): the mode again from the next step on."""
+        if self._fn_patches is not None and not self._use_mode and self._used and \
+                self._fn_calls_per_pass() != self._fn_expected:
+            self._fn_patches = None
+            self._use_mode = True
+            self._set_active(False)
