@@ -34,3 +34,4 @@ def test_the_loop_raises_the_error_callers_catch_from_validation() -> None:
         T.fit(model, (x, y), lambda p, t: ((p - t) ** 2).mean().detach(), steps=1, probe=None)
     with pytest.raises(V.UserCodeError, match="error in your loss at step 0"):
         T.fit(model, (x, y), lambda p, t: 1 / 0, steps=1, probe=None)
+

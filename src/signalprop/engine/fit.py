@@ -125,6 +125,15 @@ class BatchSampler:
         return idx
 
 
+def _probe_schedule(steps: int, record_every: int, wanted: set[int] | None
+                    ) -> Callable[[int], bool]:
+    """Whether step t is probed: the first and last, and ``wanted`` or every ``record_every``."""
+    def probe_at(t: int) -> bool:
+        return t == 0 or t == steps - 1 or (
+            t in wanted if wanted is not None else (record_every > 0 and t % record_every == 0))
+    return probe_at
+
+
 def member_batches(seed: int, n: int, batch_size: int, steps: int) -> list[torch.Tensor]:
     """The mini-batch indices (each [B]) that the engine feeds the member with this seed."""
     s = BatchSampler([seed], n, batch_size, torch.device("cpu"))
@@ -159,6 +168,7 @@ class _Fitting:
         acc = correct / n if self.arch.task == "classification" else torch.full_like(correct, math.nan)
         return (tot_loss / n).cpu(), acc.cpu()
 
+    # long: 9 documented arguments and the result's keys take 40 of its lines; the body is ~25
     def fit(
         self,
         data: Dataset,
@@ -205,34 +215,32 @@ class _Fitting:
         if diverge_factor is not POLICY_DEFAULT:
             self.diverge_factor = diverge_factor
         self.initial_loss = None  # L0 is this call's first loss, as for a fresh fit()
-        K = self.K
         xtr = data.x_train.to(self.device, self.dtype)
         ytr = data.y_train.to(self.device)
         if self.arch.task == "regression":
             ytr = ytr.to(self.dtype)
         sampler = BatchSampler(seeds, xtr.shape[0], batch_size, self.device)
-
-        def probe_at(t: int) -> bool:
-            return t == 0 or t == steps - 1 or (
-                t in wanted if wanted is not None else (record_every > 0 and t % record_every == 0)
-            )
-
         t0 = time.perf_counter()
-        losses, probed = self._train(xtr, ytr, sampler, steps, probe_at, callback)
+        losses, probed = self._train(xtr, ytr, sampler, steps,
+                                     _probe_schedule(steps, record_every, wanted), callback)
         wall = time.perf_counter() - t0
         t1 = time.perf_counter()
-        if evaluate:
-            trl, tra = self.evaluate(data.x_train, data.y_train)
-            tel, tea = self.evaluate(data.x_test, data.y_test)
-        else:
-            trl = tra = tel = tea = torch.full((K,), math.nan, dtype=torch.float64)
+        trl, tel, tra, tea = self._evaluate_splits(data, evaluate)
         eval_time = time.perf_counter() - t1
         L = losses.cpu().double().numpy()
         records = self._records(*probed)
         final = [self._final(k, L, steps, records[k], (trl[k], tel[k], tra[k], tea[k]))
-                 for k in range(K)]
+                 for k in range(self.K)]
         return FitResult(records, L, list(self.diverged_step), final, wall, eval_time,
                          diverged_reason=list(self.diverged_reason))
+
+    def _evaluate_splits(self, data: Dataset, evaluate: bool) -> tuple[torch.Tensor, ...]:
+        """Train loss, test loss, train accuracy, test accuracy [K] (NaN when not evaluated)."""
+        if not evaluate:
+            return (torch.full((self.K,), math.nan, dtype=torch.float64),) * 4
+        trl, tra = self.evaluate(data.x_train, data.y_train)
+        tel, tea = self.evaluate(data.x_test, data.y_test)
+        return trl, tel, tra, tea
 
     def _apply_divergence_policy(self, loss: torch.Tensor, grad_norms: torch.Tensor) -> bool:
         """Freeze the active members that this step's loss [K] and gradient norms

@@ -36,7 +36,10 @@ def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return True
-    total = torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()
+    # the sum in float64 (float32 only where the device has no float64): a finite float64
+    # gradient's norm may exceed float32's range (3.4e38) and must not read as non-finite
+    dt = torch.float32 if grads[0].device.type == "mps" else torch.float64
+    total = torch.stack([n.to(dt) for n in torch._foreach_norm(grads)]).sum()
     return bool(torch.isfinite(total))
 
 

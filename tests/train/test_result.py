@@ -1,0 +1,22 @@
+"""The one divergence policy's pieces (signalprop.train.result)."""
+
+from __future__ import annotations
+
+
+def test_a_finite_float64_gradient_above_float32_range_is_finite() -> None:
+    """The divergence policy's gradient check keeps float64 norms in float64 (a norm of 1e40 is
+    finite; it used to be summed in float32 and read as overflow)."""
+    import math
+
+    import torch
+
+    from signalprop.train.result import _grads_finite
+
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    p.grad = torch.tensor([1e40, 0.0, 0.0], dtype=torch.float64)
+    assert _grads_finite([p])
+    p.grad = torch.tensor([math.inf, 0.0, 0.0], dtype=torch.float64)
+    assert not _grads_finite([p])
+    q = torch.zeros(2, requires_grad=True)
+    q.grad = torch.tensor([math.nan, 1.0])
+    assert not _grads_finite([q])
