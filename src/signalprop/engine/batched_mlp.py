@@ -96,6 +96,13 @@ class _BatchedMLP:
             ), c
         return zhat, c
 
+    def _through_norm(self, d: torch.Tensor, i: int, c: Any, probe: dict | None) -> torch.Tensor:
+        """Back through layer ``i``'s norm (pre or post): record the gradient at its output, then
+        propagate it."""
+        if probe is not None:
+            probe[(f"layers.{i}.norm", "out_grad_norm")] = _knorm(d)
+        return self._norm_bwd(d, i, c.norm)
+
     def _norm_bwd(self, dy: torch.Tensor, i: int, c: NormCache | None) -> torch.Tensor:
         assert c is not None  # a normalised layer's forward always leaves its cache
         zhat, rstd, dim = c.zhat, c.rstd, c.dim
@@ -207,17 +214,13 @@ class _BatchedMLP:
             c = cache.layers[i]
             d_out = da
             if a.norm != "none" and a.norm_position == "post":
-                if probe is not None:
-                    probe[(f"layers.{i}.norm", "out_grad_norm")] = _knorm(d_out)
-                d_out = self._norm_bwd(d_out, i, c.norm)
+                d_out = self._through_norm(d_out, i, c, probe)
             if probe is not None:
                 probe[(f"layers.{i}.act", "out_grad_norm")] = _knorm(d_out)
             dphi = d_out if scale is None else d_out * scale
             du = self.act.backward(dphi, c.u, c.phi)
             if a.norm != "none" and a.norm_position == "pre":
-                if probe is not None:
-                    probe[(f"layers.{i}.norm", "out_grad_norm")] = _knorm(du)
-                du = self._norm_bwd(du, i, c.norm)
+                du = self._through_norm(du, i, c, probe)
             if probe is not None:
                 probe[(f"layers.{i}.linear", "out_grad_norm")] = _knorm(du)
             _, _, weight_t, g_weight, g_bias = self._lin[i]
