@@ -19,6 +19,9 @@ from signalprop.record import MODEL
 class ForwardStats:
     """Mixin of :class:`~signalprop.probe.core.Probe`: outputs, inputs and gates."""
 
+    #: CPU samples go through the NumPy host kernels (False: the torch kernels, their reference)
+    _host_kernels: bool = True
+
     def save_before_inplace(self, x: torch.Tensor) -> None:
         """``x`` is about to be modified in place: if it is a recorded output of this step,
         record a copy instead (one copy, only on recorded steps)."""
@@ -66,7 +69,8 @@ class ForwardStats:
         for idx in groups.values():
             x = torch.stack([self._sites[j].outs[0] for j in idx])  # [G, k] samples, or outputs
             xf = stats.flat_rows(x)
-            if xf.device.type == "cpu" and self.max_forward_samples is not None:
+            if xf.device.type == "cpu" and self.max_forward_samples is not None and \
+                    self._host_kernels:
                 # the samples of a CPU step: the host kernels (a fraction of torch's per-op cost)
                 self._host_group_stats(idx, xf, values, names)
                 continue
@@ -194,7 +198,8 @@ class ForwardStats:
             return
         x = xs[0] if len(xs) == 1 else torch.cat([t.reshape(-1) for t in xs])
         x = x.reshape(1, -1)  # three cheap passes over the whole input; NaN propagates
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and \
+                self._host_kernels:
             a = x.detach().numpy()
             mean, std = stats.moments_host(a)
             with np.errstate(invalid="ignore"):
