@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from signalprop._device import resolve_device
+from signalprop._lifeline import shared_worker_pool
 from signalprop._registry import check_choice
 from signalprop.lab import STUDY_NAMES, get_study
 from signalprop.lab.base import Conclusion, config_hash, read_json, write_json
@@ -206,7 +207,10 @@ def run_lab(
     if unknown:
         raise TypeError(f"run_lab() got unexpected keyword argument(s): {', '.join(unknown)}")
     check_choice("executor", options.get("executor", "local"), EXECUTORS)
-    outcomes = [run_study(n, out, log=log, **options) for n in resolve_names(names)]
+    # one pool of workers for every study's parallel parts: they start (and import torch and the
+    # data sets) once, not once per study
+    with shared_worker_pool(int(options.get("workers", 1))):
+        outcomes = [run_study(n, out, log=log, **options) for n in resolve_names(names)]
     build_report(out, order=STUDY_NAMES)
     return outcomes
 
