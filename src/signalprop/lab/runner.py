@@ -98,7 +98,8 @@ def run_study(
         executor: ``"local"`` or ``"ray"`` (passed to sweep-based parts).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         force: Re-run even when stored results match the configuration.
-        workers: Worker processes for sweep-based parts (local executor).
+        workers: Worker processes for sweep-based parts (local executor) and for a study's
+            independent training cells (:func:`signalprop.lab.base.cached_cells`).
         overrides: Values replacing keys of the configuration (used by tests to shrink it).
         log: Called with one-line progress messages.
 
