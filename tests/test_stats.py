@@ -122,3 +122,42 @@ def test_probe_module_is_callable_after_import():
 
     model = torch.nn.Linear(2, 2)
     assert isinstance(signalprop.probe(model), signalprop.Probe)
+
+
+# ---- host (NumPy) kernels: the torch kernels above are their reference --------------------------
+def test_host_moments_match_the_torch_kernel_and_numpy():
+    torch.manual_seed(0)
+    x = torch.randn(6, 256) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0, 1.0]).unsqueeze(1)
+    x[3] += 1e4  # |mean| >> std: the shifted one-pass formula
+    x[4, 7] = float("nan")
+    x[5, 2] = float("inf")
+    mean, std = stats.moments_host(x.numpy())
+    tm, ts = stats.moments(x)
+    ref = x[:4].double().numpy()
+    tol = 1e-5 * ref.std(1) + 1e-6 * np.abs(ref.mean(1))  # float32 input: its rounding
+    assert (np.abs(mean[:4] - tm[:4].double().numpy()) <= tol).all()
+    assert (np.abs(mean[:4] - ref.mean(1)) <= tol).all()
+    np.testing.assert_allclose(std[:4], ts[:4].double().numpy(), rtol=1e-4)
+    np.testing.assert_allclose(std[:4], ref.std(1), rtol=1e-4)
+    assert np.isnan(mean[4]) and np.isnan(std[4]) and not np.isfinite(mean[5])
+
+
+@pytest.mark.parametrize("n", [1, 21, 256])
+def test_host_percentiles_equal_the_kernel_and_numpy(n):
+    x = torch.randn(5, n, dtype=torch.float64)
+    x[1] = float("inf")
+    x[2, 0] = float("nan")
+    p = stats.percentiles_host(x.numpy(), stats.PERCENTILES)
+    np.testing.assert_array_equal(p, stats.percentiles(x, max_samples=None).numpy())
+    ref = np.percentile(x[3:].numpy(), stats.PERCENTILES, axis=1).T
+    np.testing.assert_allclose(p[3:], ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(k for k in stats.SATURATING if stats.host_saturation(k)))
+def test_host_saturated_fraction_equals_the_kernel(kind):
+    torch.manual_seed(1)
+    h = torch.tanh(torch.randn(4, 512) * 3) if kind != "sigmoid" else torch.sigmoid(
+        torch.randn(4, 512) * 5)
+    got = stats.saturated_fraction_host(h.numpy(), kind, 0.1)
+    np.testing.assert_array_equal(got, stats.saturated_fraction(h, kind, 0.1).double().numpy())
+    assert stats.saturated_fraction_host(h.numpy(), "relu") is None  # no output threshold

@@ -8,6 +8,7 @@ All kernels return tensors on the input's device; callers move results to the CP
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -116,19 +117,7 @@ def percentiles(
     # ~50x faster than torch.sort for these sizes, and the interpolation in NumPy costs a
     # quarter of the same ops in torch (per-op overhead); NaNs sort last in both.
     if x.device.type == "cpu":
-        a = np.sort(x.detach().numpy(), axis=1)
-        n = a.shape[1]
-        pos = np.asarray([v / 100.0 for v in qs], dtype=a.dtype) * (n - 1)
-        lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 1)
-        hi = np.clip(np.ceil(pos).astype(np.int64), 0, n - 1)
-        w = pos - lo.astype(a.dtype)
-        a_lo, a_hi = a[:, lo], a[:, hi]
-        with np.errstate(invalid="ignore"):  # inf * 0 below: replaced by the equal neighbour
-            res = a_lo * (1 - w) + a_hi * w
-        # equal neighbours (a row of +inf: inf * 0 = NaN in the interpolation) are the value
-        res = np.where(a_lo == a_hi, a_lo, res)
-        res[np.isnan(a[:, -1])] = np.nan  # a row holding NaN has it last
-        return torch.from_numpy(res)
+        return torch.from_numpy(percentiles_host(x.detach().numpy(), qs))
     q = torch.tensor([v / 100.0 for v in qs], dtype=x.dtype)
     q = q.to(x.device, non_blocking=True)  # a copy that does not wait for the device
     s, _ = torch.sort(x, dim=1)
@@ -141,6 +130,62 @@ def percentiles(
     out = torch.where(s_lo == s_hi, s_lo, s_lo * (1 - w) + s_hi * w)  # (+inf rows: not NaN)
     has_nan = torch.isnan(x).any(dim=1, keepdim=True)
     return torch.where(has_nan, torch.full_like(out, float("nan")), out)
+
+
+# --- host (NumPy) kernels ----------------------------------------------------------------------
+# The same statistics on a [G, N] NumPy array: on the CPU a probe's recorded step is bound by
+# per-operation dispatch (each torch op costs ~3 us alone, ~10 us inside a training step whose
+# matmuls have evicted the caches), and NumPy's ops on these small arrays cost a fraction of it.
+
+@functools.lru_cache(maxsize=64)
+def _interp(n: int, qs: tuple[float, ...], dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pos = np.asarray([v / 100.0 for v in qs], dtype=dtype) * (n - 1)
+    lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 1)
+    hi = np.clip(np.ceil(pos).astype(np.int64), 0, n - 1)
+    return lo, hi, pos - lo.astype(dtype)
+
+
+def percentiles_host(a: np.ndarray, qs: Sequence[float] = PERCENTILES) -> np.ndarray:
+    """:func:`percentiles` of each row of a [G, N] NumPy array (all N values; same rules for
+    NaN and infinite rows). Returns [G, len(qs)] in ``a``'s dtype."""
+    a = np.sort(a, axis=1)
+    lo, hi, w = _interp(a.shape[1], tuple(float(q) for q in qs), a.dtype.str)
+    a_lo, a_hi = a[:, lo], a[:, hi]
+    with np.errstate(invalid="ignore"):  # inf * 0 below: replaced by the equal neighbour
+        res = a_lo * (1 - w) + a_hi * w
+    # equal neighbours (a row of +inf: inf * 0 = NaN in the interpolation) are the value
+    res = np.where(a_lo == a_hi, a_lo, res)
+    res[np.isnan(a[:, -1])] = np.nan  # a row holding NaN has it last
+    return res
+
+
+def moments_host(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`moments` of each row of a [G, N] NumPy array (same shifted one-pass formula,
+    sums accumulated in float64). Returns (mean [G], std [G]) in float64."""
+    n = a.shape[1]
+    shift = a[:, :1].astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf propagate, as in moments()
+        d = a - a[:, :1]
+        m = np.add.reduce(d, axis=1, dtype=np.float64) / n
+        s2 = np.add.reduce(np.square(d, out=d), axis=1, dtype=np.float64) / n
+        var = np.maximum(s2 - m * m, 0.0)
+    return m + shift[:, 0], np.sqrt(var)
+
+
+def host_saturation(kind: str) -> bool:
+    """Whether :func:`saturated_fraction_host` measures ``kind`` (a threshold on the output)."""
+    return kind in _OUTPUT_THRESHOLDS and kind in SATURATING and SATURATING[kind][0]
+
+
+def saturated_fraction_host(a: np.ndarray, kind: str, ratio: float = SATURATION_DERIVATIVE_RATIO
+                            ) -> np.ndarray | None:
+    """:func:`saturated_fraction` of each row of a [G, N] NumPy array of outputs, for the
+    kinds whose rule is a threshold on the output (``None`` for the others)."""
+    if not host_saturation(kind):
+        return None
+    center, c = _OUTPUT_THRESHOLDS[kind](ratio)
+    dev = np.abs(a - center) if center else np.abs(a)
+    return np.count_nonzero(dev > c, axis=1) / a.shape[1]
 
 
 # --- activation derivatives -------------------------------------------------------------------

@@ -417,3 +417,34 @@ def test_deferred_values_reach_the_record_in_order_and_match_immediate_ones():
             for k, v in metrics.items():
                 assert b.data[s][layer][k] == pytest.approx(v, rel=1e-12, nan_ok=True), (s, layer, k)
 
+
+
+@pytest.mark.parametrize("flush_every", [1, 3])
+def test_host_kernels_record_what_the_torch_kernels_record(monkeypatch, flush_every):
+    # CPU samples take the NumPy host kernels; the torch kernels are the reference: same
+    # metrics, same values (float32 samples: sums rounded differently, rel 1e-5)
+    from signalprop.probe.forward import ForwardStats
+
+    recs = []
+    for host in (True, False):
+        monkeypatch.setattr(ForwardStats, "_host_kernels", host)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(),
+                              nn.Linear(32, 24), nn.Sigmoid(), nn.Linear(24, 16), nn.GELU(),
+                              nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(64, 8) * 3, torch.randint(0, 3, (64,))
+        p = Probe(model, optimizer=opt, flush_every=flush_every).attach()
+        _train(model, opt, p, 4, x, y)
+        recs.append(p.record)
+        p.detach()
+    a, b = recs
+    assert a.steps == b.steps == [0, 1, 2, 3]
+    for s in a.steps:
+        assert a.data[s].keys() == b.data[s].keys()
+        for layer, metrics in b.data[s].items():
+            assert a.data[s][layer].keys() == metrics.keys(), layer
+            for k, v in metrics.items():
+                assert a.data[s][layer][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (s, layer, k)
+    assert "off_frac" in a.data[0]["3"] and "dead_frac" in a.data[0]["3"]
+    assert "saturated_frac" in a.data[0]["1"] and "saturated_frac" in a.data[0]["5"]

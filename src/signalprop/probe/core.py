@@ -193,6 +193,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._pending: dict[str, dict[str, float]] | None = None
         self._inputs: list[torch.Tensor] = []
         self._name_cache: dict[tuple[int, ...], _Metrics] = {}
+        self._host_plans: dict[tuple[Any, ...], Any] = {}  # forward.ForwardStats._host_plan
         self._preclip: tuple[list[str], torch.Tensor, list[int]] | None = None
         self._witness: torch.Tensor | None = None  # a parameter that had a gradient
         self._cb_queued = False

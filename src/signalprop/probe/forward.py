@@ -5,7 +5,9 @@ metric family)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 
 from signalprop import stats
@@ -16,6 +18,9 @@ from signalprop.record import MODEL
 
 class ForwardStats:
     """Mixin of :class:`~signalprop.probe.core.Probe`: outputs, inputs and gates."""
+
+    #: CPU samples go through the NumPy host kernels (False: the torch kernels, their reference)
+    _host_kernels: bool = True
 
     def save_before_inplace(self, x: torch.Tensor) -> None:
         """``x`` is about to be modified in place: if it is a recorded output of this step,
@@ -64,6 +69,11 @@ class ForwardStats:
         for idx in groups.values():
             x = torch.stack([self._sites[j].outs[0] for j in idx])  # [G, k] samples, or outputs
             xf = stats.flat_rows(x)
+            if xf.device.type == "cpu" and self.max_forward_samples is not None and \
+                    self._host_kernels:
+                # the samples of a CPU step: the host kernels (a fraction of torch's per-op cost)
+                self._host_group_stats(idx, xf, values, names)
+                continue
             mean, std = stats.moments(xf)
             pct = stats.percentiles(xf, self.percentiles, self.max_percentile_samples)
             values += [mean, std, pct.T.reshape(-1)]
@@ -76,6 +86,73 @@ class ForwardStats:
                 values.append(stats.nonfinite_count(xf).double() * sc)
                 names += [(self._sites[j].name, "out_nonfinite") for j in idx]
             self._activation_stats(idx, x, xf, values, names)
+
+    def _host_group_stats(self, idx: list[int], xf: torch.Tensor, values: list[torch.Tensor],
+                          names: _Metrics) -> None:
+        """Moments, percentiles, saturated and off fractions of one group of CPU samples in
+        NumPy, as ONE float64 tensor (the torch kernels of :mod:`signalprop.stats` are the
+        reference: same formulas, sums in float64). Dead fractions and saturation measured on
+        the input take the torch path (:meth:`_activation_stats`) on their sites only."""
+        a = xf.numpy()
+        k = self.max_percentile_samples
+        a_pct = a if k is None else a[:, stats.subsample_index(a.shape[1], k)]
+        mean, std = stats.moments_host(a)
+        pct = stats.percentiles_host(a_pct, self.percentiles)
+        parts = [mean, std, pct.T.reshape(-1)]
+        kinds = tuple(self._sites[j].kind for j in idx)  # (a kind can be inferred later)
+        deferring = self._deferring
+        key = (tuple(idx), kinds, deferring)
+        plan = self._host_plans.get(key)
+        if plan is None:
+            plan = self._host_plans[key] = self._host_plan(idx, deferring)
+        todo, labels, rest, rest_rows = plan
+        if deferring:
+            # NaN/Inf in the samples, scaled to the outputs' size (tensors gone by the time
+            # the host sees the values)
+            size = np.asarray([self._sites[j].numel for j in idx], dtype=np.float64)
+            parts.append(np.count_nonzero(~np.isfinite(a), axis=1) * (size / a.shape[1]))
+        for kind, rows, sat in todo:
+            sub = a if rows is None else a[rows]
+            if sat:
+                parts.append(stats.saturated_fraction_host(sub, kind, self.saturation_ratio))
+            else:  # off = output <= 0 for this example (on the sample): rectifiers
+                parts.append(np.count_nonzero(sub <= 0, axis=1) / sub.shape[1])
+        values.append(torch.from_numpy(np.concatenate(parts).astype(np.float64, copy=False)))
+        names += labels
+        if rest:
+            sub = xf if rest_rows is None else xf[rest_rows]
+            self._activation_stats(rest, sub, sub, values, names, host=True)
+
+    def _host_plan(self, idx: list[int], deferring: bool
+                   ) -> tuple[list[Any], _Metrics, list[int], Any]:
+        """What :meth:`_host_group_stats` computes for a group: (kind, rows, saturated or off)
+        items, all their labels, and the sites (with their rows) left to the torch path."""
+        labels = list(self._group_names(tuple(idx)))
+        if deferring:
+            labels += [(self._sites[j].name, "out_nonfinite") for j in idx]
+        by_kind: dict[str, list[int]] = {}
+        for r, j in enumerate(idx):
+            k = self._sites[j].kind
+            if k is not None:
+                by_kind.setdefault(k, []).append(r)
+        todo: list[Any] = []
+        rest_r: list[int] = []
+        for kind, rows in by_kind.items():
+            layer = [self._sites[idx[r]].name for r in rows]
+            sel = None if len(rows) == len(idx) else np.asarray(rows)
+            host_sat = stats.host_saturation(kind)
+            if host_sat:
+                todo.append((kind, sel, True))
+                labels += [(n, "saturated_frac") for n in layer]
+            if kind in stats.RECTIFIERS:
+                todo.append((kind, sel, False))
+                labels += [(n, "off_frac") for n in layer]
+            if kind in stats.RECTIFIERS or (kind in stats.SATURATING and not host_sat):
+                rest_r += rows
+        rest_r.sort()
+        rest = [idx[r] for r in rest_r]
+        rows_t = None if len(rest_r) == len(idx) else torch.tensor(rest_r, dtype=torch.long)
+        return todo, labels, rest, rows_t
 
     @staticmethod
     def _pooled_output(s: _Site) -> torch.Tensor | None:
@@ -121,9 +198,16 @@ class ForwardStats:
             return
         x = xs[0] if len(xs) == 1 else torch.cat([t.reshape(-1) for t in xs])
         x = x.reshape(1, -1)  # three cheap passes over the whole input; NaN propagates
-        mean, std = stats.moments(x)
-        absmax = x.abs().amax(dim=1)
-        values += [mean, std, absmax]
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and \
+                self._host_kernels:
+            a = x.detach().numpy()
+            mean, std = stats.moments_host(a)
+            with np.errstate(invalid="ignore"):
+                absmax = np.abs(a).max(axis=1).astype(np.float64)
+            values.append(torch.from_numpy(np.concatenate([mean, std, absmax])))
+        else:
+            mean, std = stats.moments(x)
+            values += [mean, std, x.abs().amax(dim=1)]
         names += [(MODEL, "input_mean"), (MODEL, "input_std"), (MODEL, "input_absmax")]
 
     def _activation_stats(
@@ -133,7 +217,10 @@ class ForwardStats:
         xf: torch.Tensor,
         values: list[torch.Tensor],
         names: _Metrics,
+        host: bool = False,
     ) -> None:
+        """Saturated, off and dead fractions of a group's sites by activation kind (``host``:
+        the host kernels took the saturated fractions on the output and the off fractions)."""
         by_kind: dict[str, list[int]] = {}
         for j, i in enumerate(idx):
             k = self._sites[i].kind
@@ -142,9 +229,9 @@ class ForwardStats:
         for kind, js in by_kind.items():
             sites = [self._sites[idx[j]] for j in js]
             layer = [s.name for s in sites]
-            if kind in stats.SATURATING:
+            if kind in stats.SATURATING and not (host and stats.host_saturation(kind)):
                 self._saturation(kind, js, len(idx), xf, sites, values, names)
-            if kind in stats.RECTIFIERS:
+            if kind in stats.RECTIFIERS and not host:
                 # off = output <= 0 for this example: a unit off per example, averaged over the
                 # batch (on the forward sample); a unit is dead only when off for every example
                 src = xf if len(js) == len(idx) else xf.index_select(

@@ -239,14 +239,17 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
                 s.ins.append(inp.detach())
         else:  # a small copy now: nothing of the output is kept alive or seen overwritten
             n = o.numel()
-            if s.idx_n != n or s.idx is None or s.idx.device != o.device:
-                s.idx, s.idx_n = p._sample_index(o), n
+            key = (n, o.get_device())  # (an int: cheaper than comparing device objects)
+            if s.idx_n != key:
+                s.idx, s.idx_n = p._sample_index(o), key
             s.outs.append(torch.take(o, s.idx))
             s.numel += n
-            if s.needs_input and inp is not None:
-                s.ins.append(p._sample(inp.detach()))
-            if s.kind in stats.RECTIFIERS:
-                s.alive.append(_active_units(o, s.conv or o.dim() >= 4))
+            kind = s.kind
+            if kind is not None:
+                if kind in _NEEDS_INPUT and inp is not None:
+                    s.ins.append(p._sample(inp.detach()))
+                if kind in stats.RECTIFIERS:
+                    s.alive.append(_active_units(o, s.conv or o.dim() >= 4))
     if p.backward and out.requires_grad:
         if t >= 0:
             while len(s.tgrads) <= t:
@@ -299,7 +302,14 @@ def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list 
     p = ref()
     if p is not None and not p._cb_queued:
         _backward_started(ref)
-    _grad_hook(store, tstore, g)
+    # (the CPU case of _grad_hook inline: this runs once per watched output in every backward)
+    nrm2 = _NRM2.get(g.dtype) if g.is_cpu else None
+    if nrm2 is None or g.requires_grad or tstore is not None:
+        _grad_hook(store, tstore, g)
+        return
+    a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
+    n = float(nrm2(a))
+    store.append((n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a)))))
 
 
 def _backward_started(ref: weakref.ref) -> None:
@@ -330,7 +340,7 @@ def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tenso
     # values), whose result is a host float: the CPU is the host, there is no device to wait
     # for, and a NaN/Inf norm is followed by an exact count at once. On an accelerator: a
     # float64 norm and the NaN/Inf count on the device, no host synchronisation.
-    nrm2 = _NRM2.get(g.dtype) if g.device.type == "cpu" else None
+    nrm2 = _NRM2.get(g.dtype) if g.is_cpu else None
     if nrm2 is not None and not g.requires_grad:
         a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
         n = float(nrm2(a))
@@ -347,6 +357,9 @@ def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tenso
     if tstore is not None:
         tstore.append(v)
 
+
+#: Activation kinds whose saturation is measured on the input (the hook samples it too).
+_NEEDS_INPUT = frozenset(k for k, v in stats.SATURATING.items() if not v[0])
 
 #: Whether gradient hooks on an accelerator count NaN/Inf entries: switched on for good once a
 #: probe has seen a non-finite norm (a diverging run), off while training is healthy.

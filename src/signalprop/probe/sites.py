@@ -57,7 +57,7 @@ class _Site:
         self.depth = 0  # position on the signal path
         self.conv = False  # output of a convolutional stack: channel-first units
         self.idx: torch.Tensor | None = None  # the forward sample's flat indices ...
-        self.idx_n = -1  # ... for outputs of this many values
+        self.idx_n: tuple[int, int] = (-1, -1)  # ... for outputs of this (size, device index)
 
     @property
     def needs_input(self) -> bool:
