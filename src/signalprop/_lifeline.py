@@ -18,12 +18,14 @@ the parent's descendants and kills them when the parent dies.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 #: How often the watchdog looks at its parent (seconds).
@@ -62,6 +64,76 @@ def die_with_parent(parent_pid: int, poll: float = POLL_SECONDS) -> None:
         os._exit(1)
     threading.Thread(target=_watch, args=(parent_pid, poll), daemon=True,
                      name="signalprop-lifeline").start()
+
+
+#: The pool :func:`shared_worker_pool` lends: ``{"workers": n, "pool": executor or None}``.
+_SHARED: dict[str, Any] = {}
+
+
+def _new_pool(workers: int) -> Any:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawned, not forked: no fork of a process that holds torch threads or a sqlite connection
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
+
+
+def _stop(pool: Any) -> None:
+    """Terminate the pool's workers now (instead of waiting for their tasks) and shut it down."""
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[Any]:
+    """A ``concurrent.futures.ProcessPoolExecutor`` of ``workers`` processes that die with this
+    one: the one worker pool of the package (the sweep's populations, the lab's cells).
+
+    Workers are spawned and arm :func:`die_with_parent` in their initializer, which lives in
+    this module (standard library only), so a ``kill -9`` of the parent stops them within a
+    fraction of a second. An exception or Ctrl-C inside the block terminates the workers at once
+    instead of waiting for their tasks to finish. Inside :func:`shared_worker_pool` (of at least
+    ``workers`` processes) the shared pool is lent instead of starting a new one.
+    """
+    if 0 < workers <= _SHARED.get("workers", 0):
+        pool = _SHARED.get("pool")
+        if pool is None or getattr(pool, "_broken", False):
+            pool = _SHARED["pool"] = _new_pool(_SHARED["workers"])
+        try:
+            yield pool
+        except BaseException:
+            _SHARED["pool"] = None  # the next borrower starts a fresh one
+            _stop(pool)
+            raise
+        return
+    pool = _new_pool(workers)
+    try:
+        yield pool
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def shared_worker_pool(workers: int) -> Iterator[None]:
+    """Inside the block, :func:`worker_pool` lends one pool of ``workers`` processes, started on
+    first use and kept between uses, so that a run of many parts (the lab's studies) pays for
+    starting workers and their imports (torch, the data sets) once. Nested: the outer one."""
+    if _SHARED or workers < 2:
+        yield
+        return
+    _SHARED.update(workers=int(workers), pool=None)
+    try:
+        yield
+    finally:
+        pool = _SHARED.get("pool")
+        _SHARED.clear()
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 # --- a reaper for process trees we do not start ourselves (Ray) -----------------------------------

@@ -42,8 +42,8 @@ def lab_list() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--force", is_flag=True, help="Re-run studies whose results are already stored.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes for sweep-based parts (default: 2 on machines with at "
-              "least 2 cores, else 1).")
+              help="Worker processes for sweep-based parts and a study's independent training "
+              "cells (default: 2 on machines with at least 2 cores, else 1).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads (default: 1; small models run faster that way).")
 @click.option("--json", "as_json", is_flag=True,

@@ -327,6 +327,7 @@ def _local_part(config: dict[str, Any], workdir: str | Path) -> tuple[list[dict[
                     todo.append((act, r))
         else:
             todo += [(act, r) for r in rems if r in LOCAL]
+    cells = []
     for act, rem in todo:
         # SGD-based cells try every rate; optimiser remedies (incl. layer-wise) use their own
         lrs = list(config["lrs"]) if rem in ("none", "bn", "ln", "residual", "highway",
@@ -334,12 +335,12 @@ def _local_part(config: dict[str, Any], workdir: str | Path) -> tuple[list[dict[
         for depth in config["depths"]:
             for lr in lrs:
                 for seed in range(int(config["seeds"])):
-                    rows.append(B.cached(
-                        workdir, {**key, "act": act, "rem": rem, "depth": depth, "seed": seed,
-                                  "lr": lr},
-                        lambda a=act, r=rem, d=depth, s=seed, lr=lr: _local_one(
-                            config, a, r, d, s, lr if lr is not None else config["lrs"][0]),
+                    cells.append(B.Cell(
+                        {**key, "act": act, "rem": rem, "depth": depth, "seed": seed, "lr": lr},
+                        _local_one,
+                        (config, act, rem, depth, seed, lr if lr is not None else config["lrs"][0]),
                         tag="local"))
+    rows += B.cached_cells(workdir, cells, workers=config.get("workers", 1))
     return rows, na
 
 

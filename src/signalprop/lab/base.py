@@ -16,10 +16,11 @@ the sentence says so), ``inconclusive`` (too close to call, or not enough data).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,16 +121,18 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16]
 
 
-def cached(workdir: str | Path, key: Any, fn: Callable[[], Any], *, tag: str = "part") -> Any:
-    """Return the cached result of ``fn()`` for ``key``, computing and storing it when absent.
-
-    The result is stored atomically as ``workdir/cache/<tag>-<hash(key)>.json``, so a study killed
-    in the middle restarts from the parts it had finished. ``key`` must be JSON-serialisable and
-    describe everything the result depends on.
-    """
+def _cache_path(workdir: str | Path, key: Any, tag: str) -> tuple[Path, Any]:
+    """Where ``key``'s result is stored, and the key as stored (run keys left out)."""
     if isinstance(key, dict):  # how a study is executed does not change its parts' results
         key = {k: v for k, v in key.items() if k not in ("executor", "workers")}
-    path = Path(workdir) / "cache" / f"{tag}-{config_hash(key)}.json"
+    return Path(workdir) / "cache" / f"{tag}-{config_hash(key)}.json", key
+
+
+_MISSING = object()
+
+
+def _load(path: Path, key: Any) -> Any:
+    """The stored value of ``key`` at ``path``, or ``_MISSING``."""
     if path.exists():
         try:
             stored = read_json(path)
@@ -137,9 +140,79 @@ def cached(workdir: str | Path, key: Any, fn: Callable[[], Any], *, tag: str = "
                 return stored["value"]
         except (ValueError, KeyError, AttributeError):
             pass  # a corrupt or foreign file: recompute
-    value = fn()
+    return _MISSING
+
+
+def _store(path: Path, key: Any, value: Any) -> Any:
+    """Store ``value`` atomically and return it as it reads back (JSON types)."""
     write_json(path, {"key": key, "value": value})
     return from_jsonable(to_jsonable(value))
+
+
+def cached(workdir: str | Path, key: Any, fn: Callable[[], Any], *, tag: str = "part") -> Any:
+    """Return the cached result of ``fn()`` for ``key``, computing and storing it when absent.
+
+    The result is stored atomically as ``workdir/cache/<tag>-<hash(key)>.json``, so a study killed
+    in the middle restarts from the parts it had finished. ``key`` must be JSON-serialisable and
+    describe everything the result depends on.
+    """
+    path, key = _cache_path(workdir, key, tag)
+    value = _load(path, key)
+    return _store(path, key, fn()) if value is _MISSING else value
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One independent, cached part of a study: ``fn(*args)``, stored under ``key`` (see
+    :func:`cached`).
+
+    ``fn`` is a module-level function and ``args`` plain values, so that a worker process can
+    run the cell (they are pickled); the cell seeds everything it draws from, so its result does
+    not depend on which process runs it or on the cells run before it.
+    """
+
+    key: Any
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    tag: str = "part"
+
+
+def _cell_task(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    import torch
+
+    torch.set_num_threads(1)  # one single-threaded worker per core (as the sweep's workers)
+    return fn(*args)
+
+
+def cached_cells(workdir: str | Path, cells: Sequence[Cell], *, workers: int = 1) -> list[Any]:
+    """The results of ``cells``, in order, each cached as :func:`cached` would.
+
+    With ``workers > 1`` the cells not cached yet run in that many worker processes
+    (:func:`signalprop._lifeline.worker_pool`, one torch thread each); each result is stored
+    as soon as it arrives, so an interrupted study keeps its finished cells and a rerun computes
+    only the others. The results are those of the serial path (``workers=1``), bit for bit,
+    since each cell seeds its own random state.
+    """
+    if int(workers) <= 1:
+        return [cached(workdir, c.key, functools.partial(c.fn, *c.args), tag=c.tag)
+                for c in cells]
+    where = [_cache_path(workdir, c.key, c.tag) for c in cells]
+    out = [_load(path, key) for path, key in where]
+    todo = [i for i, v in enumerate(out) if v is _MISSING]
+    if len(todo) == 1:
+        i = todo[0]
+        out[i] = _store(*where[i], cells[i].fn(*cells[i].args))
+    elif todo:
+        from concurrent.futures import as_completed
+
+        from signalprop._lifeline import worker_pool
+
+        with worker_pool(min(int(workers), len(todo))) as pool:
+            futs = {pool.submit(_cell_task, cells[i].fn, cells[i].args): i for i in todo}
+            for f in as_completed(futs):
+                i = futs[f]
+                out[i] = _store(*where[i], f.result())
+    return out
 
 
 def finite_or_nan(x: float) -> float:

@@ -236,9 +236,10 @@ def _rnn(config: dict[str, Any], workdir: str | Path) -> list[dict[str, Any]]:
     rkey = {"rnn": config["rnn"], "thresholds": config["thresholds"], "device": config["device"]}
     top = max(config["rnn_lrs"])
     todo = [(m, lr) for m in METHODS for lr in config["rnn_lrs"]] + [(SLOW, top)]
-    return [B.cached(workdir, {**rkey, "method": m, "lr": lr, "seed": s},
-                     lambda m=m, lr=lr, s=s: _rnn_one(config, m, lr, s), tag="rnn")
-            for m, lr in todo for s in config["rnn_seeds"]]
+    return B.cached_cells(workdir, [B.Cell({**rkey, "method": m, "lr": lr, "seed": s}, _rnn_one,
+                                           (config, m, lr, s), tag="rnn")
+                                    for m, lr in todo for s in config["rnn_seeds"]],
+                          workers=config.get("workers", 1))
 
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:

@@ -194,20 +194,18 @@ def _landscape(config: dict[str, Any], variant: str, depth: int | None = None,
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     base = {k: v for k, v in config.items()
             if k not in ("scales", "seeds", "executor") and not k.startswith("landscape")}
-    runs = []
-    for variant in ("plain", "bn"):
-        for sc in config["scales"]:
-            for s in config["seeds"]:
-                key = {**base, "variant": variant, "scale": sc, "seed": s}
-                runs.append(B.cached(workdir, key, lambda v=variant, sc=sc, s=s: _one(
-                    config, v, sc, s), tag="run"))
+    runs = [B.Cell({**base, "variant": v, "scale": sc, "seed": s}, _one, (config, v, sc, s),
+                   tag="run")
+            for v in ("plain", "bn") for sc in config["scales"] for s in config["seeds"]]
     lkey = {k: v for k, v in config.items()
             if k not in ("scales", "seeds", "executor", "steps", "lr", "landscape_depths",
                          "landscape_seeds")}
-    land = [B.cached(workdir, {**lkey, "variant": v, "ldepth": d, "lseed": sd},
-                   lambda v=v, d=d, sd=sd: _landscape(config, v, d, sd), tag="land")
+    land = [B.Cell({**lkey, "variant": v, "ldepth": d, "lseed": sd}, _landscape,
+                   (config, v, d, sd), tag="land")
             for d in config.get("landscape_depths", [config["depth"]])
             for v in ("plain", "bn") for sd in config.get("landscape_seeds", [0])]
+    done = B.cached_cells(workdir, runs + land, workers=config.get("workers", 1))
+    runs, land = done[: len(runs)], done[len(runs):]
     return {"runs": runs, "landscape": land, "scales": list(config["scales"])}
 
 

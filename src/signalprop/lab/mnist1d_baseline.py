@@ -109,18 +109,17 @@ def _one(config: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
-    runs = [
-        B.cached(workdir, {"seed": s, **{k: v for k, v in config.items() if k != "seeds"}},
-               lambda s=s: _one(config, s), tag=f"seed{s}")
-        for s in config["seeds"]
-    ]
     rest = {k: v for k, v in config.items() if k != "seeds"}
     s0 = config["seeds"][0]
     # the repeat trains seed 0 again for repeat_steps and is compared with the first run's
     # test accuracy evaluated at that step (the same model state if training is deterministic)
     rcfg = {**config, "steps": int(config.get("repeat_steps") or config["steps"])}
-    repeat = B.cached(workdir, {"seed": s0, "repeat": True, **rest}, lambda: _one(rcfg, s0),
-                    tag=f"repeat{s0}")
+    *runs, repeat = B.cached_cells(
+        workdir, [*(B.Cell({"seed": s, **rest}, _one, (config, s), tag=f"seed{s}")
+                    for s in config["seeds"]),
+                  B.Cell({"seed": s0, "repeat": True, **rest}, _one, (rcfg, s0),
+                         tag=f"repeat{s0}")],
+        workers=config.get("workers", 1))
     repeat["steps"] = rcfg["steps"]
     return {"runs": runs, "repeat": repeat, "paper": PAPER, "steps": config["steps"],
             "environment": environment(config)}

@@ -163,9 +163,11 @@ def _one(config: dict[str, Any], arm: str, depth: int, seed: int) -> dict[str, A
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     key = {k: v for k, v in config.items() if k not in ("depths", "seeds")}
-    runs = [B.cached(workdir, {**key, "arm": a, "depth": d, "seed": s},
-                   lambda a=a, d=d, s=s: _one(config, a, d, s), tag=f"d{d}")
-            for d in config["depths"] for a in ARMS for s in config["seeds"]]
+    runs = B.cached_cells(workdir, [B.Cell({**key, "arm": a, "depth": d, "seed": s}, _one,
+                                           (config, a, d, s), tag=f"d{d}")
+                                    for d in config["depths"] for a in ARMS
+                                    for s in config["seeds"]],
+                          workers=config.get("workers", 1))
     return {"runs": runs, "depths": config["depths"], "steps": config["steps"],
             "lr": config["lr"]}
 

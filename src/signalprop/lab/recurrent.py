@@ -182,14 +182,11 @@ def _one(config: dict[str, Any], arm: str, T: int, lr: float, seed: int) -> dict
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     key = {k: v for k, v in config.items() if k not in ("arms", "lengths", "lrs", "seeds")}
-    runs = []
-    for T in config["lengths"]:
-        for arm in config["arms"]:
-            for lr in config["lrs"]:
-                for s in config["seeds"]:
-                    runs.append(B.cached(workdir, {**key, "arm": arm, "T": T, "lr": lr, "seed": s},
-                                       lambda a=arm, t=T, r=lr, s=s: _one(config, a, t, r, s),
-                                       tag=f"rnn-T{T}"))
+    cells = [B.Cell({**key, "arm": arm, "T": T, "lr": lr, "seed": s}, _one,
+                    (config, arm, T, lr, s), tag=f"rnn-T{T}")
+             for T in config["lengths"] for arm in config["arms"] for lr in config["lrs"]
+             for s in config["seeds"]]
+    runs = B.cached_cells(workdir, cells, workers=config.get("workers", 1))
     return {"runs": runs, "lengths": config["lengths"], "arms": config["arms"],
             "lrs": config["lrs"], "steps": config["steps"]}
 

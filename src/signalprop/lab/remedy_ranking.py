@@ -195,10 +195,14 @@ def _one(config: dict[str, Any], case_name: str, measure: str, seed: int) -> dic
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     key = {k: v for k, v in config.items() if k not in ("vanishing", "exploding", "seeds")}
-    for case in ("vanishing", "exploding"):
-        out[case] = [B.cached(workdir, {**key, "case": config[case], "measure": m, "seed": s},
-                              lambda c=case, m=m, s=s: _one(config, c, m, s), tag=case)
-                     for m in measures(config[case]) for s in range(int(config["seeds"]))]
+    cells = {case: [B.Cell({**key, "case": config[case], "measure": m, "seed": s}, _one,
+                           (config, case, m, s), tag=case)
+                    for m in measures(config[case]) for s in range(int(config["seeds"]))]
+             for case in ("vanishing", "exploding")}
+    done = iter(B.cached_cells(workdir, [c for cs in cells.values() for c in cs],
+                               workers=config.get("workers", 1)))
+    for case, cs in cells.items():
+        out[case] = [next(done) for _ in cs]
     out["chance_loss"] = math.log(10)
     return out
 

@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from signalprop._device import resolve_device
+from signalprop._lifeline import shared_worker_pool
 from signalprop._registry import check_choice
 from signalprop.lab import STUDY_NAMES, get_study
 from signalprop.lab.base import Conclusion, config_hash, read_json, write_json
@@ -97,7 +98,8 @@ def run_study(
         executor: ``"local"`` or ``"ray"`` (passed to sweep-based parts).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         force: Re-run even when stored results match the configuration.
-        workers: Worker processes for sweep-based parts (local executor).
+        workers: Worker processes for sweep-based parts (local executor) and for a study's
+            independent training cells (:func:`signalprop.lab.base.cached_cells`).
         overrides: Values replacing keys of the configuration (used by tests to shrink it).
         log: Called with one-line progress messages.
 
@@ -206,7 +208,10 @@ def run_lab(
     if unknown:
         raise TypeError(f"run_lab() got unexpected keyword argument(s): {', '.join(unknown)}")
     check_choice("executor", options.get("executor", "local"), EXECUTORS)
-    outcomes = [run_study(n, out, log=log, **options) for n in resolve_names(names)]
+    # one pool of workers for every study's parallel parts: they start (and import torch and the
+    # data sets) once, not once per study
+    with shared_worker_pool(int(options.get("workers", 1))):
+        outcomes = [run_study(n, out, log=log, **options) for n in resolve_names(names)]
     build_report(out, order=STUDY_NAMES)
     return outcomes
 

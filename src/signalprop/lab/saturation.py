@@ -172,19 +172,18 @@ def _train_one(
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     base = {k: v for k, v in config.items()
             if k not in ("datasets", "seeds", "executor", "init_scales", "relu_lrs")}
-    runs = [B.cached(workdir, {**base, "dataset": ds, "variant": v, "seed": s, "relu": False,
-                               "scale": sc},
-                     lambda ds=ds, v=v, s=s, sc=sc: _train_one(config, ds, v, s, False, sc),
-                     tag="sig")
+    runs = [B.Cell({**base, "dataset": ds, "variant": v, "seed": s, "relu": False, "scale": sc},
+                   _train_one, (config, ds, v, s, False, sc), tag="sig")
             for ds in config["datasets"] for sc in config["init_scales"]
             for v in ("plain", "bn") for s in config["seeds"]]
     ds0 = config["datasets"][0]
-    relu_runs = [B.cached(workdir, {**base, "dataset": ds0, "variant": v, "seed": s,
-                                    "relu": True, "relu_lr": lr},
-                          lambda v=v, s=s, lr=lr: _train_one(config, ds0, v, s, True, lr=lr),
-                          tag="relu")
+    relu_runs = [B.Cell({**base, "dataset": ds0, "variant": v, "seed": s, "relu": True,
+                         "relu_lr": lr}, _train_one, (config, ds0, v, s, True, None, lr),
+                        tag="relu")
                  for lr in config["relu_lrs"] for v in ("bn", "bn-frozen-beta")
                  for s in config["seeds"]]
+    done = B.cached_cells(workdir, runs + relu_runs, workers=config.get("workers", 1))
+    runs, relu_runs = done[: len(runs)], done[len(runs):]
     return {"runs": runs, "relu_runs": relu_runs, "unit": config["unit"],
             "datasets": config["datasets"], "init_scales": config["init_scales"]}
 

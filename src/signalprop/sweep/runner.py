@@ -302,33 +302,21 @@ def _run_local(store: Store, groups: list[list[RunSpec]], bar: _Progress) -> Non
 
 
 def _run_pool(store: Store, groups: list[list[RunSpec]], bar: _Progress, workers: int) -> None:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
-    ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads / sqlite
-    from signalprop._lifeline import die_with_parent
+    from signalprop._lifeline import worker_pool
 
-    # a kill -9 of the sweep must not leave its workers training: the initializer lives in a
-    # module that imports only the standard library, so a worker arms its parent-death signal
-    # within a fraction of a second of starting, before it imports torch for its first task
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent,
-                             initargs=(os.getpid(),)) as pool:
-        try:
-            futs = {}
-            for g in groups:
-                store.mark_running([s.run_id for s in g])
-                futs[pool.submit(_pool_task, _payload(g))] = g
-            for f in as_completed(futs):
-                store.finish(f.result())
-                bar.steps(futs[f][0].config["steps"])
-                bar.group_done()
-        except BaseException:
-            # Ctrl-C (or an error here): stop the workers now instead of waiting for their
-            # populations to finish; finished groups are stored, the rest resume next time
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    # Ctrl-C (or an error here) stops the workers at once: finished groups are stored, the rest
+    # resume next time
+    with worker_pool(workers) as pool:
+        futs = {}
+        for g in groups:
+            store.mark_running([s.run_id for s in g])
+            futs[pool.submit(_pool_task, _payload(g))] = g
+        for f in as_completed(futs):
+            store.finish(f.result())
+            bar.steps(futs[f][0].config["steps"])
+            bar.group_done()
 
 
 def _run_ray(
