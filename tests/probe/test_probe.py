@@ -258,3 +258,40 @@ def test_sequential_loop_after_mapping_matches_autograd(capture):
         for name in ("0", "1", "2", "3", "4", "5", "6"):
             assert r.get(step, name, "out_grad_norm") == pytest.approx(
                 grads[name].norm().item(), rel=1e-9), (step, name)
+
+
+class _Split(nn.Module):  # a leaf returning a tuple (its first element is what is recorded)
+    def forward(self, x):
+        return x * 2.0, x
+
+
+class _First(nn.Module):
+    def forward(self, t):
+        return t[0] - t[1]
+
+
+def test_sequential_loop_records_what_the_hooks_record():
+    # lr 0 and a fixed batch: every step is the same computation, so the steps recorded by the
+    # container's loop (1, 2) must equal the mapping step's, recorded by a hook per module (0)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), _Split(), _First(),
+                          nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.0), nn.Linear(16, 3))
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probe(model, optimizer=opt) as p:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert p._seq_plan
+    r = p.record
+    assert r.get(0, "3", "out_grad_norm") > 0  # the tuple-returning leaf is recorded
+    for step in (1, 2):
+        assert r.data[step].keys() == r.data[0].keys()
+        for layer, metrics in r.data[0].items():
+            assert r.data[step][layer].keys() == metrics.keys(), (step, layer)
+            for k, v in metrics.items():
+                if k in ("update_ratio",):
+                    continue
+                assert r.data[step][layer][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (
+                    step, layer, k)

@@ -114,10 +114,11 @@ def _sequential_forward(ref: weakref.ref, seq: nn.Sequential,
                 pending = None
             if i is not None:
                 s = _record_call(ref, i, module, (input,), out, grad=False)
-                if s is not None and type(out) is torch.Tensor and out.requires_grad:
-                    pending = (s, out.grad_fn, out.output_nr)
+                t = out if type(out) is torch.Tensor else _output_tensor(out)
+                if s is not None and t is not None and t.requires_grad:
+                    pending = (s, t.grad_fn, t.output_nr)
                     if pending[1] is None:  # a leaf output: a tensor hook at once
-                        out.register_hook(partial(_out_grad_hook, ref, s.ograds, None))
+                        t.register_hook(partial(_out_grad_hook, ref, s.ograds, None))
                         pending = None
                     elif module._forward_hooks:  # (another hook may use the output elsewhere)
                         _hook_grad(ref, *pending)
