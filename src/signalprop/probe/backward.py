@@ -22,7 +22,7 @@ class BackwardStats:
         before clipping, and the optimiser's side of the update ratios."""
         tensors: list[torch.Tensor] = []
         tnames: _Metrics = []
-        params = [p for _, p in self.params]
+        params = self._plist
         n_grads = 0
         pre = self._preclip
         if self.weights:
@@ -31,11 +31,14 @@ class BackwardStats:
                 tensors += [g for _, g in with_grad]
                 tnames += [(n, "grad_norm") for n, _ in with_grad]
                 n_grads = len(with_grad)
-            tensors += [p.detach() for p in params]
-            tnames += [(n, "weight_norm") for n, _ in self.params]
+                tnames += self._wnames
+            else:
+                tnames = self._wnames
+            tensors += params  # (norms under no_grad: no detached copies needed)
         allnorms = None
         if tensors:
-            allnorms = device_norms(tensors)  # no host read (CPU underflow: re-checked later)
+            with torch.no_grad():
+                allnorms = device_norms(tensors)  # no host read (CPU underflow: re-checked)
             if n_grads and scale is not None:
                 allnorms = torch.cat([allnorms[:n_grads] / scale, allnorms[n_grads:]])
             values.append(allnorms)
@@ -45,7 +48,7 @@ class BackwardStats:
                 self._pending_weight_norms = allnorms[k:]
                 if n_grads:
                     gn = allnorms[k - n_grads : k]
-                    values.append(gn.square().sum().sqrt().reshape(1))
+                    values.append(torch.linalg.vector_norm(gn).reshape(1))
                     names.append((MODEL, "grad_norm_total"))
         if pre is not None:
             self._preclip_values(pre, values, names, scale)
@@ -60,8 +63,11 @@ class BackwardStats:
         """Norms taken at the end of backward, before any clipping by the user's loop."""
         pnames, pnorms, versions = pre
         pnorms = pnorms / scale if scale is not None else pnorms
-        values += [pnorms, pnorms.square().sum().sqrt().reshape(1)]
-        names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
+        values += [pnorms, torch.linalg.vector_norm(pnorms).reshape(1)]
+        if pnames == self._param_names:  # (every parameter has a gradient: the usual case)
+            names += self._gnames
+        else:
+            names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
         grads = [p.grad for _, p in self.params if p.grad is not None]
         if len(grads) == len(versions) and any(
             g._version != v for g, v in zip(grads, versions, strict=True)

@@ -208,7 +208,11 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._updates: UpdateNorms | None = None
         self._no_ratio = False
         self._param_names = [n for n, _ in self.params]
+        self._plist = [p for _, p in self.params]
+        self._wnames = [(n, "weight_norm") for n, _ in self.params]
+        self._gnames = [(n, "grad_norm") for n, _ in self.params] + [(MODEL, "grad_norm_total")]
         self._param_of = dict(self.params)
+        self._site_names: dict[str, Any] = {}  # site name -> site (transfer's fix-ups)
         self._ratio_names = [(n, "update_ratio") for n, _ in self.params]
         self._uncounted = False
 

@@ -45,8 +45,13 @@ def add_step_hooks(p: Probe) -> None:
         for name in p._blocks:
             mod = p.model.get_submodule(name)
             add(mod.register_forward_pre_hook(partial(_block_pre_hook, ref, name)))
+    looped: set[int] = set()
+    for seq, entries in p._seq_plan:
+        add(_ForwardPatch(seq, partial(_sequential_forward, ref, seq, entries)))
+        looped.update(i for _, i in entries if i is not None)
     for i, (_, m) in enumerate(p._mods):
-        add(m.register_forward_hook(partial(_fwd_hook, ref, i)))
+        if i not in looped:
+            add(m.register_forward_hook(partial(_fwd_hook, ref, i)))
     for i, (_, m) in enumerate(p._mods):
         if recurrent.kind_of(m) is not None and recurrent.unsupported(m) is None:
             # step-by-step forward on recorded steps: dL/dh_t and the gates
@@ -65,6 +70,24 @@ def add_step_hooks(p: Probe) -> None:
         # (with output hooks, the first of them queues it: no hook per parameter)
         for _, prm in p.params:
             add(prm.register_post_accumulate_grad_hook(partial(_param_hook, ref)))
+
+
+def _sequential_forward(ref: weakref.ref, seq: nn.Sequential,
+                        entries: list[tuple[nn.Module, int | None]], input: Any) -> Any:
+    # nn.Sequential.forward on a recorded step, calling what each child's forward hook would
+    # (children without one of their own run on PyTorch's fast call path)
+    if len(seq._modules) != len(entries) or any(
+            c is not m for c, (m, _) in zip(seq._modules.values(), entries, strict=False)):
+        p = ref()
+        if p is not None:  # the container changed since mapping: hooks from the next step on
+            p._seq_plan = [(s, e) for s, e in p._seq_plan if s is not seq]
+        return nn.Sequential.forward(seq, input)
+    for module, i in entries:
+        out = module(input)
+        if i is not None:
+            _fwd_hook(ref, i, module, (input,), out)
+        input = out
+    return input
 
 
 def _functional_call(ref: weakref.ref, func: Callable[..., Any], where: str, kind: str,
@@ -93,9 +116,19 @@ def _root_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
             p._pending is None:
         # a backward happened, then the gradients were zeroed without an optimiser step: the
         # step was skipped (e.g. a GradScaler not given to the probe found inf/NaN gradients)
+        bound = vars(module).get("forward")  # the forward this call already runs
         p._skip_step()
         if not p._active:
             return
+        for seq, entries in p._seq_plan:
+            if seq is module and not (isinstance(bound, partial) and
+                                      bound.func is _sequential_forward):
+                # the new step records the model's children through its loop, but this call
+                # runs the forward bound before the loop was installed: hooks, for this step
+                for child, i in entries:
+                    if i is not None:
+                        p._fwd_handles.append(child.register_forward_hook(
+                            partial(_fwd_hook, ref, i)))
     p._nforward += 1
     p._calls.clear()
     p._new_pass = False
@@ -251,12 +284,19 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
                 if kind in stats.RECTIFIERS:
                     s.alive.append(_active_units(o, s.conv or o.dim() >= 4))
     if p.backward and out.requires_grad:
+        tstore = None
         if t >= 0:
             while len(s.tgrads) <= t:
                 s.tgrads.append([])
-            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, s.tgrads[t]))
+            tstore = s.tgrads[t]
+        fn = out.grad_fn
+        if fn is None:  # a leaf
+            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, tstore))
         else:
-            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, None))
+            # a pre-hook on the node that made the output: the same gradient a tensor hook
+            # sees (also when the output is later modified in place), at a third less cost
+            fn.register_prehook(partial(_out_node_hook, p._ref, s.ograds, tstore,
+                                        out.output_nr))
 
 def _rnn_stash(ref: weakref.ref, i: int, hs: list[list[torch.Tensor]],
                gates: dict[str, list[torch.Tensor]]) -> None:
@@ -295,6 +335,13 @@ def _inplace_pre_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
 
 def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
     _backward_started(ref)
+
+
+def _out_node_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,
+                   k: int, grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+    g = grad_outputs[k]
+    if g is not None:  # (no gradient reached this output: as a tensor hook, nothing)
+        _out_grad_hook(ref, store, tstore, g)
 
 
 def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,

@@ -80,6 +80,8 @@ class LayerMap:
         self._fn_counts: dict[str, int] = {}
         self._fn_expected: dict[str, float] = {}
         self._fn_patches: list[tuple[nn.Module, str, Any, str, str, str]] | None = None
+        # after mapping: nn.Sequential loops that record their children (see _sequential_plan)
+        self._seq_plan: list[tuple[nn.Module, list[tuple[nn.Module, int | None]]]] = []
 
     @property
     def layer_map(self) -> list[str]:
@@ -317,7 +319,36 @@ class LayerMap:
             self._fn_patches = self._fn_patch_plan()
             self._fn_expected = self._fn_calls_per_pass()
             self._use_mode = self._fn_patches is None
+        self._seq_plan = self._sequential_plan()
         self._set_active(False)
+
+    def _sequential_plan(self) -> list[tuple[nn.Module, list[tuple[nn.Module, int | None]]]]:
+        """After mapping: the ``nn.Sequential`` containers whose watched children are recorded
+        by running the container's loop on recorded steps (children then take PyTorch's fast
+        call path: a forward hook costs ~10 us per module in a CPU step) rather than by a
+        forward hook per child. A child qualifies when it is a plain watched module that
+        appears once in the model and was called once per forward pass on the mapping step
+        (so every call of it is a call from this loop); others keep their hooks."""
+        if self._use_mode or self._compiled or self._root_watched:
+            return []
+        count: dict[int, int] = {}
+        for _, m in self.model.named_modules(remove_duplicate=False):
+            count[id(m)] = count.get(id(m), 0) + 1
+        plan = []
+        for seq in self.model.modules():
+            if type(seq).forward is not nn.Sequential.forward or "forward" in vars(seq) or \
+                    count[id(seq)] != 1 or id(seq) in self._watched:
+                continue
+            entries: list[tuple[nn.Module, int | None]] = []
+            for child in seq._modules.values():
+                i = self._watched.get(id(child)) if child is not None else None
+                ok = (i is not None and count[id(child)] == 1 and not self._loop[i]
+                      and not self._recurrent[i] and (i, 0) in self._site_of
+                      and (i, 1) not in self._site_of)
+                entries.append((child, i if ok else None))
+            if any(i is not None for _, i in entries):
+                plan.append((seq, entries))
+        return plan
 
     def _check_fn_patches(self) -> None:
         """A recorded step with attribute patches saw fewer functional activation calls than

@@ -216,26 +216,35 @@ class Transfer:
         pending = self._pending
         assert pending is not None
         scale = pending.get(MODEL, {}).get("loss_scale", 1.0)  # on the host by now
-        pos = {s.name: s for s in self._sites}
-        pidx = dict(self.params)
+        if len(self._site_names) != len(self._sites):
+            self._site_names = {s.name: s for s in self._sites}
+        pos, pidx = self._site_names, self._param_of
         refix = False
         uncounted, self._uncounted = self._uncounted, False
-        for d in pending.values():
+        isfinite, lo, inf = math.isfinite, _RECHECK_BELOW, math.inf
+        for layer, d in pending.items():
             n = d.get("out_grad_norm")
-            if n is not None and not math.isfinite(n):
+            if n is not None and not isfinite(n):
                 hooks._COUNT_NONFINITE[0] = True  # count from the next recorded step on
                 if uncounted:
                     d["out_grad_nonfinite"] = math.nan  # not counted on this step
-        for layer, d in pending.items():
             if layer == MODEL:
                 continue
-            if layer in pos:
+            s = pos.get(layer)
+            if s is not None:
                 if "out_mean" in d:
-                    d["out_nonfinite"] = _output_nonfinite(pos[layer], d)
+                    d["out_nonfinite"] = (0.0 if isfinite(d["out_mean"]) and isfinite(d["out_std"])
+                                          else _output_nonfinite(s, d))
                 continue
             p = pidx.get(layer)
-            if p is not None:
-                refix = _fix_param(p, d, scale) or refix
+            if p is None:
+                continue
+            gn, wn = d.get("grad_norm"), d.get("weight_norm")
+            if (gn is None or lo <= gn < inf) and (wn is None or lo <= wn < inf):
+                if gn is not None:  # healthy (the usual case): nothing to count or redo
+                    d["grad_nonfinite"] = 0.0
+                continue
+            refix = _fix_param(p, d, scale) or refix
         if refix and "grad_norm_total" in pending.get(MODEL, {}):
             tot = [pending[n]["grad_norm"] for n, _ in self.params
                    if "grad_norm" in pending.get(n, {})]
