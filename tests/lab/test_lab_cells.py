@@ -14,6 +14,17 @@ from signalprop.lab import base as B
 from signalprop.lab import get_study
 from signalprop.lab.runner import study_config
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_pool() -> Any:
+    """The tests share one pool of 2 workers, as the studies of a lab run do (starting workers
+    and their imports is most of the cost of these tiny cells)."""
+    from signalprop._lifeline import shared_worker_pool
+
+    with shared_worker_pool(2):
+        yield
+
+
 #: Timings differ from run to run; every other value must be identical.
 TIMING_KEYS = {"wall_s", "wall_time"}
 

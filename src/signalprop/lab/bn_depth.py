@@ -109,12 +109,11 @@ def _profile(config: dict[str, Any], act: str, b: int, seed: int) -> dict[str, A
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     pkey = {k: config[k] for k in ("profile_depth", "profile_width", "device")}
-    profiles = [
-        B.cached(workdir, {**pkey, "act": a, "b": b, "seed": s},
-               lambda a=a, b=b, s=s: _profile(config, a, b, s), tag="profile")
+    profiles = B.cached_cells(workdir, [
+        B.Cell({**pkey, "act": a, "b": b, "seed": s}, _profile, (config, a, b, s), tag="profile")
         for a in config["activations"] for b in config["batch_sizes"]
         for s in config["profile_seeds"]
-    ]
+    ], workers=config.get("workers", 1))
     grid = {
         "base": {**config["train"], "record_every": 0, "device": config["device"]},
         "axes": {"depth": list(config["train_depths"]), "residual": [False, True]},

@@ -134,9 +134,10 @@ def _spectrum(config: dict[str, Any], act: str, orth: bool, seed: int) -> dict[s
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     skey = {k: config[k] for k in ("tanh_sigma_b2", "spectrum_depth", "spectrum_width", "device")}
-    spectra = [B.cached(workdir, {**skey, "act": a, "orth": o, "seed": s},
-                      lambda a=a, o=o, s=s: _spectrum(config, a, o, s), tag="spectrum")
-               for a, o in KINDS for s in config["spectrum_seeds"]]
+    spectra = B.cached_cells(workdir, [B.Cell({**skey, "act": a, "orth": o, "seed": s}, _spectrum,
+                                              (config, a, o, s), tag="spectrum")
+                                       for a, o in KINDS for s in config["spectrum_seeds"]],
+                             workers=config.get("workers", 1))
     variants = {}
     for a, o in KINDS:
         sw, sb = _critical(a, config)

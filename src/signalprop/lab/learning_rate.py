@@ -213,14 +213,17 @@ def _effective_step(config: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 
 def run(config: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     key = {k: v for k, v in config.items() if k != "executor"}
+    sweep = _sweep(config, workdir)
+    chain, inv, *step = B.cached_cells(workdir, [
+        B.Cell({**key, "part": "chain"}, _chain, (config,), tag="chain"),
+        B.Cell({**key, "part": "inv"}, _invariance, (config,), tag="inv"),
+        *(B.Cell({**key, "part": "step", "seed": sd}, _effective_step, (config, sd), tag="step")
+          for sd in config.get("step_seeds", [0]))], workers=config.get("workers", 1))
     return {
-        "sweep": _sweep(config, workdir),
-        "chain": B.cached(workdir, {**key, "part": "chain"}, lambda: _chain(config), tag="chain"),
-        "invariance": B.cached(workdir, {**key, "part": "inv"}, lambda: _invariance(config),
-                             tag="inv"),
-        "effective_step": [B.cached(workdir, {**key, "part": "step", "seed": sd},
-                                  lambda sd=sd: _effective_step(config, sd), tag="step")
-                           for sd in config.get("step_seeds", [0])],
+        "sweep": sweep,
+        "chain": chain,
+        "invariance": inv,
+        "effective_step": step,
         "chance_loss": math.log(10),
         "lrs": list(config["lrs"]),
     }
