@@ -62,10 +62,13 @@ class ForwardStats:
 
     def _forward_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
         groups: dict[tuple, list[int]] = {}
+        sites = self._sites
         for j in self._used:
-            t = self._pooled_output(self._sites[j])
+            s = sites[j]
+            # (one sample, never modified in place: the usual case, without the checks)
+            t = s.outs[0] if len(s.outs) == 1 and not s.versions else self._pooled_output(s)
             if t is not None:
-                groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(j)
+                groups.setdefault((t.shape, t.dtype, t.get_device()), []).append(j)
         for idx in groups.values():
             x = torch.stack([self._sites[j].outs[0] for j in idx])  # [G, k] samples, or outputs
             xf = stats.flat_rows(x)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_mod
 
 from signalprop import stats
 from signalprop.probe import recurrent
@@ -144,9 +145,7 @@ def _pairable(module: nn.Module, h: torch.Tensor, prev: tuple[_Site, Any, int]) 
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as mm
-
-    return bool(mm._global_forward_hooks or mm._global_forward_pre_hooks)
+    return bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
 
 
 def _hook_grad(ref: weakref.ref, s: _Site, fn: Any, k: int) -> None:
