@@ -69,9 +69,11 @@ class BackwardStats:
         else:
             names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
         grads = [p.grad for _, p in self.params if p.grad is not None]
-        if len(grads) == len(versions) and any(
-            g._version != v for g, v in zip(grads, versions, strict=True)
-        ):
+        changed = len(grads) == len(versions) and any(
+            g._version != v for g, v in zip(grads, versions, strict=True))
+        # the pre-clip norms are those of the current gradients (every parameter has one)
+        self._grads_intact = not changed and len(grads) == len(versions) == len(self.params)
+        if changed:
             # gradients changed in place since backward (clip_grad_norm_, unscale_): the
             # global norm the optimiser will actually use
             after = device_norms(grads).square().sum().sqrt()
@@ -99,6 +101,8 @@ class BackwardStats:
         the closed form of plain SGD needs it."""
         if self._updates is None or self._updates.method != "sgd":
             return None
+        if pre is not None and scale is None and self._grads_intact:
+            return pre[1]  # (the usual case: checked by _preclip_values)
         have = [i for i, (_, p) in enumerate(self.params) if p.grad is not None]
         if not have:
             return None

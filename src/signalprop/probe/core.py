@@ -213,6 +213,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._gnames = [(n, "grad_norm") for n, _ in self.params] + [(MODEL, "grad_norm_total")]
         self._param_of = dict(self.params)
         self._site_names: dict[str, Any] = {}  # site name -> site (transfer's fix-ups)
+        self._grads_intact = False  # pre-clip norms are the current gradients' (this step)
         self._ratio_names = [(n, "update_ratio") for n, _ in self.params]
         self._uncounted = False
 

@@ -136,6 +136,8 @@ class UpdateNorms:
         self._plan: tuple[Any, Any] | None = None  # Adam: cached chunk views (see _adam_plan)
         self._before: torch.Tensor | None = None
         self._had_grad: list[bool] = []
+        self._scale_key: Any = None  # SGD: what the cached per-parameter rates were made for
+        self._scale: torch.Tensor | None = None
         self.ready = False  # before() ran for the current step
 
     def _choose(self) -> str:
@@ -181,8 +183,11 @@ class UpdateNorms:
                 self._copy = [torch.empty_like(q) for q in det]
             torch._foreach_copy_(self._copy, det)
         elif self.method == "sgd":
-            lrs = [self._group(i).get("lr", 0.0) for i in range(len(self.params))]
-            wds = [self._group(i).get("weight_decay", 0.0) for i in range(len(self.params))]
+            groups = self.optimizer.param_groups
+            glr = tuple(g.get("lr", 0.0) for g in groups)
+            gwd = tuple(g.get("weight_decay", 0.0) for g in groups)
+            lrs = [glr[gi] if gi >= 0 else 0.0 for gi in self.group_idx]
+            wds = [gwd[gi] if gi >= 0 else 0.0 for gi in self.group_idx]
             if any(w != 0 for w in wds):
                 # ||g + wd W||, chunked so that the temporary stays small
                 gs = [
@@ -206,11 +211,14 @@ class UpdateNorms:
             else:  # no parameter has a gradient: the step changes nothing
                 norm = torch.zeros(len(self.params), dtype=torch.float64,
                                    device=self.params[0].device)
-            scale = host_tensor(
-                [lr if had else 0.0 for lr, had in zip(lrs, self._had_grad, strict=True)],
-                torch.float64, norm.device,
-            )
-            self._before = norm * scale
+            key = (glr, tuple(self._had_grad), norm.device)
+            if self._scale_key != key:  # (a new rate or another set of gradients)
+                self._scale = host_tensor(
+                    [lr if had else 0.0 for lr, had in zip(lrs, self._had_grad, strict=True)],
+                    torch.float64, norm.device,
+                )
+                self._scale_key = key
+            self._before = norm * self._scale
 
     def _group(self, i: int) -> dict[str, Any]:
         gi = self.group_idx[i]
