@@ -213,3 +213,85 @@ def test_train_rejects_non_scalar_loss_and_bad_data():
         train(model, 42, nn.functional.cross_entropy, steps=2)
     with pytest.raises(ValueError, match="unknown optimizer"):
         train(model, (x, y), nn.functional.cross_entropy, steps=2, optimizer="adamm")
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["plain", "user-hook-uses-output"])
+def test_sequential_loop_after_mapping_matches_autograd(capture):
+    # after the mapping step an nn.Sequential's children are recorded by the container's own
+    # loop, and a child followed by an activation shares ONE gradient hook with it (dL/dy and
+    # dL/dh from the activation's backward node). lr 0: the same weights every step, so every
+    # recorded step must equal the direct autograd computation; an in-place ReLU included.
+    # With a user hook that adds a layer's output to the loss, y has a second consumer: the
+    # probe must not pair that layer (its gradient is the sum over both consumers).
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(inplace=True),
+                          nn.Linear(16, 12), nn.Sigmoid(), nn.Linear(12, 3)).double()
+    x = torch.randn(32, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    extra: list[torch.Tensor] = []
+    if capture:
+        model[4].register_forward_hook(lambda m, i, o: extra.append(o))
+
+    def loss_of(out):
+        loss = nn.functional.cross_entropy(out, y)
+        return loss + 0.1 * extra.pop().pow(2).mean() if capture else loss
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probe(model, optimizer=opt) as p:
+        for _ in range(3):
+            opt.zero_grad()
+            loss_of(model(x)).backward()
+            opt.step()
+        assert p._seq_plan  # the loop ran on steps 1 and 2
+    # the oracle: every output retained, the same loss
+    outs = {}
+    h = x
+    for name, m in model.named_children():
+        h = torch.relu(h) if isinstance(m, nn.ReLU) else m(h)  # (out of place: keeps y)
+        h.retain_grad()
+        outs[name] = h
+    loss = loss_of(h)
+    loss.backward()
+    grads = {n: t.grad for n, t in outs.items()}
+    r = p.record
+    for step in (0, 1, 2):  # (step 0: the mapping step, with a hook per module)
+        for name in ("0", "1", "2", "3", "4", "5", "6"):
+            assert r.get(step, name, "out_grad_norm") == pytest.approx(
+                grads[name].norm().item(), rel=1e-9), (step, name)
+
+
+class _Split(nn.Module):  # a leaf returning a tuple (its first element is what is recorded)
+    def forward(self, x):
+        return x * 2.0, x
+
+
+class _First(nn.Module):
+    def forward(self, t):
+        return t[0] - t[1]
+
+
+def test_sequential_loop_records_what_the_hooks_record():
+    # lr 0 and a fixed batch: every step is the same computation, so the steps recorded by the
+    # container's loop (1, 2) must equal the mapping step's, recorded by a hook per module (0)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), _Split(), _First(),
+                          nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.0), nn.Linear(16, 3))
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probe(model, optimizer=opt) as p:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert p._seq_plan
+    r = p.record
+    assert r.get(0, "3", "out_grad_norm") > 0  # the tuple-returning leaf is recorded
+    for step in (1, 2):
+        assert r.data[step].keys() == r.data[0].keys()
+        for layer, metrics in r.data[0].items():
+            assert r.data[step][layer].keys() == metrics.keys(), (step, layer)
+            for k, v in metrics.items():
+                if k in ("update_ratio",):
+                    continue
+                assert r.data[step][layer][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (
+                    step, layer, k)

@@ -82,12 +82,88 @@ def _sequential_forward(ref: weakref.ref, seq: nn.Sequential,
         if p is not None:  # the container changed since mapping: hooks from the next step on
             p._seq_plan = [(s, e) for s, e in p._seq_plan if s is not seq]
         return nn.Sequential.forward(seq, input)
+    p = ref()
+    if p is None or not (p.backward and p._active and torch.is_grad_enabled()):
+        for module, i in entries:
+            out = module(input)
+            if i is not None:
+                _fwd_hook(ref, i, module, (input,), out)
+            input = out
+        return input
+    # a child's site whose gradient hook waits for the next child: (site, the node that made
+    # its output, which output of it; taken now, before any in-place op of the next child)
+    pending: tuple[_Site, Any, int] | None = None
+    kinds = p._kinds
     for module, i in entries:
         out = module(input)
-        if i is not None:
-            _fwd_hook(ref, i, module, (input,), out)
+        if pending is not None and i is not None and kinds[i] is not None and \
+                type(out) is torch.Tensor and _pairable(module, out, pending):
+            # an activation of the previous child's output (its only consumer in this loop):
+            # ONE hook on the activation's backward node sees both gradients, dL/dh (its
+            # output) and dL/dy (its input, the previous child's output)
+            s = _record_call(ref, i, module, (input,), out, grad=False)
+            if s is not None:
+                out.grad_fn.register_hook(partial(_pair_hook, ref, pending[0].ograds,
+                                                  s.ograds))
+            else:
+                _hook_grad(ref, *pending)
+            pending = None
+        else:
+            if pending is not None:
+                _hook_grad(ref, *pending)
+                pending = None
+            if i is not None:
+                s = _record_call(ref, i, module, (input,), out, grad=False)
+                t = out if type(out) is torch.Tensor else _output_tensor(out)
+                if s is not None and t is not None and t.requires_grad:
+                    pending = (s, t.grad_fn, t.output_nr)
+                    if pending[1] is None:  # a leaf output: a tensor hook at once
+                        t.register_hook(partial(_out_grad_hook, ref, s.ograds, None))
+                        pending = None
+                    elif module._forward_hooks:  # (another hook may use the output elsewhere)
+                        _hook_grad(ref, *pending)
+                        pending = None
         input = out
+    if pending is not None:
+        _hook_grad(ref, *pending)
     return input
+
+
+def _pairable(module: nn.Module, h: torch.Tensor, prev: tuple[_Site, Any, int]) -> bool:
+    """Whether ``h = module(y)`` came from one backward node whose only input is the previous
+    child's output ``y`` (``prev``: its site, node, output index), with no other hook on the
+    way that could have used ``y`` elsewhere."""
+    if module._forward_hooks or module._forward_pre_hooks or not h.requires_grad or \
+            _global_hooks():
+        return False
+    fn = h.grad_fn
+    if fn is None:
+        return False
+    nxt = fn.next_functions
+    return len(nxt) == 1 and nxt[0][0] is prev[1] and nxt[0][1] == prev[2]
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as mm
+
+    return bool(mm._global_forward_hooks or mm._global_forward_pre_hooks)
+
+
+def _hook_grad(ref: weakref.ref, s: _Site, fn: Any, k: int) -> None:
+    """The gradient hook :func:`_record_output` registers, on the node that made output
+    ``k`` (no time steps)."""
+    fn.register_prehook(partial(_out_node_hook, ref, s.ograds, None, k))
+
+
+def _pair_hook(ref: weakref.ref, store_in: list[tuple[Any, Any]], store_out: list[tuple[Any, Any]],
+               grad_inputs: tuple[torch.Tensor | None, ...],
+               grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+    g = grad_outputs[0]
+    if g is not None:
+        _out_grad_hook(ref, store_out, None, g)
+    g = grad_inputs[0]
+    if g is not None:
+        _out_grad_hook(ref, store_in, None, g)
 
 
 def _functional_call(ref: weakref.ref, func: Callable[..., Any], where: str, kind: str,
@@ -191,17 +267,24 @@ def _block_pre_hook(ref: weakref.ref, name: str, module: nn.Module, args: tuple)
 
 
 def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any) -> None:
+    # the forward hook of a watched module (returns None: a hook's result replaces the output)
+    _record_call(ref, i, module, inp, out)
+
+
+def _record_call(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any,
+                 grad: bool = True) -> _Site | None:
     # Hot path: runs for every watched module on every forward of a recorded step. Checks in
     # order of cost; module facts (conv or not) were looked up once when the map was made.
+    # (grad=False: the caller hooks the output's gradient itself; returns the site recorded)
     p = ref()
     if p is None or not p._active:
-        return
+        return None
     if type(out) is not torch.Tensor:
         out = _output_tensor(out)
         if out is None:
-            return
+            return None
     if not torch.is_grad_enabled():
-        return
+        return None
     if p._new_pass:
         # the first call after a backward pass (a micro-batch of gradient accumulation, also
         # when the loop calls submodules rather than the model): call sites count from here
@@ -229,7 +312,9 @@ def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any)
     ctx = p._ctx[i]
     if ctx is not None:
         p._conv_context = ctx
-    _record_output(p, j, s, out, inp[0] if inp and isinstance(inp[0], torch.Tensor) else None, t)
+    _record_output(p, j, s, out, inp[0] if inp and isinstance(inp[0], torch.Tensor) else None, t,
+                   grad)
+    return s
 
 
 def _output_tensor(out: Any) -> torch.Tensor | None:
@@ -255,7 +340,7 @@ def _inferred_kind(p: Probe, i: int, out: torch.Tensor) -> tuple[str, torch.Tens
 
 
 def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Tensor | None,
-                   t: int) -> None:
+                   t: int, grad: bool = True) -> None:
     if not s.used:
         s.used = True
         p._used.append(j)
@@ -283,7 +368,7 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
                     s.ins.append(p._sample(inp.detach()))
                 if kind in stats.RECTIFIERS:
                     s.alive.append(_active_units(o, s.conv or o.dim() >= 4))
-    if p.backward and out.requires_grad:
+    if grad and p.backward and out.requires_grad:
         tstore = None
         if t >= 0:
             while len(s.tgrads) <= t:
