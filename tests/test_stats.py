@@ -161,3 +161,19 @@ def test_host_saturated_fraction_equals_the_kernel(kind):
     got = stats.saturated_fraction_host(h.numpy(), kind, 0.1)
     np.testing.assert_array_equal(got, stats.saturated_fraction(h, kind, 0.1).double().numpy())
     assert stats.saturated_fraction_host(h.numpy(), "relu") is None  # no output threshold
+
+
+@pytest.mark.parametrize("n", [1, 2, 21, 256])
+def test_order_statistic_percentiles_equal_the_sorted_ones(n):
+    # the accelerators' path (kthvalue, no sort's memory), run here on the CPU: the same
+    # values as the host kernel, NaN and infinite rows included
+    torch.manual_seed(2)
+    x = torch.randn(5, n)
+    x[1] = float("inf")
+    x[2, 0] = float("nan")
+    x[3, : max(1, n - 3)] = -float("inf")
+    got = stats._percentiles_select(x, stats.PERCENTILES)
+    ref = torch.from_numpy(stats.percentiles_host(x.numpy(), stats.PERCENTILES))
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    ok = ~torch.isnan(ref)
+    assert torch.equal(got[ok], ref[ok])

@@ -77,6 +77,11 @@ class ForwardStats:
                 # the samples of a CPU step: the host kernels (a fraction of torch's per-op cost)
                 self._host_group_stats(idx, xf, values, names)
                 continue
+            if self._deferring and self.max_forward_samples is not None:
+                # the stack holds the samples now; nothing later reads the per-site copies, and
+                # on an accelerator this step's memory peaks about here (gradients alive)
+                for j in idx:
+                    self._sites[j].outs = []
             mean, std = stats.moments(xf)
             pct = stats.percentiles(xf, self.percentiles, self.max_percentile_samples)
             values += [mean, std, pct.T.reshape(-1)]
