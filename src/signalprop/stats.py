@@ -69,6 +69,11 @@ def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (mean [G], std [G])
     """
     x = flat_rows(x)
+    if x.device.type != "cpu":
+        # an accelerator: one fused launch and no [G, N] temporary (Welford in the kernel),
+        # where the formula below costs ~12 launches; on the CPU var_mean is ~30x slower
+        var, mean = torch.var_mean(x, dim=1, correction=0)
+        return mean, var.sqrt()
     n = x.shape[1]
     shift = x[:, :1]
     d = x - shift
