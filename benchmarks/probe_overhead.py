@@ -22,9 +22,16 @@ against the bytes of model parameters + optimiser state (target: <= 5%). On CUDA
 profiler (``profile_memory=True``: every tensor allocation and free, so the peak is exact tensor
 accounting, unaffected by other processes).
 
+The accelerator path on the CPU (``--deferred``, memory pass only): the probe's CPU fast paths
+are switched off (NumPy host kernels for forward statistics, BLAS norms in the gradient hooks)
+and its values wait on the "device" for ``FLUSH_EVERY_ACCELERATOR`` recorded steps, as on CUDA;
+``--round 512`` counts every allocation as the CUDA caching allocator does (sizes rounded up to
+multiples of 512 bytes, so each small tensor costs at least 512 B), and ``--mem-detail N``
+prints the N largest allocations alive at the probe's peak with the Python frames that made them.
+
 Usage: python benchmarks/probe_overhead.py [--device cpu|cuda] [--model mlp|transformer]
     [--dtype fp32|bf16] [--steps 50] [--repeats 7] [--threads 1] [--clock wall|cpu]
-    [--update-ratio auto|optimizer|copy|off]
+    [--update-ratio auto|optimizer|copy|off] [--deferred] [--round BYTES] [--mem-detail N]
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ import torch
 from torch import nn
 
 from signalprop import Probe
+from signalprop.probe import hooks
+from signalprop.probe.core import FLUSH_EVERY_ACCELERATOR
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -181,23 +190,81 @@ def _quiet():  # the profiler's C++ side prints start/stop lines on the process'
             os.close(fd)
 
 
-def cpu_peak_bytes(fn: Callable[[], None]) -> int:
+def cpu_peak_bytes(fn: Callable[[], None], round_to: int = 1, detail: int = 0) -> int:
     """Peak of live tensor bytes allocated during ``fn`` (relative to its start), from the
-    allocation/free events of PyTorch's profiler."""
+    allocation/free events of PyTorch's profiler.
+
+    Args:
+        fn: What to measure.
+        round_to: Count each allocation as its size rounded up to a multiple of this (512:
+            the CUDA caching allocator's block granularity).
+        detail: Print the largest ``detail`` groups of allocations alive at the peak that the
+            probe made (by the signalprop frames that made them).
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                           with_stack=detail > 0) as prof:
         fn()
+
+    def rounded(n: int) -> int:
+        return (-(-abs(n) // round_to) * round_to) * (1 if n >= 0 else -1)
+
+    if detail:
+        return _peak_detail(prof, rounded, detail)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     cur = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
+        cur += rounded(e.nbytes())
         peak = max(peak, cur)
     return peak
 
 
+def _peak_detail(prof: object, rounded: Callable[[int], int], top: int) -> int:
+    """The peak from the profiler's event tree (allocations by address), and a print of the
+    probe's allocations alive at it, grouped by the frames that made them."""
+    allocs = []
+
+    def walk(node: object) -> None:
+        t = node.typed  # type: ignore[attr-defined]
+        if str(t[0]).endswith("Allocation"):
+            frames, q = [], node.parent  # type: ignore[attr-defined]
+            while q is not None:
+                if "signalprop/" in q.name or "probe_overhead" in q.name:
+                    frames.append(q.name.split("signalprop/")[-1][:70])
+                q = q.parent
+            allocs.append((node.start_time_ns, t[1].ptr, t[1].alloc_size, frames))  # type: ignore
+        for c in node.children:  # type: ignore[attr-defined]
+            walk(c)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():  # type: ignore
+        walk(root)
+    allocs.sort(key=lambda a: a[0])
+    live: dict[int, tuple[int, list[str]]] = {}
+    cur = peak = 0
+    at_peak: dict[int, tuple[int, list[str]]] = {}
+    for _, ptr, size, frames in allocs:
+        if size > 0:
+            live[ptr] = (rounded(size), frames)
+            cur += live[ptr][0]
+            if cur > peak:
+                peak, at_peak = cur, dict(live)
+        elif ptr in live:
+            cur -= live.pop(ptr)[0]
+    groups: dict[str, list[int]] = {}
+    for size, frames in at_peak.values():
+        probe = [f for f in frames if "probe_overhead" not in f]
+        key = " < ".join(probe[:4]) if probe else "(not the probe) " + " < ".join(frames[:2])
+        groups.setdefault(key, []).append(size)
+    print(f"    at the peak ({peak} B live): the largest groups of allocations")
+    for key, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"    {sum(sizes):9d} B in {len(sizes):4d}: {key}")
+    return peak
+
+
 def peak_bytes(task: Task, opt: torch.optim.Optimizer, steps: int, schedule: int | None,
-               update_ratio: str | bool = "auto") -> int:
+               update_ratio: str | bool = "auto", deferred: bool = False, round_to: int = 1,
+               detail: int = 0) -> int:
     """Peak memory above the start of 10 + ``steps`` steps, with a probe (created and attached
     inside the measured window, so buffers it keeps across steps count too) recording every
     ``schedule``-th step: the mapping step, then regular recorded steps."""
@@ -206,8 +273,11 @@ def peak_bytes(task: Task, opt: torch.optim.Optimizer, steps: int, schedule: int
     def body() -> None:
         nonlocal p
         if schedule:
-            p = Probe(task.model, optimizer=opt, schedule=schedule,
-                      update_ratio=update_ratio).attach()
+            p = Probe(task.model, optimizer=opt, schedule=schedule, update_ratio=update_ratio,
+                      flush_every=FLUSH_EVERY_ACCELERATOR if deferred else None)
+            if deferred:
+                p._host_kernels = False  # the torch kernels, as on an accelerator
+            p.attach()
         train(task, opt, 10 + steps, p)
         if p is not None:
             len(p.record.steps)
@@ -223,10 +293,50 @@ def peak_bytes(task: Task, opt: torch.optim.Optimizer, steps: int, schedule: int
             body()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
-        return cpu_peak_bytes(body)
+        with _no_host_norms(deferred):
+            return cpu_peak_bytes(body, round_to, detail if schedule else 0)
     finally:
         if p is not None:
             p.detach()
+
+
+@contextlib.contextmanager
+def _no_host_norms(on: bool):
+    """Gradient hooks take the accelerator's norms (float64 on the "device") while ``on``."""
+    saved = dict(hooks._NRM2)
+    if on:
+        hooks._NRM2.clear()
+    try:
+        yield
+    finally:
+        hooks._NRM2.update(saved)
+
+
+def _timing(args: argparse.Namespace, task: Task, opt: torch.optim.Optimizer, steps: int,
+            probes: dict[str, Probe | None]) -> None:
+    """The interleaved timed runs and their table."""
+    cpu_clock = args.clock == "cpu"
+    times: dict[str, list[float]] = {k: [] for k in probes}
+    for _ in range(args.repeats):
+        for k, pr in probes.items():
+            if pr is not None:
+                pr.attach()
+            times[k].append(run(task, opt, steps, pr, cpu_clock))
+            if pr is not None:
+                pr.detach()
+    base = statistics.median(times["plain"])
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
+    print(f"{task.name}, {args.dtype}; {dev}; torch {torch.__version__}; "
+          f"update_ratio={args.update_ratio}")
+    print(f"{steps} steps x {args.repeats} interleaved repeats, {args.clock} clock, medians; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'variant':30s} {'ms/step':>8s} {'ratio':>7s}  target")
+    targets = {"probe: full, every step": 1.10, "probe: full, every 10th step": 1.02}
+    for k, v in times.items():
+        m = statistics.median(v)
+        t = targets.get(k)
+        verdict = "" if t is None else f"<= {t:.2f}x: {'met' if m / base <= t else 'NOT met'}"
+        print(f"{k:30s} {1e3 * m / steps:8.2f} {m / base:7.3f}x  {verdict}")
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -238,14 +348,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="bf16: train under torch.autocast(bfloat16) (CUDA only)")
     ap.add_argument("--steps", type=int, default=None,
                     help="steps per timed run (multiple of 10; default 50 mlp, 20 transformer)")
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats of each variant")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats of each variant (0: memory pass only)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: elapsed time; cpu: this process's CPU time (CPU device only)")
     ap.add_argument("--mem-steps", type=int, default=3, help="steps of the memory pass (0: skip)")
     ap.add_argument("--update-ratio", choices=["auto", "optimizer", "copy", "off"], default="auto",
                     help="the probe's update_ratio option (off: False)")
+    ap.add_argument("--deferred", action="store_true",
+                    help="memory pass on the CPU through the accelerator path (no host kernels, "
+                         "values deferred on the device as on CUDA)")
+    ap.add_argument("--round", type=int, default=1, metavar="BYTES",
+                    help="CPU memory pass: count allocations rounded up to multiples of BYTES "
+                         "(512: as the CUDA caching allocator)")
+    ap.add_argument("--mem-detail", type=int, default=0, metavar="N",
+                    help="CPU memory pass: print the N largest groups of the probe's "
+                         "allocations alive at its peak")
     args = ap.parse_args(argv)
+    if (args.deferred or args.round != 1 or args.mem_detail) and args.device != "cpu":
+        print("--deferred, --round and --mem-detail are for the CPU memory pass (on CUDA the "
+              "accelerator path is the probe's own)", file=sys.stderr)
+        return 2
+    if args.round < 1:
+        print(f"--round must be >= 1, got {args.round}", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available here", file=sys.stderr)
         return 2
@@ -281,37 +407,20 @@ def main(argv: list[str] | None = None) -> int:
         run(task, opt, 10, pr, False)
         if pr is not None:
             pr.detach()
-    cpu_clock = args.clock == "cpu"
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for k, pr in probes.items():
-            if pr is not None:
-                pr.attach()
-            times[k].append(run(task, opt, steps, pr, cpu_clock))
-            if pr is not None:
-                pr.detach()
-    base = statistics.median(times["plain"])
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
-    print(f"{task.name}, {args.dtype}; {dev}; torch {torch.__version__}; "
-          f"update_ratio={args.update_ratio}")
-    print(f"{steps} steps x {args.repeats} interleaved repeats, {args.clock} clock, medians; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'variant':30s} {'ms/step':>8s} {'ratio':>7s}  target")
-    targets = {"probe: full, every step": 1.10, "probe: full, every 10th step": 1.02}
-    for k, v in times.items():
-        m = statistics.median(v)
-        t = targets.get(k)
-        verdict = "" if t is None else f"<= {t:.2f}x: {'met' if m / base <= t else 'NOT met'}"
-        print(f"{k:30s} {1e3 * m / steps:8.2f} {m / base:7.3f}x  {verdict}")
+    if args.repeats > 0:
+        _timing(args, task, opt, steps, probes)
     if args.mem_steps > 0:
         sb = state_bytes(task.model, opt)
-        plain = peak_bytes(task, opt, args.mem_steps, None)
-        print(f"\nmemory: model + optimiser state {sb / 2**20:.1f} MiB; peak above it during "
+        mem = {"deferred": args.deferred, "round_to": args.round, "detail": args.mem_detail}
+        plain = peak_bytes(task, opt, args.mem_steps, None, **mem)
+        how = (" (accelerator path forced on the CPU)" if args.deferred else "") + (
+            f" (allocations rounded up to {args.round} B)" if args.round > 1 else "")
+        print(f"\nmemory{how}: model + optimiser state {sb / 2**20:.1f} MiB; peak above it during "
               f"{10 + args.mem_steps} plain steps {plain / 2**20:.1f} MiB")
         for k, s in variants.items():
             if s is None:
                 continue
-            extra = peak_bytes(task, opt, args.mem_steps, s, ur) - plain
+            extra = peak_bytes(task, opt, args.mem_steps, s, ur, **mem) - plain
             print(f"  {k:28s} extra peak {extra / 2**20:8.2f} MiB = {extra / sb:6.1%} of state "
                   f"(target <= 5%: {'met' if extra <= 0.05 * sb else 'NOT met'})")
     return 0
