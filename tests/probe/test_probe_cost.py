@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from signalprop.probe import Probe, core, every, hooks
+from signalprop.probe import Probe, core, every, hooks, transfer
 
 READS = {
     torch.Tensor.item,
@@ -111,6 +111,8 @@ def test_no_host_read_on_the_training_path_except_one_transfer(
     if device_path:
         # the code path an accelerator takes (no BLAS norm on the host in the gradient hook)
         monkeypatch.setattr(hooks, "_NRM2", {})
+    # copies every flush_every recorded steps (the queue's memory budget never cuts in)
+    monkeypatch.setattr(transfer, "QUEUE_FRACTION", float("inf"))
     torch.manual_seed(0)
     model = _mlp()
     opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt_name != "adamw"
@@ -397,7 +399,8 @@ def test_nonfinite_output_gradients_counted_from_the_first_sighting_on(monkeypat
     assert r.get(0, "0.weight", "grad_nonfinite") > 0  # parameters: counted at the transfer
 
 
-def test_deferred_values_reach_the_record_in_order_and_match_immediate_ones():
+def test_deferred_values_reach_the_record_in_order_and_match_immediate_ones(monkeypatch):
+    monkeypatch.setattr(transfer, "QUEUE_FRACTION", float("inf"))  # flush_every alone
     recs = []
     for flush_every in (1, 3):
         torch.manual_seed(0)
@@ -417,6 +420,35 @@ def test_deferred_values_reach_the_record_in_order_and_match_immediate_ones():
             for k, v in metrics.items():
                 assert b.data[s][layer][k] == pytest.approx(v, rel=1e-12, nan_ok=True), (s, layer, k)
 
+
+
+def test_values_waiting_on_the_device_stay_within_their_memory_budget():
+    # a small model's deferred values would be a large share of its memory: they travel
+    # once they reach QUEUE_FRACTION of the parameters' bytes, before flush_every steps
+    recs = []
+    for flush_every in (1, 16):
+        torch.manual_seed(0)
+        model = _mlp(width=256)  # budget: ~8 KB, a few steps' values
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        p = Probe(model, optimizer=opt, flush_every=flush_every).attach()
+        budget = transfer.QUEUE_FRACTION * sum(q.numel() * 4 for q in model.parameters())
+        copies = 0
+        for _ in range(12):
+            _train(model, opt, p, 1, x, y)
+            queued = sum(-(-e[3].numel() * 8 // 512) * 512 for e in p._queue)
+            assert queued == p._queued_bytes and queued < budget
+            copies += not p._queue
+        if flush_every == 16:
+            assert 12 // 16 < copies < 12  # copied early, though not on every step
+        recs.append(p.record)
+        p.detach()
+    a, b = recs
+    assert a.steps == b.steps == list(range(12))
+    for s in a.steps:
+        for layer, metrics in a.data[s].items():
+            for k, v in metrics.items():
+                assert b.data[s][layer][k] == pytest.approx(v, rel=1e-12, nan_ok=True), (s, layer, k)
 
 
 @pytest.mark.parametrize("flush_every", [1, 3])
@@ -448,3 +480,20 @@ def test_host_kernels_record_what_the_torch_kernels_record(monkeypatch, flush_ev
                 assert a.data[s][layer][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (s, layer, k)
     assert "off_frac" in a.data[0]["3"] and "dead_frac" in a.data[0]["3"]
     assert "saturated_frac" in a.data[0]["1"] and "saturated_frac" in a.data[0]["5"]
+
+
+@pytest.mark.parametrize("shape", [(7,), (64, 50), (3, 1000, 5)])
+def test_norm64_matches_a_float64_norm_without_underflow(shape):
+    # the accelerators' gradient norm: float64 accumulation in pieces (no float64 copy of g);
+    # values of 1e-25 square to 1e-50, below float32's range: a float32 norm would give 0
+    torch.manual_seed(0)
+    for scale in (1.0, 1e-25, 1e30):
+        g = torch.randn(shape) * scale
+        for t in (g, g.transpose(0, -1)):  # also non-contiguous
+            want = torch.linalg.vector_norm(t.double())
+            got = hooks.norm64(t)
+            assert got.dtype == torch.float64 and got.dim() == 0
+            assert float(got) == pytest.approx(float(want), rel=1e-12)
+    g = torch.randn(5000)
+    g[123] = float("nan")
+    assert torch.isnan(hooks.norm64(g))

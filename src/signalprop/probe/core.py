@@ -178,6 +178,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._buffers: list[torch.Tensor] | None = None
         self._since_transfer = 0
         self._queue: list[tuple[int, str, _Metrics, torch.Tensor, bool]] = []
+        self._queued_bytes = 0  # device bytes of the queue (Transfer._queue_full)
         self._inflight: list[tuple[torch.Tensor, Any, list[Any]]] = []
         self.step_index = 0
         self._handles: list[Any] = []
@@ -499,7 +500,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             self._commit()
             if self._deferring:
                 self._since_transfer += 1
-                if self._since_transfer >= self.flush_every:
+                if self._since_transfer >= self.flush_every or self._queue_full:
                     self._since_transfer = 0
                     self._start_transfer()  # non-blocking; stored once landed
                 if self._inflight:

@@ -481,12 +481,37 @@ def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tenso
         # GPT-2 logit gradient), so it is only taken once some probe has seen a non-finite
         # value (None: not counted; recorded as NaN if the norm turns out non-finite)
         v = (
-            torch.linalg.vector_norm(g, dtype=torch.float64),
+            norm64(g),
             (~torch.isfinite(g)).sum() if _COUNT_NONFINITE[0] else None,
         )
     store.append(v)
     if tstore is not None:
         tstore.append(v)
+
+
+#: Elements of the largest piece :func:`norm64` converts to float64 at once where no fused
+#: kernel reads float32 directly (the CPU without BLAS, other accelerators).
+NORM64_CHUNK: int = 1 << 10
+
+
+def norm64(g: torch.Tensor) -> torch.Tensor:
+    """||g|| accumulated in float64 (no underflow of tiny squares) as a 0-dim float64 tensor,
+    with no host read and no float64 copy of ``g``.
+
+    ``torch.linalg.vector_norm(g, dtype=torch.float64)`` converts the whole of a float32 ``g``
+    to float64 first: a temporary twice g's size, alive inside backward where a step's memory
+    peaks. On CUDA the fused ``torch._foreach_norm`` reads ``g`` as it is and accumulates in
+    float64 (one launch, no copy); elsewhere ``g`` is reduced in pieces of at most
+    :data:`NORM64_CHUNK` elements (at most 64 pieces), so only a piece is copied at a time.
+    """
+    if g.dtype == torch.float64 or not g.is_floating_point() or g.numel() <= NORM64_CHUNK:
+        return torch.linalg.vector_norm(g, dtype=torch.float64)
+    if g.is_cuda and g.is_contiguous():
+        return torch._foreach_norm([g], 2, dtype=torch.float64)[0]
+    flat = g.reshape(-1)
+    parts = flat.split(max(NORM64_CHUNK, -(-flat.numel() // 64)))
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(c, dtype=torch.float64) for c in parts]))
 
 
 #: Activation kinds whose saturation is measured on the input (the hook samples it too).

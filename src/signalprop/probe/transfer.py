@@ -19,6 +19,11 @@ from signalprop.record import MODEL, Record
 _RECHECK_BELOW = 1e-18
 
 
+#: Values of recorded steps waiting on the device for their transfer hold at most about this
+#: fraction of the parameters' bytes (the probe's memory target is 5% of model + optimiser).
+QUEUE_FRACTION: float = 0.01
+
+
 class Transfer:
     """Mixin of :class:`~signalprop.probe.core.Probe`: from device values to the record."""
 
@@ -64,7 +69,11 @@ class Transfer:
         if not self._queue:
             return
         entries, self._queue = self._queue, []
+        self._queued_bytes = 0
         vec = torch.cat([e[3] for e in entries])
+        # only the sizes travel on: the device vectors are freed once the copy is queued
+        # (stream-ordered, so the copy reads them first)
+        entries = [(e[0], e[1], e[2], e[3].numel(), e[4]) for e in entries]
         if vec.device.type == "cuda":
             host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
             host.copy_(vec, non_blocking=True)
@@ -79,9 +88,9 @@ class Transfer:
     def _materialise(self, host: torch.Tensor, entries: list[Any]) -> None:
         flat = host.tolist()
         pos = 0
-        for step, kind, names, vec, uncounted in entries:
-            vals = flat[pos : pos + vec.numel()]
-            pos += vec.numel()
+        for step, kind, names, n, uncounted in entries:
+            vals = flat[pos : pos + n]
+            pos += n
             row = self._record.data.setdefault(int(step), {})
             for (layer, metric), v in zip(names, vals, strict=True):
                 d = row.get(layer)
@@ -140,6 +149,20 @@ class Transfer:
         if vec.numel() != len(names):  # a bug, never user error
             raise RuntimeError(f"probe bookkeeping mismatch: {vec.numel()} values, {len(names)} names")
         self._queue.append((self.step_index, kind, names, vec, uncounted))
+        # (as the CUDA caching allocator counts it: blocks of 512 bytes)
+        self._queued_bytes += -(-vec.numel() * vec.element_size() // 512) * 512
+
+    @property
+    def _queue_full(self) -> bool:
+        """Whether the values waiting on the device have reached their memory budget
+        (:data:`QUEUE_FRACTION` of the parameters' bytes): then they travel before
+        ``flush_every`` recorded steps have gone by (a small model's values would otherwise
+        be a large share of its memory)."""
+        budget = self.__dict__.get("_queue_budget")
+        if budget is None:
+            budget = self._queue_budget = QUEUE_FRACTION * sum(
+                p.numel() * p.element_size() for p in self._plist)
+        return self._queued_bytes >= budget
 
     def _note_unchecked(self) -> None:
         """Write down, once per layer, which statistic could not be measured and why."""
