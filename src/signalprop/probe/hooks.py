@@ -506,7 +506,7 @@ def norm64(g: torch.Tensor) -> torch.Tensor:
     """
     if g.dtype == torch.float64 or not g.is_floating_point() or g.numel() <= NORM64_CHUNK:
         return torch.linalg.vector_norm(g, dtype=torch.float64)
-    if g.is_cuda and g.is_contiguous():
+    if g.is_cuda and g.is_contiguous() and not g.requires_grad:
         return torch._foreach_norm([g], 2, dtype=torch.float64)[0]
     flat = g.reshape(-1)
     parts = flat.split(max(NORM64_CHUNK, -(-flat.numel() // 64)))
