@@ -93,6 +93,15 @@ def _mlp(depth: int = 4, width: int = 16) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(d, 3))
 
 
+def _same_records(a, b, steps, rel=1e-12):
+    """Records ``a`` and ``b`` hold the same steps and every value of ``a`` in ``b``."""
+    assert a.steps == b.steps == steps
+    for s in a.steps:
+        for layer, metrics in a.data[s].items():
+            for k, v in metrics.items():
+                assert b.data[s][layer][k] == pytest.approx(v, rel=rel, nan_ok=True), (s, layer, k)
+
+
 def _train(model, opt, probe, steps, x, y):
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -413,12 +422,7 @@ def test_deferred_values_reach_the_record_in_order_and_match_immediate_ones(monk
             assert p._queue or p._inflight  # some values are still waiting
         recs.append(p.record)  # reading the record brings them
         p.detach()
-    a, b = recs
-    assert a.steps == b.steps == list(range(7))
-    for s in a.steps:
-        for layer, metrics in a.data[s].items():
-            for k, v in metrics.items():
-                assert b.data[s][layer][k] == pytest.approx(v, rel=1e-12, nan_ok=True), (s, layer, k)
+    _same_records(*recs, steps=list(range(7)))
 
 
 
@@ -443,12 +447,7 @@ def test_values_waiting_on_the_device_stay_within_their_memory_budget():
             assert 12 // 16 < copies < 12  # copied early, though not on every step
         recs.append(p.record)
         p.detach()
-    a, b = recs
-    assert a.steps == b.steps == list(range(12))
-    for s in a.steps:
-        for layer, metrics in a.data[s].items():
-            for k, v in metrics.items():
-                assert b.data[s][layer][k] == pytest.approx(v, rel=1e-12, nan_ok=True), (s, layer, k)
+    _same_records(*recs, steps=list(range(12)))
 
 
 @pytest.mark.parametrize("flush_every", [1, 3])
@@ -497,3 +496,34 @@ def test_norm64_matches_a_float64_norm_without_underflow(shape):
     g = torch.randn(5000)
     g[123] = float("nan")
     assert torch.isnan(hooks.norm64(g))
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_accelerator_path_frees_forward_samples_before_the_peak_and_records_the_same(
+        monkeypatch, micro_batches):
+    # deferred steps with one forward pass compute their forward statistics as backward
+    # begins (samples freed before the step's memory peaks) and pack the gradient norms of
+    # 16 sites into one tensor: the records equal those of immediate steps
+    monkeypatch.setattr(hooks, "_NRM2", {})  # the accelerators' norms
+    recs, early = [], []
+    for flush_every in (1, 4):
+        torch.manual_seed(0)
+        model = _mlp(depth=10)  # 21 sites: packed norms and loose ones
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+        p = Probe(model, optimizer=opt, flush_every=flush_every)
+        p._host_kernels = False  # the torch kernels, as on an accelerator
+        p.attach()
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True):
+                nn.functional.cross_entropy(model(xb), yb).backward()
+            early.append(p._early is not None)
+            if p._early is not None:
+                assert all(not p._sites[j].outs for j in p._used)  # freed in backward
+            opt.step()
+        recs.append(p.record)
+        p.detach()
+    _same_records(*recs, steps=list(range(5)))
+    # immediate steps never; deferred ones after the mapping step, with one forward pass only
+    assert early == [False] * 5 + [False] + [micro_batches == 1] * 4

@@ -217,6 +217,9 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._grads_intact = False  # pre-clip norms are the current gradients' (this step)
         self._ratio_names = [(n, "update_ratio") for n, _ in self.params]
         self._uncounted = False
+        self._early: tuple[list[torch.Tensor], _Metrics] | None = None
+        self._passes = 0  # forward passes of the last recorded step
+        self._loose: list[tuple[list[Any], int]] = []  # device norms not packed (hooks._pack)
 
     def _init_meta(self) -> None:
         """What the module types say (the measured facts found later override these)."""
@@ -425,6 +428,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._scalar_counts = {}
         self._snapshot = None
         self._preclip = None
+        self._early = None
+        self._loose = []
         self._witness = None
         self._cb_queued = False
         self._grads_seen = False
@@ -445,10 +450,14 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             return
         if self._sites:
             self._declare_layers()
+        self._passes = self._nforward
         values: list[torch.Tensor] = []
         names: _Metrics = []
         scale = self._loss_scale()
         if self.forward:
+            if self._early is not None:  # computed as backward began (_early_forward_stats)
+                values += self._early[0]
+                names += self._early[1]
             self._forward_stats(values, names)
             self._input_stats(values, names)
             self._gate_stats(values, names)

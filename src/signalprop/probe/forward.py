@@ -95,6 +95,27 @@ class ForwardStats:
                 names += [(self._sites[j].name, "out_nonfinite") for j in idx]
             self._activation_stats(idx, x, xf, values, names)
 
+    def _early_forward_stats(self) -> None:
+        """The forward statistics of a deferred (accelerator) step, computed as its backward
+        begins rather than at its end, so the forward samples are freed before the peak of the
+        step's memory (late in backward, with every parameter gradient alive).
+
+        Only when the last recorded step had one forward pass, and this step's has run: with
+        gradient accumulation (several forwards per step) the samples of all micro-batches are
+        pooled at the end of the step as before. Should a step still see another forward pass
+        after this (the loop changed its pattern), that pass's statistics replace these."""
+        if (self._early is not None or self._passes != 1 or self._nforward != 1
+                or not self.forward or self.max_forward_samples is None or self._mapping
+                or not self._deferring):
+            return
+        values: list[torch.Tensor] = []
+        names: _Metrics = []
+        self._forward_stats(values, names)
+        for j in self._used:  # consumed: the end of the step sees only later passes
+            s = self._sites[j]
+            s.outs, s.ins, s.alive = [], [], []
+        self._early = (values, names)
+
     def _host_group_stats(self, idx: list[int], xf: torch.Tensor, values: list[torch.Tensor],
                           names: _Metrics) -> None:
         """Moments, percentiles, saturated and off fractions of one group of CPU samples in

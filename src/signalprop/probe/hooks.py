@@ -437,10 +437,31 @@ def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list 
     nrm2 = _NRM2.get(g.dtype) if g.is_cpu else None
     if nrm2 is None or g.requires_grad or tstore is not None:
         _grad_hook(store, tstore, g)
+        if p is not None and tstore is None and isinstance(store[-1][0], torch.Tensor):
+            _pack(p, store)
         return
     a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
     n = float(nrm2(a))
     store.append((n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a)))))
+
+
+#: Device norms of this many sites are packed into one tensor (see :func:`_pack`).
+PACK: int = 16
+
+
+def _pack(p: Probe, store: list[tuple[Any, Any]]) -> None:
+    """Note a site's fresh device norm; every :data:`PACK` of them are stacked into one
+    tensor and the sites keep views of it. A 0-dim tensor per site would each hold a whole
+    allocator block (512 bytes on CUDA: 20 KiB for 40 sites, alive through backward, where
+    a step's memory peaks), for 8 bytes of value."""
+    loose = p._loose
+    loose.append((store, len(store) - 1))
+    if len(loose) < PACK:
+        return
+    packed = torch.stack([st[k][0] for st, k in loose])
+    for i, (st, k) in enumerate(loose):
+        st[k] = (packed[i], st[k][1])
+    loose.clear()
 
 
 def _backward_started(ref: weakref.ref) -> None:
@@ -452,6 +473,7 @@ def _backward_started(ref: weakref.ref) -> None:
     if not p._cb_queued:
         p._cb_queued = True
         torch.autograd.Variable._execution_engine.queue_callback(partial(_requeue_end, ref))
+        p._early_forward_stats()
 
 
 def _requeue_end(ref: weakref.ref) -> None:
