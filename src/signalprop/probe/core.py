@@ -15,6 +15,12 @@ activations. So:
   sites stacked: one launch per metric family; norms through ``torch._foreach_norm``) and
   reaches the host in ONE transfer (the step's only host synchronisation); the update ratios
   of a step travel with the next step's transfer (or when :attr:`Probe.record` is read).
+- Memory on an accelerator (deferred steps) peaks late in backward, with every parameter
+  gradient alive: a one-pass step's forward statistics are computed as its backward begins,
+  so the samples are gone by then; gradient norms accumulate in float64 without a float64
+  copy of the gradient and are packed 16 sites to a tensor (the CUDA allocator gives every
+  tensor a 512-byte block); values waiting for their transfer hold at most about 1% of the
+  parameters' bytes (:data:`signalprop.probe.transfer.QUEUE_FRACTION`).
 - Update ratios come from the optimiser's own update where it has a closed form (SGD, Adam,
   AdamW; :mod:`signalprop.probe.update`), else from a copy of the weights on recorded steps.
 

@@ -513,7 +513,9 @@ def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tenso
 
 #: Elements of the largest piece :func:`norm64` converts to float64 at once where no fused
 #: kernel reads float32 directly (the CPU without BLAS, other accelerators).
-NORM64_CHUNK: int = 1 << 10
+NORM64_CHUNK: int = 1 << 11
+#: ... in at most this many pieces (each a reduction: time against the pieces' memory).
+NORM64_PIECES: int = 8
 
 
 def norm64(g: torch.Tensor) -> torch.Tensor:
@@ -524,16 +526,16 @@ def norm64(g: torch.Tensor) -> torch.Tensor:
     to float64 first: a temporary twice g's size, alive inside backward where a step's memory
     peaks. On CUDA the fused ``torch._foreach_norm`` reads ``g`` as it is and accumulates in
     float64 (one launch, no copy); elsewhere ``g`` is reduced in pieces of at most
-    :data:`NORM64_CHUNK` elements (at most 64 pieces), so only a piece is copied at a time.
+    :data:`NORM64_CHUNK` elements (at most :data:`NORM64_PIECES` pieces), so only a piece is
+    copied at a time.
     """
     if g.dtype == torch.float64 or not g.is_floating_point() or g.numel() <= NORM64_CHUNK:
         return torch.linalg.vector_norm(g, dtype=torch.float64)
     if g.is_cuda and g.is_contiguous() and not g.requires_grad:
         return torch._foreach_norm([g], 2, dtype=torch.float64)[0]
     flat = g.reshape(-1)
-    parts = flat.split(max(NORM64_CHUNK, -(-flat.numel() // 64)))
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(c, dtype=torch.float64) for c in parts]))
+    parts = flat.split(max(NORM64_CHUNK, -(-flat.numel() // NORM64_PIECES)))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float64)))
 
 
 #: Activation kinds whose saturation is measured on the input (the hook samples it too).
