@@ -524,15 +524,18 @@ def norm64(g: torch.Tensor) -> torch.Tensor:
 
     ``torch.linalg.vector_norm(g, dtype=torch.float64)`` converts the whole of a float32 ``g``
     to float64 first: a temporary twice g's size, alive inside backward where a step's memory
-    peaks. On CUDA the fused ``torch._foreach_norm`` reads ``g`` as it is and accumulates in
-    float64 (one launch, no copy); elsewhere ``g`` is reduced in pieces of at most
-    :data:`NORM64_CHUNK` elements (at most :data:`NORM64_PIECES` pieces), so only a piece is
-    copied at a time.
+    peaks. On CUDA the fused ``torch._foreach_norm`` reads a contiguous float32 ``g`` as it is
+    and accumulates in float64 (no copy; other CUDA gradients as before); elsewhere ``g`` is
+    reduced in pieces of at most :data:`NORM64_CHUNK` elements (at most :data:`NORM64_PIECES`
+    pieces), so only a piece is copied at a time.
     """
+    if g.is_cuda:
+        if g.dtype == torch.float32 and g.is_contiguous() and not g.requires_grad:
+            # (the combination ``device_norms`` uses for parameters, measured on an H100)
+            return torch._foreach_norm([g], 2, dtype=torch.float64)[0]
+        return torch.linalg.vector_norm(g, dtype=torch.float64)  # (half precision: as before)
     if g.dtype == torch.float64 or not g.is_floating_point() or g.numel() <= NORM64_CHUNK:
         return torch.linalg.vector_norm(g, dtype=torch.float64)
-    if g.is_cuda and g.is_contiguous() and not g.requires_grad:
-        return torch._foreach_norm([g], 2, dtype=torch.float64)[0]
     flat = g.reshape(-1)
     parts = flat.split(max(NORM64_CHUNK, -(-flat.numel() // NORM64_PIECES)))
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float64)))
