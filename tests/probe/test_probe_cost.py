@@ -527,3 +527,26 @@ def test_accelerator_path_frees_forward_samples_before_the_peak_and_records_the_
     _same_records(*recs, steps=list(range(5)))
     # immediate steps never; deferred ones after the mapping step, with one forward pass only
     assert early == [False] * 5 + [False] + [micro_batches == 1] * 4
+
+
+def test_accelerator_path_extra_memory_is_under_5_percent_of_the_state(monkeypatch):
+    # the memory target of issue 12 on the 20 x 128 MLP, measured as benchmarks/probe_overhead.py
+    # does with --deferred --round 512 (the accelerator path on the CPU, allocations in the
+    # CUDA allocator's 512-byte blocks: this reproduced the H100's 19.7% before the fix)
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "probe_overhead.py")
+    spec = importlib.util.spec_from_file_location("probe_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("probe_overhead", bench)  # (its dataclass looks itself up there)
+    spec.loader.exec_module(bench)
+    # a healthy run: NaN/Inf counts not yet switched on by an earlier test's diverging run
+    monkeypatch.setattr(hooks, "_COUNT_NONFINITE", [False])
+    task = bench.make_task("mlp", "cpu", "fp32")
+    opt = task.make_opt(task.model)
+    bench.train(task, opt, 3, None)  # warm
+    mem = {"deferred": True, "round_to": 512}
+    plain = bench.peak_bytes(task, opt, 3, None, **mem)
+    extra = bench.peak_bytes(task, opt, 3, 1, **mem) - plain
+    state = bench.state_bytes(task.model, opt)
+    assert 0 < extra <= 0.05 * state, (extra, state)
