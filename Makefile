@@ -24,7 +24,7 @@ demo: venv
 	$(BIN)/signalprop doctor --example deep-sigmoid --trial --out $(DEMO_OUT)
 	@echo
 	@echo "Report: $(DEMO_OUT)/report.html"
-	@echo "Next: run the lab with '$(BIN)/signalprop lab run all --quick --out lab-out' (about 6.5 minutes on 2 idle cores; see docs/lab.md)."
+	@echo "Next: run the lab with '$(BIN)/signalprop lab run all --quick --out lab-out' (about 4 minutes on 2 idle cores; see docs/lab.md)."
 
 test: venv
 	@# the browser test drives the system Chromium through Playwright (skipped if it cannot be had)
