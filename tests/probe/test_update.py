@@ -17,7 +17,7 @@ ADAMS = {
         [{"params": ps[::2], "weight_decay": 0.2}, {"params": ps[1::2], "weight_decay": 0.0}],
         lr=0.05),
 }
-TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}  # (measured: 1e-15, 6e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
