@@ -440,9 +440,7 @@ def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list 
         if p is not None and tstore is None and isinstance(store[-1][0], torch.Tensor):
             _pack(p, store)
         return
-    a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
-    n = float(nrm2(a))
-    store.append((n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a)))))
+    store.append(_host_norm(nrm2, g))
 
 
 #: Device norms of this many sites are packed into one tensor (see :func:`_pack`).
@@ -485,6 +483,14 @@ def _requeue_end(ref: weakref.ref) -> None:
     )
 
 
+def _host_norm(nrm2: Callable[[np.ndarray], float], g: torch.Tensor) -> tuple[float, float]:
+    """(||g||, NaN/Inf count) of a CPU gradient on the host: BLAS nrm2 (see :func:`_grad_hook`),
+    the exact count only when the norm is not finite."""
+    a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
+    n = float(nrm2(a))
+    return n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a)))
+
+
 def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tensor) -> None:
     # Runs inside backward for every watched output: reduce to a norm now, keep no tensor.
     # Float32 squares underflow below ~1e-19 (vanishing gradients are exactly what is measured)
@@ -495,9 +501,7 @@ def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tenso
     # float64 norm and the NaN/Inf count on the device, no host synchronisation.
     nrm2 = _NRM2.get(g.dtype) if g.is_cpu else None
     if nrm2 is not None and not g.requires_grad:
-        a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
-        n = float(nrm2(a))
-        v = (n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a))))
+        v = _host_norm(nrm2, g)
     else:
         # the NaN/Inf count costs launches and a bool temporary of g's size (412 MB for a
         # GPT-2 logit gradient), so it is only taken once some probe has seen a non-finite
