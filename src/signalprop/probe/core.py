@@ -40,7 +40,7 @@ from torch import nn
 
 from signalprop import stats
 from signalprop.probe import hooks
-from signalprop.probe.backward import BackwardStats
+from signalprop.probe.backward import BackwardStats, add_lean_hooks
 from signalprop.probe.forward import ForwardStats
 from signalprop.probe.layermap import LayerMap
 from signalprop.probe.schedule import Schedule, as_schedule
@@ -226,6 +226,13 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._early: tuple[list[torch.Tensor], _Metrics] | None = None
         self._passes = 0  # forward passes of the last recorded step
         self._loose: list[tuple[list[Any], int]] = []  # device norms not packed (hooks._pack)
+        self._plans: dict[tuple[int, int], Any] = {}  # transfer._RowsPlan by names
+        # weights only (no forward or backward statistics): recorded steps need no hook per
+        # module or parameter once the model's own hooks have been seen to catch its backward
+        self._lean = False
+        self._out_seen = False  # this step's backward passed through the model's output
+        self._grads_late = False  # gradients first seen at the optimiser step (no hook saw them)
+        self._healthy: Any = None  # the plan of a step that needs no NaN/Inf fix-up (transfer)
 
     def _init_meta(self) -> None:
         """What the module types say (the measured facts found later override these)."""
@@ -286,7 +293,12 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
 
     def _set_active(self, active: bool) -> None:
         if active and not self._fwd_handles and self._handles:
-            hooks.add_step_hooks(self)
+            if self._lean:  # weights only: two hooks on the model (backward.add_lean_hooks)
+                add_lean_hooks(self)
+            else:
+                hooks.add_step_hooks(self)
+                if not (self.forward or self.backward):
+                    add_lean_hooks(self, pre=False)  # (to learn whether they would see this model's steps)
         elif not active and self._fwd_handles:
             for h in self._fwd_handles:
                 h.remove()
@@ -337,7 +349,12 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         if not self._active:
             return
         for k, v in scalars.items():
-            v = v.detach().reshape(-1)[:1].float() if isinstance(v, torch.Tensor) else float(v)
+            if isinstance(v, torch.Tensor):
+                v = v.detach()
+                if v.dim() or v.dtype is not torch.float32:  # (a float32 loss as it is)
+                    v = v.reshape(-1)[:1].float()
+            else:
+                v = float(v)
             if k in self._scalars:
                 self._scalars[k] = self._scalars[k] + v
                 self._scalar_counts[k] += 1
@@ -444,6 +461,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._stash = {}
         self._rnn_tmp = {}
         self._no_ratio = False
+        self._out_seen = False
+        self._grads_late = False
         self._producer = {}
         self._stack = []
         self._fn_counts = {}
@@ -503,9 +522,12 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         if self.optimizers:
             # the rate this step uses (learning-rate schedulers change it between steps)
             lr = self.optimizers[0].param_groups[0].get("lr")
-            if isinstance(lr, int | float) or (isinstance(lr, torch.Tensor) and lr.numel() == 1):
+            if isinstance(lr, int | float):
+                values.append(torch.tensor([lr], dtype=torch.float64))
+                names.append((MODEL, "lr"))
+            elif isinstance(lr, torch.Tensor) and lr.numel() == 1:
                 # (a tensor rate stays where it is: it travels with the step's one transfer)
-                values.append(torch.as_tensor(lr, dtype=torch.float64).reshape(1))
+                values.append(lr.detach().to(torch.float64).reshape(1))
                 names.append((MODEL, "lr"))
 
     def _post_step(self) -> None:
@@ -524,6 +546,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             self._updates.ready = False
             if self._active and not self.schedule(self.step_index + 1):
                 self._updates.release()  # no weight copy held through unrecorded steps
+        if self._active and not (self.forward or self.backward):
+            self._check_lean()
         if self._active and self._mapping and self._sites:
             self._map_drawn()
         elif self._active:

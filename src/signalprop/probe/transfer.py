@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from signalprop import stats
@@ -198,18 +199,19 @@ class Transfer:
         self._pending = None
 
     def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
-        parts = [v.detach().reshape(-1) for v in values]
+        parts = [_flat(v) for v in values]
         carried = self._ratios  # the previous recorded step's update ratios ride along
         self._ratios = None
         if carried is not None:
             parts.append(carried[2].reshape(-1))
         if parts:
-            devs = [p.device for p in parts if p.device.type != "cpu"]
-            dev = devs[0] if devs else torch.device("cpu")
-            vec = torch.cat(
-                [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts]
-            ).to(torch.float64)
-            vec = vec.cpu()  # the step's ONE transfer (its only host synchronisation)
+            if all(p.is_cpu for p in parts):
+                vec = torch.cat(parts)  # (mixed dtypes promote: float64 wherever one is)
+            else:
+                dev = next(p.device for p in parts if not p.is_cpu)
+                vec = torch.cat(
+                    [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts])
+            vec = vec.to(torch.float64).cpu()  # the step's ONE transfer (its only host sync)
         else:
             vec = torch.zeros(0, dtype=torch.float64)
         if carried is not None:
@@ -218,16 +220,32 @@ class Transfer:
             vec = vec[: len(vec) - n]
         if self.reducer is not None:  # across ranks, before anything is recorded
             names, vec = self.reducer.reduce(names, vec)
-        flat = vec.tolist()
-        if len(flat) != len(names):  # a bug, never user error
-            raise RuntimeError(f"probe bookkeeping mismatch: {len(flat)} values, {len(names)} names")
+        if vec.numel() != len(names):  # a bug, never user error
+            raise RuntimeError(f"probe bookkeeping mismatch: {vec.numel()} values, {len(names)} names")
+        arr = vec.numpy()
+        plan = self._rows_plan(names)
+        # a healthy step (the usual case) gets its NaN/Inf counts (0) from the plan; any other
+        # is fixed up value by value (_fix_nonfinite_counts)
+        self._healthy = plan if plan.healthy(arr) else None
         out: dict[str, dict[str, float]] = {}
-        for (layer, metric), v in zip(names, flat, strict=True):
+        for (layer, metric), v in zip(names, arr.tolist(), strict=True):
             d = out.get(layer)
             if d is None:
                 d = out[layer] = {}
             d[metric] = v
         return out
+
+    def _rows_plan(self, names: _Metrics) -> _RowsPlan:
+        """The plan for these names (made once per layer map and set of metrics)."""
+        if len(self._site_names) != len(self._sites):
+            self._site_names = {s.name: s for s in self._sites}
+        key = (len(names), len(self._sites))
+        plan = self._plans.get(key)
+        if plan is None or plan.names != names:
+            if len(self._plans) > 64:  # (names that keep changing: no unbounded cache)
+                self._plans.clear()
+            plan = self._plans[key] = _RowsPlan(list(names), self._site_names, self._param_of)
+        return plan
 
     def _fix_nonfinite_counts(self) -> None:
         """Host-side fix-ups, right after the step's transfer (rare paths: healthy steps only
@@ -238,12 +256,16 @@ class Transfer:
         """
         pending = self._pending
         assert pending is not None
+        uncounted, self._uncounted = self._uncounted, False
+        healthy, self._healthy = self._healthy, None
+        if healthy is not None:
+            healthy.fix_healthy(pending)
+            return  # every count is 0, set by the plan (_RowsPlan.healthy)
         scale = pending.get(MODEL, {}).get("loss_scale", 1.0)  # on the host by now
         if len(self._site_names) != len(self._sites):
             self._site_names = {s.name: s for s in self._sites}
         pos, pidx = self._site_names, self._param_of
         refix = False
-        uncounted, self._uncounted = self._uncounted, False
         isfinite, lo, inf = math.isfinite, _RECHECK_BELOW, math.inf
         for layer, d in pending.items():
             n = d.get("out_grad_norm")
@@ -272,6 +294,58 @@ class Transfer:
             tot = [pending[n]["grad_norm"] for n, _ in self.params
                    if "grad_norm" in pending.get(n, {})]
             pending[MODEL]["grad_norm_total"] = math.sqrt(math.fsum(v * v for v in tot))
+
+
+def _flat(v: torch.Tensor) -> torch.Tensor:
+    """``v`` as a flat tensor outside autograd (most values already are one: no new view)."""
+    return v if v.dim() == 1 and not v.requires_grad else v.detach().reshape(-1)
+
+
+class _RowsPlan:
+    """What :meth:`Transfer._fix_nonfinite_counts` needs to know of a step with these
+    ``names``, worked out once per set of names: where the values are whose health it checks,
+    and which rows get a NaN/Inf count of 0 on a healthy step (every output and parameter
+    gradient norm, output mean and std finite, parameter norms in the range where float32 is
+    exact: :data:`_RECHECK_BELOW`). Checked on the step's flat values in two NumPy calls
+    rather than value by value."""
+
+    __slots__ = ("names", "lo", "fin", "grad_rows", "out_rows")
+
+    def __init__(self, names: _Metrics, sites: dict[str, Any], params: dict[str, Any]) -> None:
+        self.names = names
+        lo: list[int] = []
+        fin: list[int] = []
+        grad_rows: dict[str, None] = {}  # (ordered sets)
+        out_rows: dict[str, None] = {}
+        for i, (layer, metric) in enumerate(names):
+            if metric == "out_grad_norm":
+                fin.append(i)
+            if layer == MODEL:
+                continue
+            if layer in sites:
+                if metric in ("out_mean", "out_std"):
+                    fin.append(i)
+                if metric == "out_mean":
+                    out_rows[layer] = None
+            elif layer in params and metric in ("grad_norm", "weight_norm"):
+                lo.append(i)
+                if metric == "grad_norm":
+                    grad_rows[layer] = None
+        self.lo = np.asarray(lo, dtype=np.intp)
+        self.fin = np.asarray(fin, dtype=np.intp)
+        self.grad_rows, self.out_rows = tuple(grad_rows), tuple(out_rows)
+
+    def healthy(self, arr: np.ndarray) -> bool:
+        a = arr[self.lo]
+        return bool(((a >= _RECHECK_BELOW) & (a < math.inf)).all()
+                    and np.isfinite(arr[self.fin]).all())
+
+    def fix_healthy(self, rows: dict[str, dict[str, float]]) -> None:
+        """The counts of a healthy step (as the value-by-value loop would set them)."""
+        for layer in self.out_rows:
+            rows[layer]["out_nonfinite"] = 0.0
+        for layer in self.grad_rows:
+            rows[layer]["grad_nonfinite"] = 0.0
 
 
 def _output_nonfinite(s: _Site, d: dict[str, float]) -> float:

@@ -1,0 +1,129 @@
+"""A probe without forward or backward statistics (weights only) records its steps through two
+hooks on the model (backward.add_lean_hooks) once they have been seen to work; its records are
+those of the full set of hooks, and it goes back to that set when a step's gradients escape
+them. Also: healthy steps take their NaN/Inf counts from transfer._RowsPlan."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from signalprop.probe import Probe, core
+from signalprop.record import MODEL
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 3))
+
+
+def _run(model, probe, opt, steps, *, clip=None, accum=1, whole=lambda s: True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    seen = []
+    for s in range(steps):
+        opt.zero_grad(set_to_none=True)
+        for _ in range(accum):
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+            # whole(s) False: the loop runs the model's layers itself (the model is not called)
+            out = model(x) if whole(s) else model[4](model[3](model[2](model[1](model[0](x)))))
+            loss = nn.functional.cross_entropy(out, y) / accum
+            loss.backward()
+            probe.log(loss=loss)
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        seen.append(probe._lean)
+    return seen
+
+
+def _records(monkeypatch, lean: bool, **run):
+    """The record of a weights-only probe, with lean hooks allowed or not."""
+    if not lean:
+        monkeypatch.setattr(core.Probe, "_check_lean", lambda self: None)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    p = Probe(model, optimizer=opt, forward=False, backward=False).attach()
+    seen = _run(model, p, opt, 6, **run)
+    p.detach()
+    monkeypatch.undo()
+    return p.record, seen
+
+
+@pytest.mark.parametrize("run", [{}, {"clip": 0.05}, {"accum": 3, "clip": 0.05}],
+                         ids=["plain", "clipped", "accumulated"])
+def test_lean_hooks_record_what_every_hook_records(monkeypatch, run):
+    full, seen_full = _records(monkeypatch, False, **run)
+    lean, seen = _records(monkeypatch, True, **run)
+    assert seen_full == [False] * 6
+    assert seen == [True] * 6  # lean from the step after the mapping step
+    assert lean.steps == full.steps == list(range(6))
+    assert lean.data == full.data  # every value, exactly (norms before clipping included)
+    assert [repr(v) for v in lean.layers.values()] == [repr(v) for v in full.layers.values()]
+    if "clip" in run:  # the norms are the pre-clip ones: above the clip
+        assert all(lean.get(s, MODEL, "grad_norm_total") > 0.05 for s in lean.steps)
+
+
+def test_lean_hooks_are_two_and_unrecorded_steps_have_none():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt, forward=False, backward=False, schedule=2).attach()
+    _run(model, p, opt, 3)  # steps 0 (mapping) and 2 recorded
+    assert p._lean and p._fwd_handles == []  # step 3 is not recorded: no hooks
+    _run(model, p, opt, 1)
+    assert len(p._fwd_handles) == 2  # step 4 will be recorded: the model's two hooks
+    p.detach()
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_gradients_no_hook_saw_bring_back_every_hook(monkeypatch):
+    # steps 3 and 4 run the layers without calling the model: the output hook never fires,
+    # so step 3's norms are read at the optimiser step (after clipping); from step 4 on the
+    # hooks of every parameter see the backward again (pre-clip norms, as without lean hooks)
+    whole = lambda s: s not in (3, 4)  # noqa: E731
+    full, _ = _records(monkeypatch, False, clip=0.05, whole=whole)
+    lean, seen = _records(monkeypatch, True, clip=0.05, whole=whole)
+    assert seen == [True, True, True, False, False, True]
+    for s in (0, 1, 2, 4, 5):
+        assert lean.data[s] == full.data[s], s
+    assert lean.get(3, MODEL, "grad_norm_total") == pytest.approx(0.05, rel=1e-4)  # clipped
+    assert full.get(3, MODEL, "grad_norm_total") > 0.05
+
+
+def test_model_never_called_whole_keeps_every_hook(monkeypatch):
+    lean, seen = _records(monkeypatch, True, clip=0.05, whole=lambda s: False)
+    assert seen == [False] * 6
+    assert all(lean.get(s, MODEL, "grad_norm_total") > 0.05 for s in lean.steps)
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_nonfinite_steps_are_counted_healthy_steps_count_zero(weights):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    p = Probe(model, optimizer=opt, weights=weights).attach()
+    g = torch.Generator().manual_seed(0)
+    for s in range(3):
+        opt.zero_grad(set_to_none=True)
+        x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+        if s == 1:
+            x[0, 0] = math.nan
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        p.log(loss=loss)
+        if s != 1:
+            opt.step()
+        else:
+            p._opt_pre(0), p._opt_post(0)  # (a step that keeps the weights finite)
+    p.detach()
+    r = p.record
+    for s in (0, 2):
+        for layer in ("0", "1", "4"):
+            assert r.get(s, layer, "out_nonfinite") == 0.0
+        if weights:
+            assert all(r.get(s, n, "grad_nonfinite") == 0.0 for n in ("0.weight", "4.bias"))
+    assert r.get(1, "0", "out_nonfinite") == 16.0  # one NaN input: a row of 16 outputs
+    if weights:
+        assert r.get(1, "0.weight", "grad_nonfinite") > 0
