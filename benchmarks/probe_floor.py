@@ -15,8 +15,8 @@ takes each output gradient's norm in backward:
   and 20 activations).
 - ``+ hooks``: one no-op gradient hook per (linear layer, activation) pair, on the
   activation's backward node (it sees both gradients: 21 hooks).
-- ``+ norms``: the hooks take ||dL/dz|| and ||dL/dh|| (BLAS nrm2 on the CPU, a float64
-  reduction on an accelerator: no host synchronisation).
+- ``+ norms``: the hooks take ||dL/dz|| and ||dL/dh|| (sqrt of a BLAS dot on the CPU, with
+  no guard against underflow; a float64 reduction on an accelerator: no host synchronisation).
 - ``+ end``: the end-of-step statistics in bulk: moments, five percentiles and the saturated
   fraction of the stacked samples, the gradient and weight norms of all parameters in two
   fused calls, and the values brought to the host in one copy.
@@ -33,6 +33,7 @@ Usage: python benchmarks/probe_floor.py [--device cpu|cuda] [--steps 20] [--repe
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -57,11 +58,13 @@ def make_mlp(depth: int = 20, width: int = 128) -> nn.Sequential:
 
 
 def _nrm2() -> Callable[[np.ndarray], float] | None:
+    # the cheapest host norm (BLAS dot, no underflow guard: a floor may skip what a probe
+    # cannot)
     try:
         from scipy.linalg import blas
     except ImportError:
         return None
-    return blas.snrm2
+    return lambda a: math.sqrt(blas.sdot(a, a))
 
 
 class Ladder:

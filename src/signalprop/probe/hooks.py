@@ -157,12 +157,18 @@ def _hook_grad(ref: weakref.ref, s: _Site, fn: Any, k: int) -> None:
 def _pair_hook(ref: weakref.ref, store_in: list[tuple[Any, Any]], store_out: list[tuple[Any, Any]],
                grad_inputs: tuple[torch.Tensor | None, ...],
                grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
-    g = grad_outputs[0]
-    if g is not None:
-        _out_grad_hook(ref, store_out, None, g)
-    g = grad_inputs[0]
-    if g is not None:
-        _out_grad_hook(ref, store_in, None, g)
+    # (runs once per layer pair in every recorded backward: the CPU case inline)
+    p = ref()
+    if p is not None and not p._cb_queued:
+        _backward_started(ref)
+    for g, store in ((grad_outputs[0], store_out), (grad_inputs[0], store_in)):
+        if g is None:
+            continue
+        nrm = _NRM2.get(g.dtype) if g.is_cpu else None
+        if nrm is None or g.requires_grad:
+            _out_grad_hook(ref, store, None, g)
+        else:
+            store.append(_host_norm(nrm, g))
 
 
 def _functional_call(ref: weakref.ref, func: Callable[..., Any], where: str, kind: str,
@@ -487,8 +493,8 @@ def _host_norm(nrm2: Callable[[np.ndarray], float], g: torch.Tensor) -> tuple[fl
     """(||g||, NaN/Inf count) of a CPU gradient on the host: BLAS dot or nrm2 (see
     :func:`_dot_norm` and :func:`_grad_hook`), the exact count only when the norm is not
     finite."""
-    a = (g if g.is_contiguous() else g.contiguous()).numpy().reshape(-1)
-    n = float(nrm2(a))
+    a = (g if g.is_contiguous() else g.contiguous()).numpy().ravel()
+    n = nrm2(a)
     return n, 0.0 if n < math.inf else float(np.count_nonzero(~np.isfinite(a)))
 
 
