@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -479,6 +480,31 @@ def test_host_kernels_record_what_the_torch_kernels_record(monkeypatch, flush_ev
                 assert a.data[s][layer][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (s, layer, k)
     assert "off_frac" in a.data[0]["3"] and "dead_frac" in a.data[0]["3"]
     assert "saturated_frac" in a.data[0]["1"] and "saturated_frac" in a.data[0]["5"]
+
+
+@pytest.mark.skipif(not hooks._NRM2, reason="needs scipy's BLAS")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_gradient_norm_matches_a_float64_norm_from_vanishing_to_exploding(dtype):
+    # the CPU hooks' norm: sqrt(a . a) where no square can have under- or overflowed, else
+    # the scaled nrm2 (vanishing gradients of 1e-25 square below float32's range; 1e25 above)
+    torch.manual_seed(0)
+    rel = 1e-6 if dtype == torch.float32 else 1e-12
+    scales = (1.0, 1e-3, 1e-17, 1e-19, 1e-25, 1e-32, 1e18, 1e25) if dtype == torch.float32 \
+        else (1.0, 1e-150, 1e-160, 1e-300, 1e150, 1e160)
+    for n in (1, 7, 16384):
+        for scale in scales:
+            g = torch.randn(n, dtype=torch.float64) * scale
+            g32 = g.to(dtype)
+            m = float(g32.double().abs().max())  # (a scaled float64 reference: no underflow)
+            want = float(torch.linalg.vector_norm(g32.double() / m)) * m
+            got, count = hooks._host_norm(hooks._NRM2[dtype], g32)
+            assert got == pytest.approx(want, rel=rel, abs=0.0), (n, scale)
+            assert count == 0.0
+    for bad in (float("nan"), float("inf")):
+        g = torch.randn(1000, dtype=dtype)
+        g[17] = bad
+        got, count = hooks._host_norm(hooks._NRM2[dtype], g)
+        assert not math.isfinite(got) and count == 1.0
 
 
 @pytest.mark.parametrize("shape", [(7,), (64, 50), (3, 1000, 5)])

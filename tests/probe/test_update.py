@@ -30,8 +30,12 @@ def test_adam_closed_form_matches_the_weights_actual_change(name, dtype):
     upd = UpdateNorms(opt, params)
     assert upd.method == "adam"
     upd.limit = 20  # small chunks: tensors cut into pieces, chunks holding several tensors
+    _check_steps(model, params, opt, upd, dtype, 5, name)
+
+
+def _check_steps(model, params, opt, upd, dtype, steps, label):
     x, y = torch.randn(16, 6, dtype=dtype), torch.randint(0, 3, (16,))
-    for step in range(5):
+    for step in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         upd.before(None)
@@ -41,4 +45,24 @@ def test_adam_closed_form_matches_the_weights_actual_change(name, dtype):
         got = upd.after()
         want = torch.stack([(p.detach() - w).double().norm() for p, w in zip(params, w0, strict=True)])
         assert got.dtype == torch.float64
-        assert got.tolist() == pytest.approx(want.tolist(), rel=TOL[dtype], abs=1e-12), (name, step)
+        assert got.tolist() == pytest.approx(want.tolist(), rel=TOL[dtype], abs=1e-12), (label, step)
+
+
+@pytest.mark.parametrize("limit", [20, 40])
+def test_adam_small_tensors_gathered_flat_and_the_plan_follows_new_state(limit):
+    # limit 20: the 72-element weight is cut, the others gathered in several flat chunks; 40:
+    # one flat chunk with runs of equal sizes (3; 12, 12, 12) and a second one (36)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 3))
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:], "weight_decay": 0.0}],
+        lr=0.05)
+    upd = UpdateNorms(opt, params)
+    upd.limit = limit
+    _check_steps(model, params, opt, upd, torch.float32, 3, "fresh")
+    opt.load_state_dict(opt.state_dict())  # new state tensors: the cached views are stale
+    _check_steps(model, params, opt, upd, torch.float32, 2, "loaded")
+    with torch.no_grad():
+        params[0].data = params[0].data.clone()  # a parameter moved: its view is stale
+    _check_steps(model, params, opt, upd, torch.float32, 2, "moved")

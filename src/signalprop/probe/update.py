@@ -13,9 +13,12 @@ optimiser keeps anyway, so its norm is computed from that state after the step:
 
 Element-wise work runs on chunks of at most :data:`CHUNK_FRACTION` of the parameters' elements
 (large tensors are cut into flat pieces), so the temporary memory stays a small fraction of the
-model however large it is. The price is time: Adam's closed form is five passes over its state
-on each recorded step (on one CPU thread about 0.6x an AdamW step; a weight copy costs a fifth
-of that and a third of Adam's state in memory). Bias corrections use the step count of each parameter group as read
+model however large it is. The price is time: Adam's closed form is six passes over its state
+on each recorded step, one launch per pass and chunk (small tensors are gathered into flat
+buffers first, so that a transformer's many biases and norms cost one launch, not one each):
+2.2 ms on one CPU thread for the 866k parameters of ``benchmarks/probe_overhead.py``'s
+transformer, a quarter of its AdamW step, where a weight copy would hold a third of Adam's state
+in memory. Bias corrections use the step count of each parameter group as read
 once when the plan is made and advanced by the probe on every optimiser step (no host read
 during training); a parameter that skipped steps (no gradient) is corrected as if it had not.
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,6 +41,20 @@ import torch
 CHUNK_FRACTION: dict[str, float] = {"sgd": 0.02, "adam": 0.1}
 #: ... but chunks are never cut below this many elements (fewer, larger fused launches).
 MIN_CHUNK: int = 1 << 12
+#: Adam: tensors of fewer elements are gathered into flat buffers (one launch per operation for
+#: all of them; on the CPU a per-tensor launch costs as much as ~3000 elements of arithmetic).
+SMALL_TENSOR: int = 1 << 12
+
+
+class _AdamGroup(NamedTuple):
+    """Adam's plan for one parameter group (see ``UpdateNorms._adam_plan``)."""
+
+    gi: int  # the group's index in optimizer.param_groups
+    big: list[tuple[list[torch.Tensor], ...]]  # chunks of (m, v, W) pieces
+    small: list[tuple[Any, ...]]  # chunks of flat (m, v, W) views of small tensors, runs
+    owner: torch.Tensor | None  # piece -> position in ``idx`` (None: no tensor was cut)
+    idx: torch.Tensor  # the positions' parameter indices
+    n: int  # number of parameters
 
 
 def device_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -134,6 +151,8 @@ class UpdateNorms:
         self.steps_taken = [self._initial_step(g) for g in optimizer.param_groups]
         self._copy: list[torch.Tensor] | None = None
         self._plan: tuple[Any, Any] | None = None  # Adam: cached chunk views (see _adam_plan)
+        self._dicts: list[dict[str, Any] | None] = []  # Adam: the parameters' optimiser state
+        self._dicts_key: Any = None
         self._before: torch.Tensor | None = None
         self._had_grad: list[bool] = []
         self._scale_key: Any = None  # SGD: what the cached per-parameter rates were made for
@@ -263,75 +282,122 @@ class UpdateNorms:
             out.index_copy_(0, host_tensor(idx, torch.long, dev), device_norms(bufs) * lrs)
         return out
 
-    def _adam_plan(self, ms: list[torch.Tensor], vs: list[torch.Tensor], ws: list[torch.Tensor],
-                   idx: list[int]) -> tuple[list[list[torch.Tensor]], ...]:
-        """The chunk views of Adam's state and the weights, cached while the state tensors
-        and parameters keep their memory (updated in place by the optimiser): cutting ~150
-        tensors into views costs as much as a pass over them."""
-        key = tuple(t.data_ptr() for t in (*ms, *vs, *ws))  # (a .data swap changes it too)
-        if self._plan is None or self._plan[0] != key:
-            mc, owner = _chunks(ms, self.limit)
-            vc, _ = _chunks(vs, self.limit)
-            wc, _ = _chunks(ws, self.limit)
+    def _adam_plan(self) -> list[_AdamGroup]:
+        """Which parameters take part in this step and how their state is cut, per parameter
+        group. Cached while the same parameters have state and gradients and the state tensors
+        and parameters keep their memory (the optimiser updates them in place): building the
+        views costs as much as the arithmetic. The check reads one address per tensor."""
+        opt = self.optimizer
+        state = opt.state
+        if self._dicts_key != (id(state), len(state)):  # (load_state_dict replaces opt.state)
+            self._dicts = [state.get(p) for p in self.params]  # (.get: no entry is created)
+            self._dicts_key = (id(state), len(state))
+        vkey = ["max_exp_avg_sq" if g.get("amsgrad") else "exp_avg_sq" for g in opt.param_groups]
+        gidx = self.group_idx
+        sel = [i for i, (d, had) in enumerate(zip(self._dicts, self._had_grad, strict=True))
+               if had and d is not None and gidx[i] >= 0 and "exp_avg" in d]
+        ms = [self._dicts[i]["exp_avg"] for i in sel]
+        vs = [self._dicts[i][vkey[gidx[i]]] for i in sel]
+        ws = [self.params[i] for i in sel]
+        ptr = torch.Tensor.data_ptr
+        key = (tuple(sel), tuple(map(ptr, ms)), tuple(map(ptr, vs)), tuple(map(ptr, ws)))
+        if self._plan is None or self._plan[0] != key:  # (a .data swap changes the key too)
             # (the views keep their memory alive: no address in the key can be reused meanwhile)
-            self._plan = (key, (mc, vc, wc, owner))
+            self._plan = (key, self._adam_groups(sel, ms, vs, [w.detach() for w in ws]))
         return self._plan[1]
+
+    def _adam_groups(self, sel: list[int], ms: list[torch.Tensor], vs: list[torch.Tensor],
+                     ws: list[torch.Tensor]) -> list[_AdamGroup]:
+        dev = self.params[0].device
+        small_cut = min(SMALL_TENSOR, self.limit)
+        by_group: dict[int, list[int]] = {}
+        for k, i in enumerate(sel):
+            by_group.setdefault(self.group_idx[i], []).append(k)
+        plan = []
+        for gi, ks in by_group.items():
+            big = [k for k in ks if ms[k].numel() >= small_cut]
+            small = sorted((k for k in ks if ms[k].numel() < small_cut), key=lambda k: ms[k].numel())
+            mc, owner = _chunks([ms[k] for k in big], self.limit)
+            vc, _ = _chunks([vs[k] for k in big], self.limit)
+            wc, _ = _chunks([ws[k] for k in big], self.limit)
+            flat: list[tuple[list[torch.Tensor], ...]] = []
+            runs: list[list[tuple[int, int]]] = []
+            size = self.limit
+            for k in small:  # whole tensors, fewer than self.limit elements in each chunk
+                n = ms[k].numel()
+                if size + n > self.limit:
+                    flat.append(([], [], []))
+                    runs.append([])
+                    size = 0
+                for lst, t in zip(flat[-1], (ms[k], vs[k], ws[k]), strict=True):
+                    lst.append(t.reshape(-1))
+                if runs[-1] and runs[-1][-1][1] == n:
+                    runs[-1][-1] = (runs[-1][-1][0] + 1, n)
+                else:
+                    runs[-1].append((1, n))
+                size += n
+            owner += range(len(big), len(big) + len(small))
+            cut = len(owner) != len(ks)
+            plan.append(_AdamGroup(
+                gi, list(zip(mc, vc, wc, strict=True)),
+                [(*f, r) for f, r in zip(flat, runs, strict=True)],
+                host_tensor(owner, torch.long, dev) if cut else None,
+                host_tensor([sel[k] for k in big + small], torch.long, dev), len(ks)))
+        return plan
 
     def _adam(self) -> torch.Tensor:
         # dW = -lr * (m_hat / (sqrt(v_hat) + eps) + wd_dec * W_before). With
         # a = sqrt(bc2) / bc1 and e = eps * sqrt(bc2): m_hat / (sqrt(v_hat) + eps) =
         # a * m / (sqrt(v) + e), and W_before = (W_after + lr * that) / (1 - lr * wd_dec), so
-        # ||dW|| = lr * a / (1 - lr wd_dec) * ||m / (sqrt(v) + e) + (wd_dec / a) * W_after||:
-        # five passes over the state, in place on one temporary per chunk
-        dev = self.params[0].device
-        ms, vs, ws, idx = [], [], [], []
-        e_l, wa_l, outer = [], [], []
-        decoupled = isinstance(self.optimizer, torch.optim.AdamW)
-        for i, p in enumerate(self.params):
-            st = self.optimizer.state.get(p, {})
-            if not self._had_grad[i] or "exp_avg" not in st:
-                continue
-            g = self._group(i)
+        # ||dW|| = lr * a / (1 - lr wd_dec) * ||m / (sqrt(v) + e) + (wd_dec / a) * W_after||.
+        # All of it is per parameter group: one set of scalars per group. Large tensors: five
+        # in-place passes over one temporary per chunk (one launch per operation for the whole
+        # chunk); small ones (biases, norms: most of a transformer's tensors, few of its
+        # elements) are gathered into flat buffers, so that their count costs nothing per pass.
+        opt = self.optimizer
+        out = torch.zeros(len(self.params), dtype=torch.float64, device=self.params[0].device)
+        decoupled = isinstance(opt, torch.optim.AdamW)
+        for gp in self._adam_plan():
+            g = opt.param_groups[gp.gi]
             b1, b2 = g["betas"]
-            t = self.steps_taken[self.group_idx[i]]  # advance() has counted the step just taken
+            t = self.steps_taken[gp.gi]  # advance() has counted the step just taken
             lr, wd = float(g["lr"]), float(g.get("weight_decay", 0.0))
             dec = decoupled or bool(g.get("decoupled_weight_decay", False))
             wd_dec = wd if dec else 0.0
             sq = math.sqrt(1.0 - b2**t)
             a = sq / (1.0 - b1**t)
-            ms.append(st["exp_avg"])
-            vs.append(st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"])
-            ws.append(p.detach())
-            idx.append(i)
-            e_l.append(float(g["eps"]) * sq)
-            wa_l.append(wd_dec / a)
-            outer.append(lr * a / (1.0 - lr * wd_dec))
-        out = torch.zeros(len(self.params), dtype=torch.float64, device=dev)
-        if not idx:
-            return out
-        mc, vc, wc, owner = self._adam_plan(ms, vs, ws, idx)
-        piece_norms = []
-        k = 0
-        for m_list, v_list, w_list in zip(mc, vc, wc, strict=True):
-            own = owner[k : k + len(m_list)]
-            k += len(m_list)
-            d = torch._foreach_sqrt(v_list)
-            es = {e_l[j] for j in own}
-            if len(es) == 1:
-                torch._foreach_add_(d, es.pop())
-            else:
-                torch._foreach_add_(d, [e_l[j] for j in own])
-            torch._foreach_reciprocal_(d)
-            torch._foreach_mul_(d, m_list)
-            was = {wa_l[j] for j in own}
-            if len(was) == 1 and 0.0 not in was:
-                torch._foreach_add_(d, w_list, alpha=was.pop())  # no temporary
-            elif any(wa_l[j] for j in own):
-                tmp = torch._foreach_mul(w_list, [wa_l[j] for j in own])
-                torch._foreach_add_(d, tmp)
-                del tmp
-            piece_norms.append(_raw_norms(d))
-            del d
-        norms = _pieces_to_norms(piece_norms, owner, len(idx))
-        out.index_copy_(0, host_tensor(idx, torch.long, dev), norms * host_tensor(outer, torch.float64, dev))
+            e, wa = float(g["eps"]) * sq, wd_dec / a
+            parts = []
+            for m_list, v_list, w_list in gp.big:
+                d = torch._foreach_sqrt(v_list)
+                torch._foreach_add_(d, e)
+                torch._foreach_reciprocal_(d)
+                torch._foreach_mul_(d, m_list)
+                if wa:
+                    torch._foreach_add_(d, w_list, alpha=wa)
+                parts.append(torch.stack(_raw_norms(d)))
+                del d
+            for m_list, v_list, w_list, runs in gp.small:
+                d = torch.cat(v_list).sqrt_().add_(e).reciprocal_().mul_(torch.cat(m_list))
+                if wa:
+                    d.add_(torch.cat(w_list), alpha=wa)
+                parts.append(_run_norms(d, runs))
+                del d
+            norms = torch.cat(parts).to(torch.float64)
+            if gp.owner is not None:  # tensors cut into pieces: combine the pieces' norms
+                norms = torch.zeros(gp.n, dtype=torch.float64, device=norms.device).index_add_(
+                    0, gp.owner, norms.square()).sqrt()
+            out.index_copy_(0, gp.idx, norms * (lr * a / (1.0 - lr * wd_dec)))
         return out
+
+
+def _run_norms(flat: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """Norms of consecutive tensors laid out in ``flat``, ``runs`` of (count, size) equal sizes:
+    one reduction per run (float32 on the CPU, float64 elsewhere, as :func:`_raw_norms`)."""
+    dtype = None if flat.device.type == "cpu" else torch.float64
+    out, start = [], 0
+    for count, size in runs:
+        block = flat[start : start + count * size].view(count, size)
+        out.append(torch.linalg.vector_norm(block, dim=1, dtype=dtype))
+        start += count * size
+    return out[0] if len(out) == 1 else torch.cat(out)
