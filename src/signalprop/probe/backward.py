@@ -207,6 +207,15 @@ class BackwardStats:
         tnames += [(b, "in_grad_norm") for b, _ in blocks]
         tvals += [v for _, v in blocks]
         norms += [v for _, v in blocks]
+        k = len(layer)
+        if scale is None and all(type(v) is float for v in norms) and \
+                all(type(v) is float for v in bads):
+            # (the CPU's norms, taken on the host by the hooks: they stay host values)
+            values += [norms[:k], bads] if not tvals else [norms[:k], bads, norms[k:]]
+            names += [(n, "out_grad_norm") for n in layer]
+            names += [(n, "out_grad_nonfinite") for n in layer]
+            names += tnames
+            return
         if isinstance(norms[0], float):
             nv = torch.tensor(norms, dtype=torch.float64)
             bv = torch.tensor(bads, dtype=torch.float64)
