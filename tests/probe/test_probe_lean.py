@@ -21,7 +21,8 @@ def _mlp() -> nn.Sequential:
                          nn.Linear(16, 3))
 
 
-def _run(model, probe, opt, steps, *, clip=None, accum=1, whole=lambda s: True, seed=1):
+def _run(model, probe, opt, steps, *, clip=None, accum=1, whole=lambda s: True, seed=1,
+         skip=()):
     g = torch.Generator().manual_seed(seed)
     seen = []
     for s in range(steps):
@@ -35,7 +36,8 @@ def _run(model, probe, opt, steps, *, clip=None, accum=1, whole=lambda s: True, 
             probe.log(loss=loss)
         if clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
+        if s not in skip:  # (skipped: as a GradScaler the probe does not know would)
+            opt.step()
         seen.append(probe._lean)
     return seen
 
@@ -67,14 +69,22 @@ def test_lean_hooks_record_what_every_hook_records(monkeypatch, run):
         assert all(lean.get(s, MODEL, "grad_norm_total") > 0.05 for s in lean.steps)
 
 
-def test_lean_hooks_are_two_and_unrecorded_steps_have_none():
+def test_a_skipped_step_is_noticed_as_with_every_hook(monkeypatch):
+    full, _ = _records(monkeypatch, False, skip=(2,))
+    lean, seen = _records(monkeypatch, True, skip=(2,))
+    assert seen == [True] * 6
+    assert full.get(2, MODEL, "skipped_step") == 1.0
+    assert lean.data == full.data
+
+
+def test_lean_hook_is_one_and_unrecorded_steps_have_none():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     p = Probe(model, optimizer=opt, forward=False, backward=False, schedule=2).attach()
     _run(model, p, opt, 3)  # steps 0 (mapping) and 2 recorded
     assert p._lean and p._fwd_handles == []  # step 3 is not recorded: no hooks
     _run(model, p, opt, 1)
-    assert len(p._fwd_handles) == 2  # step 4 will be recorded: the model's two hooks
+    assert len(p._fwd_handles) == 1  # step 4 will be recorded: the model's hook
     p.detach()
     assert not model._forward_hooks and not model._forward_pre_hooks
 

@@ -265,17 +265,13 @@ def _no_grad_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
         torch._C._set_grad_enabled(True)
 
 
-def add_lean_hooks(p: Probe, pre: bool = True) -> None:
-    """The hooks of a recorded step that records no forward or backward statistics: the
-    model's forward pre-hook (forward passes, skipped steps) and a hook on its output's
-    backward node, which queues the end-of-backward callback (pre-clip gradient norms).
-    Instead of a forward hook per module and a hook per parameter: ~80 Python calls and
-    handles per step on a 20-layer MLP."""
-    ref = p._ref
-    add = p._fwd_handles.append
-    if pre:  # (False: the full set has it already)
-        add(p.model.register_forward_pre_hook(partial(hooks._root_pre_hook, ref)))
-    add(p.model.register_forward_hook(partial(_root_out_hook, ref)))
+def add_lean_hooks(p: Probe) -> None:
+    """The hook of a recorded step that records no forward or backward statistics: a forward
+    hook on the model that hooks its output's backward node, which queues the end-of-backward
+    callback (pre-clip gradient norms) and notices a skipped step. One hook instead of a
+    forward hook per module and a hook per parameter (~80 Python calls per step on a 20-layer
+    MLP); the model's children keep PyTorch's fast call path."""
+    p._fwd_handles.append(p.model.register_forward_hook(partial(_root_out_hook, p._ref)))
 
 
 def _root_out_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -> None:
@@ -289,8 +285,18 @@ def _root_out_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -
 
 
 def _out_backward(ref: weakref.ref, grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
-    # the backward pass reached the model's output: the end-of-backward callback is queued
+    # the backward pass reached the model's output (before any parameter's gradient): the
+    # end-of-backward callback is queued
     p = ref()
-    if p is not None and p._active:
-        p._out_seen = True
-        hooks._backward_started(ref)
+    if p is None or not p._active:
+        return
+    if p._lean and p._grads_seen and p._witness is not None and p._witness.grad is None and \
+            p.optimizers and not p._stepped_opts and p._pending is None:
+        # a backward happened, then the gradients were zeroed without an optimiser step: the
+        # step was skipped (a GradScaler not given to the probe found inf/NaN gradients; the
+        # full set of hooks sees this in the model's forward pre-hook)
+        p._skip_step()
+        if not p._active:
+            return
+    p._out_seen = True
+    hooks._backward_started(ref)

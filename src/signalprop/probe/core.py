@@ -294,12 +294,12 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
 
     def _set_active(self, active: bool) -> None:
         if active and not self._fwd_handles and self._handles:
-            if self._lean:  # weights only: two hooks on the model (backward.add_lean_hooks)
+            if self._lean:  # weights only: one hook on the model (backward.add_lean_hooks)
                 add_lean_hooks(self)
             else:
                 hooks.add_step_hooks(self)
                 if not (self.forward or self.backward):
-                    add_lean_hooks(self, pre=False)  # (to learn whether they would see this model's steps)
+                    add_lean_hooks(self)  # (to learn whether it sees this model's steps)
         elif not active and self._fwd_handles:
             for h in self._fwd_handles:
                 h.remove()
