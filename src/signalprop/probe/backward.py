@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import weakref
 from functools import partial
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +22,10 @@ from signalprop.record import MODEL
 
 if TYPE_CHECKING:  # pragma: no cover
     from signalprop.probe.core import Probe
+
+# (per-parameter reads in C: these run over every parameter at every recorded step)
+_GRAD = attrgetter("grad")
+_VERSION = attrgetter("_version")
 
 
 class BackwardStats:
@@ -76,8 +82,8 @@ class BackwardStats:
             names += self._gnames
         else:
             names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
-        grads = [p.grad for p in self._plist if p.grad is not None]
-        changed = len(grads) == len(versions) and [g._version for g in grads] != versions
+        grads = [g for g in map(_GRAD, self._plist) if g is not None]
+        changed = len(grads) == len(versions) and list(map(_VERSION, grads)) != versions
         # the pre-clip norms are those of the current gradients (every parameter has one)
         self._grads_intact = not changed and len(grads) == len(versions) == len(self.params)
         if changed:
@@ -163,8 +169,8 @@ class BackwardStats:
         self._cb_queued = False
         if not self._active or not self.weights:
             return
-        grads = [p.grad for p in self._plist]
-        if any(g is None for g in grads):
+        grads = list(map(_GRAD, self._plist))
+        if any(map(is_, grads, repeat(None))):
             have = [i for i, g in enumerate(grads) if g is not None]
             if not have:
                 return
@@ -174,7 +180,7 @@ class BackwardStats:
         else:  # (every parameter has a gradient: the usual case)
             pnames = self._param_names
             self._witness = self._plist[0]
-        self._preclip = (pnames, _no_grad_norms(grads), [g._version for g in grads])
+        self._preclip = (pnames, _no_grad_norms(grads), list(map(_VERSION, grads)))
     def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
         norms: list[Any] = []
         bads: list[Any] = []

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import torch
@@ -57,6 +58,9 @@ class _AdamGroup(NamedTuple):
     n: int  # number of parameters
 
 
+_GRAD = attrgetter("grad")
+
+
 def device_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norms of ``tensors`` as one float64 tensor on their device, with no host read.
 
@@ -67,14 +71,12 @@ def device_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    tensors = list(tensors)
-    if tensors[0].device.type == "cpu":
+    if tensors[0].is_cpu:
         raw = torch._foreach_norm(tensors)
     else:
         raw = torch._foreach_norm(tensors, 2, dtype=torch.float64)
-    if all(o.dtype == raw[0].dtype for o in raw):
-        return torch.stack(raw).to(torch.float64)
-    return torch.stack([o.to(torch.float64) for o in raw])
+    # (norms of mixed dtypes are promoted by the stack: exactly, to the widest of them)
+    return torch.stack(raw).to(torch.float64)
 
 
 def host_tensor(values: Sequence[float] | Sequence[int], dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
@@ -193,7 +195,7 @@ class UpdateNorms:
     # ---- before the optimiser step --------------------------------------------------------------
     def before(self, grad_norms: torch.Tensor | None) -> None:
         """Gradients are final. ``grad_norms``: ||g|| of every parameter (0 where no gradient)."""
-        self._had_grad = [p.grad is not None for p in self.params]
+        self._had_grad = [g is not None for g in map(_GRAD, self.params)]
         self._before = None
         self.ready = True
         if self.method == "sgd":
