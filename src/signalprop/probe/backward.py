@@ -46,15 +46,14 @@ class BackwardStats:
             tensors += params  # (norms under no_grad: no detached copies needed)
         allnorms = None
         if tensors:
-            with torch.no_grad():
-                allnorms = device_norms(tensors)  # no host read (CPU underflow: re-checked)
+            allnorms = _no_grad_norms(tensors)  # no host read (CPU underflow: re-checked)
             if n_grads and scale is not None:
                 allnorms = torch.cat([allnorms[:n_grads] / scale, allnorms[n_grads:]])
             values.append(allnorms)
             names += tnames
             if self.weights:
                 k = len(tensors) - len(params)
-                self._pending_weight_norms = allnorms[k:]
+                self._pending_weight_norms = allnorms[k:] if k else allnorms
                 if n_grads:
                     gn = allnorms[k - n_grads : k]
                     values.append(torch.linalg.vector_norm(gn).reshape(1))
@@ -72,14 +71,13 @@ class BackwardStats:
         """Norms taken at the end of backward, before any clipping by the user's loop."""
         pnames, pnorms, versions = pre
         pnorms = pnorms / scale if scale is not None else pnorms
-        values += [pnorms, torch.linalg.vector_norm(pnorms).reshape(1)]
+        values += [pnorms, torch.linalg.vector_norm(pnorms, dim=0, keepdim=True)]
         if pnames == self._param_names:  # (every parameter has a gradient: the usual case)
             names += self._gnames
         else:
             names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
-        grads = [p.grad for _, p in self.params if p.grad is not None]
-        changed = len(grads) == len(versions) and any(
-            g._version != v for g, v in zip(grads, versions, strict=True))
+        grads = [p.grad for p in self._plist if p.grad is not None]
+        changed = len(grads) == len(versions) and [g._version for g in grads] != versions
         # the pre-clip norms are those of the current gradients (every parameter has one)
         self._grads_intact = not changed and len(grads) == len(versions) == len(self.params)
         if changed:
@@ -165,12 +163,18 @@ class BackwardStats:
         self._cb_queued = False
         if not self._active or not self.weights:
             return
-        with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
-        if not with_grad:
-            return
-        grads = [g for _, g in with_grad]
-        self._witness = self._param_of[with_grad[0][0]]
-        self._preclip = ([n for n, _ in with_grad], device_norms(grads), [g._version for g in grads])
+        grads = [p.grad for p in self._plist]
+        if any(g is None for g in grads):
+            have = [i for i, g in enumerate(grads) if g is not None]
+            if not have:
+                return
+            grads = [grads[i] for i in have]
+            pnames = [self._param_names[i] for i in have]
+            self._witness = self._plist[have[0]]
+        else:  # (every parameter has a gradient: the usual case)
+            pnames = self._param_names
+            self._witness = self._plist[0]
+        self._preclip = (pnames, _no_grad_norms(grads), [g._version for g in grads])
     def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
         norms: list[Any] = []
         bads: list[Any] = []
@@ -238,6 +242,18 @@ class BackwardStats:
         if self._lean != lean:  # the other set of hooks from the next recorded step on
             self._set_active(False)
             self._active = True  # (until the end of this step)
+
+
+def _no_grad_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`device_norms` outside autograd (parameters require grad; the optimiser's
+    pre-hook runs with grad mode on), without a ``torch.no_grad()`` object per call."""
+    if not torch.is_grad_enabled():
+        return device_norms(tensors)
+    torch._C._set_grad_enabled(False)
+    try:
+        return device_norms(tensors)
+    finally:
+        torch._C._set_grad_enabled(True)
 
 
 def add_lean_hooks(p: Probe, pre: bool = True) -> None:

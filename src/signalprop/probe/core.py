@@ -211,7 +211,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._rnn_tmp: dict[int, tuple[list[list[torch.Tensor]], dict[str, Any]]] = {}
         self._stride_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         # update ratios of the last recorded step, on the device until the next transfer
-        self._ratios: tuple[int, list[str], torch.Tensor] | None = None
+        # (step, names, ||dW||, ||W||): divided on the host
+        self._ratios: tuple[int, list[str], torch.Tensor, torch.Tensor] | None = None
         self._updates: UpdateNorms | None = None
         self._no_ratio = False
         self._param_names = [n for n, _ in self.params]
@@ -523,7 +524,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             # the rate this step uses (learning-rate schedulers change it between steps)
             lr = self.optimizers[0].param_groups[0].get("lr")
             if isinstance(lr, int | float):
-                values.append(torch.tensor([lr], dtype=torch.float64))
+                values.append([float(lr)])  # (a host value: no tensor)
                 names.append((MODEL, "lr"))
             elif isinstance(lr, torch.Tensor) and lr.numel() == 1:
                 # (a tensor rate stays where it is: it travels with the step's one transfer)
@@ -572,16 +573,19 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             return
         if self.reducer is not None:
             num, den = self.reducer.update_norms(num, den)
+        if not (self.on_record or self.reducer is not None or self._updates is None or
+                self._deferring):
+            # on the device until the next step's transfer (or reading the record), divided
+            # there (transfer._ratios)
+            self._ratios = (self.step_index, self._param_names, num, den)
+            return
         ratio = num / den.clamp_min(1e-30)
         if self.on_record or self.reducer is not None or self._updates is None:
             # listeners, other ranks and hand-driven steps see the step complete now
             for (n, _), r in zip(self.params, ratio.tolist(), strict=True):
                 self._pending.setdefault(n, {})["update_ratio"] = r
-        elif self._deferring:
-            self._enqueue("post", [ratio], self._ratio_names, False)
         else:
-            # on the device until the next step's transfer (or reading the record)
-            self._ratios = (self.step_index, self._param_names, ratio)
+            self._enqueue("post", [ratio], self._ratio_names, False)
 
     def __repr__(self) -> str:
         return (

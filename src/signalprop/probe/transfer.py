@@ -5,9 +5,9 @@ counts, float32 norms that may have underflowed, idle clipping)."""
 from __future__ import annotations
 
 import math
+from operator import itemgetter
 from typing import Any
 
-import numpy as np
 import torch
 
 from signalprop import stats
@@ -128,9 +128,9 @@ class Transfer:
 
     def _flush_ratios(self) -> None:
         if self._ratios is not None:
-            step, names, t = self._ratios
+            step, names, num, den = self._ratios
             self._ratios = None
-            self._store_ratios(step, names, t.tolist())
+            self._store_ratios(step, names, _ratios(num.tolist(), den.tolist()))
 
     def _store_ratios(self, step: int, names: list[str], vals: list[float]) -> None:
         row = self._record.data.setdefault(int(step), {})
@@ -139,7 +139,8 @@ class Transfer:
 
     def _enqueue(self, kind: str, values: list[torch.Tensor], names: _Metrics,
                  uncounted: bool) -> None:
-        parts = [v.detach().reshape(-1) for v in values]
+        parts = [torch.tensor(v, dtype=torch.float64) if type(v) is list
+                 else v.detach().reshape(-1) for v in values]
         if not parts:
             return
         devs = [p.device for p in parts if p.device.type != "cpu"]
@@ -198,42 +199,51 @@ class Transfer:
                 fn(self.step_index, self._pending)
         self._pending = None
 
-    def _to_dict(self, values: list[torch.Tensor], names: _Metrics) -> dict[str, dict[str, float]]:
-        parts = [_flat(v) for v in values]
+    def _to_dict(self, values: list[Any], names: _Metrics) -> dict[str, dict[str, float]]:
+        """The step's rows from its ``values`` (tensors, and lists of host floats) in ONE
+        transfer. On a CPU step each tensor or NumPy call costs ~5 us amid the training
+        step's memory traffic (several times its cost in a loop of its own), so the host side
+        is plain Python on one list."""
         carried = self._ratios  # the previous recorded step's update ratios ride along
         self._ratios = None
         if carried is not None:
-            parts.append(carried[2].reshape(-1))
-        if parts:
-            if all(p.is_cpu for p in parts):
-                vec = torch.cat(parts)  # (mixed dtypes promote: float64 wherever one is)
-            else:
-                dev = next(p.device for p in parts if not p.is_cpu)
-                vec = torch.cat(
-                    [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts])
-            vec = vec.to(torch.float64).cpu()  # the step's ONE transfer (its only host sync)
+            values = [*values, carried[2], carried[3]]
+        if all(type(v) is list or v.is_cpu for v in values):
+            # the host is the device: no transfer, and each tensor's values read as they are
+            # (one cat would cost more than the reads it saves)
+            flat: list[float] = []
+            for v in values:
+                flat += v if type(v) is list else _host_list(v)
         else:
-            vec = torch.zeros(0, dtype=torch.float64)
+            flat = self._transfer(values)
         if carried is not None:
             n = len(carried[1])
-            self._store_ratios(carried[0], carried[1], vec[len(vec) - n :].tolist())
-            vec = vec[: len(vec) - n]
+            self._store_ratios(carried[0], carried[1], _ratios(flat[-2 * n : -n], flat[-n:]))
+            del flat[-2 * n :]
         if self.reducer is not None:  # across ranks, before anything is recorded
-            names, vec = self.reducer.reduce(names, vec)
-        if vec.numel() != len(names):  # a bug, never user error
-            raise RuntimeError(f"probe bookkeeping mismatch: {vec.numel()} values, {len(names)} names")
-        arr = vec.numpy()
+            names, vec = self.reducer.reduce(names, torch.tensor(flat, dtype=torch.float64))
+            flat = vec.tolist()
+        if len(flat) != len(names):  # a bug, never user error
+            raise RuntimeError(f"probe bookkeeping mismatch: {len(flat)} values, {len(names)} names")
         plan = self._rows_plan(names)
         # a healthy step (the usual case) gets its NaN/Inf counts (0) from the plan; any other
         # is fixed up value by value (_fix_nonfinite_counts)
-        self._healthy = plan if plan.healthy(arr) else None
+        self._healthy = plan if plan.healthy(flat) else None
         out: dict[str, dict[str, float]] = {}
-        for (layer, metric), v in zip(names, arr.tolist(), strict=True):
+        for (layer, metric), v in zip(names, flat, strict=True):
             d = out.get(layer)
             if d is None:
                 d = out[layer] = {}
             d[metric] = v
         return out
+
+    def _transfer(self, values: list[Any]) -> list[float]:
+        """The values of an accelerator step in ONE transfer (its only host synchronisation)."""
+        parts = [_flat(v) for v in values if type(v) is not list]
+        dev = next(p.device for p in parts if not p.is_cpu)
+        vec = torch.cat([p if p.device == dev else p.to(dev, non_blocking=True) for p in parts])
+        flat = vec.to(torch.float64).cpu().tolist()
+        return _splice(values, flat) if len(parts) != len(values) else flat
 
     def _rows_plan(self, names: _Metrics) -> _RowsPlan:
         """The plan for these names (made once per layer map and set of metrics)."""
@@ -298,7 +308,45 @@ class Transfer:
 
 def _flat(v: torch.Tensor) -> torch.Tensor:
     """``v`` as a flat tensor outside autograd (most values already are one: no new view)."""
-    return v if v.dim() == 1 and not v.requires_grad else v.detach().reshape(-1)
+    if v.requires_grad:
+        return v.detach().reshape(-1)
+    return v if v.dim() == 1 else v.reshape(-1)
+
+
+def _host_list(v: torch.Tensor) -> list[float]:
+    """The values of a CPU tensor as floats (what a float64 copy would hold)."""
+    if not v.is_floating_point():
+        v = v.double()  # (counts: floats in the record)
+    if v.dim() == 1:
+        return v.tolist()
+    return [v.tolist()] if v.dim() == 0 else v.reshape(-1).tolist()
+
+
+def _splice(values: list[Any], flat: list[float]) -> list[float]:
+    """The values in order: the tensors' from ``flat``, the host lists' as they are."""
+    out: list[float] = []
+    pos = 0
+    for v in values:
+        if type(v) is list:
+            out += v
+        else:
+            n = v.numel()
+            out += flat[pos : pos + n]
+            pos += n
+    return out
+
+
+def _ratios(num: list[float], den: list[float]) -> list[float]:
+    """num / max(den, 1e-30), as the device would divide (a NaN stays NaN)."""
+    return [a / (b if not b < 1e-30 else 1e-30) for a, b in zip(num, den, strict=True)]
+
+
+def _getter(idx: list[int]) -> Any:
+    """A function ``flat -> tuple`` of the values at ``idx`` (operator.itemgetter, always a
+    tuple)."""
+    if len(idx) > 1:
+        return itemgetter(*idx)
+    return (lambda flat: (flat[idx[0]],)) if idx else (lambda flat: ())
 
 
 class _RowsPlan:
@@ -331,14 +379,14 @@ class _RowsPlan:
                 lo.append(i)
                 if metric == "grad_norm":
                     grad_rows[layer] = None
-        self.lo = np.asarray(lo, dtype=np.intp)
-        self.fin = np.asarray(fin, dtype=np.intp)
+        self.lo, self.fin = _getter(lo), _getter(fin)
         self.grad_rows, self.out_rows = tuple(grad_rows), tuple(out_rows)
 
-    def healthy(self, arr: np.ndarray) -> bool:
-        a = arr[self.lo]
-        return bool(((a >= _RECHECK_BELOW) & (a < math.inf)).all()
-                    and np.isfinite(arr[self.fin]).all())
+    def healthy(self, flat: list[float]) -> bool:
+        # (in C over tuples: a sum is finite only if every term is; min() then sees no NaN)
+        lo, fin = self.lo(flat), self.fin(flat)
+        return (not lo or (math.isfinite(sum(lo)) and min(lo) >= _RECHECK_BELOW)) and \
+            (not fin or math.isfinite(sum(fin)))
 
     def fix_healthy(self, rows: dict[str, dict[str, float]]) -> None:
         """The counts of a healthy step (as the value-by-value loop would set them)."""

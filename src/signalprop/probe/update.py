@@ -174,6 +174,9 @@ class UpdateNorms:
         self._had_grad: list[bool] = []
         self._scale_key: Any = None  # SGD: what the cached per-parameter rates were made for
         self._scale: torch.Tensor | None = None
+        self._rates_key: Any = None  # SGD: the group settings _lrs/_wds were made for
+        self._lrs: list[float] = []
+        self._wds: list[float] = []
         self.ready = False  # before() ran for the current step
 
     def _choose(self) -> str:
@@ -210,7 +213,9 @@ class UpdateNorms:
         self._had_grad = [p.grad is not None for p in self.params]
         self._before = None
         self.ready = True
-        if self.method == "copy":
+        if self.method == "sgd":
+            self._sgd_before(grad_norms)
+        elif self.method == "copy":
             det = [p.detach() for p in self.params]
             if self._copy is None or any(
                 b.shape != q.shape or b.dtype != q.dtype or b.device != q.device
@@ -218,43 +223,49 @@ class UpdateNorms:
             ):
                 self._copy = [torch.empty_like(q) for q in det]
             torch._foreach_copy_(self._copy, det)
-        elif self.method == "sgd":
-            groups = self.optimizer.param_groups
-            glr = tuple(g.get("lr", 0.0) for g in groups)
-            gwd = tuple(g.get("weight_decay", 0.0) for g in groups)
-            lrs = [glr[gi] if gi >= 0 else 0.0 for gi in self.group_idx]
-            wds = [gwd[gi] if gi >= 0 else 0.0 for gi in self.group_idx]
-            if any(w != 0 for w in wds):
-                # ||g + wd W||, chunked so that the temporary stays small
-                gs = [
-                    p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params
-                ]
-                ws = [p.detach() for p in self.params]
-                gc, owner = _chunks(gs, self.limit)
-                wc, _ = _chunks(ws, self.limit)
-                piece_norms = []
-                k = 0
-                for g_list, w_list in zip(gc, wc, strict=True):
-                    alphas = [wds[owner[k + j]] for j in range(len(g_list))]
-                    tmp = torch._foreach_mul(w_list, alphas)
-                    torch._foreach_add_(tmp, g_list)
-                    piece_norms.append(_raw_norms(tmp))
-                    k += len(g_list)
-                    del tmp
-                norm = _pieces_to_norms(piece_norms, owner, len(self.params))
-            elif grad_norms is not None:
-                norm = grad_norms
-            else:  # no parameter has a gradient: the step changes nothing
-                norm = torch.zeros(len(self.params), dtype=torch.float64,
-                                   device=self.params[0].device)
-            key = (glr, tuple(self._had_grad), norm.device)
-            if self._scale_key != key:  # (a new rate or another set of gradients)
-                self._scale = host_tensor(
-                    [lr if had else 0.0 for lr, had in zip(lrs, self._had_grad, strict=True)],
-                    torch.float64, norm.device,
-                )
-                self._scale_key = key
-            self._before = norm * self._scale
+
+    def _sgd_before(self, grad_norms: torch.Tensor | None) -> None:
+        """Plain SGD: ||dW|| = lr ||g + wd W||, known before the step (lr ||g|| without
+        weight decay: the gradient norms times a cached vector of rates)."""
+        groups = self.optimizer.param_groups
+        glr = tuple(g.get("lr", 0.0) for g in groups)
+        gwd = tuple(g.get("weight_decay", 0.0) for g in groups)
+        if self._rates_key != (glr, gwd):  # (per parameter: looked up once per setting)
+            self._rates_key = (glr, gwd)
+            self._lrs = [glr[gi] if gi >= 0 else 0.0 for gi in self.group_idx]
+            self._wds = [gwd[gi] if gi >= 0 else 0.0 for gi in self.group_idx]
+        lrs, wds = self._lrs, self._wds
+        if any(gwd) and any(w != 0 for w in wds):
+            # ||g + wd W||, chunked so that the temporary stays small
+            gs = [
+                p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params
+            ]
+            ws = [p.detach() for p in self.params]
+            gc, owner = _chunks(gs, self.limit)
+            wc, _ = _chunks(ws, self.limit)
+            piece_norms = []
+            k = 0
+            for g_list, w_list in zip(gc, wc, strict=True):
+                alphas = [wds[owner[k + j]] for j in range(len(g_list))]
+                tmp = torch._foreach_mul(w_list, alphas)
+                torch._foreach_add_(tmp, g_list)
+                piece_norms.append(_raw_norms(tmp))
+                k += len(g_list)
+                del tmp
+            norm = _pieces_to_norms(piece_norms, owner, len(self.params))
+        elif grad_norms is not None:
+            norm = grad_norms
+        else:  # no parameter has a gradient: the step changes nothing
+            norm = torch.zeros(len(self.params), dtype=torch.float64,
+                               device=self.params[0].device)
+        key = (glr, tuple(self._had_grad), norm.device)
+        if self._scale_key != key:  # (a new rate or another set of gradients)
+            self._scale = host_tensor(
+                [lr if had else 0.0 for lr, had in zip(lrs, self._had_grad, strict=True)],
+                torch.float64, norm.device,
+            )
+            self._scale_key = key
+        self._before = norm * self._scale
 
     def _group(self, i: int) -> dict[str, Any]:
         gi = self.group_idx[i]
