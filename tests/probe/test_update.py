@@ -42,8 +42,9 @@ def test_adam_closed_form_matches_the_weights_actual_change(name, dtype, path):
     assert all(g.host == (path == "numpy") for g in upd._plan[1])
 
 
-def _check_steps(model, params, opt, upd, dtype, steps, label):
-    x, y = torch.randn(16, 6, dtype=dtype), torch.randint(0, 3, (16,))
+def _check_steps(model, params, opt, upd, dtype, steps, label, x=None):
+    x = torch.randn(16, 6, dtype=dtype) if x is None else x
+    y = torch.randint(0, 3, (x.shape[0],))
     for step in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -90,16 +91,7 @@ def test_adam_channels_last_state_is_read_in_place(path):
     opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
     upd = UpdateNorms(opt, params)
     upd.limit = 40
-    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
-    for step in range(3):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        upd.before(None)
-        w0 = [p.detach().clone() for p in params]
-        opt.step()
-        upd.advance()
-        got = upd.after()
-        want = torch.stack([(p.detach() - w).double().norm() for p, w in zip(params, w0, strict=True)])
-        assert got.tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-12), step
+    _check_steps(model, params, opt, upd, torch.float32, 3, "channels_last",
+                 x=torch.randn(8, 3, 6, 6))
     assert not opt.state[params[0]]["exp_avg"].is_contiguous()
     assert not upd._plan[1][0].host
