@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from signalprop.probe import update
 from signalprop.probe.update import UpdateNorms
 
 # (optimiser factory, method UpdateNorms must pick)
@@ -20,9 +21,16 @@ ADAMS = {
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}  # (measured: 1e-15, 6e-7)
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def path(request, monkeypatch):
+    """The CPU's NumPy path and the torch path (the accelerators'), both checked here."""
+    monkeypatch.setattr(update, "HOST_NUMPY", request.param == "numpy")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(ADAMS))
-def test_adam_closed_form_matches_the_weights_actual_change(name, dtype):
+def test_adam_closed_form_matches_the_weights_actual_change(name, dtype, path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).to(dtype)
     params = list(model.parameters())
@@ -31,10 +39,12 @@ def test_adam_closed_form_matches_the_weights_actual_change(name, dtype):
     assert upd.method == "adam"
     upd.limit = 20  # small chunks: tensors cut into pieces, chunks holding several tensors
     _check_steps(model, params, opt, upd, dtype, 5, name)
+    assert all(g.host == (path == "numpy") for g in upd._plan[1])
 
 
-def _check_steps(model, params, opt, upd, dtype, steps, label):
-    x, y = torch.randn(16, 6, dtype=dtype), torch.randint(0, 3, (16,))
+def _check_steps(model, params, opt, upd, dtype, steps, label, x=None):
+    x = torch.randn(16, 6, dtype=dtype) if x is None else x
+    y = torch.randint(0, 3, (x.shape[0],))
     for step in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -49,7 +59,7 @@ def _check_steps(model, params, opt, upd, dtype, steps, label):
 
 
 @pytest.mark.parametrize("limit", [20, 40])
-def test_adam_small_tensors_gathered_flat_and_the_plan_follows_new_state(limit):
+def test_adam_small_tensors_gathered_flat_and_the_plan_follows_new_state(limit, path):
     # limit 20: the 72-element weight is cut, the others gathered in several flat chunks; 40:
     # one flat chunk with runs of equal sizes (3; 12, 12, 12) and a second one (36)
     torch.manual_seed(0)
@@ -66,3 +76,22 @@ def test_adam_small_tensors_gathered_flat_and_the_plan_follows_new_state(limit):
     with torch.no_grad():
         params[0].data = params[0].data.clone()  # a parameter moved: its view is stale
     _check_steps(model, params, opt, upd, torch.float32, 2, "moved")
+
+
+@pytest.mark.parametrize("path", ["numpy"], indirect=True)
+def test_adam_channels_last_state_is_read_in_place(path):
+    # a channels_last weight's Adam state is channels_last too: no flat view of it exists
+    # (.reshape(-1) would copy, and a cached copy would go stale), so it takes the torch
+    # path whole, and the other tensors of its group with it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
+    model[0].to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    assert not params[0].is_contiguous()
+    opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
+    upd = UpdateNorms(opt, params)
+    upd.limit = 40
+    _check_steps(model, params, opt, upd, torch.float32, 3, "channels_last",
+                 x=torch.randn(8, 3, 6, 6))
+    assert not opt.state[params[0]]["exp_avg"].is_contiguous()
+    assert not upd._plan[1][0].host
