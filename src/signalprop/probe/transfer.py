@@ -130,7 +130,8 @@ class Transfer:
         if self._ratios is not None:
             step, names, num, den = self._ratios
             self._ratios = None
-            self._store_ratios(step, names, _ratios(num.tolist(), den.tolist()))
+            both = torch.cat([num, den]).tolist()  # (one read)
+            self._store_ratios(step, names, _ratios(both[: len(num)], both[len(num) :]))
 
     def _store_ratios(self, step: int, names: list[str], vals: list[float]) -> None:
         row = self._record.data.setdefault(int(step), {})
