@@ -29,8 +29,13 @@ and its values wait on the "device" for ``FLUSH_EVERY_ACCELERATOR`` recorded ste
 multiples of 512 bytes, so each small tensor costs at least 512 B), and ``--mem-detail N``
 prints the N largest allocations alive at the probe's peak with the Python frames that made them.
 
+``--split`` adds probes that record one part each (forward, backward, weights) every step and
+one attached that never records (the cost of an unrecorded step) to the timed table;
+``--phases`` prints each variant's extra time in forward, backward and the optimiser step.
+
 Usage: python benchmarks/probe_overhead.py [--device cpu|cuda] [--model mlp|transformer]
-    [--dtype fp32|bf16] [--steps 50] [--repeats 7] [--threads 1] [--clock wall|cpu]
+    [--dtype fp32|bf16] [--steps 50] [--repeats 7] [--threads 1] [--clock wall|cpu] [--split]
+    [--phases]
     [--update-ratio auto|optimizer|copy|off] [--deferred] [--round BYTES] [--mem-detail N]
 """
 
@@ -159,9 +164,10 @@ def run(task: Task, opt: torch.optim.Optimizer, steps: int, p: Probe | None,
     train(task, opt, steps, p)
     if p is not None:
         n = len(p.record.steps) - before
-        every = p.schedule.n  # type: ignore[attr-defined]
-        if n != steps // every:
-            raise RuntimeError(f"probe recorded {n} steps, expected {steps // every}")
+        every = getattr(p.schedule, "n", None)  # (None: the --split probe that never records)
+        want = steps // every if every else 0
+        if n != want:
+            raise RuntimeError(f"probe recorded {n} steps, expected {want}")
     sync(dev)
     return clock() - t0
 
@@ -330,13 +336,68 @@ def _timing(args: argparse.Namespace, task: Task, opt: torch.optim.Optimizer, st
           f"update_ratio={args.update_ratio}")
     print(f"{steps} steps x {args.repeats} interleaved repeats, {args.clock} clock, medians; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'variant':30s} {'ms/step':>8s} {'ratio':>7s}  target")
+    print(f"{'variant':34s} {'ms/step':>8s} {'ratio':>7s}  target")
     targets = {"probe: full, every step": 1.10, "probe: full, every 10th step": 1.02}
     for k, v in times.items():
         m = statistics.median(v)
         t = targets.get(k)
         verdict = "" if t is None else f"<= {t:.2f}x: {'met' if m / base <= t else 'NOT met'}"
-        print(f"{k:30s} {1e3 * m / steps:8.2f} {m / base:7.3f}x  {verdict}")
+        print(f"{k:34s} {1e3 * m / steps:8.2f} {m / base:7.3f}x  {verdict}")
+
+
+#: ``--split``: probes that record one part each, every step, and one that never records.
+SPLIT: dict[str, dict[str, object]] = {
+    "probe: forward only, every step": {"backward": False, "weights": False},
+    "probe: backward only, every step": {"forward": False, "weights": False},
+    "probe: weights only, every step": {"forward": False, "backward": False},
+    "probe: attached, never records": {"schedule": [10**12]},
+}
+
+
+def _phases(args: argparse.Namespace, task: Task, opt: torch.optim.Optimizer,
+            probes: dict[str, Probe | None]) -> None:
+    """Per-phase medians of this thread's CPU time (or wall time on CUDA, synchronised per
+    phase): zero_grad + forward + loss, backward (with the probe's gradient hooks and its
+    end-of-backward work), log + optimiser step (with the probe's step hooks), interleaved."""
+    dev = task.x.device.type
+    clock = time.thread_time if dev == "cpu" else time.perf_counter
+    names = ("forward", "backward", "step")
+    times: dict[str, list[list[float]]] = {k: [[], [], []] for k in probes}
+    ctx = (torch.autocast(dev, dtype=task.autocast) if task.autocast else contextlib.nullcontext())
+    for _ in range(max(args.repeats, 1)):
+        for k, pr in probes.items():
+            if pr is not None:
+                pr.attach()
+            for _ in range(10):
+                sync(dev)
+                t0 = clock()
+                opt.zero_grad(set_to_none=True)
+                with ctx:
+                    out = task.model(task.x)
+                loss = task.loss(out)
+                sync(dev)
+                t1 = clock()
+                loss.backward()
+                sync(dev)
+                t2 = clock()
+                if pr is not None:
+                    pr.log(loss=loss)
+                opt.step()
+                sync(dev)
+                t3 = clock()
+                for i, v in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+                    times[k][i].append(v)
+            if pr is not None:
+                pr.detach()
+    base = [statistics.median(v) for v in times["plain"]]
+    print(f"\nper phase, ms ({'thread CPU' if dev == 'cpu' else 'wall, synchronised'} time, "
+          f"medians of {10 * max(args.repeats, 1)} steps; plain, then each variant's extra)")
+    print(f"{'variant':34s}" + "".join(f"{n:>12s}" for n in names))
+    for k, ph in times.items():
+        med = [statistics.median(v) for v in ph]
+        cells = [f"{1e3 * m:12.2f}" if k == "plain" else f"{1e3 * (m - b):+12.2f}"
+                 for m, b in zip(med, base, strict=True)]
+        print(f"{k:34s}" + "".join(cells))
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -364,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-detail", type=int, default=0, metavar="N",
                     help="CPU memory pass: print the N largest groups of the probe's "
                          "allocations alive at its peak")
+    ap.add_argument("--split", action="store_true",
+                    help="also time probes recording one part each (forward, backward, "
+                         "weights) every step, and one attached that never records")
+    ap.add_argument("--phases", action="store_true",
+                    help="also print each variant's extra time per phase (forward, backward, "
+                         "step)")
     args = ap.parse_args(argv)
     if (args.deferred or args.round != 1 or args.mem_detail) and args.device != "cpu":
         print("--deferred, --round and --mem-detail are for the CPU memory pass (on CUDA the "
@@ -401,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         k: Probe(task.model, optimizer=opt, schedule=s, update_ratio=ur) if s else None
         for k, s in variants.items()
     }
+    if args.split:  # what each part of the probe costs, recording every step
+        for k, kw in SPLIT.items():
+            probes[k] = Probe(task.model, optimizer=opt, update_ratio=ur, **kw)
     for pr in probes.values():  # warm-up: allocator, optimiser state, kernels, layer map
         if pr is not None:
             pr.attach()
@@ -409,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             pr.detach()
     if args.repeats > 0:
         _timing(args, task, opt, steps, probes)
+    if args.phases:
+        _phases(args, task, opt, probes)
     if args.mem_steps > 0:
         sb = state_bytes(task.model, opt)
         mem = {"deferred": args.deferred, "round_to": args.round, "detail": args.mem_detail}

@@ -1,5 +1,7 @@
 """UpdateNorms' closed forms against the oracle: the actual change of the weights."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -95,3 +97,29 @@ def test_adam_channels_last_state_is_read_in_place(path):
                  x=torch.randn(8, 3, 6, 6))
     assert not opt.state[params[0]]["exp_avg"].is_contiguous()
     assert not upd._plan[1][0].host
+
+
+@pytest.mark.filterwarnings("error")
+def test_adam_empty_parameter_and_zero_state_without_eps(path):
+    # a parameter without elements, and a zero gradient under eps=0: 0 / 0 in the optimiser's
+    # own step makes the weights NaN, and the closed form says NaN too (without warnings)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    empty = nn.Parameter(torch.zeros(0, 3))
+    params = [*model.parameters(), empty]
+    for eps in (1e-8, 0.0):
+        opt = torch.optim.AdamW(params, lr=0.1, eps=eps)
+        upd = UpdateNorms(opt, params)
+        for _ in range(2):
+            opt.zero_grad()
+            (model(torch.randn(5, 4)).sum() + empty.sum()).backward()
+            params[1].grad.zero_()
+            upd.before(None)
+            w0 = [p.detach().clone() for p in params]
+            opt.step()
+            upd.advance()
+            got = upd.after().tolist()
+            want = [(p.detach() - w).double().norm().item() for p, w in zip(params, w0, strict=True)]
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-12, nan_ok=True), eps
+        assert got[-1] == 0.0
+        assert math.isnan(got[1]) == (eps == 0.0)

@@ -413,10 +413,10 @@ def _flat_chunks(ms: list[torch.Tensor], vs: list[torch.Tensor], ws: list[torch.
     views of (m, v, W) and runs of (count, size) of equal sizes."""
     flat: list[tuple[list[torch.Tensor], ...]] = []
     runs: list[list[tuple[int, int]]] = []
-    size = limit
+    size = 0
     for k in small:
         n = ms[k].numel()
-        if size + n > limit:
+        if not flat or size + n > limit:
             flat.append(([], [], []))
             runs.append([])
             size = 0
@@ -490,23 +490,24 @@ def _adam_host(chunks: list[tuple[Any, ...]], e: float, wa: float) -> np.ndarray
     b1, b2 = np.empty(most, dtype), np.empty(most, dtype)
     out = np.empty(sum(len(c[3]) for c in chunks), np.float64)
     k = 0
-    for m_list, v_list, w_list, sizes in chunks:
-        n = sum(sizes)
-        d, t = b1[:n], b2[:n]
-        np.concatenate(v_list, out=d)
-        np.sqrt(d, out=d)
-        np.add(d, e, out=d)
-        np.concatenate(m_list, out=t)
-        np.divide(t, d, out=d)
-        if wa:
-            np.concatenate(w_list, out=t)
-            np.multiply(t, wa, out=t)
-            np.add(d, t, out=d)
-        start = 0
-        for z in sizes:
-            out[k] = nrm(d[start : start + z])
-            start += z
-            k += 1
+    with np.errstate(all="ignore"):  # (NaN/Inf: as in the optimiser's own step; no warnings)
+        for m_list, v_list, w_list, sizes in chunks:
+            n = sum(sizes)
+            d, t = b1[:n], b2[:n]
+            np.concatenate(v_list, out=d)
+            np.sqrt(d, out=d)
+            np.add(d, e, out=d)
+            np.concatenate(m_list, out=t)
+            np.divide(t, d, out=d)
+            if wa:
+                np.concatenate(w_list, out=t)
+                np.multiply(t, wa, out=t)
+                np.add(d, t, out=d)
+            start = 0
+            for z in sizes:
+                out[k] = nrm(d[start : start + z])
+                start += z
+                k += 1
     return out
 
 
