@@ -64,3 +64,27 @@ def test_series_and_matrix():
     assert np.isnan(m[0, 1]) and np.isnan(m[2, 1])
     assert r.layer_names(role="param") == ["0.weight"]
     assert r.has("grad_norm") and not r.has("dead_frac")
+
+
+def test_values_added_flat_are_read_as_add_many_would_store_them(tmp_path):
+    import pickle
+
+    r, ref = Record(), Record()
+    r.add(0, "a", "m", 1.0)
+    ref.add(0, "a", "m", 1.0)
+    r._add_flat(1, [("a", "m"), ("b", "n"), (MODEL, "loss")], [2.0, math.inf, 0.5])
+    r._add_flat(0, [("a", "k")], [3.0])  # (a step already stored: merged, order kept)
+    ref.add_many(1, {"a": {"m": 2.0}, "b": {"n": math.inf}, MODEL: {"loss": 0.5}})
+    ref.add_many(0, {"a": {"k": 3.0}})
+    assert r.__dict__["_flat"]  # nothing built before a read
+    copy = pickle.loads(pickle.dumps(r))  # (values waiting travel with a pickle)
+    for rec in (r, copy, Record.load(r.save(tmp_path / "r.json.gz"))):
+        assert rec.steps == [0, 1]
+        assert [list(d.items()) for d in rec.data[1].values()] == \
+            [list(d.items()) for d in ref.data[1].values()]
+        assert list(rec.data[0]["a"]) == ["m", "k"]
+        assert rec.get(1, MODEL, "loss") == 0.5 and rec.get(1, "b", "n") == math.inf
+    assert r == copy
+    r.data = {}  # (assigning data drops what waited)
+    r._add_flat(4, [("c", "x")], [1.0])
+    assert r.data == {4: {"c": {"x": 1.0}}} and Record(data={4: {"c": {"x": 1.0}}}) == r

@@ -51,7 +51,7 @@ import math
 import os
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,30 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
 
     # ---- writing ---------------------------------------------------------------------------
+    def _add_flat(self, step: int, names: Sequence[tuple[str, str]], values: Sequence[float]) -> None:
+        """Store ``values[i]`` as ``data[step][names[i][0]][names[i][1]]`` when :attr:`data` is
+        next read (a probe's step adds ~500 values; building their dicts waits for a reader,
+        off the training path). Readers see what :meth:`add_many` would have stored then."""
+        flat = self.__dict__.get("_flat")
+        if flat is None:  # (made without __init__)
+            _get_data(self)
+            flat = self.__dict__["_flat"]
+        flat.append((int(step), names, values))
+
+    def _realise(self) -> None:
+        """Move the values stored by :meth:`_add_flat` into :attr:`data`, in order."""
+        pending, self.__dict__["_flat"] = self.__dict__["_flat"], []
+        data = self.__dict__["_data"]
+        for step, names, values in pending:
+            row = data.get(step)
+            if row is None:
+                row = data[step] = {}
+            for (layer, metric), v in zip(names, values, strict=True):
+                d = row.get(layer)
+                if d is None:
+                    d = row[layer] = {}
+                d[metric] = v
+
     def add_layer(self, info: LayerInfo) -> None:
         """Declare a layer (first declaration wins; order of declaration is kept)."""
         self.layers.setdefault(info.name, info)
@@ -529,6 +553,25 @@ class Record:
             if "version" in str(e) or "not a signalprop record" in str(e):
                 raise ValueError(f"{name}: {e}") from None
             raise ValueError(f"corrupt or truncated record: {name} ({e})") from None
+
+
+def _get_data(self: Record) -> dict[int, dict[str, dict[str, float]]]:
+    d = self.__dict__
+    if "_data" not in d:  # (made without __init__: a pickle from before the property)
+        _set_data(self, d.pop("data", {}))
+    if d["_flat"]:
+        self._realise()
+    return d["_data"]
+
+
+def _set_data(self: Record, value: dict[int, dict[str, dict[str, float]]]) -> None:
+    self.__dict__["_data"] = value
+    self.__dict__["_flat"] = []  # (values added by _add_flat, not yet in data)
+
+
+# ``data`` is read through a property: values a probe added with ``_add_flat`` become dicts
+# when someone reads them (the dataclass's __init__, __eq__ and __repr__ go through it too)
+Record.data = property(_get_data, _set_data, doc="``data[step][layer][metric] = value``.")  # type: ignore[assignment]
 
 
 def concat(records: Iterable[Record]) -> Record:

@@ -137,3 +137,66 @@ def test_nonfinite_steps_are_counted_healthy_steps_count_zero(weights):
     assert r.get(1, "0", "out_nonfinite") == 16.0  # one NaN input: a row of 16 outputs
     if weights:
         assert r.get(1, "0.weight", "grad_nonfinite") > 0
+
+
+def _ordered(record):
+    """Every row as nested lists of items (key order included; NaN as a string)."""
+    return {s: [(layer, [(k, "nan" if v != v else v) for k, v in d.items()])
+                for layer, d in row.items()] for s, row in record.data.items()}
+
+
+@pytest.mark.parametrize("case", ["plain", "clip", "skip", "nan", "scaler", "accum", "adamw"])
+def test_rows_built_when_read_equal_rows_built_at_once(case):
+    # a listener needs each step's dicts at once: the oracle for the rows a record builds
+    # from flat values when it is read (transfer._to_dict, Record._add_flat)
+    def run(listen):
+        model = _mlp()
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if case == "adamw"
+               else torch.optim.SGD(model.parameters(), lr=0.1))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if case == "scaler" else None
+        p = Probe(model, optimizer=opt, scaler=scaler,
+                  on_record=[lambda s, v: None] if listen else None).attach()
+        g = torch.Generator().manual_seed(3)
+        for s in range(5):
+            opt.zero_grad(set_to_none=True)
+            for _ in range(3 if case == "accum" else 1):
+                x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+                if case == "nan" and s == 2:
+                    x[0, 0] = math.nan
+                loss = nn.functional.cross_entropy(model(x), y)
+                (scaler.scale(loss) if scaler else loss).backward()
+                p.log(loss=loss)
+            if case == "clip":
+                nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            elif not (case == "skip" and s == 2):
+                opt.step()
+        if not listen and case not in ("clip", "nan"):  # (such steps: dicts at once)
+            assert p._record.__dict__["_flat"]  # (values waiting to be built)
+        p.detach()
+        return p.record
+
+    eager, lazy = run(True), run(False)
+    assert _ordered(lazy) == _ordered(eager)
+    if case == "skip":
+        assert lazy.get(2, MODEL, "skipped_step") == 1.0
+
+
+def test_pending_builds_the_rows_of_the_step():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt).attach()
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        p.gradients_ready()
+        rows = p.pending()
+        assert rows["0.weight"]["grad_nonfinite"] == 0.0 and "out_mean" in rows["0"]
+        rows[MODEL]["extra"] = 7.0  # (extra values recorded with the step)
+        opt.step()
+    p.detach()
+    assert p.record.get(1, MODEL, "extra") == 7.0
+    assert p.record.get(1, "0.weight", "grad_norm") == rows["0.weight"]["grad_norm"]

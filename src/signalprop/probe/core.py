@@ -233,6 +233,9 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._lean = False
         self._out_seen = False  # this step's backward passed through the model's output
         self._grads_late = False  # gradients first seen at the optimiser step (no hook saw them)
+        # a committed step's names, flat values and plan, before its dicts are built
+        # (transfer._to_dict; None: the dicts are _pending)
+        self._row: tuple[_Metrics, list[float], Any] | None = None
         self._healthy: Any = None  # the plan of a step that needs no NaN/Inf fix-up (transfer)
 
     def _init_meta(self) -> None:
@@ -391,6 +394,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
     def pending(self) -> dict[str, dict[str, float]] | None:
         """Values of the current step computed by :meth:`gradients_ready`, not yet committed
         (``pending()[layer][metric]``; add to it to record extra values with this step)."""
+        self._lazy_rows()
         return self._pending
 
     def snapshot_weights(self) -> None:
@@ -452,6 +456,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._scalar_counts = {}
         self._snapshot = None
         self._preclip = None
+        self._row = None
         self._early = None
         self._loose = []
         self._witness = None
@@ -577,7 +582,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
                 self._deferring):
             # on the device until the next step's transfer (or reading the record), divided
             # there (transfer._ratios)
-            self._ratios = (self.step_index, self._param_names, num, den)
+            self._ratios = (self.step_index, self._ratio_names, num, den)
             return
         ratio = num / den.clamp_min(1e-30)
         if self.on_record or self.reducer is not None or self._updates is None:

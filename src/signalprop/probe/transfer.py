@@ -130,12 +130,11 @@ class Transfer:
         if self._ratios is not None:
             step, names, num, den = self._ratios
             self._ratios = None
-            self._store_ratios(step, names, _ratios(num.tolist(), den.tolist()))
+            both = torch.cat([num, den]).tolist()  # (one read)
+            self._store_ratios(step, names, _ratios(both[: len(num)], both[len(num) :]))
 
-    def _store_ratios(self, step: int, names: list[str], vals: list[float]) -> None:
-        row = self._record.data.setdefault(int(step), {})
-        for n, r in zip(names, vals, strict=True):
-            row.setdefault(n, {})["update_ratio"] = r
+    def _store_ratios(self, step: int, names: _Metrics, vals: list[float]) -> None:
+        self._record._add_flat(step, names, vals)  # (``(param, "update_ratio")`` names)
 
     def _enqueue(self, kind: str, values: list[torch.Tensor], names: _Metrics,
                  uncounted: bool) -> None:
@@ -189,6 +188,16 @@ class Transfer:
                 del d["grad_norm_total_clipped"]
 
     def _commit(self) -> None:
+        if self._row is not None:  # (no listener: the record builds the dicts when read)
+            names, flat, plan = self._row
+            self._row = None
+            rec, step = self._record, self.step_index
+            rec._add_flat(step, names, flat)
+            rec._add_flat(step, plan.count_names, plan.count_zeros)
+            if self._pending:  # host additions (skipped_step)
+                rec._add_flat(step, *_names_values(self._pending))
+            self._pending = None
+            return
         if self._pending is not None:
             if self.step_index not in self._record.data:
                 # the step's fresh dicts become the record's row (no copy of ~10 values/layer)
@@ -229,13 +238,24 @@ class Transfer:
         # a healthy step (the usual case) gets its NaN/Inf counts (0) from the plan; any other
         # is fixed up value by value (_fix_nonfinite_counts)
         self._healthy = plan if plan.healthy(flat) else None
-        out: dict[str, dict[str, float]] = {}
-        for (layer, metric), v in zip(names, flat, strict=True):
-            d = out.get(layer)
-            if d is None:
-                d = out[layer] = {}
-            d[metric] = v
-        return out
+        if self._healthy is not None and not plan.clipped and not (
+                self.on_record or self.reducer is not None or self._updates is None):
+            # nobody needs this step's dicts now: they are built when the record is read
+            # (_commit stores the flat values; pending() builds them if asked)
+            self._row = (names, flat, plan)
+            return {}
+        return _rows(names, flat)
+
+    def _lazy_rows(self) -> None:
+        """Build the pending step's dicts from its flat values now (``pending()`` asked)."""
+        if self._row is None:
+            return
+        names, flat, plan = self._row
+        self._row = None
+        extra, self._pending = self._pending or {}, _rows(names, flat)
+        plan.fix_healthy(self._pending)
+        for layer, d in extra.items():  # (host additions since: skipped_step)
+            self._pending.setdefault(layer, {}).update(d)
 
     def _transfer(self, values: list[Any]) -> list[float]:
         """The values of an accelerator step in ONE transfer (its only host synchronisation)."""
@@ -269,7 +289,8 @@ class Transfer:
         uncounted, self._uncounted = self._uncounted, False
         healthy, self._healthy = self._healthy, None
         if healthy is not None:
-            healthy.fix_healthy(pending)
+            if self._row is None:  # (rows built later get them as they are built)
+                healthy.fix_healthy(pending)
             return  # every count is 0, set by the plan (_RowsPlan.healthy)
         scale = pending.get(MODEL, {}).get("loss_scale", 1.0)  # on the host by now
         if len(self._site_names) != len(self._sites):
@@ -313,6 +334,17 @@ def _flat(v: torch.Tensor) -> torch.Tensor:
     return v if v.dim() == 1 else v.reshape(-1)
 
 
+def _rows(names: _Metrics, flat: list[float]) -> dict[str, dict[str, float]]:
+    """``{layer: {metric: value}}`` of one step (layers and metrics in order of appearance)."""
+    out: dict[str, dict[str, float]] = {}
+    for (layer, metric), v in zip(names, flat, strict=True):
+        d = out.get(layer)
+        if d is None:
+            d = out[layer] = {}
+        d[metric] = v
+    return out
+
+
 def _host_list(v: torch.Tensor) -> list[float]:
     """The values of a CPU tensor as floats (what a float64 copy would hold)."""
     if not v.is_floating_point():
@@ -320,6 +352,11 @@ def _host_list(v: torch.Tensor) -> list[float]:
     if v.dim() == 1:
         return v.tolist()
     return [v.tolist()] if v.dim() == 0 else v.reshape(-1).tolist()
+
+
+def _names_values(rows: dict[str, dict[str, float]]) -> tuple[_Metrics, list[float]]:
+    pairs = [((layer, m), v) for layer, d in rows.items() for m, v in d.items()]
+    return [n for n, _ in pairs], [v for _, v in pairs]
 
 
 def _splice(values: list[Any], flat: list[float]) -> list[float]:
@@ -357,7 +394,8 @@ class _RowsPlan:
     exact: :data:`_RECHECK_BELOW`). Checked on the step's flat values in two NumPy calls
     rather than value by value."""
 
-    __slots__ = ("names", "lo", "fin", "grad_rows", "out_rows")
+    __slots__ = ("names", "lo", "fin", "grad_rows", "out_rows", "count_names", "count_zeros",
+                 "clipped")
 
     def __init__(self, names: _Metrics, sites: dict[str, Any], params: dict[str, Any]) -> None:
         self.names = names
@@ -381,6 +419,12 @@ class _RowsPlan:
                     grad_rows[layer] = None
         self.lo, self.fin = _getter(lo), _getter(fin)
         self.grad_rows, self.out_rows = tuple(grad_rows), tuple(out_rows)
+        # the counts fix_healthy sets, as (layer, metric) names and values
+        self.count_names = [(layer, "out_nonfinite") for layer in self.out_rows] + \
+            [(layer, "grad_nonfinite") for layer in self.grad_rows]
+        self.count_zeros = [0.0] * len(self.count_names)
+        # (an idle clip is dropped from the dicts: _drop_unchanged_clip)
+        self.clipped = (MODEL, "grad_norm_total_clipped") in names
 
     def healthy(self, flat: list[float]) -> bool:
         # (in C over tuples: a sum is finite only if every term is; min() then sees no NaN)
