@@ -338,6 +338,7 @@ class UpdateNorms:
 
     def _adam_groups(self, sel: list[int], ms: list[torch.Tensor], vs: list[torch.Tensor],
                      ws: list[torch.Tensor]) -> list[_AdamGroup]:
+        """The plan of each parameter group: NumPy views on the CPU, else torch views."""
         dev = self.params[0].device
         small_cut = min(SMALL_TENSOR, self.limit)
         by_group: dict[int, list[int]] = {}
@@ -347,19 +348,18 @@ class UpdateNorms:
         for gi, ks in by_group.items():
             # flat views need contiguous memory (a channels_last tensor's .reshape(-1) would be
             # a copy, stale once cached): other tensors stay whole, in the per-tensor launches
-            dense = [k for k in ks if all(t[k].is_contiguous() for t in (ms, vs, ws))]
-            dense_set = set(dense)
-            big = [k for k in ks if k not in dense_set or ms[k].numel() >= small_cut]
-            small = sorted((k for k in dense if ms[k].numel() < small_cut),
-                           key=lambda k: ms[k].numel())
+            dense = {k for k in ks if all(t[k].is_contiguous() for t in (ms, vs, ws))}
             host = _host_plan(ms, vs, ws, ks, self.limit) if len(dense) == len(ks) else None
+            big_chunks: list[tuple[list[torch.Tensor], ...]] = []
             if host is not None:  # the CPU: NumPy on flat chunks (see _adam_host)
                 order, (flat_chunks, owner) = ks, host
-                big_chunks: list[tuple[list[torch.Tensor], ...]] = []
             else:
-                order, big_chunks, owner = big + small, [], []
+                big = [k for k in ks if k not in dense or ms[k].numel() >= small_cut]
+                small = sorted((k for k in ks if k in dense and ms[k].numel() < small_cut),
+                               key=lambda k: ms[k].numel())
+                order, owner = big + small, []
                 if big:
-                    whole = {j for j, k in enumerate(big) if k not in dense_set}
+                    whole = {j for j, k in enumerate(big) if k not in dense}
                     mc, owner = _chunks([ms[k] for k in big], self.limit, whole)
                     vc, _ = _chunks([vs[k] for k in big], self.limit, whole)
                     wc, _ = _chunks([ws[k] for k in big], self.limit, whole)
