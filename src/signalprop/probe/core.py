@@ -46,7 +46,7 @@ from signalprop.probe.layermap import LayerMap
 from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.probe.sites import MAX_SITES, _Metrics, time_metric
 from signalprop.probe.transfer import Transfer
-from signalprop.probe.update import UpdateNorms, device_norms
+from signalprop.probe.update import UpdateNorms
 from signalprop.probe.wrappers import (
     _as_optimizers,
     _call,
@@ -562,43 +562,12 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self.step_index += 1
         self._set_active(bool(self.schedule(self.step_index)))
 
-    def _update_ratios(self) -> None:
-        """||W_after - W_before|| / ||W_before|| of the step just taken, where it is known."""
-        assert self._pending is not None
-        num: torch.Tensor | None = None
-        den = self._pending_weight_norms
-        if self.weights and not self._no_ratio:
-            if self._snapshot is not None:
-                params = [p.detach() for _, p in self.params]
-                torch._foreach_sub_(self._snapshot, params)  # buffer := W_before - W_after
-                num = device_norms(self._snapshot)
-            elif self._updates is not None and self._updates.ready:
-                num = self._updates.after()
-        if num is None:
-            return
-        if self.reducer is not None:
-            num, den = self.reducer.update_norms(num, den)
-        if not (self.on_record or self.reducer is not None or self._updates is None or
-                self._deferring):
-            # on the device until the next step's transfer (or reading the record), divided
-            # there (transfer._ratios)
-            self._ratios = (self.step_index, self._ratio_names, num, den)
-            return
-        ratio = num / den.clamp_min(1e-30)
-        if self.on_record or self.reducer is not None or self._updates is None:
-            # listeners, other ranks and hand-driven steps see the step complete now
-            for (n, _), r in zip(self.params, ratio.tolist(), strict=True):
-                self._pending.setdefault(n, {})["update_ratio"] = r
-        else:
-            self._enqueue("post", [ratio], self._ratio_names, False)
-
     def __repr__(self) -> str:
         return (
             f"Probe({type(self.model).__name__}, modules={len(self._mods)}, "
             f"sites={len(self._sites)}, params={len(self.params)}, schedule={self.schedule}, "
             f"step={self.step_index})"
         )
-
 
 
 #: ``update_ratio`` choices: how ||W_after - W_before|| is measured.
