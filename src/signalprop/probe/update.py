@@ -464,8 +464,9 @@ def _host_plan(ms: list[torch.Tensor], vs: list[torch.Tensor], ws: list[torch.Te
     from signalprop.probe.hooks import _NRM2  # (BLAS dot norms, robust to underflow)
 
     dtypes = {t[k].dtype for t in (ms, vs, ws) for k in ks}
-    if not HOST_NUMPY or len(dtypes) != 1 or dtypes.pop() not in _NRM2 or \
-            any(t[k].device.type != "cpu" for t in (ms, vs, ws) for k in ks):
+    if not HOST_NUMPY or len(dtypes) != 1 or dtypes.pop() not in _NRM2 or any(
+            type(t[k]) is not torch.Tensor or t[k].device.type != "cpu"  # (not a DTensor ...)
+            for t in (ms, vs, ws) for k in ks):
         return None
     cut = max(1, limit // 2)
     mc, owner = _chunks([ms[k] for k in ks], cut)
