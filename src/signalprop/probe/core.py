@@ -11,10 +11,10 @@ activations. So:
   ``max_forward_samples`` values of the output with one gather (outputs autograd would free are
   not kept alive, and a later in-place op cannot change the sample) and, for rectifiers, which
   units were active anywhere in the batch. The gradient hook reduces dL/dh to its norm at once.
-- At the end of the step every statistic is computed in bulk on the device (samples of all
-  sites stacked: one launch per metric family; norms through ``torch._foreach_norm``) and
-  reaches the host in ONE transfer (the step's only host synchronisation); the update ratios
-  of a step travel with the next step's transfer (or when :attr:`Probe.record` is read).
+- At the end of the step every statistic is computed in bulk on the device (``_foreach_norm``)
+  and reaches the host in ONE transfer (its only host sync; on the CPU none: a tensor call
+  costs ~5 us there, so values are read where they are); a step's dicts are built when the
+  record is read, its update ratios travel with the next step. Weights only: one hook.
 - Memory on an accelerator (deferred steps) peaks late in backward, with every parameter
   gradient alive: a one-pass step's forward statistics are computed as its backward begins,
   so the samples are gone by then; gradient norms accumulate in float64 without a float64
