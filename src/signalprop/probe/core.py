@@ -212,7 +212,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._stride_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         # update ratios of the last recorded step, on the device until the next transfer
         # (step, names, ||dW||, ||W||): divided on the host
-        self._ratios: tuple[int, list[str], torch.Tensor, torch.Tensor] | None = None
+        self._ratios: tuple[int, _Metrics, torch.Tensor, torch.Tensor] | None = None
         self._updates: UpdateNorms | None = None
         self._no_ratio = False
         self._param_names = [n for n, _ in self.params]

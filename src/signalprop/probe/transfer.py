@@ -391,8 +391,10 @@ class _RowsPlan:
     ``names``, worked out once per set of names: where the values are whose health it checks,
     and which rows get a NaN/Inf count of 0 on a healthy step (every output and parameter
     gradient norm, output mean and std finite, parameter norms in the range where float32 is
-    exact: :data:`_RECHECK_BELOW`). Checked on the step's flat values in two NumPy calls
-    rather than value by value."""
+    exact: :data:`_RECHECK_BELOW`). Checked on the step's flat values with a few calls in C
+    (sums and a min over tuples) rather than value by value; the counts are added to dicts
+    built now (:meth:`fix_healthy`) or, as names and values, to those built when the record is
+    read (:meth:`Transfer._commit`)."""
 
     __slots__ = ("names", "lo", "fin", "grad_rows", "out_rows", "count_names", "count_zeros",
                  "clipped")
