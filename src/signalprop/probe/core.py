@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,13 +47,13 @@ from signalprop.probe.layermap import LayerMap
 from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.probe.sites import MAX_SITES, _Metrics, time_metric
 from signalprop.probe.transfer import Transfer
-from signalprop.probe.update import UpdateNorms
+from signalprop.probe.update import UpdateNorms, _check_update_ratio
 from signalprop.probe.wrappers import (
     _as_optimizers,
-    _call,
     _compiled_modules,
     _ScalerHook,
     _Sentinel,
+    _step_hook,
     unwrap,
 )
 from signalprop.record import MODEL, Record
@@ -275,12 +276,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         # so unrecorded steps would otherwise pay for hooks that do nothing
         self._handles.append(_Sentinel())
         for k, opt in enumerate(self.optimizers):
-            self._handles.append(
-                opt.register_step_pre_hook(lambda *a, k=k: _call(ref, "_opt_pre", k))
-            )
-            self._handles.append(
-                opt.register_step_post_hook(lambda *a, k=k: _call(ref, "_opt_post", k))
-            )
+            self._handles.append(opt.register_step_pre_hook(partial(_step_hook, ref, False, k)))
+            self._handles.append(opt.register_step_post_hook(partial(_step_hook, ref, True, k)))
         if self.scaler is not None:
             self._handles.append(_ScalerHook(self.scaler, ref))
         if self.update_ratio == "optimizer" and len(self.optimizers) != 1 and self.weights:
@@ -538,7 +535,15 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
 
     def _post_step(self) -> None:
         """The optimiser has stepped: update ratios, then move to the next step."""
-        if self._active and self._pending is not None:
+        if not self._active:  # (no hook ran: only the optimiser boundary's state to reset)
+            if self._updates is not None:
+                self._updates.ready = False
+            self._stepped_opts, self._snapshot, self._no_ratio = set(), None, False
+            self.step_index += 1
+            if self.schedule(self.step_index):
+                self._set_active(True)
+            return
+        if self._pending is not None:
             self._update_ratios()
             self._commit()
             if self._deferring:
@@ -568,21 +573,6 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             f"sites={len(self._sites)}, params={len(self.params)}, schedule={self.schedule}, "
             f"step={self.step_index})"
         )
-
-
-#: ``update_ratio`` choices: how ||W_after - W_before|| is measured.
-UPDATE_RATIO_CHOICES = ("auto", "optimizer", "copy")
-
-
-def _check_update_ratio(value: str | bool) -> str | bool:
-    if value is False:
-        return False
-    if value is True:
-        return "auto"
-    if value not in UPDATE_RATIO_CHOICES:
-        raise ValueError(f"update_ratio must be one of {', '.join(map(repr, UPDATE_RATIO_CHOICES))}"
-                         f" or False, got {value!r}")
-    return value
 
 
 def _flush_every(flush_every: int | None, dev: torch.device) -> int:
