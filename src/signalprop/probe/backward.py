@@ -88,19 +88,17 @@ class BackwardStats:
             return
         if self.reducer is not None:
             num, den = self.reducer.update_norms(num, den)
-        if not (self.on_record or self.reducer is not None or self._updates is None or
-                self._deferring):
+        if self.on_record or self.reducer is not None or self._updates is None:
+            # listeners, other ranks and hand-driven steps see the step complete now
+            ratio = num / den.clamp_min(1e-30)
+            for (n, _), r in zip(self.params, ratio.tolist(), strict=True):
+                self._pending.setdefault(n, {})["update_ratio"] = r
+        elif self._deferring:
+            self._enqueue("ratio", [num, den], self._ratio_names, False)  # (divided on landing)
+        else:
             # on the device until the next step's transfer (or reading the record), divided
             # there (transfer._ratios)
             self._ratios = (self.step_index, self._ratio_names, num, den)
-            return
-        ratio = num / den.clamp_min(1e-30)
-        if self.on_record or self.reducer is not None or self._updates is None:
-            # listeners, other ranks and hand-driven steps see the step complete now
-            for (n, _), r in zip(self.params, ratio.tolist(), strict=True):
-                self._pending.setdefault(n, {})["update_ratio"] = r
-        else:
-            self._enqueue("post", [ratio], self._ratio_names, False)
 
     def _preclip_values(self, pre: Any, values: list[torch.Tensor], names: _Metrics,
                         scale: torch.Tensor | None) -> None:

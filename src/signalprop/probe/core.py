@@ -184,7 +184,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         """Per-step and transfer state (cleared or consumed as steps go by)."""
         self._buffers: list[torch.Tensor] | None = None
         self._since_transfer = 0
-        self._queue: list[tuple[int, str, _Metrics, torch.Tensor, bool]] = []
+        # (step, kind, names, device values, uncounted, host values' layout or None)
+        self._queue: list[tuple[int, str, _Metrics, torch.Tensor, bool, Any]] = []
         self._queued_bytes = 0  # device bytes of the queue (Transfer._queue_full)
         self._inflight: list[tuple[torch.Tensor, Any, list[Any]]] = []
         self.step_index = 0
