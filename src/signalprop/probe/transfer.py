@@ -97,6 +97,13 @@ class Transfer:
                 vals = _splice(layout, vals)
             if kind == "ratio":  # ||dW|| then ||W||: divided here
                 vals = _ratios(vals[: len(names)], vals[len(names) :])
+            plan = self._rows_plan(names) if kind == "pre" else None
+            if plan is None or plan.deferred_healthy(vals):
+                # (the dicts are built when the record is read; a healthy step's counts too)
+                self._record._add_flat(step, names, vals)
+                if plan is not None and plan.deferred_names:
+                    self._record._add_flat(step, plan.deferred_names, plan.deferred_zeros)
+                continue
             row = self._record.data.setdefault(int(step), {})
             for (layer, metric), v in zip(names, vals, strict=True):
                 d = row.get(layer)
@@ -210,6 +217,11 @@ class Transfer:
             rec._add_flat(step, plan.count_names, plan.count_zeros)
             if self._pending:  # host additions (skipped_step)
                 rec._add_flat(step, *_names_values(self._pending))
+            self._pending = None
+            return
+        if self._pending is not None and self._deferring:
+            # the step's row (host additions; its values follow when they land)
+            self._record._add_flat(self.step_index, *_names_values(self._pending))
             self._pending = None
             return
         if self._pending is not None:
@@ -412,7 +424,7 @@ class _RowsPlan:
     read (:meth:`Transfer._commit`)."""
 
     __slots__ = ("names", "lo", "fin", "grad_rows", "out_rows", "count_names", "count_zeros",
-                 "clipped")
+                 "clipped", "dfin", "deferred_names", "deferred_zeros")
 
     def __init__(self, names: _Metrics, sites: dict[str, Any], params: dict[str, Any]) -> None:
         self.names = names
@@ -442,12 +454,29 @@ class _RowsPlan:
         self.count_zeros = [0.0] * len(self.count_names)
         # (an idle clip is dropped from the dicts: _drop_unchanged_clip)
         self.clipped = (MODEL, "grad_norm_total_clipped") in names
+        # a deferred step (Transfer._fix_deferred): healthy when its output gradient norms,
+        # output means and gradient norms are finite and nothing was clipped; then the rows
+        # with a mean or a gradient norm and no count get a count of 0
+        have = set(names)
+        dfin = [i for i, (_, m) in enumerate(names)
+                if m in ("out_grad_norm", "out_mean", "grad_norm")]
+        self.dfin = _getter(dfin)
+        self.deferred_names = [
+            (layer, c) for layer, m in dict.fromkeys(names)
+            for c in (("out_nonfinite",) if m == "out_mean" else
+                      ("grad_nonfinite",) if m == "grad_norm" else ())
+            if (layer, c) not in have]
+        self.deferred_zeros = [0.0] * len(self.deferred_names)
 
     def healthy(self, flat: list[float]) -> bool:
         # (in C over tuples: a sum is finite only if every term is; min() then sees no NaN)
         lo, fin = self.lo(flat), self.fin(flat)
         return (not lo or (math.isfinite(sum(lo)) and min(lo) >= _RECHECK_BELOW)) and \
             (not fin or math.isfinite(sum(fin)))
+
+    def deferred_healthy(self, flat: list[float]) -> bool:
+        fin = self.dfin(flat)
+        return not self.clipped and (not fin or math.isfinite(sum(fin)))
 
     def fix_healthy(self, rows: dict[str, dict[str, float]]) -> None:
         """The counts of a healthy step (as the value-by-value loop would set them)."""
