@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from signalprop.probe import Probe, core
+from signalprop.probe import Probe, core, transfer
 from signalprop.record import MODEL
 
 
@@ -200,3 +200,40 @@ def test_pending_builds_the_rows_of_the_step():
     p.detach()
     assert p.record.get(1, MODEL, "extra") == 7.0
     assert p.record.get(1, "0.weight", "grad_norm") == rows["0.weight"]["grad_norm"]
+
+
+@pytest.mark.parametrize("case", ["plain", "clip", "nan", "skip"])
+def test_deferred_rows_built_when_read_equal_rows_built_on_landing(monkeypatch, case):
+    # values queued on the device (flush_every > 1) land every few steps; a healthy step's
+    # become dicts when the record is read, others at once (the oracle: every step at once)
+    def run(at_once):
+        if at_once:
+            monkeypatch.setattr(transfer._RowsPlan, "deferred_healthy", lambda self, flat: False)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        p = Probe(model, optimizer=opt, flush_every=3).attach()
+        g = torch.Generator().manual_seed(5)
+        for s in range(7):
+            opt.zero_grad(set_to_none=True)
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+            if case == "nan" and s == 4:
+                x[0, 0] = math.nan
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            p.log(loss=loss)
+            if case == "clip":
+                nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            if not (case == "skip" and s == 2):
+                opt.step()
+        p.detach()
+        monkeypatch.undo()
+        waiting = {m for _, names, _ in p._record.__dict__["_flat"] for _, m in names}
+        if case in ("plain", "skip"):  # (healthy: their dicts are not built yet)
+            assert (waiting - {"update_ratio"} != set()) is (not at_once)
+        return p.record
+
+    eager, lazy = run(True), run(False)
+    assert lazy.steps == list(range(7))
+    if case == "skip":
+        assert lazy.get(2, MODEL, "skipped_step") == 1.0
+    assert _ordered(lazy) == _ordered(eager)

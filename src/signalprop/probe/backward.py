@@ -72,6 +72,34 @@ class BackwardStats:
         elif self.weights and self.optimizers and self.update_ratio:
             self._copy_weights()
 
+    def _update_ratios(self) -> None:
+        """||W_after - W_before|| / ||W_before|| of the step just taken, where it is known."""
+        assert self._pending is not None
+        num: torch.Tensor | None = None
+        den = self._pending_weight_norms
+        if self.weights and not self._no_ratio:
+            if self._snapshot is not None:
+                params = [p.detach() for _, p in self.params]
+                torch._foreach_sub_(self._snapshot, params)  # buffer := W_before - W_after
+                num = device_norms(self._snapshot)
+            elif self._updates is not None and self._updates.ready:
+                num = self._updates.after()
+        if num is None:
+            return
+        if self.reducer is not None:
+            num, den = self.reducer.update_norms(num, den)
+        if self.on_record or self.reducer is not None or self._updates is None:
+            # listeners, other ranks and hand-driven steps see the step complete now
+            ratio = num / den.clamp_min(1e-30)
+            for (n, _), r in zip(self.params, ratio.tolist(), strict=True):
+                self._pending.setdefault(n, {})["update_ratio"] = r
+        elif self._deferring:
+            self._enqueue("ratio", [num, den], self._ratio_names, False)  # (divided on landing)
+        else:
+            # on the device until the next step's transfer (or reading the record), divided
+            # there (transfer._ratios)
+            self._ratios = (self.step_index, self._ratio_names, num, den)
+
     def _preclip_values(self, pre: Any, values: list[torch.Tensor], names: _Metrics,
                         scale: torch.Tensor | None) -> None:
         """Norms taken at the end of backward, before any clipping by the user's loop."""

@@ -11,10 +11,10 @@ activations. So:
   ``max_forward_samples`` values of the output with one gather (outputs autograd would free are
   not kept alive, and a later in-place op cannot change the sample) and, for rectifiers, which
   units were active anywhere in the batch. The gradient hook reduces dL/dh to its norm at once.
-- At the end of the step every statistic is computed in bulk on the device (samples of all
-  sites stacked: one launch per metric family; norms through ``torch._foreach_norm``) and
-  reaches the host in ONE transfer (the step's only host synchronisation); the update ratios
-  of a step travel with the next step's transfer (or when :attr:`Probe.record` is read).
+- At the end of the step every statistic is computed in bulk on the device (``_foreach_norm``)
+  and reaches the host in ONE transfer (its only host sync; on the CPU none: a tensor call
+  costs ~5 us there, so values are read where they are); a step's dicts are built when the
+  record is read, its update ratios travel with the next step. Weights only: one hook.
 - Memory on an accelerator (deferred steps) peaks late in backward, with every parameter
   gradient alive: a one-pass step's forward statistics are computed as its backward begins,
   so the samples are gone by then; gradient norms accumulate in float64 without a float64
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,13 +47,13 @@ from signalprop.probe.layermap import LayerMap
 from signalprop.probe.schedule import Schedule, as_schedule
 from signalprop.probe.sites import MAX_SITES, _Metrics, time_metric
 from signalprop.probe.transfer import Transfer
-from signalprop.probe.update import UpdateNorms, device_norms
+from signalprop.probe.update import UpdateNorms, _check_update_ratio
 from signalprop.probe.wrappers import (
     _as_optimizers,
-    _call,
     _compiled_modules,
     _ScalerHook,
     _Sentinel,
+    _step_hook,
     unwrap,
 )
 from signalprop.record import MODEL, Record
@@ -183,7 +184,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         """Per-step and transfer state (cleared or consumed as steps go by)."""
         self._buffers: list[torch.Tensor] | None = None
         self._since_transfer = 0
-        self._queue: list[tuple[int, str, _Metrics, torch.Tensor, bool]] = []
+        # (step, kind, names, device values, uncounted, host values' layout or None)
+        self._queue: list[tuple[int, str, _Metrics, torch.Tensor, bool, Any]] = []
         self._queued_bytes = 0  # device bytes of the queue (Transfer._queue_full)
         self._inflight: list[tuple[torch.Tensor, Any, list[Any]]] = []
         self.step_index = 0
@@ -212,7 +214,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._stride_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         # update ratios of the last recorded step, on the device until the next transfer
         # (step, names, ||dW||, ||W||): divided on the host
-        self._ratios: tuple[int, list[str], torch.Tensor, torch.Tensor] | None = None
+        self._ratios: tuple[int, _Metrics, torch.Tensor, torch.Tensor] | None = None
         self._updates: UpdateNorms | None = None
         self._no_ratio = False
         self._param_names = [n for n, _ in self.params]
@@ -275,12 +277,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         # so unrecorded steps would otherwise pay for hooks that do nothing
         self._handles.append(_Sentinel())
         for k, opt in enumerate(self.optimizers):
-            self._handles.append(
-                opt.register_step_pre_hook(lambda *a, k=k: _call(ref, "_opt_pre", k))
-            )
-            self._handles.append(
-                opt.register_step_post_hook(lambda *a, k=k: _call(ref, "_opt_post", k))
-            )
+            self._handles.append(opt.register_step_pre_hook(partial(_step_hook, ref, False, k)))
+            self._handles.append(opt.register_step_post_hook(partial(_step_hook, ref, True, k)))
         if self.scaler is not None:
             self._handles.append(_ScalerHook(self.scaler, ref))
         if self.update_ratio == "optimizer" and len(self.optimizers) != 1 and self.weights:
@@ -538,7 +536,15 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
 
     def _post_step(self) -> None:
         """The optimiser has stepped: update ratios, then move to the next step."""
-        if self._active and self._pending is not None:
+        if not self._active:  # (no hook ran: only the optimiser boundary's state to reset)
+            if self._updates is not None:
+                self._updates.ready = False
+            self._stepped_opts, self._snapshot, self._no_ratio = set(), None, False
+            self.step_index += 1
+            if self.schedule(self.step_index):
+                self._set_active(True)
+            return
+        if self._pending is not None:
             self._update_ratios()
             self._commit()
             if self._deferring:
@@ -562,58 +568,12 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self.step_index += 1
         self._set_active(bool(self.schedule(self.step_index)))
 
-    def _update_ratios(self) -> None:
-        """||W_after - W_before|| / ||W_before|| of the step just taken, where it is known."""
-        assert self._pending is not None
-        num: torch.Tensor | None = None
-        den = self._pending_weight_norms
-        if self.weights and not self._no_ratio:
-            if self._snapshot is not None:
-                params = [p.detach() for _, p in self.params]
-                torch._foreach_sub_(self._snapshot, params)  # buffer := W_before - W_after
-                num = device_norms(self._snapshot)
-            elif self._updates is not None and self._updates.ready:
-                num = self._updates.after()
-        if num is None:
-            return
-        if self.reducer is not None:
-            num, den = self.reducer.update_norms(num, den)
-        if not (self.on_record or self.reducer is not None or self._updates is None or
-                self._deferring):
-            # on the device until the next step's transfer (or reading the record), divided
-            # there (transfer._ratios)
-            self._ratios = (self.step_index, self._ratio_names, num, den)
-            return
-        ratio = num / den.clamp_min(1e-30)
-        if self.on_record or self.reducer is not None or self._updates is None:
-            # listeners, other ranks and hand-driven steps see the step complete now
-            for (n, _), r in zip(self.params, ratio.tolist(), strict=True):
-                self._pending.setdefault(n, {})["update_ratio"] = r
-        else:
-            self._enqueue("post", [ratio], self._ratio_names, False)
-
     def __repr__(self) -> str:
         return (
             f"Probe({type(self.model).__name__}, modules={len(self._mods)}, "
             f"sites={len(self._sites)}, params={len(self.params)}, schedule={self.schedule}, "
             f"step={self.step_index})"
         )
-
-
-
-#: ``update_ratio`` choices: how ||W_after - W_before|| is measured.
-UPDATE_RATIO_CHOICES = ("auto", "optimizer", "copy")
-
-
-def _check_update_ratio(value: str | bool) -> str | bool:
-    if value is False:
-        return False
-    if value is True:
-        return "auto"
-    if value not in UPDATE_RATIO_CHOICES:
-        raise ValueError(f"update_ratio must be one of {', '.join(map(repr, UPDATE_RATIO_CHOICES))}"
-                         f" or False, got {value!r}")
-    return value
 
 
 def _flush_every(flush_every: int | None, dev: torch.device) -> int:

@@ -71,10 +71,11 @@ class Transfer:
             return
         entries, self._queue = self._queue, []
         self._queued_bytes = 0
-        vec = torch.cat([e[3] for e in entries])
+        vecs = [e[3] for e in entries if e[3].numel()]
+        vec = torch.cat(vecs) if vecs else torch.zeros(0, dtype=torch.float64)
         # only the sizes travel on: the device vectors are freed once the copy is queued
         # (stream-ordered, so the copy reads them first)
-        entries = [(e[0], e[1], e[2], e[3].numel(), e[4]) for e in entries]
+        entries = [(e[0], e[1], e[2], e[3].numel(), e[4], e[5]) for e in entries]
         if vec.device.type == "cuda":
             host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
             host.copy_(vec, non_blocking=True)
@@ -89,9 +90,20 @@ class Transfer:
     def _materialise(self, host: torch.Tensor, entries: list[Any]) -> None:
         flat = host.tolist()
         pos = 0
-        for step, kind, names, n, uncounted in entries:
+        for step, kind, names, n, uncounted, layout in entries:
             vals = flat[pos : pos + n]
             pos += n
+            if layout is not None:  # host values in their places
+                vals = _splice(layout, vals)
+            if kind == "ratio":  # ||dW|| then ||W||: divided here
+                vals = _ratios(vals[: len(names)], vals[len(names) :])
+            plan = self._rows_plan(names) if kind == "pre" else None
+            if plan is None or plan.deferred_healthy(vals):
+                # (the dicts are built when the record is read; a healthy step's counts too)
+                self._record._add_flat(step, names, vals)
+                if plan is not None and plan.deferred_names:
+                    self._record._add_flat(step, plan.deferred_names, plan.deferred_zeros)
+                continue
             row = self._record.data.setdefault(int(step), {})
             for (layer, metric), v in zip(names, vals, strict=True):
                 d = row.get(layer)
@@ -136,20 +148,29 @@ class Transfer:
     def _store_ratios(self, step: int, names: _Metrics, vals: list[float]) -> None:
         self._record._add_flat(step, names, vals)  # (``(param, "update_ratio")`` names)
 
-    def _enqueue(self, kind: str, values: list[torch.Tensor], names: _Metrics,
+    def _enqueue(self, kind: str, values: list[Any], names: _Metrics,
                  uncounted: bool) -> None:
-        parts = [torch.tensor(v, dtype=torch.float64) if type(v) is list
-                 else v.detach().reshape(-1) for v in values]
-        if not parts:
+        """Queue a step's values on the device (``kind`` "ratio": ||dW|| and ||W|| of each
+        name, divided when they land). Host values (lists) wait on the host in their places:
+        each tensor call costs the training step ~5-10 us of host time."""
+        parts = [_flat(v) for v in values if type(v) is not list]
+        layout = None if len(parts) == len(values) else \
+            [v if type(v) is list else v.numel() for v in values]
+        if not values:
             return
-        devs = [p.device for p in parts if p.device.type != "cpu"]
-        dev = devs[0] if devs else torch.device("cpu")
-        vec = torch.cat(
-            [p if p.device == dev else p.to(dev, non_blocking=True) for p in parts]
-        ).to(torch.float64)
-        if vec.numel() != len(names):  # a bug, never user error
-            raise RuntimeError(f"probe bookkeeping mismatch: {vec.numel()} values, {len(names)} names")
-        self._queue.append((self.step_index, kind, names, vec, uncounted))
+        if not parts:
+            vec = torch.zeros(0, dtype=torch.float64)
+        elif all(p.is_cpu for p in parts):
+            vec = torch.cat(parts).to(torch.float64)
+        else:
+            dev = next(p.device for p in parts if not p.is_cpu)
+            vec = torch.cat([p if p.device == dev else p.to(dev, non_blocking=True)
+                             for p in parts]).to(torch.float64)
+        n = vec.numel() + (0 if layout is None else
+                           sum(len(v) for v in layout if type(v) is list))
+        if n != len(names) * (2 if kind == "ratio" else 1):  # a bug, never user error
+            raise RuntimeError(f"probe bookkeeping mismatch: {n} values, {len(names)} names")
+        self._queue.append((self.step_index, kind, names, vec, uncounted, layout))
         # (as the CUDA caching allocator counts it: blocks of 512 bytes)
         self._queued_bytes += -(-vec.numel() * vec.element_size() // 512) * 512
 
@@ -196,6 +217,11 @@ class Transfer:
             rec._add_flat(step, plan.count_names, plan.count_zeros)
             if self._pending:  # host additions (skipped_step)
                 rec._add_flat(step, *_names_values(self._pending))
+            self._pending = None
+            return
+        if self._pending is not None and self._deferring:
+            # the step's row (host additions; its values follow when they land)
+            self._record._add_flat(self.step_index, *_names_values(self._pending))
             self._pending = None
             return
         if self._pending is not None:
@@ -360,14 +386,15 @@ def _names_values(rows: dict[str, dict[str, float]]) -> tuple[_Metrics, list[flo
 
 
 def _splice(values: list[Any], flat: list[float]) -> list[float]:
-    """The values in order: the tensors' from ``flat``, the host lists' as they are."""
+    """The values in order: the tensors' from ``flat``, the host lists' as they are
+    (``values``: tensors, or their sizes, and lists)."""
     out: list[float] = []
     pos = 0
     for v in values:
         if type(v) is list:
             out += v
         else:
-            n = v.numel()
+            n = v if type(v) is int else v.numel()
             out += flat[pos : pos + n]
             pos += n
     return out
@@ -391,11 +418,13 @@ class _RowsPlan:
     ``names``, worked out once per set of names: where the values are whose health it checks,
     and which rows get a NaN/Inf count of 0 on a healthy step (every output and parameter
     gradient norm, output mean and std finite, parameter norms in the range where float32 is
-    exact: :data:`_RECHECK_BELOW`). Checked on the step's flat values in two NumPy calls
-    rather than value by value."""
+    exact: :data:`_RECHECK_BELOW`). Checked on the step's flat values with a few calls in C
+    (sums and a min over tuples) rather than value by value; the counts are added to dicts
+    built now (:meth:`fix_healthy`) or, as names and values, to those built when the record is
+    read (:meth:`Transfer._commit`)."""
 
     __slots__ = ("names", "lo", "fin", "grad_rows", "out_rows", "count_names", "count_zeros",
-                 "clipped")
+                 "clipped", "dfin", "deferred_names", "deferred_zeros")
 
     def __init__(self, names: _Metrics, sites: dict[str, Any], params: dict[str, Any]) -> None:
         self.names = names
@@ -425,12 +454,29 @@ class _RowsPlan:
         self.count_zeros = [0.0] * len(self.count_names)
         # (an idle clip is dropped from the dicts: _drop_unchanged_clip)
         self.clipped = (MODEL, "grad_norm_total_clipped") in names
+        # a deferred step (Transfer._fix_deferred): healthy when its output gradient norms,
+        # output means and gradient norms are finite and nothing was clipped; then the rows
+        # with a mean or a gradient norm and no count get a count of 0
+        have = set(names)
+        dfin = [i for i, (_, m) in enumerate(names)
+                if m in ("out_grad_norm", "out_mean", "grad_norm")]
+        self.dfin = _getter(dfin)
+        self.deferred_names = [
+            (layer, c) for layer, m in dict.fromkeys(names)
+            for c in (("out_nonfinite",) if m == "out_mean" else
+                      ("grad_nonfinite",) if m == "grad_norm" else ())
+            if (layer, c) not in have]
+        self.deferred_zeros = [0.0] * len(self.deferred_names)
 
     def healthy(self, flat: list[float]) -> bool:
         # (in C over tuples: a sum is finite only if every term is; min() then sees no NaN)
         lo, fin = self.lo(flat), self.fin(flat)
         return (not lo or (math.isfinite(sum(lo)) and min(lo) >= _RECHECK_BELOW)) and \
             (not fin or math.isfinite(sum(fin)))
+
+    def deferred_healthy(self, flat: list[float]) -> bool:
+        fin = self.dfin(flat)
+        return not self.clipped and (not fin or math.isfinite(sum(fin)))
 
     def fix_healthy(self, rows: dict[str, dict[str, float]]) -> None:
         """The counts of a healthy step (as the value-by-value loop would set them)."""

@@ -140,6 +140,21 @@ def _pieces_to_norms(piece_norms: list[torch.Tensor], owner: list[int], n: int) 
     return torch.zeros(n, dtype=torch.float64, device=sq.device).index_add_(0, idx, sq).sqrt()
 
 
+#: ``update_ratio`` choices: how ||W_after - W_before|| is measured.
+UPDATE_RATIO_CHOICES = ("auto", "optimizer", "copy")
+
+
+def _check_update_ratio(value: str | bool) -> str | bool:
+    if value is False:
+        return False
+    if value is True:
+        return "auto"
+    if value not in UPDATE_RATIO_CHOICES:
+        raise ValueError(f"update_ratio must be one of {', '.join(map(repr, UPDATE_RATIO_CHOICES))}"
+                         f" or False, got {value!r}")
+    return value
+
+
 class UpdateNorms:
     """Computes ``||dW||`` of one optimiser step for a fixed list of parameters.
 

@@ -125,6 +125,13 @@ def _call(ref: weakref.ref, method: str, *args: Any) -> None:
         getattr(p, method)(*args)
 
 
+def _step_hook(ref: weakref.ref, post: bool, k: int, *args: Any) -> None:
+    """Optimiser ``k``'s step pre-hook (``post``: post-hook) of the probe behind ``ref``."""
+    p = ref()
+    if p is not None:
+        p._opt_post(k) if post else p._opt_pre(k)
+
+
 class _AttrPatch:
     """Replaces a function held in a module attribute (``layer.activation = F.gelu``) by a
     wrapper until removed."""
