@@ -15,13 +15,15 @@ Element-wise work runs on chunks of at most :data:`CHUNK_FRACTION` of the parame
 (large tensors are cut into flat pieces), so the temporary memory stays a small fraction of the
 model however large it is. The price is time: Adam's closed form reads its state once and
 makes five more passes over a chunk-sized temporary on each recorded step. On the CPU that runs
-in NumPy on flat chunks (gathered by ``concatenate``) with BLAS dot norms: in the training loop
-of ``benchmarks/probe_overhead.py``'s transformer (866k parameters in 149 tensors, one thread,
-its AdamW step ~9 ms) 2.9 ms, against 4.0 ms for the torch path below and 5.4 ms for one
-launch per tensor and pass (medians of one interleaved run), and more accurate (relative error
-~1e-7 against a float64 evaluation; torch's float32 norms ~6e-6). Elsewhere the torch path:
-one launch per pass and chunk, small tensors gathered into flat buffers first. A weight copy
-would hold a third of Adam's state in memory instead.
+in NumPy on flat chunks (gathered by ``concatenate``) with BLAS dot norms; elsewhere in torch
+operations, one launch per pass and chunk (small tensors gathered into flat buffers first).
+``benchmarks/update_norms.py`` times them in the training loop of ``probe_overhead.py``'s
+transformer (866k parameters in 149 tensors, one CPU thread, AdamW step ~9 ms; one run on a
+shared machine): NumPy 3.5 ms per recorded step, torch 4.8 ms (before either, one launch per
+tensor and pass: ~1.35x the torch path's time). A weight copy takes 2.7 ms there, but holds a
+third of Adam's state in memory on recorded steps. The NumPy path is also the more accurate
+(relative error ~1e-7 against a float64 evaluation of the closed form; torch's float32 norms
+~6e-6).
 
 Bias corrections use the step count of each parameter group as read once when the plan is made
 and advanced by the probe on every optimiser step (no host read during training); a parameter
