@@ -490,11 +490,11 @@ def test_host_gradient_norm_matches_a_float64_norm_from_vanishing_to_exploding(d
     # the CPU hooks' norm: sqrt(a . a) where no square can have under- or overflowed, else
     # the scaled nrm2 (vanishing gradients of 1e-25 square below float32's range; 1e25 above)
     torch.manual_seed(0)
-    # (float32: dot's error grows with size, 8e-7 at 2^20 values; nrm2 takes those)
+    # (float32: one dot's error grows with length, 8e-7 at 2^20 values: summed in pieces)
     rel = 2e-7 if dtype == torch.float32 else 1e-12
     scales = (1.0, 1e-3, 1e-17, 1e-19, 1e-25, 1e-32, 1e18, 1e25) if dtype == torch.float32 \
         else (1.0, 1e-150, 1e-160, 1e-300, 1e150, 1e160)
-    for n in (1, 7, 16384, hooks.DOT_NORM_MAX, 1 << 20):
+    for n in (1, 7, 16384, hooks.DOT_PIECE, hooks.DOT_PIECE + 1, 1 << 20):
         for scale in scales:
             g = torch.randn(n, dtype=torch.float64) * scale
             g32 = g.to(dtype)

@@ -570,28 +570,32 @@ def _blas_nrm2() -> dict[torch.dtype, Callable[[np.ndarray], float]]:
             torch.float64: _dot_norm(blas.ddot, blas.dnrm2, np.finfo(np.float64).tiny)}
 
 
-#: Largest gradient (elements) whose CPU norm is taken as sqrt(BLAS dot): dot accumulates in
-#: float32, its relative error growing with size (measured: 6e-8 at 2^18 values, 8e-7 at
-#: 2^20, 4e-5 at 2^24), while nrm2 stays at ~3e-8 at every size.
-DOT_NORM_MAX: int = 1 << 18
+#: Values per BLAS dot in the CPU gradient norm: dot accumulates in float32, its relative error
+#: growing with length (measured: 6e-8 at 2^18 values, 8e-7 at 2^20, 4e-5 at 2^24; nrm2 stays
+#: at ~3e-8), so longer gradients are summed from pieces of this size in double precision.
+DOT_PIECE: int = 1 << 16
 
 
 def _dot_norm(dot: Callable[[np.ndarray, np.ndarray], float],
               nrm2: Callable[[np.ndarray], float], tiny: float) -> Callable[[np.ndarray], float]:
-    """||a|| as sqrt(a . a) (BLAS dot: ~1 us for 16k float32 values against ~4 us for nrm2;
-    most of a small gradient's cost is the call), falling back to nrm2 for gradients over
-    :data:`DOT_NORM_MAX` values and wherever the squares could have lost anything: a sum
-    below ``1e9 * n * tiny`` (squares of vanishing gradients under the smallest normal number
-    each lose at most ``tiny``: at most 1e-9 of such a sum in all), or not finite (overflow,
-    NaN, Inf). Relative error against a float64 norm: ~1e-7 at most, as nrm2's."""
+    """||a|| as the square root of BLAS dots over pieces of at most :data:`DOT_PIECE` values
+    summed in double precision (~1 us for 16k float32 values against ~4 us for nrm2, and 1.5
+    to 4x faster than nrm2 on long arrays), falling back to nrm2 wherever the squares could
+    have lost anything: a sum below ``1e9 * n * tiny`` (squares of vanishing gradients under
+    the smallest normal number each lose at most ``tiny``: at most 1e-9 of such a sum in all),
+    or not finite (overflow, NaN, Inf). Relative error against a float64 norm: ~1e-7 at most
+    at any length, as nrm2's."""
     floor = 1e9 * float(tiny)
+    k = DOT_PIECE
 
     def norm(a: np.ndarray) -> float:
         n = a.shape[0]
-        if n <= DOT_NORM_MAX:
+        if n <= k:
             ss = float(dot(a, a))
-            if floor * n <= ss < math.inf:
-                return math.sqrt(ss)
+        else:
+            ss = math.fsum(dot(p, p) for p in (a[i:i + k] for i in range(0, n, k)))
+        if floor * n <= ss < math.inf:
+            return math.sqrt(ss)
         return float(nrm2(a))
 
     return norm
