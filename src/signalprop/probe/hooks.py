@@ -570,21 +570,17 @@ def _blas_nrm2() -> dict[torch.dtype, Callable[[np.ndarray], float]]:
             torch.float64: _dot_norm(blas.ddot, blas.dnrm2, np.finfo(np.float64).tiny)}
 
 
-#: Values per BLAS dot in the CPU gradient norm: dot accumulates in float32, its relative error
-#: growing with length (measured: 6e-8 at 2^18 values, 8e-7 at 2^20, 4e-5 at 2^24; nrm2 stays
-#: at ~3e-8), so longer gradients are summed from pieces of this size in double precision.
+#: Values per BLAS dot in the CPU gradient norm: one float32 dot's relative error grows with
+#: length (6e-8 at 2^18 values, 8e-7 at 2^20, 4e-5 at 2^24; nrm2 ~3e-8 at any length).
 DOT_PIECE: int = 1 << 16
 
 
 def _dot_norm(dot: Callable[[np.ndarray, np.ndarray], float],
               nrm2: Callable[[np.ndarray], float], tiny: float) -> Callable[[np.ndarray], float]:
-    """||a|| as the square root of BLAS dots over pieces of at most :data:`DOT_PIECE` values
-    summed in double precision (~1 us for 16k float32 values against ~4 us for nrm2, and 1.5
-    to 4x faster than nrm2 on long arrays), falling back to nrm2 wherever the squares could
-    have lost anything: a sum below ``1e9 * n * tiny`` (squares of vanishing gradients under
-    the smallest normal number each lose at most ``tiny``: at most 1e-9 of such a sum in all),
-    or not finite (overflow, NaN, Inf). Relative error against a float64 norm: ~1e-7 at most
-    at any length, as nrm2's."""
+    """||a|| from BLAS dots over pieces of :data:`DOT_PIECE` values summed in double precision
+    (16k float32 values: ~1 us against ~4 us for nrm2; long arrays: no slower), else nrm2
+    where squares could have lost anything: a sum below ``1e9 * n * tiny`` (each underflowed
+    square loses at most ``tiny``) or not finite (overflow, NaN, Inf). Relative error ~1e-7."""
     floor = 1e9 * float(tiny)
     k = DOT_PIECE
 
