@@ -35,7 +35,7 @@ one attached that never records (the cost of an unrecorded step) to the timed ta
 
 Usage: python benchmarks/probe_overhead.py [--device cpu|cuda] [--model mlp|transformer]
     [--dtype fp32|bf16] [--steps 50] [--repeats 7] [--threads 1] [--clock wall|cpu] [--split]
-    [--phases]
+    [--phases] [--every N ...]
     [--update-ratio auto|optimizer|copy|off] [--deferred] [--round BYTES] [--mem-detail N]
 """
 
@@ -158,14 +158,14 @@ def run(task: Task, opt: torch.optim.Optimizer, steps: int, p: Probe | None,
     maps the layers) belongs to the warm-up, as it would to a long training run."""
     dev = task.x.device.type
     clock = time.process_time if cpu_clock else time.perf_counter
+    want = 0 if p is None else sum(
+        bool(p.schedule(s)) for s in range(p.step_index, p.step_index + steps))
     sync(dev)
     t0 = clock()
     before = len(p.record.data) if p is not None else 0
     train(task, opt, steps, p)
     if p is not None:
         n = len(p.record.steps) - before
-        every = getattr(p.schedule, "n", None)  # (None: the --split probe that never records)
-        want = steps // every if every else 0
         if n != want:
             raise RuntimeError(f"probe recorded {n} steps, expected {want}")
     sync(dev)
@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-detail", type=int, default=0, metavar="N",
                     help="CPU memory pass: print the N largest groups of the probe's "
                          "allocations alive at its peak")
+    ap.add_argument("--every", type=int, nargs="*", default=[], metavar="N",
+                    help="also time the full probe recording every N-th step (N divides --steps)")
     ap.add_argument("--split", action="store_true",
                     help="also time probes recording one part each (forward, backward, "
                          "weights) every step, and one attached that never records")
@@ -458,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         "probe: full, every step": 1,
         "probe: full, every 10th step": 10,
     }
+    for n in args.every:
+        if n < 2 or steps % n:
+            print(f"--every {n}: must be >= 2 and divide --steps ({steps})", file=sys.stderr)
+            return 2
+        variants[f"probe: full, 1 step in {n}"] = n
     if steps % 10:
         print("--steps must be a multiple of 10", file=sys.stderr)
         return 2
