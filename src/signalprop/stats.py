@@ -323,6 +323,36 @@ FINAL_LOSS_WINDOW: int = 10
 TRIVIAL_MARGIN: float = 0.02
 
 
+#: Elements of the largest piece :func:`norm64` converts to float64 at once where no fused
+#: kernel reads float32 directly (the CPU without BLAS, other accelerators).
+NORM64_CHUNK: int = 1 << 11
+#: ... in at most this many pieces (each a reduction: time against the pieces' memory).
+NORM64_PIECES: int = 8
+
+
+def norm64(g: torch.Tensor) -> torch.Tensor:
+    """||g|| accumulated in float64 (no underflow of tiny squares) as a 0-dim float64 tensor,
+    with no host read and no float64 copy of ``g``.
+
+    ``torch.linalg.vector_norm(g, dtype=torch.float64)`` converts the whole of a float32 ``g``
+    to float64 first: a temporary twice g's size, alive inside backward where a step's memory
+    peaks. On CUDA the fused ``torch._foreach_norm`` reads a contiguous float32 ``g`` as it is
+    and accumulates in float64 (no copy; other CUDA gradients as before); elsewhere ``g`` is
+    reduced in pieces of at most :data:`NORM64_CHUNK` elements (at most :data:`NORM64_PIECES`
+    pieces), so only a piece is copied at a time.
+    """
+    if g.is_cuda:
+        if g.dtype == torch.float32 and g.is_contiguous() and not g.requires_grad:
+            # (the combination ``device_norms`` uses for parameters, measured on an H100)
+            return torch._foreach_norm([g], 2, dtype=torch.float64)[0]
+        return torch.linalg.vector_norm(g, dtype=torch.float64)  # (half precision: as before)
+    if g.dtype == torch.float64 or not g.is_floating_point() or g.numel() <= NORM64_CHUNK:
+        return torch.linalg.vector_norm(g, dtype=torch.float64)
+    flat = g.reshape(-1)
+    parts = flat.split(max(NORM64_CHUNK, -(-flat.numel() // NORM64_PIECES)))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float64)))
+
+
 def final_loss(losses: Sequence[float], window: int = FINAL_LOSS_WINDOW) -> float:
     """Mean of the last ``min(window, len(losses))`` losses (NaN when empty or non-finite)."""
     if not losses:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from signalprop import stats
 from signalprop.probe import Probe, core, every, hooks, transfer
 
 READS = {
@@ -519,12 +520,12 @@ def test_norm64_matches_a_float64_norm_without_underflow(shape):
         g = torch.randn(shape) * scale
         for t in (g, g.transpose(0, -1)):  # also non-contiguous
             want = torch.linalg.vector_norm(t.double())
-            got = hooks.norm64(t)
+            got = stats.norm64(t)
             assert got.dtype == torch.float64 and got.dim() == 0
             assert float(got) == pytest.approx(float(want), rel=1e-12)
     g = torch.randn(5000)
     g[123] = float("nan")
-    assert torch.isnan(hooks.norm64(g))
+    assert torch.isnan(stats.norm64(g))
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])

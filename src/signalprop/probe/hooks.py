@@ -268,7 +268,17 @@ def _block_pre_hook(ref: weakref.ref, name: str, module: nn.Module, args: tuple)
         return
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if x is not None and x.requires_grad:
-        x.register_hook(partial(_grad_hook, p._block_grads.setdefault(name, []), None))
+        store = p._block_grads.setdefault(name, [])
+        if x.grad_fn is None:
+            x.register_hook(partial(_grad_hook, store, None))
+        else:  # (on the node that made x: what a tensor hook sees, at less cost)
+            x.grad_fn.register_prehook(partial(_block_node_hook, store, x.output_nr))
+
+
+def _block_node_hook(store: list[tuple[Any, Any]], k: int,
+                     grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+    if grad_outputs[k] is not None:
+        _grad_hook(store, None, grad_outputs[k])
 
 
 def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any) -> None:
@@ -515,42 +525,12 @@ def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tenso
         # GPT-2 logit gradient), so it is only taken once some probe has seen a non-finite
         # value (None: not counted; recorded as NaN if the norm turns out non-finite)
         v = (
-            norm64(g),
+            stats.norm64(g),
             (~torch.isfinite(g)).sum() if _COUNT_NONFINITE[0] else None,
         )
     store.append(v)
     if tstore is not None:
         tstore.append(v)
-
-
-#: Elements of the largest piece :func:`norm64` converts to float64 at once where no fused
-#: kernel reads float32 directly (the CPU without BLAS, other accelerators).
-NORM64_CHUNK: int = 1 << 11
-#: ... in at most this many pieces (each a reduction: time against the pieces' memory).
-NORM64_PIECES: int = 8
-
-
-def norm64(g: torch.Tensor) -> torch.Tensor:
-    """||g|| accumulated in float64 (no underflow of tiny squares) as a 0-dim float64 tensor,
-    with no host read and no float64 copy of ``g``.
-
-    ``torch.linalg.vector_norm(g, dtype=torch.float64)`` converts the whole of a float32 ``g``
-    to float64 first: a temporary twice g's size, alive inside backward where a step's memory
-    peaks. On CUDA the fused ``torch._foreach_norm`` reads a contiguous float32 ``g`` as it is
-    and accumulates in float64 (no copy; other CUDA gradients as before); elsewhere ``g`` is
-    reduced in pieces of at most :data:`NORM64_CHUNK` elements (at most :data:`NORM64_PIECES`
-    pieces), so only a piece is copied at a time.
-    """
-    if g.is_cuda:
-        if g.dtype == torch.float32 and g.is_contiguous() and not g.requires_grad:
-            # (the combination ``device_norms`` uses for parameters, measured on an H100)
-            return torch._foreach_norm([g], 2, dtype=torch.float64)[0]
-        return torch.linalg.vector_norm(g, dtype=torch.float64)  # (half precision: as before)
-    if g.dtype == torch.float64 or not g.is_floating_point() or g.numel() <= NORM64_CHUNK:
-        return torch.linalg.vector_norm(g, dtype=torch.float64)
-    flat = g.reshape(-1)
-    parts = flat.split(max(NORM64_CHUNK, -(-flat.numel() // NORM64_PIECES)))
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float64)))
 
 
 #: Activation kinds whose saturation is measured on the input (the hook samples it too).
