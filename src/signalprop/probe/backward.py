@@ -209,6 +209,7 @@ class BackwardStats:
             pnames = self._param_names
             self._witness = self._plist[0]
         self._preclip = (pnames, _no_grad_norms(grads), list(map(_VERSION, grads)))
+
     def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
         norms: list[Any] = []
         bads: list[Any] = []
