@@ -12,7 +12,7 @@ Models (``--model``):
 Variants: plain; the full probe (forward, backward and weight statistics) recording every step;
 the full probe recording every 10th step. They run interleaved (plain, every step, every 10th,
 plain, ...) so machine load affects all alike; the medians of each variant's per-step time and the
-ratios to plain are printed. Targets (issue 12): every step <= 1.10x, every 10th <= 1.02x.
+ratios to plain are printed, with the range of each repeat's ratio to the plain run beside it. Targets (issue 12): every step <= 1.10x, every 10th <= 1.02x.
 
 Memory: the probe's extra peak memory, measured in a separate pass after the timing (peak memory
 of 10 + ``--mem-steps`` probed steps, the probe created inside the window so that what it keeps
@@ -336,13 +336,16 @@ def _timing(args: argparse.Namespace, task: Task, opt: torch.optim.Optimizer, st
           f"update_ratio={args.update_ratio}")
     print(f"{steps} steps x {args.repeats} interleaved repeats, {args.clock} clock, medians; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'variant':34s} {'ms/step':>8s} {'ratio':>7s}  target")
+    print(f"{'variant':34s} {'ms/step':>8s} {'ratio':>7s} {'repeats':>15s}  target")
     targets = {"probe: full, every step": 1.10, "probe: full, every 10th step": 1.02}
     for k, v in times.items():
         m = statistics.median(v)
         t = targets.get(k)
         verdict = "" if t is None else f"<= {t:.2f}x: {'met' if m / base <= t else 'NOT met'}"
-        print(f"{k:34s} {1e3 * m / steps:8.2f} {m / base:7.3f}x  {verdict}")
+        # each repeat's ratio to the plain run beside it: the spread is the noise of the ratio
+        paired = [a / b for a, b in zip(v, times["plain"], strict=True)]
+        spread = "" if k == "plain" else f"[{min(paired):.3f}, {max(paired):.3f}]"
+        print(f"{k:34s} {1e3 * m / steps:8.2f} {m / base:7.3f}x {spread:>15s}  {verdict}")
 
 
 #: ``--split``: probes that record one part each, every step, and one that never records.
