@@ -23,8 +23,10 @@ takes each output gradient's norm in backward:
 - ``signalprop``: the real :class:`signalprop.Probe` (forward, backward and weight statistics,
   update ratios), recording every step.
 
-The last lines compute, from the measured rungs, the lowest every-step and every-10th-step
-ratios such a design can reach on this model and device, against the issue's targets.
+The last lines compute, from the measured rungs, a bound on the every-step and every-10th-step
+ratios of such a design on this model and device (the ``+ norms`` rung: any design does at least
+this) and the ratio of the cheapest full recording built here (``+ end``), against the issue's
+targets.
 
 Usage: python benchmarks/probe_floor.py [--device cpu|cuda] [--steps 20] [--repeats 9]
     [--threads 1] [--clock cpu|wall]
@@ -231,11 +233,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{hook_floor:.3f}x every step;")
     print(f"with the end-of-step statistics: {full:.3f}x every step, so about "
           f"{1 + (full - 1) / 10:.3f}x recording every 10th step (unrecorded steps free).")
-    for what, target, floor in (("every step", 1.10, hook_floor),
-                                ("every 10th step", 1.02, 1 + (hook_floor - 1) / 10)):
-        verdict = ("above this floor: not ruled out" if floor <= target else
-                   "below this floor: no hook-based eager design reaches it on this model here")
-        print(f"target {what} <= {target:.2f}x vs floor {floor:.3f}x: {verdict}")
+    # the bound: samples and norms only (any design must do at least this); the cheapest full
+    # recording built here adds the end-of-step statistics (weight and gradient norms included,
+    # which a full probe records): not a bound, the best we know
+    for what, target, bound, best in (
+            ("every step", 1.10, hook_floor, full),
+            ("every 10th step", 1.02, 1 + (hook_floor - 1) / 10, 1 + (full - 1) / 10)):
+        if bound > target:
+            verdict = "below the bound: no hook-based eager design reaches it on this model here"
+        elif best > target:
+            verdict = (f"above the bound, below the cheapest full recording built here "
+                       f"({best:.3f}x)")
+        else:
+            verdict = "reachable"
+        print(f"target {what} <= {target:.2f}x vs bound {bound:.3f}x: {verdict}")
     return 0
 
 
