@@ -53,8 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from signalprop import Probe
-from signalprop.probe import hooks
+from signalprop import Probe, stats
 from signalprop.probe.core import FLUSH_EVERY_ACCELERATOR
 
 
@@ -309,13 +308,13 @@ def peak_bytes(task: Task, opt: torch.optim.Optimizer, steps: int, schedule: int
 @contextlib.contextmanager
 def _no_host_norms(on: bool):
     """Gradient hooks take the accelerator's norms (float64 on the "device") while ``on``."""
-    saved = dict(hooks._NRM2)
+    saved = dict(stats.HOST_NORMS)
     if on:
-        hooks._NRM2.clear()
+        stats.HOST_NORMS.clear()
     try:
         yield
     finally:
-        hooks._NRM2.update(saved)
+        stats.HOST_NORMS.update(saved)
 
 
 def _timing(args: argparse.Namespace, task: Task, opt: torch.optim.Optimizer, steps: int,

@@ -353,6 +353,48 @@ def norm64(g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float64)))
 
 
+# --- CPU norms (the probe's gradient hooks, Adam's closed form) ------------------------------
+def _host_norms() -> dict[torch.dtype, Callable[[np.ndarray], float]]:
+    try:
+        from scipy.linalg import blas
+    except ImportError:
+        return {}
+    return {torch.float32: dot_norm(blas.sdot, blas.snrm2, np.finfo(np.float32).tiny),
+            torch.float64: dot_norm(blas.ddot, blas.dnrm2, np.finfo(np.float64).tiny)}
+
+
+#: Values per BLAS dot in the CPU gradient norm: one float32 dot's relative error grows with
+#: length (6e-8 at 2^18 values, 8e-7 at 2^20, 4e-5 at 2^24; nrm2 ~3e-8 at any length).
+DOT_PIECE: int = 1 << 16
+
+
+def dot_norm(dot: Callable[[np.ndarray, np.ndarray], float],
+              nrm2: Callable[[np.ndarray], float], tiny: float) -> Callable[[np.ndarray], float]:
+    """||a|| from BLAS dots over pieces of :data:`DOT_PIECE` values summed in double precision
+    (16k float32 values: ~1 us against ~4 us for nrm2; long arrays: no slower), else nrm2
+    where squares could have lost anything: a sum below ``1e9 * n * tiny`` (each underflowed
+    square loses at most ``tiny``) or not finite (overflow, NaN, Inf). Relative error ~1e-7."""
+    floor = 1e9 * float(tiny)
+    k = DOT_PIECE
+
+    def norm(a: np.ndarray) -> float:
+        n = a.shape[0]
+        if n <= k:
+            ss = float(dot(a, a))
+        else:
+            ss = math.fsum(dot(p, p) for p in (a[i:i + k] for i in range(0, n, k)))
+        if floor * n <= ss < math.inf:
+            return math.sqrt(ss)
+        return float(nrm2(a))
+
+    return norm
+
+
+#: CPU norms of 1-D NumPy arrays by torch dtype (:func:`dot_norm`; empty without SciPy, and
+#: then the CPU takes the accelerators' path, :func:`norm64`).
+HOST_NORMS: dict[torch.dtype, Callable[[np.ndarray], float]] = _host_norms()
+
+
 def final_loss(losses: Sequence[float], window: int = FINAL_LOSS_WINDOW) -> float:
     """Mean of the last ``min(window, len(losses))`` losses (NaN when empty or non-finite)."""
     if not losses:

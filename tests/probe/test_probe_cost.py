@@ -121,7 +121,7 @@ def test_no_host_read_on_the_training_path_except_one_transfer(
 ):
     if device_path:
         # the code path an accelerator takes (no BLAS norm on the host in the gradient hook)
-        monkeypatch.setattr(hooks, "_NRM2", {})
+        monkeypatch.setattr(stats, "HOST_NORMS", {})
     # copies every flush_every recorded steps (the queue's memory budget never cuts in)
     monkeypatch.setattr(transfer, "QUEUE_FRACTION", float("inf"))
     torch.manual_seed(0)
@@ -149,7 +149,7 @@ def test_no_host_read_on_the_training_path_except_one_transfer(
 def test_loss_scale_is_never_read_on_the_host(monkeypatch):
     # GradScaler.get_scale() reads the scale (a device synchronisation on CUDA): the probe
     # keeps it as a tensor that travels with the step's transfer, and divides norms by it there
-    monkeypatch.setattr(hooks, "_NRM2", {})  # the accelerators' path
+    monkeypatch.setattr(stats, "HOST_NORMS", {})  # the accelerators' path
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -396,7 +396,7 @@ def test_sampled_forward_statistics_match_exact_ones_within_sampling_error():
 def test_nonfinite_output_gradients_counted_from_the_first_sighting_on(monkeypatch):
     # the accelerators' path: a healthy run takes no NaN/Inf count in the gradient hooks; the
     # first non-finite dL/dh is marked "not counted" (NaN) and counting starts from then on
-    monkeypatch.setattr(hooks, "_NRM2", {})
+    monkeypatch.setattr(stats, "HOST_NORMS", {})
     monkeypatch.setattr(hooks, "_COUNT_NONFINITE", [False])
     model = _mlp()
     x = torch.randn(8, 8)
@@ -485,7 +485,7 @@ def test_host_kernels_record_what_the_torch_kernels_record(monkeypatch, flush_ev
     assert "saturated_frac" in a.data[0]["1"] and "saturated_frac" in a.data[0]["5"]
 
 
-@pytest.mark.skipif(not hooks._NRM2, reason="needs scipy's BLAS")
+@pytest.mark.skipif(not stats.HOST_NORMS, reason="needs scipy's BLAS")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_host_gradient_norm_matches_a_float64_norm_from_vanishing_to_exploding(dtype):
     # the CPU hooks' norm: sqrt(a . a) where no square can have under- or overflowed, else
@@ -495,19 +495,19 @@ def test_host_gradient_norm_matches_a_float64_norm_from_vanishing_to_exploding(d
     rel = 2e-7 if dtype == torch.float32 else 1e-12
     scales = (1.0, 1e-3, 1e-17, 1e-19, 1e-25, 1e-32, 1e18, 1e25) if dtype == torch.float32 \
         else (1.0, 1e-150, 1e-160, 1e-300, 1e150, 1e160)
-    for n in (1, 7, 16384, hooks.DOT_PIECE, hooks.DOT_PIECE + 1, 1 << 20):
+    for n in (1, 7, 16384, stats.DOT_PIECE, stats.DOT_PIECE + 1, 1 << 20):
         for scale in scales:
             g = torch.randn(n, dtype=torch.float64) * scale
             g32 = g.to(dtype)
             m = float(g32.double().abs().max())  # (a scaled float64 reference: no underflow)
             want = float(torch.linalg.vector_norm(g32.double() / m)) * m
-            got, count = hooks._host_norm(hooks._NRM2[dtype], g32)
+            got, count = hooks._host_norm(stats.HOST_NORMS[dtype], g32)
             assert got == pytest.approx(want, rel=rel, abs=0.0), (n, scale)
             assert count == 0.0
     for bad in (float("nan"), float("inf")):
         g = torch.randn(1000, dtype=dtype)
         g[17] = bad
-        got, count = hooks._host_norm(hooks._NRM2[dtype], g)
+        got, count = hooks._host_norm(stats.HOST_NORMS[dtype], g)
         assert not math.isfinite(got) and count == 1.0
 
 
@@ -534,7 +534,7 @@ def test_accelerator_path_frees_forward_samples_before_the_peak_and_records_the_
     # deferred steps with one forward pass compute their forward statistics as backward
     # begins (samples freed before the step's memory peaks) and pack the gradient norms of
     # 16 sites into one tensor: the records equal those of immediate steps
-    monkeypatch.setattr(hooks, "_NRM2", {})  # the accelerators' norms
+    monkeypatch.setattr(stats, "HOST_NORMS", {})  # the accelerators' norms
     recs, early = [], []
     for flush_every in (1, 4):
         torch.manual_seed(0)

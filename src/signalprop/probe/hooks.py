@@ -164,7 +164,7 @@ def _pair_hook(ref: weakref.ref, store_in: list[tuple[Any, Any]], store_out: lis
     for g, store in ((grad_outputs[0], store_out), (grad_inputs[0], store_in)):
         if g is None:
             continue
-        nrm = _NRM2.get(g.dtype) if g.is_cpu else None
+        nrm = stats.HOST_NORMS.get(g.dtype) if g.is_cpu else None
         if nrm is None or g.requires_grad:
             _out_grad_hook(ref, store, None, g)
         else:
@@ -450,7 +450,7 @@ def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list 
     if p is not None and not p._cb_queued:
         _backward_started(ref)
     # (the CPU case of _grad_hook inline: this runs once per watched output in every backward)
-    nrm2 = _NRM2.get(g.dtype) if g.is_cpu else None
+    nrm2 = stats.HOST_NORMS.get(g.dtype) if g.is_cpu else None
     if nrm2 is None or g.requires_grad or tstore is not None:
         _grad_hook(store, tstore, g)
         if p is not None and tstore is None and isinstance(store[-1][0], torch.Tensor):
@@ -501,7 +501,7 @@ def _requeue_end(ref: weakref.ref) -> None:
 
 def _host_norm(nrm2: Callable[[np.ndarray], float], g: torch.Tensor) -> tuple[float, float]:
     """(||g||, NaN/Inf count) of a CPU gradient on the host: BLAS dot or nrm2 (see
-    :func:`_dot_norm` and :func:`_grad_hook`), the exact count only when the norm is not
+    :func:`signalprop.stats.dot_norm` and :func:`_grad_hook`), the exact count only when the norm is not
     finite."""
     a = (g if g.is_contiguous() else g.contiguous()).numpy().ravel()
     n = nrm2(a)
@@ -513,11 +513,11 @@ def _grad_hook(store: list[tuple[Any, Any]], tstore: list | None, g: torch.Tenso
     # Float32 squares underflow below ~1e-19 (vanishing gradients are exactly what is measured)
     # and the gradient is gone by the time a host sees the norm, so the norm must be robust
     # here. On the CPU: BLAS dot, or the scaled nrm2 where squares could underflow or
-    # overflow (:func:`_dot_norm`; no temporary; ~1 us for 16k values), whose result is a host
+    # overflow (:func:`signalprop.stats.dot_norm`; no temporary; ~1 us for 16k values), whose result is a host
     # float: the CPU is the host, there is no device to wait
     # for, and a NaN/Inf norm is followed by an exact count at once. On an accelerator: a
     # float64 norm and the NaN/Inf count on the device, no host synchronisation.
-    nrm2 = _NRM2.get(g.dtype) if g.is_cpu else None
+    nrm2 = stats.HOST_NORMS.get(g.dtype) if g.is_cpu else None
     if nrm2 is not None and not g.requires_grad:
         v = _host_norm(nrm2, g)
     else:
@@ -539,42 +539,3 @@ _NEEDS_INPUT = frozenset(k for k, v in stats.SATURATING.items() if not v[0])
 #: Whether gradient hooks on an accelerator count NaN/Inf entries: switched on for good once a
 #: probe has seen a non-finite norm (a diverging run), off while training is healthy.
 _COUNT_NONFINITE = [False]
-
-
-def _blas_nrm2() -> dict[torch.dtype, Callable[[np.ndarray], float]]:
-    try:
-        from scipy.linalg import blas
-    except ImportError:  # then the CPU takes the accelerators' path (float64 norm)
-        return {}
-    return {torch.float32: _dot_norm(blas.sdot, blas.snrm2, np.finfo(np.float32).tiny),
-            torch.float64: _dot_norm(blas.ddot, blas.dnrm2, np.finfo(np.float64).tiny)}
-
-
-#: Values per BLAS dot in the CPU gradient norm: one float32 dot's relative error grows with
-#: length (6e-8 at 2^18 values, 8e-7 at 2^20, 4e-5 at 2^24; nrm2 ~3e-8 at any length).
-DOT_PIECE: int = 1 << 16
-
-
-def _dot_norm(dot: Callable[[np.ndarray, np.ndarray], float],
-              nrm2: Callable[[np.ndarray], float], tiny: float) -> Callable[[np.ndarray], float]:
-    """||a|| from BLAS dots over pieces of :data:`DOT_PIECE` values summed in double precision
-    (16k float32 values: ~1 us against ~4 us for nrm2; long arrays: no slower), else nrm2
-    where squares could have lost anything: a sum below ``1e9 * n * tiny`` (each underflowed
-    square loses at most ``tiny``) or not finite (overflow, NaN, Inf). Relative error ~1e-7."""
-    floor = 1e9 * float(tiny)
-    k = DOT_PIECE
-
-    def norm(a: np.ndarray) -> float:
-        n = a.shape[0]
-        if n <= k:
-            ss = float(dot(a, a))
-        else:
-            ss = math.fsum(dot(p, p) for p in (a[i:i + k] for i in range(0, n, k)))
-        if floor * n <= ss < math.inf:
-            return math.sqrt(ss)
-        return float(nrm2(a))
-
-    return norm
-
-
-_NRM2 = _blas_nrm2()

@@ -45,6 +45,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from signalprop import stats
+
 #: Temporary tensors of the closed forms hold at most this fraction of the parameters' elements
 #: (Adam keeps two moments per weight, so its share of model + optimiser state is a third).
 CHUNK_FRACTION: dict[str, float] = {"sgd": 0.02, "adam": 0.1}
@@ -478,10 +480,8 @@ def _host_plan(ms: list[torch.Tensor], vs: list[torch.Tensor], ws: list[torch.Te
     elements (two temporaries of that size), with the pieces' sizes, and each piece's owner;
     ``None`` where this path does not apply (another device, a dtype without a BLAS norm, no
     SciPy)."""
-    from signalprop.probe.hooks import _NRM2  # (BLAS dot norms, robust to underflow)
-
     dtypes = {t[k].dtype for t in (ms, vs, ws) for k in ks}
-    if not HOST_NUMPY or len(dtypes) != 1 or dtypes.pop() not in _NRM2 or any(
+    if not HOST_NUMPY or len(dtypes) != 1 or dtypes.pop() not in stats.HOST_NORMS or any(
             type(t[k]) is not torch.Tensor or t[k].device.type != "cpu"  # (not a DTensor ...)
             for t in (ms, vs, ws) for k in ks):
         return None
@@ -498,12 +498,10 @@ def _adam_host(chunks: list[tuple[Any, ...]], e: float, wa: float) -> np.ndarray
     flat temporaries per chunk, each state tensor read once (gathered by ``concatenate``), the
     rest on the temporaries while they are in cache, and BLAS dot norms (see the module
     docstring for its cost against torch operations)."""
-    from signalprop.probe.hooks import _NRM2
-
     if not chunks:  # (parameters without elements)
         return np.zeros(0)
     dtype = chunks[0][0][0].dtype
-    nrm = _NRM2[torch.float32 if dtype == np.float32 else torch.float64]
+    nrm = stats.HOST_NORMS[torch.float32 if dtype == np.float32 else torch.float64]
     most = max(sum(c[3]) for c in chunks)
     b1, b2 = np.empty(most, dtype), np.empty(most, dtype)
     out = np.empty(sum(len(c[3]) for c in chunks), np.float64)
