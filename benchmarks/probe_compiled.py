@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from probe_floor import SAMPLES, make_mlp  # noqa: E402  (the floor's model and sample size)
+from probe_floor import SAMPLES  # noqa: E402  (the floor's sample size)
+from probe_overhead import make_mlp  # noqa: E402  (the benchmarks' MLP)
 
 
 class Tap(torch.autograd.Function):

@@ -47,16 +47,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from signalprop import Probe
+from signalprop import Probe, stats
 
-SAMPLES = 256  # values kept per watched output (signalprop's default, stats.MAX_FORWARD_SAMPLES)
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from probe_overhead import make_mlp  # noqa: E402  (the benchmark's MLP)
 
-
-def make_mlp(depth: int = 20, width: int = 128) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.Tanh()]
-    return nn.Sequential(*layers, nn.Linear(width, 10))
+SAMPLES = stats.MAX_FORWARD_SAMPLES  # values kept per watched output (the probe's default)
+#: positions of the probe's percentiles in a sorted sample (nearest rank)
+_RANKS = [round(q / 100 * (SAMPLES - 1)) for q in stats.PERCENTILES]
 
 
 def _nrm2() -> Callable[[np.ndarray], float] | None:
@@ -137,14 +135,14 @@ class Ladder:
             mean = a.mean(axis=1, dtype=np.float64)
             std = a.std(axis=1, dtype=np.float64)
             srt = np.sort(a, axis=1)
-            pct = srt[:, [12, 38, 127, 216, 242]]  # (nearest ranks of 5, 15, 50, 85, 95%)
+            pct = srt[:, _RANKS]
             sat = np.count_nonzero(np.abs(a) > 0.99, axis=1) / a.shape[1]
             norms = torch.cat([torch.stack(gn), torch.stack(wn)]).numpy()
             np.concatenate([mean, std, pct.reshape(-1), sat, norms, np.asarray(store)])
             return
         std, mean = torch.std_mean(s, dim=1, correction=0)
         srt = s.sort(dim=1).values
-        pct = srt[:, torch.tensor([12, 38, 127, 216, 242], device=s.device)]
+        pct = srt[:, torch.tensor(_RANKS, device=s.device)]
         sat = (s.abs() > 0.99).float().mean(dim=1)
         torch.cat([mean, std, pct.reshape(-1), sat, torch.stack(gn), torch.stack(wn),
                    torch.stack(store).float()]).cpu()
