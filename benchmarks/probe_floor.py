@@ -50,7 +50,10 @@ rung, outside the timed steps (a probe recording every step may keep them):
 - ``signalprop``: the real :class:`signalprop.Probe` recording every step.
 
 Each end-of-step rung brings its values to the host in one copy. The transformer's table adds
-each rung's range of per-repeat ratios (to the plain run beside it): the noise of the ratio.
+each rung's range of per-repeat ratios (to the plain run beside it): the noise of the ratio;
+``--phases`` adds each rung's extra thread CPU time in forward, backward and the optimiser step
+(with the end of the step), medians over the single timed steps (robust to steps another process
+interrupted).
 
 The last lines compute, from the measured rungs, a bound on the every-step and every-10th-step
 ratios of such a design on this model and device (the ``+ norms`` rung: any design does at least
@@ -59,6 +62,7 @@ updates`` on the transformer), against the issue's targets.
 
 Usage: python benchmarks/probe_floor.py [--model mlp|transformer] [--device cpu|cuda]
     [--steps 20 (mlp), 10 (transformer)] [--repeats 9] [--threads 1] [--clock cpu|wall]
+    [--phases (transformer, CPU)]
 """
 
 from __future__ import annotations
@@ -238,6 +242,10 @@ class TransformerLadder:
         self.gnorms: list[object] = []
         self.grad_hook: Callable | None = None
         self._handles: list = []
+        #: ``--phases``: a clock timing each step's forward, backward and optimiser step (+ the
+        #: end of the step), and the times of the rung set up last
+        self.clock: Callable[[], float] | None = None
+        self.phase_times: list[tuple[float, float, float]] = []
         # what the probe watches: one recorded step maps the model; its record names the
         # sampled outputs (modules, and activation functions called inside a module as
         # "<module>/<function>") and the blocks whose input gradient it takes
@@ -314,11 +322,12 @@ class TransformerLadder:
         """Install what rung ``name`` needs (outside the timed window: a probe that records
         every step may keep its hooks installed); returns its training step."""
         self.level = self._LEVEL[name]
+        self.phase_times = []
         if name == "signalprop":
             self.probe.attach()
-            return self.plain
+            return self.step
         if self.level < self._LEVEL["sample"]:
-            return self.plain
+            return self.step
         self.grad_hook = None if self.level < self._LEVEL["hooks"] else (
             self._noop if self.level < self._LEVEL["norms"] else self._norm_hook)
         add = self._handles.append
@@ -349,25 +358,34 @@ class TransformerLadder:
         self.updates.advance()
 
     def step(self) -> None:
-        """One training step of the rung set up last."""
-        lv, L = self.level, self._LEVEL
-        if lv < L["stats"]:
-            self.samples, self.gnorms = [], []
-            self.plain()
-            return
+        """One training step of the rung set up last (every rung, plain and signalprop's
+        included; with ``clock`` set, the step's phases are timed into ``phase_times``)."""
+        lv, L, clk = self.level, self._LEVEL, self.clock
+        if clk is not None:
+            t0 = clk()
         self.samples, self.gnorms = [], []
         self.opt.zero_grad(set_to_none=True)
-        self.task.loss(self.model(self.task.x)).backward()
-        vals = self._sample_stats()
-        if lv >= L["weights"]:
-            vals.append(self._weight_norms())
-        if lv >= L["updates"]:
-            self.updates.before(None)
+        loss = self.task.loss(self.model(self.task.x))
+        if clk is not None:
+            t1 = clk()
+        loss.backward()
+        if clk is not None:
+            t2 = clk()
+        end = L["stats"] <= lv < L["signalprop"]
+        if end:
+            vals = self._sample_stats()
+            if lv >= L["weights"]:
+                vals.append(self._weight_norms())
+            if lv >= L["updates"]:
+                self.updates.before(None)
         self.opt.step()
         self.updates.advance()
-        if lv >= L["updates"]:
-            vals.append(self.updates.after())
-        self._to_host(vals)
+        if end:
+            if lv >= L["updates"]:
+                vals.append(self.updates.after())
+            self._to_host(vals)
+        if clk is not None:
+            self.phase_times.append((t1 - t0, t2 - t1, clk() - t2))
 
     def _sample_stats(self) -> list:
         """Moments and percentiles of the stacked samples (the stats kernels the probe uses:
@@ -402,6 +420,25 @@ class TransformerLadder:
                   [torch.stack(self.gnorms).reshape(-1)]).cpu()
 
 
+def _print_phases(rungs: list[str], labels: dict[str, str],
+                  phases: dict[str, list[tuple[float, float, float]]]) -> None:
+    """Per-step medians of each phase (plain absolute, the rungs' extra) and of whole steps:
+    a median over single steps sets aside the steps another process interrupted."""
+    med = {k: [statistics.median(ph[i] for ph in v) for i in range(3)] + [
+        statistics.median(sum(ph) for ph in v)] for k, v in phases.items()}
+    base = med["plain"]
+    print(f"\nper phase, ms (thread CPU time, medians of {len(phases['plain'])} steps; plain, "
+          f"then each rung's extra)")
+    print(f"{'rung':12s} {'forward':>9s} {'backward':>9s} {'step+end':>9s} {'whole step':>11s}"
+          f" {'ratio':>7s}")
+    for k in rungs:
+        m = med[k]
+        cells = [f"{1e3 * v:9.2f}" if k == "plain" else f"{1e3 * (v - b):+9.2f}"
+                 for v, b in zip(m[:3], base[:3], strict=True)]
+        print(f"{labels.get(k, k):12s} {' '.join(cells)} {1e3 * m[3]:11.2f} "
+              f"{m[3] / base[3]:6.3f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["mlp", "transformer"], default="mlp",
@@ -413,7 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
                     help="cpu: this process's CPU time (default on the CPU); wall (default on CUDA)")
+    ap.add_argument("--phases", action="store_true",
+                    help="transformer, CPU: also each rung's extra thread CPU time in forward, "
+                         "backward and the optimiser step (+ the end of the step), per-step "
+                         "medians of the same timed steps")
     args = ap.parse_args(argv)
+    if args.phases and (args.model != "transformer" or args.device != "cpu"):
+        print("--phases is for --model transformer on the CPU", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
@@ -435,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             torch.cuda.synchronize()
 
+    phases: dict[str, list[tuple[float, float, float]]] = {k: [] for k in rungs}
+
     def timed(name: str) -> float:
         fn = lad.setup(name)
         sync()
@@ -444,11 +490,15 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         t = clock() - t0
         lad.teardown(name)
+        if args.phases:
+            phases[name] += lad.phase_times
         return t / steps
 
     for name in rungs:  # warm-up (the probe's first recorded step maps the layers)
         for _ in range(3):
             timed(name)
+    if args.phases:
+        lad.clock = time.thread_time
     times: dict[str, list[float]] = {k: [] for k in rungs}
     for _ in range(args.repeats):
         for name in rungs:
@@ -477,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
               (spread.rjust(16) if spread else ""))
         if k != "signalprop":
             prev = m
+    if args.phases:
+        _print_phases(rungs, labels, phases)
     hook_floor = med[lad.BOUND] / base  # samples and gradient norms, nothing else
     full = min(med[lad.FULL], med["signalprop"]) / base
     if mlp:

@@ -29,7 +29,7 @@ def test_probe_floor_benchmark_runs_and_computes_its_verdicts(floor, capsys, mod
     threads = torch.get_num_threads()
     try:
         args = ["--model", model, "--steps", "1", "--repeats", "1", "--threads", str(threads)]
-        assert floor.main(args) == 0
+        assert floor.main(args + (["--phases"] if model == "transformer" else [])) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -38,11 +38,13 @@ def test_probe_floor_benchmark_runs_and_computes_its_verdicts(floor, capsys, mod
         assert f"\n{ladder.LABELS.get(rung, rung)} " in out
     assert out.count("target every") == 2
     assert ("watched as signalprop's probe watches it" in out) == (model == "transformer")
+    assert ("\nper phase, ms" in out) == (model == "transformer")
 
 
 def test_probe_floor_bad_arguments_fail_with_one_line(floor, capsys):
-    assert floor.main(["--model", "transformer", "--steps", "0"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    for bad in (["--model", "transformer", "--steps", "0"], ["--model", "mlp", "--phases"]):
+        assert floor.main(bad) == 2
+        assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(SystemExit):
         floor.main(["--model", "gpt"])
 
