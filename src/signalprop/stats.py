@@ -396,66 +396,43 @@ def dot_norm(dot: Callable[[np.ndarray, np.ndarray], float],
 #: then the CPU takes the accelerators' path, :func:`norm64`).
 HOST_NORMS: dict[torch.dtype, Callable[[np.ndarray], float]] = _host_norms()
 
-#: 1-D float32 tensors of fewer elements than this have their norms taken together by
-#: :class:`HostNorms` (one concatenation and :func:`segment_norms`: ~1 ns per value against
-#: ~0.2 ns for a BLAS dot, but no Python call, BLAS call and NumPy view per tensor, ~1.2 us).
-SMALL_NORM: int = 1 << 10
-
-
-def segment_norms(flat: np.ndarray, starts: np.ndarray) -> list[float]:
-    """Norms of the consecutive non-empty segments of a float32 array that begin at
-    ``starts``: float64 squares (exact for float32 values, which can neither underflow nor
-    overflow there) summed per segment; NaN/Inf where a segment holds them."""
-    sq = np.square(flat, dtype=np.float64)
-    return np.sqrt(np.add.reduceat(sq, starts)).tolist()
-
-
 _PTR, _SHAPE = torch.Tensor.data_ptr, operator.attrgetter("shape")
-_LAYOUT, _REQ = operator.attrgetter("layout"), operator.attrgetter("requires_grad")
+_DTYPE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("layout")
+_REQ, _CPU = operator.attrgetter("requires_grad"), operator.attrgetter("is_cpu")
 
 
-class _Layout:
-    """Which of a list of parameters' norms are taken one by one (``big``), which together
-    (``small``, float32, 1-D, under :data:`SMALL_NORM` elements), and how to put the results
-    (big ones first) back in the list's order."""
-
-    __slots__ = ("big", "small", "pick", "starts", "back")
-
-    def __init__(self, params: Sequence[torch.Tensor], nrms: list[Callable[[np.ndarray], float]],
-                 idx: Sequence[int]) -> None:
-        small = [j for j, i in enumerate(idx) if params[i].dtype == torch.float32
-                 and params[i].dim() == 1 and 0 < params[i].numel() < SMALL_NORM]
-        if len(small) < 2:  # (a concatenation of one costs more than it saves)
-            small = []
-        sset = set(small)
-        self.big = [(j, nrms[idx[j]]) for j in range(len(idx)) if j not in sset]
-        self.small = small
-        self.pick = operator.itemgetter(*small) if small else None
-        sizes = [params[idx[j]].numel() for j in small]
-        self.starts = np.cumsum([0, *sizes[:-1]]) if small else None
-        order = [j for j, _ in self.big] + small
-        inv = [0] * len(order)
-        for k, j in enumerate(order):
-            inv[j] = k
-        # (results in the list's order, by one C call; None: already in order)
-        self.back = operator.itemgetter(*inv) if small else None
+def host_norms(tensors: Sequence[torch.Tensor]) -> list[float] | None:
+    """L2 norms of CPU tensors as host floats (float64) from :data:`HOST_NORMS` on NumPy
+    views, without torch's per-tensor dispatch (``torch._foreach_norm`` on the CPU: ~1.5-3 us
+    per tensor, most of a transformer's tensors are biases and norms of a few hundred values);
+    NaN/Inf where a tensor holds them, exact where float32 squares would under- or overflow.
+    ``None`` unless every tensor is a dense, contiguous, plain CPU tensor of a dtype in
+    :data:`HOST_NORMS` that does not require grad: the caller takes the torch path. (Small
+    tensors taken together, one concatenation and float64 squares, cost as much inside a
+    training step, where every tensor touched is a cache miss: measured, not done.)"""
+    if not tensors or not tensors[0].is_cpu or not HOST_NORMS or not all(map(_CPU, tensors)) \
+            or set(map(type, tensors)) != {torch.Tensor} or any(map(_REQ, tensors)) \
+            or set(map(_LAYOUT, tensors)) != {torch.strided} \
+            or not all(map(torch.Tensor.is_contiguous, tensors)):
+        return None
+    dtypes = set(map(_DTYPE, tensors))
+    if len(dtypes) == 1:
+        nrm = HOST_NORMS.get(dtypes.pop())
+        if nrm is None:
+            return None
+        return [nrm(t.numpy().reshape(-1)) if t.numel() else 0.0 for t in tensors]
+    if not dtypes <= HOST_NORMS.keys():
+        return None
+    return [HOST_NORMS[t.dtype](t.numpy().reshape(-1)) if t.numel() else 0.0 for t in tensors]
 
 
 class HostNorms:
-    """L2 norms of a fixed list of CPU parameters and of their gradients, as host floats
-    (float64), without torch's per-tensor dispatch (``torch._foreach_norm`` on the CPU costs
-    ~3 us per tensor, most of a transformer's tensors are biases and norms of a few hundred
-    values): :data:`HOST_NORMS` on NumPy views, small float32 tensors together
-    (:func:`segment_norms`). The parameters' views are made once (``load_state_dict`` copies
-    into the same memory; a parameter whose memory or shape changes makes a new plan:
-    :meth:`of`), the gradients' on every call (``zero_grad`` frees them).
+    """:func:`host_norms` of a fixed list of CPU parameters (``ok``: all of them dense,
+    contiguous, plain or ``nn.Parameter``, of a dtype in :data:`HOST_NORMS`), on NumPy views
+    made once. ``load_state_dict`` copies into the same memory; a parameter whose memory or
+    shape changes (``.data`` replaced, ``.to()``) needs a new plan: :meth:`of`."""
 
-    Only for parameters that are all contiguous, dense, plain CPU tensors of a dtype in
-    :data:`HOST_NORMS` (``ok``); gradients that are not (sparse, non-contiguous, requiring
-    grad, a subclass) make :meth:`grads` return ``None``: the caller takes the torch path.
-    """
-
-    __slots__ = ("key", "ok", "params", "views", "nrms", "full", "buf", "_sub")
+    __slots__ = ("key", "ok", "calls")
 
     def __init__(self, params: Sequence[torch.Tensor], key: tuple[Any, ...]) -> None:
         self.key = key
@@ -463,16 +440,9 @@ class HostNorms:
             type(p) in (torch.Tensor, torch.nn.Parameter) and p.layout == torch.strided
             and p.is_cpu and p.dtype in HOST_NORMS and p.is_contiguous() and not p.is_neg()
             for p in params)
-        if not self.ok:
-            return
-        self.params = list(params)
         # (the views keep the parameters' memory alive: no address in ``key`` is reused)
-        self.views = [p.detach().numpy().reshape(-1) for p in params]
-        self.nrms = [HOST_NORMS[p.dtype] for p in params]
-        self.full = _Layout(params, self.nrms, range(len(params)))
-        small = [self.views[j] for j in self.full.small]
-        self.buf = np.empty(sum(v.size for v in small), np.float32) if small else None
-        self._sub: tuple[tuple[int, ...], _Layout] | None = None
+        self.calls = [(HOST_NORMS[p.dtype], p.detach().numpy().reshape(-1)) if p.numel()
+                      else (_zero, None) for p in params] if self.ok else []
 
     @classmethod
     def of(cls, params: Sequence[torch.Tensor], old: HostNorms | None) -> HostNorms:
@@ -483,33 +453,11 @@ class HostNorms:
 
     def weights(self) -> list[float]:
         """||W|| of every parameter, in order."""
-        lay = self.full
-        views = self.views
-        out = [nrm(views[j]) for j, nrm in lay.big]
-        if lay.small:
-            np.concatenate(lay.pick(views), out=self.buf)
-            out += segment_norms(self.buf, lay.starts)
-            return list(lay.back(out))
-        return out
+        return [nrm(v) for nrm, v in self.calls]
 
-    def grads(self, grads: Sequence[torch.Tensor], have: Sequence[int] | None = None) -> list[float] | None:
-        """||g|| of the gradients ``grads`` of the parameters at ``have`` (every parameter when
-        ``None``), in order; ``None`` where a gradient is not for this path."""
-        if set(map(type, grads)) != {torch.Tensor} or set(map(_LAYOUT, grads)) != {torch.strided} \
-                or not all(map(torch.Tensor.is_contiguous, grads)) or any(map(_REQ, grads)):
-            return None
-        lay = self.full if have is None else self._subset(have)
-        out = [nrm(grads[j].numpy().reshape(-1)) for j, nrm in lay.big]
-        if lay.small:
-            out += segment_norms(torch.cat(lay.pick(grads)).numpy(), lay.starts)
-            return list(lay.back(out))
-        return out
 
-    def _subset(self, have: Sequence[int]) -> _Layout:
-        key = tuple(have)
-        if self._sub is None or self._sub[0] != key:  # (the same subset step after step)
-            self._sub = (key, _Layout(self.params, self.nrms, have))
-        return self._sub[1]
+def _zero(a: Any) -> float:
+    return 0.0  # (BLAS rejects empty arrays)
 
 
 def final_loss(losses: Sequence[float], window: int = FINAL_LOSS_WINDOW) -> float:

@@ -1,6 +1,7 @@
 """Backward and weight statistics of a recorded step: output-gradient norms pooled from the
-gradient hooks, parameter gradient and weight norms in one fused call, norms before clipping,
-and what the optimiser needs for update ratios."""
+gradient hooks, parameter gradient and weight norms in one fused call (on the CPU: on the host,
+:func:`signalprop.stats.host_norms`), norms before clipping, and what the optimiser needs for
+update ratios."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ class BackwardStats:
     """Mixin of :class:`~signalprop.probe.core.Probe`: gradients, weights, update norms."""
 
     def _weight_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
-        """Every norm of this step in ONE fused call (parameter grads, weights), the norms
-        before clipping, and the optimiser's side of the update ratios."""
+        """Every norm of this step in ONE call (parameter grads, weights: :meth:`_param_norms`),
+        the norms before clipping, and the optimiser's side of the update ratios."""
         allnorms = None
         n_grads = 0
         pre = self._preclip
@@ -49,7 +50,7 @@ class BackwardStats:
                 pnames = self._param_names
                 tnames = [(pnames[i], "grad_norm") for i in (have or range(n_grads))]
             tnames += self._wnames
-            allnorms = self._param_norms(grads, have, True)  # no host read (CPU: exact)
+            allnorms = self._param_norms(grads, True)  # no host read (CPU: exact)
             if n_grads and scale is not None:
                 allnorms = torch.cat([allnorms[:n_grads] / scale, allnorms[n_grads:]])
             values.append(allnorms)
@@ -104,14 +105,14 @@ class BackwardStats:
             names += self._gnames
         else:
             names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
-        grads, have = _grads(self._plist)
+        grads, _ = _grads(self._plist)
         changed = len(grads) == len(versions) and list(map(_VERSION, grads)) != versions
         # the pre-clip norms are those of the current gradients (every parameter has one)
         self._grads_intact = not changed and len(grads) == len(versions) == len(self.params)
         if changed:
             # gradients changed in place since backward (clip_grad_norm_, unscale_): the
             # global norm the optimiser will actually use
-            after = self._param_norms(grads, have, False).square().sum().sqrt()
+            after = self._param_norms(grads, False).square().sum().sqrt()
             if scale is not None and not self._unscaled_by_scaler():
                 after = after / scale
             values.append(after.reshape(1))
@@ -150,7 +151,7 @@ class BackwardStats:
                 reuse = pnorms
         elif allnorms is not None and n_grads == len(grads) and scale is None:
             reuse = allnorms[:n_grads]
-        norms = reuse if reuse is not None else self._param_norms(grads, sub, False)
+        norms = reuse if reuse is not None else self._param_norms(grads, False)
         if sub is None:
             return norms
         out = torch.zeros(len(self.params), dtype=torch.float64, device=norms.device)
@@ -199,32 +200,23 @@ class BackwardStats:
         else:  # (every parameter has a gradient: the usual case)
             pnames = self._param_names
             self._witness = self._plist[0]
-        self._preclip = (pnames, self._param_norms(grads, have, False), list(map(_VERSION, grads)))
+        self._preclip = (pnames, self._param_norms(grads, False), list(map(_VERSION, grads)))
 
-    def _param_norms(self, grads: list[torch.Tensor], have: list[int] | None,
-                     weights: bool) -> torch.Tensor:
-        """Norms (float64, on the parameters' device, no host read) of ``grads``, the
-        gradients of the parameters at ``have`` (of every parameter when ``None``), followed
-        by those of every weight when ``weights``. CPU parameters: on the host
-        (:class:`~signalprop.stats.HostNorms`: BLAS dots, exact where float32 squares would
-        under- or overflow), one small tensor from the host values; elsewhere (or for tensors
-        that path does not take) one fused :func:`device_norms` call."""
-        host = self._host_norms()
-        if host is not None:
-            vals = host.grads(grads, have) if grads else []
+    def _param_norms(self, grads: list[torch.Tensor], weights: bool) -> torch.Tensor:
+        """Norms (float64, on the parameters' device, no host read) of the gradients
+        ``grads``, followed by those of every weight when ``weights``. On the CPU, taken on
+        the host (:func:`~signalprop.stats.host_norms`, the weights' views made once:
+        :class:`~signalprop.stats.HostNorms`), one small tensor made from the values;
+        elsewhere, or for tensors that path does not take, one fused :func:`device_norms`."""
+        if update.HOST_NUMPY and self._plist and self._plist[0].is_cpu:
+            vals = stats.host_norms(grads) if grads else []
+            if vals is not None and weights:
+                plan = self.__dict__["_hnorms"] = stats.HostNorms.of(
+                    self._plist, self.__dict__.get("_hnorms"))
+                vals = vals + plan.weights() if plan.ok else None
             if vals is not None:
-                if weights:
-                    vals += host.weights()
                 return torch.tensor(vals, dtype=torch.float64)
         return _no_grad_norms([*grads, *self._plist] if weights else grads)
-
-    def _host_norms(self) -> stats.HostNorms | None:
-        """The host plan of the CPU's parameter norms (``None``: the torch path)."""
-        ps = self._plist
-        if not ps or not ps[0].is_cpu or not update.HOST_NUMPY or not stats.HOST_NORMS:
-            return None
-        plan = self.__dict__["_hnorms"] = stats.HostNorms.of(ps, self.__dict__.get("_hnorms"))
-        return plan if plan.ok else None
 
     def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
         norms: list[Any] = []
