@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks of the probe's cost (issue 12), for a fresh machine with torch + CUDA installed.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
-# Writes every log to "$OUT/" (default ./gpu-out); at most 7 minutes (the sum of the limits;
-# about 4.5 minutes on an H100).
+# Writes every log to "$OUT/" (default ./gpu-out); at most 8.5 minutes (the sum of the limits;
+# about 5.5 minutes on an H100).
 # Each part has its own time limit, so one failure or hang does not hide the others.
 set -u
 OUT="${OUT:-gpu-out}"
@@ -45,8 +45,11 @@ step probe_transformer_fp32 60 "$PY" benchmarks/probe_overhead.py --device cuda 
     --model transformer --repeats 5
 step probe_transformer_bf16 60 "$PY" benchmarks/probe_overhead.py --device cuda \
     --model transformer --dtype bf16 --repeats 5
-# ... and the floor of any hook-based probe on this card (the cheapest recording, rung by rung)
+# ... and the floor of any hook-based probe on this card (the cheapest recording, rung by rung;
+#     the transformer: GPT-2 small, 8 rungs x 8 runs x 10 steps, ~40 s on an H100)
 step probe_floor 30 "$PY" benchmarks/probe_floor.py --device cuda --repeats 7
+step probe_floor_transformer 90 "$PY" benchmarks/probe_floor.py --device cuda \
+    --model transformer --repeats 5
 # ... and a compiled recorded step (prototype: samples and gradient norms inside the graph)
 step probe_compiled 120 "$PY" benchmarks/probe_compiled.py --device cuda --repeats 7
 

@@ -580,22 +580,3 @@ def test_accelerator_path_extra_memory_is_under_5_percent_of_the_state(monkeypat
     extra = bench.peak_bytes(task, opt, 3, 1, **mem) - plain
     state = bench.state_bytes(task.model, opt)
     assert 0 < extra <= 0.05 * state, (extra, state)
-
-
-def test_probe_floor_benchmark_runs_and_computes_its_verdicts(capsys):
-    # benchmarks/probe_floor.py (the cheapest hook-based recording, rung by rung): a smoke run
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "probe_floor.py")
-    spec = importlib.util.spec_from_file_location("probe_floor", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--steps", "1", "--repeats", "1", "--threads", str(threads)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    for rung in ("plain", "loop", "+ sample", "+ hooks", "+ norms", "+ end", "signalprop"):
-        assert f"\n{rung} " in out
-    assert out.count("target every") == 2
