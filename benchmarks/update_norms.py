@@ -6,7 +6,8 @@ step (its ``before`` just ahead of the step, its ``after`` just behind it: the s
 the probe meets it, not warm from a repeat). Variants, interleaved (each a run of ``--steps``
 steps, ``--repeats`` times), medians of the per-step process time:
 
-- ``closed form, NumPy``: the CPU's path (flat chunks in NumPy, BLAS dot norms);
+- ``closed form, NumPy``: the CPU's path (each large tensor's state read in place by NumPy, the
+  decay term by BLAS dots; the small tensors gathered);
 - ``closed form, torch``: the path accelerators take, here on the CPU (one launch per pass);
 - ``weight copy``: the fallback for optimisers without a closed form (copy before, subtract and
   norm after).
