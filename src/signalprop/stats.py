@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -393,6 +395,120 @@ def dot_norm(dot: Callable[[np.ndarray, np.ndarray], float],
 #: CPU norms of 1-D NumPy arrays by torch dtype (:func:`dot_norm`; empty without SciPy, and
 #: then the CPU takes the accelerators' path, :func:`norm64`).
 HOST_NORMS: dict[torch.dtype, Callable[[np.ndarray], float]] = _host_norms()
+
+_PTR, _SHAPE = torch.Tensor.data_ptr, operator.attrgetter("shape")
+_DTYPE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("layout")
+_REQ, _CPU = operator.attrgetter("requires_grad"), operator.attrgetter("is_cpu")
+
+
+def host_norms(tensors: Sequence[torch.Tensor]) -> list[float] | None:
+    """L2 norms of CPU tensors as host floats (float64) from :data:`HOST_NORMS` on NumPy
+    views, without torch's per-tensor dispatch (``torch._foreach_norm`` on the CPU: ~1.5-3 us
+    per tensor, most of a transformer's tensors are biases and norms of a few hundred values);
+    NaN/Inf where a tensor holds them, exact where float32 squares would under- or overflow.
+    ``None`` unless every tensor is a dense, contiguous, plain CPU tensor of a dtype in
+    :data:`HOST_NORMS` that does not require grad: the caller takes the torch path. (Small
+    tensors taken together, one concatenation and float64 squares, cost as much inside a
+    training step, where every tensor touched is a cache miss: measured, not done.)"""
+    if not tensors or not tensors[0].is_cpu or not HOST_NORMS or not all(map(_CPU, tensors)) \
+            or set(map(type, tensors)) != {torch.Tensor} or any(map(_REQ, tensors)) \
+            or set(map(_LAYOUT, tensors)) != {torch.strided} \
+            or not all(map(torch.Tensor.is_contiguous, tensors)):
+        return None
+    dtypes = set(map(_DTYPE, tensors))
+    if len(dtypes) == 1:
+        nrm = HOST_NORMS.get(dtypes.pop())
+        if nrm is None:
+            return None
+        return [nrm(t.numpy().reshape(-1)) if t.numel() else 0.0 for t in tensors]
+    if not dtypes <= HOST_NORMS.keys():
+        return None
+    return [HOST_NORMS[t.dtype](t.numpy().reshape(-1)) if t.numel() else 0.0 for t in tensors]
+
+
+class HostNorms:
+    """:func:`host_norms` of a fixed list of CPU parameters (``ok``: all of them dense,
+    contiguous, plain or ``nn.Parameter``, of a dtype in :data:`HOST_NORMS`), on NumPy views
+    made once. ``load_state_dict`` copies into the same memory; a parameter whose memory or
+    shape changes (``.data`` replaced, ``.to()``) needs a new plan: :meth:`of`."""
+
+    __slots__ = ("key", "ok", "calls")
+
+    def __init__(self, params: Sequence[torch.Tensor], key: tuple[Any, ...]) -> None:
+        self.key = key
+        self.ok = bool(params) and all(
+            type(p) in (torch.Tensor, torch.nn.Parameter) and p.layout == torch.strided
+            and p.is_cpu and p.dtype in HOST_NORMS and p.is_contiguous() and not p.is_neg()
+            for p in params)
+        # (the views keep the parameters' memory alive: no address in ``key`` is reused)
+        self.calls = [(HOST_NORMS[p.dtype], p.detach().numpy().reshape(-1)) if p.numel()
+                      else (_zero, None) for p in params] if self.ok else []
+
+    @classmethod
+    def of(cls, params: Sequence[torch.Tensor], old: HostNorms | None) -> HostNorms:
+        """The plan for ``params``: ``old`` while their memory and shapes are those it was
+        made for (two reads per parameter), else a new one."""
+        key = (tuple(map(_PTR, params)), tuple(map(_SHAPE, params)))
+        return old if old is not None and old.key == key else cls(params, key)
+
+    def weights(self) -> list[float]:
+        """||W|| of every parameter, in order."""
+        return [nrm(v) for nrm, v in self.calls]
+
+
+def _zero(a: Any) -> float:
+    return 0.0  # (BLAS rejects empty arrays)
+
+
+#: :func:`axpy_norm` keeps its three dots while the terms cancel at most this much: with
+#: ``(||d|| + |a| ||w||)^2 <= AXPY_CANCEL * ||d + a w||^2``, a relative error ``delta`` of each
+#: dot (against the sum of the magnitudes of its products) moves the norm by at most
+#: ``AXPY_CANCEL * delta / 2`` relatively (float32 pieces of :data:`DOT_PIECE` values: delta
+#: ~1e-7); past that the sum is formed and its norm taken the direct way.
+AXPY_CANCEL: float = 4.0
+
+
+def axpy_norm(dot: Callable[[np.ndarray, np.ndarray], float], norm: Callable[[np.ndarray], float],
+              tiny: float) -> Callable[[np.ndarray, np.ndarray, float, np.ndarray], float]:
+    """``||d + a w||`` of 1-D arrays of at most :data:`DOT_PIECE` values without forming
+    ``d + a w``: ``||d||^2 + 2 a <d, w> + a^2 ||w||^2`` from BLAS dots summed in double (``w`` is
+    read, nothing written). Where the dots could have lost anything it forms ``a w + d`` in the
+    scratch array ``tmp`` (at least as long as ``d``) and takes ``norm`` of it (a
+    :func:`dot_norm`): terms that cancel more than :data:`AXPY_CANCEL` allows, a sum below
+    ``1e9 n (1 + |a|)^2 tiny`` (each underflowed product loses at most ``tiny``), or a result
+    that is not finite (overflow, NaN, Inf)."""
+    floor = 1e9 * float(tiny)
+
+    def axpy(d: np.ndarray, w: np.ndarray, a: float, tmp: np.ndarray) -> float:
+        n = d.shape[0]
+        dd = float(dot(d, d))
+        if not a:
+            return math.sqrt(dd) if floor * n <= dd < math.inf else norm(d)
+        aww = a * a * float(dot(w, w))
+        ss = dd + 2.0 * a * float(dot(d, w)) + aww
+        top = dd + aww + 2.0 * math.sqrt(dd * aww)  # (||d|| + |a| ||w||)^2
+        if top <= AXPY_CANCEL * ss and floor * n * (1.0 + abs(a)) ** 2 <= ss and top < math.inf:
+            return math.sqrt(ss)
+        t = tmp[:n]
+        np.multiply(w, a, out=t)
+        np.add(t, d, out=t)
+        return norm(t)
+
+    return axpy
+
+
+def _host_axpy() -> dict[torch.dtype, Callable[[np.ndarray, np.ndarray, float, np.ndarray], float]]:
+    try:
+        from scipy.linalg import blas
+    except ImportError:
+        return {}
+    return {torch.float32: axpy_norm(blas.sdot, HOST_NORMS[torch.float32], np.finfo(np.float32).tiny),
+            torch.float64: axpy_norm(blas.ddot, HOST_NORMS[torch.float64], np.finfo(np.float64).tiny)}
+
+
+#: CPU ``||d + a w||`` of 1-D NumPy arrays by torch dtype (:func:`axpy_norm`; empty without
+#: SciPy, like :data:`HOST_NORMS`).
+HOST_AXPY: dict[torch.dtype, Callable[[np.ndarray, np.ndarray, float, np.ndarray], float]] = _host_axpy()
 
 
 def final_loss(losses: Sequence[float], window: int = FINAL_LOSS_WINDOW) -> float:

@@ -1,6 +1,7 @@
 """Backward and weight statistics of a recorded step: output-gradient norms pooled from the
-gradient hooks, parameter gradient and weight norms in one fused call, norms before clipping,
-and what the optimiser needs for update ratios."""
+gradient hooks, parameter gradient and weight norms in one fused call (on the CPU: on the host,
+:func:`signalprop.stats.host_norms`), norms before clipping, and what the optimiser needs for
+update ratios."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree
 
-from signalprop.probe import hooks
+from signalprop import stats
+from signalprop.probe import hooks, update
 from signalprop.probe.sites import _Metrics, _pool, time_metric
 from signalprop.probe.update import device_norms, host_tensor
 from signalprop.record import MODEL
@@ -32,38 +34,31 @@ class BackwardStats:
     """Mixin of :class:`~signalprop.probe.core.Probe`: gradients, weights, update norms."""
 
     def _weight_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
-        """Every norm of this step in ONE fused call (parameter grads, weights), the norms
-        before clipping, and the optimiser's side of the update ratios."""
-        tensors: list[torch.Tensor] = []
-        tnames: _Metrics = []
-        params = self._plist
+        """Every norm of this step in ONE call (parameter grads, weights: :meth:`_param_norms`),
+        the norms before clipping, and the optimiser's side of the update ratios."""
+        allnorms = None
         n_grads = 0
         pre = self._preclip
-        if self.weights:
+        if self.weights and self._plist:
+            tnames: _Metrics = []
+            grads: list[torch.Tensor] = []
+            have = None
             if pre is None:
-                with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
-                tensors += [g for _, g in with_grad]
-                tnames += [(n, "grad_norm") for n, _ in with_grad]
-                n_grads = len(with_grad)
+                grads, have = _grads(self._plist)
+                n_grads = len(grads)
                 self._grads_late = n_grads > 0  # (no end-of-backward hook saw them)
-                tnames += self._wnames
-            else:
-                tnames = self._wnames
-            tensors += params  # (norms under no_grad: no detached copies needed)
-        allnorms = None
-        if tensors:
-            allnorms = _no_grad_norms(tensors)  # no host read (CPU underflow: re-checked)
+                pnames = self._param_names
+                tnames = [(pnames[i], "grad_norm") for i in (have or range(n_grads))]
+            tnames += self._wnames
+            allnorms = self._param_norms(grads, True)  # no host read (CPU: exact)
             if n_grads and scale is not None:
                 allnorms = torch.cat([allnorms[:n_grads] / scale, allnorms[n_grads:]])
             values.append(allnorms)
             names += tnames
-            if self.weights:
-                k = len(tensors) - len(params)
-                self._pending_weight_norms = allnorms[k:] if k else allnorms
-                if n_grads:
-                    gn = allnorms[k - n_grads : k]
-                    values.append(torch.linalg.vector_norm(gn).reshape(1))
-                    names.append((MODEL, "grad_norm_total"))
+            self._pending_weight_norms = allnorms[n_grads:] if n_grads else allnorms
+            if n_grads:
+                values.append(torch.linalg.vector_norm(allnorms[:n_grads]).reshape(1))
+                names.append((MODEL, "grad_norm_total"))
         if pre is not None:
             self._preclip_values(pre, values, names, scale)
         if self.weights and self._updates is not None:
@@ -110,14 +105,14 @@ class BackwardStats:
             names += self._gnames
         else:
             names += [(n, "grad_norm") for n in pnames] + [(MODEL, "grad_norm_total")]
-        grads = [g for g in map(_GRAD, self._plist) if g is not None]
+        grads, _ = _grads(self._plist)
         changed = len(grads) == len(versions) and list(map(_VERSION, grads)) != versions
         # the pre-clip norms are those of the current gradients (every parameter has one)
         self._grads_intact = not changed and len(grads) == len(versions) == len(self.params)
         if changed:
             # gradients changed in place since backward (clip_grad_norm_, unscale_): the
             # global norm the optimiser will actually use
-            after = device_norms(grads).square().sum().sqrt()
+            after = self._param_norms(grads, False).square().sum().sqrt()
             if scale is not None and not self._unscaled_by_scaler():
                 after = after / scale
             values.append(after.reshape(1))
@@ -144,10 +139,9 @@ class BackwardStats:
             return None
         if pre is not None and scale is None and self._grads_intact:
             return pre[1]  # (the usual case: checked by _preclip_values)
-        have = [i for i, (_, p) in enumerate(self.params) if p.grad is not None]
-        if not have:
+        grads, sub = _grads(self._plist)
+        if not grads:
             return None
-        grads = [self.params[i][1].grad for i in have]
         reuse = None
         if pre is not None:
             pnames, pnorms, versions = pre
@@ -157,11 +151,11 @@ class BackwardStats:
                 reuse = pnorms
         elif allnorms is not None and n_grads == len(grads) and scale is None:
             reuse = allnorms[:n_grads]
-        norms = reuse if reuse is not None else device_norms(grads)
-        if len(have) == len(self.params):
+        norms = reuse if reuse is not None else self._param_norms(grads, False)
+        if sub is None:
             return norms
         out = torch.zeros(len(self.params), dtype=torch.float64, device=norms.device)
-        return out.index_copy_(0, host_tensor(have, torch.long, norms.device), norms)
+        return out.index_copy_(0, host_tensor(sub, torch.long, norms.device), norms)
     def _loss_scale(self) -> torch.Tensor | None:
         """The scaler's current loss scale as a 0-dim float64 tensor, never read on the host
         (``GradScaler.get_scale()`` would synchronise with the device); ``None`` without an
@@ -197,18 +191,32 @@ class BackwardStats:
         self._cb_queued = False
         if not self._active or not self.weights:
             return
-        grads = list(map(_GRAD, self._plist))
-        if any(map(is_, grads, repeat(None))):
-            have = [i for i, g in enumerate(grads) if g is not None]
+        grads, have = _grads(self._plist)
+        if have is not None:
             if not have:
                 return
-            grads = [grads[i] for i in have]
             pnames = [self._param_names[i] for i in have]
             self._witness = self._plist[have[0]]
         else:  # (every parameter has a gradient: the usual case)
             pnames = self._param_names
             self._witness = self._plist[0]
-        self._preclip = (pnames, _no_grad_norms(grads), list(map(_VERSION, grads)))
+        self._preclip = (pnames, self._param_norms(grads, False), list(map(_VERSION, grads)))
+
+    def _param_norms(self, grads: list[torch.Tensor], weights: bool) -> torch.Tensor:
+        """Norms (float64, on the parameters' device, no host read) of the gradients
+        ``grads``, followed by those of every weight when ``weights``. On the CPU, taken on
+        the host (:func:`~signalprop.stats.host_norms`, the weights' views made once:
+        :class:`~signalprop.stats.HostNorms`), one small tensor made from the values;
+        elsewhere, or for tensors that path does not take, one fused :func:`device_norms`."""
+        if update.HOST_NUMPY and self._plist and self._plist[0].is_cpu:
+            vals = stats.host_norms(grads) if grads else []
+            if vals is not None and weights:
+                plan = self.__dict__["_hnorms"] = stats.HostNorms.of(
+                    self._plist, self.__dict__.get("_hnorms"))
+                vals = vals + plan.weights() if plan.ok else None
+            if vals is not None:
+                return torch.tensor(vals, dtype=torch.float64)
+        return _no_grad_norms([*grads, *self._plist] if weights else grads)
 
     def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
         norms: list[Any] = []
@@ -286,6 +294,16 @@ class BackwardStats:
         if self._lean != lean:  # the other set of hooks from the next recorded step on
             self._set_active(False)
             self._active = True  # (until the end of this step)
+
+
+def _grads(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int] | None]:
+    """The parameters' gradients that exist, and their indices (``None``: every parameter
+    has one, the usual case)."""
+    grads = list(map(_GRAD, params))
+    if not any(map(is_, grads, repeat(None))):
+        return grads, None
+    have = [i for i, g in enumerate(grads) if g is not None]
+    return [grads[i] for i in have], have
 
 
 def _no_grad_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
