@@ -42,9 +42,9 @@ rung, outside the timed steps (a probe recording every step may keep them):
   norm, :func:`signalprop.stats.norm64`, elsewhere).
 - ``+ out stats``: moments and five percentiles of the stacked samples (the probe's host
   kernels, ``stats.moments_host`` / ``stats.percentiles_host``; the torch ones elsewhere).
-- ``+ W/g norms``: the norms of every weight and gradient (on the CPU BLAS dots over cached
-  NumPy views of the weights, faster than ``torch._foreach_norm`` there; elsewhere the
-  probe's fused ``device_norms``).
+- ``+ W/g norms``: the norms of every weight and gradient (on the CPU bare BLAS dots over
+  cached NumPy views of the weights, the fastest measured there; elsewhere the probe's fused
+  ``device_norms``).
 - ``+ updates``: Adam's update norms from its state after the step
   (:class:`signalprop.probe.update.UpdateNorms`, the package's closed form).
 - ``signalprop``: the real :class:`signalprop.Probe` recording every step.
@@ -53,7 +53,9 @@ Each end-of-step rung brings its values to the host in one copy. The transformer
 each rung's range of per-repeat ratios (to the plain run beside it): the noise of the ratio;
 ``--phases`` adds each rung's extra thread CPU time in forward, backward and the optimiser step
 (with the end of the step), medians over the single timed steps (robust to steps another process
-interrupted).
+interrupted). On a loaded machine ``--steps 1 --repeats 180`` interleaves single steps, which
+gave steadier medians here than runs of 20 steps (every rung's setup stays outside the timed
+step; signalprop's probe installs its next step's hooks inside it, as in a long run).
 
 The last lines compute, from the measured rungs, a bound on the every-step and every-10th-step
 ratios of such a design on this model and device (the ``+ norms`` rung: any design does at least
@@ -399,10 +401,11 @@ class TransformerLadder:
         return [mean, std, stats.percentiles(x, stats.PERCENTILES).reshape(-1)]
 
     def _weight_norms(self) -> object:
-        """||g|| and ||W|| of every parameter: on the CPU BLAS dots over the weights' cached
-        NumPy views and the gradients' (0.68 ms a step here, against 1.0 ms for
-        ``torch._foreach_norm`` over the same 298 tensors); elsewhere one fused call (the
-        probe's)."""
+        """||g|| and ||W|| of every parameter: on the CPU bare BLAS dots over the weights' cached
+        NumPy views and the gradients' (in a step here 0.7-0.95 ms, against 1.0-1.4 ms for
+        ``torch._foreach_norm`` over the same 298 tensors and ~0.2 ms more for the guarded
+        ``stats.host_norms`` / ``stats.HostNorms`` the probe uses); elsewhere one fused call
+        (the probe's ``device_norms``)."""
         nrm = self.nrm2
         if nrm is None:
             with torch.no_grad():
@@ -418,6 +421,56 @@ class TransformerLadder:
             return
         torch.cat([v.reshape(-1).to(torch.float64) for v in vals] +
                   [torch.stack(self.gnorms).reshape(-1)]).cpu()
+
+
+def _print_table(rungs: list[str], labels: dict[str, str], times: dict[str, list[float]],
+                 spread: bool) -> None:
+    """The medians, ratios and increments (``spread``: each repeat's ratio to the plain run
+    beside it, min and max: the noise of the ratio; the MLP's table is printed as before)."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["plain"]
+    print(f"{'rung':12s} {'ms/step':>8s} {'ratio':>7s} {'this rung adds':>15s}" +
+          ("" if not spread else f" {'repeats':>15s}"))
+    prev = base
+    for k in rungs:
+        m = med[k]
+        add = "" if k in ("plain", "signalprop") else f"{(m - prev) / base:+14.1%}"
+        paired = [a / b for a, b in zip(times[k], times["plain"], strict=True)]
+        rng = "" if not spread or k == "plain" else f" [{min(paired):.3f}, {max(paired):.3f}]"
+        print(f"{labels.get(k, k):12s} {1e3 * m:8.3f} {m / base:7.3f}x {add:>15s}" +
+              (rng.rjust(16) if rng else ""))
+        if k != "signalprop":
+            prev = m
+
+
+def _print_verdicts(hook_floor: float, full: float, mlp: bool) -> None:
+    """The bound (samples and gradient norms only) and the cheapest full recording built here,
+    against issue 12's targets."""
+    if mlp:
+        print(f"\nsampling every output and taking every output gradient's norm, nothing else: "
+              f"{hook_floor:.3f}x every step;")
+        print(f"with the end-of-step statistics: {full:.3f}x every step, so about "
+              f"{1 + (full - 1) / 10:.3f}x recording every 10th step (unrecorded steps free).")
+    else:
+        print(f"\nsampling every watched output and taking its gradient's norm (and the block "
+              f"inputs'), nothing else: {hook_floor:.3f}x every step;")
+        print(f"with the end-of-step statistics, weight and gradient norms and Adam's update "
+              f"norms: {full:.3f}x every step, so about {1 + (full - 1) / 10:.3f}x recording "
+              f"every 10th step (unrecorded steps free).")
+    # the bound: samples and norms only (any design must do at least this); the cheapest full
+    # recording built here adds the end-of-step statistics (weight and gradient norms included,
+    # which a full probe records): not a bound, the best we know
+    for what, target, bound, best in (
+            ("every step", 1.10, hook_floor, full),
+            ("every 10th step", 1.02, 1 + (hook_floor - 1) / 10, 1 + (full - 1) / 10)):
+        if bound > target:
+            verdict = "below the bound: no hook-based eager design reaches it on this model here"
+        elif best > target:
+            verdict = (f"above the bound, below the cheapest full recording built here "
+                       f"({best:.3f}x)")
+        else:
+            verdict = "reachable"
+        print(f"target {what} <= {target:.2f}x vs bound {bound:.3f}x: {verdict}")
 
 
 def _print_phases(rungs: list[str], labels: dict[str, str],
@@ -513,49 +566,10 @@ def main(argv: list[str] | None = None) -> int:
         print(lad.describe())
     print(f"{steps} steps x {args.repeats} interleaved repeats, {clock_name} clock, medians; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    # (the MLP's table as before; the transformer's with each repeat's ratio to the plain run
-    # beside it, min and max: the noise of the ratio)
-    print(f"{'rung':12s} {'ms/step':>8s} {'ratio':>7s} {'this rung adds':>15s}" +
-          ("" if mlp else f" {'repeats':>15s}"))
-    prev = base
-    for k in rungs:
-        m = med[k]
-        add = "" if k in ("plain", "signalprop") else f"{(m - prev) / base:+14.1%}"
-        paired = [a / b for a, b in zip(times[k], times["plain"], strict=True)]
-        spread = "" if mlp or k == "plain" else f" [{min(paired):.3f}, {max(paired):.3f}]"
-        print(f"{labels.get(k, k):12s} {1e3 * m:8.3f} {m / base:7.3f}x {add:>15s}" +
-              (spread.rjust(16) if spread else ""))
-        if k != "signalprop":
-            prev = m
+    _print_table(rungs, labels, times, spread=not mlp)
     if args.phases:
         _print_phases(rungs, labels, phases)
-    hook_floor = med[lad.BOUND] / base  # samples and gradient norms, nothing else
-    full = min(med[lad.FULL], med["signalprop"]) / base
-    if mlp:
-        print(f"\nsampling every output and taking every output gradient's norm, nothing else: "
-              f"{hook_floor:.3f}x every step;")
-        print(f"with the end-of-step statistics: {full:.3f}x every step, so about "
-              f"{1 + (full - 1) / 10:.3f}x recording every 10th step (unrecorded steps free).")
-    else:
-        print(f"\nsampling every watched output and taking its gradient's norm (and the block "
-              f"inputs'), nothing else: {hook_floor:.3f}x every step;")
-        print(f"with the end-of-step statistics, weight and gradient norms and Adam's update "
-              f"norms: {full:.3f}x every step, so about {1 + (full - 1) / 10:.3f}x recording "
-              f"every 10th step (unrecorded steps free).")
-    # the bound: samples and norms only (any design must do at least this); the cheapest full
-    # recording built here adds the end-of-step statistics (weight and gradient norms included,
-    # which a full probe records): not a bound, the best we know
-    for what, target, bound, best in (
-            ("every step", 1.10, hook_floor, full),
-            ("every 10th step", 1.02, 1 + (hook_floor - 1) / 10, 1 + (full - 1) / 10)):
-        if bound > target:
-            verdict = "below the bound: no hook-based eager design reaches it on this model here"
-        elif best > target:
-            verdict = (f"above the bound, below the cheapest full recording built here "
-                       f"({best:.3f}x)")
-        else:
-            verdict = "reachable"
-        print(f"target {what} <= {target:.2f}x vs bound {bound:.3f}x: {verdict}")
+    _print_verdicts(med[lad.BOUND] / base, min(med[lad.FULL], med["signalprop"]) / base, mlp)
     return 0
 
 

@@ -13,15 +13,19 @@ optimiser keeps anyway, so its norm is computed from that state after the step:
 
 Element-wise work runs on chunks of at most :data:`CHUNK_FRACTION` of the parameters' elements
 (large tensors are cut into flat pieces), so the temporary memory stays a small fraction of the
-model however large it is. The price is time: Adam's closed form reads its state once and
-makes five more passes over a chunk-sized temporary on each recorded step. On the CPU that runs
-in NumPy on flat chunks (gathered by ``concatenate``) with BLAS dot norms; elsewhere in torch
-operations, one launch per pass and chunk (small tensors gathered into flat buffers first).
-``benchmarks/update_norms.py`` times them in the training loop of ``probe_overhead.py``'s
-transformer (866k parameters in 149 tensors, one CPU thread, AdamW step ~9 ms; one run on a
-shared machine): NumPy 3.5 ms per recorded step, torch 4.8 ms (before either, one launch per
-tensor and pass: ~1.35x the torch path's time). A weight copy takes 2.7 ms there, but holds a
-third of Adam's state in memory on recorded steps. The NumPy path is also the more accurate
+model however large it is. On the CPU, Adam's closed form runs in NumPy: each large tensor's
+state is read in place, piece by piece (``sqrt(v)``, ``+ e`` and ``m /`` into one scratch array,
+then ``||d + wa W||`` from three BLAS dots: ``||d||^2 + 2 wa <d, W> + wa^2 ||W||^2``, so W is read
+but nothing is written; see ``stats.axpy_norm`` for when it forms the sum instead), and the small
+tensors (biases, norms: most of a transformer's tensors, few of its elements) are gathered by
+``concatenate``. Every state tensor is read once; the rest runs on the scratch arrays while they
+are in cache. Elsewhere it runs in torch operations, one launch per pass and chunk (small
+tensors gathered into flat buffers first). ``benchmarks/update_norms.py`` times them in the
+training loop of ``probe_overhead.py``'s transformer (866k parameters in 149 tensors, one CPU
+thread; medians of 4 runs on a loaded shared machine): NumPy 2.0 ms per recorded step
+(2.5 ms when every tensor was gathered by ``concatenate`` and the decay term added in two more
+passes), torch 3.3 ms, a weight copy 2.1 ms (but it holds a third of Adam's state in memory on
+recorded steps). The NumPy path is also the more accurate
 (relative error ~1e-7 against a float64 evaluation of the closed form; torch's float32 norms
 ~6e-6).
 
@@ -62,7 +66,7 @@ class _AdamGroup(NamedTuple):
 
     gi: int  # the group's index in optimizer.param_groups
     big: list[tuple[list[torch.Tensor], ...]]  # chunks of (m, v, W) pieces (torch)
-    flat: list[tuple[Any, ...]]  # chunks of flat (m, v, W) views: runs (torch), sizes (NumPy)
+    flat: Any  # torch: chunks of flat (m, v, W) views and runs; the CPU: a _HostPlan
     host: bool  # ``flat`` is the CPU's NumPy plan (see _adam_host)
     owner: torch.Tensor | None  # piece -> position in ``idx`` (None: no tensor was cut)
     idx: torch.Tensor  # the positions' parameter indices
@@ -370,8 +374,8 @@ class UpdateNorms:
             dense = {k for k in ks if all(t[k].is_contiguous() for t in (ms, vs, ws))}
             host = _host_plan(ms, vs, ws, ks, self.limit) if len(dense) == len(ks) else None
             big_chunks: list[tuple[list[torch.Tensor], ...]] = []
-            if host is not None:  # the CPU: NumPy on flat chunks (see _adam_host)
-                order, (flat_chunks, owner) = ks, host
+            if host is not None:  # the CPU: NumPy (see _adam_host), one norm per tensor
+                order, flat_chunks, owner = ks, host, list(range(len(ks)))
             else:
                 big = [k for k in ks if k not in dense or ms[k].numel() >= small_cut]
                 small = sorted((k for k in ks if k in dense and ms[k].numel() < small_cut),
@@ -397,7 +401,7 @@ class UpdateNorms:
         # a * m / (sqrt(v) + e), and W_before = (W_after + lr * that) / (1 - lr * wd_dec), so
         # ||dW|| = lr * a / (1 - lr wd_dec) * ||m / (sqrt(v) + e) + (wd_dec / a) * W_after||.
         # All of it is per parameter group: one set of scalars per group. On the CPU, NumPy
-        # on flat chunks (_adam_host); elsewhere large tensors take five in-place passes over
+        # on the state in place (_adam_host); elsewhere large tensors take five passes over
         # one temporary per chunk (one launch per operation for the whole chunk) and small
         # ones (biases, norms: most of a transformer's tensors, few of its elements) are
         # gathered into flat buffers, so that their count costs nothing per pass.
@@ -474,42 +478,77 @@ def _adam_device(gp: _AdamGroup, e: float, wa: float) -> list[torch.Tensor]:
 HOST_NUMPY: bool = True
 
 
+class _HostPlan(NamedTuple):
+    """The CPU's Adam plan of one parameter group (see :func:`_host_plan`)."""
+
+    dtype: torch.dtype
+    big: list[tuple[int, list[tuple[np.ndarray, ...]]]]  # (position, pieces of (m, v, W) views)
+    small: list[tuple[Any, ...]]  # gathered: (m, v, W) view lists, runs, positions, row starts
+    n: int  # number of tensors
+    most: int  # elements of the largest piece or chunk (the size of each scratch array)
+
+
 def _host_plan(ms: list[torch.Tensor], vs: list[torch.Tensor], ws: list[torch.Tensor],
-               ks: list[int], limit: int) -> tuple[list[tuple[Any, ...]], list[int]] | None:
-    """The CPU's plan: NumPy views of (m, v, W) pieces in chunks of at most ``limit // 2``
-    elements (two temporaries of that size), with the pieces' sizes, and each piece's owner;
-    ``None`` where this path does not apply (another device, a dtype without a BLAS norm, no
-    SciPy)."""
+               ks: list[int], limit: int) -> _HostPlan | None:
+    """The CPU's plan for tensors ``ks``: NumPy views of each tensor's own (m, v, W) in pieces of
+    at most ``min(limit // 2, DOT_PIECE)`` elements, except tensors smaller than that and than
+    :data:`SMALL_TENSOR`, gathered by size into chunks of at most ``limit // 2`` elements (two
+    scratch arrays of at most that size). ``None`` where this path does not apply (another
+    device, a dtype without a BLAS norm, no SciPy)."""
     dtypes = {t[k].dtype for t in (ms, vs, ws) for k in ks}
-    if not HOST_NUMPY or len(dtypes) != 1 or dtypes.pop() not in stats.HOST_NORMS or any(
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if not HOST_NUMPY or dtype not in stats.HOST_NORMS or dtype not in stats.HOST_AXPY or any(
             type(t[k]) is not torch.Tensor or t[k].device.type != "cpu"  # (not a DTensor ...)
             for t in (ms, vs, ws) for k in ks):
         return None
     cut = max(1, limit // 2)
-    mc, owner = _chunks([ms[k] for k in ks], cut)
-    vc, _ = _chunks([vs[k] for k in ks], cut)
-    wc, _ = _chunks([ws[k] for k in ks], cut)
-    return [([x.numpy() for x in m], [x.numpy() for x in v], [x.numpy() for x in w],
-             [x.numel() for x in m]) for m, v, w in zip(mc, vc, wc, strict=True)], owner
+    piece = min(cut, stats.DOT_PIECE)
+    small_cut = min(SMALL_TENSOR, piece)
+    pos = {k: j for j, k in enumerate(ks)}
+    big = []
+    for k in reversed(ks):  # (the optimiser's last tensors are the likeliest still in cache)
+        n = ms[k].numel()
+        if n >= small_cut:
+            m, v, w = (t[k].detach().view(-1).numpy() for t in (ms, vs, ws))
+            big.append((pos[k], [(m[i:i + piece], v[i:i + piece], w[i:i + piece])
+                                 for i in range(0, n, piece)]))
+    small = sorted((k for k in ks if ms[k].numel() < small_cut), key=lambda k: ms[k].numel())
+    gathered, at = [], 0
+    for *views, runs in _flat_chunks(ms, vs, ws, small, cut):
+        sizes = [z for c, z in runs for _ in range(c)]
+        gathered.append((*([x.numpy() for x in lst] for lst in views), runs,
+                         np.array([pos[k] for k in small[at:at + len(sizes)]], np.intp),
+                         np.cumsum([0, *sizes])))
+        at += len(sizes)
+    most = max([min(piece, ms[k].numel()) for k in ks] + [int(g[-1][-1]) for g in gathered])
+    return _HostPlan(dtype, big, gathered, len(ks), max(most, 1))
 
 
-def _adam_host(chunks: list[tuple[Any, ...]], e: float, wa: float) -> np.ndarray:
-    """Norms (float64) of the pieces of ``m / (sqrt(v) + e) + wa W`` on the CPU: NumPy on two
-    flat temporaries per chunk, each state tensor read once (gathered by ``concatenate``), the
-    rest on the temporaries while they are in cache, and BLAS dot norms (see the module
-    docstring for its cost against torch operations)."""
-    if not chunks:  # (parameters without elements)
-        return np.zeros(0)
-    dtype = chunks[0][0][0].dtype
-    nrm = stats.HOST_NORMS[torch.float32 if dtype == np.float32 else torch.float64]
-    most = max(sum(c[3]) for c in chunks)
-    b1, b2 = np.empty(most, dtype), np.empty(most, dtype)
-    out = np.empty(sum(len(c[3]) for c in chunks), np.float64)
-    k = 0
+def _adam_host(plan: _HostPlan, e: float, wa: float) -> np.ndarray:
+    """Norms (float64) of ``m / (sqrt(v) + e) + wa W`` per tensor on the CPU. A large tensor
+    takes three NumPy passes per piece into a scratch array (``sqrt(v)``, ``+ e``, ``m /``, each
+    state tensor read where it lies) and the norm with the decay term from three BLAS dots
+    (:func:`stats.axpy_norm`: W is read, nothing written); small tensors are gathered into flat
+    chunks by ``concatenate`` (one call per pass for all of them), the decay term added there and
+    the norms taken per run of equal sizes, squares summed in double."""
+    out = np.zeros(plan.n)
+    if not plan.n:
+        return out
+    axpy, nrm = stats.HOST_AXPY[plan.dtype], stats.HOST_NORMS[plan.dtype]
+    dtype = np.float32 if plan.dtype == torch.float32 else np.float64
+    b1, b2 = np.empty(plan.most, dtype), np.empty(plan.most, dtype)
     with np.errstate(all="ignore"):  # (NaN/Inf: as in the optimiser's own step; no warnings)
-        for m_list, v_list, w_list, sizes in chunks:
-            n = sum(sizes)
-            d, t = b1[:n], b2[:n]
+        for j, pieces in plan.big:
+            parts = []
+            for m, v, w in pieces:
+                d = b1[:m.shape[0]]
+                np.sqrt(v, out=d)
+                np.add(d, e, out=d)
+                np.divide(m, d, out=d)
+                parts.append(axpy(d, w, wa, b2))
+            out[j] = parts[0] if len(parts) == 1 else math.sqrt(math.fsum(x * x for x in parts))
+        for m_list, v_list, w_list, runs, where, starts in plan.small:
+            d, t = b1[:starts[-1]], b2[:starts[-1]]
             np.concatenate(v_list, out=d)
             np.sqrt(d, out=d)
             np.add(d, e, out=d)
@@ -519,12 +558,26 @@ def _adam_host(chunks: list[tuple[Any, ...]], e: float, wa: float) -> np.ndarray
                 np.concatenate(w_list, out=t)
                 np.multiply(t, wa, out=t)
                 np.add(d, t, out=d)
-            start = 0
-            for z in sizes:
-                out[k] = nrm(d[start : start + z])
-                start += z
-                k += 1
+            out[where] = _run_sums(d, t, runs, starts, nrm, dtype)
     return out
+
+
+def _run_sums(d: np.ndarray, t: np.ndarray, runs: list[tuple[int, int]], starts: np.ndarray,
+              nrm: Any, dtype: Any) -> np.ndarray:
+    """Norms of consecutive arrays laid out in ``d`` (``runs`` of (count, size) equal sizes,
+    ``starts`` their offsets): squares (into ``t``) summed per row in double; rows whose squares
+    could have lost anything (a sum below ``1e9 size tiny``, or not finite) again by ``nrm``."""
+    np.multiply(d, d, out=t)
+    sums, start = [], 0
+    for c, z in runs:
+        sums.append(t[start:start + c * z].reshape(c, z).sum(axis=1, dtype=np.float64))
+        start += c * z
+    ss = np.concatenate(sums) if len(sums) > 1 else sums[0]
+    sizes = np.diff(starts)
+    norms = np.sqrt(ss)
+    for i in np.flatnonzero(~((ss >= 1e9 * float(np.finfo(dtype).tiny) * sizes) & (ss < np.inf))):
+        norms[i] = nrm(d[starts[i]:starts[i + 1]])
+    return norms
 
 
 def _run_norms(flat: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
