@@ -209,3 +209,29 @@ def test_records_on_the_host_path_match_the_torch_path(name):
     if name == "nan-gradient":
         assert math.isnan(a[1]["0.weight"]["grad_norm"])
         assert a[1]["0.weight"]["grad_nonfinite"] == 8 * 32 and a[1]["0.bias"]["grad_nonfinite"] == 32
+
+
+def test_the_probe_follows_replaced_parameters_and_drops_its_views_off_the_host_path(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    p = Probe(model, optimizer=opt).attach()
+
+    def step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    first = p._hnorms
+    with torch.no_grad():
+        model[0].weight.data = model[0].weight.data * 2  # new memory between steps
+    w = model[0].weight.detach().clone()  # (norms are taken before the optimiser's update)
+    step()
+    assert p._hnorms is not first and p._hnorms.ok
+    assert p.record.get(1, "0.weight", "weight_norm") == pytest.approx(_oracle(w), rel=REL)
+    monkeypatch.setattr(update, "HOST_NUMPY", False)  # (as for parameters moved to a GPU)
+    step()
+    assert "_hnorms" not in p.__dict__
+    p.detach()

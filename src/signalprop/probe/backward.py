@@ -216,6 +216,8 @@ class BackwardStats:
                 vals = vals + plan.weights() if plan.ok else None
             if vals is not None:
                 return torch.tensor(vals, dtype=torch.float64)
+        else:  # (parameters moved off the CPU: the views would keep their old memory alive)
+            self.__dict__.pop("_hnorms", None)
         return _no_grad_norms([*grads, *self._plist] if weights else grads)
 
     def _backward_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
