@@ -489,17 +489,16 @@ def _host_plan(ms: list[torch.Tensor], vs: list[torch.Tensor], ws: list[torch.Te
                ks: list[int], limit: int) -> _HostPlan | None:
     """The CPU's plan for tensors ``ks``: NumPy views of each tensor's own (m, v, W) in pieces of
     at most ``min(limit // 2, DOT_PIECE)`` elements, except tensors smaller than that and than
-    :data:`SMALL_TENSOR`, gathered by size into chunks of at most ``limit // 2`` elements (two
-    scratch arrays of at most that size). ``None`` where this path does not apply (another
-    device, a dtype without a BLAS norm, no SciPy)."""
+    :data:`SMALL_TENSOR`, gathered by size into chunks of at most as many (the size of each of
+    two scratch arrays, whatever the model's size). ``None`` where this path does not apply
+    (another device, a dtype without a BLAS norm, no SciPy)."""
     dtypes = {t[k].dtype for t in (ms, vs, ws) for k in ks}
     dtype = dtypes.pop() if len(dtypes) == 1 else None
     if not HOST_NUMPY or dtype not in stats.HOST_NORMS or dtype not in stats.HOST_AXPY or any(
             type(t[k]) is not torch.Tensor or t[k].device.type != "cpu"  # (not a DTensor ...)
             for t in (ms, vs, ws) for k in ks):
         return None
-    cut = max(1, limit // 2)
-    piece = min(cut, stats.DOT_PIECE)
+    piece = min(max(1, limit // 2), stats.DOT_PIECE)
     small_cut = min(SMALL_TENSOR, piece)
     pos = {k: j for j, k in enumerate(ks)}
     big = []
@@ -511,7 +510,7 @@ def _host_plan(ms: list[torch.Tensor], vs: list[torch.Tensor], ws: list[torch.Te
                                  for i in range(0, n, piece)]))
     small = sorted((k for k in ks if ms[k].numel() < small_cut), key=lambda k: ms[k].numel())
     gathered, at = [], 0
-    for *views, runs in _flat_chunks(ms, vs, ws, small, cut):
+    for *views, runs in _flat_chunks(ms, vs, ws, small, piece):
         sizes = [z for c, z in runs for _ in range(c)]
         gathered.append((*([x.numpy() for x in lst] for lst in views), runs,
                          np.array([pos[k] for k in small[at:at + len(sizes)]], np.intp),
