@@ -381,6 +381,8 @@ def dot_norm(dot: Callable[[np.ndarray, np.ndarray], float],
 
     def norm(a: np.ndarray) -> float:
         n = a.shape[0]
+        if n == 0:  # (BLAS rejects empty arrays: an empty batch's gradient)
+            return 0.0
         if n <= k:
             ss = float(dot(a, a))
         else:
