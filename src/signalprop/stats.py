@@ -332,6 +332,17 @@ NORM64_CHUNK: int = 1 << 11
 NORM64_PIECES: int = 8
 
 
+def dense_values(t: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse tensor (COO coalesced first: duplicate indices sum), whose
+    norm and NaN/Inf count are the dense tensor's; any other tensor as it is. Sparse gradients
+    come from ``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag(sparse=True)``."""
+    if t.layout is torch.sparse_coo:
+        return t.coalesce().values()
+    if t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+        return t.values()
+    return t
+
+
 def norm64(g: torch.Tensor) -> torch.Tensor:
     """||g|| accumulated in float64 (no underflow of tiny squares) as a 0-dim float64 tensor,
     with no host read and no float64 copy of ``g``.
@@ -381,6 +392,8 @@ def dot_norm(dot: Callable[[np.ndarray, np.ndarray], float],
 
     def norm(a: np.ndarray) -> float:
         n = a.shape[0]
+        if n == 0:  # (BLAS rejects empty arrays: an empty batch's gradient)
+            return 0.0
         if n <= k:
             ss = float(dot(a, a))
         else:

@@ -295,3 +295,64 @@ def test_sequential_loop_records_what_the_hooks_record():
                     continue
                 assert r.data[step][layer][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (
                     step, layer, k)
+
+
+@pytest.mark.parametrize("path", ["host", "torch", "deferred"])
+def test_an_empty_batch_is_recorded_without_crashing_training(monkeypatch, path):
+    # an empty batch (a filtered data set's last batch, a bucket with no examples) used to
+    # crash the user's backward inside the probe's gradient hook (BLAS rejects empty arrays)
+    if path != "host":
+        monkeypatch.setattr(stats, "HOST_NORMS", {})  # the accelerators' kernels, on the CPU
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    p = Probe(model, optimizer=opt, flush_every=2 if path == "deferred" else None).attach()
+    for bs in (5, 0, 5):
+        opt.zero_grad()
+        loss = model(torch.randn(bs, 4)).sum()
+        loss.backward()
+        p.log(loss=loss)
+        opt.step()
+    r = p.record
+    assert r.steps == [0, 1, 2]
+    for layer in ("0", "1", "4"):  # nothing flowed back: every output gradient is exactly 0
+        assert r.get(1, layer, "out_grad_norm") == 0.0
+        assert r.get(1, layer, "out_grad_nonfinite") == 0.0
+        assert "out_mean" not in r.data[1][layer]  # no values to describe: left out
+        assert r.get(2, layer, "out_grad_norm") > 0  # the next batch is recorded as usual
+        assert math.isfinite(r.get(2, layer, "out_mean"))
+    assert r.get(1, "0.weight", "grad_norm") == 0.0
+    assert "input_mean" not in r.data[1][MODEL]
+
+
+@pytest.mark.parametrize("path", ["host", "torch"])
+@pytest.mark.parametrize("opt_name", ["sgd", "sparse_adam"])
+def test_sparse_embedding_gradients_are_measured_as_their_dense_tensor(monkeypatch, path, opt_name):
+    # nn.Embedding(sparse=True) gives sparse COO gradients (repeated indices stored twice):
+    # torch's norm kernels reject them, which used to crash the user's optimiser step
+    if path == "torch":
+        monkeypatch.setattr(stats, "HOST_NORMS", {})
+    torch.manual_seed(0)
+    emb = nn.Embedding(12, 5, sparse=True)
+    model = nn.Sequential(emb, nn.Tanh(), nn.Linear(5, 3))
+    params = list(emb.parameters()) if opt_name == "sparse_adam" else list(model.parameters())
+    opt = (torch.optim.SparseAdam(params, lr=1e-2) if opt_name == "sparse_adam"
+           else torch.optim.SGD(params, lr=0.1))
+    p = Probe(model, optimizer=opt).attach()
+    x = torch.tensor([[1, 3, 3], [7, 1, 1]])  # repeated indices: coalescing sums them
+    for step in range(2):
+        opt.zero_grad()
+        model[2].zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        assert emb.weight.grad.is_sparse
+        dense = emb.weight.grad.to_dense().double()
+        before = emb.weight.detach().double().clone()
+        p.log(loss=loss)
+        opt.step()
+        r = p.record
+        assert r.get(step, "0.weight", "grad_norm") == pytest.approx(
+            float(dense.norm()), rel=1e-6)
+        assert r.get(step, "0.weight", "grad_nonfinite") == 0.0
+        want = float((emb.weight.detach().double() - before).norm() / before.norm())
+        assert r.get(step, "0.weight", "update_ratio") == pytest.approx(want, rel=1e-5)

@@ -497,7 +497,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         if self._deferring:
             # values stay on the device; host-side additions (skipped_step) go to _pending
             if self.weights and hooks._COUNT_NONFINITE[0]:
-                with_grad = [(n, p.grad) for n, p in self.params if p.grad is not None]
+                with_grad = [(n, stats.dense_values(p.grad)) for n, p in self.params
+                             if p.grad is not None]
                 if with_grad:
                     values.append(torch.stack([(~torch.isfinite(g)).sum() for _, g in with_grad]))
                     names += [(n, "grad_nonfinite") for n, _ in with_grad]

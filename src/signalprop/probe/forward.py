@@ -222,7 +222,7 @@ class ForwardStats:
 
     def _input_stats(self, values: list[torch.Tensor], names: _Metrics) -> None:
         # the model's own input: badly scaled inputs are a common cause of first-layer saturation
-        xs = [x for x in self._inputs if x.is_floating_point()]
+        xs = [x for x in self._inputs if x.is_floating_point() and x.numel()]
         if not xs:
             return
         x = xs[0] if len(xs) == 1 else torch.cat([t.reshape(-1) for t in xs])

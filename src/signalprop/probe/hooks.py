@@ -359,7 +359,8 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
     if not s.used:
         s.used = True
         p._used.append(j)
-    if p.forward and (s.shape is None or s.shape == out.shape[1:]):
+    if p.forward and (s.shape is None or s.shape == out.shape[1:]) and out.numel():
+        # (an empty output, e.g. an empty batch, has no values to describe: left out)
         # pooled over micro-batches and time steps when their shapes agree; an output of
         # another shape (dynamic padding) is left out of the forward statistics
         o = out.detach()

@@ -503,7 +503,7 @@ def _fix_param(p: torch.Tensor, d: dict[str, float], scale: float) -> bool:
     they may have under- or overflowed. Returns whether the gradient norm changed."""
     refix = False
     if "grad_norm" in d:
-        g = p.grad
+        g = None if p.grad is None else stats.dense_values(p.grad)
         gn = d["grad_norm"]
         d["grad_nonfinite"] = (
             float(stats.nonfinite_count(g.unsqueeze(0))[0])

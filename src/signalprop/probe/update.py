@@ -83,10 +83,16 @@ def device_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    if tensors[0].is_cpu:
-        raw = torch._foreach_norm(tensors)
-    else:
-        raw = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+    try:
+        if tensors[0].is_cpu:
+            raw = torch._foreach_norm(tensors)
+        else:
+            raw = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+    except NotImplementedError:
+        if not any(t.layout is not torch.strided for t in tensors):
+            raise
+        # sparse gradients (nn.Embedding(sparse=True)): the norms of their stored values
+        return device_norms([stats.dense_values(t) for t in tensors])
     # (norms of mixed dtypes are promoted by the stack: exactly, to the widest of them)
     return torch.stack(raw).to(torch.float64)
 
