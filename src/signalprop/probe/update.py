@@ -12,19 +12,17 @@ optimiser keeps anyway, so its norm is computed from that state after the step:
   ``||dW|| = lr / (1 - lr wd) * ||wd W_after + m_hat / (sqrt(v_hat) + eps)||``.
 
 Element-wise work runs on chunks of at most :data:`CHUNK_FRACTION` of the parameters' elements
-(large tensors are cut into flat pieces), so the temporary memory stays a small fraction of the
-model however large it is. On the CPU, Adam's closed form runs in NumPy: each large tensor's
-state is read in place, piece by piece (``sqrt(v)``, ``+ e``, ``m /`` into a scratch array ``d``,
-then ``||d + wa W||^2 = ||d||^2 + 2 wa <d, W> + wa^2 ||W||^2`` by BLAS dots, guarded:
-``stats.axpy_norm``); small tensors (most of a transformer's tensors, few of its elements) are
-gathered by ``concatenate``. Each state tensor is read once, the rest runs in cache. Elsewhere
-it runs in torch operations, one launch per pass and chunk (small tensors gathered first).
-``benchmarks/update_norms.py`` times them in the training loop of ``probe_overhead.py``'s
-transformer (866k parameters in 149 tensors, one CPU thread; medians of 4 runs on a loaded
-shared machine): NumPy 2.2 ms per recorded step (2.7 ms when every tensor was gathered and the
-decay term added in passes of its own), torch 3.5 ms, a weight copy 2.1 ms (holding a third of
-Adam's state on recorded steps). Reading m, v and W is most of it (~0.8 ms by BLAS dots alone). Relative error against a float64 evaluation of the closed
-form: NumPy ~1e-7 (tested <= 1e-6), torch's float32 norms ~6e-6.
+(large tensors cut into flat pieces), so temporary memory stays a small fraction of the model.
+On the CPU, Adam's closed form runs in NumPy: each large tensor's state is read in place, piece
+by piece (``sqrt(v)``, ``+ e``, ``m /`` into a scratch array ``d``, then ``||d + wa W||^2 =
+||d||^2 + 2 wa <d, W> + wa^2 ||W||^2`` by guarded BLAS dots: ``stats.axpy_norm``); small tensors
+(most of a transformer's tensors, few of its elements) are gathered. Elsewhere, torch operations:
+one launch per pass and chunk. ``benchmarks/update_norms.py`` times them in the training loop of
+``probe_overhead.py``'s transformer (866k parameters in 149 tensors, one CPU thread; medians of
+4 runs on a loaded shared machine): NumPy 2.2 ms per recorded step (2.7 ms with every tensor
+gathered and the decay term added in passes of its own), torch 3.5 ms, a weight copy 2.1 ms
+(holding a third of Adam's state); reading m, v and W alone takes ~0.8 ms. Relative error
+against a float64 evaluation: NumPy ~1e-7 (tested <= 1e-6), torch's float32 norms ~6e-6.
 
 Bias corrections use the step count of each parameter group as read once when the plan is made
 and advanced by the probe on every optimiser step (no host read during training); a parameter
@@ -404,10 +402,8 @@ class UpdateNorms:
         # a * m / (sqrt(v) + e), and W_before = (W_after + lr * that) / (1 - lr * wd_dec), so
         # ||dW|| = lr * a / (1 - lr wd_dec) * ||m / (sqrt(v) + e) + (wd_dec / a) * W_after||.
         # All of it is per parameter group: one set of scalars per group. On the CPU, NumPy
-        # on the state in place (_adam_host); elsewhere large tensors take five passes over
-        # one temporary per chunk (one launch per operation for the whole chunk) and small
-        # ones (biases, norms: most of a transformer's tensors, few of its elements) are
-        # gathered into flat buffers, so that their count costs nothing per pass.
+        # (_adam_host); elsewhere five passes over one temporary per chunk (one launch per
+        # operation), small tensors gathered into flat buffers (their count costs nothing).
         opt = self.optimizer
         out = torch.zeros(len(self.params), dtype=torch.float64, device=self.params[0].device)
         decoupled = isinstance(opt, torch.optim.AdamW)
