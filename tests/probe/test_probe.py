@@ -356,3 +356,28 @@ def test_sparse_embedding_gradients_are_measured_as_their_dense_tensor(monkeypat
         assert r.get(step, "0.weight", "grad_nonfinite") == 0.0
         want = float((emb.weight.detach().double() - before).norm() / before.norm())
         assert r.get(step, "0.weight", "update_ratio") == pytest.approx(want, rel=1e-5)
+
+
+def test_a_gradient_penalty_step_is_recorded_without_crashing():
+    # WGAN-GP / R1 style: torch.autograd.grad(..., create_graph=True) inside the step gives
+    # gradients that require grad (device norms on the CPU) beside the loss's own backward
+    # (host floats): pooling the two used to crash the optimiser step
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    p = Probe(model, optimizer=opt).attach()
+    for _ in range(2):
+        opt.zero_grad()
+        x = torch.randn(4, 6, requires_grad=True)
+        out = model(x)
+        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        loss = out.pow(2).mean() + g.pow(2).sum()
+        loss.backward()
+        want = float(model[0].weight.grad.double().norm())
+        p.log(loss=loss)
+        opt.step()
+    r = p.record
+    assert r.steps == [0, 1]
+    assert r.get(1, "0.weight", "grad_norm") == pytest.approx(want, rel=1e-6)
+    for layer in ("0", "1", "2"):
+        assert math.isfinite(r.get(1, layer, "out_grad_norm")) and r.get(1, layer, "out_grad_norm") > 0

@@ -78,10 +78,14 @@ def _pool(g: list[tuple[Any, Any]]) -> tuple[Any, Any]:
     norm of all of them together."""
     if len(g) == 1:
         return g[0]
-    if isinstance(g[0][0], float):
+    if all(type(n) is float for n, _ in g):
         return math.hypot(*(n for n, _ in g)), sum(b for _, b in g)
+    # (a mix: a CPU pass whose gradients require grad, create_graph=True for a gradient
+    # penalty, gives device norms; the other passes host floats)
+    dev = next(n.device for n, _ in g if isinstance(n, torch.Tensor))
     bads = [b for _, b in g]
-    return (torch.linalg.vector_norm(torch.stack([n for n, _ in g])),
+    return (torch.linalg.vector_norm(torch.stack([torch.as_tensor(n, dtype=torch.float64,
+                                                                  device=dev) for n, _ in g])),
             None if any(b is None for b in bads)
             else torch.stack([torch.as_tensor(b) for b in bads]).sum())
 
