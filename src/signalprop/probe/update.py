@@ -19,8 +19,8 @@ by piece (``sqrt(v)``, ``+ e``, ``m /`` into a scratch array ``d``, then ``||d +
 (most of a transformer's tensors, few of its elements) are gathered. Elsewhere, torch operations:
 one launch per pass and chunk. ``benchmarks/update_norms.py`` times them in the training loop of
 ``probe_overhead.py``'s transformer (866k parameters in 149 tensors, one CPU thread; medians of
-4 runs on a loaded shared machine): NumPy 2.2 ms per recorded step (2.7 ms with every tensor
-gathered and the decay term added in passes of its own), torch 3.5 ms, a weight copy 2.1 ms
+4 runs on a shared machine): NumPy 2.0 ms per recorded step (2.5 ms with every tensor
+gathered and the decay term added in passes of its own), torch 3.2 ms, a weight copy 1.8 ms
 (holding a third of Adam's state); reading m, v and W alone takes ~0.8 ms. Relative error
 against a float64 evaluation: NumPy ~1e-7 (tested <= 1e-6), torch's float32 norms ~6e-6.
 
