@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from signalprop import stats
 from signalprop.probe import update
 from signalprop.probe.update import UpdateNorms
 
@@ -266,3 +267,18 @@ def test_adam_closed_form_when_decay_and_step_cancel(dtype, path):
         assert want[i] < 3e-3 * terms[i]  # (the case does cancel)
         err = 4 * torch.finfo(dtype).eps * terms[i] if path == "numpy" else 2e-5 * terms[i]
         assert abs(got[i] - want[i]) <= 1e-6 * want[i] + err, (i, got[i], want[i], terms[i])
+
+
+@pytest.mark.parametrize("path", ["numpy"], indirect=True)
+def test_adam_host_scratch_is_one_dot_piece_however_large_the_limit(path):
+    # a limit as for a 100M-parameter model: the 90000-element weight is read in two pieces of
+    # DOT_PIECE elements (norms combined in double), and the scratch arrays stay that size
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(300, 300)), nn.Parameter(torch.randn(300))]
+    opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    upd = UpdateNorms(opt, params)
+    upd.limit = 10**7
+    for step in range(2):
+        _step_and_check(opt, params, upd, [torch.randn_like(p) for p in params], path, step)
+    plan = upd._plan[1][0].flat
+    assert plan.most == stats.DOT_PIECE and [len(p) for _, p in plan.big] == [2]
