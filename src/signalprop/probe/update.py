@@ -482,7 +482,7 @@ class _HostPlan(NamedTuple):
 
     dtype: torch.dtype
     big: list[tuple[int, list[tuple[np.ndarray, ...]]]]  # (position, pieces of (m, v, W) views)
-    small: list[tuple[Any, ...]]  # gathered: (m, v, W) view lists, runs, positions, row starts
+    small: list[tuple[Any, ...]]  # gathered: (m, v, W) view lists, positions, starts, ends, floors
     n: int  # number of tensors
     most: int  # elements of the largest piece or chunk (the size of each scratch array)
 
@@ -510,15 +510,18 @@ def _host_plan(ms: list[torch.Tensor], vs: list[torch.Tensor], ws: list[torch.Te
             m, v, w = (t[k].detach().view(-1).numpy() for t in (ms, vs, ws))
             big.append((pos[k], [(m[i:i + piece], v[i:i + piece], w[i:i + piece])
                                  for i in range(0, n, piece)]))
-    small = sorted((k for k in ks if ms[k].numel() < small_cut), key=lambda k: ms[k].numel())
+    # (tensors without elements stay out: their norm is the 0 the result starts with)
+    small = sorted((k for k in ks if 0 < ms[k].numel() < small_cut), key=lambda k: ms[k].numel())
+    tiny = float(np.finfo(np.float32 if dtype == torch.float32 else np.float64).tiny)
     gathered, at = [], 0
-    for *views, runs in _flat_chunks(ms, vs, ws, small, piece):
-        sizes = [z for c, z in runs for _ in range(c)]
-        gathered.append((*([x.numpy() for x in lst] for lst in views), runs,
+    for *views, _ in _flat_chunks(ms, vs, ws, small, piece):
+        sizes = np.array([x.numel() for x in views[0]])
+        ends = np.cumsum(sizes)
+        gathered.append((*([x.numpy() for x in lst] for lst in views),
                          np.array([pos[k] for k in small[at:at + len(sizes)]], np.intp),
-                         np.cumsum([0, *sizes])))
+                         ends - sizes, ends, 1e9 * tiny * sizes))
         at += len(sizes)
-    most = max([min(piece, ms[k].numel()) for k in ks] + [int(g[-1][-1]) for g in gathered])
+    most = max([min(piece, ms[k].numel()) for k in ks] + [int(g[-2][-1]) for g in gathered])
     return _HostPlan(dtype, big, gathered, len(ks), max(most, 1))
 
 
@@ -526,7 +529,7 @@ def _adam_host(plan: _HostPlan, e: float, wa: float) -> np.ndarray:
     """Norms (float64) of ``m / (sqrt(v) + e) + wa W`` per tensor on the CPU: a large tensor's
     pieces in three NumPy passes into a scratch array, the decay term by BLAS dots
     (:func:`stats.axpy_norm`); small tensors gathered by ``concatenate`` (one call per pass for
-    all of them) and their norms taken per run of equal sizes (:func:`_run_sums`)."""
+    all of them), one ``reduceat`` for their norms."""
     out = np.zeros(plan.n)
     if not plan.n:
         return out
@@ -543,8 +546,8 @@ def _adam_host(plan: _HostPlan, e: float, wa: float) -> np.ndarray:
                 np.divide(m, d, out=d)
                 parts.append(axpy(d, w, wa, b2))
             out[j] = parts[0] if len(parts) == 1 else math.sqrt(math.fsum(x * x for x in parts))
-        for m_list, v_list, w_list, runs, where, starts in plan.small:
-            d, t = b1[:starts[-1]], b2[:starts[-1]]
+        for m_list, v_list, w_list, where, starts, ends, floors in plan.small:
+            d, t = b1[:ends[-1]], b2[:ends[-1]]
             np.concatenate(v_list, out=d)
             np.sqrt(d, out=d)
             np.add(d, e, out=d)
@@ -554,26 +557,14 @@ def _adam_host(plan: _HostPlan, e: float, wa: float) -> np.ndarray:
                 np.concatenate(w_list, out=t)
                 np.multiply(t, wa, out=t)
                 np.add(d, t, out=d)
-            out[where] = _run_sums(d, t, runs, starts, nrm, dtype)
+            # squares summed per tensor in double; where they could have lost anything (a sum
+            # below 1e9 n tiny: underflow; not finite: overflow, NaN) the tensor again by nrm
+            ss = np.add.reduceat(np.multiply(d, d, out=t), starts, dtype=np.float64)
+            norms = np.sqrt(ss)
+            for i in np.flatnonzero(~((ss >= floors) & (ss < np.inf))):
+                norms[i] = nrm(d[starts[i]:ends[i]])
+            out[where] = norms
     return out
-
-
-def _run_sums(d: np.ndarray, t: np.ndarray, runs: list[tuple[int, int]], starts: np.ndarray,
-              nrm: Any, dtype: Any) -> np.ndarray:
-    """Norms of consecutive arrays laid out in ``d`` (``runs`` of (count, size) equal sizes,
-    ``starts`` their offsets): squares (into ``t``) summed per row in double; rows whose squares
-    could have lost anything (a sum below ``1e9 size tiny``, or not finite) again by ``nrm``."""
-    np.multiply(d, d, out=t)
-    sums, start = [], 0
-    for c, z in runs:
-        sums.append(t[start:start + c * z].reshape(c, z).sum(axis=1, dtype=np.float64))
-        start += c * z
-    ss = np.concatenate(sums) if len(sums) > 1 else sums[0]
-    sizes = np.diff(starts)
-    norms = np.sqrt(ss)
-    for i in np.flatnonzero(~((ss >= 1e9 * float(np.finfo(dtype).tiny) * sizes) & (ss < np.inf))):
-        norms[i] = nrm(d[starts[i]:starts[i + 1]])
-    return norms
 
 
 def _run_norms(flat: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
