@@ -427,3 +427,46 @@ def test_activation_checkpointing_records_what_the_plain_model_records(mode):
     assert set(plain) == set(ck)
     for k, v in plain.items():
         assert ck[k] == pytest.approx(v, rel=1e-5, abs=1e-7, nan_ok=True), k
+
+
+@pytest.mark.parametrize("opt_name", ["lbfgs", "sgd"])
+def test_a_closure_step_records_its_first_evaluation(opt_name):
+    # LBFGS.step(closure) runs forward and backward inside the step, several times at moving
+    # weights: the step pre-hook used to fire before any of them (records shifted by a step,
+    # forward statistics lost). Recorded now: the first evaluation, at the step's own weights.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = (torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4) if opt_name == "lbfgs"
+           else torch.optim.SGD(model.parameters(), lr=0.1))
+    p = Probe(model, optimizer=opt, schedule=[0, 2]).attach()
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        calls.append(1)
+        return loss
+
+    for step in range(3):
+        ref = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+        ref.load_state_dict(model.state_dict())
+        h = ref[1](ref[0](x))
+        h.retain_grad()
+        loss = (ref[2](h) - y).pow(2).mean()
+        loss.backward()
+        before = model[0].weight.detach().double().clone()
+        opt.step(closure)
+        if step in (0, 2):
+            r = p.record
+            assert r.get(step, MODEL, "loss") == pytest.approx(float(loss.detach()), rel=1e-6)
+            assert r.get(step, "0.weight", "grad_norm") == pytest.approx(
+                float(ref[0].weight.grad.double().norm()), rel=1e-5)
+            assert r.get(step, "1", "out_grad_norm") == pytest.approx(
+                float(h.grad.double().norm()), rel=1e-5)
+            assert r.get(step, "1", "out_mean") == pytest.approx(float(h.double().mean()), rel=1e-5)
+            want = float((model[0].weight.detach().double() - before).norm() / before.norm())
+            assert r.get(step, "0.weight", "update_ratio") == pytest.approx(want, rel=1e-4)
+    assert p.record.steps == [0, 2]
+    assert len(calls) > 3 if opt_name == "lbfgs" else len(calls) == 3
