@@ -470,3 +470,31 @@ def test_a_closure_step_records_its_first_evaluation(opt_name):
             assert r.get(step, "0.weight", "update_ratio") == pytest.approx(want, rel=1e-4)
     assert p.record.steps == [0, 2]
     assert len(calls) > 3 if opt_name == "lbfgs" else len(calls) == 3
+
+
+def test_parametrized_layers_are_watched_and_their_parametrizations_are_not():
+    # weight_norm / spectral_norm move a layer's weight into a `parametrizations` child: the
+    # modules computing the weight used to be watched as layers (the weight's values recorded
+    # as an output), and a bias-free parametrized layer, no longer a leaf, was not watched
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 2))
+    parametrizations.weight_norm(model[0])
+    parametrizations.spectral_norm(model[2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt).attach()
+    x = torch.randn(5, 6)
+    y0 = model[0](x)
+    y0.retain_grad()
+    model[2](model[1](y0)).pow(2).mean().backward()
+    want = float(y0.grad.double().norm())
+    model.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    layers = [n for n, info in p.record.layers.items() if info.role != "param"]
+    assert not [n for n in layers if "parametrizations" in n], layers
+    assert {"0", "1", "2"} <= set(layers)
+    assert p.record.get(0, "0", "out_grad_norm") == pytest.approx(want, rel=1e-5)
+    assert p.record.get(0, "0", "out_mean") == pytest.approx(float(y0.detach().mean()), rel=1e-5)
