@@ -498,3 +498,62 @@ def test_parametrized_layers_are_watched_and_their_parametrizations_are_not():
     assert {"0", "1", "2"} <= set(layers)
     assert p.record.get(0, "0", "out_grad_norm") == pytest.approx(want, rel=1e-5)
     assert p.record.get(0, "0", "out_mean") == pytest.approx(float(y0.detach().mean()), rel=1e-5)
+
+
+class _Fft(nn.Module):
+    def forward(self, h):
+        return torch.fft.rfft(h, dim=-1)
+
+
+class _Fourier(nn.Module):
+    """A Fourier layer with complex weights (FNO-style): rfft -> complex matmul -> irfft."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lift = nn.Linear(8, 8)
+        self.fft = _Fft()
+        self.w = nn.Parameter(torch.randn(5, 5, dtype=torch.cfloat) * 0.3)
+        self.head = nn.Linear(8, 2)
+
+    def spectrum(self, x):
+        return self.fft(torch.tanh(self.lift(x)))
+
+    def finish(self, z):
+        return self.head(torch.fft.irfft(z @ self.w, n=8, dim=-1))
+
+    def forward(self, x):
+        return self.finish(self.spectrum(x))
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
+def test_complex_outputs_gradients_and_weights_are_measured(opt_name):
+    # a complex gradient used to crash the user's backward inside the probe's hook (a float64
+    # norm of a complex tensor); complex values count as their real and imaginary parts
+    model = _Fourier()
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1) if opt_name == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=1e-2))
+    p = Probe(model, optimizer=opt).attach()
+    torch.manual_seed(1)
+    for step in range(3):
+        x = torch.randn(4, 8)
+        ref = _Fourier()
+        ref.load_state_dict(model.state_dict())
+        z = ref.spectrum(x)
+        z.retain_grad()
+        ref.finish(z).pow(2).mean().backward()
+        want_z = float(torch.view_as_real(z.grad).double().norm())
+        want_mean = float(torch.view_as_real(z.detach()).double().mean())
+        want_g = float(torch.view_as_real(ref.w.grad).double().norm())
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        before = torch.view_as_real(model.w.detach()).double().clone()
+        opt.step()
+        r = p.record
+        assert r.get(step, "fft", "out_grad_norm") == pytest.approx(want_z, rel=1e-5)
+        assert r.get(step, "fft", "out_mean") == pytest.approx(want_mean, rel=1e-4, abs=1e-7)
+        assert r.get(step, "w", "grad_norm") == pytest.approx(want_g, rel=1e-5)
+        after = torch.view_as_real(model.w.detach()).double()
+        assert r.get(step, "w", "update_ratio") == pytest.approx(
+            float((after - before).norm() / before.norm()), rel=1e-4)

@@ -392,6 +392,8 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
         # another shape (dynamic padding) is left out of the forward statistics
         o = out.detach()
         s.shape = o.shape[1:]
+        if o.is_complex():  # (a spectral layer: its values are the real and imaginary parts)
+            o = torch.view_as_real(o)
         if p.max_forward_samples is None:  # exact: keep the output until the end of the step
             s.outs.append(o)
             s.versions.append(out._version)
