@@ -34,5 +34,6 @@ def test_sparse_gradients_are_checked_by_their_values() -> None:
     emb = torch.nn.Embedding(5, 3, sparse=True)
     emb(torch.tensor([1, 1, 4])).sum().backward()
     assert emb.weight.grad.is_sparse and _grads_finite([emb.weight])
-    emb.weight.grad = torch.sparse_coo_tensor([[2]], [[math.nan, 0.0, 0.0]], (5, 3))
+    emb.weight.grad = torch.sparse_coo_tensor([[2]], [[math.nan, 0.0, 0.0]], (5, 3),
+                                              check_invariants=True)
     assert not _grads_finite([emb.weight])
