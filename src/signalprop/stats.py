@@ -354,6 +354,8 @@ def norm64(g: torch.Tensor) -> torch.Tensor:
     reduced in pieces of at most :data:`NORM64_CHUNK` elements (at most :data:`NORM64_PIECES`
     pieces), so only a piece is copied at a time.
     """
+    if g.is_complex():  # (|z|^2 = re^2 + im^2: the norm of its real view)
+        return norm64(torch.view_as_real(g))
     if g.is_cuda:
         if g.dtype == torch.float32 and g.is_contiguous() and not g.requires_grad:
             # (the combination ``device_norms`` uses for parameters, measured on an H100)

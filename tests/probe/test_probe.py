@@ -381,3 +381,179 @@ def test_a_gradient_penalty_step_is_recorded_without_crashing():
     assert r.get(1, "0.weight", "grad_norm") == pytest.approx(want, rel=1e-6)
     for layer in ("0", "1", "2"):
         assert math.isfinite(r.get(1, layer, "out_grad_norm")) and r.get(1, layer, "out_grad_norm") > 0
+
+
+class _Checkpointed(nn.Module):
+    """Two pre-LN transformer blocks (functional GELU inside), each run under activation
+    checkpointing (``mode``: use_reentrant) or not (``None``)."""
+
+    def __init__(self, mode: bool | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(2))
+        self.head = nn.Linear(8, 3)
+        self.mode = mode
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        for b in self.blocks:
+            x = b(x) if self.mode is None else checkpoint(b, x, use_reentrant=self.mode)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("mode", [False, True])
+def test_activation_checkpointing_records_what_the_plain_model_records(mode):
+    # the recomputation inside backward used to be pooled in as another call (every sample
+    # twice: percentiles off by a few percent); reentrant checkpointing records the recomputed
+    # graph, the only one with grad mode
+    recs = []
+    for m in (None, mode):
+        model = _Checkpointed(m)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        p = Probe(model, optimizer=opt).attach()
+        torch.manual_seed(1)
+        # (reentrant checkpointing needs an input that requires grad: every run has one)
+        xs = [torch.randn(2, 5, 8, requires_grad=True) for _ in range(4)]
+        for step in range(2):
+            opt.zero_grad()
+            for x in xs[2 * step: 2 * step + 2]:  # two micro-batches a step
+                model(x).pow(2).mean().backward()
+            opt.step()
+        recs.append({(layer, k): v for layer, d in p.record.data[1].items() for k, v in d.items()})
+    plain, ck = recs
+    assert any(k[1] == "out_p95" and "/gelu" in k[0] for k in plain)  # the functional sites
+    assert set(plain) == set(ck)
+    for k, v in plain.items():
+        assert ck[k] == pytest.approx(v, rel=1e-5, abs=1e-7, nan_ok=True), k
+
+
+@pytest.mark.parametrize("opt_name", ["lbfgs", "sgd"])
+def test_a_closure_step_records_its_first_evaluation(opt_name):
+    # LBFGS.step(closure) runs forward and backward inside the step, several times at moving
+    # weights: the step pre-hook used to fire before any of them (records shifted by a step,
+    # forward statistics lost). Recorded now: the first evaluation, at the step's own weights.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = (torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4) if opt_name == "lbfgs"
+           else torch.optim.SGD(model.parameters(), lr=0.1))
+    p = Probe(model, optimizer=opt, schedule=[0, 2]).attach()
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        calls.append(1)
+        return loss
+
+    for step in range(3):
+        ref = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+        ref.load_state_dict(model.state_dict())
+        h = ref[1](ref[0](x))
+        h.retain_grad()
+        loss = (ref[2](h) - y).pow(2).mean()
+        loss.backward()
+        before = model[0].weight.detach().double().clone()
+        opt.step(closure)
+        if step in (0, 2):
+            r = p.record
+            assert r.get(step, MODEL, "loss") == pytest.approx(float(loss.detach()), rel=1e-6)
+            assert r.get(step, "0.weight", "grad_norm") == pytest.approx(
+                float(ref[0].weight.grad.double().norm()), rel=1e-5)
+            assert r.get(step, "1", "out_grad_norm") == pytest.approx(
+                float(h.grad.double().norm()), rel=1e-5)
+            assert r.get(step, "1", "out_mean") == pytest.approx(float(h.detach().double().mean()), rel=1e-5)
+            want = float((model[0].weight.detach().double() - before).norm() / before.norm())
+            assert r.get(step, "0.weight", "update_ratio") == pytest.approx(want, rel=1e-4)
+    assert p.record.steps == [0, 2]
+    assert len(calls) > 3 if opt_name == "lbfgs" else len(calls) == 3
+
+
+def test_parametrized_layers_are_watched_and_their_parametrizations_are_not():
+    # weight_norm / spectral_norm move a layer's weight into a `parametrizations` child: the
+    # modules computing the weight used to be watched as layers (the weight's values recorded
+    # as an output), and a bias-free parametrized layer, no longer a leaf, was not watched
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 2))
+    parametrizations.weight_norm(model[0])
+    parametrizations.spectral_norm(model[2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt).attach()
+    x = torch.randn(5, 6)
+    y0 = model[0](x)
+    y0.retain_grad()
+    model[2](model[1](y0)).pow(2).mean().backward()
+    want = float(y0.grad.double().norm())
+    model.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    layers = [n for n, info in p.record.layers.items() if info.role != "param"]
+    assert not [n for n in layers if "parametrizations" in n], layers
+    assert {"0", "1", "2"} <= set(layers)
+    assert p.record.get(0, "0", "out_grad_norm") == pytest.approx(want, rel=1e-5)
+    assert p.record.get(0, "0", "out_mean") == pytest.approx(float(y0.detach().mean()), rel=1e-5)
+
+
+class _Fft(nn.Module):
+    def forward(self, h):
+        return torch.fft.rfft(h, dim=-1)
+
+
+class _Fourier(nn.Module):
+    """A Fourier layer with complex weights (FNO-style): rfft -> complex matmul -> irfft."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lift = nn.Linear(8, 8)
+        self.fft = _Fft()
+        self.w = nn.Parameter(torch.randn(5, 5, dtype=torch.cfloat) * 0.3)
+        self.head = nn.Linear(8, 2)
+
+    def spectrum(self, x):
+        return self.fft(torch.tanh(self.lift(x)))
+
+    def finish(self, z):
+        return self.head(torch.fft.irfft(z @ self.w, n=8, dim=-1))
+
+    def forward(self, x):
+        return self.finish(self.spectrum(x))
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
+def test_complex_outputs_gradients_and_weights_are_measured(opt_name):
+    # a complex gradient used to crash the user's backward inside the probe's hook (a float64
+    # norm of a complex tensor); complex values count as their real and imaginary parts
+    model = _Fourier()
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1) if opt_name == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=1e-2))
+    p = Probe(model, optimizer=opt).attach()
+    torch.manual_seed(1)
+    for step in range(3):
+        x = torch.randn(4, 8)
+        ref = _Fourier()
+        ref.load_state_dict(model.state_dict())
+        z = ref.spectrum(x)
+        z.retain_grad()
+        ref.finish(z).pow(2).mean().backward()
+        want_z = float(torch.view_as_real(z.grad).double().norm())
+        want_mean = float(torch.view_as_real(z.detach()).double().mean())
+        want_g = float(torch.view_as_real(ref.w.grad).double().norm())
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        before = torch.view_as_real(model.w.detach()).double().clone()
+        opt.step()
+        r = p.record
+        assert r.get(step, "fft", "out_grad_norm") == pytest.approx(want_z, rel=1e-5)
+        assert r.get(step, "fft", "out_mean") == pytest.approx(want_mean, rel=1e-4, abs=1e-7)
+        assert r.get(step, "w", "grad_norm") == pytest.approx(want_g, rel=1e-5)
+        after = torch.view_as_real(model.w.detach()).double()
+        assert r.get(step, "w", "update_ratio") == pytest.approx(
+            float((after - before).norm() / before.norm()), rel=1e-4)

@@ -261,7 +261,7 @@ class BackwardStats:
             names += [(n, "out_grad_nonfinite") for n in layer]
             names += tnames
             return
-        if isinstance(norms[0], float):
+        if all(type(v) is float for v in norms) and all(type(b) is float for b in bads):
             nv = torch.tensor(norms, dtype=torch.float64)
             bv = torch.tensor(bads, dtype=torch.float64)
         else:

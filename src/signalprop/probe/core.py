@@ -193,6 +193,10 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._fwd_handles: list[Any] = []
         self._active = False
         self._calls: dict[Any, int] = {}  # module index -> its calls in this forward pass
+        # calls inside backward (activation checkpointing recomputes; hooks._call_index), and
+        # the keys called in a forward pass of this step
+        self._bw_calls: dict[Any, int] = {}
+        self._fwd_keys: set[Any] = set()
         self._nforward = 0  # forward passes of the whole model in this step (micro-batches)
         self._used: list[int] = []  # sites holding data of this step
         self._scalars: dict[str, Any] = {}
@@ -448,6 +452,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             self._sites[j].clear()
         self._used = []
         self._calls.clear()
+        self._bw_calls.clear()
+        self._fwd_keys.clear()
         self._nforward = 0
         self._inputs = []
         self._scalars = {}

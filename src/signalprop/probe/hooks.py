@@ -267,7 +267,7 @@ def _block_pre_hook(ref: weakref.ref, name: str, module: nn.Module, args: tuple)
     if p is None or not p._active or not torch.is_grad_enabled():
         return
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    if x is not None and x.requires_grad:
+    if x is not None and x.requires_grad and _call_index(p, name) is not None:
         store = p._block_grads.setdefault(name, [])
         if x.grad_fn is None:
             x.register_hook(partial(_grad_hook, store, None))
@@ -300,14 +300,10 @@ def _record_call(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: A
             return None
     if not torch.is_grad_enabled():
         return None
-    if p._new_pass:
-        # the first call after a backward pass (a micro-batch of gradient accumulation, also
-        # when the loop calls submodules rather than the model): call sites count from here
-        p._new_pass = False
-        p._calls.clear()
+    k = _call_index(p, i)
+    if k is None:
+        return None
     cand = _inferred_kind(p, i, out) if p._infer else None
-    k = p._calls.get(i, 0)
-    p._calls[i] = k + 1
     if p._loop[i]:
         t, k = k, 0
     else:
@@ -330,6 +326,37 @@ def _record_call(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: A
     _record_output(p, j, s, out, inp[0] if inp and isinstance(inp[0], torch.Tensor) else None, t,
                    grad)
     return s
+
+
+#: The id of the autograd graph task running on this thread (-1: none, not inside backward).
+_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _call_index(p: Probe, key: Any) -> int | None:
+    """Which call of ``key`` (a module index, or a functional site's key) this is in the
+    current forward pass; ``None``: not a call to record.
+
+    A forward call inside backward is activation checkpointing recomputing a segment. Without
+    reentrance (``use_reentrant=False``) the segment's outputs were recorded when it first ran
+    and its gradients flow through those nodes: the recomputation is not another call, and is
+    left out (pooled in, it would count every output twice). With reentrance the first run
+    had no grad mode (nothing recorded) and the recomputed graph is the one backward runs
+    through: recorded, counted apart from the forward pass's calls."""
+    if _task_id() >= 0:
+        calls = p._bw_calls
+        k = calls.get(key, 0)
+        calls[key] = k + 1
+        return None if key in p._fwd_keys else k
+    if p._new_pass:
+        # the first call after a backward pass (a micro-batch of gradient accumulation, also
+        # when the loop calls submodules rather than the model): call sites count from here
+        p._new_pass = False
+        p._calls.clear()
+    k = p._calls.get(key, 0)
+    p._calls[key] = k + 1
+    if not k:
+        p._fwd_keys.add(key)
+    return k
 
 
 def _output_tensor(out: Any) -> torch.Tensor | None:
@@ -365,6 +392,8 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
         # another shape (dynamic padding) is left out of the forward statistics
         o = out.detach()
         s.shape = o.shape[1:]
+        if o.is_complex():  # (a spectral layer: its values are the real and imaginary parts)
+            o = torch.view_as_real(o)
         if p.max_forward_samples is None:  # exact: keep the output until the end of the step
             s.outs.append(o)
             s.versions.append(out._version)
@@ -485,6 +514,7 @@ def _backward_started(ref: weakref.ref) -> None:
         return
     p._grads_seen = True
     p._new_pass = True
+    p._bw_calls.clear()
     if not p._cb_queued:
         p._cb_queued = True
         torch.autograd.Variable._execution_engine.queue_callback(partial(_requeue_end, ref))

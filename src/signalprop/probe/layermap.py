@@ -14,7 +14,7 @@ from torch import nn
 
 from signalprop.probe import recurrent
 from signalprop.probe.functional import ProbeMode
-from signalprop.probe.hooks import _grad_hook, _record_output
+from signalprop.probe.hooks import _call_index, _grad_hook, _record_output
 from signalprop.probe.modules import activation_kind, watched_modules
 from signalprop.probe.sites import _CELLS, MAX_SITES, _Site
 from signalprop.record import LayerInfo
@@ -113,8 +113,12 @@ class LayerMap:
     def _functional_activation(self, kind: str, fname: str, args: tuple, out: torch.Tensor,
                                func: Any = None) -> None:
         """An activation called as a function (F.relu, torch.sigmoid, x.tanh() ...)."""
-        if not torch.is_grad_enabled():
+        grad = torch.is_grad_enabled()
+        if not grad and not self._mapping:
             return
+        # (without grad mode on the mapping step it is still noted for the patch plan: a
+        # segment under reentrant activation checkpointing runs without it, then again with it
+        # inside backward, where only a patched attribute sees the call)
         enclosing, mod = (self._stack[-1][0], self._stack[-1][1]) if self._stack else ("", None)
         if mod is not None:
             i = self._watched.get(id(mod))
@@ -127,13 +131,15 @@ class LayerMap:
                 # a parameter-free leaf module calling an activation function: it IS that
                 # activation if it returns the function's output (checked in its forward
                 # hook); otherwise the function is an intermediate step of its own activation
-                self._infer[i] = (kind, out)
+                if grad:
+                    self._infer[i] = (kind, out)
                 return
         self._fn_found = True
         if self._mapping:
             # (where it was called, what): attribute patches replace the mode after mapping
             self._fn_seen.setdefault((enclosing, func), (kind, fname))
-        self._functional_site(enclosing or type(self.model).__name__, kind, fname, args, out)
+        if grad:
+            self._functional_site(enclosing or type(self.model).__name__, kind, fname, args, out)
 
     def _functional_site(self, where: str, kind: str, fname: str, args: tuple,
                          out: torch.Tensor) -> None:
@@ -142,12 +148,10 @@ class LayerMap:
             return
         base = f"{where}/{fname}"
         key = ("fn", base)
-        if self._new_pass:
-            self._new_pass = False
-            self._calls.clear()
+        k = _call_index(self, key)  # type: ignore[arg-type]
+        if k is None:  # (recomputed by activation checkpointing: recorded when it ran)
+            return
         self._fn_counts[base] = self._fn_counts.get(base, 0) + 1
-        k = self._calls.get(key, 0)  # type: ignore[call-overload]
-        self._calls[key] = k + 1  # type: ignore[index]
         k = min(k, MAX_SITES - 1)
         j = self._site_of.get((key, k))  # type: ignore[arg-type]
         if j is None:
@@ -353,8 +357,9 @@ class LayerMap:
     def _check_fn_patches(self) -> None:
         """A recorded step with attribute patches saw fewer functional activation calls than
         the mapping step (some are called directly): the mode again from the next step on."""
-        if self._fn_patches is not None and not self._use_mode and self._used and \
-                self._fn_calls_per_pass() != self._fn_expected:
+        seen = self._fn_calls_per_pass()
+        if self._fn_patches is not None and not self._use_mode and self._used and any(
+                seen.get(k, 0.0) < v for k, v in self._fn_expected.items()):
             self._fn_patches = None
             self._use_mode = True
             self._set_active(False)

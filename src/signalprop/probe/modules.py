@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 # the canonical name of a module (torch classes, Hugging Face class names, custom
 # ``signalprop_activation``) is defined once, in the activation vocabulary
@@ -23,12 +24,27 @@ _PASSTHROUGH: tuple[type[nn.Module], ...] = (
 )
 
 
+def _is_leaf(m: nn.Module) -> bool:
+    """No children, not counting the ``parametrizations`` of a parametrized module
+    (``weight_norm``, ``spectral_norm``, ``orthogonal``: a parametrized ``nn.Linear`` is still
+    a layer)."""
+    if not parametrize.is_parametrized(m):
+        return next(m.children(), None) is None
+    return all(n == "parametrizations" for n, _ in m.named_children())
+
+
 def watched_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules to hook: leaves (no children) that are not pass-through, plus any module that
-    declares an activation kind or owns parameters directly while having children."""
+    declares an activation kind or owns parameters directly while having children. The
+    modules that compute a parametrized weight are not on the signal path: not watched."""
     out = []
+    skip: list[str] = []  # the parametrizations' subtrees, by name prefix
     for name, m in model.named_modules():
-        is_leaf = next(m.children(), None) is None
+        if skip and any(name.startswith(s) for s in skip):
+            continue
+        if parametrize.is_parametrized(m):
+            skip.append(f"{name}.parametrizations" if name else "parametrizations")
+        is_leaf = _is_leaf(m)
         if isinstance(m, _PASSTHROUGH):
             continue
         own_params = next(m.parameters(recurse=False), None) is not None

@@ -204,6 +204,7 @@ class UpdateNorms:
         self._lrs: list[float] = []
         self._wds: list[float] = []
         self.ready = False  # before() ran for the current step
+        self._complex = any(p.is_complex() for p in params)
 
     def _choose(self) -> str:
         opt = self.optimizer
@@ -353,6 +354,9 @@ class UpdateNorms:
         ms = [self._dicts[i]["exp_avg"] for i in sel]
         vs = [self._dicts[i][vkey[gidx[i]]] for i in sel]
         ws = [self.params[i] for i in sel]
+        if self._complex:  # (Adam steps a complex tensor as its real view: so does the closed form)
+            ms, vs, ws = ([torch.view_as_real(t) if t.is_complex() else t for t in ts]
+                          for ts in (ms, vs, ws))
         ptr = torch.Tensor.data_ptr
         key = (tuple(sel), tuple(map(ptr, ms)), tuple(map(ptr, vs)), tuple(map(ptr, ws)))
         if self._plan is None or self._plan[0] != key:  # (a .data swap changes the key too)

@@ -125,11 +125,56 @@ def _call(ref: weakref.ref, method: str, *args: Any) -> None:
         getattr(p, method)(*args)
 
 
-def _step_hook(ref: weakref.ref, post: bool, k: int, *args: Any) -> None:
-    """Optimiser ``k``'s step pre-hook (``post``: post-hook) of the probe behind ``ref``."""
+def _step_hook(ref: weakref.ref, post: bool, k: int, opt: Any = None, args: tuple = (),
+               kwargs: dict[str, Any] | None = None) -> tuple[tuple, dict[str, Any]] | None:
+    """Optimiser ``k``'s step pre-hook (``post``: post-hook) of the probe behind ``ref``.
+
+    A pre-hook that returns ``(args, kwargs)`` replaces the step's arguments: a closure
+    (``LBFGS.step(closure)``, which runs forward and backward inside the step) is wrapped so
+    that the step's statistics are taken after its first evaluation (:meth:`Probe._closure`).
+    """
     p = ref()
-    if p is not None:
-        p._opt_post(k) if post else p._opt_pre(k)
+    if p is None:
+        return None
+    if post:
+        p._opt_post(k)
+        return None
+    # (``args`` holds the optimiser itself first, then the step's own arguments)
+    closure = args[1] if len(args) > 1 else (kwargs or {}).get("closure")
+    if closure is not None and p._active:
+        return _closure_step(p, k, closure, args, kwargs or {})
+    p._opt_pre(k)
+    return None
+
+
+def _closure_step(p: Any, k: int, closure: Callable[[], Any], args: tuple,
+                  kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """``step(closure)`` of a recorded step: the optimiser evaluates the loss itself (LBFGS:
+    several times, at moving weights, in its line search). The step's statistics are those of
+    the first evaluation, at the weights the step starts from (what the probe records for an
+    optimiser without a closure); later evaluations are not recorded. The closure's loss is
+    logged unless the loop logged one. Returns the step's arguments, the closure wrapped."""
+    if k in p._stepped_opts:
+        p._post_step()  # (as Probe._opt_pre: a second step of this optimiser)
+    ref = p._ref
+    first = [True]
+
+    def probed() -> Any:
+        loss = closure()
+        q = ref()
+        if first and q is not None and q._active:
+            first.clear()
+            if "loss" not in q._scalars and isinstance(loss, torch.Tensor | float):
+                q.log(loss=loss)
+            if q._pending is None:
+                q._pre_step()
+            q._set_active(False)  # (hooks off for the later evaluations ...)
+            q._active = True  # (... the step is still recorded: committed after it)
+        return loss
+
+    if len(args) > 1:  # (args[0] is the optimiser)
+        return (args[0], probed, *args[2:]), kwargs
+    return args, {**kwargs, "closure": probed}
 
 
 class _AttrPatch:

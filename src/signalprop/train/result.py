@@ -33,7 +33,8 @@ def divergence_reason(
 
 
 def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
+    # (sparse gradients, nn.Embedding(sparse=True): their stored values)
+    grads = [stats.dense_values(p.grad) for p in params if p.grad is not None]
     if not grads:
         return True
     # the sum in float64 (float32 only where the device has no float64): a finite float64
