@@ -475,23 +475,19 @@ def _zero(a: Any) -> float:
     return 0.0  # (BLAS rejects empty arrays)
 
 
-#: :func:`axpy_norm` keeps its three dots while the terms cancel at most this much: with
-#: ``(||d|| + |a| ||w||)^2 <= AXPY_CANCEL * ||d + a w||^2``, a relative error ``delta`` of each
-#: dot (against the sum of the magnitudes of its products) moves the norm by at most
-#: ``AXPY_CANCEL * delta / 2`` relatively (float32 pieces of :data:`DOT_PIECE` values: delta
-#: ~1e-7); past that the sum is formed and its norm taken the direct way.
+#: :func:`axpy_norm` keeps its dots while ``(||d|| + |a| ||w||)^2 <= AXPY_CANCEL ||d + a w||^2``:
+#: a dot's relative error ``delta`` (float32, :data:`DOT_PIECE` values: ~1e-7, against the sum of
+#: its products' magnitudes) then moves the norm by at most ``AXPY_CANCEL * delta / 2``.
 AXPY_CANCEL: float = 4.0
+_Axpy = Callable[[np.ndarray, np.ndarray, float, np.ndarray], float]
 
 
 def axpy_norm(dot: Callable[[np.ndarray, np.ndarray], float], norm: Callable[[np.ndarray], float],
-              tiny: float) -> Callable[[np.ndarray, np.ndarray, float, np.ndarray], float]:
-    """``||d + a w||`` of 1-D arrays of at most :data:`DOT_PIECE` values without forming
-    ``d + a w``: ``||d||^2 + 2 a <d, w> + a^2 ||w||^2`` from BLAS dots summed in double (``w`` is
-    read, nothing written). Where the dots could have lost anything it forms ``a w + d`` in the
-    scratch array ``tmp`` (at least as long as ``d``) and takes ``norm`` of it (a
-    :func:`dot_norm`): terms that cancel more than :data:`AXPY_CANCEL` allows, a sum below
-    ``1e9 n (1 + |a|)^2 tiny`` (each underflowed product loses at most ``tiny``), or a result
-    that is not finite (overflow, NaN, Inf)."""
+              tiny: float) -> _Axpy:
+    """``||d + a w||`` of 1-D arrays of at most :data:`DOT_PIECE` values: ``||d||^2 + 2 a <d, w>
+    + a^2 ||w||^2`` by BLAS dots summed in double; where they could have lost anything (terms
+    cancelling past :data:`AXPY_CANCEL`, a sum below ``1e9 n (1 + |a|)^2 tiny``, not finite)
+    ``norm`` (a :func:`dot_norm`) of ``a w + d`` formed in ``tmp`` (at least as long as ``d``)."""
     floor = 1e9 * float(tiny)
 
     def axpy(d: np.ndarray, w: np.ndarray, a: float, tmp: np.ndarray) -> float:
@@ -504,26 +500,22 @@ def axpy_norm(dot: Callable[[np.ndarray, np.ndarray], float], norm: Callable[[np
         top = dd + aww + 2.0 * math.sqrt(dd * aww)  # (||d|| + |a| ||w||)^2
         if top <= AXPY_CANCEL * ss and floor * n * (1.0 + abs(a)) ** 2 <= ss and top < math.inf:
             return math.sqrt(ss)
-        t = tmp[:n]
-        np.multiply(w, a, out=t)
-        np.add(t, d, out=t)
-        return norm(t)
+        t = np.multiply(w, a, out=tmp[:n])
+        return norm(np.add(t, d, out=t))
 
     return axpy
 
 
-def _host_axpy() -> dict[torch.dtype, Callable[[np.ndarray, np.ndarray, float, np.ndarray], float]]:
-    try:
-        from scipy.linalg import blas
-    except ImportError:
+def _host_axpy() -> dict[torch.dtype, _Axpy]:
+    if not HOST_NORMS:  # (no SciPy)
         return {}
-    return {torch.float32: axpy_norm(blas.sdot, HOST_NORMS[torch.float32], np.finfo(np.float32).tiny),
-            torch.float64: axpy_norm(blas.ddot, HOST_NORMS[torch.float64], np.finfo(np.float64).tiny)}
+    from scipy.linalg import blas
+    return {t: axpy_norm(dot, HOST_NORMS[t], np.finfo(f).tiny) for t, dot, f in (
+        (torch.float32, blas.sdot, np.float32), (torch.float64, blas.ddot, np.float64))}
 
 
-#: CPU ``||d + a w||`` of 1-D NumPy arrays by torch dtype (:func:`axpy_norm`; empty without
-#: SciPy, like :data:`HOST_NORMS`).
-HOST_AXPY: dict[torch.dtype, Callable[[np.ndarray, np.ndarray, float, np.ndarray], float]] = _host_axpy()
+#: CPU ``||d + a w||`` of 1-D NumPy arrays by torch dtype (:func:`axpy_norm`; empty without SciPy).
+HOST_AXPY: dict[torch.dtype, _Axpy] = _host_axpy()
 
 
 def final_loss(losses: Sequence[float], window: int = FINAL_LOSS_WINDOW) -> float:
