@@ -84,6 +84,9 @@ def test_adam_small_tensors_gathered_flat_and_the_plan_follows_new_state(limit, 
     _check_steps(model, params, opt, upd, torch.float32, 3, "fresh")
     opt.load_state_dict(opt.state_dict())  # new state tensors: the cached views are stale
     _check_steps(model, params, opt, upd, torch.float32, 2, "loaded")
+    for k in range(3):  # loaded again and again: a freed state's id may come back
+        opt.load_state_dict(opt.state_dict())
+        _check_steps(model, params, opt, upd, torch.float32, 1, f"reloaded {k}")
     with torch.no_grad():
         params[0].data = params[0].data.clone()  # a parameter moved: its view is stale
     _check_steps(model, params, opt, upd, torch.float32, 2, "moved")

@@ -344,9 +344,12 @@ class UpdateNorms:
         views costs as much as the arithmetic. The check reads one address per tensor."""
         opt = self.optimizer
         state = opt.state
-        if self._dicts_key != (id(state), len(state)):  # (load_state_dict replaces opt.state)
+        key = self._dicts_key
+        # (load_state_dict replaces opt.state: the key holds the state it was made for, so
+        # that its id cannot be reused by a later one)
+        if key is None or key[0] is not state or key[1] != len(state):
             self._dicts = [state.get(p) for p in self.params]  # (.get: no entry is created)
-            self._dicts_key = (id(state), len(state))
+            self._dicts_key = (state, len(state))
         vkey = ["max_exp_avg_sq" if g.get("amsgrad") else "exp_avg_sq" for g in opt.param_groups]
         gidx = self.group_idx
         sel = [i for i, (d, had) in enumerate(zip(self._dicts, self._had_grad, strict=True))
