@@ -33,6 +33,38 @@ _VERSION = attrgetter("_version")
 class BackwardStats:
     """Mixin of :class:`~signalprop.probe.core.Probe`: gradients, weights, update norms."""
 
+    def _param_lists(self) -> None:
+        """The per-parameter lists and names derived from ``self.params``."""
+        self._param_names = [n for n, _ in self.params]
+        self._plist = [p for _, p in self.params]
+        self._wnames = [(n, "weight_norm") for n, _ in self.params]
+        self._gnames = [(n, "grad_norm") for n, _ in self.params] + [(MODEL, "grad_norm_total")]
+        self._param_of = dict(self.params)
+        self._ratio_names = [(n, "update_ratio") for n, _ in self.params]
+        self._params_key = (tuple(p.requires_grad for _, p in self._named_all),
+                            tuple(len(o.param_groups) for o in self.optimizers))
+
+    def _sync_params(self) -> None:
+        """Follow the trainable set at a recorded step's start: parameters unfrozen
+        (``requires_grad_(True)``) or frozen after the probe was built, and parameter groups
+        added to the optimiser (fine-tuning); the measured parameters used to be fixed at
+        construction, so an unfrozen layer was never measured and an added group's update
+        ratios came from a stale group index."""
+        key = (tuple(p.requires_grad for _, p in self._named_all),
+               tuple(len(o.param_groups) for o in self.optimizers))
+        if key == self._params_key or not any(key[0]):
+            return
+        self.params = [(n, p) for n, p in self._named_all if p.requires_grad]
+        self._param_lists()
+        self._buffers = self._snapshot = None
+        self._plans.clear()
+        self._healthy = None
+        self.__dict__.pop("_hnorms", None)
+        self._params_declared = False  # (the new ones are declared; add_layer keeps the old)
+        if self._updates is not None:
+            self._updates = update.UpdateNorms(self.optimizers[0], self._plist,
+                                               method=self.update_ratio)
+
     def _weight_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
         """Every norm of this step in ONE call (parameter grads, weights: :meth:`_param_norms`),
         the norms before clipping, and the optimiser's side of the update ratios."""
@@ -191,6 +223,7 @@ class BackwardStats:
         self._cb_queued = False
         if not self._active or not self.weights:
             return
+        self._sync_params()
         grads, have = _grads(self._plist)
         if have is not None:
             if not have:

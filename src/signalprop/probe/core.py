@@ -148,7 +148,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         # recorded steps eagerly: hooks added after compilation never run inside the graph
         self._compiled = _compiled_modules(model)
         model = unwrap(model)
-        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._named_all = list(model.named_parameters())  # (layers unfrozen later: _sync_params)
+        self.params = [(n, p) for n, p in self._named_all if p.requires_grad]
         if not self.params:
             raise ValueError(
                 f"model {type(model).__name__} has no trainable parameters: there are no "
@@ -221,14 +222,9 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._ratios: tuple[int, _Metrics, torch.Tensor, torch.Tensor] | None = None
         self._updates: UpdateNorms | None = None
         self._no_ratio = False
-        self._param_names = [n for n, _ in self.params]
-        self._plist = [p for _, p in self.params]
-        self._wnames = [(n, "weight_norm") for n, _ in self.params]
-        self._gnames = [(n, "grad_norm") for n, _ in self.params] + [(MODEL, "grad_norm_total")]
-        self._param_of = dict(self.params)
+        self._param_lists()
         self._site_names: dict[str, Any] = {}  # site name -> site (transfer's fix-ups)
         self._grads_intact = False  # pre-clip norms are the current gradients' (this step)
-        self._ratio_names = [(n, "update_ratio") for n, _ in self.params]
         self._uncounted = False
         self._early: tuple[list[torch.Tensor], _Metrics] | None = None
         self._passes = 0  # forward passes of the last recorded step
@@ -285,6 +281,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             self._handles.append(opt.register_step_post_hook(partial(_step_hook, ref, True, k)))
         if self.scaler is not None:
             self._handles.append(_ScalerHook(self.scaler, ref))
+        self._sync_params()  # (frozen or unfrozen while detached)
         if self.update_ratio == "optimizer" and len(self.optimizers) != 1 and self.weights:
             raise ValueError("update_ratio='optimizer' needs exactly one optimizer bound to the "
                              f"probe, got {len(self.optimizers)}")
@@ -483,6 +480,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         """Gradients are ready: compute everything except update ratios."""
         if not self._active:
             return
+        self._sync_params()
         if self._sites:
             self._declare_layers()
         self._passes = self._nforward

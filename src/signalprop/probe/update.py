@@ -153,6 +153,14 @@ def _pieces_to_norms(piece_norms: list[torch.Tensor], owner: list[int], n: int) 
 UPDATE_RATIO_CHOICES = ("auto", "optimizer", "copy")
 
 
+def _steps_differ(opt: torch.optim.Optimizer) -> bool:
+    """Whether the parameters of some group count different steps (read once, at build)."""
+    for g in opt.param_groups:
+        if len({float(opt.state.get(p, {}).get("step", 0.0)) for p in g["params"]}) > 1:
+            return True
+    return False
+
+
 def _check_update_ratio(value: str | bool) -> str | bool:
     if value is False:
         return False
@@ -185,6 +193,10 @@ class UpdateNorms:
         # "auto": the closed form where there is one; "copy": always the copy; "optimizer":
         # the closed form or an error
         self.method = "copy" if method == "copy" else self._choose()
+        if self.method == "adam" and method == "auto" and _steps_differ(optimizer):
+            # one step count per group in the closed form: a layer unfrozen later (no state
+            # yet) would be bias-corrected with the group's count, not its own
+            self.method = "copy"
         if method == "optimizer" and self.method == "copy":
             raise ValueError(
                 f"update_ratio='optimizer': no closed-form update for {type(optimizer).__name__}"
