@@ -54,3 +54,38 @@ def test_layers_unfrozen_mid_training_are_measured(opt_name: str, add_group: boo
         else:
             assert "0.weight" not in r.data.get(step, {})
     p.detach()
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd-momentum"])
+def test_optimizer_load_state_dict_mid_run_and_lr_changes(opt_name: str) -> None:
+    # a checkpoint resumed (the optimiser rewound by load_state_dict) with the learning rate
+    # set by hand each step: Adam's closed form kept counting its own steps past the reload
+    # (bias correction of the wrong step: update ratios ~13% off)
+    import copy
+
+    model = _net()
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 3e-3}]
+    opt = (torch.optim.Adam(groups, lr=1e-2) if opt_name == "adam"
+           else torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1) if opt_name == "adamw"
+           else torch.optim.SGD(groups, lr=0.1, momentum=0.9))
+    p = Probe(model, optimizer=opt).attach()
+    torch.manual_seed(1)
+    x, y = torch.randn(5, 6), torch.randn(5, 2)
+    saved = None
+    for step in range(7):
+        if step == 2:
+            saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+        if step == 5:
+            opt.load_state_dict(saved[0])
+            model.load_state_dict(saved[1])
+        for i, g in enumerate(opt.param_groups):
+            g["lr"] = 0.01 * (step + 1) * (i + 1)
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        before = [q.detach().double().clone() for q in model.parameters()]
+        opt.step()
+        for (name, q), b in zip(model.named_parameters(), before, strict=True):
+            want = float((q.detach().double() - b).norm() / b.norm())
+            assert p.record.get(step, name, "update_ratio") == pytest.approx(want, rel=1e-4), name
+        assert p.record.get(step, "__model__", "lr") == pytest.approx(0.01 * (step + 1))
+    p.detach()
