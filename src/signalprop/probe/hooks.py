@@ -6,6 +6,7 @@ norm for the end of the step (see :mod:`signalprop.probe.core` for the cost mode
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Callable
@@ -360,12 +361,24 @@ def _call_index(p: Probe, key: Any) -> int | None:
 
 
 def _output_tensor(out: Any) -> torch.Tensor | None:
-    """The tensor a module's output stands for (RNN (output, h_n), cells' (h, c): the first)."""
-    if isinstance(out, tuple | list) and out:
-        out = out[0]
-    if isinstance(out, nn.utils.rnn.PackedSequence):
-        out = out.data
-    return out if isinstance(out, torch.Tensor) else None
+    """The tensor a module's output stands for: the first floating-point (or complex) tensor of
+    a tuple, list, dict (a Hugging Face ``ModelOutput``) or dataclass (RNN (output, h_n), cells'
+    (h, c): the first). Integer tensors (indices, codes: ``(argmax, values)``) are skipped:
+    their "mean" is no signal and no gradient reaches them."""
+    if isinstance(out, tuple | list):
+        items: Any = out
+    elif isinstance(out, dict):
+        items = out.values()
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        items = (getattr(out, f.name) for f in dataclasses.fields(out))
+    else:
+        items = (out,)
+    for t in items:
+        if isinstance(t, nn.utils.rnn.PackedSequence):
+            t = t.data
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            return t
+    return None
 
 
 def _inferred_kind(p: Probe, i: int, out: torch.Tensor) -> tuple[str, torch.Tensor] | None:
