@@ -89,3 +89,48 @@ def test_optimizer_load_state_dict_mid_run_and_lr_changes(opt_name: str) -> None
             assert p.record.get(step, name, "update_ratio") == pytest.approx(want, rel=1e-4), name
         assert p.record.get(step, "__model__", "lr") == pytest.approx(0.01 * (step + 1))
     p.detach()
+
+
+class _Gan(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.G = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.D = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def test_two_optimisers_stepping_in_turn_on_their_own_losses() -> None:
+    # one probe, GAN-like: D steps on D's loss, then G's loss is backpropagated and G steps.
+    # G's gradient norms were read when D stepped: None on the first step (G's input to D is
+    # detached), the previous iteration's G gradients after that
+    model = _Gan()
+    opt_d = torch.optim.SGD(model.D.parameters(), lr=0.1)
+    opt_g = torch.optim.Adam(model.G.parameters(), lr=0.01)
+    p = Probe(model, optimizer=[opt_d, opt_g]).attach()
+    torch.manual_seed(1)
+    for step in range(3):
+        z, real = torch.randn(5, 4), torch.randn(5, 6)
+        ref = _Gan()
+        ref.load_state_dict(model.state_dict())
+        (ref.D(real).mean() - ref.D(ref.G(z).detach()).mean()).backward()
+        want_d = float(ref.D[0].weight.grad.double().norm())
+        opt_d.zero_grad()
+        (model.D(real).mean() - model.D(model.G(z).detach()).mean()).backward()
+        opt_d.step()
+        ref.load_state_dict(model.state_dict())
+        ref.zero_grad()
+        ref.D(ref.G(z)).mean().backward()
+        opt_g.zero_grad()
+        model.D(model.G(z)).mean().backward()
+        before = model.G[0].weight.detach().double().clone()
+        opt_g.step()
+        r = p.record
+        assert r.get(step, "D.0.weight", "grad_norm") == pytest.approx(want_d, rel=1e-5)
+        for name in ("G.0.weight", "G.2.bias"):
+            want = float(ref.get_parameter(name).grad.double().norm())
+            assert r.get(step, name, "grad_norm") == pytest.approx(want, rel=1e-5), name
+        after = model.G[0].weight.detach().double()
+        assert r.get(step, "G.0.weight", "update_ratio") == pytest.approx(
+            float((after - before).norm() / before.norm()), rel=1e-4)
+    assert p.record.steps == [0, 1, 2]
+    p.detach()

@@ -411,6 +411,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             self._post_step()
         if self._pending is None:
             self._pre_step()
+        elif getattr(self, "_late_backward", False):
+            self._late_grads(k)
 
     def _opt_post(self, k: int) -> None:
         if self._updates is not None:
