@@ -99,14 +99,16 @@ class _Gan(nn.Module):
         self.D = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
-def test_two_optimisers_stepping_in_turn_on_their_own_losses() -> None:
+@pytest.mark.parametrize("flush_every", [1, 4])
+def test_two_optimisers_stepping_in_turn_on_their_own_losses(flush_every: int) -> None:
     # one probe, GAN-like: D steps on D's loss, then G's loss is backpropagated and G steps.
     # G's gradient norms were read when D stepped: None on the first step (G's input to D is
-    # detached), the previous iteration's G gradients after that
+    # detached), the previous iteration's G gradients after that (flush_every=4: values
+    # waiting on the device, as on an accelerator)
     model = _Gan()
     opt_d = torch.optim.SGD(model.D.parameters(), lr=0.1)
     opt_g = torch.optim.Adam(model.G.parameters(), lr=0.01)
-    p = Probe(model, optimizer=[opt_d, opt_g]).attach()
+    p = Probe(model, optimizer=[opt_d, opt_g], flush_every=flush_every).attach()
     torch.manual_seed(1)
     for step in range(3):
         z, real = torch.randn(5, 4), torch.randn(5, 6)

@@ -77,8 +77,11 @@ class BackwardStats:
             return
         norms = self._param_norms([g for _, g in sel], False)
         scale = self._loss_scale()
-        for (n, _), v in zip(sel, (norms / scale if scale is not None else norms).tolist(),
-                             strict=True):
+        norms = norms / scale if scale is not None else norms
+        if self._deferring:  # (queued after the step's values: they land after them)
+            self._enqueue("late", [norms], [(n, "grad_norm") for n, _ in sel], False)
+            return
+        for (n, _), v in zip(sel, norms.tolist(), strict=True):
             self._pending.setdefault(n, {})["grad_norm"] = v
 
     def _weight_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
