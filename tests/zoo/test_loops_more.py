@@ -136,3 +136,27 @@ def test_two_optimisers_stepping_in_turn_on_their_own_losses(flush_every: int) -
             float((after - before).norm() / before.norm()), rel=1e-4)
     assert p.record.steps == [0, 1, 2]
     p.detach()
+
+
+def test_optimizer_swapped_and_rebound() -> None:
+    # switching optimiser mid-run (SGD to Adam) and rebinding it (detach, probe.optimizer =
+    # ..., attach): the update ratios kept coming from the old SGD's closed form
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt).attach()
+    torch.manual_seed(1)
+    for step in range(4):
+        if step == 2:
+            p.detach()
+            opt = torch.optim.Adam(model.parameters(), lr=0.01)
+            p.optimizer = opt
+            p.attach()
+        x, y = torch.randn(5, 6), torch.randn(5, 2)
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        before = [q.detach().double().clone() for q in model.parameters()]
+        opt.step()
+        for (name, q), b in zip(model.named_parameters(), before, strict=True):
+            want = float((q.detach().double() - b).norm() / b.norm())
+            assert p.record.get(step, name, "update_ratio") == pytest.approx(want, rel=1e-4), name
+    p.detach()

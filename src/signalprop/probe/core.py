@@ -264,6 +264,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         if self._handles:
             raise RuntimeError("bind the optimizer before attaching the probe")
         self.optimizers = _as_optimizers(value)
+        self._updates = None  # (a new optimiser, e.g. rebuilt after unfreezing: its own state)
 
     # ---- life cycle ----------------------------------------------------------------------------
     def attach(self) -> Probe:
