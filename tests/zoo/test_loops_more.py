@@ -54,3 +54,109 @@ def test_layers_unfrozen_mid_training_are_measured(opt_name: str, add_group: boo
         else:
             assert "0.weight" not in r.data.get(step, {})
     p.detach()
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd-momentum"])
+def test_optimizer_load_state_dict_mid_run_and_lr_changes(opt_name: str) -> None:
+    # a checkpoint resumed (the optimiser rewound by load_state_dict) with the learning rate
+    # set by hand each step: Adam's closed form kept counting its own steps past the reload
+    # (bias correction of the wrong step: update ratios ~13% off)
+    import copy
+
+    model = _net()
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 3e-3}]
+    opt = (torch.optim.Adam(groups, lr=1e-2) if opt_name == "adam"
+           else torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1) if opt_name == "adamw"
+           else torch.optim.SGD(groups, lr=0.1, momentum=0.9))
+    p = Probe(model, optimizer=opt).attach()
+    torch.manual_seed(1)
+    x, y = torch.randn(5, 6), torch.randn(5, 2)
+    saved = None
+    for step in range(7):
+        if step == 2:
+            saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+        if step == 5:
+            opt.load_state_dict(saved[0])
+            model.load_state_dict(saved[1])
+        for i, g in enumerate(opt.param_groups):
+            g["lr"] = 0.01 * (step + 1) * (i + 1)
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        before = [q.detach().double().clone() for q in model.parameters()]
+        opt.step()
+        for (name, q), b in zip(model.named_parameters(), before, strict=True):
+            want = float((q.detach().double() - b).norm() / b.norm())
+            assert p.record.get(step, name, "update_ratio") == pytest.approx(want, rel=1e-4), name
+        assert p.record.get(step, "__model__", "lr") == pytest.approx(0.01 * (step + 1))
+    p.detach()
+
+
+class _Gan(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.G = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.D = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize("flush_every", [1, 4])
+def test_two_optimisers_stepping_in_turn_on_their_own_losses(flush_every: int) -> None:
+    # one probe, GAN-like: D steps on D's loss, then G's loss is backpropagated and G steps.
+    # G's gradient norms were read when D stepped: None on the first step (G's input to D is
+    # detached), the previous iteration's G gradients after that (flush_every=4: values
+    # waiting on the device, as on an accelerator)
+    model = _Gan()
+    opt_d = torch.optim.SGD(model.D.parameters(), lr=0.1)
+    opt_g = torch.optim.Adam(model.G.parameters(), lr=0.01)
+    p = Probe(model, optimizer=[opt_d, opt_g], flush_every=flush_every).attach()
+    torch.manual_seed(1)
+    for step in range(3):
+        z, real = torch.randn(5, 4), torch.randn(5, 6)
+        ref = _Gan()
+        ref.load_state_dict(model.state_dict())
+        (ref.D(real).mean() - ref.D(ref.G(z).detach()).mean()).backward()
+        want_d = float(ref.D[0].weight.grad.double().norm())
+        opt_d.zero_grad()
+        (model.D(real).mean() - model.D(model.G(z).detach()).mean()).backward()
+        opt_d.step()
+        ref.load_state_dict(model.state_dict())
+        ref.zero_grad()
+        ref.D(ref.G(z)).mean().backward()
+        opt_g.zero_grad()
+        model.D(model.G(z)).mean().backward()
+        before = model.G[0].weight.detach().double().clone()
+        opt_g.step()
+        r = p.record
+        assert r.get(step, "D.0.weight", "grad_norm") == pytest.approx(want_d, rel=1e-5)
+        for name in ("G.0.weight", "G.2.bias"):
+            want = float(ref.get_parameter(name).grad.double().norm())
+            assert r.get(step, name, "grad_norm") == pytest.approx(want, rel=1e-5), name
+        after = model.G[0].weight.detach().double()
+        assert r.get(step, "G.0.weight", "update_ratio") == pytest.approx(
+            float((after - before).norm() / before.norm()), rel=1e-4)
+    assert p.record.steps == [0, 1, 2]
+    p.detach()
+
+
+def test_optimizer_swapped_and_rebound() -> None:
+    # switching optimiser mid-run (SGD to Adam) and rebinding it (detach, probe.optimizer =
+    # ..., attach): the update ratios kept coming from the old SGD's closed form
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt).attach()
+    torch.manual_seed(1)
+    for step in range(4):
+        if step == 2:
+            p.detach()
+            opt = torch.optim.Adam(model.parameters(), lr=0.01)
+            p.optimizer = opt
+            p.attach()
+        x, y = torch.randn(5, 6), torch.randn(5, 2)
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        before = [q.detach().double().clone() for q in model.parameters()]
+        opt.step()
+        for (name, q), b in zip(model.named_parameters(), before, strict=True):
+            want = float((q.detach().double() - b).norm() / b.norm())
+            assert p.record.get(step, name, "update_ratio") == pytest.approx(want, rel=1e-4), name
+    p.detach()

@@ -65,6 +65,25 @@ class BackwardStats:
             self._updates = update.UpdateNorms(self.optimizers[0], self._plist,
                                                method=self.update_ratio)
 
+    def _late_grads(self, k: int) -> None:
+        """Optimiser ``k`` steps later in this recorded step, after a backward pass of its own
+        (GAN-like loops: D steps on D's loss, then G's loss is backpropagated and G steps): its
+        parameters' gradient norms are those it steps with. They used to be those seen as the
+        step's first optimiser stepped: missing (G's were None then) or from D's loss."""
+        self._late_backward = False
+        mine = {id(q) for g in self.optimizers[k].param_groups for q in g["params"]}
+        sel = [(n, q.grad) for n, q in self.params if id(q) in mine and q.grad is not None]
+        if not sel or self._pending is None:
+            return
+        norms = self._param_norms([g for _, g in sel], False)
+        scale = self._loss_scale()
+        norms = norms / scale if scale is not None else norms
+        if self._deferring:  # (queued after the step's values: they land after them)
+            self._enqueue("late", [norms], [(n, "grad_norm") for n, _ in sel], False)
+            return
+        for (n, _), v in zip(sel, norms.tolist(), strict=True):
+            self._pending.setdefault(n, {})["grad_norm"] = v
+
     def _weight_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
         """Every norm of this step in ONE call (parameter grads, weights: :meth:`_param_norms`),
         the norms before clipping, and the optimiser's side of the update ratios."""
@@ -223,6 +242,7 @@ class BackwardStats:
         self._cb_queued = False
         if not self._active or not self.weights:
             return
+        self._late_backward = self._pending is not None  # (after an optimiser: _late_grads)
         self._sync_params()
         grads, have = _grads(self._plist)
         if have is not None:

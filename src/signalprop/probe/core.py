@@ -264,6 +264,7 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         if self._handles:
             raise RuntimeError("bind the optimizer before attaching the probe")
         self.optimizers = _as_optimizers(value)
+        self._updates = None  # (a new optimiser, e.g. rebuilt after unfreezing: its own state)
 
     # ---- life cycle ----------------------------------------------------------------------------
     def attach(self) -> Probe:
@@ -411,6 +412,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
             self._post_step()
         if self._pending is None:
             self._pre_step()
+        elif getattr(self, "_late_backward", False):
+            self._late_grads(k)
 
     def _opt_post(self, k: int) -> None:
         if self._updates is not None:

@@ -155,10 +155,8 @@ UPDATE_RATIO_CHOICES = ("auto", "optimizer", "copy")
 
 def _steps_differ(opt: torch.optim.Optimizer) -> bool:
     """Whether the parameters of some group count different steps (read once, at build)."""
-    for g in opt.param_groups:
-        if len({float(opt.state.get(p, {}).get("step", 0.0)) for p in g["params"]}) > 1:
-            return True
-    return False
+    return any(len({float(opt.state.get(p, {}).get("step", 0.0)) for p in g["params"]}) > 1
+               for g in opt.param_groups)
 
 
 def _check_update_ratio(value: str | bool) -> str | bool:
@@ -185,10 +183,7 @@ class UpdateNorms:
         self.optimizer = optimizer
         self.params = params
         total = sum(p.numel() for p in params)
-        group_of: dict[int, int] = {}
-        for gi, g in enumerate(optimizer.param_groups):
-            for p in g["params"]:
-                group_of[id(p)] = gi
+        group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self.group_idx = [group_of.get(id(p), -1) for p in params]
         # "auto": the closed form where there is one; "copy": always the copy; "optimizer":
         # the closed form or an error
@@ -204,6 +199,7 @@ class UpdateNorms:
                 "float lr have one); use update_ratio='auto' or 'copy'")
         self.limit = max(MIN_CHUNK, int(CHUNK_FRACTION.get(self.method, 0.02) * total))
         self.steps_taken = [self._initial_step(g) for g in optimizer.param_groups]
+        self._state = optimizer.state  # (a new dict after load_state_dict: see advance)
         self._copy: list[torch.Tensor] | None = None
         self._plan: tuple[Any, Any] | None = None  # Adam: cached chunk views (see _adam_plan)
         self._dicts: list[dict[str, Any] | None] = []  # Adam: the parameters' optimiser state
@@ -231,9 +227,8 @@ class UpdateNorms:
             if all(g.get("momentum", 0) != 0 for g in groups):
                 return "sgd-momentum"
             return "copy"
-        if type(opt) in (torch.optim.Adam, torch.optim.AdamW):
-            if any(isinstance(b, torch.Tensor) for g in groups for b in g["betas"]):
-                return "copy"
+        if type(opt) in (torch.optim.Adam, torch.optim.AdamW) and not any(
+                isinstance(b, torch.Tensor) for g in groups for b in g["betas"]):
             return "adam"
         return "copy"
 
@@ -332,8 +327,14 @@ class UpdateNorms:
 
     def advance(self) -> None:
         """The optimiser took a step (recorded or not): advance the groups' step counts."""
-        if self.method == "adam":
+        if self.method != "adam":
+            return
+        if self.optimizer.state is self._state:
             self.steps_taken = [t + 1 for t in self.steps_taken]
+        else:  # load_state_dict (a checkpoint resumed, a rewind): the loaded counts, this step's
+            # included (they were counted on, and Adam's bias correction came out wrong)
+            self._state = self.optimizer.state
+            self.steps_taken = [self._initial_step(g) for g in self.optimizer.param_groups]
 
     def _momentum(self) -> torch.Tensor:
         bufs, idx = [], []
