@@ -205,3 +205,41 @@ def test_sequential_children_called_by_their_parent_are_recorded_after_the_mappi
     # container's own loop after the mapping step; a parent calling them itself bypasses that
     # loop: from step 1 on nothing of them was recorded (out_mean and out_grad_norm NaN)
     _check_against_autograd(_Looped, [f"body.{i}" for i in range(4)], steps=3)
+
+
+class _Scripted(nn.Module):
+    """A model with a TorchScript part (``torch.jit.script``: it takes no module hooks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 8)
+        self.mid = torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True)))
+        self.b = nn.Linear(8, 8)
+        self.act = nn.Tanh()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, keep: list[torch.Tensor] | None = None) -> torch.Tensor:
+        hs = [self.a(x)]
+        hs.append(self.b(self.mid(hs[-1])))
+        hs.append(self.act(hs[-1]))
+        if keep is not None:
+            for h in hs:
+                h.retain_grad()
+            keep += hs
+        return self.head(hs[-1])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_torchscript_submodule_is_left_out_with_a_note_and_the_rest_recorded():
+    # attaching used to crash (register_forward_pre_hook is not supported on ScriptModules)
+    _check_against_autograd(_Scripted, ["a", "b", "act"], steps=2)
+    model = _Scripted()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt).attach()
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    assert "mid" in p.record.meta["unchecked"]
+    assert not [n for n, i in p.record.layers.items() if n.startswith("mid") and i.role != "param"]
+    assert p.record.get(0, "mid.0.weight", "grad_norm") == pytest.approx(
+        float(model.mid[0].weight.grad.double().norm()), rel=1e-6)

@@ -37,7 +37,7 @@ def add_step_hooks(p: Probe) -> None:
     if p._use_mode:
         add(p.model.register_forward_hook(partial(_root_post_hook, ref), always_call=True))
         for m in p.model.modules():
-            if m is not p.model:
+            if m is not p.model and not isinstance(m, torch.jit.ScriptModule):
                 add(m.register_forward_pre_hook(partial(_push_hook, ref)))
                 add(m.register_forward_hook(partial(_pop_hook, ref), always_call=True))
     if not p._use_mode and p._fn_patches:
@@ -63,7 +63,7 @@ def add_step_hooks(p: Probe) -> None:
     if p.forward and p.max_forward_samples is None:
         # (sampled outputs are copies taken as the module returns: nothing to guard)
         for m in p.model.modules():
-            if getattr(m, "inplace", False) is True:
+            if getattr(m, "inplace", False) is True and not isinstance(m, torch.jit.ScriptModule):
                 # an in-place activation overwrites the output of the layer before
                 # it: keep that layer's recorded output intact
                 add(m.register_forward_pre_hook(partial(_inplace_pre_hook, ref)))
