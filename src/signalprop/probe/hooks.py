@@ -21,7 +21,7 @@ from torch.nn.modules import module as _module_mod
 from signalprop import stats
 from signalprop.probe import recurrent
 from signalprop.probe.functional import ProbeMode
-from signalprop.probe.sites import _NORMS, MAX_SITES, _active_units, _Site
+from signalprop.probe.sites import _NORMS, MAX_SITES, _active_units, _Site, repeated_pass
 from signalprop.probe.wrappers import _AttrPatch, _call, _EagerPatch, _ForwardPatch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,7 +106,7 @@ def _sequential_forward(ref: weakref.ref, seq: nn.Sequential,
             s = _record_call(ref, i, module, (input,), out, grad=False)
             if s is not None:
                 out.grad_fn.register_hook(partial(_pair_hook, ref, pending[0].ograds,
-                                                  s.ograds))
+                                                  s.ograds, [-1]))
             else:
                 _hook_grad(ref, *pending)
             pending = None
@@ -152,13 +152,15 @@ def _global_hooks() -> bool:
 def _hook_grad(ref: weakref.ref, s: _Site, fn: Any, k: int) -> None:
     """The gradient hook :func:`_record_output` registers, on the node that made output
     ``k`` (no time steps)."""
-    fn.register_prehook(partial(_out_node_hook, ref, s.ograds, None, k))
+    fn.register_prehook(partial(_out_node_hook, ref, s.ograds, None, k, [-1]))
 
 
 def _pair_hook(ref: weakref.ref, store_in: list[tuple[Any, Any]], store_out: list[tuple[Any, Any]],
-               grad_inputs: tuple[torch.Tensor | None, ...],
+               seen: list[int], grad_inputs: tuple[torch.Tensor | None, ...],
                grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
     # (runs once per layer pair in every recorded backward: the CPU case inline)
+    if _repeated(ref, seen, (grad_outputs[0], store_out), (grad_inputs[0], store_in)):
+        return
     p = ref()
     if p is not None and not p._cb_queued:
         _backward_started(ref)
@@ -439,7 +441,7 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
             # a pre-hook on the node that made the output: the same gradient a tensor hook
             # sees (also when the output is later modified in place), at a third less cost
             fn.register_prehook(partial(_out_node_hook, p._ref, s.ograds, tstore,
-                                        out.output_nr))
+                                        out.output_nr, [-1]))
 
 def _rnn_stash(ref: weakref.ref, i: int, hs: list[list[torch.Tensor]],
                gates: dict[str, list[torch.Tensor]]) -> None:
@@ -481,10 +483,22 @@ def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
 
 
 def _out_node_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,
-                   k: int, grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+                   k: int, seen: list[int], grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
     g = grad_outputs[k]
-    if g is not None:  # (no gradient reached this output: as a tensor hook, nothing)
+    if g is not None and not _repeated(ref, seen, (g, store), (g, tstore)):
+        # (no gradient reached this output: as a tensor hook, nothing)
         _out_grad_hook(ref, store, tstore, g)
+
+
+def _repeated(ref: weakref.ref, seen: list[int], *entries: tuple[Any, list | None]) -> bool:
+    """Whether this backward pass's gradients of an output are left out (see
+    :func:`signalprop.probe.sites.repeated_pass`: a later pass through the same graph)."""
+    if not repeated_pass(seen, _task_id(), entries):
+        return False
+    p = ref()
+    if p is not None and not p._cb_queued:  # (this pass's end still reads the gradients)
+        _backward_started(ref)
+    return True
 
 
 def _out_grad_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,

@@ -332,9 +332,14 @@ class LayerMap:
         call path: a forward hook costs ~10 us per module in a CPU step) rather than by a
         forward hook per child. A child qualifies when it is a plain watched module that
         appears once in the model and was called once per forward pass on the mapping step
-        (so every call of it is a call from this loop); others keep their hooks."""
+        (so every call of it is a call from this loop), and the container itself was called
+        (a parent calling ``seq[0]``, ``seq[1]`` ... or ``for m in seq`` bypasses the loop:
+        with the children's hooks moved into it, nothing of them was recorded after the
+        mapping step); others keep their hooks."""
         if self._use_mode or self._compiled or self._root_watched:
             return []
+        called = set(self._entry)  # (modules entered on the mapping step; the root is not
+        # pushed: called unless the loop called its submodules)
         count: dict[int, int] = {}
         for _, m in self.model.named_modules(remove_duplicate=False):
             count[id(m)] = count.get(id(m), 0) + 1
@@ -342,6 +347,8 @@ class LayerMap:
         for seq in self.model.modules():
             if type(seq).forward is not nn.Sequential.forward or "forward" in vars(seq) or \
                     count[id(seq)] != 1 or id(seq) in self._watched:
+                continue
+            if (self._nforward == 0 if seq is self.model else self._names[id(seq)] not in called):
                 continue
             entries: list[tuple[nn.Module, int | None]] = []
             for child in seq._modules.values():

@@ -4,6 +4,7 @@ small pure helpers the hooks and the statistics share."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -89,6 +90,53 @@ def _pool(g: list[tuple[Any, Any]]) -> tuple[Any, Any]:
             None if any(b is None for b in bads)
             else torch.stack([torch.as_tensor(b) for b in bads]).sum())
 
+
+
+#: ``seen[0]`` of :func:`repeated_pass` once an output's norm is marked not measured.
+REPEAT_MARK = -2
+
+
+def repeated_pass(seen: list[int], task: int, entries: tuple[tuple[Any, list | None], ...]) -> bool:
+    """Whether an output's gradients in this backward pass (graph ``task``) are left out.
+
+    Several passes through one graph in a step: dL/dh is then the SUM of their gradients,
+    which per-pass norms cannot give (pooled like micro-batches', they gave
+    sqrt(||g1||^2 + ||g2||^2), silently wrong). A pass run with ``create_graph`` (a gradient
+    penalty's or MAML's ``autograd.grad``) computes a gradient that a later pass
+    differentiates: that later pass delivers the whole dL/dh, so it replaces the earlier
+    entry (exact). After a plain pass (``a.backward(retain_graph=True); b.backward()``) the
+    output's norm is NaN (not measured) for the step, with a warning; parameter gradients,
+    which ``.grad`` sums, stay exact.
+
+    Args:
+        seen: Per hook registration: ``[task of the last pass]`` plus, when that pass made a
+            graph, the index its entry got in each store (-1: none).
+        task: The current graph task's id (-1: unknown; nothing is detected).
+        entries: ``(gradient, store)`` pairs this hook appends to (either may be None).
+    """
+    last = seen[0]
+    if last == REPEAT_MARK:
+        return True
+    if last >= 0 and last != task:
+        if len(seen) == 1:  # a plain pass before: the gradients add
+            seen[0] = REPEAT_MARK
+            for _, st in entries:
+                if st is not None:
+                    st.append((math.nan, 0.0))
+            warnings.warn("signalprop: several backward passes through the same outputs in one "
+                          "step: their gradients add, which per-pass norms cannot measure; "
+                          "out_grad_norm of those layers is NaN for the step (parameter "
+                          "gradient norms are exact)", stacklevel=4)
+            return True
+        for (_, st), i in zip(entries, seen[1:], strict=False):
+            if st is not None and 0 <= i < len(st):
+                st[i] = tuple(None if v is None else torch.zeros_like(v)
+                              if isinstance(v, torch.Tensor) else 0.0 for v in st[i])
+    seen[0] = task
+    del seen[1:]
+    if torch.is_grad_enabled():  # (inside backward: the pass's create_graph)
+        seen += [len(st) if st is not None and g is not None else -1 for g, st in entries]
+    return False
 
 
 def _active_units(h: torch.Tensor, channels: bool) -> torch.Tensor:
