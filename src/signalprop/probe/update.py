@@ -25,8 +25,9 @@ gathered and the decay term added in passes of its own), torch 3.2 ms, a weight 
 against a float64 evaluation: NumPy ~1e-7 (tested <= 1e-6), torch's float32 norms ~6e-6.
 
 Bias corrections use the step count of each parameter group as read once when the plan is made
-and advanced by the probe on every optimiser step (no host read during training); a parameter
-that skipped steps (no gradient) is corrected as if it had not.
+and advanced by the probe on every optimiser step (no host read during training); once a
+parameter skips a step (no gradient: Adam leaves it and its count alone, as in conditional
+branches and unrouted experts), its count lags the group's and the copy measures instead.
 
 Every other optimiser (or a tensor-valued learning rate) falls back to a copy of the weights on
 recorded steps only, released after the step. Results agree with the copy to float rounding;
@@ -38,7 +39,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from operator import attrgetter
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -160,10 +162,8 @@ def _steps_differ(opt: torch.optim.Optimizer) -> bool:
 
 
 def _check_update_ratio(value: str | bool) -> str | bool:
-    if value is False:
-        return False
-    if value is True:
-        return "auto"
+    if value is False or value is True:
+        return value and "auto"
     if value not in UPDATE_RATIO_CHOICES:
         raise ValueError(f"update_ratio must be one of {', '.join(map(repr, UPDATE_RATIO_CHOICES))}"
                          f" or False, got {value!r}")
@@ -200,6 +200,8 @@ class UpdateNorms:
         self.limit = max(MIN_CHUNK, int(CHUNK_FRACTION.get(self.method, 0.02) * total))
         self.steps_taken = [self._initial_step(g) for g in optimizer.param_groups]
         self._state = optimizer.state  # (a new dict after load_state_dict: see advance)
+        self._auto, self._lagged = method == "auto", False  # (a count lags: see advance)
+        self._stepped = [p for p, gi in zip(params, self.group_idx, strict=True) if gi >= 0]
         self._copy: list[torch.Tensor] | None = None
         self._plan: tuple[Any, Any] | None = None  # Adam: cached chunk views (see _adam_plan)
         self._dicts: list[dict[str, Any] | None] = []  # Adam: the parameters' optimiser state
@@ -234,12 +236,8 @@ class UpdateNorms:
 
     def _initial_step(self, group: dict[str, Any]) -> float:
         # read once, when the plan is made (attach time), never during training
-        for p in group["params"]:
-            st = self.optimizer.state.get(p, {})
-            s = st.get("step")
-            if s is not None:
-                return float(s)
-        return 0.0
+        steps = (self.optimizer.state.get(p, {}).get("step") for p in group["params"])
+        return next((float(s) for s in steps if s is not None), 0.0)
 
     # ---- before the optimiser step --------------------------------------------------------------
     def before(self, grad_norms: torch.Tensor | None) -> None:
@@ -247,6 +245,7 @@ class UpdateNorms:
         self._had_grad = [g is not None for g in map(_GRAD, self.params)]
         self._before = None
         self.ready = True
+        self.method = "copy" if self._lagged else self.method
         if self.method == "sgd":
             self._sgd_before(grad_norms)
         elif self.method == "copy":
@@ -312,8 +311,7 @@ class UpdateNorms:
         if self.method == "copy":
             assert self._copy is not None
             torch._foreach_sub_(self._copy, [p.detach() for p in self.params])
-            out = device_norms(self._copy)
-            return out
+            return device_norms(self._copy)
         if self.method == "sgd":
             assert self._before is not None
             return self._before
@@ -331,6 +329,8 @@ class UpdateNorms:
             return
         if self.optimizer.state is self._state:
             self.steps_taken = [t + 1 for t in self.steps_taken]
+            # (auto only; from the next recorded step: this one's copy was not taken)
+            self._lagged |= self._auto and any(map(is_, map(_GRAD, self._stepped), repeat(None)))
         else:  # load_state_dict (a checkpoint resumed, a rewind): the loaded counts, this step's
             # included (they were counted on, and Adam's bias correction came out wrong)
             self._state = self.optimizer.state
