@@ -286,3 +286,42 @@ def test_a_module_returning_a_parameter_gets_one_gradient_hook_per_step():
         opt.step()
         assert p.record.get(step, "pos", "out_grad_norm") == pytest.approx(want, rel=1e-5)
         assert not model.pos.pos._backward_hooks
+
+
+def test_two_backward_passes_leave_the_residual_stream_unmeasured_too():
+    # the blocks' ||dL/dx|| (in_grad_norm) pooled the passes like micro-batches as well,
+    # also on the mapping step (whose stream hooks are tensor hooks)
+    from .zoo_helpers import PosTransformer
+
+    def make() -> PosTransformer:
+        torch.manual_seed(0)
+        return PosTransformer(layers=2, d=8, heads=2, ff=16)
+
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt).attach()
+    torch.manual_seed(1)
+    for step, passes in enumerate((2, 1, 2, 1)):
+        x = torch.randint(0, 12, (3, 10))
+        ref = make()
+        ref.load_state_dict(model.state_dict())
+        h = ref.embed(x) + ref.pos
+        ins = []
+        for layer in ref.encoder.layers:
+            ins.append(h)
+            h = layer(h)
+        out = ref.head(h.mean(1))
+        want = torch.autograd.grad(out.pow(2).mean(), ins)
+        opt.zero_grad()
+        out = model(x)
+        if passes == 2:
+            out.pow(2).mean().backward(retain_graph=True)
+            with pytest.warns(UserWarning, match="several backward passes"):
+                out.abs().mean().backward()
+        else:
+            out.pow(2).mean().backward()
+        opt.step()
+        for i, w in enumerate(want):
+            got = p.record.get(step, f"encoder.layers.{i}", "in_grad_norm")
+            assert math.isnan(got) if passes == 2 else got == pytest.approx(
+                float(w.double().norm()), rel=1e-5)

@@ -248,7 +248,7 @@ def _push_hook(ref: weakref.ref, module: nn.Module, args: tuple) -> None:
         p._entry.setdefault(name, len(p._path))
         if name in p._blocks and p.backward and x is not None and x.requires_grad:
             # a block found in an earlier forward of this step (micro-batches)
-            x.register_hook(partial(_grad_hook, p._block_grads.setdefault(name, []), None))
+            hook_block_input(p._block_grads.setdefault(name, []), x)
 
 
 def _pop_hook(ref: weakref.ref, module: nn.Module, args: tuple, out: Any) -> None:
@@ -271,17 +271,20 @@ def _block_pre_hook(ref: weakref.ref, name: str, module: nn.Module, args: tuple)
         return
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if x is not None and x.requires_grad and _call_index(p, name) is not None:
-        store = p._block_grads.setdefault(name, [])
-        if x.grad_fn is None:
-            x.register_hook(partial(_grad_hook, store, None))
-        else:  # (on the node that made x: what a tensor hook sees, at less cost)
-            x.grad_fn.register_prehook(partial(_block_node_hook, store, x.output_nr))
+        hook_block_input(p._block_grads.setdefault(name, []), x)
 
 
-def _block_node_hook(store: list[tuple[Any, Any]], k: int,
-                     grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
-    if grad_outputs[k] is not None:
-        _grad_hook(store, None, grad_outputs[k])
+def hook_block_input(store: list[tuple[Any, Any]], x: torch.Tensor) -> None:
+    """||dL/dx|| of a residual block's input into ``store`` (see ``sites.repeated_pass``)."""
+    if x.grad_fn is None:
+        x.register_hook(partial(_grad_hook, store, None))
+    else:  # (on the node that made x: what a tensor hook sees, at less cost)
+        x.grad_fn.register_prehook(partial(_block_node_hook, store, x.output_nr, [-1]))
+
+
+def _block_node_hook(store: list, k: int, seen: list[int], grad_outputs: tuple) -> None:
+    if (g := grad_outputs[k]) is not None and not repeated_pass(seen, _task_id(), ((g, store),)):
+        _grad_hook(store, None, g)
 
 
 def _fwd_hook(ref: weakref.ref, i: int, module: nn.Module, inp: tuple, out: Any) -> None:
@@ -484,19 +487,16 @@ def _param_hook(ref: weakref.ref, param: torch.Tensor) -> None:
 
 def _out_node_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list | None,
                    k: int, seen: list[int], grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
-    g = grad_outputs[k]
+    g = grad_outputs[k]  # (None: no gradient reached this output; as a tensor hook, nothing)
     if g is not None and not _repeated(ref, seen, (g, store), (g, tstore)):
-        # (no gradient reached this output: as a tensor hook, nothing)
         _out_grad_hook(ref, store, tstore, g)
 
 
 def _repeated(ref: weakref.ref, seen: list[int], *entries: tuple[Any, list | None]) -> bool:
-    """Whether this backward pass's gradients of an output are left out (see
-    :func:`signalprop.probe.sites.repeated_pass`: a later pass through the same graph)."""
+    """Whether this pass's gradients of an output are left out (``sites.repeated_pass``)."""
     if not repeated_pass(seen, _task_id(), entries):
         return False
-    p = ref()
-    if p is not None and not p._cb_queued:  # (this pass's end still reads the gradients)
+    if (p := ref()) is not None and not p._cb_queued:  # (this pass's end reads the grads)
         _backward_started(ref)
     return True
 

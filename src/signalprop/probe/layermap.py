@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 from signalprop.probe import recurrent
 from signalprop.probe.functional import ProbeMode
-from signalprop.probe.hooks import _call_index, _grad_hook, _record_output
+from signalprop.probe.hooks import _call_index, _record_output, hook_block_input
 from signalprop.probe.modules import activation_kind, scripted, watched_modules
 from signalprop.probe.sites import _CELLS, MAX_SITES, _Site
 from signalprop.record import LayerInfo
@@ -191,8 +190,7 @@ class LayerMap:
                                           "depth": self._entry.get(name, 0),
                                           "norm_placement": None}
                     if self.backward and x.requires_grad:  # the mapping step's own stream
-                        x.register_hook(partial(
-                            _grad_hook, self._block_grads.setdefault(name, []), None))
+                        hook_block_input(self._block_grads.setdefault(name, []), x)
                 break
         if isinstance(out, torch.Tensor):
             self._producer[id(out)] = ("add", weakref.ref(out))
