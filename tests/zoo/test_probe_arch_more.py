@@ -205,3 +205,84 @@ def test_sequential_children_called_by_their_parent_are_recorded_after_the_mappi
     # container's own loop after the mapping step; a parent calling them itself bypasses that
     # loop: from step 1 on nothing of them was recorded (out_mean and out_grad_norm NaN)
     _check_against_autograd(_Looped, [f"body.{i}" for i in range(4)], steps=3)
+
+
+class _Scripted(nn.Module):
+    """A model with a TorchScript part (``torch.jit.script``: it takes no module hooks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 8)
+        self.mid = torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True)))
+        self.b = nn.Linear(8, 8)
+        self.act = nn.Tanh()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, keep: list[torch.Tensor] | None = None) -> torch.Tensor:
+        hs = [self.a(x)]
+        hs.append(self.b(self.mid(hs[-1])))
+        hs.append(self.act(hs[-1]))
+        if keep is not None:
+            for h in hs:
+                h.retain_grad()
+            keep += hs
+        return self.head(hs[-1])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_torchscript_submodule_is_left_out_with_a_note_and_the_rest_recorded():
+    # attaching used to crash (register_forward_pre_hook is not supported on ScriptModules)
+    _check_against_autograd(_Scripted, ["a", "b", "act"], steps=2)
+    model = _Scripted()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt).attach()
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    assert "mid" in p.record.meta["unchecked"]
+    assert not [n for n, i in p.record.layers.items() if n.startswith("mid") and i.role != "param"]
+    assert p.record.get(0, "mid.0.weight", "grad_norm") == pytest.approx(
+        float(model.mid[0].weight.grad.double().norm()), rel=1e-6)
+
+
+class _PosTable(nn.Module):
+    """A learned position table returned as is: the module's output is a leaf (a parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(4, 8) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos
+
+
+class _WithPos(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.pos, self.head = nn.Linear(6, 8), _PosTable(), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(x) + self.pos(x)))
+
+
+def test_a_module_returning_a_parameter_gets_one_gradient_hook_per_step():
+    # the tensor hook on a leaf output was never removed: one more on the parameter every
+    # recorded step (a leak; each later backward ran them all), and with accumulation the
+    # first micro-batch's hook fired again in the second's backward (counted twice)
+    model = _WithPos()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt).attach()
+    torch.manual_seed(1)
+    for step in range(3):
+        xs = [torch.randn(4, 6), torch.randn(4, 6)]
+        ref = _WithPos()
+        ref.load_state_dict(model.state_dict())
+        parts = [torch.autograd.grad(ref(x).pow(2).mean(), ref.pos.pos)[0] for x in xs]
+        want = float(torch.stack([g.double().norm() for g in parts]).norm())
+        opt.zero_grad()
+        for x in xs:
+            model(x).pow(2).mean().backward()
+        opt.step()
+        assert p.record.get(step, "pos", "out_grad_norm") == pytest.approx(want, rel=1e-5)
+        assert not model.pos.pos._backward_hooks

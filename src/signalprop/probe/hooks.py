@@ -21,7 +21,7 @@ from torch.nn.modules import module as _module_mod
 from signalprop import stats
 from signalprop.probe import recurrent
 from signalprop.probe.functional import ProbeMode
-from signalprop.probe.sites import _NORMS, MAX_SITES, _active_units, _Site, repeated_pass
+from signalprop.probe.sites import _NORMS, MAX_SITES, _active_units, _Site, hook_leaf, repeated_pass
 from signalprop.probe.wrappers import _AttrPatch, _call, _EagerPatch, _ForwardPatch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,7 +37,7 @@ def add_step_hooks(p: Probe) -> None:
     if p._use_mode:
         add(p.model.register_forward_hook(partial(_root_post_hook, ref), always_call=True))
         for m in p.model.modules():
-            if m is not p.model:
+            if m is not p.model and not isinstance(m, torch.jit.ScriptModule):
                 add(m.register_forward_pre_hook(partial(_push_hook, ref)))
                 add(m.register_forward_hook(partial(_pop_hook, ref), always_call=True))
     if not p._use_mode and p._fn_patches:
@@ -63,7 +63,7 @@ def add_step_hooks(p: Probe) -> None:
     if p.forward and p.max_forward_samples is None:
         # (sampled outputs are copies taken as the module returns: nothing to guard)
         for m in p.model.modules():
-            if getattr(m, "inplace", False) is True:
+            if getattr(m, "inplace", False) is True and not isinstance(m, torch.jit.ScriptModule):
                 # an in-place activation overwrites the output of the layer before
                 # it: keep that layer's recorded output intact
                 add(m.register_forward_pre_hook(partial(_inplace_pre_hook, ref)))
@@ -120,7 +120,7 @@ def _sequential_forward(ref: weakref.ref, seq: nn.Sequential,
                 if s is not None and t is not None and t.requires_grad:
                     pending = (s, t.grad_fn, t.output_nr)
                     if pending[1] is None:  # a leaf output: a tensor hook at once
-                        t.register_hook(partial(_out_grad_hook, ref, s.ograds, None))
+                        hook_leaf(s, t, partial(_out_grad_hook, ref, s.ograds, None))
                         pending = None
                     elif module._forward_hooks:  # (another hook may use the output elsewhere)
                         _hook_grad(ref, *pending)
@@ -436,7 +436,7 @@ def _record_output(p: Probe, j: int, s: _Site, out: torch.Tensor, inp: torch.Ten
             tstore = s.tgrads[t]
         fn = out.grad_fn
         if fn is None:  # a leaf
-            out.register_hook(partial(_out_grad_hook, p._ref, s.ograds, tstore))
+            hook_leaf(s, out, partial(_out_grad_hook, p._ref, s.ograds, tstore))
         else:
             # a pre-hook on the node that made the output: the same gradient a tensor hook
             # sees (also when the output is later modified in place), at a third less cost

@@ -15,7 +15,7 @@ from torch import nn
 from signalprop.probe import recurrent
 from signalprop.probe.functional import ProbeMode
 from signalprop.probe.hooks import _call_index, _grad_hook, _record_output
-from signalprop.probe.modules import activation_kind, watched_modules
+from signalprop.probe.modules import activation_kind, scripted, watched_modules
 from signalprop.probe.sites import _CELLS, MAX_SITES, _Site
 from signalprop.record import LayerInfo
 
@@ -310,6 +310,10 @@ class LayerMap:
     def _map_drawn(self) -> None:
         """After the mapping step: keep the function mode only where module hooks cannot see
         (functional activations); residual blocks get their input hooks from now on."""
+        for name in scripted(self.model):
+            self._record.meta.setdefault("unchecked", {})[name] = (
+                "a TorchScript module (torch.jit.script): it runs as one compiled graph that "
+                "takes no hooks, so the layers inside it are not observed")
         if self._nforward == 0 and not self._root_watched and self._use_mode:
             self._record.meta.setdefault("unchecked", {})[type(self.model).__name__] = (
                 "the model itself was never called (the loop calls its submodules): "
@@ -345,6 +349,8 @@ class LayerMap:
             count[id(m)] = count.get(id(m), 0) + 1
         plan = []
         for seq in self.model.modules():
+            if not isinstance(seq, nn.Sequential) or isinstance(seq, torch.jit.ScriptModule):
+                continue
             if type(seq).forward is not nn.Sequential.forward or "forward" in vars(seq) or \
                     count[id(seq)] != 1 or id(seq) in self._watched:
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -9,7 +10,7 @@ from torch.nn.utils import parametrize
 # ``signalprop_activation``) is defined once, in the activation vocabulary
 from signalprop.vocab.activations import activation_kind
 
-__all__ = ["activation_kind", "watched_modules"]
+__all__ = ["activation_kind", "scripted", "watched_modules"]
 
 # Leaf modules that only reshape or pass data through: watching them adds cost and no signal.
 _PASSTHROUGH: tuple[type[nn.Module], ...] = (
@@ -36,11 +37,16 @@ def _is_leaf(m: nn.Module) -> bool:
 def watched_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules to hook: leaves (no children) that are not pass-through, plus any module that
     declares an activation kind or owns parameters directly while having children. The
-    modules that compute a parametrized weight are not on the signal path: not watched."""
+    modules that compute a parametrized weight are not on the signal path: not watched, nor
+    TorchScript modules (``torch.jit.script``: they take no hooks; see :func:`scripted`)."""
     out = []
     skip: list[str] = []  # the parametrizations' subtrees, by name prefix
     for name, m in model.named_modules():
         if skip and any(name.startswith(s) for s in skip):
+            continue
+        if isinstance(m, torch.jit.ScriptModule):
+            # TorchScript runs it as one compiled graph: no hooks on it or inside it
+            skip.append(f"{name}." if name else "")
             continue
         if parametrize.is_parametrized(m):
             skip.append(f"{name}.parametrizations" if name else "parametrizations")
@@ -53,4 +59,15 @@ def watched_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 # the model itself: its output is the network's output, already seen by the loss
                 continue
             out.append((name or type(m).__name__, m))
+    return out
+
+
+def scripted(model: nn.Module) -> list[str]:
+    """The outermost TorchScript submodules of ``model`` (``torch.jit.script``): they run as
+    compiled graphs that take no module hooks, so nothing inside them is observed."""
+    out: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule) and not any(
+                name.startswith(f"{o}.") for o in out):
+            out.append(name or type(m).__name__)
     return out

@@ -35,7 +35,7 @@ class _Site:
 
     __slots__ = ("name", "module", "type", "kind", "call", "loop", "outs", "ins", "versions",
                  "ograds", "tgrads", "used", "unchecked", "gates", "depth", "conv", "shape", "numel",
-                 "alive", "idx", "idx_n")
+                 "alive", "idx", "idx_n", "handles")
 
     def __init__(self, name: str, module: str, type: str, kind: str | None, call: int,
                  loop: bool) -> None:
@@ -59,6 +59,10 @@ class _Site:
         self.conv = False  # output of a convolutional stack: channel-first units
         self.idx: torch.Tensor | None = None  # the forward sample's flat indices ...
         self.idx_n: tuple[int, int] = (-1, -1)  # ... for outputs of this (size, device index)
+        # (tensor, hook handle) of leaf outputs (a module returning a parameter): a tensor
+        # hook lives as long as its tensor, so it is removed when the step ends (else one
+        # more every step), and a tensor gets one (its gradient arrives once per backward)
+        self.handles: list[tuple[torch.Tensor, Any]] = []
 
     @property
     def needs_input(self) -> bool:
@@ -72,6 +76,9 @@ class _Site:
         self.tgrads = []
         self.gates = {}
         self.used = False
+        for _, h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def _pool(g: list[tuple[Any, Any]]) -> tuple[Any, Any]:
@@ -94,6 +101,12 @@ def _pool(g: list[tuple[Any, Any]]) -> tuple[Any, Any]:
 
 #: ``seen[0]`` of :func:`repeated_pass` once an output's norm is marked not measured.
 REPEAT_MARK = -2
+
+
+def hook_leaf(s: _Site, t: torch.Tensor, hook: Any) -> None:
+    """Hook the gradient of a leaf output ``t`` of site ``s`` for this step (once)."""
+    if not any(x is t for x, _ in s.handles):
+        s.handles.append((t, t.register_hook(hook)))
 
 
 def repeated_pass(seen: list[int], task: int, entries: tuple[tuple[Any, list | None], ...]) -> bool:
