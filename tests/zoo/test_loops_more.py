@@ -194,3 +194,41 @@ def test_adam_parameter_without_gradient_on_some_steps(schedule: int | None) -> 
             assert p.record.get(step, name, "update_ratio") == pytest.approx(
                 want, rel=1e-4, abs=1e-12), (step, name)
     p.detach()
+
+
+@pytest.mark.parametrize("kw", [{}, {"forward": False, "backward": False}, {"schedule": 2}])
+def test_two_probes_on_a_gan(kw: dict) -> None:
+    # one probe on D, one on G: G's loss backpropagated through D, then D's gradients zeroed,
+    # looked to D's probe like a step a GradScaler skipped: recorded as skipped, and from then
+    # on D's values one step late (9 probe steps for 5 iterations)
+    model = _Gan()
+    g_net, d_net = model.G, model.D
+    opt_d = torch.optim.SGD(d_net.parameters(), lr=0.1)
+    opt_g = torch.optim.Adam(g_net.parameters(), lr=0.01)
+    p_d = Probe(d_net, optimizer=opt_d, **kw).attach()
+    p_g = Probe(g_net, optimizer=opt_g, **kw).attach()
+    torch.manual_seed(1)
+    for step in range(5):
+        z, real = torch.randn(5, 4), torch.randn(5, 6)
+        ref = _Gan()
+        ref.load_state_dict(model.state_dict())
+        (ref.D(real).mean() - ref.D(ref.G(z).detach()).mean()).backward()
+        want_d = float(ref.D[0].weight.grad.double().norm())
+        opt_d.zero_grad()
+        (d_net(real).mean() - d_net(g_net(z).detach()).mean()).backward()
+        opt_d.step()
+        ref.load_state_dict(model.state_dict())
+        ref.zero_grad()
+        ref.D(ref.G(z)).mean().backward()
+        want_g = float(ref.G[0].weight.grad.double().norm())
+        opt_g.zero_grad()
+        d_net(g_net(z)).mean().backward()
+        opt_g.step()
+        if step in p_d.record.steps:
+            assert p_d.record.get(step, "0.weight", "grad_norm") == pytest.approx(want_d, rel=1e-5)
+            assert "skipped_step" not in p_d.record.data[step].get("__model__", {})
+            assert p_g.record.get(step, "0.weight", "grad_norm") == pytest.approx(want_g, rel=1e-5)
+    want_steps = [0, 2, 4] if kw.get("schedule") else list(range(5))
+    assert p_d.record.steps == want_steps and p_g.record.steps == want_steps
+    p_d.detach()
+    p_g.detach()

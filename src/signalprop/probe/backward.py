@@ -84,6 +84,19 @@ class BackwardStats:
         for (n, _), v in zip(sel, norms.tolist(), strict=True):
             self._pending.setdefault(n, {})["grad_norm"] = v
 
+    def _discarded_pass(self) -> bool:
+        """A backward pass whose gradients were zeroed without an optimiser step is taken for
+        a skipped step (a GradScaler's inf/NaN); with finite gradients it was another loss
+        passing through this model (two probes on a GAN: G's loss backpropagated through D):
+        that pass's statistics are dropped and the step goes on. It used to be recorded as a
+        skipped step, the next step's values one step late from then on."""
+        pre = self._preclip
+        if not self._active or self._stepped_opts or self._pending is not None or pre is None \
+                or not bool(torch.isfinite(pre[1]).all()):
+            return False
+        self._clear()
+        return True
+
     def _weight_values(self, values: list[torch.Tensor], names: _Metrics, scale: torch.Tensor | None) -> None:
         """Every norm of this step in ONE call (parameter grads, weights: :meth:`_param_norms`),
         the norms before clipping, and the optimiser's side of the update ratios."""

@@ -436,7 +436,10 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._skip_step()
 
     def _skip_step(self) -> None:
-        """Close the current step as skipped: recorded, marked, no update ratios."""
+        """Close the current step as skipped: recorded, marked, no update ratios (unless only
+        a pass with finite gradients was discarded: :meth:`_discarded_pass`)."""
+        if self._discarded_pass():
+            return
         if self._active:
             if self._pending is None:
                 self._pre_step()
@@ -577,11 +580,9 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         self._set_active(bool(self.schedule(self.step_index)))
 
     def __repr__(self) -> str:
-        return (
-            f"Probe({type(self.model).__name__}, modules={len(self._mods)}, "
-            f"sites={len(self._sites)}, params={len(self.params)}, schedule={self.schedule}, "
-            f"step={self.step_index})"
-        )
+        return (f"Probe({type(self.model).__name__}, modules={len(self._mods)}, "
+                f"sites={len(self._sites)}, params={len(self.params)}, "
+                f"schedule={self.schedule}, step={self.step_index})")
 
 
 def _flush_every(flush_every: int | None, dev: torch.device) -> int:
