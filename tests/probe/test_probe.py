@@ -557,3 +557,19 @@ def test_complex_outputs_gradients_and_weights_are_measured(opt_name):
         after = torch.view_as_real(model.w.detach()).double()
         assert r.get(step, "w", "update_ratio") == pytest.approx(
             float((after - before).norm() / before.norm()), rel=1e-4)
+
+
+def test_half_precision_parameter_norms_on_the_cpu_are_not_rounded():
+    # bfloat16 parameters' norms on the CPU were taken in bfloat16 (3 significant digits:
+    # 0.29883 for 0.29793); found by the architecture zoo
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = Probe(model, optimizer=opt).attach()
+    loss = model(torch.randn(8, 16, dtype=torch.bfloat16)).float().pow(2).mean()
+    loss.backward()
+    want_g = float(model[0].weight.grad.double().norm())
+    want_w = float(model[0].weight.detach().double().norm())
+    opt.step()
+    assert p.record.get(0, "0.weight", "grad_norm") == pytest.approx(want_g, rel=1e-6)
+    assert p.record.get(0, "0.weight", "weight_norm") == pytest.approx(want_w, rel=1e-6)

@@ -84,8 +84,9 @@ def device_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     try:
-        if tensors[0].is_cpu:
-            raw = torch._foreach_norm(tensors)
+        if tensors[0].is_cpu:  # (half precision: a half-precision result has 3 digits)
+            low = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+            raw = torch._foreach_norm(tensors, 2, dtype=torch.float64 if low else None)
         else:
             raw = torch._foreach_norm(tensors, 2, dtype=torch.float64)
     except NotImplementedError:
