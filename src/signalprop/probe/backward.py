@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # (per-parameter reads in C: these run over every parameter at every recorded step)
 _GRAD = attrgetter("grad")
 _VERSION = attrgetter("_version")
+_REQUIRES_GRAD = attrgetter("requires_grad")
 
 
 class BackwardStats:
@@ -41,8 +42,13 @@ class BackwardStats:
         self._gnames = [(n, "grad_norm") for n, _ in self.params] + [(MODEL, "grad_norm_total")]
         self._param_of = dict(self.params)
         self._ratio_names = [(n, "update_ratio") for n, _ in self.params]
-        self._params_key = (tuple(p.requires_grad for _, p in self._named_all),
-                            tuple(len(o.param_groups) for o in self.optimizers))
+        self._all_ps = [p for _, p in self._named_all]
+        self._params_key = self._trainable_key()
+
+    def _trainable_key(self) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+        # (read at every recorded step: which parameters are trainable, how many groups)
+        return (tuple(map(_REQUIRES_GRAD, self._all_ps)),
+                tuple(len(o.param_groups) for o in self.optimizers))
 
     def _sync_params(self) -> None:
         """Follow the trainable set at a recorded step's start: parameters unfrozen
@@ -50,8 +56,7 @@ class BackwardStats:
         added to the optimiser (fine-tuning); the measured parameters used to be fixed at
         construction, so an unfrozen layer was never measured and an added group's update
         ratios came from a stale group index."""
-        key = (tuple(p.requires_grad for _, p in self._named_all),
-               tuple(len(o.param_groups) for o in self.optimizers))
+        key = self._trainable_key()
         if key == self._params_key or not any(key[0]):
             return
         self.params = [(n, p) for n, p in self._named_all if p.requires_grad]
