@@ -486,7 +486,8 @@ class Probe(LayerMap, ForwardStats, BackwardStats, Transfer):
         """Gradients are ready: compute everything except update ratios."""
         if not self._active:
             return
-        self._sync_params()
+        if self._preclip is None:  # (else the end of backward has followed it this step)
+            self._sync_params()
         if self._sites:
             self._declare_layers()
         self._passes = self._nforward

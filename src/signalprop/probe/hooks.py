@@ -339,15 +339,12 @@ _task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda
 
 
 def _call_index(p: Probe, key: Any) -> int | None:
-    """Which call of ``key`` (a module index, or a functional site's key) this is in the
-    current forward pass; ``None``: not a call to record.
-
-    A forward call inside backward is activation checkpointing recomputing a segment. Without
-    reentrance (``use_reentrant=False``) the segment's outputs were recorded when it first ran
-    and its gradients flow through those nodes: the recomputation is not another call, and is
-    left out (pooled in, it would count every output twice). With reentrance the first run
-    had no grad mode (nothing recorded) and the recomputed graph is the one backward runs
-    through: recorded, counted apart from the forward pass's calls."""
+    """Which call of ``key`` (a module index, a functional site's key) this is in the current
+    forward pass; ``None``: not a call to record. A call inside backward is activation
+    checkpointing recomputing a segment: without reentrance its outputs were recorded when it
+    first ran, and gradients flow through those (left out: pooled in, every output would count
+    twice); with reentrance the first run had no grad mode and the recomputed graph is the one
+    backward runs through (recorded, counted apart from the forward pass's calls)."""
     if _task_id() >= 0:
         calls = p._bw_calls
         k = calls.get(key, 0)
@@ -494,7 +491,11 @@ def _out_node_hook(ref: weakref.ref, store: list[tuple[Any, Any]], tstore: list 
 
 def _repeated(ref: weakref.ref, seen: list[int], *entries: tuple[Any, list | None]) -> bool:
     """Whether this pass's gradients of an output are left out (``sites.repeated_pass``)."""
-    if not repeated_pass(seen, _task_id(), entries):
+    task = _task_id()
+    if seen[0] == -1 and len(seen) == 1 and not torch.is_grad_enabled():
+        seen[0] = task  # (the usual case, inline: the first pass, without create_graph)
+        return False
+    if not repeated_pass(seen, task, entries):
         return False
     if (p := ref()) is not None and not p._cb_queued:  # (this pass's end reads the grads)
         _backward_started(ref)
