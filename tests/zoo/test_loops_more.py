@@ -56,6 +56,18 @@ def test_layers_unfrozen_mid_training_are_measured(opt_name: str, add_group: boo
     p.detach()
 
 
+def _step_and_check_ratios(model: nn.Module, opt: torch.optim.Optimizer, p: Probe, step: int,
+                           x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step of ``opt``; every parameter's recorded update ratio against a weight copy."""
+    opt.zero_grad()
+    (model(x) - y).pow(2).mean().backward()
+    before = [q.detach().double().clone() for q in model.parameters()]
+    opt.step()
+    for (name, q), b in zip(model.named_parameters(), before, strict=True):
+        want = float((q.detach().double() - b).norm() / b.norm())
+        assert p.record.get(step, name, "update_ratio") == pytest.approx(want, rel=1e-4), name
+
+
 @pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd-momentum"])
 def test_optimizer_load_state_dict_mid_run_and_lr_changes(opt_name: str) -> None:
     # a checkpoint resumed (the optimiser rewound by load_state_dict) with the learning rate
@@ -80,13 +92,7 @@ def test_optimizer_load_state_dict_mid_run_and_lr_changes(opt_name: str) -> None
             model.load_state_dict(saved[1])
         for i, g in enumerate(opt.param_groups):
             g["lr"] = 0.01 * (step + 1) * (i + 1)
-        opt.zero_grad()
-        (model(x) - y).pow(2).mean().backward()
-        before = [q.detach().double().clone() for q in model.parameters()]
-        opt.step()
-        for (name, q), b in zip(model.named_parameters(), before, strict=True):
-            want = float((q.detach().double() - b).norm() / b.norm())
-            assert p.record.get(step, name, "update_ratio") == pytest.approx(want, rel=1e-4), name
+        _step_and_check_ratios(model, opt, p, step, x, y)
         assert p.record.get(step, "__model__", "lr") == pytest.approx(0.01 * (step + 1))
     p.detach()
 
@@ -97,6 +103,17 @@ class _Gan(nn.Module):
         torch.manual_seed(0)
         self.G = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
         self.D = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def d_loss(self, z: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        return self.D(real).mean() - self.D(self.G(z).detach()).mean()
+
+
+def _d_oracle(model: _Gan, z: torch.Tensor, real: torch.Tensor) -> tuple[_Gan, float]:
+    """An unprobed copy of ``model`` and ||dL_D/dW|| of D's first layer on it."""
+    ref = _Gan()
+    ref.load_state_dict(model.state_dict())
+    ref.d_loss(z, real).backward()
+    return ref, float(ref.D[0].weight.grad.double().norm())
 
 
 @pytest.mark.parametrize("flush_every", [1, 4])
@@ -112,12 +129,9 @@ def test_two_optimisers_stepping_in_turn_on_their_own_losses(flush_every: int) -
     torch.manual_seed(1)
     for step in range(3):
         z, real = torch.randn(5, 4), torch.randn(5, 6)
-        ref = _Gan()
-        ref.load_state_dict(model.state_dict())
-        (ref.D(real).mean() - ref.D(ref.G(z).detach()).mean()).backward()
-        want_d = float(ref.D[0].weight.grad.double().norm())
+        ref, want_d = _d_oracle(model, z, real)
         opt_d.zero_grad()
-        (model.D(real).mean() - model.D(model.G(z).detach()).mean()).backward()
+        model.d_loss(z, real).backward()
         opt_d.step()
         ref.load_state_dict(model.state_dict())
         ref.zero_grad()
@@ -152,13 +166,7 @@ def test_optimizer_swapped_and_rebound() -> None:
             p.optimizer = opt
             p.attach()
         x, y = torch.randn(5, 6), torch.randn(5, 2)
-        opt.zero_grad()
-        (model(x) - y).pow(2).mean().backward()
-        before = [q.detach().double().clone() for q in model.parameters()]
-        opt.step()
-        for (name, q), b in zip(model.named_parameters(), before, strict=True):
-            want = float((q.detach().double() - b).norm() / b.norm())
-            assert p.record.get(step, name, "update_ratio") == pytest.approx(want, rel=1e-4), name
+        _step_and_check_ratios(model, opt, p, step, x, y)
     p.detach()
 
 
@@ -210,12 +218,9 @@ def test_two_probes_on_a_gan(kw: dict) -> None:
     torch.manual_seed(1)
     for step in range(5):
         z, real = torch.randn(5, 4), torch.randn(5, 6)
-        ref = _Gan()
-        ref.load_state_dict(model.state_dict())
-        (ref.D(real).mean() - ref.D(ref.G(z).detach()).mean()).backward()
-        want_d = float(ref.D[0].weight.grad.double().norm())
+        ref, want_d = _d_oracle(model, z, real)
         opt_d.zero_grad()
-        (d_net(real).mean() - d_net(g_net(z).detach()).mean()).backward()
+        model.d_loss(z, real).backward()  # (model.D is d_net, model.G is g_net)
         opt_d.step()
         ref.load_state_dict(model.state_dict())
         ref.zero_grad()
