@@ -163,13 +163,7 @@ def test_rows_built_when_read_equal_rows_built_at_once(case):
         for s in range(5):
             opt.zero_grad(set_to_none=True)
             for _ in range(3 if case == "accum" else 1):
-                x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
-                if case == "nan" and s == 2:
-                    x[0, 0] = math.nan
-                out = model(x)
-                if case == "skip" and s == 2:  # overflowing gradients, as a GradScaler skips on
-                    out.register_hook(lambda g: g * math.inf)
-                loss = nn.functional.cross_entropy(out, y)
+                loss = _case_loss(model, g, case, s, nan_step=2)
                 (scaler.scale(loss) if scaler else loss).backward()
                 p.log(loss=loss)
             if case == "clip":
@@ -188,6 +182,19 @@ def test_rows_built_when_read_equal_rows_built_at_once(case):
     assert _ordered(lazy) == _ordered(eager)
     if case == "skip":
         assert lazy.get(2, MODEL, "skipped_step") == 1.0
+
+
+def _case_loss(model: nn.Module, g: torch.Generator, case: str, s: int, nan_step: int
+               ) -> torch.Tensor:
+    """One batch's loss in scenario ``case`` at step ``s``: a NaN input at ``nan_step`` ("nan"),
+    gradients that overflow at step 2 ("skip", as a GradScaler skips on)."""
+    x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+    if case == "nan" and s == nan_step:
+        x[0, 0] = math.nan
+    out = model(x)
+    if case == "skip" and s == 2:
+        out.register_hook(lambda grad: grad * math.inf)
+    return nn.functional.cross_entropy(out, y)
 
 
 def test_pending_builds_the_rows_of_the_step():
@@ -221,13 +228,7 @@ def test_deferred_rows_built_when_read_equal_rows_built_on_landing(monkeypatch, 
         g = torch.Generator().manual_seed(5)
         for s in range(7):
             opt.zero_grad(set_to_none=True)
-            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
-            if case == "nan" and s == 4:
-                x[0, 0] = math.nan
-            out = model(x)
-            if case == "skip" and s == 2:  # overflowing gradients, as a GradScaler skips on
-                out.register_hook(lambda g: g * math.inf)
-            loss = nn.functional.cross_entropy(out, y)
+            loss = _case_loss(model, g, case, s, nan_step=4)
             loss.backward()
             p.log(loss=loss)
             if case == "clip":
