@@ -430,15 +430,9 @@ def host_norms(tensors: Sequence[torch.Tensor]) -> list[float] | None:
             or set(map(_LAYOUT, tensors)) != {torch.strided} \
             or not all(map(torch.Tensor.is_contiguous, tensors)):
         return None
-    dtypes = set(map(_DTYPE, tensors))
-    if len(dtypes) == 1:
-        nrm = HOST_NORMS.get(dtypes.pop())
-        if nrm is None:
-            return None
-        return [nrm(t.numpy().reshape(-1)) if t.numel() else 0.0 for t in tensors]
-    if not dtypes <= HOST_NORMS.keys():
+    if not set(map(_DTYPE, tensors)) <= HOST_NORMS.keys():
         return None
-    return [HOST_NORMS[t.dtype](t.numpy().reshape(-1)) if t.numel() else 0.0 for t in tensors]
+    return [HOST_NORMS[t.dtype](t.numpy().reshape(-1)) for t in tensors]  # (empty: 0.0)
 
 
 class HostNorms:
